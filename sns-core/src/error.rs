@@ -1,0 +1,63 @@
+//! The crate's one error type. Variants say what the caller can do: fix the input, retry
+//! elsewhere, or give up. gRPC adapters map it to a `tonic::Status` in one place
+//! (`grpc::status`), and the client maps statuses back.
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in Tiny SNS.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A username is malformed or names no known user. Fix the input.
+    #[error("invalid username: {0:?}")]
+    InvalidUsername(String),
+    /// A user tried to follow or unfollow themself. Fix the input.
+    #[error("same client")]
+    SameClient,
+    /// The follower already follows the followee.
+    #[error("already following")]
+    AlreadyFollowing,
+    /// The follower does not follow the followee.
+    #[error("not following")]
+    NotFollowing,
+    /// The user already has a live session; wait for it to end or expire.
+    #[error("user {0} is already logged in")]
+    AlreadyLoggedIn(crate::UserId),
+    /// The user has never logged in on this cluster.
+    #[error("user {0} is not logged in")]
+    NotLoggedIn(crate::UserId),
+    /// A post or request is malformed (too long, not UTF-8, missing argument...). Fix the input.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The caller is not allowed to do this (e.g. posting as another user on a stream).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// This server cannot serve the request now (not master, shutting down, storage failed).
+    /// Retry, possibly after asking the coordinator again.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The server could not be reached or the connection broke. Retry later.
+    #[error("cannot reach {addr}: {reason}")]
+    Unreachable {
+        /// The address that was tried.
+        addr: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A storage operation failed. Durable state is unchanged beyond the last successful fsync.
+    #[error("storage: {0}")]
+    Io(#[from] std::io::Error),
+    /// Data on disk or on the wire failed its checks.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    /// A peer answered with an error this crate has no better name for.
+    #[error("rpc failed: {0}")]
+    Rpc(String),
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidInput`].
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::InvalidInput(message.into())
+    }
+}

@@ -1,0 +1,226 @@
+//! Events: every change to the system is one, and the log is a sequence of them.
+//!
+//! An [`Event`] is identified by its origin cluster and that origin's gap-free sequence number;
+//! a [`LogEntry`] adds where the event sits in one server's log and under which epoch it was
+//! written there.
+
+use std::sync::Arc;
+
+use crate::codec::{Decoder, Encoder};
+use crate::error::{Error, Result};
+use crate::ids::{ClusterId, Epoch, EventId, LogIndex, PostId, Timestamp, UserId};
+
+/// Longest post text accepted, in bytes of UTF-8.
+pub const MAX_POST_BYTES: usize = 4096;
+
+/// One change, as originated by a cluster's master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Origin cluster and its sequence number for this event.
+    pub id: EventId,
+    /// Server-assigned time at the origin.
+    pub at: Timestamp,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// What an [`Event`] changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    /// `user` exists (first login anywhere).
+    UserJoined {
+        /// The new user.
+        user: UserId,
+    },
+    /// `follower` now follows `followee` (from the event's time on).
+    Followed {
+        /// Who follows.
+        follower: UserId,
+        /// Who is followed.
+        followee: UserId,
+    },
+    /// `follower` stopped following `followee`.
+    Unfollowed {
+        /// Who follows no more.
+        follower: UserId,
+        /// Who is no longer followed.
+        followee: UserId,
+    },
+    /// `author` posted `text` (one line, at most [`MAX_POST_BYTES`]); the post's id is the
+    /// event's id.
+    Posted {
+        /// Who posted.
+        author: UserId,
+        /// The text, shared by every timeline that holds the post.
+        text: Arc<str>,
+    },
+}
+
+/// A post as timelines hold it: shared, never copied per follower.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Post {
+    /// The id of the `Posted` event.
+    pub id: PostId,
+    /// Who posted.
+    pub author: UserId,
+    /// Server-assigned time of the post.
+    pub at: Timestamp,
+    /// The text.
+    pub text: Arc<str>,
+}
+
+impl Post {
+    /// Timeline order: by time, ties broken by id.
+    pub fn order_key(&self) -> (Timestamp, PostId) {
+        (self.at, self.id)
+    }
+}
+
+/// Checks a post's text: strips one trailing newline (and a `\r` before it), rejects text over
+/// [`MAX_POST_BYTES`] or with an inner line break. Returns `None` for an empty line (ignored).
+pub fn normalize_post_text(raw: &[u8]) -> Result<Option<&str>> {
+    let text =
+        std::str::from_utf8(raw).map_err(|_| Error::invalid("post text is not valid UTF-8"))?;
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.len() > MAX_POST_BYTES {
+        return Err(Error::invalid(format!(
+            "post is {} bytes; the limit is {MAX_POST_BYTES}",
+            text.len()
+        )));
+    }
+    if text.contains(['\n', '\r']) {
+        return Err(Error::invalid("post text must be a single line"));
+    }
+    Ok((!text.is_empty()).then_some(text))
+}
+
+/// An event at a position of one server's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    /// Position in this server's log (from 1, no gaps).
+    pub index: LogIndex,
+    /// Epoch of the cluster under which the entry was written.
+    pub epoch: Epoch,
+    /// The event.
+    pub event: Event,
+}
+
+const TAG_USER_JOINED: u8 = 1;
+const TAG_FOLLOWED: u8 = 2;
+const TAG_UNFOLLOWED: u8 = 3;
+const TAG_POSTED: u8 = 4;
+
+impl LogEntry {
+    /// Appends the entry's binary form to `enc`.
+    pub(crate) fn encode(&self, enc: &mut Encoder) {
+        enc.u64(self.index.0);
+        enc.u64(self.epoch.0);
+        self.event.encode(enc);
+    }
+
+    /// Reads an entry written by [`LogEntry::encode`].
+    pub(crate) fn decode(dec: &mut Decoder<'_>) -> Result<Self> {
+        Ok(Self {
+            index: LogIndex(dec.u64()?),
+            epoch: Epoch(dec.u64()?),
+            event: Event::decode(dec)?,
+        })
+    }
+
+    /// The entry as a standalone byte string.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut enc = Encoder::default();
+        self.encode(&mut enc);
+        enc.buf
+    }
+
+    /// Parses a standalone byte string made by [`LogEntry::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let mut dec = Decoder::new(bytes);
+        let entry = Self::decode(&mut dec)?;
+        dec.finish()?;
+        Ok(entry)
+    }
+}
+
+fn user(dec: &mut Decoder<'_>) -> Result<UserId> {
+    let raw = dec.u32()?;
+    UserId::new(raw).ok_or_else(|| Error::Corrupt(format!("user id {raw} out of range")))
+}
+
+impl Event {
+    pub(crate) fn encode(&self, enc: &mut Encoder) {
+        enc.u32(self.id.origin.get());
+        enc.u64(self.id.seq);
+        enc.i64(self.at.0);
+        match &self.kind {
+            EventKind::UserJoined { user } => {
+                enc.u8(TAG_USER_JOINED);
+                enc.u32(user.get());
+            }
+            EventKind::Followed { follower, followee } => {
+                enc.u8(TAG_FOLLOWED);
+                enc.u32(follower.get());
+                enc.u32(followee.get());
+            }
+            EventKind::Unfollowed { follower, followee } => {
+                enc.u8(TAG_UNFOLLOWED);
+                enc.u32(follower.get());
+                enc.u32(followee.get());
+            }
+            EventKind::Posted { author, text } => {
+                enc.u8(TAG_POSTED);
+                enc.u32(author.get());
+                enc.str(text);
+            }
+        }
+    }
+
+    pub(crate) fn decode(dec: &mut Decoder<'_>) -> Result<Self> {
+        let origin = dec.u32()?;
+        let origin =
+            ClusterId::new(origin).ok_or_else(|| Error::Corrupt("cluster id 0".to_string()))?;
+        let seq = dec.u64()?;
+        let at = Timestamp(dec.i64()?);
+        let kind = match dec.u8()? {
+            TAG_USER_JOINED => EventKind::UserJoined { user: user(dec)? },
+            TAG_FOLLOWED => EventKind::Followed {
+                follower: user(dec)?,
+                followee: user(dec)?,
+            },
+            TAG_UNFOLLOWED => EventKind::Unfollowed {
+                follower: user(dec)?,
+                followee: user(dec)?,
+            },
+            TAG_POSTED => EventKind::Posted {
+                author: user(dec)?,
+                text: Arc::from(dec.str()?),
+            },
+            tag => return Err(Error::Corrupt(format!("unknown event tag {tag}"))),
+        };
+        Ok(Self {
+            id: EventId { origin, seq },
+            at,
+            kind,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn post_text_is_normalized() {
+        assert_eq!(normalize_post_text(b"hi\n").ok().flatten(), Some("hi"));
+        assert_eq!(normalize_post_text(b"hi\r\n").ok().flatten(), Some("hi"));
+        assert_eq!(normalize_post_text(b"hi").ok().flatten(), Some("hi"));
+        assert!(matches!(normalize_post_text(b"\n"), Ok(None)));
+        assert!(matches!(normalize_post_text(b""), Ok(None)));
+        assert!(normalize_post_text(b"a\nb").is_err());
+        assert!(normalize_post_text(&[0xff, 0xfe]).is_err());
+        assert!(normalize_post_text(&[b'x'; MAX_POST_BYTES]).is_ok());
+        assert!(normalize_post_text(&[b'x'; MAX_POST_BYTES + 1]).is_err());
+    }
+}

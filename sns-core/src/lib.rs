@@ -1,0 +1,21 @@
+//! Tiny SNS: a small, fault-tolerant social network service, as a library.
+//!
+//! The core is a pure state machine ([`State::apply`] over [`Event`]s) fed by a durable log
+//! ([`Storage`]). Around it: the [`Server`] (the course's `SNSService` over gRPC) and the typed
+//! [`Client`]. Binaries in `sns-bins` only parse flags and call into this crate.
+//!
+//! What this crate does not do: it does not create sockets or data directories on its own
+//! (callers pass listeners and storage in), and it does not install signal handlers or logging.
+
+mod codec;
+pub mod error;
+pub mod event;
+pub mod ids;
+pub mod state;
+pub mod storage;
+
+pub use error::{Error, Result};
+pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
+pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, ServerId, Timestamp, UserId};
+pub use state::{Applied, State};
+pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};
