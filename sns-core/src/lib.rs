@@ -7,15 +7,22 @@
 //! What this crate does not do: it does not create sockets or data directories on its own
 //! (callers pass listeners and storage in), and it does not install signal handlers or logging.
 
+pub mod client;
 mod codec;
 pub mod error;
 pub mod event;
+pub(crate) mod grpc;
 pub mod ids;
+pub mod server;
 pub mod state;
 pub mod storage;
+#[cfg(feature = "test-util")]
+pub mod testing;
 
+pub use client::{Client, ReceivedPost, TimelineSender, TimelineStream};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
 pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, ServerId, Timestamp, UserId};
+pub use server::{Listing, Role, Server, ServerConfig, TimelineFeed};
 pub use state::{Applied, State};
 pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};

@@ -211,6 +211,11 @@ impl State {
         self.high_water.get(&origin).copied().unwrap_or(0)
     }
 
+    /// Every origin cluster with at least one applied event.
+    pub fn origins(&self) -> impl Iterator<Item = ClusterId> + '_ {
+        self.high_water.keys().copied()
+    }
+
     /// The maximum number of posts a timeline keeps.
     pub fn timeline_cap(&self) -> usize {
         self.timeline_cap

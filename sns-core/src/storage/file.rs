@@ -408,6 +408,9 @@ fn scan(dir: &Path) -> Result<(Recovered, OpenLog)> {
     Ok((recovered, log))
 }
 
+/// The entries after the snapshot, the segments kept, and the length of the last one.
+type ScannedLog = (Vec<LogEntry>, Vec<(LogIndex, PathBuf)>, u64);
+
 /// Reads the segments after snapshot index `base`. With `repair`, truncates the first damaged
 /// segment at the damage and removes the segments after it. Returns the entries after `base`,
 /// the segments kept and the length of the last one.
@@ -415,7 +418,7 @@ fn scan_segments(
     segments: Vec<(LogIndex, PathBuf)>,
     base: LogIndex,
     repair: bool,
-) -> Result<(Vec<LogEntry>, Vec<(LogIndex, PathBuf)>, u64)> {
+) -> Result<ScannedLog> {
     // Segments entirely covered by the snapshot are leftovers of an interrupted compaction.
     let mut live = Vec::new();
     for (i, (first, path)) in segments.iter().enumerate() {

@@ -1,0 +1,302 @@
+//! The typed client: the course's commands as async methods, gRPC codes mapped to [`Error`].
+//!
+//! Status codes, not message strings, decide the error (DESIGN §5.1); the meaning of a code
+//! depends on the command (e.g. `ALREADY_EXISTS` is "already logged in" for a login and
+//! "already following" for a follow). Following or unfollowing yourself is caught here before
+//! any request is sent.
+
+use std::time::Duration;
+
+use sns_proto::csce438::sns_service_client::SnsServiceClient;
+use sns_proto::csce438::{Message, Request};
+use tokio::sync::mpsc;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status, Streaming};
+
+use crate::error::{Error, Result};
+use crate::event::normalize_post_text;
+use crate::grpc::sns::{TERMINATED_METADATA, TIMELINE_MODE_METADATA, USERNAME_METADATA};
+use crate::ids::{Timestamp, UserId};
+use crate::server::Listing;
+
+/// How long a connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Which command a status answered, to give its code a meaning.
+#[derive(Debug, Clone, Copy)]
+enum Command {
+    Login,
+    Follow(UserId),
+    Unfollow(UserId),
+    Other,
+}
+
+fn from_status(status: &Status, command: Command, user: UserId) -> Error {
+    match (status.code(), command) {
+        (Code::AlreadyExists, Command::Login) => Error::AlreadyLoggedIn(user),
+        (Code::AlreadyExists, Command::Follow(_)) => Error::AlreadyFollowing,
+        (Code::AlreadyExists, Command::Unfollow(_)) => Error::SameClient,
+        (Code::FailedPrecondition, Command::Unfollow(_)) => Error::NotFollowing,
+        (Code::InvalidArgument, Command::Follow(t) | Command::Unfollow(t)) => {
+            Error::InvalidUsername(t.to_string())
+        }
+        (Code::InvalidArgument, Command::Login) => Error::InvalidUsername(user.to_string()),
+        (Code::InvalidArgument, Command::Other) => Error::InvalidInput(status.message().into()),
+        (Code::Unauthenticated, _) => Error::NotLoggedIn(user),
+        (Code::PermissionDenied, _) => Error::PermissionDenied(status.message().into()),
+        (Code::Unavailable | Code::ResourceExhausted | Code::Cancelled, _) => {
+            Error::Unavailable(status.message().into())
+        }
+        _ => Error::Rpc(format!("{:?}: {}", status.code(), status.message())),
+    }
+}
+
+/// Connects to a gRPC endpoint at `addr` (`host:port`), failing after [`CONNECT_TIMEOUT`].
+pub async fn connect(addr: &str) -> Result<Channel> {
+    let unreachable = |reason: String| Error::Unreachable {
+        addr: addr.to_string(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| unreachable(format!("bad address: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    endpoint.connect().await.map_err(|e| {
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(inner) = source {
+            reason = inner.to_string();
+            source = inner.source();
+        }
+        unreachable(reason)
+    })
+}
+
+/// A logged-in user's connection to a server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    rpc: SnsServiceClient<Channel>,
+    user: UserId,
+    addr: String,
+}
+
+impl Client {
+    /// Connects to the server at `addr` and logs `user` in.
+    pub async fn login(addr: &str, user: UserId) -> Result<Self> {
+        let channel = connect(addr).await?;
+        let client = Self {
+            rpc: SnsServiceClient::new(channel),
+            user,
+            addr: addr.to_string(),
+        };
+        client
+            .rpc
+            .clone()
+            .login(client.request(None))
+            .await
+            .map_err(|s| from_status(&s, Command::Login, user))?;
+        Ok(client)
+    }
+
+    /// The logged-in user.
+    pub fn user(&self) -> UserId {
+        self.user
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn request(&self, argument: Option<UserId>) -> Request {
+        Request {
+            username: self.user.to_string(),
+            arguments: argument.map(|a| a.to_string()).into_iter().collect(),
+        }
+    }
+
+    /// Follows `target`.
+    pub async fn follow(&self, target: UserId) -> Result<()> {
+        if target == self.user {
+            return Err(Error::SameClient);
+        }
+        self.rpc
+            .clone()
+            .follow(self.request(Some(target)))
+            .await
+            .map_err(|s| from_status(&s, Command::Follow(target), self.user))?;
+        Ok(())
+    }
+
+    /// Stops following `target`.
+    pub async fn unfollow(&self, target: UserId) -> Result<()> {
+        if target == self.user {
+            return Err(Error::SameClient);
+        }
+        self.rpc
+            .clone()
+            .un_follow(self.request(Some(target)))
+            .await
+            .map_err(|s| from_status(&s, Command::Unfollow(target), self.user))?;
+        Ok(())
+    }
+
+    /// All users and this user's followers.
+    pub async fn list(&self) -> Result<Listing> {
+        let reply = self
+            .rpc
+            .clone()
+            .list(self.request(None))
+            .await
+            .map_err(|s| from_status(&s, Command::Other, self.user))?
+            .into_inner();
+        let parse = |names: Vec<String>| -> Result<Vec<UserId>> {
+            names
+                .iter()
+                .map(|n| UserId::parse(n).map_err(|_| Error::Rpc(format!("bad user {n:?}"))))
+                .collect()
+        };
+        Ok(Listing {
+            all_users: parse(reply.all_users)?,
+            followers: parse(reply.followers)?,
+        })
+    }
+
+    /// Keeps the session alive; call every few seconds.
+    pub async fn heartbeat(&self) -> Result<()> {
+        self.rpc
+            .clone()
+            .client_heartbeat(self.request(None))
+            .await
+            .map_err(|s| from_status(&s, Command::Other, self.user))?;
+        Ok(())
+    }
+
+    /// Ends the session (the course's `terminated` unfollow).
+    pub async fn logout(&self) -> Result<()> {
+        let mut request = tonic::Request::new(self.request(None));
+        request
+            .metadata_mut()
+            .insert(TERMINATED_METADATA, MetadataValue::from_static("true"));
+        self.rpc
+            .clone()
+            .un_follow(request)
+            .await
+            .map_err(|s| from_status(&s, Command::Other, self.user))?;
+        Ok(())
+    }
+
+    /// Opens the timeline: a sender for new posts, and the stream of posts to read (the last
+    /// 20, newest first, then new ones as they happen).
+    pub async fn timeline(&self) -> Result<(TimelineSender, TimelineStream)> {
+        let (tx, rx) = mpsc::channel(64);
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let user = MetadataValue::try_from(self.user.to_string())
+            .map_err(|e| Error::invalid(e.to_string()))?;
+        request.metadata_mut().insert(USERNAME_METADATA, user);
+        request.metadata_mut().insert(
+            TIMELINE_MODE_METADATA,
+            MetadataValue::from_static("structured"),
+        );
+        let inbound = self
+            .rpc
+            .clone()
+            .timeline(request)
+            .await
+            .map_err(|s| from_status(&s, Command::Other, self.user))?
+            .into_inner();
+        Ok((
+            TimelineSender {
+                user: self.user,
+                outbound: tx,
+            },
+            TimelineStream {
+                user: self.user,
+                inbound,
+            },
+        ))
+    }
+}
+
+/// A post as a client receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedPost {
+    /// Who posted.
+    pub author: UserId,
+    /// When the server accepted the post.
+    pub at: Timestamp,
+    /// The text.
+    pub text: String,
+}
+
+impl ReceivedPost {
+    /// The course client's line: `<author> (<Www Mmm dd hh:mm:ss yyyy>) >> <text>`.
+    pub fn line(&self) -> String {
+        format!("{} ({}) >> {}", self.author, self.at.ctime(), self.text)
+    }
+}
+
+/// Sends posts on an open timeline. Dropping every sender closes the stream.
+#[derive(Debug, Clone)]
+pub struct TimelineSender {
+    user: UserId,
+    outbound: mpsc::Sender<Message>,
+}
+
+impl TimelineSender {
+    /// Posts `text`: one line, at most 4096 bytes; empty lines are ignored.
+    pub async fn post(&self, text: &str) -> Result<()> {
+        let Some(text) = normalize_post_text(text.as_bytes())? else {
+            return Ok(());
+        };
+        self.send_raw(self.user.to_string(), text.as_bytes().to_vec())
+            .await
+    }
+
+    /// Sends a message as given, without local checks (for tests of the server's checks).
+    pub async fn send_raw(&self, username: String, msg: Vec<u8>) -> Result<()> {
+        let message = Message {
+            username,
+            msg,
+            timestamp: Some(Timestamp::now().to_proto()),
+        };
+        self.outbound
+            .send(message)
+            .await
+            .map_err(|_| Error::Unavailable("the timeline stream is closed".to_string()))
+    }
+}
+
+/// The posts arriving on an open timeline.
+#[derive(Debug)]
+pub struct TimelineStream {
+    user: UserId,
+    inbound: Streaming<Message>,
+}
+
+impl TimelineStream {
+    /// The next post; `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Option<Result<ReceivedPost>> {
+        match self.inbound.message().await {
+            Ok(Some(message)) => Some(received(message)),
+            Ok(None) => None,
+            Err(status) => Some(Err(from_status(&status, Command::Other, self.user))),
+        }
+    }
+}
+
+fn received(message: Message) -> Result<ReceivedPost> {
+    let author = UserId::parse(&message.username)
+        .map_err(|_| Error::Rpc(format!("post from bad user {:?}", message.username)))?;
+    let text = String::from_utf8(message.msg)
+        .map_err(|_| Error::Rpc("post text is not UTF-8".to_string()))?;
+    let at = message
+        .timestamp
+        .as_ref()
+        .map(Timestamp::from_proto)
+        .unwrap_or_default();
+    Ok(ReceivedPost { author, at, text })
+}

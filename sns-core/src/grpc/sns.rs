@@ -1,0 +1,316 @@
+//! `SNSService` adapter: the course's client-facing RPCs onto [`Server`].
+//!
+//! Compatibility rules (DESIGN §5.1): `UnFollow` with metadata `terminated: true` and no
+//! arguments logs out; `Timeline` takes its user from metadata `username` or else from the first
+//! message, rejects messages that claim another user, and sends posts pre-formatted unless the
+//! client asked for `sns-timeline: structured`.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use sns_proto::csce438::sns_service_server::{SnsService, SnsServiceServer};
+use sns_proto::csce438::{ListReply, Message, Reply, Request};
+use tokio::sync::mpsc;
+use tonic::service::Routes;
+use tonic::{Response, Status, Streaming};
+
+use super::alias::{Csce662Sns, Renamed};
+use super::status;
+use crate::error::{Error, Result};
+use crate::event::Post;
+use crate::ids::UserId;
+use crate::server::{Server, TimelineFeed};
+
+/// Metadata key carrying the timeline's user.
+pub(crate) const USERNAME_METADATA: &str = "username";
+/// Metadata key (with value `true`) that turns an argument-less `UnFollow` into a logout.
+pub(crate) const TERMINATED_METADATA: &str = "terminated";
+/// Metadata key (with value `structured`) asking for bare post text in `Message.msg`.
+pub(crate) const TIMELINE_MODE_METADATA: &str = "sns-timeline";
+
+/// The routes serving `server` as `csce438.SNSService` and `csce662.SNSService`.
+pub(crate) fn routes(server: Server) -> Routes {
+    let service = SnsServiceServer::new(SnsAdapter { server });
+    Routes::new(service.clone()).add_service(Renamed::<_, Csce662Sns>::new(service))
+}
+
+struct SnsAdapter {
+    server: Server,
+}
+
+fn caller(request: &Request) -> Result<UserId, Status> {
+    UserId::parse(&request.username).map_err(status)
+}
+
+fn reply(msg: &str) -> Response<Reply> {
+    Response::new(Reply {
+        msg: msg.to_string(),
+    })
+}
+
+fn argument(request: &Request) -> Result<&str, Status> {
+    request
+        .arguments
+        .first()
+        .map(String::as_str)
+        .ok_or_else(|| status(Error::InvalidUsername(String::new())))
+}
+
+/// A post as the wire carries it, pre-formatted for the course client unless `structured`.
+pub(crate) fn post_message(post: &Post, structured: bool) -> Message {
+    let msg = if structured {
+        post.text.as_bytes().to_vec()
+    } else {
+        format!("{} ({}) >> {}", post.author, post.at.ctime(), post.text).into_bytes()
+    };
+    Message {
+        username: post.author.to_string(),
+        msg,
+        timestamp: Some(post.at.to_proto()),
+    }
+}
+
+#[tonic::async_trait]
+impl SnsService for SnsAdapter {
+    async fn login(&self, request: tonic::Request<Request>) -> Result<Response<Reply>, Status> {
+        let user = caller(request.get_ref())?;
+        self.server.login(user).await.map_err(status)?;
+        Ok(reply("login successful"))
+    }
+
+    async fn list(&self, request: tonic::Request<Request>) -> Result<Response<ListReply>, Status> {
+        let user = caller(request.get_ref())?;
+        let listing = self.server.list(user).map_err(status)?;
+        let names = |users: Vec<UserId>| users.into_iter().map(|u| u.to_string()).collect();
+        Ok(Response::new(ListReply {
+            all_users: names(listing.all_users),
+            followers: names(listing.followers),
+        }))
+    }
+
+    async fn follow(&self, request: tonic::Request<Request>) -> Result<Response<Reply>, Status> {
+        let user = caller(request.get_ref())?;
+        let target = argument(request.get_ref())?;
+        self.server.follow(user, target).await.map_err(status)?;
+        Ok(reply("follow successful"))
+    }
+
+    async fn un_follow(&self, request: tonic::Request<Request>) -> Result<Response<Reply>, Status> {
+        let user = caller(request.get_ref())?;
+        let terminated = request
+            .metadata()
+            .get(TERMINATED_METADATA)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+        if terminated && request.get_ref().arguments.is_empty() {
+            self.server.logout(user).map_err(status)?;
+            return Ok(reply("logged out"));
+        }
+        let target = argument(request.get_ref())?;
+        self.server.unfollow(user, target).await.map_err(status)?;
+        Ok(reply("unfollow successful"))
+    }
+
+    type TimelineStream = Outbound;
+
+    async fn timeline(
+        &self,
+        request: tonic::Request<Streaming<Message>>,
+    ) -> Result<Response<Self::TimelineStream>, Status> {
+        let structured = request
+            .metadata()
+            .get(TIMELINE_MODE_METADATA)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"structured"));
+        let named = match request.metadata().get(USERNAME_METADATA) {
+            Some(value) => {
+                let text = value
+                    .to_str()
+                    .map_err(|_| status(Error::InvalidUsername("<binary>".into())))?;
+                Some(UserId::parse(text).map_err(status)?)
+            }
+            None => None,
+        };
+        let mut inbound = request.into_inner();
+        let (user, first) = match named {
+            Some(user) => (user, None),
+            None => {
+                let first = inbound
+                    .message()
+                    .await?
+                    .ok_or_else(|| Status::invalid_argument("timeline stream named no user"))?;
+                (UserId::parse(&first.username).map_err(status)?, Some(first))
+            }
+        };
+        let feed = self.server.open_timeline(user).map_err(status)?;
+        let (errors, failures) = mpsc::channel(1);
+        let (tasks, shutdown) = self.server.tasks();
+        let poster = Poster {
+            server: self.server.clone(),
+            user,
+            errors,
+            shutdown: shutdown.clone(),
+        };
+        tasks.spawn(poster.run(first, inbound));
+        Ok(Response::new(Outbound {
+            feed,
+            failures,
+            structured,
+            done: false,
+        }))
+    }
+
+    async fn client_heartbeat(
+        &self,
+        request: tonic::Request<Request>,
+    ) -> Result<Response<Reply>, Status> {
+        let user = caller(request.get_ref())?;
+        self.server.heartbeat(user).map_err(status)?;
+        Ok(reply("ok"))
+    }
+}
+
+/// Reads a timeline stream's incoming messages and posts them as its user.
+struct Poster {
+    server: Server,
+    user: UserId,
+    errors: mpsc::Sender<Status>,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Poster {
+    async fn run(self, first: Option<Message>, mut inbound: Streaming<Message>) {
+        let mut bucket = TokenBucket::new(self.server.max_posts_per_second());
+        if let Some(first) = first
+            && let Err(e) = self.handle(first, &mut bucket).await
+        {
+            let _ = self.errors.send(e).await;
+            return;
+        }
+        loop {
+            let next = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                next = inbound.message() => next,
+            };
+            let message = match next {
+                Ok(Some(message)) => message,
+                // The client closed its side or went away: end the stream.
+                Ok(None) | Err(_) => return,
+            };
+            if let Err(e) = self.handle(message, &mut bucket).await {
+                let _ = self.errors.send(e).await;
+                return;
+            }
+        }
+    }
+
+    async fn handle(&self, message: Message, bucket: &mut TokenBucket) -> Result<(), Status> {
+        if !message.username.is_empty() && message.username != self.user.to_string() {
+            return Err(status(Error::PermissionDenied(format!(
+                "this timeline stream belongs to user {}",
+                self.user
+            ))));
+        }
+        if let Some(wait) = bucket.take(tokio::time::Instant::now()) {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(wait) => {},
+            }
+        }
+        self.server
+            .post(self.user, &message.msg)
+            .await
+            .map(|_| ())
+            .map_err(status)
+    }
+}
+
+/// A token bucket: `rate` tokens per second, bursts of up to `rate`.
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: tokio::time::Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self {
+            rate,
+            tokens: rate,
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes a token; returns how long to wait first if none is left.
+    fn take(&mut self, now: tokio::time::Instant) -> Option<Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate) - 1.0;
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+}
+
+/// The server-to-client half of a timeline stream: the feed, ended early by an error of the
+/// incoming half, or by the incoming half closing.
+pub(crate) struct Outbound {
+    feed: TimelineFeed,
+    failures: mpsc::Receiver<Status>,
+    structured: bool,
+    done: bool,
+}
+
+impl tokio_stream::Stream for Outbound {
+    type Item = Result<Message, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match this.feed.poll_next_post(cx) {
+            Poll::Ready(Some(Ok(post))) => {
+                return Poll::Ready(Some(Ok(post_message(&post, this.structured))));
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.done = true;
+                return Poll::Ready(Some(Err(status(e))));
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        match this.failures.poll_recv(cx) {
+            Poll::Ready(Some(failure)) => {
+                this.done = true;
+                Poll::Ready(Some(Err(failure)))
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_allows_bursts_then_paces() {
+        let t0 = tokio::time::Instant::now();
+        let mut bucket = TokenBucket {
+            rate: 10.0,
+            tokens: 10.0,
+            last: t0,
+        };
+        for _ in 0..10 {
+            assert_eq!(bucket.take(t0), None);
+        }
+        let wait = bucket.take(t0).expect("must wait");
+        assert!((wait.as_secs_f64() - 0.1).abs() < 1e-9);
+    }
+}

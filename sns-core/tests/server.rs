@@ -1,0 +1,523 @@
+//! Server semantics through the `Client` API over loopback (port 0): every command's success
+//! and error cases (DESIGN §4), sessions, timelines, and the course's wire compatibility rules.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sns_core::client::Client;
+use sns_core::testing::{TestServer, eventually};
+use sns_core::{Error, FileStorage, MemoryStorage, ServerConfig, Storage, UserId};
+use sns_proto::csce438::sns_service_client::SnsServiceClient;
+use sns_proto::csce438::{Message, Request};
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn u(id: u32) -> UserId {
+    UserId::new(id).expect("valid user")
+}
+
+async fn start() -> TestServer {
+    start_with(ServerConfig::default(), Arc::new(MemoryStorage::new())).await
+}
+
+async fn start_with(config: ServerConfig, storage: Arc<dyn Storage>) -> TestServer {
+    TestServer::start(config, storage)
+        .await
+        .expect("server starts")
+}
+
+async fn login(server: &TestServer, user: u32) -> Client {
+    Client::login(&server.addr, u(user)).await.expect("login")
+}
+
+async fn raw(server: &TestServer) -> SnsServiceClient<tonic::transport::Channel> {
+    let channel = sns_core::client::connect(&server.addr)
+        .await
+        .expect("connect");
+    SnsServiceClient::new(channel)
+}
+
+fn request(user: &str, args: &[&str]) -> Request {
+    Request {
+        username: user.to_string(),
+        arguments: args.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+#[tokio::test]
+async fn login_creates_users_and_list_shows_them_in_order() {
+    let server = start().await;
+    let c4 = login(&server, 4).await;
+    let c1 = login(&server, 1).await;
+    let c12 = login(&server, 12).await;
+    let listing = c1.list().await.expect("list");
+    assert_eq!(listing.all_users, [u(1), u(4), u(12)]);
+    assert!(listing.followers.is_empty());
+    c4.follow(u(1)).await.expect("4 follows 1");
+    c12.follow(u(1)).await.expect("12 follows 1");
+    assert_eq!(c1.list().await.expect("list").followers, [u(4), u(12)]);
+    assert_eq!(c4.list().await.expect("list").followers, []);
+    server.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn follow_and_unfollow_report_every_error_case() {
+    let server = start().await;
+    let c1 = login(&server, 1).await;
+    let _c2 = login(&server, 2).await;
+
+    assert!(matches!(
+        c1.follow(u(99)).await,
+        Err(Error::InvalidUsername(_))
+    ));
+    assert!(matches!(c1.follow(u(1)).await, Err(Error::SameClient)));
+    c1.follow(u(2)).await.expect("follow");
+    assert!(matches!(
+        c1.follow(u(2)).await,
+        Err(Error::AlreadyFollowing)
+    ));
+
+    assert!(matches!(
+        c1.unfollow(u(99)).await,
+        Err(Error::InvalidUsername(_))
+    ));
+    assert!(matches!(c1.unfollow(u(1)).await, Err(Error::SameClient)));
+    c1.unfollow(u(2)).await.expect("unfollow");
+    assert!(matches!(c1.unfollow(u(2)).await, Err(Error::NotFollowing)));
+    server.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn statuses_carry_the_course_strings_and_codes() {
+    let server = start().await;
+    let _c1 = login(&server, 1).await;
+    let _c2 = login(&server, 2).await;
+    let mut rpc = raw(&server).await;
+    let cases: [(Request, bool, Code, &str); 8] = [
+        (
+            request("1", &["99"]),
+            true,
+            Code::InvalidArgument,
+            "invalid username",
+        ),
+        (
+            request("1", &["abc"]),
+            true,
+            Code::InvalidArgument,
+            "invalid username",
+        ),
+        (
+            request("1", &["-3"]),
+            true,
+            Code::InvalidArgument,
+            "invalid username",
+        ),
+        (
+            request("1", &[]),
+            true,
+            Code::InvalidArgument,
+            "invalid username",
+        ),
+        (
+            request("1", &["1"]),
+            true,
+            Code::AlreadyExists,
+            "same client",
+        ),
+        (
+            request("1", &["2"]),
+            false,
+            Code::FailedPrecondition,
+            "not following",
+        ),
+        (
+            request("1", &["1"]),
+            false,
+            Code::AlreadyExists,
+            "same client",
+        ),
+        (
+            request("1", &["7"]),
+            false,
+            Code::InvalidArgument,
+            "invalid username",
+        ),
+    ];
+    for (req, is_follow, code, message) in cases {
+        let result = if is_follow {
+            rpc.follow(req.clone()).await.map(|_| ())
+        } else {
+            rpc.un_follow(req.clone()).await.map(|_| ())
+        };
+        let status = result.expect_err("must fail");
+        assert_eq!(
+            (status.code(), status.message()),
+            (code, message),
+            "{req:?}"
+        );
+    }
+    rpc.follow(request("1", &["2"])).await.expect("follow");
+    let status = rpc
+        .follow(request("1", &["2"]))
+        .await
+        .expect_err("second follow");
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::AlreadyExists, "already following")
+    );
+    // Malformed callers are invalid usernames too.
+    for bad in ["", "0", "1.5", "+1", "2147483648", " 1"] {
+        let status = rpc.login(request(bad, &[])).await.expect_err("bad login");
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
+    }
+    server.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_second_login_is_refused_until_the_session_expires() {
+    let config = ServerConfig {
+        session_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let server = start_with(config, Arc::new(MemoryStorage::new())).await;
+    let first = login(&server, 1).await;
+    let refused = Client::login(&server.addr, u(1)).await;
+    assert!(matches!(refused, Err(Error::AlreadyLoggedIn(_))));
+    // Heartbeats keep it alive...
+    first.heartbeat().await.expect("heartbeat");
+    assert!(matches!(
+        Client::login(&server.addr, u(1)).await,
+        Err(Error::AlreadyLoggedIn(_))
+    ));
+    // ...and without them it expires.
+    let addr = server.addr.clone();
+    assert!(
+        eventually(WAIT, || {
+            let addr = addr.clone();
+            async move { Client::login(&addr, u(1)).await.is_ok() }
+        })
+        .await
+    );
+    server.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn terminated_unfollow_logs_out_at_once() {
+    let server = start().await;
+    let first = login(&server, 3).await;
+    assert!(Client::login(&server.addr, u(3)).await.is_err());
+    first.logout().await.expect("logout");
+    Client::login(&server.addr, u(3))
+        .await
+        .expect("login after logout");
+    server.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn an_open_timeline_keeps_the_session_alive() {
+    let config = ServerConfig {
+        session_timeout: Duration::from_millis(100),
+        ..ServerConfig::default()
+    };
+    let server = start_with(config, Arc::new(MemoryStorage::new())).await;
+    let c1 = login(&server, 1).await;
+    let (_tx, _rx) = c1.timeline().await.expect("timeline");
+    // Well past the timeout, the stream still holds the session.
+    let held = server.server.clone();
+    assert!(
+        !eventually(Duration::from_millis(500), || {
+            let held = held.clone();
+            async move { !held.is_logged_in(u(1)) }
+        })
+        .await
+    );
+    server.stop().await.expect("stop");
+}
+
+/// Reads `n` posts from a feed, failing the test if they do not arrive in time.
+async fn read_texts(feed: &mut sns_core::TimelineStream, n: usize) -> Vec<String> {
+    let mut texts = Vec::new();
+    for _ in 0..n {
+        let post = tokio::time::timeout(WAIT, feed.next())
+            .await
+            .expect("in time")
+            .expect("a post")
+            .expect("ok");
+        texts.push(post.text);
+    }
+    texts
+}
+
+#[tokio::test]
+async fn timeline_shows_the_last_20_newest_first_and_only_posts_after_the_follow() {
+    let server = start().await;
+    let c1 = login(&server, 1).await;
+    let c4 = login(&server, 4).await;
+    let c9 = login(&server, 9).await;
+    c9.follow(u(4)).await.expect("9 follows 4");
+    let (_s9, mut watcher) = c9.timeline().await.expect("timeline of 9");
+    let (post4, _) = c4.timeline().await.expect("timeline of 4");
+    post4.post("before the follow").await.expect("post");
+    assert_eq!(read_texts(&mut watcher, 1).await, ["before the follow"]);
+    c1.follow(u(4)).await.expect("follow");
+    for i in 0..25 {
+        post4.post(&format!("p{i}")).await.expect("post");
+    }
+    // Once 9 saw them live, they are committed.
+    assert_eq!(read_texts(&mut watcher, 25).await.len(), 25);
+    let (_s, mut feed) = c1.timeline().await.expect("timeline of 1");
+    let expected: Vec<String> = (5..25).rev().map(|i| format!("p{i}")).collect();
+    assert_eq!(read_texts(&mut feed, 20).await, expected);
+    // Nothing more: the 21st and older, and the post before the follow, are not shown.
+    let more = tokio::time::timeout(Duration::from_millis(200), feed.next()).await;
+    assert!(more.is_err(), "only 20 recent posts: {more:?}");
+    server.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn live_posts_reach_followers_and_are_not_echoed() {
+    let server = start().await;
+    let c1 = login(&server, 1).await;
+    let c4 = login(&server, 4).await;
+    c1.follow(u(4)).await.expect("1 follows 4");
+    c4.follow(u(1)).await.expect("4 follows 1");
+    let (post1, mut feed1) = c1.timeline().await.expect("timeline 1");
+    let (post4, mut feed4) = c4.timeline().await.expect("timeline 4");
+    post1.post("from one\n").await.expect("post");
+    post4.post("from four").await.expect("post");
+    let at1 = tokio::time::timeout(WAIT, feed1.next())
+        .await
+        .expect("in time");
+    let got1 = at1.expect("a post").expect("ok");
+    assert_eq!((got1.author, got1.text.as_str()), (u(4), "from four"));
+    let got4 = tokio::time::timeout(WAIT, feed4.next())
+        .await
+        .expect("in time")
+        .expect("a post")
+        .expect("ok");
+    assert_eq!((got4.author, got4.text.as_str()), (u(1), "from one"));
+    assert!(got4.line().starts_with("1 ("));
+    assert!(got4.line().ends_with(") >> from one"));
+    // After unfollowing, 4's posts stop reaching 1, and leave 1's timeline.
+    c1.unfollow(u(4)).await.expect("unfollow");
+    post4.post("unseen").await.expect("post");
+    post1.post("marker").await.expect("post");
+    let got4 = tokio::time::timeout(WAIT, feed4.next())
+        .await
+        .expect("in time")
+        .expect("a post")
+        .expect("ok");
+    assert_eq!(got4.text, "marker");
+    drop((post1, feed1));
+    let (_p, mut reopened) = c1.timeline().await.expect("reopen");
+    let wait_short = tokio::time::timeout(Duration::from_millis(200), reopened.next()).await;
+    assert!(wait_short.is_err(), "no post of 4 remains in 1's timeline");
+    server.stop().await.expect("stop");
+}
+
+/// What user `viewer` sees when opening the timeline: the recent posts, newest first.
+async fn recent_texts(viewer: &Client, expect: usize) -> Vec<String> {
+    let (_s, mut feed) = viewer.timeline().await.expect("timeline");
+    read_texts(&mut feed, expect).await
+}
+
+#[tokio::test]
+async fn a_stream_cannot_post_as_another_user() {
+    let server = start().await;
+    let c1 = login(&server, 1).await;
+    let c4 = login(&server, 4).await;
+    let c7 = login(&server, 7).await;
+    c7.follow(u(4)).await.expect("follow");
+    c7.follow(u(1)).await.expect("follow");
+    let (post1, mut feed1) = c1.timeline().await.expect("timeline");
+    post1
+        .send_raw("4".to_string(), b"impersonated".to_vec())
+        .await
+        .expect("sent");
+    let end = tokio::time::timeout(WAIT, feed1.next())
+        .await
+        .expect("in time");
+    assert!(
+        matches!(end, Some(Err(Error::PermissionDenied(_)))),
+        "{end:?}"
+    );
+    // Nothing was stored under 4's (or 1's) name: 7 sees only the marker.
+    let (post4, _f) = c4.timeline().await.expect("timeline");
+    post4.post("marker").await.expect("post");
+    assert_eq!(recent_texts(&c7, 1).await, ["marker"]);
+    server.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn oversize_and_invalid_utf8_posts_are_rejected_and_not_stored() {
+    let server = start().await;
+    let c1 = login(&server, 1).await;
+    let c2 = login(&server, 2).await;
+    c2.follow(u(1)).await.expect("follow");
+
+    // The client checks locally...
+    let (post1, _) = c1.timeline().await.expect("timeline");
+    let long = "x".repeat(sns_core::MAX_POST_BYTES + 1);
+    assert!(matches!(
+        post1.post(&long).await,
+        Err(Error::InvalidInput(_))
+    ));
+    // ...and the server checks too, with a clear error on the stream.
+    for bad in [long.into_bytes(), vec![b'o', b'k', 0xff, 0xfe]] {
+        let (raw1, mut feed1) = c1.timeline().await.expect("timeline");
+        raw1.send_raw("1".to_string(), bad).await.expect("sent");
+        let end = tokio::time::timeout(WAIT, feed1.next())
+            .await
+            .expect("in time");
+        match end {
+            Some(Err(Error::InvalidInput(message))) => {
+                assert!(
+                    message.contains("4096") || message.contains("UTF-8"),
+                    "{message}"
+                )
+            }
+            other => panic!("expected a clear error, got {other:?}"),
+        }
+    }
+    // The largest allowed post is accepted, and is the only one 2 sees.
+    let (post1, _) = c1.timeline().await.expect("timeline");
+    let max = "y".repeat(sns_core::MAX_POST_BYTES);
+    post1.post(&max).await.expect("post");
+    assert_eq!(recent_texts(&c2, 1).await, [max]);
+    server.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn course_clients_get_preformatted_posts_and_may_name_themselves_in_the_first_message() {
+    let server = start().await;
+    let c1 = login(&server, 1).await;
+    let c4 = login(&server, 4).await;
+    c1.follow(u(4)).await.expect("follow");
+    let mut rpc = raw(&server).await;
+    // No metadata: the first message names the user (and carries no post).
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(Message {
+        username: "1".into(),
+        msg: Vec::new(),
+        timestamp: None,
+    })
+    .await
+    .expect("send");
+    let mut inbound = rpc
+        .timeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("timeline")
+        .into_inner();
+    let (post4, _) = c4.timeline().await.expect("timeline");
+    post4.post("hello\n").await.expect("post");
+    let message = tokio::time::timeout(WAIT, inbound.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("a message");
+    let at = sns_core::Timestamp::from_proto(&message.timestamp.expect("timestamp"));
+    assert_eq!(message.username, "4");
+    assert_eq!(
+        String::from_utf8(message.msg).expect("utf8"),
+        format!("4 ({}) >> hello", at.ctime())
+    );
+    drop(tx);
+    server.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn the_service_is_also_served_as_csce662() {
+    let server = start().await;
+    let channel = sns_core::client::connect(&server.addr)
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/csce662.SNSService/Login");
+    let codec = tonic_prost::ProstCodec::<Request, sns_proto::csce438::Reply>::default();
+    let reply = grpc
+        .unary(tonic::Request::new(request("5", &[])), path, codec)
+        .await
+        .expect("login via csce662");
+    assert!(!reply.get_ref().msg.is_empty());
+    let listing = login(&server, 6).await.list().await.expect("list");
+    assert_eq!(listing.all_users, [u(5), u(6)]);
+    server.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn everything_survives_a_restart_on_file_storage() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let open = || -> Arc<dyn Storage> { Arc::new(FileStorage::open(dir.path()).expect("open")) };
+    let server = start_with(ServerConfig::default(), open()).await;
+    let c1 = login(&server, 1).await;
+    let c2 = login(&server, 2).await;
+    c1.follow(u(2)).await.expect("follow");
+    let (_s1, mut watcher) = c1.timeline().await.expect("timeline");
+    let (post2, _) = c2.timeline().await.expect("timeline");
+    post2.post("durable").await.expect("post");
+    assert_eq!(read_texts(&mut watcher, 1).await, ["durable"]);
+    server.stop().await.expect("stop");
+
+    let server = start_with(ServerConfig::default(), open()).await;
+    let c1 = login(&server, 1).await;
+    let listing = c1.list().await.expect("list");
+    assert_eq!(listing.all_users, [u(1), u(2)]);
+    assert!(matches!(
+        c1.follow(u(2)).await,
+        Err(Error::AlreadyFollowing)
+    ));
+    assert_eq!(recent_texts(&c1, 1).await, ["durable"]);
+    server.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn snapshots_compact_the_log_and_restarts_still_recover_everything() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = ServerConfig {
+        snapshot_every: 10,
+        ..ServerConfig::default()
+    };
+    let open = || -> Arc<dyn Storage> { Arc::new(FileStorage::open(dir.path()).expect("open")) };
+    let server = start_with(config.clone(), open()).await;
+    let c1 = login(&server, 1).await;
+    let c2 = login(&server, 2).await;
+    c1.follow(u(2)).await.expect("follow");
+    let (_s1, mut watcher) = c1.timeline().await.expect("timeline");
+    let (post2, _) = c2.timeline().await.expect("timeline");
+    for i in 0..35 {
+        post2.post(&format!("n{i}")).await.expect("post");
+    }
+    assert_eq!(read_texts(&mut watcher, 35).await.len(), 35);
+    server.stop().await.expect("stop");
+    let snapshots = std::fs::read_dir(dir.path())
+        .expect("list")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".snap"))
+        })
+        .count();
+    assert_eq!(snapshots, 1, "one snapshot is kept");
+
+    let server = start_with(config, open()).await;
+    let c1 = login(&server, 1).await;
+    let expected: Vec<String> = (15..35).rev().map(|i| format!("n{i}")).collect();
+    assert_eq!(recent_texts(&c1, 20).await, expected);
+    server.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_timelines_and_leaves_no_task_behind() {
+    let server = start().await;
+    let c1 = login(&server, 1).await;
+    let (_tx, mut feed) = c1.timeline().await.expect("timeline");
+    tokio::time::timeout(WAIT, server.stop())
+        .await
+        .expect("stops in time")
+        .expect("stop");
+    let end = tokio::time::timeout(WAIT, feed.next())
+        .await
+        .expect("in time");
+    assert!(!matches!(end, Some(Ok(_))), "{end:?}");
+}
