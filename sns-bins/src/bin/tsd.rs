@@ -1,0 +1,101 @@
+//! `tsd`: a Tiny SNS server.
+//!
+//! `tsd -p PORT [--data-dir DIR]` runs a standalone server: it serves the course's
+//! `SNSService` (and its `csce662` alias) on `--bind`:PORT and keeps its log and snapshots in
+//! DIR (default `./sns-data/cluster<c>/server<s>/`), fsynced before anything is acknowledged.
+//! SIGINT or SIGTERM stops it cleanly (exit 0).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{ArgAction, Parser};
+use sns_core::{ClusterId, FileStorage, MemoryStorage, Server, ServerConfig, ServerId, Storage};
+use tokio_util::sync::CancellationToken;
+
+/// Tiny SNS server.
+#[derive(Debug, Parser)]
+#[command(name = "tsd", version, disable_help_flag = true)]
+struct Args {
+    /// Port to serve clients on.
+    #[arg(short = 'p', long = "port", default_value_t = 10000)]
+    port: u16,
+    /// Address to bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: String,
+    /// Cluster id of this server.
+    #[arg(short = 'c', long = "cluster", default_value_t = 1)]
+    cluster: u32,
+    /// Server id within the cluster.
+    #[arg(short = 's', long = "server", default_value_t = 1)]
+    server: u32,
+    /// Data directory [default: ./sns-data/clusterC/serverS for cluster C, server S].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Keep everything in memory (nothing survives a restart).
+    #[arg(long, conflicts_with = "data_dir")]
+    in_memory: bool,
+    /// Posts kept per timeline.
+    #[arg(long, default_value_t = 400)]
+    timeline_cap: usize,
+    /// Print help.
+    #[arg(long, action = ArgAction::Help)]
+    help: Option<bool>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    sns_bins::init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tsd: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("tsd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let cluster = ClusterId::new(args.cluster).ok_or("cluster ids start at 1")?;
+    let server_id = ServerId::new(args.server).ok_or("server ids start at 1")?;
+    let storage: Arc<dyn Storage> = if args.in_memory {
+        Arc::new(MemoryStorage::new())
+    } else {
+        let dir = args.data_dir.clone().unwrap_or_else(|| {
+            PathBuf::from(format!("./sns-data/cluster{cluster}/server{server_id}"))
+        });
+        let storage = FileStorage::open(&dir)
+            .map_err(|e| format!("cannot open data directory {}: {e}", dir.display()))?;
+        tracing::info!(dir = %dir.display(), "data directory opened");
+        Arc::new(storage)
+    };
+    let config = ServerConfig {
+        cluster,
+        server_id,
+        timeline_cap: args.timeline_cap,
+        ..ServerConfig::default()
+    };
+    let server = Server::open(config, storage)
+        .await
+        .map_err(|e| format!("cannot recover: {e}"))?;
+    let addr = format!("{}:{}", args.bind, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| format!("cannot listen on port {} ({addr}): {e}", args.port))?;
+    tracing::info!(%addr, "serving clients");
+    let shutdown = CancellationToken::new();
+    sns_bins::signals::cancel_on_signal(shutdown.clone());
+    server
+        .serve(listener, shutdown)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! The course client's command language and its exact output strings (DESIGN §4).
+
+use sns_core::{Error, UserId};
+
+/// The banner printed after login (the prompt `Cmd> ` follows it).
+pub const BANNER: &str = "========= TINY SNS CLIENT =========\n Command Lists and Format:\n FOLLOW <username>\n UNFOLLOW <username>\n LIST\n TIMELINE\n=====================================";
+/// The command-mode prompt.
+pub const PROMPT: &str = "Cmd> ";
+/// A command succeeded.
+pub const SUCCESS: &str = "Command completed successfully";
+/// Already following, or following yourself.
+pub const ALREADY_EXISTS: &str = "Input username already exists, command failed";
+/// The named user does not exist.
+pub const NOT_EXISTS: &str = "Input username does not exists, command failed";
+/// Unknown or malformed user; unfollowing yourself.
+pub const INVALID_USERNAME: &str = "Command failed with invalid username";
+/// Unfollowing someone you do not follow.
+pub const NOT_A_FOLLOWER: &str = "Command failed with not a follower";
+/// The server refused the command as such.
+pub const INVALID_COMMAND: &str = "Command failed with invalid command";
+/// Anything else.
+pub const UNKNOWN_REASON: &str = "Command failed with unknown reason";
+/// FOLLOW or UNFOLLOW without an argument.
+pub const NO_ARGUMENTS: &str = "Invalid Input -- No Arguments Given";
+/// A first word that is no command.
+pub const UNKNOWN_COMMAND: &str = "Invalid Command";
+/// Printed on entering timeline mode.
+pub const IN_TIMELINE: &str = "Now you are in the timeline";
+
+/// A command typed in command mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `FOLLOW <username>` (the argument as typed).
+    Follow(String),
+    /// `UNFOLLOW <username>` (the argument as typed).
+    Unfollow(String),
+    /// `LIST`.
+    List,
+    /// `TIMELINE`.
+    Timeline,
+}
+
+/// Why a line is not a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    /// FOLLOW or UNFOLLOW without its argument.
+    NoArguments,
+    /// An unknown first word.
+    UnknownCommand,
+}
+
+impl ParseError {
+    /// The line the course client prints.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::NoArguments => NO_ARGUMENTS,
+            Self::UnknownCommand => UNKNOWN_COMMAND,
+        }
+    }
+}
+
+/// Parses one line; `None` for a blank line. The first word is case-insensitive.
+pub fn parse_command(line: &str) -> Option<Result<Command, ParseError>> {
+    let mut words = line.split_whitespace();
+    let first = words.next()?.to_ascii_uppercase();
+    let argument = words.next().map(str::to_string);
+    let with_argument =
+        |make: fn(String) -> Command| argument.clone().map(make).ok_or(ParseError::NoArguments);
+    Some(match first.as_str() {
+        "FOLLOW" => with_argument(Command::Follow),
+        "UNFOLLOW" => with_argument(Command::Unfollow),
+        "LIST" => Ok(Command::List),
+        "TIMELINE" => Ok(Command::Timeline),
+        _ => Err(ParseError::UnknownCommand),
+    })
+}
+
+/// The line printed when `command` failed with `error`.
+pub fn failure_message(command: &Command, error: &Error) -> String {
+    match (command, error) {
+        (Command::Follow(_), Error::SameClient | Error::AlreadyFollowing) => ALREADY_EXISTS.into(),
+        (Command::Unfollow(_), Error::SameClient) => INVALID_USERNAME.into(),
+        (_, Error::InvalidUsername(_)) => INVALID_USERNAME.into(),
+        (_, Error::NotFollowing) => NOT_A_FOLLOWER.into(),
+        (_, Error::InvalidInput(_)) => INVALID_COMMAND.into(),
+        (_, Error::Unavailable(_) | Error::Unreachable { .. }) => {
+            format!("{UNKNOWN_REASON} (server unavailable: {error})")
+        }
+        _ => UNKNOWN_REASON.into(),
+    }
+}
+
+/// A list of users as the course prints it: each id followed by `, `.
+pub fn user_list(users: &[UserId]) -> String {
+    users.iter().map(|u| format!("{u}, ")).collect()
+}
+
+/// Parses the argument of FOLLOW/UNFOLLOW; a malformed one is an invalid username.
+pub fn parse_target(argument: &str) -> Result<UserId, Error> {
+    UserId::parse(argument)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_case_insensitively() {
+        assert_eq!(
+            parse_command("follow 4"),
+            Some(Ok(Command::Follow("4".into())))
+        );
+        assert_eq!(
+            parse_command("  UnFollow   12 "),
+            Some(Ok(Command::Unfollow("12".into())))
+        );
+        assert_eq!(parse_command("list"), Some(Ok(Command::List)));
+        assert_eq!(parse_command("TIMELINE"), Some(Ok(Command::Timeline)));
+        assert_eq!(parse_command("FOLLOW"), Some(Err(ParseError::NoArguments)));
+        assert_eq!(
+            parse_command("post hi"),
+            Some(Err(ParseError::UnknownCommand))
+        );
+        assert_eq!(parse_command("   "), None);
+    }
+
+    #[test]
+    fn failures_use_the_course_strings() {
+        let follow = Command::Follow("1".into());
+        let unfollow = Command::Unfollow("1".into());
+        assert_eq!(failure_message(&follow, &Error::SameClient), ALREADY_EXISTS);
+        assert_eq!(
+            failure_message(&follow, &Error::AlreadyFollowing),
+            ALREADY_EXISTS
+        );
+        assert_eq!(
+            failure_message(&follow, &Error::InvalidUsername("x".into())),
+            INVALID_USERNAME
+        );
+        assert_eq!(
+            failure_message(&unfollow, &Error::SameClient),
+            INVALID_USERNAME
+        );
+        assert_eq!(
+            failure_message(&unfollow, &Error::NotFollowing),
+            NOT_A_FOLLOWER
+        );
+        assert_eq!(
+            failure_message(&unfollow, &Error::Rpc("?".into())),
+            UNKNOWN_REASON
+        );
+    }
+
+    #[test]
+    fn user_lists_end_each_id_with_a_comma() {
+        let users: Vec<UserId> = [1, 2, 3].into_iter().filter_map(UserId::new).collect();
+        assert_eq!(user_list(&users), "1, 2, 3, ");
+        assert_eq!(user_list(&[]), "");
+    }
+}

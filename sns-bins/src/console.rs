@@ -1,0 +1,147 @@
+//! The client's console: lines in, lines out, without garbling.
+//!
+//! On a terminal, `rustyline` reads lines (editing, history) on its own thread, and output that
+//! arrives while a line is being typed goes through its external printer, which redraws the
+//! prompt and the partial line below it. With stdin not a terminal (piped commands), lines are
+//! read plainly and output is printed as is, so the same lines appear.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+
+use rustyline::ExternalPrinter;
+use tokio::sync::mpsc;
+
+/// One input event.
+#[derive(Debug)]
+pub enum Input {
+    /// A line, without its newline.
+    Line(String),
+    /// End of input (Ctrl-D or end of the pipe) or Ctrl-C.
+    End,
+}
+
+type Printer = Arc<Mutex<Box<dyn ExternalPrinter + Send>>>;
+
+/// Where lines come from and go to.
+pub struct Console {
+    prompts: std::sync::mpsc::Sender<String>,
+    lines: mpsc::Receiver<Input>,
+    printer: Option<Printer>,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console")
+            .field("terminal", &self.printer.is_some())
+            .finish()
+    }
+}
+
+/// Prints lines from any task without garbling the line being typed.
+#[derive(Clone)]
+pub struct Output {
+    printer: Option<Printer>,
+}
+
+impl std::fmt::Debug for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Output")
+            .field("terminal", &self.printer.is_some())
+            .finish()
+    }
+}
+
+impl Output {
+    /// Prints `line` (a newline is added).
+    pub fn line(&self, line: &str) {
+        if let Some(printer) = &self.printer
+            && let Ok(mut printer) = printer.lock()
+            && printer.print(format!("{line}\n")).is_ok()
+        {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+impl Console {
+    /// Opens the console: a line editor on a terminal, plain reads otherwise.
+    pub fn open() -> Self {
+        let (prompts, prompt_rx) = std::sync::mpsc::channel::<String>();
+        let (line_tx, lines) = mpsc::channel(16);
+        let mut printer = None;
+        if std::io::stdin().is_terminal()
+            && let Ok(mut editor) = rustyline::DefaultEditor::new()
+        {
+            if let Ok(external) = editor.create_external_printer() {
+                let boxed: Box<dyn ExternalPrinter + Send> = Box::new(external);
+                printer = Some(Arc::new(Mutex::new(boxed)));
+            }
+            std::thread::spawn(move || {
+                while let Ok(prompt) = prompt_rx.recv() {
+                    let input = match editor.readline(&prompt) {
+                        Ok(line) => {
+                            if !line.trim().is_empty() {
+                                let _ = editor.add_history_entry(line.as_str());
+                            }
+                            Input::Line(line)
+                        }
+                        Err(_) => Input::End,
+                    };
+                    let end = matches!(input, Input::End);
+                    if line_tx.blocking_send(input).is_err() || end {
+                        break;
+                    }
+                }
+            });
+        } else {
+            std::thread::spawn(move || {
+                let stdin = std::io::stdin();
+                let mut reader = stdin.lock();
+                while prompt_rx.recv().is_ok() {
+                    let mut line = String::new();
+                    let input = match reader.read_line(&mut line) {
+                        Ok(0) | Err(_) => Input::End,
+                        Ok(_) => {
+                            let trimmed = line.strip_suffix('\n').unwrap_or(&line);
+                            let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
+                            Input::Line(trimmed.to_string())
+                        }
+                    };
+                    let end = matches!(input, Input::End);
+                    if line_tx.blocking_send(input).is_err() || end {
+                        break;
+                    }
+                }
+            });
+        }
+        Self {
+            prompts,
+            lines,
+            printer,
+        }
+    }
+
+    /// Whether input comes from a terminal.
+    pub fn is_terminal(&self) -> bool {
+        self.printer.is_some()
+    }
+
+    /// A handle for printing from other tasks.
+    pub fn output(&self) -> Output {
+        Output {
+            printer: self.printer.clone(),
+        }
+    }
+
+    /// Reads the next line, showing `prompt` on a terminal.
+    pub async fn read(&mut self, prompt: &str) -> Input {
+        let prompt = if self.is_terminal() { prompt } else { "" };
+        if self.prompts.send(prompt.to_string()).is_err() {
+            return Input::End;
+        }
+        self.lines.recv().await.unwrap_or(Input::End)
+    }
+}

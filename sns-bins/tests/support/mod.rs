@@ -1,0 +1,177 @@
+//! Running the real binaries as processes: start, drive through pipes, read lines with a
+//! timeout, kill.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long any expected line may take.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A port that was free a moment ago (bind to 0, read, release).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Lines of a child's stream, read on a thread so reads can time out.
+pub struct Lines {
+    rx: mpsc::Receiver<String>,
+    name: String,
+}
+
+impl Lines {
+    pub fn new(stream: impl std::io::Read + Send + 'static, name: &str) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            rx,
+            name: name.to_string(),
+        }
+    }
+
+    /// The next line, or a test failure after [`WAIT`].
+    pub fn next(&self) -> String {
+        self.rx
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|e| panic!("{}: no line within {WAIT:?}: {e}", self.name))
+    }
+
+    /// Reads lines until one satisfies `matches`; fails after [`WAIT`].
+    pub fn until(&self, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) if matches(&line) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("{}: expected line not seen: {e}", self.name),
+            }
+        }
+    }
+}
+
+/// A running `tsd`.
+pub struct Tsd {
+    child: Child,
+    pub log: Lines,
+}
+
+impl Tsd {
+    /// Starts `tsd` on `port` with data in `dir`, and waits until it serves.
+    pub fn start(port: u16, dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tsd"))
+            .args(["-p", &port.to_string(), "--bind", "127.0.0.1", "--data-dir"])
+            .arg(dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tsd");
+        let log = Lines::new(child.stderr.take().expect("stderr"), "tsd");
+        log.until(|l| l.contains("serving clients"));
+        Self { child, log }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Tsd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running `tsc` driven through pipes.
+pub struct Tsc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Lines,
+}
+
+impl Tsc {
+    /// Starts `tsc` for `user` against a server on `port`.
+    pub fn start(port: u16, user: u32) -> Self {
+        Self::spawn(&[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-u",
+            &user.to_string(),
+        ])
+    }
+
+    /// Starts `tsc` with the given arguments.
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tsc"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tsc");
+        let stdin = child.stdin.take();
+        let stdout = Lines::new(child.stdout.take().expect("stdout"), "tsc");
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Types a line.
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("write to tsc");
+        stdin.flush().expect("flush");
+    }
+
+    /// The next output line.
+    pub fn next_line(&self) -> String {
+        self.stdout.next()
+    }
+
+    /// Asserts the next output line.
+    pub fn expect_line(&self, expected: &str) {
+        assert_eq!(self.next_line(), expected);
+    }
+
+    /// Asserts the course banner.
+    pub fn expect_banner(&self) {
+        for line in sns_bins::cli::BANNER.lines() {
+            self.expect_line(line);
+        }
+    }
+
+    /// Closes stdin and waits for the exit code.
+    pub fn finish(mut self) -> Option<i32> {
+        self.stdin.take();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for Tsc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
