@@ -1,7 +1,11 @@
 //! Compiles the .proto files with `protox` (pure Rust), so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/sns.proto", "proto/coordinator.proto"];
+    let files = [
+        "proto/sns.proto",
+        "proto/coordinator.proto",
+        "proto/sns/v1/admin.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

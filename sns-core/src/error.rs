@@ -32,6 +32,12 @@ pub enum Error {
     /// The caller is not allowed to do this (e.g. posting as another user on a stream).
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The request conflicts with what exists (e.g. a server slot alive at another address).
+    #[error("{0}")]
+    Conflict(String),
+    /// The caller lacks the cluster token required for internal calls.
+    #[error("missing or wrong cluster token")]
+    Unauthorized,
     /// This server cannot serve the request now (not master, shutting down, storage failed).
     /// Retry, possibly after asking the coordinator again.
     #[error("unavailable: {0}")]

@@ -9,6 +9,7 @@
 
 pub mod client;
 mod codec;
+pub mod coordinator;
 pub mod error;
 pub mod event;
 pub(crate) mod grpc;
@@ -20,6 +21,7 @@ pub mod storage;
 pub mod testing;
 
 pub use client::{Client, ReceivedPost, TimelineSender, TimelineStream};
+pub use coordinator::{Coordinator, CoordinatorConfig, RoutingConfig, RoutingTable};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
 pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, ServerId, Timestamp, UserId};

@@ -18,4 +18,17 @@ pub mod csce438 {
     tonic::include_proto!("csce438");
 }
 
+/// Tiny SNS's own internal services (package `sns.v1`).
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    rust_2018_idioms
+)]
+pub mod sns_v1 {
+    tonic::include_proto!("sns.v1");
+}
+
 pub use prost_types::Timestamp;

@@ -27,7 +27,6 @@ impl Alias for Csce662Sns {
 }
 
 /// `csce662.CoordService` served by the `csce438.CoordService` implementation.
-#[allow(dead_code)] // served by the coordinator
 pub(crate) struct Csce662Coord;
 
 impl Alias for Csce662Coord {

@@ -2,6 +2,7 @@
 //! back. Errors become a `tonic::Status` in exactly one place, [`status`].
 
 pub(crate) mod alias;
+pub(crate) mod coord;
 pub(crate) mod sns;
 
 use tonic::{Code, Status};
@@ -20,6 +21,8 @@ pub(crate) fn status(error: Error) -> Status {
         e @ Error::NotLoggedIn(_) => Status::unauthenticated(e.to_string()),
         Error::InvalidInput(message) => Status::invalid_argument(message),
         e @ Error::PermissionDenied(_) => Status::permission_denied(e.to_string()),
+        Error::Conflict(message) => Status::already_exists(message),
+        e @ Error::Unauthorized => Status::unauthenticated(e.to_string()),
         Error::Unavailable(message) => Status::unavailable(message),
         e @ Error::Unreachable { .. } => Status::unavailable(e.to_string()),
         e @ Error::Io(_) => Status::unavailable(e.to_string()),

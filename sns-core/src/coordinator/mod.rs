@@ -1,0 +1,128 @@
+//! The coordinator: routes clients to their cluster's master, registers servers and
+//! synchronizers through heartbeats, and detects dead nodes.
+//!
+//! [`RoutingTable`] is the pure core (no I/O, explicit time); [`Coordinator`] wraps it in a lock
+//! and serves it over gRPC (`csce438.CoordService`, its `csce662` alias, and `sns.v1.Admin`).
+//! Heartbeats, registrations and admin calls require the cluster token when one is set.
+
+mod table;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio_util::sync::CancellationToken;
+
+pub use table::{Address, Assignment, Beat, NodeView, RoutingConfig, RoutingTable};
+
+use crate::error::{Error, Result};
+
+/// Settings of a [`Coordinator`].
+#[derive(Debug, Clone, Default)]
+pub struct CoordinatorConfig {
+    /// Clusters and heartbeat timing.
+    pub routing: RoutingConfig,
+    /// When set, internal calls must carry this token (metadata `sns-cluster-token`).
+    pub cluster_token: Option<String>,
+}
+
+/// The coordinator service. Cheap to clone; clones share the table.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    table: Arc<Mutex<RoutingTable>>,
+    token: Option<Arc<str>>,
+}
+
+impl Coordinator {
+    /// A coordinator with an empty table.
+    pub fn new(config: CoordinatorConfig) -> Self {
+        Self {
+            table: Arc::new(Mutex::new(RoutingTable::new(
+                config.routing,
+                tokio::time::Instant::now(),
+            ))),
+            token: config.cluster_token.map(Arc::from),
+        }
+    }
+
+    /// The routing table, locked.
+    pub fn table(&self) -> MutexGuard<'_, RoutingTable> {
+        // Table updates complete before anything that could panic: a poisoned lock is usable.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks the token presented by an internal call.
+    pub fn authorize(&self, presented: Option<&str>) -> Result<()> {
+        match &self.token {
+            Some(token) if presented != Some(token.as_ref()) => Err(Error::Unauthorized),
+            _ => Ok(()),
+        }
+    }
+
+    /// Serves the coordinator on `listener` until `shutdown` is cancelled.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tonic::transport::Server::builder()
+            .add_routes(crate::grpc::coord::routes(self.clone()))
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+            .await
+            .map_err(|e| Error::Unavailable(format!("coordinator transport failed: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::ids::{ClusterId, Epoch, ServerId};
+
+    fn beat(port: u16) -> Beat {
+        Beat {
+            cluster: ClusterId::new(1).expect("cluster"),
+            server: ServerId::new(1).expect("server"),
+            addr: Address::parse("127.0.0.1", &port.to_string()).expect("address"),
+            claims_master: false,
+            epoch: Epoch(0),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_expire_as_time_passes() {
+        let coordinator = Coordinator::new(CoordinatorConfig {
+            routing: RoutingConfig {
+                clusters: 1,
+                heartbeat_interval: Duration::from_secs(5),
+                missed_heartbeats: 2,
+            },
+            cluster_token: None,
+        });
+        let now = tokio::time::Instant::now;
+        coordinator
+            .table()
+            .heartbeat(beat(10000), now())
+            .expect("registered");
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(coordinator.table().route(1, now()).is_ok());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            coordinator.table().route(1, now()).is_err(),
+            "dead after 2 x 5 s"
+        );
+    }
+
+    #[test]
+    fn the_token_is_enforced_only_when_set() {
+        let open = Coordinator::new(CoordinatorConfig::default());
+        assert!(open.authorize(None).is_ok());
+        let closed = Coordinator::new(CoordinatorConfig {
+            cluster_token: Some("s3cret".into()),
+            ..CoordinatorConfig::default()
+        });
+        assert!(closed.authorize(None).is_err());
+        assert!(closed.authorize(Some("wrong")).is_err());
+        assert!(closed.authorize(Some("s3cret")).is_ok());
+    }
+}

@@ -1,0 +1,394 @@
+//! The routing table and failure detector: pure, driven by heartbeats and explicit times.
+//!
+//! Invariants:
+//! - a node is alive while its last heartbeat is at most `missed_heartbeats` intervals old;
+//! - a (cluster, server) slot alive at one address cannot be taken over from another address;
+//! - each cluster has at most one master; the first live server of a cluster becomes master,
+//!   later ones slaves; a master stays master while alive;
+//! - a slave is never promoted here while the master is merely dead: promotion needs a slave
+//!   known to be in sync, which only replication can tell (see the failover notes in `docs/`);
+//! - the coordinator's state is soft: after a restart, the first heartbeat of a server that
+//!   claims mastership with the highest epoch seen re-establishes it, and servers that claim
+//!   nothing wait one failure timeout before a master is chosen among them, unless the whole
+//!   cluster is new (every server reports epoch 0).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::ids::{ClusterId, Epoch, ServerId, UserId};
+use crate::server::Role;
+
+/// Timing and size of a deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutingConfig {
+    /// Number of clusters (users are spread over `1..=clusters`).
+    pub clusters: u32,
+    /// Expected time between two heartbeats of a node.
+    pub heartbeat_interval: Duration,
+    /// A node that missed this many consecutive intervals is dead.
+    pub missed_heartbeats: u32,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            clusters: 3,
+            heartbeat_interval: Duration::from_secs(1),
+            missed_heartbeats: 2,
+        }
+    }
+}
+
+impl RoutingConfig {
+    /// How long after its last heartbeat a node counts as dead.
+    pub fn failure_timeout(&self) -> Duration {
+        self.heartbeat_interval * self.missed_heartbeats.max(1)
+    }
+}
+
+/// A `host:port` a node can be reached at, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port, 1..=65535.
+    pub port: u16,
+}
+
+impl Address {
+    /// Validates a hostname and a port given as text (as the course's `ServerInfo` has them).
+    pub fn parse(host: &str, port: &str) -> Result<Self> {
+        let host_ok = !host.is_empty()
+            && host.len() <= 253
+            && host.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']')
+            });
+        if !host_ok {
+            return Err(Error::invalid(format!(
+                "hostname {:?} is not a valid host name or address",
+                host.chars().take(64).collect::<String>()
+            )));
+        }
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p >= 1)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "port {:?} is not a number in 1..=65535",
+                    port.chars().take(16).collect::<String>()
+                ))
+            })?;
+        Ok(Self {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// What a server says in a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Beat {
+    /// Its cluster.
+    pub cluster: ClusterId,
+    /// Its id in the cluster.
+    pub server: ServerId,
+    /// Where clients reach it.
+    pub addr: Address,
+    /// Whether it currently acts as master.
+    pub claims_master: bool,
+    /// The latest epoch it knows of its cluster (0: it never served).
+    pub epoch: Epoch,
+}
+
+/// The coordinator's answer to a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assignment {
+    /// The role the server must take.
+    pub role: Role,
+    /// The cluster's current epoch.
+    pub epoch: Epoch,
+}
+
+/// A node as reported by [`RoutingTable::nodes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    /// Its cluster.
+    pub cluster: ClusterId,
+    /// Server id, or synchronizer id for synchronizers.
+    pub id: u32,
+    /// `Some(role)` for servers, `None` for synchronizers.
+    pub role: Option<Role>,
+    /// Where it is reached.
+    pub addr: Address,
+    /// Time since its last heartbeat.
+    pub since_heartbeat: Duration,
+    /// Whether it is alive.
+    pub alive: bool,
+    /// Its cluster's epoch.
+    pub epoch: Epoch,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    addr: Address,
+    last_beat: Instant,
+    epoch: Epoch,
+}
+
+#[derive(Debug, Clone, Default)]
+struct ClusterRoles {
+    epoch: Epoch,
+    master: Option<ServerId>,
+}
+
+/// The coordinator's soft state.
+#[derive(Debug, Clone)]
+pub struct RoutingTable {
+    config: RoutingConfig,
+    started: Instant,
+    servers: BTreeMap<(ClusterId, ServerId), Node>,
+    syncs: BTreeMap<u32, Node>,
+    roles: BTreeMap<ClusterId, ClusterRoles>,
+}
+
+impl RoutingTable {
+    /// An empty table, as of `now`.
+    pub fn new(config: RoutingConfig, now: Instant) -> Self {
+        Self {
+            config: RoutingConfig {
+                clusters: config.clusters.max(1),
+                ..config
+            },
+            started: now,
+            servers: BTreeMap::new(),
+            syncs: BTreeMap::new(),
+            roles: BTreeMap::new(),
+        }
+    }
+
+    /// The table's configuration.
+    pub fn config(&self) -> RoutingConfig {
+        self.config
+    }
+
+    fn alive(&self, node: &Node, now: Instant) -> bool {
+        now.saturating_duration_since(node.last_beat) <= self.config.failure_timeout()
+    }
+
+    /// Checks that `cluster` is a cluster of this deployment.
+    pub fn check_cluster(&self, cluster: i64) -> Result<ClusterId> {
+        u32::try_from(cluster)
+            .ok()
+            .filter(|c| (1..=self.config.clusters).contains(c))
+            .and_then(ClusterId::new)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "cluster id {cluster} is outside 1..={}",
+                    self.config.clusters
+                ))
+            })
+    }
+
+    /// Records a server's heartbeat (the first one registers it) and returns its role.
+    pub fn heartbeat(&mut self, beat: Beat, now: Instant) -> Result<Assignment> {
+        self.check_cluster(i64::from(beat.cluster.get()))?;
+        let key = (beat.cluster, beat.server);
+        if let Some(node) = self.servers.get(&key)
+            && node.addr != beat.addr
+            && self.alive(node, now)
+        {
+            return Err(Error::Conflict(format!(
+                "server {} of cluster {} is alive at {}; {} cannot take its place",
+                beat.server, beat.cluster, node.addr, beat.addr
+            )));
+        }
+        self.servers.insert(
+            key,
+            Node {
+                addr: beat.addr.clone(),
+                last_beat: now,
+                epoch: beat.epoch,
+            },
+        );
+        let grace_over =
+            now.saturating_duration_since(self.started) > self.config.failure_timeout();
+        let cluster_is_new = self
+            .servers
+            .range(
+                (
+                    beat.cluster,
+                    ServerId::new(1).unwrap_or_else(|| unreachable!()),
+                )..,
+            )
+            .take_while(|((c, _), _)| *c == beat.cluster)
+            .all(|(_, n)| n.epoch == Epoch(0));
+        let live_master = self.live_master(beat.cluster, now).map(|(s, _)| s);
+        let roles = self.roles.entry(beat.cluster).or_default();
+        if beat.epoch > roles.epoch && beat.claims_master {
+            // A master from before a coordinator restart (or a newer term): highest epoch wins.
+            roles.epoch = beat.epoch;
+            roles.master = Some(beat.server);
+        }
+        let role = match (roles.master, live_master) {
+            (Some(master), _) if master == beat.server => Role::Master,
+            (_, Some(_)) => Role::Slave,
+            (None, None) if beat.claims_master || grace_over || cluster_is_new => {
+                roles.master = Some(beat.server);
+                roles.epoch = Epoch(roles.epoch.0.max(beat.epoch.0) + 1);
+                tracing::info!(
+                    cluster = %beat.cluster,
+                    server = %beat.server,
+                    epoch = %roles.epoch,
+                    "master assigned"
+                );
+                Role::Master
+            }
+            _ => Role::Slave,
+        };
+        Ok(Assignment {
+            role,
+            epoch: roles.epoch,
+        })
+    }
+
+    /// Records a synchronizer's registration or heartbeat.
+    pub fn register_sync(&mut self, id: i64, addr: Address, now: Instant) -> Result<ClusterId> {
+        let id = positive(id, "synchronizer id")?;
+        if let Some(node) = self.syncs.get(&id)
+            && node.addr != addr
+            && self.alive(node, now)
+        {
+            return Err(Error::Conflict(format!(
+                "synchronizer {id} is alive at {}; {addr} cannot take its place",
+                node.addr
+            )));
+        }
+        self.syncs.insert(
+            id,
+            Node {
+                addr,
+                last_beat: now,
+                epoch: Epoch(0),
+            },
+        );
+        Ok(self.cluster_of_sync(id))
+    }
+
+    fn cluster_of_sync(&self, id: u32) -> ClusterId {
+        let n = self.config.clusters;
+        ClusterId::new((id - 1) % n + 1).unwrap_or_else(|| unreachable!())
+    }
+
+    fn live_master(&self, cluster: ClusterId, now: Instant) -> Option<(ServerId, &Address)> {
+        let master = self.roles.get(&cluster)?.master?;
+        let node = self.servers.get(&(cluster, master))?;
+        self.alive(node, now).then_some((master, &node.addr))
+    }
+
+    /// The live master serving `user` (the course's `GetServer`).
+    pub fn route(&self, user: i64, now: Instant) -> Result<(ClusterId, ServerId, Address)> {
+        let user = positive(user, "user id")?;
+        let user = UserId::new(user)
+            .ok_or_else(|| Error::invalid(format!("user id {user} is out of range")))?;
+        let cluster = ClusterId::of_user(user, self.config.clusters);
+        self.master(cluster, now)
+    }
+
+    /// The live master of `cluster`.
+    pub fn master(
+        &self,
+        cluster: ClusterId,
+        now: Instant,
+    ) -> Result<(ClusterId, ServerId, Address)> {
+        self.live_master(cluster, now)
+            .map(|(s, addr)| (cluster, s, addr.clone()))
+            .ok_or_else(|| Error::Unavailable(format!("no live server in cluster {cluster}")))
+    }
+
+    /// A live slave of `cluster` (the course's `GetSlave`).
+    pub fn slave(
+        &self,
+        cluster: ClusterId,
+        now: Instant,
+    ) -> Result<(ClusterId, ServerId, Address)> {
+        let master = self.roles.get(&cluster).and_then(|r| r.master);
+        self.servers
+            .iter()
+            .filter(|((c, s), node)| *c == cluster && Some(*s) != master && self.alive(node, now))
+            .map(|((c, s), node)| (*c, *s, node.addr.clone()))
+            .next()
+            .ok_or_else(|| Error::Unavailable(format!("no live slave in cluster {cluster}")))
+    }
+
+    /// The live synchronizers, optionally without `except` (id, cluster, address).
+    pub fn syncs(&self, except: Option<u32>, now: Instant) -> Vec<(u32, ClusterId, Address)> {
+        self.syncs
+            .iter()
+            .filter(|(id, node)| Some(**id) != except && self.alive(node, now))
+            .map(|(id, node)| (*id, self.cluster_of_sync(*id), node.addr.clone()))
+            .collect()
+    }
+
+    /// The live synchronizer of the cluster that serves `user` (the course's
+    /// `GetFollowerServer`).
+    pub fn sync_for_user(&self, user: i64, now: Instant) -> Result<(u32, ClusterId, Address)> {
+        let user = positive(user, "user id")?;
+        let user = UserId::new(user)
+            .ok_or_else(|| Error::invalid(format!("user id {user} is out of range")))?;
+        let cluster = ClusterId::of_user(user, self.config.clusters);
+        self.syncs(None, now)
+            .into_iter()
+            .find(|(_, c, _)| *c == cluster)
+            .ok_or_else(|| Error::Unavailable(format!("no live synchronizer in cluster {cluster}")))
+    }
+
+    /// Every registered node, servers first, for status displays.
+    pub fn nodes(&self, now: Instant) -> Vec<NodeView> {
+        let epoch = |c: &ClusterId| self.roles.get(c).map(|r| r.epoch).unwrap_or_default();
+        let servers = self.servers.iter().map(|((c, s), node)| {
+            let master = self.roles.get(c).and_then(|r| r.master) == Some(*s);
+            NodeView {
+                cluster: *c,
+                id: s.get(),
+                role: Some(if master { Role::Master } else { Role::Slave }),
+                addr: node.addr.clone(),
+                since_heartbeat: now.saturating_duration_since(node.last_beat),
+                alive: self.alive(node, now),
+                epoch: epoch(c),
+            }
+        });
+        let syncs = self.syncs.iter().map(|(id, node)| {
+            let cluster = self.cluster_of_sync(*id);
+            NodeView {
+                cluster,
+                id: *id,
+                role: None,
+                addr: node.addr.clone(),
+                since_heartbeat: now.saturating_duration_since(node.last_beat),
+                alive: self.alive(node, now),
+                epoch: epoch(&cluster),
+            }
+        });
+        servers.chain(syncs).collect()
+    }
+}
+
+fn positive(value: i64, what: &str) -> Result<u32> {
+    u32::try_from(value)
+        .ok()
+        .filter(|v| *v >= 1)
+        .ok_or_else(|| Error::invalid(format!("{what} {value} must be a positive number")))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,208 @@
+//! Routing table tests with simulated time.
+
+use super::*;
+
+fn c(id: u32) -> ClusterId {
+    ClusterId::new(id).expect("cluster")
+}
+
+fn s(id: u32) -> ServerId {
+    ServerId::new(id).expect("server")
+}
+
+fn addr(port: u16) -> Address {
+    Address::parse("127.0.0.1", &port.to_string()).expect("address")
+}
+
+fn beat(cluster: u32, server: u32, port: u16) -> Beat {
+    Beat {
+        cluster: c(cluster),
+        server: s(server),
+        addr: addr(port),
+        claims_master: false,
+        epoch: Epoch(0),
+    }
+}
+
+fn table(clusters: u32, t0: Instant) -> RoutingTable {
+    RoutingTable::new(
+        RoutingConfig {
+            clusters,
+            ..RoutingConfig::default()
+        },
+        t0,
+    )
+}
+
+const SEC: Duration = Duration::from_secs(1);
+
+#[test]
+fn users_route_to_their_cluster_for_1_3_and_5_clusters() {
+    let t0 = Instant::now();
+    for n in [1u32, 3, 5] {
+        let mut t = table(n, t0);
+        for cluster in 1..=n {
+            t.heartbeat(beat(cluster, 1, 10_000 + cluster as u16), t0)
+                .expect("registers");
+        }
+        for user in 1..=20i64 {
+            let (cluster, _, a) = t.route(user, t0).expect("routed");
+            let expected = ((user as u32 - 1) % n) + 1;
+            assert_eq!(cluster.get(), expected, "user {user} with {n} clusters");
+            assert_eq!(a.port, 10_000 + expected as u16);
+        }
+    }
+}
+
+#[test]
+fn the_first_server_of_a_cluster_is_master_and_later_ones_slaves() {
+    let t0 = Instant::now();
+    let mut t = table(3, t0);
+    let first = t.heartbeat(beat(2, 2, 20001), t0).expect("ok");
+    assert_eq!(first.role, Role::Master);
+    assert_eq!(first.epoch, Epoch(1));
+    let second = t.heartbeat(beat(2, 1, 20000), t0).expect("ok");
+    assert_eq!(second.role, Role::Slave);
+    // Roles are stable across heartbeats.
+    assert_eq!(
+        t.heartbeat(beat(2, 2, 20001), t0 + SEC).expect("ok").role,
+        Role::Master
+    );
+    assert_eq!(
+        t.heartbeat(beat(2, 1, 20000), t0 + SEC).expect("ok").role,
+        Role::Slave
+    );
+    assert_eq!(t.master(c(2), t0).expect("master").1, s(2));
+    assert_eq!(t.slave(c(2), t0).expect("slave").1, s(1));
+}
+
+#[test]
+fn a_server_missing_two_intervals_is_dead_and_not_routed() {
+    let t0 = Instant::now();
+    let mut t = table(3, t0);
+    t.heartbeat(beat(1, 1, 10000), t0).expect("ok");
+    assert!(
+        t.route(1, t0 + 2 * SEC).is_ok(),
+        "two intervals: still alive"
+    );
+    let late = t.route(1, t0 + 2 * SEC + Duration::from_millis(1));
+    assert!(matches!(late, Err(Error::Unavailable(_))));
+    // It comes back by heartbeating again, as master (nobody else took over).
+    let back = t.heartbeat(beat(1, 1, 10000), t0 + 5 * SEC).expect("ok");
+    assert_eq!(back.role, Role::Master);
+    assert!(t.route(4, t0 + 5 * SEC).is_ok());
+    let nodes = t.nodes(t0 + 5 * SEC);
+    assert!(nodes.iter().all(|n| n.alive));
+}
+
+#[test]
+fn get_server_returns_only_live_masters() {
+    let t0 = Instant::now();
+    let mut t = table(1, t0);
+    t.heartbeat(beat(1, 1, 10000), t0).expect("master");
+    t.heartbeat(beat(1, 2, 10001), t0).expect("slave");
+    // The slave keeps beating, the master stops: no master is routed to, and the slave is not
+    // promoted without replication telling it is in sync.
+    let later = t0 + 3 * SEC;
+    let slave = t.heartbeat(beat(1, 2, 10001), later).expect("ok");
+    assert_eq!(slave.role, Role::Slave);
+    assert!(matches!(t.route(1, later), Err(Error::Unavailable(_))));
+}
+
+#[test]
+fn a_live_slot_cannot_be_taken_over_from_another_address() {
+    let t0 = Instant::now();
+    let mut t = table(3, t0);
+    t.heartbeat(beat(1, 1, 10000), t0).expect("ok");
+    let taken = t.heartbeat(beat(1, 1, 10005), t0 + SEC);
+    assert!(matches!(taken, Err(Error::Conflict(_))));
+    assert_eq!(t.master(c(1), t0 + SEC).expect("master").2.port, 10000);
+    // Once the holder is dead, the slot may move.
+    assert!(t.heartbeat(beat(1, 1, 10005), t0 + 3 * SEC).is_ok());
+    assert_eq!(t.master(c(1), t0 + 3 * SEC).expect("master").2.port, 10005);
+    // The same holds for synchronizers.
+    t.register_sync(1, addr(9001), t0).expect("sync");
+    assert!(matches!(
+        t.register_sync(1, addr(9002), t0),
+        Err(Error::Conflict(_))
+    ));
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let t0 = Instant::now();
+    let mut t = table(3, t0);
+    for cluster in [0i64, 4, -1] {
+        assert!(t.check_cluster(cluster).is_err());
+    }
+    assert!(t.heartbeat(beat(4, 1, 10000), t0).is_err());
+    for (host, port) in [
+        ("", "1"),
+        ("a b", "1"),
+        ("host", "0"),
+        ("host", "65536"),
+        ("host", "http"),
+        ("host", ""),
+        ("host", "-1"),
+    ] {
+        assert!(Address::parse(host, port).is_err(), "{host:?}:{port:?}");
+    }
+    assert!(t.route(0, t0).is_err());
+    assert!(t.route(-5, t0).is_err());
+    assert!(t.register_sync(0, addr(1), t0).is_err());
+    assert!(t.nodes(t0).is_empty());
+}
+
+#[test]
+fn synchronizers_belong_to_clusters_round_robin() {
+    let t0 = Instant::now();
+    let mut t = table(3, t0);
+    for id in 1..=6 {
+        t.register_sync(id, addr(9000 + id as u16), t0)
+            .expect("sync");
+    }
+    let others = t.syncs(Some(1), t0);
+    assert_eq!(others.len(), 5);
+    assert!(others.iter().all(|(id, _, _)| *id != 1));
+    let (id, cluster, _) = t.sync_for_user(5, t0).expect("sync for user 5");
+    assert_eq!(cluster, c(2));
+    assert_eq!((id - 1) % 3 + 1, 2);
+}
+
+#[test]
+fn after_a_coordinator_restart_the_claiming_master_with_the_highest_epoch_wins() {
+    let t0 = Instant::now();
+    let mut t = table(1, t0);
+    // The old slave speaks first, claiming nothing; it has served before (epoch 3).
+    let slave = t
+        .heartbeat(
+            Beat {
+                epoch: Epoch(3),
+                ..beat(1, 2, 10001)
+            },
+            t0,
+        )
+        .expect("ok");
+    assert_eq!(
+        slave.role,
+        Role::Slave,
+        "no master is chosen during the grace period"
+    );
+    let master = t
+        .heartbeat(
+            Beat {
+                claims_master: true,
+                epoch: Epoch(3),
+                ..beat(1, 1, 10000)
+            },
+            t0,
+        )
+        .expect("ok");
+    assert_eq!(
+        master,
+        Assignment {
+            role: Role::Master,
+            epoch: Epoch(3)
+        }
+    );
+}

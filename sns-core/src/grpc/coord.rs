@@ -1,0 +1,248 @@
+//! `CoordService` and `sns.v1.Admin` adapters onto [`Coordinator`].
+
+use sns_proto::csce438::coord_service_server::{CoordService, CoordServiceServer};
+use sns_proto::csce438::{Confirmation, Id, ServerInfo, ServerList};
+use sns_proto::sns_v1::admin_server::{Admin, AdminServer};
+use sns_proto::sns_v1::{NodeStatus, StatusReply, StatusRequest};
+use tonic::service::Routes;
+use tonic::{Request, Response, Status};
+
+use super::alias::{Csce662Coord, Renamed};
+use super::status;
+use crate::coordinator::{Address, Beat, Coordinator};
+use crate::error::Error;
+use crate::ids::{Epoch, ServerId};
+use crate::server::Role;
+
+/// Metadata key carrying the cluster token on internal calls.
+pub(crate) const TOKEN_METADATA: &str = "sns-cluster-token";
+
+/// The routes serving `coordinator` as `csce438.CoordService`, `csce662.CoordService` and
+/// `sns.v1.Admin`.
+pub(crate) fn routes(coordinator: Coordinator) -> Routes {
+    let coord = CoordServiceServer::new(CoordAdapter {
+        coordinator: coordinator.clone(),
+    });
+    Routes::new(coord.clone())
+        .add_service(Renamed::<_, Csce662Coord>::new(coord))
+        .add_service(AdminServer::new(CoordAdapter { coordinator }))
+}
+
+struct CoordAdapter {
+    coordinator: Coordinator,
+}
+
+impl CoordAdapter {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let presented = request
+            .metadata()
+            .get(TOKEN_METADATA)
+            .and_then(|v| v.to_str().ok());
+        self.coordinator.authorize(presented).map_err(status)
+    }
+}
+
+/// The role's name on the wire.
+pub(crate) fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Master => "master",
+        Role::Slave => "slave",
+    }
+}
+
+fn info(cluster: u32, server: u32, addr: &Address, role: &str) -> ServerInfo {
+    ServerInfo {
+        server_id: server as i32,
+        hostname: addr.host.clone(),
+        port: addr.port.to_string(),
+        r#type: role.to_string(),
+        cluster_id: cluster as i32,
+        is_master: role == "master",
+        epoch: 0,
+    }
+}
+
+fn list(entries: impl Iterator<Item = (u32, u32, Address, &'static str)>) -> ServerList {
+    let mut out = ServerList::default();
+    for (id, cluster, addr, kind) in entries {
+        out.server_id.push(id as i32);
+        out.hostname.push(addr.host);
+        out.port.push(addr.port.to_string());
+        out.r#type.push(kind.to_string());
+        out.cluster_id.push(cluster as i32);
+    }
+    out
+}
+
+#[tonic::async_trait]
+impl CoordService for CoordAdapter {
+    async fn heartbeat(
+        &self,
+        request: Request<ServerInfo>,
+    ) -> Result<Response<Confirmation>, Status> {
+        self.authorize(&request)?;
+        let info = request.into_inner();
+        if info.r#type == "synchronizer" {
+            return self.register(info).await;
+        }
+        let mut table = self.coordinator.table();
+        let cluster = table
+            .check_cluster(i64::from(info.cluster_id))
+            .map_err(status)?;
+        let server = u32::try_from(info.server_id)
+            .ok()
+            .and_then(ServerId::new)
+            .ok_or_else(|| {
+                status(Error::invalid(format!(
+                    "server id {} must be a positive number",
+                    info.server_id
+                )))
+            })?;
+        let addr = Address::parse(&info.hostname, &info.port).map_err(status)?;
+        let beat = Beat {
+            cluster,
+            server,
+            addr,
+            claims_master: info.is_master,
+            epoch: Epoch(info.epoch),
+        };
+        let assignment = table
+            .heartbeat(beat, tokio::time::Instant::now())
+            .map_err(status)?;
+        Ok(Response::new(Confirmation {
+            status: true,
+            role: role_name(assignment.role).to_string(),
+            epoch: assignment.epoch.0,
+        }))
+    }
+
+    async fn get_server(&self, request: Request<Id>) -> Result<Response<ServerInfo>, Status> {
+        let table = self.coordinator.table();
+        let (cluster, server, addr) = table
+            .route(i64::from(request.get_ref().id), tokio::time::Instant::now())
+            .map_err(status)?;
+        Ok(Response::new(info(
+            cluster.get(),
+            server.get(),
+            &addr,
+            "master",
+        )))
+    }
+
+    async fn get_slave(&self, request: Request<Id>) -> Result<Response<ServerInfo>, Status> {
+        let table = self.coordinator.table();
+        let cluster = table
+            .check_cluster(i64::from(request.get_ref().id))
+            .map_err(status)?;
+        let (cluster, server, addr) = table
+            .slave(cluster, tokio::time::Instant::now())
+            .map_err(status)?;
+        Ok(Response::new(info(
+            cluster.get(),
+            server.get(),
+            &addr,
+            "slave",
+        )))
+    }
+
+    async fn get_all_follower_servers(
+        &self,
+        _request: Request<Id>,
+    ) -> Result<Response<ServerList>, Status> {
+        let table = self.coordinator.table();
+        let syncs = table.syncs(None, tokio::time::Instant::now());
+        Ok(Response::new(list(
+            syncs
+                .into_iter()
+                .map(|(id, c, a)| (id, c.get(), a, "synchronizer")),
+        )))
+    }
+
+    async fn get_follower_server(
+        &self,
+        request: Request<Id>,
+    ) -> Result<Response<ServerInfo>, Status> {
+        let table = self.coordinator.table();
+        let (id, cluster, addr) = table
+            .sync_for_user(i64::from(request.get_ref().id), tokio::time::Instant::now())
+            .map_err(status)?;
+        Ok(Response::new(info(
+            cluster.get(),
+            id,
+            &addr,
+            "synchronizer",
+        )))
+    }
+
+    async fn register_sync_server(
+        &self,
+        request: Request<ServerInfo>,
+    ) -> Result<Response<Confirmation>, Status> {
+        self.authorize(&request)?;
+        self.register(request.into_inner()).await
+    }
+
+    async fn get_sync_servers(&self, request: Request<Id>) -> Result<Response<ServerList>, Status> {
+        self.authorize(&request)?;
+        let id = request.get_ref().id;
+        if id <= 0 {
+            return Err(status(Error::invalid(format!(
+                "synchronizer id {id} must be a positive number"
+            ))));
+        }
+        let table = self.coordinator.table();
+        let syncs = table.syncs(Some(id as u32), tokio::time::Instant::now());
+        Ok(Response::new(list(
+            syncs
+                .into_iter()
+                .map(|(id, c, a)| (id, c.get(), a, "synchronizer")),
+        )))
+    }
+}
+
+impl CoordAdapter {
+    async fn register(&self, info: ServerInfo) -> Result<Response<Confirmation>, Status> {
+        let addr = Address::parse(&info.hostname, &info.port).map_err(status)?;
+        let mut table = self.coordinator.table();
+        table
+            .register_sync(i64::from(info.server_id), addr, tokio::time::Instant::now())
+            .map_err(status)?;
+        Ok(Response::new(Confirmation {
+            status: true,
+            role: "synchronizer".to_string(),
+            epoch: 0,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for CoordAdapter {
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
+        self.authorize(&request)?;
+        let table = self.coordinator.table();
+        let config = table.config();
+        let nodes = table
+            .nodes(tokio::time::Instant::now())
+            .into_iter()
+            .map(|n| NodeStatus {
+                cluster: n.cluster.get(),
+                server: n.id,
+                role: n.role.map_or("synchronizer", role_name).to_string(),
+                hostname: n.addr.host,
+                port: n.addr.port.to_string(),
+                last_heartbeat_ms: n.since_heartbeat.as_millis() as u64,
+                alive: n.alive,
+                epoch: n.epoch.0,
+            })
+            .collect();
+        Ok(Response::new(StatusReply {
+            clusters: config.clusters,
+            nodes,
+            heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
+            failure_timeout_ms: config.failure_timeout().as_millis() as u64,
+        }))
+    }
+}
