@@ -7,8 +7,9 @@
 
 use std::time::Duration;
 
+use sns_proto::csce438::coord_service_client::CoordServiceClient;
 use sns_proto::csce438::sns_service_client::SnsServiceClient;
-use sns_proto::csce438::{Message, Request};
+use sns_proto::csce438::{Id, Message, Request};
 use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -75,6 +76,24 @@ pub async fn connect(addr: &str) -> Result<Channel> {
     })
 }
 
+/// Asks the coordinator at `coordinator` (`host:port`) which server serves `user`; returns
+/// that server's `host:port`.
+pub async fn locate(coordinator: &str, user: UserId) -> Result<String> {
+    let channel = connect(coordinator).await?;
+    let reply = CoordServiceClient::new(channel)
+        .get_server(Id {
+            id: user.get() as i32,
+        })
+        .await
+        .map_err(|s| match s.code() {
+            Code::Unavailable => Error::Unavailable(s.message().to_string()),
+            Code::InvalidArgument => Error::InvalidInput(s.message().to_string()),
+            _ => Error::Rpc(format!("{:?}: {}", s.code(), s.message())),
+        })?
+        .into_inner();
+    Ok(format!("{}:{}", reply.hostname, reply.port))
+}
+
 /// A logged-in user's connection to a server.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -99,6 +118,12 @@ impl Client {
             .await
             .map_err(|s| from_status(&s, Command::Login, user))?;
         Ok(client)
+    }
+
+    /// Finds `user`'s server through the coordinator at `coordinator` and logs in there.
+    pub async fn login_via(coordinator: &str, user: UserId) -> Result<Self> {
+        let addr = locate(coordinator, user).await?;
+        Self::login(&addr, user).await
     }
 
     /// The logged-in user.

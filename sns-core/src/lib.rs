@@ -10,6 +10,7 @@
 pub mod client;
 mod codec;
 pub mod coordinator;
+pub mod deployment;
 pub mod error;
 pub mod event;
 pub(crate) mod grpc;
@@ -22,9 +23,10 @@ pub mod testing;
 
 pub use client::{Client, ReceivedPost, TimelineSender, TimelineStream};
 pub use coordinator::{Coordinator, CoordinatorConfig, RoutingConfig, RoutingTable};
+pub use deployment::{Data, Deployment, DeploymentConfig, Ports};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
 pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, ServerId, Timestamp, UserId};
-pub use server::{Listing, Role, Server, ServerConfig, TimelineFeed};
+pub use server::{CoordinatorLink, Listing, Role, Server, ServerConfig, TimelineFeed};
 pub use state::{Applied, State};
 pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};

@@ -71,3 +71,140 @@ impl TestServer {
             .map_err(|e| crate::Error::Unavailable(format!("server task failed: {e}")))?
     }
 }
+
+/// Shape of a [`TestCluster`].
+#[derive(Debug, Clone)]
+pub struct TestClusterConfig {
+    /// Number of clusters.
+    pub clusters: u32,
+    /// Servers per cluster.
+    pub servers_per_cluster: u32,
+    /// File storage in a temporary directory (`true`) or memory storage.
+    pub files: bool,
+    /// Heartbeat interval (short, so failures are detected quickly).
+    pub heartbeat_interval: Duration,
+    /// Cluster token for internal calls.
+    pub cluster_token: Option<String>,
+}
+
+impl Default for TestClusterConfig {
+    fn default() -> Self {
+        Self {
+            clusters: 3,
+            servers_per_cluster: 2,
+            files: false,
+            heartbeat_interval: Duration::from_millis(100),
+            cluster_token: None,
+        }
+    }
+}
+
+/// A coordinator and N clusters of servers in this process, on ports chosen by the OS.
+#[derive(Debug)]
+pub struct TestCluster {
+    deployment: crate::deployment::Deployment,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn ids(cluster: u32, server: u32) -> Result<(crate::ClusterId, crate::ServerId)> {
+    crate::ClusterId::new(cluster)
+        .zip(crate::ServerId::new(server))
+        .ok_or_else(|| crate::Error::invalid("cluster and server ids start at 1"))
+}
+
+impl TestCluster {
+    /// Starts `clusters` clusters of a master and a slave, in memory, and waits for masters.
+    pub async fn start(clusters: u32) -> Result<Self> {
+        Self::start_with(TestClusterConfig {
+            clusters,
+            ..TestClusterConfig::default()
+        })
+        .await
+    }
+
+    /// Starts a deployment shaped by `config` and waits until every cluster has a master.
+    pub async fn start_with(config: TestClusterConfig) -> Result<Self> {
+        let dir = if config.files {
+            Some(tempfile::tempdir()?)
+        } else {
+            None
+        };
+        let data = match &dir {
+            Some(dir) => crate::deployment::Data::Dir(dir.path().to_path_buf()),
+            None => crate::deployment::Data::Memory,
+        };
+        let deployment =
+            crate::deployment::Deployment::start(crate::deployment::DeploymentConfig {
+                clusters: config.clusters,
+                servers_per_cluster: config.servers_per_cluster,
+                ports: crate::deployment::Ports::Auto,
+                data,
+                heartbeat_interval: config.heartbeat_interval,
+                cluster_token: config.cluster_token,
+                ..crate::deployment::DeploymentConfig::default()
+            })
+            .await?;
+        deployment.wait_for_masters(Duration::from_secs(10)).await?;
+        Ok(Self {
+            deployment,
+            _dir: dir,
+        })
+    }
+
+    /// The deployment underneath.
+    pub fn deployment(&self) -> &crate::deployment::Deployment {
+        &self.deployment
+    }
+
+    /// The coordinator's `host:port`.
+    pub fn coordinator_addr(&self) -> &str {
+        self.deployment.coordinator_addr()
+    }
+
+    /// A logged-in client for `user`, routed by the coordinator; retries until a master of
+    /// the user's cluster answers (10 s at most).
+    pub async fn client(&self, user: u32) -> Result<crate::Client> {
+        let user = crate::UserId::new(user).ok_or_else(|| crate::Error::invalid("bad user"))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match crate::Client::login_via(self.coordinator_addr(), user).await {
+                Ok(client) => return Ok(client),
+                Err(crate::Error::Unavailable(_) | crate::Error::Unreachable { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(self.deployment.config().heartbeat_interval / 4).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The running server of a slot.
+    pub fn server(&self, cluster: u32, server: u32) -> Option<&Server> {
+        let (c, s) = ids(cluster, server).ok()?;
+        self.deployment.server(c, s)
+    }
+
+    /// Kills a server (its tasks end; its storage is kept for a restart).
+    pub async fn kill(&mut self, cluster: u32, server: u32) -> Result<()> {
+        let (c, s) = ids(cluster, server)?;
+        self.deployment.kill(c, s).await
+    }
+
+    /// Restarts a server on its port and storage.
+    pub async fn restart(&mut self, cluster: u32, server: u32) -> Result<()> {
+        let (c, s) = ids(cluster, server)?;
+        self.deployment.restart(c, s).await
+    }
+
+    /// Partitions a server from the coordinator (`true`) or heals the partition (`false`).
+    pub fn partition(&self, cluster: u32, server: u32, partitioned: bool) -> Result<()> {
+        let (c, s) = ids(cluster, server)?;
+        self.deployment.isolate(c, s, partitioned)
+    }
+
+    /// Stops everything and waits for every task.
+    pub async fn shutdown(self) {
+        self.deployment.shutdown().await;
+    }
+}

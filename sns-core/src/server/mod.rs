@@ -7,6 +7,7 @@
 //! acknowledged or delivered live before it is durable, and concurrent writers share fsyncs.
 //! Reads see the sequenced state; a timeline opened now shows only committed posts.
 
+mod heartbeat;
 mod sessions;
 mod timeline;
 
@@ -19,6 +20,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use heartbeat::CoordinatorLink;
 pub use timeline::TimelineFeed;
 
 use crate::error::{Error, Result};
@@ -149,7 +151,7 @@ impl Server {
         let epoch = last
             .map(|e| e.epoch)
             .or(recovered.snapshot.as_ref().map(|s| s.epoch))
-            .unwrap_or(Epoch(1));
+            .unwrap_or(Epoch(0));
         let last_at = recovered
             .entries
             .iter()

@@ -1,0 +1,284 @@
+//! Several clusters in one process (`TestCluster`): routing through the coordinator, roles,
+//! failure detection, restarts, the cluster token, and slaves refusing clients.
+
+use std::time::Duration;
+
+use sns_core::client::{Client, locate};
+use sns_core::testing::{TestCluster, TestClusterConfig, eventually};
+use sns_core::{Error, Role, UserId};
+use sns_proto::csce438::ServerInfo;
+use sns_proto::csce438::coord_service_client::CoordServiceClient;
+use sns_proto::sns_v1::StatusRequest;
+use sns_proto::sns_v1::admin_client::AdminClient;
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn u(id: u32) -> UserId {
+    UserId::new(id).expect("valid user")
+}
+
+fn master_of(cluster: &TestCluster, c: u32) -> u32 {
+    (1..=2)
+        .find(|s| {
+            cluster
+                .server(c, *s)
+                .is_some_and(|server| server.role() == Role::Master)
+        })
+        .expect("a master")
+}
+
+#[tokio::test]
+async fn users_are_routed_to_the_master_of_their_cluster() {
+    let cluster = TestCluster::start(3).await.expect("start");
+    for user in 1..=6u32 {
+        let c = (user - 1) % 3 + 1;
+        let master = master_of(&cluster, c);
+        let addr = locate(cluster.coordinator_addr(), u(user))
+            .await
+            .expect("routed");
+        let places = cluster.deployment().servers();
+        let place = places
+            .iter()
+            .find(|p| p.cluster.get() == c && p.server.get() == master)
+            .expect("place");
+        assert_eq!(addr, place.addr, "user {user}");
+    }
+    // Exactly one master and one slave per cluster.
+    for c in 1..=3 {
+        let roles: Vec<Role> = (1..=2)
+            .map(|s| cluster.server(c, s).expect("running").role())
+            .collect();
+        assert!(roles.contains(&Role::Master) && roles.contains(&Role::Slave));
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn clients_on_one_cluster_follow_each_other_but_other_clusters_are_unknown_yet() {
+    let cluster = TestCluster::start(3).await.expect("start");
+    let one = cluster.client(1).await.expect("client 1");
+    let four = cluster.client(4).await.expect("client 4");
+    let two = cluster.client(2).await.expect("client 2");
+    one.follow(u(4)).await.expect("same cluster");
+    assert_eq!(four.list().await.expect("list").followers, [u(1)]);
+    // User 2 lives on cluster 2; without synchronizers cluster 1 has never heard of them.
+    assert!(matches!(
+        one.follow(u(2)).await,
+        Err(Error::InvalidUsername(_))
+    ));
+    assert_eq!(two.list().await.expect("list").all_users, [u(2)]);
+    let (post4, _) = four.timeline().await.expect("timeline");
+    let (_p, mut feed1) = one.timeline().await.expect("timeline");
+    post4.post("same cluster post").await.expect("post");
+    let got = tokio::time::timeout(WAIT, feed1.next())
+        .await
+        .expect("in time")
+        .expect("a post")
+        .expect("ok");
+    assert_eq!(got.text, "same cluster post");
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slave_refuses_clients_with_unavailable() {
+    let cluster = TestCluster::start(1).await.expect("start");
+    let master = master_of(&cluster, 1);
+    let slave = 3 - master;
+    let places = cluster.deployment().servers();
+    let slave_addr = &places
+        .iter()
+        .find(|p| p.server.get() == slave)
+        .expect("slave")
+        .addr;
+    let refused = Client::login(slave_addr, u(1)).await;
+    assert!(matches!(refused, Err(Error::Unavailable(_))), "{refused:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dead_master_is_not_routed_to_and_a_restart_brings_the_cluster_back() {
+    let mut cluster = TestCluster::start_with(TestClusterConfig {
+        clusters: 1,
+        servers_per_cluster: 1,
+        files: true,
+        ..TestClusterConfig::default()
+    })
+    .await
+    .expect("start");
+    let one = cluster.client(1).await.expect("client");
+    one.logout().await.expect("logout");
+    cluster.kill(1, 1).await.expect("kill");
+    let coordinator = cluster.coordinator_addr().to_string();
+    assert!(
+        eventually(WAIT, || {
+            let coordinator = coordinator.clone();
+            async move { matches!(locate(&coordinator, u(1)).await, Err(Error::Unavailable(_))) }
+        })
+        .await,
+        "the coordinator stops routing to the dead server"
+    );
+    cluster.restart(1, 1).await.expect("restart");
+    let again = cluster.client(1).await.expect("client after restart");
+    assert_eq!(again.list().await.expect("list").all_users, [u(1)]);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_partitioned_master_steps_down_and_is_no_longer_routed() {
+    let cluster = TestCluster::start_with(TestClusterConfig {
+        clusters: 1,
+        servers_per_cluster: 1,
+        ..TestClusterConfig::default()
+    })
+    .await
+    .expect("start");
+    cluster.partition(1, 1, true).expect("partition");
+    let server = cluster.server(1, 1).expect("running").clone();
+    assert!(
+        eventually(WAIT, || {
+            let server = server.clone();
+            async move { server.role() == Role::Slave }
+        })
+        .await,
+        "a master cut off from the coordinator stops accepting writes"
+    );
+    cluster.partition(1, 1, false).expect("heal");
+    assert!(
+        eventually(WAIT, || {
+            let server = server.clone();
+            async move { server.role() == Role::Master }
+        })
+        .await
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn internal_calls_need_the_cluster_token_when_one_is_set() {
+    let cluster = TestCluster::start_with(TestClusterConfig {
+        clusters: 1,
+        servers_per_cluster: 1,
+        cluster_token: Some("s3cret".into()),
+        ..TestClusterConfig::default()
+    })
+    .await
+    .expect("start: servers present the token");
+    let channel = sns_core::client::connect(cluster.coordinator_addr())
+        .await
+        .expect("connect");
+    let mut coord = CoordServiceClient::new(channel.clone());
+    let info = ServerInfo {
+        server_id: 9,
+        hostname: "127.0.0.1".into(),
+        port: "1".into(),
+        cluster_id: 1,
+        ..ServerInfo::default()
+    };
+    let refused = coord.heartbeat(info.clone()).await.expect_err("no token");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let mut admin = AdminClient::new(channel);
+    let refused = admin.status(StatusRequest {}).await.expect_err("no token");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let mut request = tonic::Request::new(StatusRequest {});
+    request
+        .metadata_mut()
+        .insert("sns-cluster-token", "s3cret".parse().expect("ascii"));
+    let status = admin
+        .status(request)
+        .await
+        .expect("with token")
+        .into_inner();
+    assert_eq!(status.nodes.len(), 1);
+    // Client routing needs no token.
+    assert!(cluster.client(1).await.is_ok());
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_registrations_are_invalid_arguments_and_change_nothing() {
+    let cluster = TestCluster::start(3).await.expect("start");
+    let channel = sns_core::client::connect(cluster.coordinator_addr())
+        .await
+        .expect("connect");
+    let mut coord = CoordServiceClient::new(channel.clone());
+    let good = ServerInfo {
+        server_id: 5,
+        hostname: "127.0.0.1".into(),
+        port: "12345".into(),
+        cluster_id: 1,
+        ..ServerInfo::default()
+    };
+    let bad = [
+        ServerInfo {
+            cluster_id: 0,
+            ..good.clone()
+        },
+        ServerInfo {
+            cluster_id: 4,
+            ..good.clone()
+        },
+        ServerInfo {
+            server_id: 0,
+            ..good.clone()
+        },
+        ServerInfo {
+            server_id: -2,
+            ..good.clone()
+        },
+        ServerInfo {
+            hostname: String::new(),
+            ..good.clone()
+        },
+        ServerInfo {
+            hostname: "bad host".into(),
+            ..good.clone()
+        },
+        ServerInfo {
+            port: "0".into(),
+            ..good.clone()
+        },
+        ServerInfo {
+            port: "70000".into(),
+            ..good.clone()
+        },
+        ServerInfo {
+            port: "http".into(),
+            ..good.clone()
+        },
+    ];
+    let before = cluster
+        .deployment()
+        .coordinator()
+        .table()
+        .nodes(tokio::time::Instant::now())
+        .len();
+    for info in bad {
+        let status = coord.heartbeat(info.clone()).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{info:?}");
+        assert!(!status.message().is_empty());
+    }
+    for id in [0, -1] {
+        let status = coord
+            .get_server(sns_proto::csce438::Id { id })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let status = coord
+            .register_sync_server(ServerInfo {
+                server_id: id,
+                ..good.clone()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+    let after = cluster
+        .deployment()
+        .coordinator()
+        .table()
+        .nodes(tokio::time::Instant::now())
+        .len();
+    assert_eq!(before, after);
+    cluster.shutdown().await;
+}
