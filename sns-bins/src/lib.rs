@@ -15,3 +15,55 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// Flags shared by the binaries that take part in a deployment's internal calls.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenArgs {
+    /// Shared secret for internal calls (heartbeats, registration, admin); when the
+    /// coordinator has one, calls without it are refused.
+    #[arg(
+        long = "cluster-token",
+        env = "SNS_CLUSTER_TOKEN",
+        hide_env_values = true
+    )]
+    pub cluster_token: Option<String>,
+}
+
+/// Heartbeat timing flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HeartbeatArgs {
+    /// Milliseconds between heartbeats (the course used 5000).
+    #[arg(long = "heartbeat-ms", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub heartbeat_ms: u64,
+    /// Missed heartbeats after which a node is dead.
+    #[arg(long = "missed-heartbeats", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub missed_heartbeats: u32,
+}
+
+impl HeartbeatArgs {
+    /// The interval as a duration.
+    pub fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.heartbeat_ms)
+    }
+}
+
+/// Runs `body` on a multi-threaded runtime; prints `<name>: <error>` and exits 1 on failure.
+pub fn run_main<F>(name: &str, body: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{name}: cannot start: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(body) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("{name}: {message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

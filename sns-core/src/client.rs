@@ -120,6 +120,16 @@ impl Client {
         Ok(client)
     }
 
+    /// Connects to the server at `addr` for `user` without logging in again: for resuming a
+    /// session after a reconnect (the server refuses a second login while the session lives).
+    pub async fn attach(addr: &str, user: UserId) -> Result<Self> {
+        Ok(Self {
+            rpc: SnsServiceClient::new(connect(addr).await?),
+            user,
+            addr: addr.to_string(),
+        })
+    }
+
     /// Finds `user`'s server through the coordinator at `coordinator` and logs in there.
     pub async fn login_via(coordinator: &str, user: UserId) -> Result<Self> {
         let addr = locate(coordinator, user).await?;

@@ -336,10 +336,16 @@ impl Deployment {
             let missing = (1..=self.config.clusters)
                 .filter_map(ClusterId::new)
                 .find(|c| {
-                    self.coordinator
+                    let master = self
+                        .coordinator
                         .table()
-                        .master(*c, tokio::time::Instant::now())
-                        .is_err()
+                        .master(*c, tokio::time::Instant::now());
+                    // Both sides must agree: the coordinator names a master, and that server
+                    // has heard it (its reply arrived).
+                    !master.is_ok_and(|(_, s, _)| {
+                        self.server(*c, s)
+                            .is_some_and(|server| server.role() == crate::server::Role::Master)
+                    })
                 });
             match missing {
                 None => return Ok(()),

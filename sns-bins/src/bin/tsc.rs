@@ -1,5 +1,7 @@
 //! `tsc`: the Tiny SNS client.
 //!
+//! `tsc -h HOST -k PORT -u USER` asks the coordinator at HOST:PORT for the master serving USER
+//! and logs in there; when that server stops answering, it asks again and carries on.
 //! `tsc -h HOST -p PORT -u USER` connects straight to a server (the course's MP1 form). Command
 //! mode takes `FOLLOW <user>`, `UNFOLLOW <user>`, `LIST` and `TIMELINE`; timeline mode posts
 //! every line typed and shows followed users' posts live. Works on a terminal (line editing,
@@ -18,12 +20,19 @@ use sns_core::{Client, Error, TimelineSender, TimelineStream, UserId};
 #[derive(Debug, Parser)]
 #[command(name = "tsc", version, disable_help_flag = true)]
 struct Args {
-    /// Host of the server.
+    /// Host of the coordinator (with -k) or of the server (with -p).
     #[arg(short = 'h', long = "host", default_value = "127.0.0.1")]
     host: String,
-    /// Port of the server (direct connection).
-    #[arg(short = 'p', long = "port")]
-    port: u16,
+    /// Port of the coordinator, which routes you to your cluster's master.
+    #[arg(
+        short = 'k',
+        long = "coordinator-port",
+        required_unless_present = "port"
+    )]
+    coordinator_port: Option<u16>,
+    /// Port of a server to connect to directly (the course's MP1 form).
+    #[arg(short = 'p', long = "port", conflicts_with = "coordinator_port")]
+    port: Option<u16>,
     /// Your user id (a positive integer).
     #[arg(short = 'u', long = "user")]
     user: String,
@@ -60,6 +69,73 @@ fn main() -> ExitCode {
     }
 }
 
+/// Where the client finds its server.
+#[derive(Debug, Clone)]
+enum Target {
+    /// A server at this address.
+    Direct(String),
+    /// The master the coordinator at this address names.
+    Coordinator(String),
+}
+
+/// Logs in for the first time, with one-line errors.
+async fn first_login(target: &Target, user: UserId) -> Result<Client, String> {
+    let result = match target {
+        Target::Direct(addr) => Client::login(addr, user).await,
+        Target::Coordinator(coordinator) => Client::login_via(coordinator, user).await,
+    };
+    result.map_err(|e| match (e, target) {
+        (Error::AlreadyLoggedIn(_), _) => {
+            format!("tsc: user {user} is already logged in elsewhere")
+        }
+        (Error::Unavailable(reason), Target::Coordinator(_)) => {
+            format!("tsc: no server is available for user {user}: {reason}")
+        }
+        (Error::Unreachable { addr, reason }, _) => {
+            format!("tsc: cannot reach {addr}: {reason}")
+        }
+        (Error::Unavailable(reason), Target::Direct(addr)) => {
+            format!("tsc: the server at {addr} is unavailable: {reason}")
+        }
+        (other, _) => format!("tsc: login failed: {other}"),
+    })
+}
+
+/// After the server stopped answering: asks the coordinator again and resumes the session on
+/// the master it names (waiting up to `patience` for one).
+async fn reconnect(target: &Target, user: UserId, patience: Duration) -> Option<Client> {
+    let Target::Coordinator(coordinator) = target else {
+        return None;
+    };
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        if let Ok(addr) = sns_core::client::locate(coordinator, user).await {
+            match Client::login(&addr, user).await {
+                Ok(client) => return Some(client),
+                Err(Error::AlreadyLoggedIn(_)) => {
+                    if let Ok(client) = Client::attach(&addr, user).await {
+                        return Some(client);
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// How long the client waits for a new master before reporting a failure.
+const FAILOVER_PATIENCE: Duration = Duration::from_secs(10);
+
+fn is_unreachable(e: &Error) -> bool {
+    matches!(e, Error::Unavailable(_) | Error::Unreachable { .. })
+}
+
 async fn run(args: Args) -> Result<(), String> {
     let user = UserId::parse(&args.user).map_err(|_| {
         format!(
@@ -68,21 +144,21 @@ async fn run(args: Args) -> Result<(), String> {
             UserId::MAX
         )
     })?;
-    let addr = format!("{}:{}", args.host, args.port);
-    let client = Client::login(&addr, user).await.map_err(|e| match e {
-        Error::AlreadyLoggedIn(_) => format!("tsc: user {user} is already logged in elsewhere"),
-        Error::Unreachable { reason, .. } | Error::Unavailable(reason) => {
-            format!("tsc: cannot reach the server at {addr}: {reason}")
-        }
-        other => format!("tsc: login failed: {other}"),
-    })?;
+    let target = match (args.coordinator_port, args.port) {
+        (Some(port), _) => Target::Coordinator(format!("{}:{port}", args.host)),
+        (None, Some(port)) => Target::Direct(format!("{}:{port}", args.host)),
+        (None, None) => return Err("tsc: give -k COORDINATOR_PORT or -p SERVER_PORT".into()),
+    };
+    let client = first_login(&target, user).await?;
+    let (current, watched) = tokio::sync::watch::channel(client);
     let heartbeat = tokio::spawn({
-        let client = client.clone();
+        let mut watched = watched.clone();
         let every = Duration::from_secs(args.heartbeat_secs.max(1));
         async move {
             let mut ticks = tokio::time::interval(every);
             loop {
                 ticks.tick().await;
+                let client = watched.borrow_and_update().clone();
                 let _ = client.heartbeat().await;
             }
         }
@@ -90,14 +166,47 @@ async fn run(args: Args) -> Result<(), String> {
     let mut console = Console::open();
     let out = console.output();
     out.line(cli::BANNER);
-    let result = command_mode(&client, &mut console, &out).await;
+    let mut session = Session {
+        target,
+        user,
+        current,
+    };
+    let result = command_mode(&mut session, &mut console, &out).await;
     heartbeat.abort();
     // Leaving ends the session at once, so the user may log in again right away.
-    let _ = client.logout().await;
+    let _ = session.client().logout().await;
     result
 }
 
-async fn command_mode(client: &Client, console: &mut Console, out: &Output) -> Result<(), String> {
+/// The user's connection, replaced after a failover.
+struct Session {
+    target: Target,
+    user: UserId,
+    current: tokio::sync::watch::Sender<Client>,
+}
+
+impl Session {
+    fn client(&self) -> Client {
+        self.current.borrow().clone()
+    }
+
+    /// Reconnects through the coordinator; `false` if that is impossible.
+    async fn failover(&mut self) -> bool {
+        match reconnect(&self.target, self.user, FAILOVER_PATIENCE).await {
+            Some(client) => {
+                self.current.send_replace(client);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+async fn command_mode(
+    session: &mut Session,
+    console: &mut Console,
+    out: &Output,
+) -> Result<(), String> {
     loop {
         let line = match console.read(cli::PROMPT).await {
             Input::Line(line) => line,
@@ -111,7 +220,14 @@ async fn command_mode(client: &Client, console: &mut Console, out: &Output) -> R
             }
             Some(Ok(command)) => command,
         };
-        match execute(client, &command, out).await {
+        let mut result = execute(&session.client(), &command, out).await;
+        if let Err(e) = &result
+            && is_unreachable(e)
+            && session.failover().await
+        {
+            result = execute(&session.client(), &command, out).await;
+        }
+        match result {
             Ok(Some(timeline)) => {
                 out.line(cli::SUCCESS);
                 out.line(cli::IN_TIMELINE);

@@ -1,7 +1,9 @@
 //! `tsd`: a Tiny SNS server.
 //!
-//! `tsd -p PORT [--data-dir DIR]` runs a standalone server: it serves the course's
-//! `SNSService` (and its `csce662` alias) on `--bind`:PORT and keeps its log and snapshots in
+//! `tsd -c CLUSTER -s SERVER -h COORD_HOST -k COORD_PORT -p PORT [--data-dir DIR]` runs server
+//! SERVER of cluster CLUSTER: it heartbeats the coordinator, which makes it master or slave,
+//! and serves the course's `SNSService` (and its `csce662` alias) on `--bind`:PORT. Without
+//! `-k` it runs standalone (always master, the course's MP1 form). Its log and snapshots live in
 //! DIR (default `./sns-data/cluster<c>/server<s>/`), fsynced before anything is acknowledged.
 //! SIGINT or SIGTERM stops it cleanly (exit 0).
 
@@ -10,7 +12,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{ArgAction, Parser};
-use sns_core::{ClusterId, FileStorage, MemoryStorage, Server, ServerConfig, ServerId, Storage};
+use std::sync::atomic::AtomicBool;
+
+use sns_core::{
+    ClusterId, CoordinatorLink, FileStorage, MemoryStorage, Server, ServerConfig, ServerId, Storage,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Tiny SNS server.
@@ -35,6 +41,19 @@ struct Args {
     /// Keep everything in memory (nothing survives a restart).
     #[arg(long, conflicts_with = "data_dir")]
     in_memory: bool,
+    /// Host of the coordinator.
+    #[arg(short = 'h', long = "coordinator-host", default_value = "127.0.0.1")]
+    coordinator_host: String,
+    /// Port of the coordinator; without it the server runs standalone.
+    #[arg(short = 'k', long = "coordinator-port")]
+    coordinator_port: Option<u16>,
+    /// Host name clients and the coordinator should use to reach this server.
+    #[arg(long, default_value = "127.0.0.1")]
+    advertise_host: String,
+    #[command(flatten)]
+    heartbeat: sns_bins::HeartbeatArgs,
+    #[command(flatten)]
+    token: sns_bins::TokenArgs,
     /// Posts kept per timeline.
     #[arg(long, default_value_t = 400)]
     timeline_cap: usize,
@@ -46,20 +65,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     sns_bins::init_logging();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("tsd: cannot start: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("tsd: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    sns_bins::run_main("tsd", run(args))
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -89,6 +95,15 @@ async fn run(args: Args) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| format!("cannot listen on port {} ({addr}): {e}", args.port))?;
+    if let Some(port) = args.coordinator_port {
+        let coordinator = format!("{}:{port}", args.coordinator_host);
+        let mut link = CoordinatorLink::new(coordinator.clone(), args.advertise_host, args.port);
+        link.interval = args.heartbeat.interval();
+        link.missed_heartbeats = args.heartbeat.missed_heartbeats;
+        link.cluster_token = args.token.cluster_token;
+        server.join(link, Arc::new(AtomicBool::new(false)));
+        tracing::info!(%coordinator, "joining the deployment");
+    }
     tracing::info!(%addr, "serving clients");
     let shutdown = CancellationToken::new();
     sns_bins::signals::cancel_on_signal(shutdown.clone());

@@ -70,7 +70,31 @@ pub struct Tsd {
     pub log: Lines,
 }
 
+/// Heartbeat interval used by the process tests, in milliseconds.
+pub const HEARTBEAT_MS: &str = "200";
+
 impl Tsd {
+    /// Starts `tsd` as server `server` of cluster `cluster`, joined to the coordinator on
+    /// `coordinator`, and waits until the coordinator made it master.
+    pub fn join(cluster: u32, server: u32, coordinator: u16, port: u16, dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tsd"))
+            .args(["-c", &cluster.to_string(), "-s", &server.to_string()])
+            .args(["-h", "127.0.0.1", "-k", &coordinator.to_string()])
+            .args(["-p", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--heartbeat-ms", HEARTBEAT_MS, "--data-dir"])
+            .arg(dir)
+            .env("RUST_LOG", "info")
+            .env_remove("SNS_CLUSTER_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tsd");
+        let log = Lines::new(child.stderr.take().expect("stderr"), "tsd");
+        log.until(|l| l.contains("role assigned") && l.contains("master"));
+        Self { child, log }
+    }
+
     /// Starts `tsd` on `port` with data in `dir`, and waits until it serves.
     pub fn start(port: u16, dir: &Path) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tsd"))
@@ -100,6 +124,59 @@ impl Drop for Tsd {
     }
 }
 
+/// A running `coordinator`.
+pub struct Coordinator {
+    child: Child,
+    pub log: Lines,
+    pub port: u16,
+}
+
+impl Coordinator {
+    /// Starts a coordinator for `clusters` clusters and waits until it serves.
+    pub fn start(clusters: u32) -> Self {
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .args(["-p", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--clusters",
+                &clusters.to_string(),
+                "--heartbeat-ms",
+                HEARTBEAT_MS,
+            ])
+            .env("RUST_LOG", "info")
+            .env_remove("SNS_CLUSTER_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start coordinator");
+        let log = Lines::new(child.stderr.take().expect("stderr"), "coordinator");
+        log.until(|l| l.contains("coordinator serving"));
+        Self { child, log, port }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command to completion with stdin closed; returns (exit code, stdout, stderr).
+pub fn run(program: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// A running `tsc` driven through pipes.
 pub struct Tsc {
     child: Child,
@@ -115,6 +192,18 @@ impl Tsc {
             "127.0.0.1",
             "-p",
             &port.to_string(),
+            "-u",
+            &user.to_string(),
+        ])
+    }
+
+    /// Starts `tsc` for `user`, routed by the coordinator on `coordinator`.
+    pub fn via(coordinator: u16, user: u32) -> Self {
+        Self::spawn(&[
+            "-h",
+            "127.0.0.1",
+            "-k",
+            &coordinator.to_string(),
             "-u",
             &user.to_string(),
         ])

@@ -1,0 +1,63 @@
+//! `coordinator`: the Tiny SNS routing table.
+//!
+//! `coordinator -p PORT` serves `csce438.CoordService` (and its `csce662` alias) and
+//! `sns.v1.Admin` on `--bind`:PORT. It keeps no files: its state is rebuilt from the next round
+//! of heartbeats after a restart. SIGINT or SIGTERM stops it (exit 0).
+
+use std::process::ExitCode;
+
+use clap::{ArgAction, Parser};
+use sns_bins::{HeartbeatArgs, TokenArgs};
+use sns_core::{Coordinator, CoordinatorConfig, RoutingConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Tiny SNS coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "coordinator", version, disable_help_flag = true)]
+struct Args {
+    /// Port to listen on.
+    #[arg(short = 'p', long = "port", default_value_t = 9090)]
+    port: u16,
+    /// Address to bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: String,
+    /// Number of clusters (user u belongs to cluster ((u - 1) % N) + 1).
+    #[arg(short = 'n', long = "clusters", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    clusters: u32,
+    #[command(flatten)]
+    heartbeat: HeartbeatArgs,
+    #[command(flatten)]
+    token: TokenArgs,
+    /// Print help.
+    #[arg(long, action = ArgAction::Help)]
+    help: Option<bool>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    sns_bins::init_logging();
+    sns_bins::run_main("coordinator", run(args))
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let coordinator = Coordinator::new(CoordinatorConfig {
+        routing: RoutingConfig {
+            clusters: args.clusters,
+            heartbeat_interval: args.heartbeat.interval(),
+            missed_heartbeats: args.heartbeat.missed_heartbeats,
+        },
+        cluster_token: args.token.cluster_token,
+    });
+    let listener = tokio::net::TcpListener::bind((args.bind.as_str(), args.port))
+        .await
+        .map_err(|e| format!("cannot listen on port {}: {e}", args.port))?;
+    tracing::info!(addr = %format!("{}:{}", args.bind, args.port), clusters = args.clusters, "coordinator serving");
+    let shutdown = CancellationToken::new();
+    sns_bins::signals::cancel_on_signal(shutdown.clone());
+    coordinator
+        .serve(listener, shutdown)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!("stopped");
+    Ok(())
+}

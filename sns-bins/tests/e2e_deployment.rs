@@ -1,0 +1,195 @@
+//! End to end with real processes and a coordinator: the course's MP2.1 test cases, and the
+//! all-in-one `sns up`.
+
+mod support;
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+
+use support::{Coordinator, Lines, Tsc, Tsd, free_port, run};
+
+#[test]
+fn mp2_1_sanity_then_server_killed_then_restarted() {
+    let coordinator = Coordinator::start(3);
+    let data = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let mut tsd = Tsd::join(1, 1, coordinator.port, port, data.path());
+
+    // Sanity: a client lists and enters the timeline.
+    let mut one = Tsc::via(coordinator.port, 1);
+    one.expect_banner();
+    one.send("LIST");
+    one.expect_line("Command completed successfully");
+    one.expect_line("All users: 1, ");
+    one.expect_line("Followers: ");
+    one.send("TIMELINE");
+    one.expect_line("Command completed successfully");
+    one.expect_line("Now you are in the timeline");
+    drop(one);
+
+    // Server killed before the client starts: one line, exit code 1.
+    tsd.kill();
+    let (code, stdout, stderr) = run(
+        env!("CARGO_BIN_EXE_tsc"),
+        &[
+            "-h",
+            "127.0.0.1",
+            "-k",
+            &coordinator.port.to_string(),
+            "-u",
+            "1",
+        ],
+    );
+    assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+
+    // Server restarted: the client works again, and the data is still there.
+    let _tsd = Tsd::join(1, 1, coordinator.port, port, data.path());
+    let mut one = Tsc::via(coordinator.port, 1);
+    one.expect_banner();
+    one.send("LIST");
+    one.expect_line("Command completed successfully");
+    one.expect_line("All users: 1, ");
+}
+
+#[test]
+fn a_client_says_so_in_one_line_when_no_server_is_alive() {
+    let coordinator = Coordinator::start(3);
+    let (code, stdout, stderr) = run(
+        env!("CARGO_BIN_EXE_tsc"),
+        &[
+            "-h",
+            "127.0.0.1",
+            "-k",
+            &coordinator.port.to_string(),
+            "-u",
+            "2",
+        ],
+    );
+    assert_eq!(code, Some(1));
+    assert!(stdout.is_empty());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cluster 2"), "{stderr}");
+}
+
+/// A running `sns up`, with the coordinator port it printed.
+struct SnsUp {
+    child: std::process::Child,
+    port: u16,
+    _stdout: Lines,
+}
+
+impl SnsUp {
+    fn start(dir: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sns"))
+            .args([
+                "up",
+                "--ports",
+                "auto",
+                "--heartbeat-ms",
+                support::HEARTBEAT_MS,
+            ])
+            .arg("--data-dir")
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .env_remove("SNS_CLUSTER_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start sns up");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut first = String::new();
+        stdout.read_line(&mut first).expect("first line");
+        let port = first
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no coordinator port in {first:?}"));
+        Self {
+            child,
+            port,
+            _stdout: Lines::new(stdout, "sns up"),
+        }
+    }
+}
+
+impl Drop for SnsUp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn sns_up_runs_a_whole_deployment_and_stops_cleanly_on_ctrl_c() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut up = SnsUp::start(data.path());
+
+    // Users 1 and 4 share cluster 1: they follow each other and exchange posts.
+    let mut one = Tsc::via(up.port, 1);
+    one.expect_banner();
+    let mut four = Tsc::via(up.port, 4);
+    four.expect_banner();
+    one.send("FOLLOW 4");
+    one.expect_line("Command completed successfully");
+    four.send("FOLLOW 1");
+    four.expect_line("Command completed successfully");
+    one.send("TIMELINE");
+    one.expect_line("Command completed successfully");
+    one.expect_line("Now you are in the timeline");
+    four.send("TIMELINE");
+    four.expect_line("Command completed successfully");
+    four.expect_line("Now you are in the timeline");
+    one.send("hi four");
+    assert!(four.next_line().ends_with(") >> hi four"));
+    four.send("hi one");
+    assert!(one.next_line().ends_with(") >> hi one"));
+
+    // Status shows six live servers: a master and a slave per cluster.
+    let (code, stdout, stderr) = run(
+        env!("CARGO_BIN_EXE_sns"),
+        &["status", "-h", "127.0.0.1", "-k", &up.port.to_string()],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("master") || l.contains("slave"))
+        .collect();
+    assert_eq!(rows.len(), 6, "{stdout}");
+    assert!(rows.iter().all(|r| r.contains(" yes ")), "{stdout}");
+    assert_eq!(rows.iter().filter(|r| r.contains("master")).count(), 3);
+
+    // Ctrl-C stops everything with exit code 0.
+    drop((one, four));
+    let pid = up.child.id().to_string();
+    let sent = Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill -INT");
+    assert!(sent.success());
+    let status = up.child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn sns_up_names_a_port_that_is_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let data = tempfile::tempdir().expect("temp dir");
+    let (code, _stdout, stderr) = run(
+        env!("CARGO_BIN_EXE_sns"),
+        &[
+            "up",
+            "--port",
+            &port.to_string(),
+            "--data-dir",
+            &data.path().display().to_string(),
+        ],
+    );
+    assert_eq!(code, Some(1));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&format!("port {port}")), "{stderr}");
+}
