@@ -193,3 +193,40 @@ fn sns_up_names_a_port_that_is_in_use() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains(&format!("port {port}")), "{stderr}");
 }
+
+#[test]
+fn a_client_in_timeline_mode_rides_out_a_server_restart_without_duplicates() {
+    let coordinator = Coordinator::start(3);
+    let data = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let mut tsd = Tsd::join(1, 1, coordinator.port, port, data.path());
+
+    let mut four = Tsc::via(coordinator.port, 4);
+    four.expect_banner();
+    let mut one = Tsc::via(coordinator.port, 1);
+    one.expect_banner();
+    one.send("FOLLOW 4");
+    one.expect_line("Command completed successfully");
+    one.send("TIMELINE");
+    one.expect_line("Command completed successfully");
+    one.expect_line("Now you are in the timeline");
+    four.send("TIMELINE");
+    four.expect_line("Command completed successfully");
+    four.expect_line("Now you are in the timeline");
+    four.send("before the crash");
+    assert!(one.next_line().ends_with(") >> before the crash"));
+
+    tsd.kill();
+    drop(four);
+    let _tsd = Tsd::join(1, 1, coordinator.port, port, data.path());
+
+    let mut four = Tsc::via(coordinator.port, 4);
+    four.expect_banner();
+    four.send("TIMELINE");
+    four.expect_line("Command completed successfully");
+    four.expect_line("Now you are in the timeline");
+    four.send("after the restart");
+    // User 1's client reconnected by itself; the post it already showed is not shown again.
+    let next = one.next_line();
+    assert!(next.ends_with(") >> after the restart"), "{next:?}");
+}

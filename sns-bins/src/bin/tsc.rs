@@ -8,13 +8,16 @@
 //! history) and with piped stdin (same output lines, no prompts). Exits 1 with a one-line
 //! message when the server cannot be reached. No files are written.
 
+use std::collections::HashSet;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 use sns_bins::cli::{self, Command};
 use sns_bins::console::{Console, Input, Output};
-use sns_core::{Client, Error, TimelineSender, TimelineStream, UserId};
+use sns_core::{Client, Error, TimelineSender, TimelineStream, Timestamp, UserId};
 
 /// Tiny SNS client.
 #[derive(Debug, Parser)]
@@ -169,7 +172,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut session = Session {
         target,
         user,
-        current,
+        current: Arc::new(current),
     };
     let result = command_mode(&mut session, &mut console, &out).await;
     heartbeat.abort();
@@ -179,10 +182,11 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 /// The user's connection, replaced after a failover.
+#[derive(Clone)]
 struct Session {
     target: Target,
     user: UserId,
-    current: tokio::sync::watch::Sender<Client>,
+    current: Arc<tokio::sync::watch::Sender<Client>>,
 }
 
 impl Session {
@@ -231,7 +235,7 @@ async fn command_mode(
             Ok(Some(timeline)) => {
                 out.line(cli::SUCCESS);
                 out.line(cli::IN_TIMELINE);
-                return timeline_mode(timeline, console, out).await;
+                return timeline_mode(session, timeline, console, out).await;
             }
             Ok(None) => {}
             Err(e) => out.line(&cli::failure_message(&command, &e)),
@@ -272,36 +276,86 @@ async fn execute(
 }
 
 async fn timeline_mode(
-    (sender, mut stream): (TimelineSender, TimelineStream),
+    session: &Session,
+    (sender, stream): (TimelineSender, TimelineStream),
     console: &mut Console,
     out: &Output,
 ) -> Result<(), String> {
-    let mut reader = tokio::spawn({
-        let out = out.clone();
-        async move {
-            while let Some(post) = stream.next().await {
-                match post {
-                    Ok(post) => out.line(&post.line()),
-                    Err(e) => return Err(format!("tsc: timeline closed: {e}")),
-                }
-            }
-            Ok(())
-        }
-    });
+    // The current sender; the reader replaces it after a reconnect, and end of input clears it.
+    let senders = Arc::new(tokio::sync::watch::Sender::new(Some(sender)));
+    let closing = Arc::new(AtomicBool::new(false));
+    let mut reader = tokio::spawn(read_timeline(
+        session.clone(),
+        stream,
+        Arc::clone(&senders),
+        Arc::clone(&closing),
+        out.clone(),
+    ));
     loop {
         tokio::select! {
             input = console.read("") => match input {
-                Input::Line(line) => match sender.post(&line).await {
-                    Ok(()) => {}
-                    Err(Error::InvalidInput(why)) => out.line(&format!("Post not sent: {why}")),
-                    Err(other) => return Err(format!("tsc: timeline closed: {other}")),
-                },
+                Input::Line(line) => {
+                    let sender = senders.borrow().clone();
+                    // A post on a broken stream is lost with it; the reader reconnects (or
+                    // says why it cannot).
+                    if let Some(sender) = sender
+                        && let Err(Error::InvalidInput(why)) = sender.post(&line).await
+                    {
+                        out.line(&format!("Post not sent: {why}"));
+                    }
+                }
                 Input::End => break,
             },
             finished = &mut reader => return finished.unwrap_or(Ok(())),
         }
     }
     // End of input: close our side; the server ends the stream once every post is stored.
-    drop(sender);
+    closing.store(true, Ordering::Release);
+    senders.send_replace(None);
     reader.await.unwrap_or(Ok(()))
+}
+
+/// Prints incoming posts. When the stream breaks and the client is routed by the coordinator,
+/// reconnects to the (new) master, reopens the timeline and skips the posts already shown.
+async fn read_timeline(
+    mut session: Session,
+    mut stream: TimelineStream,
+    senders: Arc<tokio::sync::watch::Sender<Option<TimelineSender>>>,
+    closing: Arc<AtomicBool>,
+    out: Output,
+) -> Result<(), String> {
+    // A post is identified by its author and server-assigned time (unique per author).
+    let mut shown: HashSet<(UserId, Timestamp)> = HashSet::new();
+    loop {
+        let broken = loop {
+            match stream.next().await {
+                Some(Ok(post)) => {
+                    if shown.insert((post.author, post.at)) {
+                        out.line(&post.line());
+                    }
+                }
+                Some(Err(e)) => break e,
+                None => {
+                    if closing.load(Ordering::Acquire) {
+                        return Ok(());
+                    }
+                    break Error::Unavailable("the server ended the stream".into());
+                }
+            }
+        };
+        if closing.load(Ordering::Acquire) || !is_unreachable(&broken) || !session.failover().await
+        {
+            return Err(format!("tsc: timeline closed: {broken}"));
+        }
+        match session.client().timeline().await {
+            Ok((sender, reopened)) => {
+                if closing.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                senders.send_replace(Some(sender));
+                stream = reopened;
+            }
+            Err(e) => return Err(format!("tsc: timeline closed: {e}")),
+        }
+    }
 }
