@@ -368,7 +368,7 @@ struct OpenLog {
     next: LogIndex,
 }
 
-/// Opens the directory's contents, repairing a damaged tail.
+/// Opens the directory's contents, repairing a torn tail.
 fn scan(dir: &Path) -> Result<(Recovered, OpenLog)> {
     let listing = list(dir)?;
     for tmp in &listing.temporaries {
@@ -382,22 +382,34 @@ fn scan(dir: &Path) -> Result<(Recovered, OpenLog)> {
         fs::remove_file(path)?;
     }
     let base = snapshot.as_ref().map(|s| s.index).unwrap_or_default();
-    let (entries, segments, file_len) = scan_segments(listing.segments, base, true)?;
-    let next = entries.last().map_or(base, |e| e.index).next();
-    let (segments, file, file_len) = match segments.last() {
-        Some((_, path)) => {
-            let file = OpenOptions::new().append(true).open(path)?;
-            (segments, file, file_len)
-        }
-        None => {
+    let scanned = scan_segments(listing.segments, base, true)?;
+    let next = scanned.entries.last().map_or(base, |e| e.index).next();
+    let mut segments = scanned.segments;
+    let (file, file_len) = match segments.last() {
+        // The last segment ends where the log does: keep appending to it.
+        Some((_, path)) if scanned.end == next => (
+            OpenOptions::new().append(true).open(path)?,
+            scanned.last_len,
+        ),
+        // No segment, or the snapshot reaches past the last one (a snapshot installed ahead of
+        // the log): start a fresh segment at `next`, so indexes stay contiguous within a file.
+        _ => {
             let path = segment_path(dir, next);
-            let file = OpenOptions::new().create(true).append(true).open(&path)?;
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&path)?;
             file.sync_all()?;
-            (vec![(next, path)], file, 0)
+            segments.push((next, path));
+            (file, 0)
         }
     };
     sync_dir(dir)?;
-    let recovered = Recovered { snapshot, entries };
+    let recovered = Recovered {
+        snapshot,
+        entries: scanned.entries,
+    };
     let log = OpenLog {
         dir: dir.to_path_buf(),
         segments,
@@ -408,12 +420,24 @@ fn scan(dir: &Path) -> Result<(Recovered, OpenLog)> {
     Ok((recovered, log))
 }
 
-/// The entries after the snapshot, the segments kept, and the length of the last one.
-type ScannedLog = (Vec<LogEntry>, Vec<(LogIndex, PathBuf)>, u64);
+/// What [`scan_segments`] found.
+struct ScannedLog {
+    /// The entries after the snapshot.
+    entries: Vec<LogEntry>,
+    /// The segments kept, by first index.
+    segments: Vec<(LogIndex, PathBuf)>,
+    /// The index after the last valid record of the last segment.
+    end: LogIndex,
+    /// The valid length of the last segment.
+    last_len: u64,
+}
 
-/// Reads the segments after snapshot index `base`. With `repair`, truncates the first damaged
-/// segment at the damage and removes the segments after it. Returns the entries after `base`,
-/// the segments kept and the length of the last one.
+/// Reads the segments after snapshot index `base`.
+///
+/// Only the last segment can have a torn tail (appends go to it alone, and a segment is synced
+/// before the next one is started). So damage in the last segment is truncated (with `repair`),
+/// while damage in an earlier one, or a missing segment, fails the open: truncating there would
+/// throw away later records whose fsync completed.
 fn scan_segments(
     segments: Vec<(LogIndex, PathBuf)>,
     base: LogIndex,
@@ -433,42 +457,42 @@ fn scan_segments(
             live.push((*first, path.clone()));
         }
     }
-    let mut entries = Vec::new();
-    let mut kept = Vec::new();
-    let mut last_len = 0;
-    let mut expected: Option<LogIndex> = None;
-    let mut damaged = false;
-    for (first, path) in live {
-        if damaged {
-            if repair {
-                tracing::warn!(segment = %path.display(), "removing log segment after damage");
-                fs::remove_file(&path)?;
-            }
-            continue;
+    let mut scanned = ScannedLog {
+        entries: Vec::new(),
+        segments: Vec::new(),
+        end: base.next(),
+        last_len: 0,
+    };
+    let count = live.len();
+    for (position, (first, path)) in live.into_iter().enumerate() {
+        let is_last = position + 1 == count;
+        if position == 0 && first.0 > base.0 + 1 {
+            return Err(Error::Corrupt(format!(
+                "log starts at index {first} but the snapshot ends at {base}: entries missing"
+            )));
         }
-        match expected {
-            None if first.0 > base.0 + 1 => {
-                return Err(Error::Corrupt(format!(
-                    "log starts at index {first} but the snapshot ends at {base}: entries missing"
-                )));
-            }
-            Some(want) if want != first => {
-                tracing::warn!(segment = %path.display(), %want, "log segment out of sequence");
-                damaged = true;
-                if repair {
-                    fs::remove_file(&path)?;
-                }
-                continue;
-            }
-            _ => {}
+        if position > 0 && first != scanned.end {
+            return Err(Error::Corrupt(format!(
+                "segment {} starts at index {first} where {} was expected",
+                path.display(),
+                scanned.end
+            )));
         }
         let mut bytes = Vec::new();
         File::open(&path)?.read_to_end(&mut bytes)?;
         let (found, valid, damage) = parse_segment(&bytes, first);
-        expected = Some(LogIndex(first.0 + found.len() as u64));
-        entries.extend(found.into_iter().filter(|e| e.index > base));
+        scanned.end = LogIndex(first.0 + found.len() as u64);
+        scanned
+            .entries
+            .extend(found.into_iter().filter(|e| e.index > base));
         if let Some(why) = damage {
-            damaged = true;
+            if !is_last {
+                return Err(Error::Corrupt(format!(
+                    "segment {} is damaged {why}, and later segments hold durable records; \
+                     refusing to truncate",
+                    path.display()
+                )));
+            }
             tracing::warn!(segment = %path.display(), %why, "truncating damaged log tail");
             if repair {
                 let file = OpenOptions::new().write(true).open(&path)?;
@@ -476,10 +500,15 @@ fn scan_segments(
                 file.sync_all()?;
             }
         }
-        last_len = valid as u64;
-        kept.push((first, path));
+        scanned.last_len = valid as u64;
+        scanned.segments.push((first, path));
     }
-    if let (Some(first), Some(_)) = (entries.first(), kept.first())
+    if scanned.end.0 < base.0 + 1 {
+        // The log ends before the snapshot: the next append continues after the snapshot.
+        scanned.end = base.next();
+        scanned.segments.clear();
+    }
+    if let Some(first) = scanned.entries.first()
         && first.index.0 != base.0 + 1
     {
         return Err(Error::Corrupt(format!(
@@ -487,7 +516,7 @@ fn scan_segments(
             first.index
         )));
     }
-    Ok((entries, kept, last_len))
+    Ok(scanned)
 }
 
 /// A second look at a directory in use (after the cached recovery was taken): no repairs.
@@ -498,7 +527,7 @@ fn read_only_scan(dir: &Path) -> Result<Recovered> {
         None => None,
     };
     let base = snapshot.as_ref().map(|s| s.index).unwrap_or_default();
-    let (entries, _, _) = scan_segments(listing.segments, base, false)?;
+    let entries = scan_segments(listing.segments, base, false)?.entries;
     Ok(Recovered { snapshot, entries })
 }
 
@@ -626,13 +655,15 @@ impl Writer {
     fn compact(&mut self, snapshot: &Snapshot) -> Result<()> {
         let dir = self.log.dir.clone();
         let written = write_snapshot(&dir, snapshot)?;
-        if snapshot.index >= self.log.next {
-            // The snapshot is ahead of the log (installed from elsewhere): restart the log after it.
-            self.log.next = snapshot.index.next();
+        // A snapshot ahead of the log (installed from elsewhere) restarts the log after it.
+        let next = self.log.next.max(snapshot.index.next());
+        if self.log.file_len > 0 || self.log.segments.last().map(|s| s.0) != Some(next) {
+            if let Err(e) = self.rotate(next) {
+                self.failed = Some(format!("cannot start a new log segment: {e}"));
+                return Err(e.into());
+            }
         }
-        if self.log.file_len > 0 || self.log.segments.last().map(|s| s.0) != Some(self.log.next) {
-            self.rotate(self.log.next)?;
-        }
+        self.log.next = next;
         let segments = std::mem::take(&mut self.log.segments);
         let mut kept = Vec::new();
         for (i, (first, path)) in segments.iter().enumerate() {

@@ -333,3 +333,63 @@ fn appends_continue_after_a_repaired_tail() {
         );
     });
 }
+
+#[test]
+fn damage_before_the_last_segment_refuses_to_open_and_deletes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = FileStorageOptions {
+        segment_bytes: 256,
+        ..FileStorageOptions::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let storage = FileStorage::open_with(dir.path(), options.clone()).expect("open");
+        for i in 1..=40 {
+            storage.append(entries(i..=i)).await.expect("append");
+        }
+    });
+    let segments = list(dir.path()).expect("list").segments;
+    assert!(segments.len() > 2, "several segments were written");
+    let first = &segments[0].1;
+    let mut bytes = std::fs::read(first).expect("read");
+    bytes[20] ^= 0x10;
+    std::fs::write(first, &bytes).expect("write");
+    let opened = FileStorage::open_with(dir.path(), options);
+    assert!(
+        matches!(opened, Err(crate::Error::Corrupt(_))),
+        "{opened:?}"
+    );
+    assert_eq!(
+        list(dir.path()).expect("list").segments.len(),
+        segments.len()
+    );
+}
+
+#[tokio::test]
+async fn a_snapshot_ahead_of_the_log_restarts_the_log_after_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let storage = FileStorage::open(dir.path()).expect("open");
+        storage.append(entries(1..=5)).await.expect("append");
+        let snapshot = Snapshot::of(&crate::state::State::new(400), LogIndex(10), Epoch(2));
+        storage.save_snapshot(snapshot).await.expect("snapshot");
+        storage
+            .append(entries(11..=12))
+            .await
+            .expect("append after");
+    }
+    {
+        let storage = FileStorage::open(dir.path()).expect("reopen");
+        let back = storage.recover().await.expect("recover");
+        assert_eq!(back.last_index(), LogIndex(12));
+        assert_eq!(back.entries, entries(11..=12));
+        storage.append(entries(13..=13)).await.expect("append");
+    }
+    let storage = FileStorage::open(dir.path()).expect("reopen");
+    assert_eq!(
+        storage.recover().await.expect("recover").entries,
+        entries(11..=13)
+    );
+}
