@@ -8,9 +8,12 @@
 //! - a slave is never promoted here while the master is merely dead: promotion needs a slave
 //!   known to be in sync, which only replication can tell (see the failover notes in `docs/`);
 //! - the coordinator's state is soft: after a restart, the first heartbeat of a server that
-//!   claims mastership with the highest epoch seen re-establishes it, and servers that claim
-//!   nothing wait one failure timeout before a master is chosen among them, unless the whole
-//!   cluster is new (every server reports epoch 0).
+//!   claims mastership with the highest epoch seen re-establishes it (never over a live master);
+//!   servers that claim nothing wait one heartbeat interval after the coordinator started (so
+//!   every live server has spoken), after which only one whose log is the most recent (highest
+//!   epoch among the live servers) may become master. Servers report the epoch of their own log
+//!   (the last term in which they were master), not the epoch they were told; a master that
+//!   stepped down because it lost the coordinator keeps claiming until told otherwise.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -220,31 +223,39 @@ impl RoutingTable {
                 epoch: beat.epoch,
             },
         );
-        let grace_over =
-            now.saturating_duration_since(self.started) > self.config.failure_timeout();
-        let cluster_is_new = self
+        // One interval after the coordinator started, every live server has spoken once.
+        let heard_all =
+            now.saturating_duration_since(self.started) >= self.config.heartbeat_interval;
+        let peers: Vec<Epoch> = self
             .servers
-            .range(
-                (
-                    beat.cluster,
-                    ServerId::new(1).unwrap_or_else(|| unreachable!()),
-                )..,
-            )
-            .take_while(|((c, _), _)| *c == beat.cluster)
-            .all(|(_, n)| n.epoch == Epoch(0));
+            .iter()
+            .filter(|((c, _), n)| *c == beat.cluster && self.alive(n, now))
+            .map(|(_, n)| n.epoch)
+            .collect();
+        let most_recent = peers.iter().all(|e| *e <= beat.epoch);
         let live_master = self.live_master(beat.cluster, now).map(|(s, _)| s);
         let roles = self.roles.entry(beat.cluster).or_default();
-        if beat.epoch > roles.epoch && beat.claims_master {
-            // A master from before a coordinator restart (or a newer term): highest epoch wins.
+        if beat.claims_master
+            && beat.epoch > roles.epoch
+            && live_master.is_none_or(|m| m == beat.server)
+        {
+            // A master from before a coordinator restart: the highest epoch wins, but never
+            // over a master that is alive.
             roles.epoch = beat.epoch;
             roles.master = Some(beat.server);
         }
         let role = match (roles.master, live_master) {
             (Some(master), _) if master == beat.server => Role::Master,
             (_, Some(_)) => Role::Slave,
-            (None, None) if beat.claims_master || grace_over || cluster_is_new => {
+            // No master known (a fresh cluster, or a restarted coordinator): a claimant takes
+            // it; otherwise, once every live server has spoken, one whose log is the most
+            // recent (highest epoch) does.
+            (None, None) if beat.claims_master || (heard_all && most_recent) => {
+                let Some(epoch) = roles.epoch.0.max(beat.epoch.0).checked_add(1) else {
+                    return Err(Error::invalid("epoch out of range"));
+                };
                 roles.master = Some(beat.server);
-                roles.epoch = Epoch(roles.epoch.0.max(beat.epoch.0) + 1);
+                roles.epoch = Epoch(epoch);
                 tracing::info!(
                     cluster = %beat.cluster,
                     server = %beat.server,

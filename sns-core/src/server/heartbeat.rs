@@ -67,7 +67,9 @@ impl Server {
     /// Applies the coordinator's answer to a heartbeat.
     fn assign(&self, role: Role, epoch: Epoch) {
         let mut core = self.lock();
-        if epoch > core.epoch {
+        // Only a master writes under the cluster's epoch; a slave keeps reporting the epoch of
+        // its own log, so a coordinator that lost its state can tell whose log is the newest.
+        if role == Role::Master && epoch > core.epoch {
             core.epoch = epoch;
         }
         if core.role != role {
@@ -82,7 +84,9 @@ impl Server {
         }
     }
 
-    fn beat(&self, link: &CoordinatorLink) -> ServerInfo {
+    /// The heartbeat message; `claiming` is whether this server holds (or, having stepped down
+    /// for lack of a coordinator, still claims) mastership.
+    fn beat(&self, link: &CoordinatorLink, claiming: bool) -> ServerInfo {
         let core = self.lock();
         ServerInfo {
             server_id: self.shared.config.server_id.get() as i32,
@@ -90,7 +94,7 @@ impl Server {
             port: link.advertise_port.to_string(),
             r#type: role_name(core.role).to_string(),
             cluster_id: self.shared.config.cluster.get() as i32,
-            is_master: core.role == Role::Master,
+            is_master: claiming,
             epoch: core.epoch.0,
         }
     }
@@ -120,6 +124,7 @@ async fn run(
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_ok = Instant::now();
     let mut reachable = true;
+    let mut claiming = false;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -131,7 +136,7 @@ async fn run(
         let answer = if isolated.load(Ordering::Relaxed) {
             Err("isolated from the coordinator".to_string())
         } else {
-            let mut request = tonic::Request::new(server.beat(&link));
+            let mut request = tonic::Request::new(server.beat(&link, claiming));
             if let Some(token) = &token {
                 request.metadata_mut().insert(TOKEN_METADATA, token.clone());
             }
@@ -153,6 +158,7 @@ async fn run(
                 } else {
                     Role::Slave
                 };
+                claiming = role == Role::Master;
                 server.assign(role, Epoch(confirmation.epoch));
             }
             Err(why) => {

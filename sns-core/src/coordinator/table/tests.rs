@@ -24,7 +24,19 @@ fn beat(cluster: u32, server: u32, port: u16) -> Beat {
     }
 }
 
+/// A table whose coordinator started one heartbeat interval before `t0`.
 fn table(clusters: u32, t0: Instant) -> RoutingTable {
+    RoutingTable::new(
+        RoutingConfig {
+            clusters,
+            ..RoutingConfig::default()
+        },
+        t0 - SEC,
+    )
+}
+
+/// A table whose coordinator starts at `t0` (just restarted).
+fn restarted(clusters: u32, t0: Instant) -> RoutingTable {
     RoutingTable::new(
         RoutingConfig {
             clusters,
@@ -172,7 +184,7 @@ fn synchronizers_belong_to_clusters_round_robin() {
 #[test]
 fn after_a_coordinator_restart_the_claiming_master_with_the_highest_epoch_wins() {
     let t0 = Instant::now();
-    let mut t = table(1, t0);
+    let mut t = restarted(1, t0);
     // The old slave speaks first, claiming nothing; it has served before (epoch 3).
     let slave = t
         .heartbeat(
@@ -204,5 +216,75 @@ fn after_a_coordinator_restart_the_claiming_master_with_the_highest_epoch_wins()
             role: Role::Master,
             epoch: Epoch(3)
         }
+    );
+}
+
+#[test]
+fn after_a_restart_only_the_most_recent_log_may_become_master() {
+    let t0 = Instant::now();
+    let mut t = restarted(1, t0);
+    // An empty slave (epoch 0) and a server with epoch 2, both claiming nothing: during the
+    // first interval nobody is chosen; then the empty log still waits for the newer one.
+    let empty = t.heartbeat(beat(1, 2, 10001), t0).expect("ok");
+    assert_eq!(
+        empty.role,
+        Role::Slave,
+        "nobody is chosen before every server spoke"
+    );
+    let late = t0 + SEC;
+    let seasoned = t
+        .heartbeat(
+            Beat {
+                epoch: Epoch(2),
+                ..beat(1, 1, 10000)
+            },
+            late,
+        )
+        .expect("ok");
+    assert_eq!(
+        seasoned,
+        Assignment {
+            role: Role::Master,
+            epoch: Epoch(3)
+        }
+    );
+    assert_eq!(
+        t.heartbeat(beat(1, 2, 10001), late).expect("ok").role,
+        Role::Slave
+    );
+}
+
+#[test]
+fn a_claim_never_displaces_a_live_master_and_huge_epochs_do_not_overflow() {
+    let t0 = Instant::now();
+    let mut t = table(1, t0);
+    assert_eq!(
+        t.heartbeat(beat(1, 1, 10000), t0).expect("ok").role,
+        Role::Master
+    );
+    let claim = t
+        .heartbeat(
+            Beat {
+                claims_master: true,
+                epoch: Epoch(u64::MAX),
+                ..beat(1, 2, 10001)
+            },
+            t0,
+        )
+        .expect("answered");
+    assert_eq!(claim.role, Role::Slave);
+    assert_eq!(t.master(c(1), t0).expect("master").1, s(1));
+    // Electing past the largest epoch is refused rather than wrapped.
+    let mut fresh = table(1, t0);
+    let overflow = fresh.heartbeat(
+        Beat {
+            epoch: Epoch(u64::MAX),
+            ..beat(1, 2, 10001)
+        },
+        t0,
+    );
+    assert!(
+        matches!(overflow, Err(Error::InvalidInput(_))),
+        "{overflow:?}"
     );
 }
