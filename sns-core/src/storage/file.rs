@@ -657,11 +657,10 @@ impl Writer {
         let written = write_snapshot(&dir, snapshot)?;
         // A snapshot ahead of the log (installed from elsewhere) restarts the log after it.
         let next = self.log.next.max(snapshot.index.next());
-        if self.log.file_len > 0 || self.log.segments.last().map(|s| s.0) != Some(next) {
-            if let Err(e) = self.rotate(next) {
-                self.failed = Some(format!("cannot start a new log segment: {e}"));
-                return Err(e.into());
-            }
+        let fresh = self.log.file_len == 0 && self.log.segments.last().map(|s| s.0) == Some(next);
+        if !fresh && let Err(e) = self.rotate(next) {
+            self.failed = Some(format!("cannot start a new log segment: {e}"));
+            return Err(e.into());
         }
         self.log.next = next;
         let segments = std::mem::take(&mut self.log.segments);
