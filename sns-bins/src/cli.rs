@@ -83,8 +83,11 @@ pub fn failure_message(command: &Command, error: &Error) -> String {
         (_, Error::InvalidUsername(_)) => INVALID_USERNAME.into(),
         (_, Error::NotFollowing) => NOT_A_FOLLOWER.into(),
         (_, Error::InvalidInput(_)) => INVALID_COMMAND.into(),
-        (_, Error::Unavailable(_) | Error::Unreachable { .. }) => {
-            format!("{UNKNOWN_REASON} (server unavailable: {error})")
+        (_, Error::Unavailable(reason)) => {
+            format!("{UNKNOWN_REASON} (server unavailable: {reason})")
+        }
+        (_, Error::Unreachable { addr, reason }) => {
+            format!("{UNKNOWN_REASON} (cannot reach {addr}: {reason})")
         }
         _ => UNKNOWN_REASON.into(),
     }

@@ -180,7 +180,8 @@ impl Timestamp {
         Self(i64::try_from(micros).unwrap_or(if micros < 0 { i64::MIN } else { i64::MAX }))
     }
 
-    /// The course client's time format, `Www Mmm dd hh:mm:ss yyyy` (as C's `ctime`, in UTC).
+    /// The course client's time format, `Www Mmm dd hh:mm:ss yyyy`, exactly as C's `ctime`
+    /// prints it (day padded with a space), in UTC.
     pub fn ctime(self) -> String {
         const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
         const MONTHS: [&str; 12] = [
@@ -191,7 +192,7 @@ impl Timestamp {
         let rem = secs.rem_euclid(86_400);
         let (year, month, day) = civil_from_days(days);
         format!(
-            "{} {} {:02} {:02}:{:02}:{:02} {}",
+            "{} {} {:>2} {:02}:{:02}:{:02} {}",
             DAYS[days.rem_euclid(7) as usize],
             MONTHS[(month - 1) as usize],
             day,
@@ -271,7 +272,7 @@ mod tests {
 
     #[test]
     fn ctime_formats_like_the_course() {
-        assert_eq!(Timestamp(0).ctime(), "Thu Jan 01 00:00:00 1970");
+        assert_eq!(Timestamp(0).ctime(), "Thu Jan  1 00:00:00 1970");
         // 2026-11-21 05:47:38 UTC, a Saturday.
         assert_eq!(
             Timestamp(1_795_240_058 * 1_000_000).ctime(),

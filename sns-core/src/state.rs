@@ -52,6 +52,8 @@ pub struct State {
     users: BTreeSet<UserId>,
     accounts: HashMap<UserId, Account>,
     high_water: BTreeMap<ClusterId, u64>,
+    /// The latest event time applied (so a restarted server never stamps an earlier time).
+    latest: Timestamp,
     timeline_cap: usize,
 }
 
@@ -68,6 +70,7 @@ impl State {
             users: BTreeSet::new(),
             accounts: HashMap::new(),
             high_water: BTreeMap::new(),
+            latest: Timestamp::default(),
             timeline_cap: timeline_cap.max(1),
         }
     }
@@ -83,6 +86,7 @@ impl State {
             return Applied::Gap { expected: *hw + 1 };
         }
         *hw = event.id.seq;
+        self.latest = self.latest.max(event.at);
         match &event.kind {
             EventKind::UserJoined { user } => {
                 self.users.insert(*user);
@@ -211,6 +215,11 @@ impl State {
         self.high_water.get(&origin).copied().unwrap_or(0)
     }
 
+    /// The latest time of any applied event.
+    pub fn latest_time(&self) -> Timestamp {
+        self.latest
+    }
+
     /// Every origin cluster with at least one applied event.
     pub fn origins(&self) -> impl Iterator<Item = ClusterId> + '_ {
         self.high_water.keys().copied()
@@ -232,6 +241,7 @@ impl State {
             enc.u32(origin.get());
             enc.u64(*seq);
         }
+        enc.i64(self.latest.0);
         // Post table: every post held by some timeline, once.
         let mut table: HashMap<EventId, u64> = HashMap::new();
         let mut posts: Vec<&Arc<Post>> = Vec::new();
@@ -281,6 +291,7 @@ impl State {
             let origin = ClusterId::new(dec.u32()?).ok_or_else(|| corrupt("cluster 0"))?;
             state.high_water.insert(origin, dec.u64()?);
         }
+        state.latest = Timestamp(dec.i64()?);
         let n_posts = dec.len(28)?;
         let mut posts = Vec::with_capacity(n_posts);
         for _ in 0..n_posts {

@@ -521,3 +521,57 @@ async fn shutdown_ends_open_timelines_and_leaves_no_task_behind() {
         .expect("in time");
     assert!(!matches!(end, Some(Ok(_))), "{end:?}");
 }
+
+#[tokio::test]
+async fn the_course_clients_set_stream_greeting_is_not_a_post() {
+    let server = start().await;
+    let _c2 = login(&server, 2).await;
+    let c1 = login(&server, 1).await;
+    c1.follow(u(2)).await.expect("follow");
+    let (_s1, mut feed1) = c1.timeline().await.expect("timeline");
+    let mut rpc = raw(&server).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    for text in ["Set Stream", "a real post\n"] {
+        tx.send(Message {
+            username: "2".into(),
+            msg: text.as_bytes().to_vec(),
+            timestamp: None,
+        })
+        .await
+        .expect("send");
+    }
+    let _inbound = rpc
+        .timeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("timeline");
+    assert_eq!(read_texts(&mut feed1, 1).await, ["a real post"]);
+    server.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_silent_timeline_stream_does_not_hold_up_shutdown() {
+    let server = start().await;
+    let rpc = raw(&server).await;
+    let (_tx, rx) = tokio::sync::mpsc::channel::<Message>(1);
+    // No metadata and no message: the server waits for the stream to name its user.
+    let mut silent = rpc.clone();
+    let pending = tokio::spawn(async move {
+        silent
+            .timeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    // A later call on the same connection is answered after the stream's headers were read.
+    rpc.clone()
+        .login(request("9", &[]))
+        .await
+        .expect("login on the same connection");
+    // Well within the grace given to connections that never finish: the waiting handler
+    // itself gives up when the server stops.
+    let within = sns_core::server::SHUTDOWN_GRACE / 2;
+    tokio::time::timeout(within, server.stop())
+        .await
+        .expect("stops without waiting out the grace period")
+        .expect("stop");
+    let answer = tokio::time::timeout(WAIT, pending).await.expect("answered");
+    assert!(!matches!(answer, Ok(Ok(_))), "{answer:?}");
+}

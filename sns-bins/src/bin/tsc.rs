@@ -229,7 +229,16 @@ async fn command_mode(
             && is_unreachable(e)
             && session.failover().await
         {
-            result = execute(&session.client(), &command, out).await;
+            // The first attempt may have been applied before its answer was lost: on the
+            // retry, finding the change already made means it succeeded.
+            result = match (&command, execute(&session.client(), &command, out).await) {
+                (Command::Follow(_), Err(Error::AlreadyFollowing))
+                | (Command::Unfollow(_), Err(Error::NotFollowing)) => {
+                    out.line(cli::SUCCESS);
+                    Ok(None)
+                }
+                (_, retried) => retried,
+            };
         }
         match result {
             Ok(Some(timeline)) => {

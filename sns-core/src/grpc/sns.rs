@@ -22,6 +22,12 @@ use crate::event::Post;
 use crate::ids::UserId;
 use crate::server::{Server, TimelineFeed};
 
+/// How long a timeline stream without `username` metadata may take to name its user.
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the course client sends first on a timeline stream; it opens the stream, it is no post.
+const SET_STREAM: &[u8] = b"Set Stream";
+
 /// Metadata key carrying the timeline's user.
 pub(crate) const USERNAME_METADATA: &str = "username";
 /// Metadata key (with value `true`) that turns an argument-less `UnFollow` into a logout.
@@ -134,9 +140,17 @@ impl SnsService for SnsAdapter {
         let (user, first) = match named {
             Some(user) => (user, None),
             None => {
-                let first = inbound
-                    .message()
-                    .await?
+                let (_, shutdown) = self.server.tasks();
+                let first = tokio::select! {
+                    () = shutdown.cancelled() => {
+                        return Err(status(Error::Unavailable("server is shutting down".into())));
+                    }
+                    first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message()) => first,
+                };
+                let first = first
+                    .map_err(|_| {
+                        Status::invalid_argument("timeline stream named no user in time")
+                    })??
                     .ok_or_else(|| Status::invalid_argument("timeline stream named no user"))?;
                 (UserId::parse(&first.username).map_err(status)?, Some(first))
             }
@@ -180,11 +194,13 @@ struct Poster {
 impl Poster {
     async fn run(self, first: Option<Message>, mut inbound: Streaming<Message>) {
         let mut bucket = TokenBucket::new(self.server.max_posts_per_second());
-        if let Some(first) = first
-            && let Err(e) = self.handle(first, &mut bucket).await
-        {
-            let _ = self.errors.send(e).await;
-            return;
+        let mut opening = true;
+        if let Some(first) = first {
+            opening = false;
+            if let Err(e) = self.handle(first, true, &mut bucket).await {
+                let _ = self.errors.send(e).await;
+                return;
+            }
         }
         loop {
             let next = tokio::select! {
@@ -196,19 +212,30 @@ impl Poster {
                 // The client closed its side or went away: end the stream.
                 Ok(None) | Err(_) => return,
             };
-            if let Err(e) = self.handle(message, &mut bucket).await {
+            let first = std::mem::replace(&mut opening, false);
+            if let Err(e) = self.handle(message, first, &mut bucket).await {
                 let _ = self.errors.send(e).await;
                 return;
             }
         }
     }
 
-    async fn handle(&self, message: Message, bucket: &mut TokenBucket) -> Result<(), Status> {
+    /// Posts one message of the stream; `first` tells whether it opens the stream (where the
+    /// course client's `Set Stream` is a greeting, not a post).
+    async fn handle(
+        &self,
+        message: Message,
+        first: bool,
+        bucket: &mut TokenBucket,
+    ) -> Result<(), Status> {
         if !message.username.is_empty() && message.username != self.user.to_string() {
             return Err(status(Error::PermissionDenied(format!(
                 "this timeline stream belongs to user {}",
                 self.user
             ))));
+        }
+        if first && message.msg.strip_suffix(b"\n").unwrap_or(&message.msg) == SET_STREAM {
+            return Ok(());
         }
         if let Some(wait) = bucket.take(tokio::time::Instant::now()) {
             tokio::select! {

@@ -31,6 +31,9 @@ use crate::storage::{Durable, Snapshot, Storage};
 use sessions::Sessions;
 use timeline::{FeedOwner, Subscribers};
 
+/// How long a stopping server waits for open connections to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// How many posts a timeline shows when it is opened.
 pub const RECENT_POSTS: usize = 20;
 
@@ -152,13 +155,7 @@ impl Server {
             .map(|e| e.epoch)
             .or(recovered.snapshot.as_ref().map(|s| s.epoch))
             .unwrap_or(Epoch(0));
-        let last_at = recovered
-            .entries
-            .iter()
-            .rev()
-            .find(|e| e.event.id.origin == config.cluster)
-            .map(|e| e.event.at)
-            .unwrap_or_default();
+        let last_at = state.latest_time();
         let committed = state.origins().map(|o| (o, state.high_water(o))).collect();
         let core = Core {
             next_index: recovered.last_index().next(),
@@ -218,13 +215,24 @@ impl Server {
                 own.cancel();
             }
         };
-        let result = tonic::transport::Server::builder()
+        let serving = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(self.shared.config.max_concurrent_streams))
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, stop)
-            .await;
+            .serve_with_incoming_shutdown(incoming, stop);
+        // A peer that neither reads nor closes must not hold the shutdown forever.
+        let own = self.shared.shutdown.clone();
+        let result = tokio::select! {
+            result = serving => result,
+            () = async {
+                own.cancelled().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+                Ok(())
+            }
+        };
         self.close().await;
         result.map_err(|e| Error::Unavailable(format!("server transport failed: {e}")))
     }
