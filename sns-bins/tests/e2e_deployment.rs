@@ -22,9 +22,7 @@ fn mp2_1_sanity_then_server_killed_then_restarted() {
     one.expect_line("Command completed successfully");
     one.expect_line("All users: 1, ");
     one.expect_line("Followers: ");
-    one.send("TIMELINE");
-    one.expect_line("Command completed successfully");
-    one.expect_line("Now you are in the timeline");
+    one.enter_timeline();
     drop(one);
 
     // Server killed before the client starts: one line, exit code 1.
@@ -137,12 +135,8 @@ fn sns_up_runs_a_whole_deployment_and_stops_cleanly_on_ctrl_c() {
     one.expect_line("Command completed successfully");
     four.send("FOLLOW 1");
     four.expect_line("Command completed successfully");
-    one.send("TIMELINE");
-    one.expect_line("Command completed successfully");
-    one.expect_line("Now you are in the timeline");
-    four.send("TIMELINE");
-    four.expect_line("Command completed successfully");
-    four.expect_line("Now you are in the timeline");
+    one.enter_timeline();
+    four.enter_timeline();
     one.send("hi four");
     assert!(four.next_line().ends_with(") >> hi four"));
     four.send("hi one");
@@ -207,12 +201,8 @@ fn a_client_in_timeline_mode_rides_out_a_server_restart_without_duplicates() {
     one.expect_banner();
     one.send("FOLLOW 4");
     one.expect_line("Command completed successfully");
-    one.send("TIMELINE");
-    one.expect_line("Command completed successfully");
-    one.expect_line("Now you are in the timeline");
-    four.send("TIMELINE");
-    four.expect_line("Command completed successfully");
-    four.expect_line("Now you are in the timeline");
+    one.enter_timeline();
+    four.enter_timeline();
     four.send("before the crash");
     assert!(one.next_line().ends_with(") >> before the crash"));
 
@@ -222,9 +212,7 @@ fn a_client_in_timeline_mode_rides_out_a_server_restart_without_duplicates() {
 
     let mut four = Tsc::via(coordinator.port, 4);
     four.expect_banner();
-    four.send("TIMELINE");
-    four.expect_line("Command completed successfully");
-    four.expect_line("Now you are in the timeline");
+    four.enter_timeline();
     four.send("after the restart");
     // User 1's client reconnected by itself; the post it already showed is not shown again.
     let next = one.next_line();

@@ -38,12 +38,8 @@ fn course_sanity_case_survives_a_crash_of_the_server() {
     four.expect_line("All users: 1, 4, ");
     four.expect_line("Followers: 1, ");
 
-    one.send("TIMELINE");
-    one.expect_line("Command completed successfully");
-    one.expect_line("Now you are in the timeline");
-    four.send("TIMELINE");
-    four.expect_line("Command completed successfully");
-    four.expect_line("Now you are in the timeline");
+    one.enter_timeline();
+    four.enter_timeline();
 
     four.send("hello from four");
     let line = one.next_line();
@@ -69,9 +65,7 @@ fn course_sanity_case_survives_a_crash_of_the_server() {
     one.expect_line("Followers: ");
     one.send("FOLLOW 4");
     one.expect_line("Input username already exists, command failed");
-    one.send("TIMELINE");
-    one.expect_line("Command completed successfully");
-    one.expect_line("Now you are in the timeline");
+    one.enter_timeline();
     // The last posts, newest first.
     let newest = one.next_line();
     assert!(newest.ends_with(") >> second post"), "{newest:?}");

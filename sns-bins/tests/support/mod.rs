@@ -64,6 +64,32 @@ impl Lines {
     }
 }
 
+/// Starts a server-like binary with `args`, its stderr captured as log lines, and waits for a
+/// log line that says it is ready.
+fn spawn_logged(
+    program: &str,
+    args: &[String],
+    name: &str,
+    ready: impl Fn(&str) -> bool,
+) -> (Child, Lines) {
+    let mut child = Command::new(program)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("SNS_CLUSTER_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {name}: {e}"));
+    let log = Lines::new(child.stderr.take().expect("stderr"), name);
+    log.until(ready);
+    (child, log)
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
 /// A running `tsd`.
 pub struct Tsd {
     child: Child,
@@ -77,37 +103,37 @@ impl Tsd {
     /// Starts `tsd` as server `server` of cluster `cluster`, joined to the coordinator on
     /// `coordinator`, and waits until the coordinator made it master.
     pub fn join(cluster: u32, server: u32, coordinator: u16, port: u16, dir: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tsd"))
-            .args(["-c", &cluster.to_string(), "-s", &server.to_string()])
-            .args(["-h", "127.0.0.1", "-k", &coordinator.to_string()])
-            .args(["-p", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--heartbeat-ms", HEARTBEAT_MS, "--data-dir"])
-            .arg(dir)
-            .env("RUST_LOG", "info")
-            .env_remove("SNS_CLUSTER_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start tsd");
-        let log = Lines::new(child.stderr.take().expect("stderr"), "tsd");
-        log.until(|l| l.contains("role assigned") && l.contains("master"));
+        let mut args = strings(&[
+            "-c",
+            &cluster.to_string(),
+            "-s",
+            &server.to_string(),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            &coordinator.to_string(),
+            "-p",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--heartbeat-ms",
+            HEARTBEAT_MS,
+            "--data-dir",
+        ]);
+        args.push(dir.display().to_string());
+        let (child, log) = spawn_logged(env!("CARGO_BIN_EXE_tsd"), &args, "tsd", |l| {
+            l.contains("role assigned") && l.contains("master")
+        });
         Self { child, log }
     }
 
     /// Starts `tsd` on `port` with data in `dir`, and waits until it serves.
     pub fn start(port: u16, dir: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tsd"))
-            .args(["-p", &port.to_string(), "--bind", "127.0.0.1", "--data-dir"])
-            .arg(dir)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start tsd");
-        let log = Lines::new(child.stderr.take().expect("stderr"), "tsd");
-        log.until(|l| l.contains("serving clients"));
+        let mut args = strings(&["-p", &port.to_string(), "--bind", "127.0.0.1", "--data-dir"]);
+        args.push(dir.display().to_string());
+        let (child, log) = spawn_logged(env!("CARGO_BIN_EXE_tsd"), &args, "tsd", |l| {
+            l.contains("serving clients")
+        });
         Self { child, log }
     }
 
@@ -135,23 +161,22 @@ impl Coordinator {
     /// Starts a coordinator for `clusters` clusters and waits until it serves.
     pub fn start(clusters: u32) -> Self {
         let port = free_port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
-            .args(["-p", &port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--clusters",
-                &clusters.to_string(),
-                "--heartbeat-ms",
-                HEARTBEAT_MS,
-            ])
-            .env("RUST_LOG", "info")
-            .env_remove("SNS_CLUSTER_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start coordinator");
-        let log = Lines::new(child.stderr.take().expect("stderr"), "coordinator");
-        log.until(|l| l.contains("coordinator serving"));
+        let args = strings(&[
+            "-p",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--clusters",
+            &clusters.to_string(),
+            "--heartbeat-ms",
+            HEARTBEAT_MS,
+        ]);
+        let (child, log) = spawn_logged(
+            env!("CARGO_BIN_EXE_coordinator"),
+            &args,
+            "coordinator",
+            |l| l.contains("coordinator serving"),
+        );
         Self { child, log, port }
     }
 }
@@ -242,6 +267,13 @@ impl Tsc {
     /// Asserts the next output line.
     pub fn expect_line(&self, expected: &str) {
         assert_eq!(self.next_line(), expected);
+    }
+
+    /// Types `TIMELINE` and asserts the two lines that confirm timeline mode.
+    pub fn enter_timeline(&mut self) {
+        self.send("TIMELINE");
+        self.expect_line("Command completed successfully");
+        self.expect_line("Now you are in the timeline");
     }
 
     /// Asserts the course banner.

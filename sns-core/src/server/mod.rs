@@ -12,7 +12,6 @@ mod sessions;
 mod timeline;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -610,9 +609,4 @@ fn fan_out(core: &mut Core, post: &Arc<Post>) {
             }
         }
     }
-}
-
-/// The address a listener is bound to, for logs and clients.
-pub fn local_addr(listener: &tokio::net::TcpListener) -> Result<SocketAddr> {
-    Ok(listener.local_addr()?)
 }
