@@ -5,14 +5,12 @@
 //! "already following" for a follow). Following or unfollowing yourself is caught here before
 //! any request is sent.
 
-use std::time::Duration;
-
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
 use sns_proto::csce438::sns_service_client::SnsServiceClient;
 use sns_proto::csce438::{Id, Message, Request};
 use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use crate::error::{Error, Result};
@@ -20,9 +18,7 @@ use crate::event::normalize_post_text;
 use crate::grpc::sns::{TERMINATED_METADATA, TIMELINE_MODE_METADATA, USERNAME_METADATA};
 use crate::ids::{Timestamp, UserId};
 use crate::server::Listing;
-
-/// How long a connection attempt may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+use crate::transport::Network;
 
 /// Which command a status answered, to give its code a meaning.
 #[derive(Debug, Clone, Copy)]
@@ -58,45 +54,82 @@ fn from_status(status: &Status, command: Command, user: UserId) -> Error {
     }
 }
 
-/// Connects to a gRPC endpoint at `addr` (`host:port`), failing after [`CONNECT_TIMEOUT`].
-pub async fn connect(addr: &str) -> Result<Channel> {
-    let unreachable = |reason: String| Error::Unreachable {
-        addr: addr.to_string(),
-        reason,
-    };
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| unreachable(format!("bad address: {e}")))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5));
-    endpoint.connect().await.map_err(|e| {
-        let mut reason = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(inner) = source {
-            reason = inner.to_string();
-            source = inner.source();
-        }
-        unreachable(reason)
-    })
+/// A handle on the coordinator: one channel, reused for every question (and re-established
+/// by tonic after a broken connection).
+#[derive(Debug, Clone)]
+pub struct CoordinatorClient {
+    rpc: CoordServiceClient<Channel>,
+    network: Network,
+    addr: String,
+}
+
+impl CoordinatorClient {
+    /// A handle on the coordinator at `addr` (`host:port`) that connects on first use.
+    pub fn new(network: &Network, addr: &str) -> Result<Self> {
+        Ok(Self {
+            rpc: CoordServiceClient::new(network.channel(addr)?),
+            network: network.clone(),
+            addr: addr.to_string(),
+        })
+    }
+
+    /// A handle on the coordinator at `addr`, connected now (fails with
+    /// [`Error::Unreachable`] if it cannot be reached).
+    pub async fn connect(network: &Network, addr: &str) -> Result<Self> {
+        Ok(Self {
+            rpc: CoordServiceClient::new(network.connect(addr).await?),
+            network: network.clone(),
+            addr: addr.to_string(),
+        })
+    }
+
+    /// The coordinator's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Which server serves `user`: its `host:port`.
+    pub async fn locate(&self, user: UserId) -> Result<String> {
+        let reply = self
+            .rpc
+            .clone()
+            .get_server(Id {
+                id: user.get() as i32,
+            })
+            .await
+            .map_err(|s| {
+                // A status with a source was made on this side from a broken connection.
+                if let Some(source) = std::error::Error::source(&s) {
+                    return Error::Unreachable {
+                        addr: self.addr.clone(),
+                        reason: crate::transport::innermost(source),
+                    };
+                }
+                match s.code() {
+                    Code::Unavailable => Error::Unavailable(s.message().to_string()),
+                    Code::InvalidArgument => Error::InvalidInput(s.message().to_string()),
+                    _ => Error::Rpc(format!("{:?}: {}", s.code(), s.message())),
+                }
+            })?
+            .into_inner();
+        Ok(format!("{}:{}", reply.hostname, reply.port))
+    }
+
+    /// Finds `user`'s server and logs in there, on the same network.
+    pub async fn login(&self, user: UserId) -> Result<Client> {
+        let addr = self.locate(user).await?;
+        Client::login(&self.network, &addr, user).await
+    }
 }
 
 /// Asks the coordinator at `coordinator` (`host:port`) which server serves `user`; returns
-/// that server's `host:port`.
-pub async fn locate(coordinator: &str, user: UserId) -> Result<String> {
-    let channel = connect(coordinator).await?;
-    let reply = CoordServiceClient::new(channel)
-        .get_server(Id {
-            id: user.get() as i32,
-        })
+/// that server's `host:port`. Opens a connection for this one question: keep a
+/// [`CoordinatorClient`] to ask more than once.
+pub async fn locate(network: &Network, coordinator: &str, user: UserId) -> Result<String> {
+    CoordinatorClient::connect(network, coordinator)
+        .await?
+        .locate(user)
         .await
-        .map_err(|s| match s.code() {
-            Code::Unavailable => Error::Unavailable(s.message().to_string()),
-            Code::InvalidArgument => Error::InvalidInput(s.message().to_string()),
-            _ => Error::Rpc(format!("{:?}: {}", s.code(), s.message())),
-        })?
-        .into_inner();
-    Ok(format!("{}:{}", reply.hostname, reply.port))
 }
 
 /// A logged-in user's connection to a server.
@@ -108,9 +141,9 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the server at `addr` and logs `user` in.
-    pub async fn login(addr: &str, user: UserId) -> Result<Self> {
-        let channel = connect(addr).await?;
+    /// Connects to the server at `addr` (`host:port`) through `network` and logs `user` in.
+    pub async fn login(network: &Network, addr: &str, user: UserId) -> Result<Self> {
+        let channel = network.connect(addr).await?;
         let client = Self {
             rpc: SnsServiceClient::new(channel),
             user,
@@ -127,18 +160,18 @@ impl Client {
 
     /// Connects to the server at `addr` for `user` without logging in again: for resuming a
     /// session after a reconnect (the server refuses a second login while the session lives).
-    pub async fn attach(addr: &str, user: UserId) -> Result<Self> {
+    pub async fn attach(network: &Network, addr: &str, user: UserId) -> Result<Self> {
         Ok(Self {
-            rpc: SnsServiceClient::new(connect(addr).await?),
+            rpc: SnsServiceClient::new(network.connect(addr).await?),
             user,
             addr: addr.to_string(),
         })
     }
 
     /// Finds `user`'s server through the coordinator at `coordinator` and logs in there.
-    pub async fn login_via(coordinator: &str, user: UserId) -> Result<Self> {
-        let addr = locate(coordinator, user).await?;
-        Self::login(&addr, user).await
+    pub async fn login_via(network: &Network, coordinator: &str, user: UserId) -> Result<Self> {
+        let addr = locate(network, coordinator, user).await?;
+        Self::login(network, &addr, user).await
     }
 
     /// The logged-in user.

@@ -1,17 +1,19 @@
 //! A whole deployment in one process: a coordinator and N clusters of servers, each server on
 //! its own listener and storage, joined to the coordinator by heartbeats.
 //!
-//! `sns up` runs one on the course's ports with file storage; `TestCluster` (feature
-//! `test-util`) runs one on ephemeral ports. Servers can be killed, restarted and isolated from
-//! the coordinator one by one.
+//! `sns up` runs one over TCP on the course's ports with file storage; `TestCluster` (feature
+//! `test-util`) runs one on in-memory pipes ([`Transport::Memory`]), with no sockets at all.
+//! Servers can be killed, restarted, and cut off from the coordinator one by one (a cut is a
+//! property of the memory network, so it stalls real connections, as a partition would).
+//!
+//! On the memory network the coordinator is node [`COORDINATOR_NODE`] and server `s` of
+//! cluster `c` is node `cluster<c>-server<s>` ([`server_node`]); addresses are `node:port`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +22,40 @@ use crate::error::{Error, Result};
 use crate::ids::{ClusterId, ServerId};
 use crate::server::{CoordinatorLink, Server, ServerConfig};
 use crate::storage::{FileStorage, MemoryStorage, Storage};
+use crate::transport::{Listener, MemoryNetwork, Network, tcp};
+
+/// The coordinator's node name on the memory network.
+pub const COORDINATOR_NODE: &str = "coordinator";
+
+/// The node name of server `server` of cluster `cluster` on the memory network.
+pub fn server_node(cluster: ClusterId, server: ServerId) -> String {
+    format!("cluster{cluster}-server{server}")
+}
+
+/// The node name callers outside the deployment (clients, tools) dial from on the memory
+/// network.
+pub const CLIENT_NODE: &str = "client";
+
+/// How the components of a deployment talk to each other.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// The operating system's TCP, on `bind_host`, advertised as `advertise_host` (binaries).
+    Tcp,
+    /// In-memory pipes on this network: no sockets; `bind_host` and `advertise_host` are
+    /// unused (embedding and tests).
+    Memory(MemoryNetwork),
+}
+
+/// Which way a cut between a server and the coordinator goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Bytes from the server to the coordinator (its heartbeats) stall.
+    ToCoordinator,
+    /// Bytes from the coordinator to the server (the replies) stall.
+    FromCoordinator,
+    /// Both.
+    Both,
+}
 
 /// Which ports the components listen on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +86,8 @@ pub struct DeploymentConfig {
     pub clusters: u32,
     /// Servers per cluster (a master and its slaves).
     pub servers_per_cluster: u32,
+    /// How the components talk: TCP (default) or in-memory pipes.
+    pub transport: Transport,
     /// Listening ports.
     pub ports: Ports,
     /// Address to bind listeners to.
@@ -73,6 +111,7 @@ impl Default for DeploymentConfig {
         Self {
             clusters: 3,
             servers_per_cluster: 2,
+            transport: Transport::Tcp,
             ports: Ports::Course { coordinator: 9090 },
             bind_host: "127.0.0.1".to_string(),
             advertise_host: "127.0.0.1".to_string(),
@@ -88,9 +127,10 @@ impl Default for DeploymentConfig {
 /// One server slot of a deployment.
 #[derive(Debug)]
 struct Slot {
+    /// Host part of the address: the advertised host (TCP) or the node name (memory).
+    host: String,
     port: u16,
     memory: MemoryStorage,
-    isolated: Arc<AtomicBool>,
     running: Option<Running>,
 }
 
@@ -107,6 +147,8 @@ pub struct Deployment {
     config: DeploymentConfig,
     coordinator: Coordinator,
     coordinator_addr: String,
+    /// The network outsiders dial from.
+    network: Network,
     coordinator_shutdown: CancellationToken,
     coordinator_task: JoinHandle<Result<()>>,
     slots: BTreeMap<(ClusterId, ServerId), Slot>,
@@ -127,14 +169,20 @@ pub struct ServerPlace {
     pub running: bool,
 }
 
-async fn bind(host: &str, port: u16) -> Result<TcpListener> {
-    TcpListener::bind((host, port)).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AddrInUse {
-            Error::Unavailable(format!("port {port} is already in use"))
-        } else {
-            Error::Unavailable(format!("cannot listen on {host}:{port}: {e}"))
-        }
-    })
+/// Listens for one component: on `bind_host:port` over TCP, on `node:port` in memory.
+async fn bind(config: &DeploymentConfig, node: &str, port: u16) -> Result<Listener> {
+    match &config.transport {
+        Transport::Tcp => tcp::bind(&crate::transport::address(&config.bind_host, port)).await,
+        Transport::Memory(network) => network.bind(&crate::transport::address(node, port)),
+    }
+}
+
+/// The network a node dials from.
+fn network_of(config: &DeploymentConfig, node: &str) -> Network {
+    match &config.transport {
+        Transport::Tcp => Network::tcp(),
+        Transport::Memory(network) => network.node(node),
+    }
 }
 
 impl Deployment {
@@ -160,12 +208,14 @@ impl Deployment {
             }
             Ports::Auto => 0,
         };
-        let listener = bind(&config.bind_host, coordinator_port).await?;
-        let coordinator_addr = format!(
-            "{}:{}",
-            config.advertise_host,
-            listener.local_addr()?.port()
-        );
+        let listener = bind(&config, COORDINATOR_NODE, coordinator_port).await?;
+        let coordinator_addr = match config.transport {
+            Transport::Tcp => crate::transport::address(
+                &config.advertise_host,
+                listener.port().unwrap_or(coordinator_port),
+            ),
+            Transport::Memory(_) => listener.addr().to_string(),
+        };
         let coordinator = Coordinator::new(CoordinatorConfig {
             routing: RoutingConfig {
                 clusters: config.clusters,
@@ -180,10 +230,12 @@ impl Deployment {
             let shutdown = coordinator_shutdown.clone();
             async move { coordinator.serve(listener, shutdown).await }
         });
+        let network = network_of(&config, CLIENT_NODE);
         let mut deployment = Self {
             config,
             coordinator,
             coordinator_addr,
+            network,
             coordinator_shutdown,
             coordinator_task,
             slots: BTreeMap::new(),
@@ -197,12 +249,16 @@ impl Deployment {
                     Ports::Course { .. } => (c * 10_000 + s - 1) as u16,
                     Ports::Auto => 0,
                 };
+                let host = match deployment.config.transport {
+                    Transport::Tcp => deployment.config.advertise_host.clone(),
+                    Transport::Memory(_) => server_node(cluster, server),
+                };
                 deployment.slots.insert(
                     (cluster, server),
                     Slot {
+                        host,
                         port,
                         memory: MemoryStorage::new(),
-                        isolated: Arc::new(AtomicBool::new(false)),
                         running: None,
                     },
                 );
@@ -225,6 +281,20 @@ impl Deployment {
         &self.coordinator
     }
 
+    /// The network to reach the deployment from outside (clients, tools): TCP, or the memory
+    /// network as node [`CLIENT_NODE`].
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
+    /// The memory network the deployment runs on, if it does.
+    pub fn memory_network(&self) -> Option<&MemoryNetwork> {
+        match &self.config.transport {
+            Transport::Tcp => None,
+            Transport::Memory(network) => Some(network),
+        }
+    }
+
     /// The deployment's settings.
     pub fn config(&self) -> &DeploymentConfig {
         &self.config
@@ -244,7 +314,7 @@ impl Deployment {
             .map(|((cluster, server), slot)| ServerPlace {
                 cluster: *cluster,
                 server: *server,
-                addr: format!("{}:{}", self.config.advertise_host, slot.port),
+                addr: crate::transport::address(&slot.host, slot.port),
                 data_dir: self.data_dir(*cluster, *server),
                 running: slot.running.is_some(),
             })
@@ -288,23 +358,21 @@ impl Deployment {
                 Error::Unavailable(format!("cannot open data directory {}: {e}", dir.display()))
             })?),
         };
-        let listener = bind(&self.config.bind_host, slot.port).await?;
-        slot.port = listener.local_addr()?.port();
+        let node = server_node(cluster, server);
+        let listener = bind(&self.config, &node, slot.port).await?;
+        slot.port = listener.port().unwrap_or(slot.port);
         let config = ServerConfig {
             cluster,
             server_id: server,
             ..self.config.server.clone()
         };
         let instance = Server::open(config, storage).await?;
-        let mut link = CoordinatorLink::new(
-            self.coordinator_addr.clone(),
-            self.config.advertise_host.clone(),
-            slot.port,
-        );
+        let mut link =
+            CoordinatorLink::new(self.coordinator_addr.clone(), slot.host.clone(), slot.port);
         link.interval = self.config.heartbeat_interval;
         link.missed_heartbeats = self.config.missed_heartbeats;
         link.cluster_token = self.config.cluster_token.clone();
-        instance.join(link, Arc::clone(&slot.isolated));
+        instance.join(link, network_of(&self.config, &node));
         let shutdown = CancellationToken::new();
         let serving = tokio::spawn({
             let instance = instance.clone();
@@ -319,13 +387,37 @@ impl Deployment {
         Ok(())
     }
 
-    /// Cuts (or restores) a server's link to the coordinator: its heartbeats stop arriving.
-    pub fn isolate(&self, cluster: ClusterId, server: ServerId, isolated: bool) -> Result<()> {
-        let slot = self
-            .slots
-            .get(&(cluster, server))
-            .ok_or_else(|| Error::invalid(format!("no server {server} in cluster {cluster}")))?;
-        slot.isolated.store(isolated, Ordering::Relaxed);
+    /// Cuts (`cut = true`) or heals a server's link to the coordinator in `direction`, on the
+    /// memory network: heartbeats or their replies stall on the open connection, and new
+    /// connections between the two do not complete. Over TCP this is refused.
+    pub fn cut(
+        &self,
+        cluster: ClusterId,
+        server: ServerId,
+        direction: Direction,
+        cut: bool,
+    ) -> Result<()> {
+        if !self.slots.contains_key(&(cluster, server)) {
+            return Err(Error::invalid(format!(
+                "no server {server} in cluster {cluster}"
+            )));
+        }
+        let network = self
+            .memory_network()
+            .ok_or_else(|| Error::invalid("partitions need the memory transport"))?;
+        let node = server_node(cluster, server);
+        let links: &[(&str, &str)] = match direction {
+            Direction::ToCoordinator => &[(&node, COORDINATOR_NODE)],
+            Direction::FromCoordinator => &[(COORDINATOR_NODE, &node)],
+            Direction::Both => &[(&node, COORDINATOR_NODE), (COORDINATOR_NODE, &node)],
+        };
+        for (from, to) in links {
+            if cut {
+                network.cut(from, to);
+            } else {
+                network.heal(from, to);
+            }
+        }
         Ok(())
     }
 
@@ -359,9 +451,15 @@ impl Deployment {
         }
     }
 
-    /// Stops every server, then the coordinator, and waits for all their tasks.
+    /// Stops every server, then the coordinator, and waits for all their tasks. Cuts this
+    /// deployment made are healed first, so connections can close gracefully.
     pub async fn shutdown(mut self) {
         let keys: Vec<_> = self.slots.keys().copied().collect();
+        if let Some(network) = self.memory_network() {
+            for (cluster, server) in &keys {
+                network.repair(&server_node(*cluster, *server), COORDINATOR_NODE);
+            }
+        }
         for (cluster, server) in keys {
             let _ = self.kill(cluster, server).await;
         }

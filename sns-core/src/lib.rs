@@ -4,8 +4,13 @@
 //! ([`Storage`]). Around it: the [`Server`] (the course's `SNSService` over gRPC) and the typed
 //! [`Client`]. Binaries in `sns-bins` only parse flags and call into this crate.
 //!
-//! What this crate does not do: it does not create sockets or data directories on its own
-//! (callers pass listeners and storage in), and it does not install signal handlers or logging.
+//! Networking is injected ([`transport`]): components serve on a [`Listener`] and reach their
+//! peers through a [`Network`], so the same code runs on TCP, on in-memory pipes
+//! ([`MemoryNetwork`]) or on a simulated network.
+//!
+//! What this crate does not do: it does not choose ports, networks or data directories on its
+//! own (callers pass listeners, networks and storage in; [`Deployment`] creates them from its
+//! explicit config), and it does not install signal handlers or logging.
 
 pub mod client;
 mod codec;
@@ -20,13 +25,15 @@ pub mod state;
 pub mod storage;
 #[cfg(feature = "test-util")]
 pub mod testing;
+pub mod transport;
 
-pub use client::{Client, ReceivedPost, TimelineSender, TimelineStream};
+pub use client::{Client, CoordinatorClient, ReceivedPost, TimelineSender, TimelineStream};
 pub use coordinator::{Coordinator, CoordinatorConfig, RoutingConfig, RoutingTable};
-pub use deployment::{Data, Deployment, DeploymentConfig, Ports};
+pub use deployment::{Data, Deployment, DeploymentConfig, Ports, Transport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
 pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, ServerId, Timestamp, UserId};
 pub use server::{CoordinatorLink, Listing, Role, Server, ServerConfig, TimelineFeed};
 pub use state::{Applied, State};
 pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};
+pub use transport::{Listener, MemoryNetwork, Network};

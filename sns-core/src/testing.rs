@@ -1,5 +1,5 @@
-//! Helpers for tests and embedders (feature `test-util`): start servers on port 0 and wait for
-//! conditions without sleeping a fixed time.
+//! Helpers for tests and embedders (feature `test-util`): start servers and whole deployments
+//! on in-memory pipes (or TCP port 0), and wait for conditions without sleeping a fixed time.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
+use crate::deployment::Direction;
 use crate::error::Result;
 use crate::server::{Server, ServerConfig};
 use crate::storage::Storage;
+use crate::transport::{Listener, MemoryNetwork, Network};
 
 /// Polls `check` until it returns `true` or `timeout` passes; returns whether it held.
 pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
@@ -32,22 +35,43 @@ where
     }
 }
 
-/// A server serving on a loopback port chosen by the OS.
+/// A standalone server, on in-memory pipes or a loopback TCP port.
 #[derive(Debug)]
 pub struct TestServer {
     /// The server itself, for direct calls.
     pub server: Server,
-    /// `127.0.0.1:<port>`.
+    /// Its address (`127.0.0.1:<port>` over TCP, `server:<port>` in memory).
     pub addr: String,
+    /// The network that reaches it.
+    pub network: Network,
     shutdown: CancellationToken,
     serving: JoinHandle<Result<()>>,
 }
 
 impl TestServer {
-    /// Opens a server on `storage` and serves it on `127.0.0.1:0`.
+    /// Opens a server on `storage` and serves it over TCP on `127.0.0.1:0`.
     pub async fn start(config: ServerConfig, storage: Arc<dyn Storage>) -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?.to_string();
+        let listener = crate::transport::tcp::bind("127.0.0.1:0").await?;
+        Self::serve(listener, Network::tcp(), config, storage).await
+    }
+
+    /// Opens a server on `storage` and serves it on a fresh in-memory network, as node
+    /// `server`; [`TestServer::network`] dials it from node `client`.
+    pub async fn start_in_memory(config: ServerConfig, storage: Arc<dyn Storage>) -> Result<Self> {
+        let memory = MemoryNetwork::new();
+        let listener = memory.bind("server:0")?;
+        Self::serve(listener, memory.node("client"), config, storage).await
+    }
+
+    /// Opens a server on `storage` and serves it on `listener`; `network` is how tests reach
+    /// it.
+    pub async fn serve(
+        listener: Listener,
+        network: Network,
+        config: ServerConfig,
+        storage: Arc<dyn Storage>,
+    ) -> Result<Self> {
+        let addr = listener.addr().to_string();
         let server = Server::open(config, storage).await?;
         let shutdown = CancellationToken::new();
         let serving = tokio::spawn({
@@ -58,9 +82,21 @@ impl TestServer {
         Ok(Self {
             server,
             addr,
+            network,
             shutdown,
             serving,
         })
+    }
+
+    /// A logged-in client for `user`.
+    pub async fn client(&self, user: u32) -> Result<crate::Client> {
+        let user = crate::UserId::new(user).ok_or_else(|| crate::Error::invalid("bad user"))?;
+        crate::Client::login(&self.network, &self.addr, user).await
+    }
+
+    /// A gRPC channel to the server, for raw calls.
+    pub async fn channel(&self) -> Result<Channel> {
+        self.network.connect(&self.addr).await
     }
 
     /// Stops serving and waits until every task of the server has finished.
@@ -85,6 +121,8 @@ pub struct TestClusterConfig {
     pub heartbeat_interval: Duration,
     /// Cluster token for internal calls.
     pub cluster_token: Option<String>,
+    /// Loopback TCP on ports chosen by the OS (`true`) or in-memory pipes, no sockets.
+    pub tcp: bool,
 }
 
 impl Default for TestClusterConfig {
@@ -92,6 +130,7 @@ impl Default for TestClusterConfig {
         Self {
             clusters: 3,
             servers_per_cluster: 2,
+            tcp: false,
             files: false,
             heartbeat_interval: Duration::from_millis(100),
             cluster_token: None,
@@ -99,7 +138,8 @@ impl Default for TestClusterConfig {
     }
 }
 
-/// A coordinator and N clusters of servers in this process, on ports chosen by the OS.
+/// A coordinator and N clusters of servers in this process, on in-memory pipes (or on TCP
+/// ports chosen by the OS).
 #[derive(Debug)]
 pub struct TestCluster {
     deployment: crate::deployment::Deployment,
@@ -138,6 +178,11 @@ impl TestCluster {
                 clusters: config.clusters,
                 servers_per_cluster: config.servers_per_cluster,
                 ports: crate::deployment::Ports::Auto,
+                transport: if config.tcp {
+                    crate::deployment::Transport::Tcp
+                } else {
+                    crate::deployment::Transport::Memory(MemoryNetwork::new())
+                },
                 data,
                 heartbeat_interval: config.heartbeat_interval,
                 cluster_token: config.cluster_token,
@@ -161,13 +206,24 @@ impl TestCluster {
         self.deployment.coordinator_addr()
     }
 
+    /// The network that reaches the deployment from outside (from node `client` in memory).
+    pub fn network(&self) -> &Network {
+        self.deployment.network()
+    }
+
+    /// A gRPC channel to `addr` (the coordinator or a server), for raw calls.
+    pub async fn channel(&self, addr: &str) -> Result<Channel> {
+        self.network().connect(addr).await
+    }
+
     /// A logged-in client for `user`, routed by the coordinator; retries until a master of
     /// the user's cluster answers (10 s at most).
     pub async fn client(&self, user: u32) -> Result<crate::Client> {
         let user = crate::UserId::new(user).ok_or_else(|| crate::Error::invalid("bad user"))?;
+        let coordinator = crate::CoordinatorClient::new(self.network(), self.coordinator_addr())?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            match crate::Client::login_via(self.coordinator_addr(), user).await {
+            match coordinator.login(user).await {
                 Ok(client) => return Ok(client),
                 Err(crate::Error::Unavailable(_) | crate::Error::Unreachable { .. })
                     if tokio::time::Instant::now() < deadline =>
@@ -197,10 +253,22 @@ impl TestCluster {
         self.deployment.restart(c, s).await
     }
 
-    /// Partitions a server from the coordinator (`true`) or heals the partition (`false`).
-    pub fn partition(&self, cluster: u32, server: u32, partitioned: bool) -> Result<()> {
+    /// Partitions a server from the coordinator in both directions (`cut = true`) or heals the
+    /// partition (`false`). Needs the memory transport.
+    pub fn partition(&self, cluster: u32, server: u32, cut: bool) -> Result<()> {
+        self.partition_oneway(cluster, server, Direction::Both, cut)
+    }
+
+    /// Cuts or heals one direction between a server and the coordinator.
+    pub fn partition_oneway(
+        &self,
+        cluster: u32,
+        server: u32,
+        direction: Direction,
+        cut: bool,
+    ) -> Result<()> {
         let (c, s) = ids(cluster, server)?;
-        self.deployment.isolate(c, s, partitioned)
+        self.deployment.cut(c, s, direction, cut)
     }
 
     /// Stops everything and waits for every task.

@@ -1,9 +1,11 @@
-//! Several clusters in one process (`TestCluster`): routing through the coordinator, roles,
-//! failure detection, restarts, the cluster token, and slaves refusing clients.
+//! Several clusters in one process (`TestCluster`, on in-memory pipes unless a test asks for
+//! TCP): routing through the coordinator, roles, failure detection, partitions, restarts, the
+//! cluster token, and slaves refusing clients.
 
 use std::time::Duration;
 
-use sns_core::client::{Client, locate};
+use sns_core::client::{Client, CoordinatorClient, locate};
+use sns_core::deployment::Direction;
 use sns_core::testing::{TestCluster, TestClusterConfig, eventually};
 use sns_core::{Error, Role, UserId};
 use sns_proto::csce438::ServerInfo;
@@ -34,7 +36,7 @@ async fn users_are_routed_to_the_master_of_their_cluster() {
     for user in 1..=6u32 {
         let c = (user - 1) % 3 + 1;
         let master = master_of(&cluster, c);
-        let addr = locate(cluster.coordinator_addr(), u(user))
+        let addr = locate(cluster.network(), cluster.coordinator_addr(), u(user))
             .await
             .expect("routed");
         let places = cluster.deployment().servers();
@@ -91,7 +93,7 @@ async fn a_slave_refuses_clients_with_unavailable() {
         .find(|p| p.server.get() == slave)
         .expect("slave")
         .addr;
-    let refused = Client::login(slave_addr, u(1)).await;
+    let refused = Client::login(cluster.network(), slave_addr, u(1)).await;
     assert!(matches!(refused, Err(Error::Unavailable(_))), "{refused:?}");
     cluster.shutdown().await;
 }
@@ -109,11 +111,11 @@ async fn a_dead_master_is_not_routed_to_and_a_restart_brings_the_cluster_back() 
     let one = cluster.client(1).await.expect("client");
     one.logout().await.expect("logout");
     cluster.kill(1, 1).await.expect("kill");
-    let coordinator = cluster.coordinator_addr().to_string();
+    let coordinator =
+        CoordinatorClient::new(cluster.network(), cluster.coordinator_addr()).expect("handle");
     assert!(
-        eventually(WAIT, || {
-            let coordinator = coordinator.clone();
-            async move { matches!(locate(&coordinator, u(1)).await, Err(Error::Unavailable(_))) }
+        eventually(WAIT, || async {
+            matches!(coordinator.locate(u(1)).await, Err(Error::Unavailable(_)))
         })
         .await,
         "the coordinator stops routing to the dead server"
@@ -133,23 +135,85 @@ async fn a_partitioned_master_steps_down_and_is_no_longer_routed() {
     })
     .await
     .expect("start");
+    let client = cluster.client(1).await.expect("client");
+    let coordinator =
+        CoordinatorClient::new(cluster.network(), cluster.coordinator_addr()).expect("handle");
     cluster.partition(1, 1, true).expect("partition");
     let server = cluster.server(1, 1).expect("running").clone();
     assert!(
-        eventually(WAIT, || {
-            let server = server.clone();
-            async move { server.role() == Role::Slave }
-        })
-        .await,
+        eventually(WAIT, || async { server.role() == Role::Slave }).await,
         "a master cut off from the coordinator stops accepting writes"
     );
-    cluster.partition(1, 1, false).expect("heal");
+    // The client is not cut off from the server: the refusal comes from the server itself.
     assert!(
-        eventually(WAIT, || {
-            let server = server.clone();
-            async move { server.role() == Role::Master }
+        matches!(client.follow(u(4)).await, Err(Error::Unavailable(_))),
+        "writes are refused"
+    );
+    assert!(
+        eventually(WAIT, || async {
+            matches!(coordinator.locate(u(1)).await, Err(Error::Unavailable(_)))
         })
-        .await
+        .await,
+        "the coordinator stops routing to a server it does not hear"
+    );
+    cluster.partition(1, 1, false).expect("heal");
+    assert!(eventually(WAIT, || async { server.role() == Role::Master }).await);
+    assert!(
+        eventually(WAIT, || async { coordinator.locate(u(1)).await.is_ok() }).await,
+        "routed again after the heal"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_master_that_hears_no_replies_steps_down_though_the_coordinator_hears_it() {
+    let cluster = TestCluster::start_with(TestClusterConfig {
+        clusters: 1,
+        servers_per_cluster: 1,
+        ..TestClusterConfig::default()
+    })
+    .await
+    .expect("start");
+    cluster
+        .partition_oneway(1, 1, Direction::FromCoordinator, true)
+        .expect("cut the replies");
+    let server = cluster.server(1, 1).expect("running").clone();
+    assert!(
+        eventually(WAIT, || async { server.role() == Role::Slave }).await,
+        "no replies for a failure timeout: step down"
+    );
+    let alive = cluster
+        .deployment()
+        .coordinator()
+        .table()
+        .nodes(tokio::time::Instant::now())
+        .iter()
+        .any(|n| n.alive);
+    assert!(alive, "its heartbeats still arrive: the cut is one way");
+    cluster
+        .partition_oneway(1, 1, Direction::FromCoordinator, false)
+        .expect("heal");
+    assert!(eventually(WAIT, || async { server.role() == Role::Master }).await);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_deployment_also_runs_over_loopback_tcp() {
+    let cluster = TestCluster::start_with(TestClusterConfig {
+        clusters: 2,
+        tcp: true,
+        ..TestClusterConfig::default()
+    })
+    .await
+    .expect("start");
+    assert!(cluster.coordinator_addr().starts_with("127.0.0.1:"));
+    let one = cluster.client(1).await.expect("client 1");
+    let three = cluster.client(3).await.expect("client 3");
+    three.follow(u(1)).await.expect("same cluster");
+    assert_eq!(one.list().await.expect("list").followers, [u(3)]);
+    assert!(
+        cluster.partition(1, 1, true).is_err(),
+        "partitions need the memory network"
     );
     cluster.shutdown().await;
 }
@@ -164,7 +228,8 @@ async fn internal_calls_need_the_cluster_token_when_one_is_set() {
     })
     .await
     .expect("start: servers present the token");
-    let channel = sns_core::client::connect(cluster.coordinator_addr())
+    let channel = cluster
+        .channel(cluster.coordinator_addr())
         .await
         .expect("connect");
     let mut coord = CoordServiceClient::new(channel.clone());
@@ -198,7 +263,8 @@ async fn internal_calls_need_the_cluster_token_when_one_is_set() {
 #[tokio::test]
 async fn bad_registrations_are_invalid_arguments_and_change_nothing() {
     let cluster = TestCluster::start(3).await.expect("start");
-    let channel = sns_core::client::connect(cluster.coordinator_addr())
+    let channel = cluster
+        .channel(cluster.coordinator_addr())
         .await
         .expect("connect");
     let mut coord = CoordServiceClient::new(channel.clone());

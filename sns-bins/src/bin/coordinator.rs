@@ -48,10 +48,11 @@ async fn run(args: Args) -> Result<(), String> {
         },
         cluster_token: args.token.cluster_token,
     });
-    let listener = tokio::net::TcpListener::bind((args.bind.as_str(), args.port))
+    let addr = sns_core::transport::address(&args.bind, args.port);
+    let listener = sns_core::transport::tcp::bind(&addr)
         .await
-        .map_err(|e| format!("cannot listen on port {}: {e}", args.port))?;
-    tracing::info!(addr = %format!("{}:{}", args.bind, args.port), clusters = args.clusters, "coordinator serving");
+        .map_err(|e| e.to_string())?;
+    tracing::info!(%addr, clusters = args.clusters, "coordinator serving");
     let shutdown = CancellationToken::new();
     sns_bins::signals::cancel_on_signal(shutdown.clone());
     coordinator

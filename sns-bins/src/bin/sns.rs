@@ -194,8 +194,9 @@ fn print_places(deployment: &Deployment) {
 }
 
 async fn status(host: String, port: u16, token: Option<String>) -> Result<(), String> {
-    let addr = format!("{host}:{port}");
-    let channel = sns_core::client::connect(&addr)
+    let addr = sns_core::transport::address(&host, port);
+    let channel = sns_core::Network::tcp()
+        .connect(&addr)
         .await
         .map_err(|e| format!("cannot reach the coordinator: {e}"))?;
     let mut request = tonic::Request::new(StatusRequest {});

@@ -17,7 +17,10 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 use sns_bins::cli::{self, Command};
 use sns_bins::console::{Console, Input, Output};
-use sns_core::{Client, Error, TimelineSender, TimelineStream, Timestamp, UserId};
+use sns_core::transport::{self, Network};
+use sns_core::{
+    Client, CoordinatorClient, Error, TimelineSender, TimelineStream, Timestamp, UserId,
+};
 
 /// Tiny SNS client.
 #[derive(Debug, Parser)]
@@ -77,15 +80,15 @@ fn main() -> ExitCode {
 enum Target {
     /// A server at this address.
     Direct(String),
-    /// The master the coordinator at this address names.
-    Coordinator(String),
+    /// The master the coordinator names (one connection to it, kept for failovers).
+    Coordinator(CoordinatorClient),
 }
 
 /// Logs in for the first time, with one-line errors.
 async fn first_login(target: &Target, user: UserId) -> Result<Client, String> {
     let result = match target {
-        Target::Direct(addr) => Client::login(addr, user).await,
-        Target::Coordinator(coordinator) => Client::login_via(coordinator, user).await,
+        Target::Direct(addr) => Client::login(&Network::tcp(), addr, user).await,
+        Target::Coordinator(coordinator) => coordinator.login(user).await,
     };
     result.map_err(|e| match (e, target) {
         (Error::AlreadyLoggedIn(_), _) => {
@@ -113,11 +116,12 @@ async fn reconnect(target: &Target, user: UserId, patience: Duration) -> Option<
     let deadline = tokio::time::Instant::now() + patience;
     let mut pause = Duration::from_millis(100);
     loop {
-        if let Ok(addr) = sns_core::client::locate(coordinator, user).await {
-            match Client::login(&addr, user).await {
+        if let Ok(addr) = coordinator.locate(user).await {
+            let network = Network::tcp();
+            match Client::login(&network, &addr, user).await {
                 Ok(client) => return Some(client),
                 Err(Error::AlreadyLoggedIn(_)) => {
-                    if let Ok(client) = Client::attach(&addr, user).await {
+                    if let Ok(client) = Client::attach(&network, &addr, user).await {
                         return Some(client);
                     }
                 }
@@ -148,8 +152,11 @@ async fn run(args: Args) -> Result<(), String> {
         )
     })?;
     let target = match (args.coordinator_port, args.port) {
-        (Some(port), _) => Target::Coordinator(format!("{}:{port}", args.host)),
-        (None, Some(port)) => Target::Direct(format!("{}:{port}", args.host)),
+        (Some(port), _) => Target::Coordinator(
+            CoordinatorClient::new(&Network::tcp(), &transport::address(&args.host, port))
+                .map_err(|e| format!("tsc: {e}"))?,
+        ),
+        (None, Some(port)) => Target::Direct(transport::address(&args.host, port)),
         (None, None) => return Err("tsc: give -k COORDINATOR_PORT or -p SERVER_PORT".into()),
     };
     let client = first_login(&target, user).await?;

@@ -12,8 +12,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{ArgAction, Parser};
-use std::sync::atomic::AtomicBool;
-
+use sns_core::transport::{self, Network};
 use sns_core::{
     ClusterId, CoordinatorLink, FileStorage, MemoryStorage, Server, ServerConfig, ServerId, Storage,
 };
@@ -91,17 +90,17 @@ async fn run(args: Args) -> Result<(), String> {
     let server = Server::open(config, storage)
         .await
         .map_err(|e| format!("cannot recover: {e}"))?;
-    let addr = format!("{}:{}", args.bind, args.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
+    let addr = transport::address(&args.bind, args.port);
+    let listener = transport::tcp::bind(&addr)
         .await
-        .map_err(|e| format!("cannot listen on port {} ({addr}): {e}", args.port))?;
+        .map_err(|e| e.to_string())?;
     if let Some(port) = args.coordinator_port {
-        let coordinator = format!("{}:{port}", args.coordinator_host);
+        let coordinator = transport::address(&args.coordinator_host, port);
         let mut link = CoordinatorLink::new(coordinator.clone(), args.advertise_host, args.port);
         link.interval = args.heartbeat.interval();
         link.missed_heartbeats = args.heartbeat.missed_heartbeats;
         link.cluster_token = args.token.cluster_token;
-        server.join(link, Arc::new(AtomicBool::new(false)));
+        server.join(link, Network::tcp());
         tracing::info!(%coordinator, "joining the deployment");
     }
     tracing::info!(%addr, "serving clients");

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 pub use table::{Address, Assignment, Beat, NodeView, RoutingConfig, RoutingTable};
 
 use crate::error::{Error, Result};
+use crate::server::SHUTDOWN_GRACE;
+use crate::transport::Listener;
 
 /// Settings of a [`Coordinator`].
 #[derive(Debug, Clone, Default)]
@@ -58,17 +60,24 @@ impl Coordinator {
     }
 
     /// Serves the coordinator on `listener` until `shutdown` is cancelled.
-    pub async fn serve(
-        &self,
-        listener: tokio::net::TcpListener,
-        shutdown: CancellationToken,
-    ) -> Result<()> {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        tonic::transport::Server::builder()
+    ///
+    /// Open connections get [`SHUTDOWN_GRACE`] to finish; a peer that neither reads nor closes
+    /// (or sits behind a partition) does not hold the stop longer.
+    pub async fn serve(&self, listener: Listener, shutdown: CancellationToken) -> Result<()> {
+        let serving = crate::transport::server_builder()
             .add_routes(crate::grpc::coord::routes(self.clone()))
-            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-            .await
-            .map_err(|e| Error::Unavailable(format!("coordinator transport failed: {e}")))
+            .serve_with_incoming_shutdown(listener, shutdown.clone().cancelled_owned());
+        let result = tokio::select! {
+            result = serving => result,
+            () = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+                Ok(())
+            }
+        };
+        result.map_err(|e| Error::Unavailable(format!("coordinator transport failed: {e}")))
     }
 }
 

@@ -5,7 +5,6 @@
 //! steps down (it may already have been replaced), so two masters never accept writes for long.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sns_proto::csce438::ServerInfo;
@@ -17,6 +16,7 @@ use tonic::metadata::MetadataValue;
 use super::{Role, Server, Shared};
 use crate::grpc::coord::{TOKEN_METADATA, role_name};
 use crate::ids::Epoch;
+use crate::transport::Network;
 
 /// How a server reaches and reports to its coordinator.
 #[derive(Debug, Clone)]
@@ -55,13 +55,12 @@ impl CoordinatorLink {
 
 impl Server {
     /// Joins a deployment: the server refuses client writes until the coordinator makes it
-    /// master, and heartbeats until it shuts down. `isolated`, when set, suppresses heartbeats
-    /// (a partition between this server and the coordinator, for tests).
-    pub fn join(&self, link: CoordinatorLink, isolated: Arc<AtomicBool>) {
+    /// master, and heartbeats through `network` until it shuts down.
+    pub fn join(&self, link: CoordinatorLink, network: Network) {
         self.set_role(Role::Slave);
         let (tasks, shutdown) = self.tasks();
         let shared = Arc::downgrade(&self.shared);
-        tasks.spawn(run(shared, link, isolated, shutdown.clone()));
+        tasks.spawn(run(shared, link, network, shutdown.clone()));
     }
 
     /// Applies the coordinator's answer to a heartbeat.
@@ -103,18 +102,19 @@ impl Server {
 async fn run(
     shared: std::sync::Weak<Shared>,
     link: CoordinatorLink,
-    isolated: Arc<AtomicBool>,
+    network: Network,
     shutdown: CancellationToken,
 ) {
-    let endpoint =
-        match tonic::transport::Endpoint::from_shared(format!("http://{}", link.coordinator)) {
-            Ok(endpoint) => endpoint.connect_timeout(link.interval).tcp_nodelay(true),
-            Err(e) => {
-                tracing::error!(coordinator = %link.coordinator, "bad coordinator address: {e}");
-                return;
-            }
-        };
-    let mut rpc = CoordServiceClient::new(endpoint.connect_lazy());
+    // One connection, re-established by the channel when it breaks; an attempt may take no
+    // longer than a beat.
+    let channel = match network.channel_with_timeout(&link.coordinator, link.interval) {
+        Ok(channel) => channel,
+        Err(e) => {
+            tracing::error!(coordinator = %link.coordinator, "bad coordinator address: {e}");
+            return;
+        }
+    };
+    let mut rpc = CoordServiceClient::new(channel);
     let token = link
         .cluster_token
         .as_deref()
@@ -133,18 +133,14 @@ async fn run(
         let Some(server) = shared.upgrade().map(|shared| Server { shared }) else {
             return;
         };
-        let answer = if isolated.load(Ordering::Relaxed) {
-            Err("isolated from the coordinator".to_string())
-        } else {
-            let mut request = tonic::Request::new(server.beat(&link, claiming));
-            if let Some(token) = &token {
-                request.metadata_mut().insert(TOKEN_METADATA, token.clone());
-            }
-            match tokio::time::timeout(link.interval, rpc.heartbeat(request)).await {
-                Ok(Ok(reply)) => Ok(reply.into_inner()),
-                Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
-                Err(_) => Err("heartbeat timed out".to_string()),
-            }
+        let mut request = tonic::Request::new(server.beat(&link, claiming));
+        if let Some(token) = &token {
+            request.metadata_mut().insert(TOKEN_METADATA, token.clone());
+        }
+        let answer = match tokio::time::timeout(link.interval, rpc.heartbeat(request)).await {
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+            Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+            Err(_) => Err("heartbeat timed out".to_string()),
         };
         match answer {
             Ok(confirmation) => {

@@ -27,6 +27,7 @@ use crate::event::{Event, EventKind, LogEntry, Post, normalize_post_text};
 use crate::ids::{ClusterId, Epoch, EventId, LogIndex, ServerId, Timestamp, UserId};
 use crate::state::{Applied, DEFAULT_TIMELINE_CAP, State};
 use crate::storage::{Durable, Snapshot, Storage};
+use crate::transport::Listener;
 use sessions::Sessions;
 use timeline::{FeedOwner, Subscribers};
 
@@ -195,12 +196,7 @@ impl Server {
     /// Serves the client-facing gRPC services (`csce438.SNSService` and its `csce662` alias)
     /// on `listener` until `shutdown` is cancelled, then stops every task of this server and
     /// returns once they have all finished.
-    pub async fn serve(
-        &self,
-        listener: tokio::net::TcpListener,
-        shutdown: CancellationToken,
-    ) -> Result<()> {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    pub async fn serve(&self, listener: Listener, shutdown: CancellationToken) -> Result<()> {
         let routes = crate::grpc::sns::routes(self.clone());
         let stop = {
             let shutdown = shutdown.clone();
@@ -214,12 +210,10 @@ impl Server {
                 own.cancel();
             }
         };
-        let serving = tonic::transport::Server::builder()
+        let serving = crate::transport::server_builder()
             .max_concurrent_streams(Some(self.shared.config.max_concurrent_streams))
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, stop);
+            .serve_with_incoming_shutdown(listener, stop);
         // A peer that neither reads nor closes must not hold the shutdown forever.
         let own = self.shared.shutdown.clone();
         let result = tokio::select! {
