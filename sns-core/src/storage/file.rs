@@ -22,8 +22,8 @@
 //! earlier segment it fails the open, since later segments hold synced records. Segments covered
 //! by the snapshot are kept (readers may need them); the next compaction decides. Snapshots are
 //! written to a temporary file, synced, renamed and the directory synced before any log segment
-//! they cover is deleted. Segments are deleted oldest first (compaction) or newest first
-//! (truncation), so a crash in the middle leaves a contiguous log.
+//! they cover is deleted. Compaction deletes segments oldest first, truncation newest first,
+//! syncing the directory after each deletion, so a crash in the middle leaves a contiguous log.
 //!
 //! Reads do not rescan the log: an in-memory index, built by the open scan and extended after
 //! each synced batch, keeps per segment the byte offset of every [`SPARSE_EVERY`]th record and
@@ -894,6 +894,16 @@ fn create_segment(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// Deletes segment files in the order given, syncing the directory after each, so that a crash
+/// persists a prefix of the deletions (keeping the log contiguous).
+fn remove_segments<'a>(dir: &Path, paths: impl Iterator<Item = &'a PathBuf>) -> io::Result<()> {
+    for path in paths {
+        fs::remove_file(path)?;
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
 /// The writer thread: owns the open segment, the commit file and the directory lock.
 struct Writer {
     /// Held for its lock, released when the thread ends.
@@ -1116,9 +1126,7 @@ impl Writer {
                 map.snapshot = Some((index, written.to_path_buf()));
                 std::mem::take(&mut map.segments)
             };
-            for segment in &gone {
-                fs::remove_file(&segment.path)?;
-            }
+            remove_segments(&self.dir, gone.iter().map(|s| &s.path))?;
             let next = index.next();
             let path = segment_path(&self.dir, next);
             self.file = create_segment(&path)?;
@@ -1149,9 +1157,7 @@ impl Writer {
                 map.positions.remove_before(first);
                 gone
             };
-            for segment in &gone {
-                fs::remove_file(&segment.path)?;
-            }
+            remove_segments(&self.dir, gone.iter().map(|s| &s.path))?;
         }
         for (_, path) in list(&self.dir)?.snapshots {
             if path != written {
@@ -1220,11 +1226,8 @@ impl Writer {
             map.positions.truncate_after(last);
             later
         };
-        // Newest first, and synced before the cut, so a crash leaves a contiguous log.
-        for path in later.iter().rev() {
-            fs::remove_file(path)?;
-        }
-        sync_dir(&self.dir)?;
+        // Newest first, and before the cut, so a crash leaves a contiguous log.
+        remove_segments(&self.dir, later.iter().rev())?;
         let file = OpenOptions::new().write(true).open(&path)?;
         file.set_len(offset)?;
         file.sync_all()?;

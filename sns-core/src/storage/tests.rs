@@ -1060,45 +1060,67 @@ impl DamageFixture {
     }
 }
 
+/// A crash in the middle of a compaction leaves the newest of the segments it was deleting
+/// (it deletes oldest first, each deletion synced): the open keeps a contiguous log, or
+/// removes segments that end before a snapshot ahead of them.
 #[test]
-fn a_crash_while_restarting_the_log_after_a_snapshot_is_repaired() {
+fn segments_left_by_an_interrupted_compaction() {
     let runtime = runtime();
     let dir = tempfile::tempdir().expect("temp dir");
     runtime.block_on(async {
-        let storage = FileStorage::open(dir.path()).expect("open");
-        storage.append(entries(1..=5)).await.expect("append");
+        let storage = FileStorage::open_with(dir.path(), small_segments()).expect("open");
+        for i in 1..=30 {
+            storage.append(entries(i..=i)).await.expect("append");
+        }
     });
-    let old = files_of(dir.path());
-    runtime.block_on(async {
-        let storage = FileStorage::open(dir.path()).expect("open");
-        storage
-            .save_snapshot(snapshot_at(10))
-            .await
-            .expect("snapshot");
-    });
-    // The crash: the snapshot is durable, the old segment not yet deleted, no new one.
-    for segment in list(dir.path()).expect("list").segments {
-        std::fs::remove_file(segment.1).expect("remove");
+    let old: Vec<(u64, PathBuf)> = list(dir.path())
+        .expect("list")
+        .segments
+        .into_iter()
+        .map(|(first, path)| (first.0, path))
+        .collect();
+    assert!(old.len() >= 4, "{old:?}");
+    let old_files = files_of(dir.path());
+    // A snapshot ahead of the log (the log restarts at 41), then one covering 1..=30 (a new
+    // segment at 31): after each, put back the newest segments it deleted.
+    for (snapshot, left, first) in [(40, 2, 41), (30, 1, old[1].0), (30, 3, old[3].0)] {
+        runtime.block_on(async {
+            let storage = FileStorage::open_with(dir.path(), small_segments()).expect("open");
+            storage
+                .save_snapshot(snapshot_at(snapshot))
+                .await
+                .expect("snapshot");
+        });
+        if snapshot == 40 {
+            // The crash came before the new segment was created.
+            for (_, path) in list(dir.path()).expect("list").segments {
+                std::fs::remove_file(path).expect("remove");
+            }
+        }
+        for (_, path) in &old[left..] {
+            std::fs::write(path, &old_files[&name_of(path)]).expect("write");
+        }
+        runtime.block_on(async {
+            let storage = FileStorage::open_with(dir.path(), small_segments()).expect("open");
+            let back = storage.recover().await.expect("recover");
+            assert_eq!(back.last_index(), LogIndex(snapshot.max(30)));
+            assert!(back.entries.is_empty());
+            assert_eq!(first_held(&storage).await, first, "snapshot {snapshot}");
+            assert_eq!(
+                read_all_from(&storage, first).await,
+                entries(first..=30),
+                "snapshot {snapshot}"
+            );
+        });
+        // Back to the whole log, without a snapshot.
+        let listing = list(dir.path()).expect("list");
+        for (_, path) in listing.segments.into_iter().chain(listing.snapshots) {
+            std::fs::remove_file(path).expect("clean up");
+        }
+        for (_, path) in &old {
+            std::fs::write(path, &old_files[&name_of(path)]).expect("write");
+        }
     }
-    for (name, bytes) in old.iter().filter(|(name, _)| name.ends_with(".seg")) {
-        std::fs::write(dir.path().join(name), bytes).expect("write");
-    }
-    runtime.block_on(async {
-        let storage = FileStorage::open(dir.path()).expect("open");
-        let back = storage.recover().await.expect("recover");
-        assert_eq!(back.last_index(), LogIndex(10));
-        assert!(back.entries.is_empty());
-        storage.append(entries(11..=11)).await.expect("append");
-    });
-    runtime.block_on(async {
-        let storage = FileStorage::open(dir.path()).expect("open");
-        assert_eq!(
-            storage.recover().await.expect("recover").entries,
-            entries(11..=11)
-        );
-        let first = first_held(&storage).await;
-        assert_eq!(first, 11);
-    });
 }
 
 #[test]
