@@ -835,17 +835,17 @@ fn open_log(dir: &Path) -> Result<Opened> {
         last = base;
     }
     let next = last.next();
-    if segments.is_empty() {
-        let path = segment_path(dir, next);
-        create_segment(&path)?;
-        segments.push(SegmentMap::new(next, path));
-    }
     let (file, file_len) = match segments.last() {
         Some(active) => (
             OpenOptions::new().append(true).open(&active.path)?,
             active.len,
         ),
-        None => unreachable!("a segment was just created"),
+        None => {
+            let path = segment_path(dir, next);
+            let file = create_segment(&path)?;
+            segments.push(SegmentMap::new(next, path));
+            (file, 0)
+        }
     };
     let commit_file = CommitFile::open(dir)?;
     sync_dir(dir)?;
