@@ -53,6 +53,13 @@ pub enum Error {
     /// A storage operation failed. Durable state is unchanged beyond the last successful fsync.
     #[error("storage: {0}")]
     Io(#[from] std::io::Error),
+    /// The log entries asked for were compacted away: the first entry still held is `first`.
+    /// Fetch a snapshot (or a state transfer) instead, then read from after it.
+    #[error("log entries before {first} were compacted away; fetch a snapshot")]
+    Compacted {
+        /// The first log index still held.
+        first: crate::LogIndex,
+    },
     /// Data on disk or on the wire failed its checks.
     #[error("corrupt data: {0}")]
     Corrupt(String),

@@ -35,5 +35,7 @@ pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
 pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, ServerId, Timestamp, UserId};
 pub use server::{CoordinatorLink, Listing, Role, Server, ServerConfig, TimelineFeed};
 pub use state::{Applied, State};
+#[cfg(feature = "test-util")]
+pub use storage::{CrashDisk, CrashDiskOptions, CrashStorage};
 pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};
 pub use transport::{Listener, MemoryNetwork, Network};

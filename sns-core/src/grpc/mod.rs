@@ -26,6 +26,7 @@ pub(crate) fn status(error: Error) -> Status {
         Error::Unavailable(message) => Status::unavailable(message),
         e @ Error::Unreachable { .. } => Status::unavailable(e.to_string()),
         e @ Error::Io(_) => Status::unavailable(e.to_string()),
+        e @ Error::Compacted { .. } => Status::out_of_range(e.to_string()),
         e @ Error::Corrupt(_) => Status::new(Code::DataLoss, e.to_string()),
         Error::Rpc(message) => Status::unknown(message),
     }

@@ -1,39 +1,64 @@
 //! File storage: an append-only, checksummed, length-prefixed record log in segments, plus
-//! snapshots for compaction.
+//! snapshots for compaction and a small commit-index file.
 //!
 //! Layout of a data directory:
 //! - `LOCK`: held (advisory lock) while a server uses the directory;
 //! - `log-<first index>.seg`: records `[len: u32 LE][crc32 of payload: u32 LE][payload]`, each
 //!   payload one encoded [`LogEntry`]; a segment holds contiguous indexes from its first index up
 //!   to the next segment's first index;
-//! - `snapshot-<index>.snap`: `SNSSNAP1`, index, epoch, state length, crc32, encoded state.
+//! - `snapshot-<index>.snap`: `SNSSNAP1`, index, epoch, state length, crc32, encoded state;
+//! - `commit`: two 16-byte slots `[commit index: u64 LE][crc32 of it: u32 LE][0u32]`, written
+//!   alternately, so a torn write leaves the other slot's (older) value; the highest valid one
+//!   counts.
 //!
 //! Invariants: an append is acknowledged only after `fdatasync` of every byte of it. One writer
-//! thread owns the open segment and serves appends in arrival order; requests that are waiting
-//! while it syncs are written and synced together (group commit). On open, the first record that
-//! is torn, fails its checksum, does not decode or breaks index continuity ends the log: the
-//! segment is truncated there and later segments are removed, so every record before the damage
-//! is kept. Snapshots are written to a temporary file, synced, renamed and the directory synced
-//! before any log segment they cover is deleted.
+//! thread owns the open segment and serves requests from a bounded queue in arrival order;
+//! requests that are waiting while it syncs are written and synced together (group commit). The
+//! commit index is written (and synced) when the writer's queue runs empty, and at least every
+//! [`COMMIT_EVERY_BATCHES`] batches, never beyond the last synced entry.
+//!
+//! On open, the first record that is torn, fails its checksum, does not decode or breaks index
+//! continuity ends the log if it is in the last segment (the segment is truncated there); in an
+//! earlier segment it fails the open, since later segments hold synced records. Segments covered
+//! by the snapshot are kept (readers may need them); the next compaction decides. Snapshots are
+//! written to a temporary file, synced, renamed and the directory synced before any log segment
+//! they cover is deleted. Compaction deletes segments oldest first, truncation newest first,
+//! syncing the directory after each deletion, so a crash in the middle leaves a contiguous log.
+//!
+//! Reads do not rescan the log: an in-memory index, built by the open scan and extended after
+//! each synced batch, keeps per segment the byte offset of every [`SPARSE_EVERY`]th record and
+//! per origin where its events sit; a read opens the segments it needs and reads only the byte
+//! ranges holding the entries asked for.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-use super::{Durable, Recovered, Snapshot, Storage};
+use super::positions::Positions;
+use super::readers::Readers;
+use super::{
+    DEFAULT_RETENTION, Durable, Recovered, Snapshot, Storage, check_contiguous, check_truncation,
+};
 use crate::codec::{Decoder, Encoder};
 use crate::error::{Error, Result};
 use crate::event::LogEntry;
-use crate::ids::{Epoch, LogIndex};
+use crate::ids::{Epoch, EventId, LogIndex};
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"SNSSNAP1";
 const RECORD_HEADER: usize = 8;
 /// No single record may claim more than this (a post is at most 4 KiB; this bounds damage).
 const MAX_RECORD_BYTES: u32 = 1 << 20;
+/// The in-memory index notes the byte offset of every this many records of a segment.
+const SPARSE_EVERY: u64 = 32;
+/// Under a steady load the writer persists an advanced commit index at least this often.
+const COMMIT_EVERY_BATCHES: u32 = 64;
+const COMMIT_FILE: &str = "commit";
+const COMMIT_SLOT_BYTES: usize = 16;
 
 /// Tuning of a [`FileStorage`].
 #[derive(Debug, Clone)]
@@ -42,6 +67,12 @@ pub struct FileStorageOptions {
     pub segment_bytes: u64,
     /// Group commit stops gathering requests once a batch holds this many bytes.
     pub max_batch_bytes: usize,
+    /// Requests the writer thread's queue holds; [`Storage::append`] (and the other calls)
+    /// block while it is full. A backstop: the server bounds its in-flight appends itself.
+    pub queue_capacity: usize,
+    /// Entries kept, at most, behind the latest snapshot for registered readers (rounded up
+    /// to whole segments).
+    pub retention: u64,
 }
 
 impl Default for FileStorageOptions {
@@ -49,6 +80,8 @@ impl Default for FileStorageOptions {
         Self {
             segment_bytes: 64 << 20,
             max_batch_bytes: 8 << 20,
+            queue_capacity: 1024,
+            retention: DEFAULT_RETENTION,
         }
     }
 }
@@ -57,6 +90,7 @@ enum Request {
     Append {
         first: LogIndex,
         last: LogIndex,
+        ids: Vec<EventId>,
         bytes: Vec<u8>,
         done: oneshot::Sender<Result<()>>,
     },
@@ -64,15 +98,231 @@ enum Request {
         snapshot: Snapshot,
         done: oneshot::Sender<Result<()>>,
     },
+    Truncate {
+        index: LogIndex,
+        done: oneshot::Sender<Result<()>>,
+    },
+    /// Answered once every request queued before it is served.
+    Barrier { done: oneshot::Sender<Result<()>> },
+    /// The commit index advanced (wakes an idle writer to persist it).
+    Commit,
+}
+
+/// One segment, as the in-memory index knows it.
+#[derive(Debug)]
+struct SegmentMap {
+    first: LogIndex,
+    path: PathBuf,
+    /// Bytes of synced, valid records.
+    len: u64,
+    /// `sparse[k]` is the byte offset of the record with index `first + k * SPARSE_EVERY`.
+    sparse: Vec<u64>,
+}
+
+impl SegmentMap {
+    fn new(first: LogIndex, path: PathBuf) -> Self {
+        Self {
+            first,
+            path,
+            len: 0,
+            sparse: Vec::new(),
+        }
+    }
+
+    /// Notes the records framed in `bytes`, the first with index `index`, written at `base`.
+    fn note_records(&mut self, bytes: &[u8], mut index: LogIndex, base: u64) {
+        let mut offset = 0;
+        while let Some(header) = bytes.get(offset..offset + RECORD_HEADER) {
+            if (index.0 - self.first.0).is_multiple_of(SPARSE_EVERY) {
+                self.sparse.push(base + offset as u64);
+            }
+            let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+            offset += RECORD_HEADER + len as usize;
+            index = index.next();
+        }
+    }
+}
+
+/// The durable log as readers see it. The writer thread changes it after each synced batch,
+/// truncation or compaction; readers plan their reads under its lock and read without it.
+#[derive(Debug)]
+struct LogMap {
+    /// Contiguous segments; every one but the last is full.
+    segments: Vec<SegmentMap>,
+    /// The last synced entry.
+    last: LogIndex,
+    /// The latest snapshot's index and file.
+    snapshot: Option<(LogIndex, PathBuf)>,
+    /// The commit index (as set; the writer persists it).
+    commit: LogIndex,
+    positions: Positions,
+    /// Changes whenever entries or files go away (truncation, compaction): a read planned
+    /// under an older generation is retried.
+    generation: u64,
+}
+
+impl LogMap {
+    fn first(&self) -> LogIndex {
+        self.segments
+            .first()
+            .map_or(self.last.next(), |segment| segment.first)
+    }
+
+    fn snapshot_index(&self) -> LogIndex {
+        self.snapshot.as_ref().map(|s| s.0).unwrap_or_default()
+    }
+
+    /// Where the entries `from..=to` (held, durable) are: one piece per segment.
+    fn plan(&self, from: LogIndex, to: LogIndex) -> Result<Vec<Piece>> {
+        let mut plan = Vec::new();
+        for (i, segment) in self.segments.iter().enumerate() {
+            let segment_last = self
+                .segments
+                .get(i + 1)
+                .map_or(self.last, |next| LogIndex(next.first.0 - 1));
+            let lo = from.max(segment.first);
+            let hi = to.min(segment_last);
+            if lo > hi {
+                continue;
+            }
+            let k_lo = (lo.0 - segment.first.0) / SPARSE_EVERY;
+            let k_hi = (hi.0 - segment.first.0) / SPARSE_EVERY + 1;
+            let start = *segment.sparse.get(k_lo as usize).ok_or_else(|| {
+                Error::Corrupt(format!("no offset of index {lo} in the log index"))
+            })?;
+            let end = segment
+                .sparse
+                .get(k_hi as usize)
+                .copied()
+                .unwrap_or(segment.len);
+            let at = LogIndex(segment.first.0 + k_lo * SPARSE_EVERY);
+            plan.push(Piece {
+                path: segment.path.clone(),
+                start,
+                end,
+                at,
+                skip: (lo.0 - at.0) as usize,
+                take: (hi.0 - lo.0 + 1) as usize,
+            });
+        }
+        Ok(plan)
+    }
+}
+
+/// The bytes `start..end` of a segment hold records from index `at` on; `skip` of them come
+/// before the range asked for, which has `take` entries.
+struct Piece {
+    path: PathBuf,
+    start: u64,
+    end: u64,
+    at: LogIndex,
+    skip: usize,
+    take: usize,
+}
+
+impl Piece {
+    fn read(&self, into: &mut Vec<LogEntry>) -> Result<()> {
+        let mut file = File::open(&self.path)?;
+        file.seek(SeekFrom::Start(self.start))?;
+        let mut bytes = vec![0; (self.end - self.start) as usize];
+        file.read_exact(&mut bytes)?;
+        let (found, _, damage) = parse_segment(&bytes, self.at);
+        if found.len() < self.skip + self.take {
+            return Err(Error::Corrupt(format!(
+                "segment {} no longer holds index {}: {}",
+                self.path.display(),
+                self.at.0 + found.len() as u64,
+                damage.unwrap_or_default()
+            )));
+        }
+        into.extend(found.into_iter().skip(self.skip).take(self.take));
+        Ok(())
+    }
+}
+
+/// What the storage handle and the writer thread share.
+#[derive(Debug)]
+struct Shared {
+    map: Mutex<LogMap>,
+    readers: Mutex<Readers>,
+    /// A `Request::Commit` is queued (so `set_commit` need not queue another).
+    nudged: AtomicBool,
+    /// Log syncs (`fdatasync` of appended records) so far.
+    syncs: AtomicU64,
+}
+
+impl Shared {
+    fn map(&self) -> MutexGuard<'_, LogMap> {
+        // Every update of the map is complete before anything that could panic.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn readers(&self) -> MutexGuard<'_, Readers> {
+        self.readers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The durable entries `from..=to`. Plans under the lock, reads without it, and starts
+    /// over if entries or files went away meanwhile.
+    fn read(&self, from: LogIndex, to: LogIndex) -> Result<Vec<LogEntry>> {
+        loop {
+            let (plan, generation) = {
+                let map = self.map();
+                let from = from.max(LogIndex(1));
+                let first = map.first();
+                if from < first {
+                    return Err(Error::Compacted { first });
+                }
+                let to = to.min(map.last);
+                if from > to {
+                    return Ok(Vec::new());
+                }
+                (map.plan(from, to)?, map.generation)
+            };
+            let mut entries = Vec::new();
+            let result = plan.iter().try_for_each(|piece| piece.read(&mut entries));
+            if self.map().generation == generation {
+                return result.map(|()| entries);
+            }
+        }
+    }
+
+    /// The latest snapshot, the entries after it and the commit index, as of now.
+    fn recover(&self) -> Result<Recovered> {
+        loop {
+            let (snapshot, last, commit, generation) = {
+                let map = self.map();
+                (map.snapshot.clone(), map.last, map.commit, map.generation)
+            };
+            let result = snapshot
+                .as_ref()
+                .map(|(_, path)| read_snapshot(path))
+                .transpose()
+                .and_then(|snapshot| {
+                    let base = snapshot.as_ref().map(|s| s.index).unwrap_or_default();
+                    let entries = self.read(base.next(), last)?;
+                    Ok(Recovered {
+                        snapshot,
+                        entries,
+                        commit,
+                    })
+                });
+            if self.map().generation == generation {
+                return result;
+            }
+        }
+    }
 }
 
 /// Durable storage in one data directory. See the module documentation for the format.
 #[derive(Debug)]
 pub struct FileStorage {
     dir: PathBuf,
-    requests: Option<mpsc::Sender<Request>>,
+    requests: Option<mpsc::SyncSender<Request>>,
     writer: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    /// What the open scan found, handed out by the first `recover` if nothing changed since.
     recovered: Mutex<Option<Recovered>>,
+    changed: AtomicBool,
 }
 
 impl FileStorage {
@@ -81,8 +331,8 @@ impl FileStorage {
         Self::open_with(dir, FileStorageOptions::default())
     }
 
-    /// Opens `dir`: takes its lock, loads the latest snapshot, scans the log, truncates any
-    /// damaged tail, and starts the writer thread.
+    /// Opens `dir`: takes its lock, loads the latest snapshot, scans the log (building the
+    /// in-memory index), truncates any damaged tail, and starts the writer thread.
     pub fn open_with(dir: impl AsRef<Path>, options: FileStorageOptions) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir)?;
@@ -98,24 +348,35 @@ impl FileStorage {
             )),
             fs::TryLockError::Error(e) => Error::Io(e),
         })?;
-        let (recovered, log) = scan(&dir)?;
-        let (tx, rx) = mpsc::channel();
+        let opened = open_log(&dir)?;
+        let shared = Arc::new(Shared {
+            map: Mutex::new(opened.map),
+            readers: Mutex::default(),
+            nudged: AtomicBool::new(false),
+            syncs: AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::sync_channel(options.queue_capacity);
+        let mut writer = Writer {
+            _lock: lock,
+            dir: dir.clone(),
+            options,
+            shared: Arc::clone(&shared),
+            file: opened.file,
+            file_len: opened.file_len,
+            next: opened.next,
+            commit: opened.commit,
+            failed: None,
+        };
         let writer = std::thread::Builder::new()
             .name("sns-log-writer".to_string())
-            .spawn(move || {
-                let mut writer = Writer {
-                    lock,
-                    options,
-                    log,
-                    failed: None,
-                };
-                writer.run(&rx);
-            })?;
+            .spawn(move || writer.run(&rx))?;
         Ok(Self {
             dir,
             requests: Some(tx),
             writer: Some(writer),
-            recovered: Mutex::new(Some(recovered)),
+            shared,
+            recovered: Mutex::new(Some(opened.recovered)),
+            changed: AtomicBool::new(false),
         })
     }
 
@@ -124,23 +385,56 @@ impl FileStorage {
         &self.dir
     }
 
+    /// How many times the writer has synced appended records so far. With group commit this
+    /// grows slower than the number of appends when appends are queued concurrently.
+    pub fn syncs(&self) -> u64 {
+        self.shared.syncs.load(Ordering::SeqCst)
+    }
+
     fn send(&self, request: Request) -> Result<()> {
         self.requests
             .as_ref()
             .and_then(|tx| tx.send(request).ok())
-            .ok_or_else(|| Error::Unavailable("storage writer stopped".to_string()))
+            .ok_or_else(stopped)
     }
+
+    /// Queues `request` (built around a reply channel) and waits for the reply.
+    async fn call(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<()>>) -> Request,
+    ) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.send(request(done))?;
+        wait.await.map_err(|_| stopped())?
+    }
+
+    fn changed(&self) {
+        self.changed.store(true, Ordering::SeqCst);
+    }
+}
+
+fn stopped() -> Error {
+    Error::Unavailable("storage writer stopped".to_string())
 }
 
 impl Drop for FileStorage {
     fn drop(&mut self) {
-        // Closing the channel ends the writer after the requests already queued; joining it
-        // means the directory lock is released only once nothing more will be written.
+        // Closing the channel ends the writer after the requests already queued (and a last
+        // write of the commit index); joining it means the directory lock is released only
+        // once nothing more will be written.
         self.requests.take();
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
     }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Unavailable(format!("storage task failed: {e}")))?
 }
 
 #[async_trait::async_trait]
@@ -151,25 +445,15 @@ impl Storage for FileStorage {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        match cached {
-            Some(recovered) => Ok(recovered),
-            None => {
-                // Read-only rescan; the writer owns the tail, so sync first by a no-op barrier.
-                let (done, wait) = oneshot::channel();
-                self.send(Request::Append {
-                    first: LogIndex(0),
-                    last: LogIndex(0),
-                    bytes: Vec::new(),
-                    done,
-                })?;
-                wait.await
-                    .map_err(|_| Error::Unavailable("storage writer stopped".to_string()))??;
-                let dir = self.dir.clone();
-                tokio::task::spawn_blocking(move || read_only_scan(&dir))
-                    .await
-                    .map_err(|e| Error::Unavailable(format!("recovery task failed: {e}")))?
-            }
+        if let Some(recovered) = cached
+            && !self.changed.load(Ordering::SeqCst)
+        {
+            return Ok(recovered);
         }
+        // Wait for what is queued, then read it back through the index.
+        self.call(|done| Request::Barrier { done }).await?;
+        let shared = Arc::clone(&self.shared);
+        blocking(move || shared.recover()).await
     }
 
     fn append(&self, entries: Vec<LogEntry>) -> Durable {
@@ -177,29 +461,77 @@ impl Storage for FileStorage {
             return Box::pin(std::future::ready(Ok(())));
         };
         let (first, last) = (first.index, last.index);
+        if let Err(e) = check_contiguous(first, &entries) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        self.changed();
         let mut bytes = Vec::with_capacity(entries.len() * 64);
         for entry in &entries {
             frame(&mut bytes, entry);
         }
+        let ids = entries.iter().map(|e| e.event.id).collect();
         let (done, wait) = oneshot::channel();
         let sent = self.send(Request::Append {
             first,
             last,
+            ids,
             bytes,
             done,
         });
         Box::pin(async move {
             sent?;
-            wait.await
-                .map_err(|_| Error::Unavailable("storage writer stopped".to_string()))?
+            wait.await.map_err(|_| stopped())?
         })
     }
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
-        let (done, wait) = oneshot::channel();
-        self.send(Request::Snapshot { snapshot, done })?;
-        wait.await
-            .map_err(|_| Error::Unavailable("storage writer stopped".to_string()))?
+        self.changed();
+        self.call(|done| Request::Snapshot { snapshot, done }).await
+    }
+
+    async fn read(&self, from: LogIndex, to: LogIndex) -> Result<Vec<LogEntry>> {
+        let shared = Arc::clone(&self.shared);
+        blocking(move || shared.read(from, to)).await
+    }
+
+    async fn truncate_after(&self, index: LogIndex) -> Result<()> {
+        self.changed();
+        self.call(|done| Request::Truncate { index, done }).await
+    }
+
+    async fn position(&self, id: EventId) -> Result<Option<LogIndex>> {
+        let map = self.shared.map();
+        let (first, last) = (map.first(), map.last);
+        Ok(map
+            .positions
+            .get(id)
+            .filter(|index| (first..=last).contains(index)))
+    }
+
+    fn set_commit(&self, index: LogIndex) {
+        self.changed();
+        {
+            let mut map = self.shared.map();
+            map.commit = map.commit.max(index.min(map.last));
+        }
+        if !self.shared.nudged.swap(true, Ordering::SeqCst) {
+            let nudged = self
+                .requests
+                .as_ref()
+                .is_some_and(|tx| tx.try_send(Request::Commit).is_ok());
+            if !nudged {
+                // A full queue means a busy writer: it persists the index when it runs idle.
+                self.shared.nudged.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn retain(&self, reader: &str, after: LogIndex) {
+        self.shared.readers().retain(reader, after);
+    }
+
+    fn release(&self, reader: &str) {
+        self.shared.readers().release(reader);
     }
 }
 
@@ -358,18 +690,79 @@ fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
     Ok(final_path)
 }
 
-/// The open tail of the log, as the writer thread sees it.
-struct OpenLog {
-    dir: PathBuf,
-    /// Segments by first index; the last one is open for appends.
-    segments: Vec<(LogIndex, PathBuf)>,
+/// The commit-index file (see the module documentation).
+#[derive(Debug)]
+struct CommitFile {
+    file: File,
+    /// The slot the next write goes to (the one not holding the latest value).
+    slot: usize,
+    persisted: LogIndex,
+}
+
+impl CommitFile {
+    fn open(dir: &Path) -> Result<Self> {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join(COMMIT_FILE))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let mut best: Option<(usize, LogIndex)> = None;
+        for slot in 0..2 {
+            let Some(raw) = bytes.get(slot * COMMIT_SLOT_BYTES..(slot + 1) * COMMIT_SLOT_BYTES)
+            else {
+                continue;
+            };
+            let mut dec = Decoder::new(raw);
+            let (Ok(index), Ok(crc)) = (dec.u64(), dec.u32()) else {
+                continue;
+            };
+            if crc32fast::hash(&raw[..8]) == crc && best.is_none_or(|(_, b)| index > b.0) {
+                best = Some((slot, LogIndex(index)));
+            }
+        }
+        let (slot, persisted) = match best {
+            Some((slot, index)) => (1 - slot, index),
+            None => (0, LogIndex(0)),
+        };
+        Ok(Self {
+            file,
+            slot,
+            persisted,
+        })
+    }
+
+    fn write(&mut self, index: LogIndex) -> io::Result<()> {
+        let mut enc = Encoder::default();
+        enc.u64(index.0);
+        enc.u32(crc32fast::hash(&index.0.to_le_bytes()));
+        enc.u32(0);
+        self.file
+            .seek(SeekFrom::Start((self.slot * COMMIT_SLOT_BYTES) as u64))?;
+        self.file.write_all(&enc.buf)?;
+        self.file.sync_data()?;
+        self.slot = 1 - self.slot;
+        self.persisted = index;
+        Ok(())
+    }
+}
+
+/// What opening a data directory found and set up.
+struct Opened {
+    recovered: Recovered,
+    map: LogMap,
+    /// The last segment, open for appends.
     file: File,
     file_len: u64,
     next: LogIndex,
+    commit: CommitFile,
 }
 
-/// Opens the directory's contents, repairing a torn tail.
-fn scan(dir: &Path) -> Result<(Recovered, OpenLog)> {
+/// Opens the directory's contents: the latest snapshot, every segment (repairing a torn tail
+/// of the last one), the commit index; builds the in-memory index.
+fn open_log(dir: &Path) -> Result<Opened> {
     let listing = list(dir)?;
     for tmp in &listing.temporaries {
         fs::remove_file(tmp)?;
@@ -382,109 +775,23 @@ fn scan(dir: &Path) -> Result<(Recovered, OpenLog)> {
         fs::remove_file(path)?;
     }
     let base = snapshot.as_ref().map(|s| s.index).unwrap_or_default();
-    let scanned = scan_segments(listing.segments, base, true)?;
-    let next = scanned.entries.last().map_or(base, |e| e.index).next();
-    let mut segments = scanned.segments;
-    let (file, file_len) = match segments.last() {
-        // The last segment ends where the log does: keep appending to it.
-        Some((_, path)) if scanned.end == next => (
-            OpenOptions::new().append(true).open(path)?,
-            scanned.last_len,
-        ),
-        // No segment, or the snapshot reaches past the last one (a snapshot installed ahead of
-        // the log): start a fresh segment at `next`, so indexes stay contiguous within a file.
-        _ => {
-            let path = segment_path(dir, next);
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .open(&path)?;
-            file.sync_all()?;
-            segments.push((next, path));
-            (file, 0)
-        }
-    };
-    sync_dir(dir)?;
-    let recovered = Recovered {
-        snapshot,
-        entries: scanned.entries,
-    };
-    let log = OpenLog {
-        dir: dir.to_path_buf(),
-        segments,
-        file,
-        file_len,
-        next,
-    };
-    Ok((recovered, log))
-}
-
-/// What [`scan_segments`] found.
-struct ScannedLog {
-    /// The entries after the snapshot.
-    entries: Vec<LogEntry>,
-    /// The segments kept, by first index.
-    segments: Vec<(LogIndex, PathBuf)>,
-    /// The index after the last valid record of the last segment.
-    end: LogIndex,
-    /// The valid length of the last segment.
-    last_len: u64,
-}
-
-/// Reads the segments after snapshot index `base`.
-///
-/// Only the last segment can have a torn tail (appends go to it alone, and a segment is synced
-/// before the next one is started). So damage in the last segment is truncated (with `repair`),
-/// while damage in an earlier one, or a missing segment, fails the open: truncating there would
-/// throw away later records whose fsync completed.
-fn scan_segments(
-    segments: Vec<(LogIndex, PathBuf)>,
-    base: LogIndex,
-    repair: bool,
-) -> Result<ScannedLog> {
-    // Segments entirely covered by the snapshot are leftovers of an interrupted compaction.
-    let mut live = Vec::new();
-    for (i, (first, path)) in segments.iter().enumerate() {
-        let covered = segments
-            .get(i + 1)
-            .is_some_and(|(next_first, _)| next_first.0 <= base.0 + 1);
-        if covered {
-            if repair {
-                fs::remove_file(path)?;
-            }
-        } else {
-            live.push((*first, path.clone()));
-        }
-    }
-    let mut scanned = ScannedLog {
-        entries: Vec::new(),
-        segments: Vec::new(),
-        end: base.next(),
-        last_len: 0,
-    };
-    let count = live.len();
-    for (position, (first, path)) in live.into_iter().enumerate() {
+    let mut segments: Vec<SegmentMap> = Vec::new();
+    let mut entries = Vec::new();
+    let mut positions = Positions::default();
+    let mut end: Option<LogIndex> = None;
+    let count = listing.segments.len();
+    for (position, (first, path)) in listing.segments.into_iter().enumerate() {
         let is_last = position + 1 == count;
-        if position == 0 && first.0 > base.0 + 1 {
+        if let Some(end) = end
+            && first != end
+        {
             return Err(Error::Corrupt(format!(
-                "log starts at index {first} but the snapshot ends at {base}: entries missing"
+                "segment {} starts at index {first} where {end} was expected",
+                path.display()
             )));
         }
-        if position > 0 && first != scanned.end {
-            return Err(Error::Corrupt(format!(
-                "segment {} starts at index {first} where {} was expected",
-                path.display(),
-                scanned.end
-            )));
-        }
-        let mut bytes = Vec::new();
-        File::open(&path)?.read_to_end(&mut bytes)?;
+        let bytes = fs::read(&path)?;
         let (found, valid, damage) = parse_segment(&bytes, first);
-        scanned.end = LogIndex(first.0 + found.len() as u64);
-        scanned
-            .entries
-            .extend(found.into_iter().filter(|e| e.index > base));
         if let Some(why) = damage {
             if !is_last {
                 return Err(Error::Corrupt(format!(
@@ -494,56 +801,147 @@ fn scan_segments(
                 )));
             }
             tracing::warn!(segment = %path.display(), %why, "truncating damaged log tail");
-            if repair {
-                let file = OpenOptions::new().write(true).open(&path)?;
-                file.set_len(valid as u64)?;
-                file.sync_all()?;
+            let file = OpenOptions::new().write(true).open(&path)?;
+            file.set_len(valid as u64)?;
+            file.sync_all()?;
+        }
+        let mut segment = SegmentMap::new(first, path);
+        segment.note_records(&bytes[..valid], first, 0);
+        segment.len = valid as u64;
+        end = Some(LogIndex(first.0 + found.len() as u64));
+        for entry in found {
+            positions.push(entry.event.id, entry.index);
+            if entry.index > base {
+                entries.push(entry);
             }
         }
-        scanned.last_len = valid as u64;
-        scanned.segments.push((first, path));
+        segments.push(segment);
     }
-    if scanned.end.0 < base.0 + 1 {
-        // The log ends before the snapshot: the next append continues after the snapshot.
-        scanned.end = base.next();
-        scanned.segments.clear();
-    }
-    if let Some(first) = scanned.entries.first()
-        && first.index.0 != base.0 + 1
+    if let Some(first) = segments.first().map(|s| s.first)
+        && first > base.next()
     {
         return Err(Error::Corrupt(format!(
-            "log resumes at index {} but the snapshot ends at {base}",
-            first.index
+            "log starts at index {first} but the snapshot ends at {base}: entries missing"
         )));
     }
-    Ok(scanned)
-}
-
-/// A second look at a directory in use (after the cached recovery was taken): no repairs.
-fn read_only_scan(dir: &Path) -> Result<Recovered> {
-    let listing = list(dir)?;
-    let snapshot = match listing.snapshots.last() {
-        Some((_, path)) => Some(read_snapshot(path)?),
-        None => None,
+    let mut last = end.map_or(base, |end| LogIndex(end.0 - 1));
+    if last < base {
+        // The snapshot is ahead of the log (installed from elsewhere, or the restart of the
+        // log after it was interrupted): the log restarts after the snapshot.
+        for segment in segments.drain(..) {
+            fs::remove_file(&segment.path)?;
+        }
+        positions.clear();
+        last = base;
+    }
+    let next = last.next();
+    let (file, file_len) = match segments.last() {
+        Some(active) => (
+            OpenOptions::new().append(true).open(&active.path)?,
+            active.len,
+        ),
+        None => {
+            let path = segment_path(dir, next);
+            let file = create_segment(&path)?;
+            segments.push(SegmentMap::new(next, path));
+            (file, 0)
+        }
     };
-    let base = snapshot.as_ref().map(|s| s.index).unwrap_or_default();
-    let entries = scan_segments(listing.segments, base, false)?.entries;
-    Ok(Recovered { snapshot, entries })
+    let commit_file = CommitFile::open(dir)?;
+    sync_dir(dir)?;
+    let commit = if commit_file.persisted > last {
+        tracing::warn!(
+            commit = %commit_file.persisted,
+            %last,
+            "the commit index is beyond the log; using the log's end"
+        );
+        last
+    } else {
+        commit_file.persisted
+    };
+    let snapshot_file = snapshot
+        .as_ref()
+        .map(|s| (s.index, snapshot_path(dir, s.index)));
+    Ok(Opened {
+        recovered: Recovered {
+            snapshot,
+            entries,
+            commit,
+        },
+        map: LogMap {
+            segments,
+            last,
+            snapshot: snapshot_file,
+            commit,
+            positions,
+            generation: 0,
+        },
+        file,
+        file_len,
+        next,
+        commit: commit_file,
+    })
 }
 
-/// The writer thread: owns the open segment and the directory lock.
+/// Creates an empty segment file, synced (the directory is synced by the caller).
+fn create_segment(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)?;
+    file.sync_all()?;
+    Ok(file)
+}
+
+/// Deletes segment files in the order given, syncing the directory after each, so that a crash
+/// persists a prefix of the deletions (keeping the log contiguous).
+fn remove_segments<'a>(dir: &Path, paths: impl Iterator<Item = &'a PathBuf>) -> io::Result<()> {
+    for path in paths {
+        fs::remove_file(path)?;
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// The writer thread: owns the open segment, the commit file and the directory lock.
 struct Writer {
-    #[allow(dead_code)] // held for its lock, released when the thread ends
-    lock: File,
+    /// Held for its lock, released when the thread ends.
+    _lock: File,
+    dir: PathBuf,
     options: FileStorageOptions,
-    log: OpenLog,
-    /// Set after a failed write or sync: the file's contents are unknown, so refuse more.
+    shared: Arc<Shared>,
+    /// The last segment, open for appends.
+    file: File,
+    file_len: u64,
+    /// The index the next append must start at.
+    next: LogIndex,
+    commit: CommitFile,
+    /// Set after a failed write or sync: the files' contents are unknown, so refuse more.
     failed: Option<String>,
 }
 
+/// Appended records waiting in a batch: the first index and the events' ids.
+type Appended = Vec<(LogIndex, Vec<EventId>)>;
+type Waiters = Vec<oneshot::Sender<Result<()>>>;
+
 impl Writer {
     fn run(&mut self, requests: &mpsc::Receiver<Request>) {
-        while let Ok(first) = requests.recv() {
+        let mut since_commit = 0;
+        loop {
+            let first = match requests.try_recv() {
+                Ok(request) => request,
+                Err(mpsc::TryRecvError::Empty) => {
+                    // Idle: a good moment to persist the commit index.
+                    self.persist_commit();
+                    since_commit = 0;
+                    match requests.recv() {
+                        Ok(request) => request,
+                        Err(_) => break,
+                    }
+                }
+                Err(mpsc::TryRecvError::Disconnected) => break,
+            };
             let mut batch = vec![first];
             let mut bytes = 0;
             while bytes < self.options.max_batch_bytes {
@@ -558,130 +956,284 @@ impl Writer {
                 }
             }
             self.serve(batch);
+            since_commit += 1;
+            if since_commit >= COMMIT_EVERY_BATCHES {
+                self.persist_commit();
+                since_commit = 0;
+            }
         }
+        self.persist_commit();
     }
 
     fn serve(&mut self, batch: Vec<Request>) {
-        let mut pending: Vec<oneshot::Sender<Result<()>>> = Vec::new();
-        let mut buf: Vec<u8> = Vec::new();
+        let mut buf = Vec::new();
+        let mut appended = Appended::new();
+        let mut waiters = Waiters::new();
         for request in batch {
             match request {
                 Request::Append {
                     first,
                     last,
+                    ids,
                     bytes,
                     done,
                 } => {
                     if let Some(why) = &self.failed {
                         let _ = done.send(Err(Error::Unavailable(why.clone())));
-                    } else if bytes.is_empty() {
-                        pending.push(done);
-                    } else if first != self.log.next {
+                    } else if first != self.next {
                         let _ = done.send(Err(Error::Corrupt(format!(
                             "append of index {first} where {} was expected",
-                            self.log.next
+                            self.next
                         ))));
                     } else {
                         buf.extend_from_slice(&bytes);
-                        self.log.next = last.next();
-                        pending.push(done);
+                        appended.push((first, ids));
+                        self.next = last.next();
+                        waiters.push(done);
                     }
                 }
+                Request::Barrier { done } => waiters.push(done),
+                Request::Commit => self.shared.nudged.store(false, Ordering::SeqCst),
                 Request::Snapshot { snapshot, done } => {
-                    self.flush(&mut buf, &mut pending);
-                    let result = match &self.failed {
-                        Some(why) => Err(Error::Unavailable(why.clone())),
-                        None => self.compact(&snapshot),
-                    };
-                    let _ = done.send(result);
+                    self.flush(&mut buf, &mut appended, &mut waiters);
+                    let _ = done.send(
+                        self.refuse_if_failed()
+                            .and_then(|()| self.compact(&snapshot)),
+                    );
+                }
+                Request::Truncate { index, done } => {
+                    self.flush(&mut buf, &mut appended, &mut waiters);
+                    let _ = done.send(self.refuse_if_failed().and_then(|()| self.truncate(index)));
                 }
             }
         }
-        self.flush(&mut buf, &mut pending);
-        if self.failed.is_none()
-            && self.log.file_len >= self.options.segment_bytes
-            && let Err(e) = self.rotate(self.log.next)
-        {
-            self.failed = Some(format!("cannot start a new log segment: {e}"));
+        self.flush(&mut buf, &mut appended, &mut waiters);
+        if self.failed.is_none() && self.file_len >= self.options.segment_bytes {
+            let next = self.next;
+            if let Err(e) = self.rotate(next) {
+                self.fail(format!("cannot start a new log segment: {e}"));
+            }
         }
     }
 
-    /// Writes and syncs `buf`, then answers every waiter in `pending`.
-    fn flush(&mut self, buf: &mut Vec<u8>, pending: &mut Vec<oneshot::Sender<Result<()>>>) {
+    fn refuse_if_failed(&self) -> Result<()> {
+        match &self.failed {
+            Some(why) => Err(Error::Unavailable(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        tracing::error!("{why}");
+        self.failed = Some(why);
+    }
+
+    /// Writes and syncs `buf`, records it in the index, then answers every waiter.
+    fn flush(&mut self, buf: &mut Vec<u8>, appended: &mut Appended, waiters: &mut Waiters) {
         let result = if buf.is_empty() {
             Ok(())
         } else {
-            self.log
-                .file
+            self.file
                 .write_all(buf)
-                .and_then(|()| self.log.file.sync_data())
+                .and_then(|()| self.file.sync_data())
         };
         match result {
+            Ok(()) if buf.is_empty() => {}
             Ok(()) => {
-                self.log.file_len += buf.len() as u64;
-                for done in pending.drain(..) {
-                    let _ = done.send(Ok(()));
+                self.shared.syncs.fetch_add(1, Ordering::SeqCst);
+                let base = self.file_len;
+                self.file_len += buf.len() as u64;
+                let mut map = self.shared.map();
+                if let (Some(segment), Some((first, _))) =
+                    (map.segments.last_mut(), appended.first())
+                {
+                    segment.note_records(buf, *first, base);
+                    segment.len = self.file_len;
+                }
+                map.last = LogIndex(self.next.0 - 1);
+                for (first, ids) in appended.drain(..) {
+                    for (offset, id) in ids.into_iter().enumerate() {
+                        map.positions.push(id, LogIndex(first.0 + offset as u64));
+                    }
                 }
             }
             Err(e) => {
-                let why = format!("log write failed, refusing further writes: {e}");
-                tracing::error!("{why}");
-                self.failed = Some(why);
-                for done in pending.drain(..) {
+                self.fail(format!("log write failed, refusing further writes: {e}"));
+                for done in waiters.drain(..) {
                     let _ = done.send(Err(Error::Io(io::Error::new(e.kind(), e.to_string()))));
                 }
             }
         }
+        for done in waiters.drain(..) {
+            let _ = done.send(Ok(()));
+        }
         buf.clear();
+        appended.clear();
+    }
+
+    /// Writes the commit index if it advanced (never beyond the last synced entry).
+    fn persist_commit(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let target = {
+            let map = self.shared.map();
+            map.commit.min(map.last)
+        };
+        if target > self.commit.persisted
+            && let Err(e) = self.commit.write(target)
+        {
+            self.fail(format!(
+                "commit index write failed, refusing further writes: {e}"
+            ));
+        }
     }
 
     /// Starts a new segment whose first entry will be `first`.
     fn rotate(&mut self, first: LogIndex) -> io::Result<()> {
-        let path = segment_path(&self.log.dir, first);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)?;
-        file.sync_all()?;
-        sync_dir(&self.log.dir)?;
-        self.log.file = file;
-        self.log.file_len = 0;
-        self.log.segments.push((first, path));
+        let path = segment_path(&self.dir, first);
+        let file = create_segment(&path)?;
+        sync_dir(&self.dir)?;
+        self.file = file;
+        self.file_len = 0;
+        self.shared
+            .map()
+            .segments
+            .push(SegmentMap::new(first, path));
         Ok(())
     }
 
-    /// Stores `snapshot` and removes what it makes redundant.
+    /// Stores `snapshot` and deletes the segments it and the readers no longer need.
     fn compact(&mut self, snapshot: &Snapshot) -> Result<()> {
-        let dir = self.log.dir.clone();
-        let written = write_snapshot(&dir, snapshot)?;
-        // A snapshot ahead of the log (installed from elsewhere) restarts the log after it.
-        let next = self.log.next.max(snapshot.index.next());
-        let fresh = self.log.file_len == 0 && self.log.segments.last().map(|s| s.0) == Some(next);
-        if !fresh && let Err(e) = self.rotate(next) {
-            self.failed = Some(format!("cannot start a new log segment: {e}"));
-            return Err(e.into());
+        let written = write_snapshot(&self.dir, snapshot)?;
+        // The snapshot is durable: from here on, a failure leaves the files in an unknown
+        // state, so the storage refuses further writes (a restart repairs).
+        let result = self.compact_log(snapshot.index, &written);
+        if let Err(e) = &result {
+            self.fail(format!("compaction failed, refusing further writes: {e}"));
         }
-        self.log.next = next;
-        let segments = std::mem::take(&mut self.log.segments);
-        let mut kept = Vec::new();
-        for (i, (first, path)) in segments.iter().enumerate() {
-            let covered = segments
-                .get(i + 1)
-                .is_some_and(|(next, _)| next.0 <= snapshot.index.0 + 1);
-            if covered {
-                fs::remove_file(path)?;
-            } else {
-                kept.push((*first, path.clone()));
+        result
+    }
+
+    fn compact_log(&mut self, index: LogIndex, written: &Path) -> Result<()> {
+        if index >= self.next {
+            // A snapshot ahead of the log: the log restarts after it.
+            let gone = {
+                let mut map = self.shared.map();
+                map.generation += 1;
+                map.last = index;
+                map.positions.clear();
+                map.snapshot = Some((index, written.to_path_buf()));
+                std::mem::take(&mut map.segments)
+            };
+            remove_segments(&self.dir, gone.iter().map(|s| &s.path))?;
+            let next = index.next();
+            let path = segment_path(&self.dir, next);
+            self.file = create_segment(&path)?;
+            self.file_len = 0;
+            self.next = next;
+            self.shared.map().segments.push(SegmentMap::new(next, path));
+        } else {
+            let keep_from = self
+                .shared
+                .readers()
+                .keep_from(index, self.options.retention);
+            if keep_from >= self.next && self.file_len > 0 {
+                // Everything is covered, the open segment too: move on to a fresh one.
+                let next = self.next;
+                self.rotate(next)?;
             }
+            let gone: Vec<SegmentMap> = {
+                let mut map = self.shared.map();
+                let count = map
+                    .segments
+                    .windows(2)
+                    .take_while(|pair| pair[1].first <= keep_from)
+                    .count();
+                map.generation += 1;
+                map.snapshot = Some((index, written.to_path_buf()));
+                let gone = map.segments.drain(..count).collect();
+                let first = map.first();
+                map.positions.remove_before(first);
+                gone
+            };
+            remove_segments(&self.dir, gone.iter().map(|s| &s.path))?;
         }
-        self.log.segments = kept;
-        for (_, path) in list(&dir)?.snapshots {
+        for (_, path) in list(&self.dir)?.snapshots {
             if path != written {
                 fs::remove_file(path)?;
             }
         }
-        sync_dir(&dir)?;
+        sync_dir(&self.dir)?;
+        Ok(())
+    }
+
+    /// Removes every entry after `index` (unless that is refused).
+    fn truncate(&mut self, index: LogIndex) -> Result<()> {
+        let (commit, snapshot) = {
+            let map = self.shared.map();
+            (map.commit, map.snapshot_index())
+        };
+        check_truncation(index, commit, snapshot)?;
+        if index.next() >= self.next {
+            return Ok(());
+        }
+        let result = self.truncate_log(index.next());
+        if let Err(e) = &result {
+            self.fail(format!("truncation failed, refusing further writes: {e}"));
+        }
+        result
+    }
+
+    /// Cuts the log before `target` (an entry held).
+    fn truncate_log(&mut self, target: LogIndex) -> Result<()> {
+        let (keep, path, at, sparse_offset) = {
+            let map = self.shared.map();
+            let keep = map
+                .segments
+                .partition_point(|s| s.first <= target)
+                .checked_sub(1)
+                .ok_or_else(|| Error::Corrupt(format!("index {target} is not in the log")))?;
+            let segment = &map.segments[keep];
+            let k = (target.0 - segment.first.0) / SPARSE_EVERY;
+            let offset = *segment.sparse.get(k as usize).ok_or_else(|| {
+                Error::Corrupt(format!("no offset of index {target} in the log index"))
+            })?;
+            let at = LogIndex(segment.first.0 + k * SPARSE_EVERY);
+            (keep, segment.path.clone(), at, offset)
+        };
+        // Walk from the noted record to `target`'s.
+        let mut file = File::open(&path)?;
+        let mut offset = sparse_offset;
+        for _ in at.0..target.0 {
+            let mut header = [0u8; RECORD_HEADER];
+            file.seek(SeekFrom::Start(offset))?;
+            file.read_exact(&mut header)?;
+            let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+            offset += (RECORD_HEADER + len as usize) as u64;
+        }
+        let later: Vec<PathBuf> = {
+            let mut map = self.shared.map();
+            map.generation += 1;
+            let later = map.segments.drain(keep + 1..).map(|s| s.path).collect();
+            if let Some(segment) = map.segments.last_mut() {
+                segment.len = offset;
+                let noted = (target.0 - segment.first.0).div_ceil(SPARSE_EVERY);
+                segment.sparse.truncate(noted as usize);
+            }
+            let last = LogIndex(target.0 - 1);
+            map.last = last;
+            map.positions.truncate_after(last);
+            later
+        };
+        // Newest first, and before the cut, so a crash leaves a contiguous log.
+        remove_segments(&self.dir, later.iter().rev())?;
+        let file = OpenOptions::new().write(true).open(&path)?;
+        file.set_len(offset)?;
+        file.sync_all()?;
+        self.file = OpenOptions::new().append(true).open(&path)?;
+        self.file_len = offset;
+        self.next = target;
         Ok(())
     }
 }
