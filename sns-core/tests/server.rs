@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sns_core::client::Client;
 use sns_core::testing::{TestServer, eventually};
-use sns_core::{Error, FileStorage, MemoryStorage, ServerConfig, Storage, UserId};
+use sns_core::{Error, FileStorage, MemoryStorage, Server, ServerConfig, Storage, UserId};
 use sns_proto::csce438::sns_service_client::SnsServiceClient;
 use sns_proto::csce438::{Message, Request};
 use tonic::Code;
@@ -196,25 +196,34 @@ async fn the_same_commands_work_over_loopback_tcp() {
     server.stop().await.expect("stop");
 }
 
-#[tokio::test]
+/// A server without a listener, for calling the library directly on tokio's paused clock.
+async fn open_paused(config: ServerConfig) -> Server {
+    Server::open(config, Arc::new(MemoryStorage::new()))
+        .await
+        .expect("server opens")
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_second_login_is_refused_until_the_session_expires() {
-    let config = ServerConfig {
-        session_timeout: Duration::from_millis(300),
-        ..ServerConfig::default()
-    };
-    let server = start_with(config, Arc::new(MemoryStorage::new())).await;
-    let first = login(&server, 1).await;
-    let refused = Client::login(&server.network, &server.addr, u(1)).await;
-    assert!(matches!(refused, Err(Error::AlreadyLoggedIn(_))));
-    // Heartbeats keep it alive...
-    first.heartbeat().await.expect("heartbeat");
+    let server = open_paused(ServerConfig::default()).await;
+    let timeout = ServerConfig::default().session_timeout;
+    server.login(u(1)).await.expect("login");
     assert!(matches!(
-        Client::login(&server.network, &server.addr, u(1)).await,
+        server.login(u(1)).await,
         Err(Error::AlreadyLoggedIn(_))
     ));
-    // ...and without them it expires.
-    assert!(eventually(WAIT, || async { server.client(1).await.is_ok() }).await);
-    server.stop().await.expect("stop");
+    // A heartbeat two thirds into the timeout keeps the session alive past the original expiry...
+    tokio::time::advance(timeout * 2 / 3).await;
+    server.heartbeat(u(1)).expect("heartbeat");
+    tokio::time::advance(timeout * 2 / 3).await;
+    assert!(matches!(
+        server.login(u(1)).await,
+        Err(Error::AlreadyLoggedIn(_))
+    ));
+    // ...and once a whole timeout passes without one, the session has expired.
+    tokio::time::advance(timeout / 3 + Duration::from_millis(1)).await;
+    server.login(u(1)).await.expect("login after expiry");
+    server.close().await;
 }
 
 #[tokio::test]
@@ -233,25 +242,45 @@ async fn terminated_unfollow_logs_out_at_once() {
     server.stop().await.expect("stop");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_open_timeline_keeps_the_session_alive() {
-    let config = ServerConfig {
-        session_timeout: Duration::from_millis(100),
-        ..ServerConfig::default()
-    };
-    let server = start_with(config, Arc::new(MemoryStorage::new())).await;
-    let c1 = login(&server, 1).await;
-    let (_tx, _rx) = c1.timeline().await.expect("timeline");
-    // Well past the timeout, the stream still holds the session.
-    let held = server.server.clone();
+    let server = open_paused(ServerConfig::default()).await;
+    let timeout = ServerConfig::default().session_timeout;
+    server.login(u(1)).await.expect("login");
+    let feed = server.open_timeline(u(1)).expect("timeline");
+    tokio::time::advance(timeout * 10).await;
+    assert!(server.is_logged_in(u(1)), "the stream holds the session");
+    // Closing the stream counts as the last sign of life: the session then expires.
+    drop(feed);
+    tokio::time::advance(timeout - Duration::from_millis(1)).await;
+    assert!(server.is_logged_in(u(1)));
+    tokio::time::advance(Duration::from_millis(2)).await;
+    assert!(!server.is_logged_in(u(1)));
+    server.close().await;
+}
+
+/// The texts `user` is shown on opening the timeline (newest first), read from the server.
+fn shown(server: &TestServer, user: u32) -> Vec<String> {
+    server
+        .server
+        .recent_posts(u(user))
+        .expect("known user")
+        .iter()
+        .map(|p| p.text.to_string())
+        .collect()
+}
+
+/// Waits until `newest` is the newest post `user` is shown, then returns everything shown.
+async fn shown_once(server: &TestServer, user: u32, newest: &str) -> Vec<String> {
     assert!(
-        !eventually(Duration::from_millis(500), || {
-            let held = held.clone();
-            async move { !held.is_logged_in(u(1)) }
+        eventually(WAIT, || {
+            let first = shown(server, user).first().cloned();
+            async move { first.as_deref() == Some(newest) }
         })
-        .await
+        .await,
+        "{newest:?} never reached user {user}'s timeline"
     );
-    server.stop().await.expect("stop");
+    shown(server, user)
 }
 
 /// Reads `n` posts from a feed, failing the test if they do not arrive in time.
@@ -280,17 +309,30 @@ async fn timeline_shows_the_last_20_newest_first_and_only_posts_after_the_follow
     post4.post("before the follow").await.expect("post");
     assert_eq!(read_texts(&mut watcher, 1).await, ["before the follow"]);
     c1.follow(u(4)).await.expect("follow");
-    for i in 0..25 {
+    for i in 0..3 {
         post4.post(&format!("p{i}")).await.expect("post");
     }
     // Once 9 saw them live, they are committed.
-    assert_eq!(read_texts(&mut watcher, 25).await.len(), 25);
+    assert_eq!(read_texts(&mut watcher, 3).await, ["p0", "p1", "p2"]);
+    // Few enough posts that the cap cannot hide the one from before the follow: it is absent
+    // because 1 followed later, and the stream replays exactly what is shown, then goes live.
+    assert_eq!(shown(&server, 1), ["p2", "p1", "p0"]);
     let (_s, mut feed) = c1.timeline().await.expect("timeline of 1");
-    let expected: Vec<String> = (5..25).rev().map(|i| format!("p{i}")).collect();
-    assert_eq!(read_texts(&mut feed, 20).await, expected);
-    // Nothing more: the 21st and older, and the post before the follow, are not shown.
-    let more = tokio::time::timeout(Duration::from_millis(200), feed.next()).await;
-    assert!(more.is_err(), "only 20 recent posts: {more:?}");
+    post4.post("live").await.expect("post");
+    assert_eq!(read_texts(&mut feed, 4).await, ["p2", "p1", "p0", "live"]);
+
+    for i in 3..25 {
+        post4.post(&format!("p{i}")).await.expect("post");
+    }
+    assert_eq!(read_texts(&mut watcher, 23).await.len(), 23);
+    let (_s, mut reopened) = c1.timeline().await.expect("timeline of 1");
+    let mut expected: Vec<String> = (5..25).rev().map(|i| format!("p{i}")).collect();
+    assert_eq!(shown(&server, 1), expected);
+    // The next thing on the stream after the 20 replayed posts is the next live post: the
+    // 21st and older are not replayed.
+    post4.post("after").await.expect("post");
+    expected.push("after".to_string());
+    assert_eq!(read_texts(&mut reopened, 21).await, expected);
     server.stop().await.expect("stop");
 }
 
@@ -299,8 +341,14 @@ async fn live_posts_reach_followers_and_are_not_echoed() {
     let server = start().await;
     let c1 = login(&server, 1).await;
     let c4 = login(&server, 4).await;
+    let c7 = login(&server, 7).await;
+    let c10 = login(&server, 10).await;
     c1.follow(u(4)).await.expect("1 follows 4");
     c4.follow(u(1)).await.expect("4 follows 1");
+    c1.follow(u(7)).await.expect("1 follows 7");
+    c10.follow(u(4)).await.expect("10 follows 4");
+    let (_s10, mut feed10) = c10.timeline().await.expect("timeline 10");
+    let (post7, _) = c7.timeline().await.expect("timeline 7");
     let (post1, mut feed1) = c1.timeline().await.expect("timeline 1");
     let (post4, mut feed4) = c4.timeline().await.expect("timeline 4");
     post1.post("from one\n").await.expect("post");
@@ -318,27 +366,18 @@ async fn live_posts_reach_followers_and_are_not_echoed() {
     assert_eq!((got4.author, got4.text.as_str()), (u(1), "from one"));
     assert!(got4.line().starts_with("1 ("));
     assert!(got4.line().ends_with(") >> from one"));
+    assert_eq!(read_texts(&mut feed10, 1).await, ["from four"]);
     // After unfollowing, 4's posts stop reaching 1, and leave 1's timeline.
     c1.unfollow(u(4)).await.expect("unfollow");
+    assert_eq!(shown(&server, 1), Vec::<String>::new());
     post4.post("unseen").await.expect("post");
-    post1.post("marker").await.expect("post");
-    let got4 = tokio::time::timeout(WAIT, feed4.next())
-        .await
-        .expect("in time")
-        .expect("a post")
-        .expect("ok");
-    assert_eq!(got4.text, "marker");
+    // 10 sees it, so it is committed (and was fanned out) before 7's marker is posted.
+    assert_eq!(read_texts(&mut feed10, 1).await, ["unseen"]);
+    post7.post("marker").await.expect("post");
+    assert_eq!(read_texts(&mut feed1, 1).await, ["marker"]);
+    assert_eq!(shown(&server, 1), ["marker"]);
     drop((post1, feed1));
-    let (_p, mut reopened) = c1.timeline().await.expect("reopen");
-    let wait_short = tokio::time::timeout(Duration::from_millis(200), reopened.next()).await;
-    assert!(wait_short.is_err(), "no post of 4 remains in 1's timeline");
     server.stop().await.expect("stop");
-}
-
-/// What user `viewer` sees when opening the timeline: the recent posts, newest first.
-async fn recent_texts(viewer: &Client, expect: usize) -> Vec<String> {
-    let (_s, mut feed) = viewer.timeline().await.expect("timeline");
-    read_texts(&mut feed, expect).await
 }
 
 #[tokio::test]
@@ -361,10 +400,10 @@ async fn a_stream_cannot_post_as_another_user() {
         matches!(end, Some(Err(Error::PermissionDenied(_)))),
         "{end:?}"
     );
-    // Nothing was stored under 4's (or 1's) name: 7 sees only the marker.
+    // Nothing was stored under 4's (or 1's) name: 7's timeline holds only the marker.
     let (post4, _f) = c4.timeline().await.expect("timeline");
     post4.post("marker").await.expect("post");
-    assert_eq!(recent_texts(&c7, 1).await, ["marker"]);
+    assert_eq!(shown_once(&server, 7, "marker").await, ["marker"]);
     server.stop().await.expect("stop");
 }
 
@@ -403,7 +442,7 @@ async fn oversize_and_invalid_utf8_posts_are_rejected_and_not_stored() {
     let (post1, _) = c1.timeline().await.expect("timeline");
     let max = "y".repeat(sns_core::MAX_POST_BYTES);
     post1.post(&max).await.expect("post");
-    assert_eq!(recent_texts(&c2, 1).await, [max]);
+    assert_eq!(shown_once(&server, 2, &max).await, vec![max]);
     server.stop().await.expect("stop");
 }
 
@@ -485,7 +524,7 @@ async fn everything_survives_a_restart_on_file_storage() {
         c1.follow(u(2)).await,
         Err(Error::AlreadyFollowing)
     ));
-    assert_eq!(recent_texts(&c1, 1).await, ["durable"]);
+    assert_eq!(shown(&server, 1), ["durable"]);
     server.stop().await.expect("stop");
 }
 
@@ -507,20 +546,26 @@ async fn snapshots_compact_the_log_and_restarts_still_recover_everything() {
         post2.post(&format!("n{i}")).await.expect("post");
     }
     assert_eq!(read_texts(&mut watcher, 35).await.len(), 35);
+    let snapshots = || {
+        std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".snap"))
+            })
+            .count()
+    };
+    // Snapshots are built in the background; wait for one to land.
+    assert!(eventually(WAIT, || std::future::ready(snapshots() >= 1)).await);
     server.stop().await.expect("stop");
-    let snapshots = std::fs::read_dir(dir.path())
-        .expect("list")
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".snap"))
-        })
-        .count();
-    assert_eq!(snapshots, 1, "one snapshot is kept");
+    assert_eq!(snapshots(), 1, "one snapshot is kept");
 
     let server = start_with(config, open()).await;
     let c1 = login(&server, 1).await;
     let expected: Vec<String> = (15..35).rev().map(|i| format!("n{i}")).collect();
-    assert_eq!(recent_texts(&c1, 20).await, expected);
+    assert_eq!(shown(&server, 1), expected);
+    let (_s, mut feed) = c1.timeline().await.expect("timeline");
+    assert_eq!(read_texts(&mut feed, 20).await, expected);
     server.stop().await.expect("stop");
 }
 

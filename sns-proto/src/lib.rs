@@ -18,17 +18,23 @@ pub mod csce438 {
     tonic::include_proto!("csce438");
 }
 
-/// Tiny SNS's own internal services (package `sns.v1`).
-#[allow(
-    missing_docs,
-    unreachable_pub,
-    clippy::all,
-    clippy::pedantic,
-    clippy::unwrap_used,
-    rust_2018_idioms
-)]
-pub mod sns_v1 {
-    tonic::include_proto!("sns.v1");
+/// Tiny SNS's own internal services (package `sns.v1`), nested as the package path so that
+/// references to `csce438` types resolve.
+pub mod sns {
+    /// Version 1 of the internal services.
+    #[allow(
+        missing_docs,
+        unreachable_pub,
+        clippy::all,
+        clippy::pedantic,
+        clippy::unwrap_used,
+        rust_2018_idioms
+    )]
+    pub mod v1 {
+        tonic::include_proto!("sns.v1");
+    }
 }
+
+pub use sns::v1 as sns_v1;
 
 pub use prost_types::Timestamp;

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 use sns_bins::{HeartbeatArgs, TokenArgs};
 use sns_core::{Data, Deployment, DeploymentConfig, Ports, Role};
+use sns_proto::csce438::NodeRole;
 use sns_proto::sns_v1::StatusRequest;
 use sns_proto::sns_v1::admin_client::AdminClient;
 
@@ -216,19 +217,42 @@ async fn status(host: String, port: u16, token: Option<String>) -> Result<(), St
         reply.clusters, reply.heartbeat_interval_ms, reply.failure_timeout_ms
     );
     println!(
-        "{:<8} {:<7} {:<13} {:<22} {:>15} {:<6} EPOCH",
-        "CLUSTER", "SERVER", "ROLE", "ADDRESS", "LAST HEARTBEAT", "ALIVE"
+        "{:<8} {:<7} {:<13} {:<22} {:>15} {:<6} {:>5} {:>9} {:>9} {:>9} {:>9}",
+        "CLUSTER",
+        "SERVER",
+        "ROLE",
+        "ADDRESS",
+        "LAST HEARTBEAT",
+        "ALIVE",
+        "EPOCH",
+        "LOG EPOCH",
+        "DURABLE",
+        "COMMIT",
+        "SLAVE ACK"
     );
     for node in reply.nodes {
+        let synchronizer = node.node_role == i32::from(NodeRole::Synchronizer);
+        let position = |value: u64| {
+            if synchronizer {
+                "-".to_string()
+            } else {
+                value.to_string()
+            }
+        };
         println!(
-            "{:<8} {:<7} {:<13} {:<22} {:>15} {:<6} {}",
+            "{:<8} {:<7} {:<13} {:<22} {:>15} {:<6} {:>5} {:>9} {:>9} {:>9} {:>9}",
             node.cluster,
             node.server,
             node.role,
             format!("{}:{}", node.hostname, node.port),
             format!("{:.1}s ago", node.last_heartbeat_ms as f64 / 1000.0),
             if node.alive { "yes" } else { "no" },
-            node.epoch
+            node.epoch,
+            position(node.log_epoch),
+            position(node.durable_index),
+            position(node.commit_index),
+            node.slave_acked_index
+                .map_or_else(|| "-".to_string(), |i| i.to_string()),
         );
     }
     Ok(())

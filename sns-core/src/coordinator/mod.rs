@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio_util::sync::CancellationToken;
 
-pub use table::{Address, Assignment, Beat, NodeView, RoutingConfig, RoutingTable};
+pub use table::{Address, Assignment, Beat, NodeView, ReportedLog, RoutingConfig, RoutingTable};
 
 use crate::error::{Error, Result};
 use crate::server::SHUTDOWN_GRACE;
@@ -95,6 +95,7 @@ mod tests {
             addr: Address::parse("127.0.0.1", &port.to_string()).expect("address"),
             claims_master: false,
             epoch: Epoch(0),
+            log: Default::default(),
         }
     }
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::ids::{ClusterId, Epoch, ServerId, UserId};
+use crate::ids::{ClusterId, Epoch, LogIndex, ServerId, UserId};
 use crate::server::Role;
 
 /// Timing and size of a deployment.
@@ -98,6 +98,19 @@ impl std::fmt::Display for Address {
     }
 }
 
+/// A server's log positions, as its last heartbeat reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReportedLog {
+    /// The role the server acts in.
+    pub role: Option<Role>,
+    /// The last entry durable on the server.
+    pub durable: LogIndex,
+    /// The last committed entry.
+    pub commit: LogIndex,
+    /// From a master with a slave: the last entry the slave acknowledged as durable.
+    pub slave_acked: Option<LogIndex>,
+}
+
 /// What a server says in a heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Beat {
@@ -111,6 +124,8 @@ pub struct Beat {
     pub claims_master: bool,
     /// The latest epoch it knows of its cluster (0: it never served).
     pub epoch: Epoch,
+    /// Its role and log positions.
+    pub log: ReportedLog,
 }
 
 /// The coordinator's answer to a heartbeat.
@@ -139,6 +154,10 @@ pub struct NodeView {
     pub alive: bool,
     /// Its cluster's epoch.
     pub epoch: Epoch,
+    /// The epoch of its own log, as it last reported it.
+    pub log_epoch: Epoch,
+    /// Its role and log positions as it last reported them (servers only).
+    pub log: Option<ReportedLog>,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +165,7 @@ struct Node {
     addr: Address,
     last_beat: Instant,
     epoch: Epoch,
+    log: ReportedLog,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -221,6 +241,7 @@ impl RoutingTable {
                 addr: beat.addr.clone(),
                 last_beat: now,
                 epoch: beat.epoch,
+                log: beat.log,
             },
         );
         // One interval after the coordinator started, every live server has spoken once.
@@ -290,6 +311,7 @@ impl RoutingTable {
                 addr,
                 last_beat: now,
                 epoch: Epoch(0),
+                log: ReportedLog::default(),
             },
         );
         Ok(self.cluster_of_sync(id))
@@ -376,6 +398,8 @@ impl RoutingTable {
                 since_heartbeat: now.saturating_duration_since(node.last_beat),
                 alive: self.alive(node, now),
                 epoch: epoch(c),
+                log_epoch: node.epoch,
+                log: Some(node.log),
             }
         });
         let syncs = self.syncs.iter().map(|(id, node)| {
@@ -388,6 +412,8 @@ impl RoutingTable {
                 since_heartbeat: now.saturating_duration_since(node.last_beat),
                 alive: self.alive(node, now),
                 epoch: epoch(&cluster),
+                log_epoch: Epoch(0),
+                log: None,
             }
         });
         servers.chain(syncs).collect()

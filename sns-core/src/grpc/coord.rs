@@ -1,7 +1,7 @@
 //! `CoordService` and `sns.v1.Admin` adapters onto [`Coordinator`].
 
 use sns_proto::csce438::coord_service_server::{CoordService, CoordServiceServer};
-use sns_proto::csce438::{Confirmation, Id, ServerInfo, ServerList};
+use sns_proto::csce438::{Confirmation, Id, NodeRole, ServerInfo, ServerList};
 use sns_proto::sns_v1::admin_server::{Admin, AdminServer};
 use sns_proto::sns_v1::{NodeStatus, StatusReply, StatusRequest};
 use tonic::service::Routes;
@@ -9,9 +9,9 @@ use tonic::{Request, Response, Status};
 
 use super::alias::{Csce662Coord, Renamed};
 use super::status;
-use crate::coordinator::{Address, Beat, Coordinator};
+use crate::coordinator::{Address, Beat, Coordinator, ReportedLog};
 use crate::error::Error;
-use crate::ids::{Epoch, ServerId};
+use crate::ids::{Epoch, LogIndex, ServerId};
 use crate::server::Role;
 
 /// Metadata key carrying the cluster token on internal calls.
@@ -42,7 +42,7 @@ impl CoordAdapter {
     }
 }
 
-/// The role's name on the wire.
+/// The role's name on the wire (the course's string fields).
 pub(crate) fn role_name(role: Role) -> &'static str {
     match role {
         Role::Master => "master",
@@ -50,15 +50,39 @@ pub(crate) fn role_name(role: Role) -> &'static str {
     }
 }
 
-fn info(cluster: u32, server: u32, addr: &Address, role: &str) -> ServerInfo {
+/// The role as the typed wire enum.
+pub(crate) fn node_role(role: Role) -> NodeRole {
+    match role {
+        Role::Master => NodeRole::Master,
+        Role::Slave => NodeRole::Slave,
+    }
+}
+
+/// A server role from the typed wire enum, if it names one.
+pub(crate) fn role_from_wire(role: i32) -> Option<Role> {
+    match NodeRole::try_from(role).ok()? {
+        NodeRole::Master => Some(Role::Master),
+        NodeRole::Slave => Some(Role::Slave),
+        NodeRole::Unspecified | NodeRole::Synchronizer => None,
+    }
+}
+
+fn info(cluster: u32, server: u32, addr: &Address, role: NodeRole) -> ServerInfo {
+    let name = match role {
+        NodeRole::Master => "master",
+        NodeRole::Slave => "slave",
+        NodeRole::Synchronizer => "synchronizer",
+        NodeRole::Unspecified => "",
+    };
     ServerInfo {
         server_id: server as i32,
         hostname: addr.host.clone(),
         port: addr.port.to_string(),
-        r#type: role.to_string(),
+        r#type: name.to_string(),
         cluster_id: cluster as i32,
-        is_master: role == "master",
-        epoch: 0,
+        is_master: role == NodeRole::Master,
+        node_role: role.into(),
+        ..ServerInfo::default()
     }
 }
 
@@ -82,7 +106,7 @@ impl CoordService for CoordAdapter {
     ) -> Result<Response<Confirmation>, Status> {
         self.authorize(&request)?;
         let info = request.into_inner();
-        if info.r#type == "synchronizer" {
+        if info.r#type == "synchronizer" || info.node_role == i32::from(NodeRole::Synchronizer) {
             return self.register(info).await;
         }
         let mut table = self.coordinator.table();
@@ -105,6 +129,12 @@ impl CoordService for CoordAdapter {
             addr,
             claims_master: info.is_master,
             epoch: Epoch(info.epoch),
+            log: ReportedLog {
+                role: role_from_wire(info.node_role),
+                durable: LogIndex(info.durable_index),
+                commit: LogIndex(info.commit_index),
+                slave_acked: info.slave_acked_index.map(LogIndex),
+            },
         };
         let assignment = table
             .heartbeat(beat, tokio::time::Instant::now())
@@ -113,6 +143,7 @@ impl CoordService for CoordAdapter {
             status: true,
             role: role_name(assignment.role).to_string(),
             epoch: assignment.epoch.0,
+            assigned_role: node_role(assignment.role).into(),
         }))
     }
 
@@ -125,7 +156,7 @@ impl CoordService for CoordAdapter {
             cluster.get(),
             server.get(),
             &addr,
-            "master",
+            NodeRole::Master,
         )))
     }
 
@@ -141,7 +172,7 @@ impl CoordService for CoordAdapter {
             cluster.get(),
             server.get(),
             &addr,
-            "slave",
+            NodeRole::Slave,
         )))
     }
 
@@ -170,7 +201,7 @@ impl CoordService for CoordAdapter {
             cluster.get(),
             id,
             &addr,
-            "synchronizer",
+            NodeRole::Synchronizer,
         )))
     }
 
@@ -211,6 +242,7 @@ impl CoordAdapter {
             status: true,
             role: "synchronizer".to_string(),
             epoch: 0,
+            assigned_role: NodeRole::Synchronizer.into(),
         }))
     }
 }
@@ -236,6 +268,11 @@ impl Admin for CoordAdapter {
                 last_heartbeat_ms: n.since_heartbeat.as_millis() as u64,
                 alive: n.alive,
                 epoch: n.epoch.0,
+                node_role: n.role.map_or(NodeRole::Synchronizer, node_role).into(),
+                log_epoch: n.log_epoch.0,
+                durable_index: n.log.map_or(0, |l| l.durable.0),
+                commit_index: n.log.map_or(0, |l| l.commit.0),
+                slave_acked_index: n.log.and_then(|l| l.slave_acked).map(|i| i.0),
             })
             .collect();
         Ok(Response::new(StatusReply {

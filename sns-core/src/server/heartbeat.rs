@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
 
 use super::{Role, Server, Shared};
-use crate::grpc::coord::{TOKEN_METADATA, role_name};
+use crate::grpc::coord::{TOKEN_METADATA, node_role, role_from_wire, role_name};
 use crate::ids::Epoch;
 use crate::transport::Network;
 
@@ -79,22 +79,27 @@ impl Server {
                 %epoch,
                 "role assigned by the coordinator"
             );
-            core.role = role;
+            self.change_role(&mut core, role);
         }
     }
 
     /// The heartbeat message; `claiming` is whether this server holds (or, having stepped down
     /// for lack of a coordinator, still claims) mastership.
     fn beat(&self, link: &CoordinatorLink, claiming: bool) -> ServerInfo {
-        let core = self.lock();
+        let log = self.positions();
         ServerInfo {
             server_id: self.shared.config.server_id.get() as i32,
             hostname: link.advertise_host.clone(),
             port: link.advertise_port.to_string(),
-            r#type: role_name(core.role).to_string(),
+            r#type: role_name(log.role).to_string(),
             cluster_id: self.shared.config.cluster.get() as i32,
             is_master: claiming,
-            epoch: core.epoch.0,
+            epoch: log.epoch.0,
+            node_role: node_role(log.role).into(),
+            durable_index: log.durable.0,
+            commit_index: log.commit.0,
+            // Replication (and so a slave's acknowledged position) is not built yet.
+            slave_acked_index: None,
         }
     }
 }
@@ -149,11 +154,13 @@ async fn run(
                 }
                 reachable = true;
                 last_ok = Instant::now();
-                let role = if confirmation.role == "master" {
-                    Role::Master
-                } else {
-                    Role::Slave
-                };
+                let role = role_from_wire(confirmation.assigned_role).unwrap_or(
+                    if confirmation.role == "master" {
+                        Role::Master
+                    } else {
+                        Role::Slave
+                    },
+                );
                 claiming = role == Role::Master;
                 server.assign(role, Epoch(confirmation.epoch));
             }

@@ -1,17 +1,25 @@
 //! The server: the semantics of the client-facing service (DESIGN §4) over a durable log.
 //!
-//! Write path: a command is validated against the current state and sequenced under one lock
-//! (event id, log index, time), applied to the in-memory state and queued on the storage in log
-//! order. The commit task then waits for durability in the same order and only then marks the
-//! entry committed, fans posts out to online followers and answers the caller. So nothing is
-//! acknowledged or delivered live before it is durable, and concurrent writers share fsyncs.
-//! Reads see the sequenced state; a timeline opened now shows only committed posts.
+//! Write path, and the rule for validation: a command is validated against the *committed*
+//! state plus the effects of the entries sequenced before it (module `uncommitted`), then sequenced
+//! under one lock (event id, log index, time) and queued on the storage in log order. The
+//! commit task waits for durability in the same order and only then commits the entry: applies
+//! it to the state, publishes it to the committed-entry stream, fans posts out to online
+//! followers and answers the caller. So the state, LIST, timelines and every consumer see
+//! committed entries only, and a master that loses its role discards its uncommitted entries by
+//! dropping them (the state never held them) and truncating the log after the commit index.
+//!
+//! Bounds: at most `max_inflight` entries are sequenced and not yet committed; a writer beyond
+//! that waits for a slot (backpressure) before it takes the lock. Snapshots are built at the
+//! commit index by a background task from the previous snapshot and the log, never under the
+//! lock and never in the way of commits.
 
+mod committed;
 mod heartbeat;
 mod sessions;
 mod timeline;
+mod uncommitted;
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -19,6 +27,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use committed::CommittedEntries;
 pub use heartbeat::CoordinatorLink;
 pub use timeline::TimelineFeed;
 
@@ -28,8 +37,10 @@ use crate::ids::{ClusterId, Epoch, EventId, LogIndex, ServerId, Timestamp, UserI
 use crate::state::{Applied, DEFAULT_TIMELINE_CAP, State};
 use crate::storage::{Durable, Snapshot, Storage};
 use crate::transport::Listener;
+use committed::RecentEntries;
 use sessions::Sessions;
 use timeline::{FeedOwner, Subscribers};
+use uncommitted::Uncommitted;
 
 /// How long a stopping server waits for open connections to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -58,6 +69,11 @@ pub struct ServerConfig {
     pub max_posts_per_second: u32,
     /// Most concurrent HTTP/2 streams per client connection.
     pub max_concurrent_streams: u32,
+    /// Most entries sequenced but not yet committed; writers beyond that wait for a slot.
+    pub max_inflight: usize,
+    /// Committed entries kept in memory for the committed-entry stream's live readers (older
+    /// ones are read from the log).
+    pub recent_entries: usize,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +88,8 @@ impl Default for ServerConfig {
             stream_queue: 1024,
             max_posts_per_second: 1000,
             max_concurrent_streams: 256,
+            max_inflight: 4096,
+            recent_entries: 8192,
         }
     }
 }
@@ -94,25 +112,53 @@ pub enum Role {
     Slave,
 }
 
-/// An entry sequenced but not yet durable, with what to do once it is.
+/// Where a server's log stands, as its heartbeats report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogPositions {
+    /// The server's role.
+    pub role: Role,
+    /// The epoch of the server's log (the last epoch in which it wrote as master).
+    pub epoch: Epoch,
+    /// The last entry durable in this server's storage.
+    pub durable: LogIndex,
+    /// The last committed entry.
+    pub commit: LogIndex,
+}
+
+/// An entry sequenced but not yet committed, with what to do once it is durable.
 struct Pending {
-    id: EventId,
+    entry: LogEntry,
+    /// The discard generation it was sequenced in; a discard since then voids it.
+    generation: u64,
     durable: Durable,
-    applied: Applied,
     reply: oneshot::Sender<Result<()>>,
+    /// Its in-flight slot, freed when it commits or is dropped.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Everything guarded by the server's one lock.
 struct Core {
+    /// Committed entries only (see the module documentation).
     state: State,
+    /// Effects of the sequenced, uncommitted entries, for validation.
+    uncommitted: Uncommitted,
     epoch: Epoch,
     role: Role,
     next_index: LogIndex,
     next_seq: u64,
     last_at: Timestamp,
-    /// Highest committed sequence number per origin (a timeline opened now shows no more).
-    committed: BTreeMap<ClusterId, u64>,
+    /// The last entry known durable locally.
+    durable: LogIndex,
+    /// The last committed entry.
+    commit: LogIndex,
+    /// Incremented whenever uncommitted entries are discarded.
+    generation: u64,
+    /// Set while the log is being truncated after a discard: writes wait for it.
+    truncating: bool,
+    /// The newest committed entries, for the committed-entry stream.
+    recent: RecentEntries,
     entries_since_snapshot: u64,
+    snapshot_running: bool,
     sessions: Sessions,
     subscribers: Subscribers,
     /// Set when the storage failed: the state may be ahead of the disk, so refuse everything.
@@ -123,7 +169,11 @@ struct Shared {
     config: ServerConfig,
     storage: Arc<dyn Storage>,
     core: Mutex<Core>,
-    commits: mpsc::UnboundedSender<Pending>,
+    commits: mpsc::Sender<Pending>,
+    /// Free in-flight slots (see [`ServerConfig::max_inflight`]).
+    inflight: Arc<Semaphore>,
+    /// The commit index, for readers of the committed-entry stream.
+    commit_index: tokio::sync::watch::Sender<LogIndex>,
     streams: Arc<Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -156,16 +206,23 @@ impl Server {
             .or(recovered.snapshot.as_ref().map(|s| s.epoch))
             .unwrap_or(Epoch(0));
         let last_at = state.latest_time();
-        let committed = state.origins().map(|o| (o, state.high_water(o))).collect();
+        // Without a slave, what is durable here is committed: everything recovered is.
+        let last = recovered.last_index();
         let core = Core {
-            next_index: recovered.last_index().next(),
+            next_index: last.next(),
             next_seq: state.high_water(config.cluster) + 1,
             state,
+            uncommitted: Uncommitted::default(),
             epoch,
             role: Role::Master,
             last_at,
-            committed,
+            durable: last,
+            commit: last,
+            generation: 0,
+            truncating: false,
+            recent: RecentEntries::new(config.recent_entries),
             entries_since_snapshot: recovered.entries.len() as u64,
+            snapshot_running: false,
             sessions: Sessions::new(config.session_timeout),
             subscribers: Subscribers::default(),
             failed: None,
@@ -177,13 +234,17 @@ impl Server {
             next_index = %core.next_index,
             "server state recovered"
         );
-        let (commits, queue) = mpsc::unbounded_channel();
+        let inflight = config.max_inflight.max(1);
+        let (commits, queue) = mpsc::channel(inflight);
+        let (commit_index, _) = tokio::sync::watch::channel(last);
         let shared = Arc::new(Shared {
             streams: Arc::new(Semaphore::new(config.max_timeline_streams)),
+            inflight: Arc::new(Semaphore::new(inflight)),
             config,
             storage,
             core: Mutex::new(core),
             commits,
+            commit_index,
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         });
@@ -233,6 +294,7 @@ impl Server {
     /// Stops the commit task and every timeline stream, and waits for them to finish.
     pub async fn close(&self) {
         self.shared.shutdown.cancel();
+        self.shared.inflight.close();
         self.lock().subscribers.clear();
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
@@ -248,9 +310,78 @@ impl Server {
         self.lock().role
     }
 
-    /// Changes the role (driven by the coordinator).
+    /// Changes the role (driven by the coordinator). A master that stops being master discards
+    /// its uncommitted entries.
     pub fn set_role(&self, role: Role) {
-        self.lock().role = role;
+        let mut core = self.lock();
+        self.change_role(&mut core, role);
+    }
+
+    /// Where this server's log stands.
+    pub fn positions(&self) -> LogPositions {
+        let core = self.lock();
+        LogPositions {
+            role: core.role,
+            epoch: core.epoch,
+            durable: core.durable,
+            commit: core.commit,
+        }
+    }
+
+    /// The committed entries after `after`, in order: those already committed first, then new
+    /// ones as they commit.
+    pub fn committed_after(&self, after: LogIndex) -> CommittedEntries {
+        CommittedEntries {
+            shared: Arc::downgrade(&self.shared),
+            next: after.next(),
+            commit: self.shared.commit_index.subscribe(),
+        }
+    }
+
+    fn change_role(&self, core: &mut Core, role: Role) {
+        if core.role == Role::Master && role != Role::Master {
+            self.discard_uncommitted(core);
+        }
+        core.role = role;
+    }
+
+    /// Drops every sequenced entry that has not committed: their callers get `Unavailable`,
+    /// the state never saw them, and the log is truncated after the commit index. The
+    /// truncation is queued after the entries' appends (storage serves calls in order), and
+    /// writes are refused until it is done.
+    fn discard_uncommitted(&self, core: &mut Core) {
+        if core.next_index == core.commit.next() {
+            return;
+        }
+        let discarded = core.next_index.0 - core.commit.0 - 1;
+        tracing::warn!(
+            cluster = %self.shared.config.cluster,
+            server = %self.shared.config.server_id,
+            commit = %core.commit,
+            discarded,
+            "discarding uncommitted entries"
+        );
+        core.generation += 1;
+        core.uncommitted.clear();
+        core.next_index = core.commit.next();
+        core.next_seq = core.state.high_water(self.shared.config.cluster) + 1;
+        core.truncating = true;
+        let commit = core.commit;
+        let shared = Arc::downgrade(&self.shared);
+        let storage = Arc::clone(&self.shared.storage);
+        self.shared.tasks.spawn(async move {
+            let result = storage.truncate_after(commit).await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let mut core = lock_core(&shared.core);
+            core.truncating = false;
+            if let Err(e) = result {
+                let why = format!("cannot discard uncommitted entries, refusing requests: {e}");
+                tracing::error!("{why}");
+                core.failed = Some(why);
+            }
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, Core> {
@@ -260,13 +391,14 @@ impl Server {
     /// Logs `user` in, creating the user on first login. Refused while the user has a live
     /// session elsewhere.
     pub async fn login(&self, user: UserId) -> Result<()> {
+        let slot = self.slot().await?;
         let wait = {
             let mut core = self.writable()?;
             core.sessions.login(user, tokio::time::Instant::now())?;
-            if core.state.has_user(user) {
+            if core.uncommitted.has_user(&core.state, user) {
                 None
             } else {
-                Some(self.sequence(&mut core, EventKind::UserJoined { user }))
+                Some(self.sequence(&mut core, slot, EventKind::UserJoined { user }))
             }
         };
         match wait {
@@ -299,40 +431,42 @@ impl Server {
 
     /// `user` follows `target` (a username as typed).
     pub async fn follow(&self, user: UserId, target: &str) -> Result<()> {
+        let slot = self.slot().await?;
         let wait = {
             let mut core = self.writable()?;
             let target = self.target(&mut core, user, target)?;
             if target == user {
                 return Err(Error::SameClient);
             }
-            if core.state.follows(user, target) {
+            if core.uncommitted.follows(&core.state, user, target) {
                 return Err(Error::AlreadyFollowing);
             }
             let kind = EventKind::Followed {
                 follower: user,
                 followee: target,
             };
-            self.sequence(&mut core, kind)
+            self.sequence(&mut core, slot, kind)
         };
         finish(wait).await
     }
 
     /// `user` stops following `target` (a username as typed).
     pub async fn unfollow(&self, user: UserId, target: &str) -> Result<()> {
+        let slot = self.slot().await?;
         let wait = {
             let mut core = self.writable()?;
             let target = self.target(&mut core, user, target)?;
             if target == user {
                 return Err(Error::SameClient);
             }
-            if !core.state.follows(user, target) {
+            if !core.uncommitted.follows(&core.state, user, target) {
                 return Err(Error::NotFollowing);
             }
             let kind = EventKind::Unfollowed {
                 follower: user,
                 followee: target,
             };
-            self.sequence(&mut core, kind)
+            self.sequence(&mut core, slot, kind)
         };
         finish(wait).await
     }
@@ -354,9 +488,12 @@ impl Server {
         let Some(text) = normalize_post_text(text)? else {
             return Ok(None);
         };
+        let slot = self.slot().await?;
         let (id, wait) = {
             let mut core = self.writable()?;
-            known(&core.state, user)?;
+            if !core.uncommitted.has_user(&core.state, user) {
+                return Err(Error::InvalidUsername(user.to_string()));
+            }
             let id = EventId {
                 origin: self.shared.config.cluster,
                 seq: core.next_seq,
@@ -365,10 +502,18 @@ impl Server {
                 author: user,
                 text: Arc::from(text),
             };
-            (id, self.sequence(&mut core, kind))
+            (id, self.sequence(&mut core, slot, kind))
         };
         finish(wait).await?;
         Ok(Some(id))
+    }
+
+    /// The posts `user` is shown on opening the timeline: the last 20 committed posts of the
+    /// users they follow, newest first.
+    pub fn recent_posts(&self, user: UserId) -> Result<Vec<Arc<Post>>> {
+        let core = self.readable()?;
+        known(&core.state, user)?;
+        Ok(core.state.recent_timeline(user, RECENT_POSTS))
     }
 
     /// Opens `user`'s timeline: the last 20 committed posts (newest first), then live posts.
@@ -378,13 +523,7 @@ impl Server {
             .map_err(|_| Error::Unavailable("too many timeline streams open".to_string()))?;
         let mut core = self.writable()?;
         known(&core.state, user)?;
-        let recent: Vec<Arc<Post>> = core
-            .state
-            .recent_timeline(user, core.state.timeline_cap())
-            .into_iter()
-            .filter(|post| is_committed(&core.committed, post))
-            .take(RECENT_POSTS)
-            .collect();
+        let recent: Vec<Arc<Post>> = core.state.recent_timeline(user, RECENT_POSTS);
         let subscription =
             core.subscribers
                 .subscribe(user, self.shared.config.stream_queue, &recent);
@@ -410,11 +549,26 @@ impl Server {
 
     /// The user known by `target`, for a command of `user`.
     fn target(&self, core: &mut Core, user: UserId, target: &str) -> Result<UserId> {
-        known(&core.state, user)?;
+        let known = |core: &Core, user: UserId| {
+            if core.uncommitted.has_user(&core.state, user) {
+                Ok(())
+            } else {
+                Err(Error::InvalidUsername(user.to_string()))
+            }
+        };
+        known(core, user)?;
         core.sessions.touch(user, tokio::time::Instant::now());
         let target = UserId::parse(target)?;
-        known(&core.state, target)?;
+        known(core, target)?;
         Ok(target)
+    }
+
+    /// Waits for an in-flight slot (backpressure on writers while the commit path is full).
+    async fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.shared.inflight)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Unavailable("server is shutting down".to_string()))
     }
 
     /// The core, if this server accepts client writes.
@@ -423,6 +577,11 @@ impl Server {
         if core.role != Role::Master {
             return Err(Error::Unavailable(
                 "this server is not the master of its cluster".to_string(),
+            ));
+        }
+        if core.truncating {
+            return Err(Error::Unavailable(
+                "this server is discarding uncommitted entries".to_string(),
             ));
         }
         Ok(core)
@@ -440,9 +599,15 @@ impl Server {
         Ok(core)
     }
 
-    /// Gives `kind` the next event id, time and log index, applies it and queues it for
-    /// durability. Must be called with the core locked (the order of calls is the log order).
-    fn sequence(&self, core: &mut Core, kind: EventKind) -> oneshot::Receiver<Result<()>> {
+    /// Gives `kind` the next event id, time and log index, records its effect for validation
+    /// and queues it for durability and commit. Must be called with the core locked (the order
+    /// of calls is the log order).
+    fn sequence(
+        &self,
+        core: &mut Core,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        kind: EventKind,
+    ) -> oneshot::Receiver<Result<()>> {
         let at = Timestamp(Timestamp::now().0.max(core.last_at.0 + 1));
         let id = EventId {
             origin: self.shared.config.cluster,
@@ -453,20 +618,24 @@ impl Server {
             epoch: core.epoch,
             event: Event { id, at, kind },
         };
-        let applied = core.state.apply(&entry.event);
-        debug_assert!(!matches!(applied, Applied::Duplicate | Applied::Gap { .. }));
+        core.uncommitted.record(&entry);
         core.next_index = core.next_index.next();
         core.next_seq += 1;
         core.last_at = at;
-        let durable = self.shared.storage.append(vec![entry]);
+        let durable = self.shared.storage.append(vec![entry.clone()]);
         let (reply, wait) = oneshot::channel();
         let pending = Pending {
-            id,
+            entry,
+            generation: core.generation,
             durable,
-            applied,
             reply,
+            _slot: slot,
         };
-        if let Err(mpsc::error::SendError(pending)) = self.shared.commits.send(pending) {
+        // Cannot be full: every queued entry holds one of at most `capacity` slots.
+        if let Err(e) = self.shared.commits.try_send(pending) {
+            let pending = match e {
+                mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p,
+            };
             let _ = pending
                 .reply
                 .send(Err(Error::Unavailable("server is shutting down".into())));
@@ -506,22 +675,16 @@ fn known(state: &State, user: UserId) -> Result<()> {
     }
 }
 
-fn is_committed(committed: &BTreeMap<ClusterId, u64>, post: &Post) -> bool {
-    committed
-        .get(&post.id.origin)
-        .is_some_and(|seq| post.id.seq <= *seq)
-}
-
 async fn finish(wait: oneshot::Receiver<Result<()>>) -> Result<()> {
     wait.await
         .map_err(|_| Error::Unavailable("server is shutting down".to_string()))?
 }
 
-/// Waits for each sequenced entry to become durable, in log order; then marks it committed,
-/// delivers posts to online followers and answers the caller.
+/// Waits for each sequenced entry to become durable, in log order; then commits it (see
+/// [`commit`]) and answers the caller. Entries voided by a discard are answered `Unavailable`.
 async fn run_commits(
     shared: Weak<Shared>,
-    mut queue: mpsc::UnboundedReceiver<Pending>,
+    mut queue: mpsc::Receiver<Pending>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -534,10 +697,11 @@ async fn run_commits(
             },
         };
         let Pending {
-            id,
+            entry,
+            generation,
             durable,
-            applied,
             reply,
+            _slot,
         } = pending;
         let result = tokio::select! {
             result = durable => result,
@@ -546,39 +710,100 @@ async fn run_commits(
         let Some(shared) = shared.upgrade() else {
             break;
         };
-        let snapshot = {
+        let result = {
             let mut core = lock_core(&shared.core);
-            if let Err(e) = &result {
-                let why = format!("storage failed, refusing requests: {e}");
-                tracing::error!("{why}");
-                core.failed = Some(why);
-            } else {
-                core.committed.insert(id.origin, id.seq);
-                if let Applied::Posted(post) = &applied {
-                    fan_out(&mut core, post);
+            match result {
+                _ if generation != core.generation => Err(Error::Unavailable(
+                    "this server lost its role before the change was committed".to_string(),
+                )),
+                Err(e) => {
+                    let why = format!("storage failed, refusing requests: {e}");
+                    tracing::error!("{why}");
+                    core.failed = Some(why);
+                    Err(e)
                 }
-                core.entries_since_snapshot += 1;
+                Ok(()) => {
+                    commit(&shared, &mut core, entry);
+                    Ok(())
+                }
             }
-            take_snapshot_if_due(&shared.config, &mut core)
         };
         let _ = reply.send(result);
-        if let Some(snapshot) = snapshot {
-            let index = snapshot.index;
-            match shared.storage.save_snapshot(snapshot).await {
-                Ok(()) => tracing::info!(%index, "snapshot saved, log compacted"),
-                Err(e) => tracing::warn!(%index, "snapshot failed (the log is intact): {e}"),
-            }
-        }
     }
 }
 
-fn take_snapshot_if_due(config: &ServerConfig, core: &mut Core) -> Option<Snapshot> {
-    if core.failed.is_some() || core.entries_since_snapshot < config.snapshot_every {
-        return None;
+/// Commits `entry`, which is durable: the state applies it, readers of the committed-entry
+/// stream may see it, online followers receive a post, and a snapshot is started when due.
+fn commit(shared: &Arc<Shared>, core: &mut Core, entry: LogEntry) {
+    let index = entry.index;
+    core.durable = core.durable.max(index);
+    let applied = core.state.apply(&entry.event);
+    debug_assert!(!matches!(applied, Applied::Duplicate | Applied::Gap { .. }));
+    core.uncommitted.committed(&entry);
+    core.commit = index;
+    if let Applied::Posted(post) = &applied {
+        fan_out(core, post);
     }
-    core.entries_since_snapshot = 0;
-    let last = LogIndex(core.next_index.0 - 1);
-    Some(Snapshot::of(&core.state, last, core.epoch))
+    let epoch = entry.epoch;
+    core.recent.push(entry);
+    shared.storage.set_commit(index);
+    shared.commit_index.send_replace(index);
+    core.entries_since_snapshot += 1;
+    if core.entries_since_snapshot >= shared.config.snapshot_every && !core.snapshot_running {
+        core.entries_since_snapshot = 0;
+        core.snapshot_running = true;
+        let weak = Arc::downgrade(shared);
+        let shutdown = shared.shutdown.clone();
+        shared.tasks.spawn(async move {
+            let Some(shared) = weak.upgrade() else {
+                return;
+            };
+            let result = tokio::select! {
+                result = build_snapshot(&shared, index, epoch) => result,
+                () = shutdown.cancelled() => return,
+            };
+            match result {
+                Ok(()) => tracing::info!(%index, "snapshot saved, log compacted"),
+                Err(e) => tracing::warn!(%index, "snapshot failed (the log is intact): {e}"),
+            }
+            lock_core(&shared.core).snapshot_running = false;
+        });
+    }
+}
+
+/// Entries read from the log per step while building a snapshot.
+const SNAPSHOT_READ_BATCH: u64 = 4096;
+
+/// Builds the snapshot at the committed index `upto` away from the write path: the previous
+/// snapshot plus the committed log entries after it, replayed into a fresh state (the live
+/// state is never locked for it), encoded on a blocking thread, and saved.
+async fn build_snapshot(shared: &Shared, upto: LogIndex, epoch: Epoch) -> Result<()> {
+    let config = &shared.config;
+    let base = shared.storage.snapshot().await?;
+    let (mut state, mut next) = match &base {
+        Some(snapshot) if snapshot.index >= upto => return Ok(()),
+        Some(snapshot) => (
+            snapshot.restore(config.timeline_cap)?,
+            snapshot.index.next(),
+        ),
+        None => (State::new(config.timeline_cap), LogIndex(1)),
+    };
+    while next <= upto {
+        let last = LogIndex(upto.0.min(next.0 + SNAPSHOT_READ_BATCH - 1));
+        let batch = shared.storage.read(next, last).await?;
+        let Some(end) = batch.last().map(|e| e.index) else {
+            return Err(Error::Corrupt(format!("log entry {next} is missing")));
+        };
+        for entry in &batch {
+            state.apply(&entry.event);
+        }
+        next = end.next();
+        tokio::task::yield_now().await;
+    }
+    let snapshot = tokio::task::spawn_blocking(move || Snapshot::of(&state, upto, epoch))
+        .await
+        .map_err(|e| Error::Unavailable(format!("snapshot task failed: {e}")))?;
+    shared.storage.save_snapshot(snapshot).await
 }
 
 /// Delivers a committed post to the online users whose timeline received it, iterating over

@@ -333,6 +333,10 @@ impl Storage for CrashStorage {
         .await
     }
 
+    async fn snapshot(&self) -> Result<Option<Snapshot>> {
+        self.with(|image, _| Ok(image.snapshot()))
+    }
+
     async fn read(&self, from: LogIndex, to: LogIndex) -> Result<Vec<LogEntry>> {
         self.with(|image, _| image.read(from, to))
     }

@@ -286,6 +286,23 @@ impl Shared {
         }
     }
 
+    /// The latest snapshot, as of now.
+    fn snapshot(&self) -> Result<Option<Snapshot>> {
+        loop {
+            let (snapshot, generation) = {
+                let map = self.map();
+                (map.snapshot.clone(), map.generation)
+            };
+            let result = snapshot
+                .as_ref()
+                .map(|(_, path)| read_snapshot(path))
+                .transpose();
+            if self.map().generation == generation {
+                return result;
+            }
+        }
+    }
+
     /// The latest snapshot, the entries after it and the commit index, as of now.
     fn recover(&self) -> Result<Recovered> {
         loop {
@@ -487,6 +504,11 @@ impl Storage for FileStorage {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
         self.changed();
         self.call(|done| Request::Snapshot { snapshot, done }).await
+    }
+
+    async fn snapshot(&self) -> Result<Option<Snapshot>> {
+        let shared = Arc::clone(&self.shared);
+        blocking(move || shared.snapshot()).await
     }
 
     async fn read(&self, from: LogIndex, to: LogIndex) -> Result<Vec<LogEntry>> {

@@ -122,6 +122,11 @@ impl MemLog {
     }
 
     /// The snapshot, the entries after it and the commit index.
+    /// The latest snapshot.
+    pub(crate) fn snapshot(&self) -> Option<Snapshot> {
+        self.snapshot.clone()
+    }
+
     pub(crate) fn recover(&self) -> Recovered {
         let base = self.snapshot_index();
         Recovered {
@@ -193,6 +198,10 @@ impl Storage for MemoryStorage {
         let keep_from = inner.readers.keep_from(snapshot.index, self.retention);
         inner.log.save_snapshot(snapshot, keep_from);
         Ok(())
+    }
+
+    async fn snapshot(&self) -> Result<Option<Snapshot>> {
+        Ok(self.lock().log.snapshot())
     }
 
     async fn read(&self, from: LogIndex, to: LogIndex) -> Result<Vec<LogEntry>> {

@@ -155,6 +155,10 @@ pub trait Storage: Send + Sync + 'static {
     /// (installed from elsewhere) empties the log, which continues after the snapshot.
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()>;
 
+    /// The latest durable snapshot, if any (without the log: a cheap way to start a new
+    /// snapshot from the previous one).
+    async fn snapshot(&self) -> Result<Option<Snapshot>>;
+
     /// The durable entries with `from <= index <= to`, oldest first, clipped to the last durable
     /// entry (so possibly fewer, or none). Fails with [`Error::Compacted`] when `from` is below
     /// the first entry still held.

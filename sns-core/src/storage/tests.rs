@@ -176,6 +176,7 @@ async fn append_recover_and_snapshot(mut harness: impl Harness) {
         let now = storage.recover().await.expect("recover");
         assert_eq!(now.snapshot.as_ref(), Some(&snapshot));
         assert_eq!(now.entries, entries(16..=25));
+        assert_eq!(storage.snapshot().await.expect("snapshot"), Some(snapshot));
     }
     // Restart after compaction.
     {
@@ -183,6 +184,7 @@ async fn append_recover_and_snapshot(mut harness: impl Harness) {
         let back = storage.recover().await.expect("recover");
         assert_eq!(back.snapshot.as_ref().map(|s| s.index), Some(LogIndex(15)));
         assert_eq!(back.entries, entries(16..=25));
+        assert_eq!(storage.snapshot().await.expect("snapshot"), back.snapshot);
         assert_eq!(back.last_index(), LogIndex(25));
         // The snapshot restores to a state equal to replaying the first 15 entries.
         let mut expected = State::new(400);

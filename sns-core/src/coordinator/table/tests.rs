@@ -21,6 +21,7 @@ fn beat(cluster: u32, server: u32, port: u16) -> Beat {
         addr: addr(port),
         claims_master: false,
         epoch: Epoch(0),
+        log: Default::default(),
     }
 }
 
