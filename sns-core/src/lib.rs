@@ -33,7 +33,10 @@ pub use deployment::{Data, Deployment, DeploymentConfig, Ports, Transport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
 pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, ServerId, Timestamp, UserId};
-pub use server::{CoordinatorLink, Listing, Role, Server, ServerConfig, TimelineFeed};
+pub use server::{
+    CommittedEntries, CoordinatorLink, Listing, LogPositions, Role, Server, ServerConfig,
+    TimelineFeed,
+};
 pub use state::{Applied, State};
 #[cfg(feature = "test-util")]
 pub use storage::{CrashDisk, CrashDiskOptions, CrashStorage};

@@ -119,6 +119,8 @@ pub struct LogPositions {
     pub role: Role,
     /// The epoch of the server's log (the last epoch in which it wrote as master).
     pub epoch: Epoch,
+    /// The last entry sequenced (durable or not, committed or not).
+    pub sequenced: LogIndex,
     /// The last entry durable in this server's storage.
     pub durable: LogIndex,
     /// The last committed entry.
@@ -323,6 +325,7 @@ impl Server {
         LogPositions {
             role: core.role,
             epoch: core.epoch,
+            sequenced: LogIndex(core.next_index.0 - 1),
             durable: core.durable,
             commit: core.commit,
         }
