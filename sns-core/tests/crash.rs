@@ -159,7 +159,7 @@ fn run_case(ops: Vec<Vec<Op>>, crash_after: Duration) -> Result<(), TestCaseErro
         for entry in &recovered.entries {
             state.apply(&entry.event);
         }
-        let observed = lock(&observed);
+        let observed = std::mem::take(&mut *lock(&observed));
         for (&(follower, followee), &(acked, in_flight)) in &observed.follows {
             let now = state.follows(u(follower), u(followee));
             prop_assert!(
