@@ -3,7 +3,7 @@
 //!
 //! `sns up` runs one over TCP on the course's ports with file storage; `TestCluster` (feature
 //! `test-util`) runs one on in-memory pipes ([`Transport::Memory`]), with no sockets at all.
-//! Servers can be killed, restarted, and cut off from the coordinator one by one (a cut is a
+//! Servers can be stopped, crashed, restarted, and cut off from the coordinator one by one (a cut is a
 //! property of the memory network, so it stalls real connections, as a partition would).
 //!
 //! On the memory network the coordinator is node [`COORDINATOR_NODE`] and server `s` of
@@ -21,7 +21,7 @@ use crate::coordinator::{Coordinator, CoordinatorConfig, RoutingConfig};
 use crate::error::{Error, Result};
 use crate::ids::{ClusterId, ServerId};
 use crate::server::{CoordinatorLink, Server, ServerConfig};
-use crate::storage::{FileStorage, MemoryStorage, Storage};
+use crate::storage::{CrashDisk, FileStorage, MemoryStorage, Storage};
 use crate::transport::{Listener, MemoryNetwork, Network, tcp};
 
 /// The coordinator's node name on the memory network.
@@ -77,6 +77,9 @@ pub enum Data {
     Memory,
     /// Under this directory, in `cluster<c>/server<s>/`.
     Dir(PathBuf),
+    /// On simulated disks with a write cache (for tests): [`Deployment::crash`] loses every
+    /// write not yet synced, as pulling the plug would.
+    Simulated,
 }
 
 /// Shape and settings of a deployment.
@@ -131,6 +134,7 @@ struct Slot {
     host: String,
     port: u16,
     memory: MemoryStorage,
+    disk: CrashDisk,
     running: Option<Running>,
 }
 
@@ -259,6 +263,7 @@ impl Deployment {
                         host,
                         port,
                         memory: MemoryStorage::new(),
+                        disk: CrashDisk::new(),
                         running: None,
                     },
                 );
@@ -302,7 +307,7 @@ impl Deployment {
 
     fn data_dir(&self, cluster: ClusterId, server: ServerId) -> Option<PathBuf> {
         match &self.config.data {
-            Data::Memory => None,
+            Data::Memory | Data::Simulated => None,
             Data::Dir(root) => Some(root.join(format!("cluster{cluster}/server{server}"))),
         }
     }
@@ -329,9 +334,31 @@ impl Deployment {
             .map(|r| &r.server)
     }
 
-    /// Stops a server as a crash would: its tasks end, its storage is closed; nothing that was
-    /// acknowledged is lost.
-    pub async fn kill(&mut self, cluster: ClusterId, server: ServerId) -> Result<()> {
+    /// Crashes a server: its tasks are stopped at once (connections are dropped, not closed
+    /// gracefully), and on [`Data::Simulated`] disks every write not yet synced is lost. What
+    /// was synced stays for [`Deployment::restart`]. (On real files, what the kernel holds is
+    /// not lost by a process crash; on [`Data::Memory`] nothing is.)
+    pub async fn crash(&mut self, cluster: ClusterId, server: ServerId) -> Result<()> {
+        let simulated = self.config.data == Data::Simulated;
+        let slot = self
+            .slots
+            .get_mut(&(cluster, server))
+            .ok_or_else(|| Error::invalid(format!("no server {server} in cluster {cluster}")))?;
+        if simulated {
+            slot.disk.pull_plug();
+        }
+        if let Some(running) = slot.running.take() {
+            running.serving.abort();
+            running.shutdown.cancel();
+            running.server.close().await;
+            let _ = running.serving.await;
+        }
+        Ok(())
+    }
+
+    /// Stops a server gracefully: its tasks end after open connections are closed, its
+    /// storage is closed with everything it acknowledged.
+    pub async fn stop(&mut self, cluster: ClusterId, server: ServerId) -> Result<()> {
         let slot = self
             .slots
             .get_mut(&(cluster, server))
@@ -346,13 +373,14 @@ impl Deployment {
 
     /// Starts (again) the server of a slot, on its port, with its storage.
     pub async fn restart(&mut self, cluster: ClusterId, server: ServerId) -> Result<()> {
-        self.kill(cluster, server).await?;
+        self.stop(cluster, server).await?;
         let data_dir = self.data_dir(cluster, server);
         let slot = self
             .slots
             .get_mut(&(cluster, server))
             .ok_or_else(|| Error::invalid(format!("no server {server} in cluster {cluster}")))?;
         let storage: Arc<dyn Storage> = match data_dir {
+            None if self.config.data == Data::Simulated => Arc::new(slot.disk.open()?),
             None => Arc::new(slot.memory.clone()),
             Some(dir) => Arc::new(FileStorage::open(&dir).map_err(|e| {
                 Error::Unavailable(format!("cannot open data directory {}: {e}", dir.display()))
@@ -461,7 +489,7 @@ impl Deployment {
             }
         }
         for (cluster, server) in keys {
-            let _ = self.kill(cluster, server).await;
+            let _ = self.stop(cluster, server).await;
         }
         self.coordinator_shutdown.cancel();
         let _ = (&mut self.coordinator_task).await;

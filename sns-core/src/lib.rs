@@ -38,7 +38,6 @@ pub use server::{
     TimelineFeed,
 };
 pub use state::{Applied, State};
-#[cfg(feature = "test-util")]
 pub use storage::{CrashDisk, CrashDiskOptions, CrashStorage};
 pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};
 pub use transport::{Listener, MemoryNetwork, Network};

@@ -117,6 +117,9 @@ pub struct TestClusterConfig {
     pub servers_per_cluster: u32,
     /// File storage in a temporary directory (`true`) or memory storage.
     pub files: bool,
+    /// Simulated disks that [`TestCluster::crash`] can pull the plug on (instead of memory
+    /// storage; ignored with `files`).
+    pub simulated_disks: bool,
     /// Heartbeat interval (short, so failures are detected quickly).
     pub heartbeat_interval: Duration,
     /// Cluster token for internal calls.
@@ -132,6 +135,7 @@ impl Default for TestClusterConfig {
             servers_per_cluster: 2,
             tcp: false,
             files: false,
+            simulated_disks: false,
             heartbeat_interval: Duration::from_millis(100),
             cluster_token: None,
         }
@@ -171,6 +175,7 @@ impl TestCluster {
         };
         let data = match &dir {
             Some(dir) => crate::deployment::Data::Dir(dir.path().to_path_buf()),
+            None if config.simulated_disks => crate::deployment::Data::Simulated,
             None => crate::deployment::Data::Memory,
         };
         let deployment =
@@ -241,10 +246,17 @@ impl TestCluster {
         self.deployment.server(c, s)
     }
 
-    /// Kills a server (its tasks end; its storage is kept for a restart).
-    pub async fn kill(&mut self, cluster: u32, server: u32) -> Result<()> {
+    /// Stops a server gracefully (its tasks end; its storage is kept for a restart).
+    pub async fn stop(&mut self, cluster: u32, server: u32) -> Result<()> {
         let (c, s) = ids(cluster, server)?;
-        self.deployment.kill(c, s).await
+        self.deployment.stop(c, s).await
+    }
+
+    /// Crashes a server: tasks stopped at once, and with `simulated_disks` every write not
+    /// yet synced lost (see [`crate::Deployment::crash`]).
+    pub async fn crash(&mut self, cluster: u32, server: u32) -> Result<()> {
+        let (c, s) = ids(cluster, server)?;
+        self.deployment.crash(c, s).await
     }
 
     /// Restarts a server on its port and storage.

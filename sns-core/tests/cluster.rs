@@ -98,19 +98,18 @@ async fn a_slave_refuses_clients_with_unavailable() {
     cluster.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_dead_master_is_not_routed_to_and_a_restart_brings_the_cluster_back() {
     let mut cluster = TestCluster::start_with(TestClusterConfig {
         clusters: 1,
         servers_per_cluster: 1,
-        files: true,
         ..TestClusterConfig::default()
     })
     .await
     .expect("start");
     let one = cluster.client(1).await.expect("client");
     one.logout().await.expect("logout");
-    cluster.kill(1, 1).await.expect("kill");
+    cluster.stop(1, 1).await.expect("stop");
     let coordinator =
         CoordinatorClient::new(cluster.network(), cluster.coordinator_addr()).expect("handle");
     assert!(
@@ -127,6 +126,61 @@ async fn a_dead_master_is_not_routed_to_and_a_restart_brings_the_cluster_back() 
 }
 
 #[tokio::test]
+async fn a_crashed_server_restarts_with_every_acknowledged_and_seen_change() {
+    let mut cluster = TestCluster::start_with(TestClusterConfig {
+        clusters: 1,
+        servers_per_cluster: 1,
+        simulated_disks: true,
+        ..TestClusterConfig::default()
+    })
+    .await
+    .expect("start");
+    let one = cluster.client(1).await.expect("client 1");
+    let four = cluster.client(4).await.expect("client 4");
+    four.follow(u(1)).await.expect("follow is acknowledged");
+    let (_s4, mut feed4) = four.timeline().await.expect("timeline of 4");
+    let (post1, _f1) = one.timeline().await.expect("timeline of 1");
+    for i in 0..5 {
+        post1.post(&format!("seen {i}")).await.expect("post");
+    }
+    for i in 0..5 {
+        let got = tokio::time::timeout(WAIT, feed4.next())
+            .await
+            .expect("in time")
+            .expect("a post")
+            .expect("ok");
+        assert_eq!(got.text, format!("seen {i}"));
+    }
+    // More posts in flight as the plug is pulled: they may or may not survive.
+    for i in 0..20 {
+        let _ = post1.post(&format!("in flight {i}")).await;
+    }
+    cluster.crash(1, 1).await.expect("crash");
+    cluster.restart(1, 1).await.expect("restart");
+    let server = cluster.server(1, 1).expect("running");
+    assert!(eventually(WAIT, || std::future::ready(server.role() == Role::Master)).await);
+    let shown: Vec<String> = server
+        .recent_posts(u(4))
+        .expect("4 is known")
+        .iter()
+        .map(|p| p.text.to_string())
+        .collect();
+    let survived: Vec<&String> = shown.iter().filter(|t| t.starts_with("seen")).collect();
+    let in_flight = shown.iter().filter(|t| t.starts_with("in flight")).count();
+    assert_eq!(survived.len() + in_flight, shown.len(), "{shown:?}");
+    if in_flight <= 15 {
+        // Every seen post is among the newest 20 unless many in-flight ones survived.
+        assert_eq!(survived.len(), 5, "{shown:?}");
+    }
+    let four = cluster.client(4).await.expect("client 4 after the crash");
+    assert!(matches!(
+        four.follow(u(1)).await,
+        Err(Error::AlreadyFollowing)
+    ));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_partitioned_master_steps_down_and_is_no_longer_routed() {
     let cluster = TestCluster::start_with(TestClusterConfig {
         clusters: 1,
@@ -165,7 +219,7 @@ async fn a_partitioned_master_steps_down_and_is_no_longer_routed() {
     cluster.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_master_that_hears_no_replies_steps_down_though_the_coordinator_hears_it() {
     let cluster = TestCluster::start_with(TestClusterConfig {
         clusters: 1,

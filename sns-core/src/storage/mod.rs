@@ -6,10 +6,9 @@
 //! the same trait (`read`, `position`, `truncate_after`, the commit index and registered
 //! readers); its invariants are written on [`Storage`]. Implementations share one test suite:
 //! [`MemoryStorage`] (tests, benches, throwaway embedding), [`FileStorage`] (the default for
-//! binaries: checksummed records, group commit, snapshots and compaction) and, with the
-//! `test-util` feature, `CrashDisk` (a disk with a write cache whose plug tests can pull).
+//! binaries: checksummed records, group commit, snapshots and compaction) and [`CrashDisk`]
+//! (for tests: a disk with a write cache whose plug can be pulled).
 
-#[cfg(feature = "test-util")]
 mod crash;
 mod file;
 mod memory;
@@ -18,7 +17,6 @@ mod readers;
 #[cfg(test)]
 mod tests;
 
-#[cfg(feature = "test-util")]
 pub use crash::{CrashDisk, CrashDiskOptions, CrashStorage};
 pub use file::{FileStorage, FileStorageOptions};
 pub use memory::MemoryStorage;
