@@ -28,5 +28,5 @@ pub use error::{Error, Result};
 pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
 pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, ServerId, Timestamp, UserId};
 pub use server::{CoordinatorLink, Listing, Role, Server, ServerConfig, TimelineFeed};
-pub use state::{Applied, State};
+pub use state::{Applied, State, StateConfig};
 pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};

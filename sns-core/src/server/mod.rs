@@ -25,7 +25,7 @@ pub use timeline::TimelineFeed;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, LogEntry, Post, normalize_post_text};
 use crate::ids::{ClusterId, Epoch, EventId, LogIndex, ServerId, Timestamp, UserId};
-use crate::state::{Applied, DEFAULT_TIMELINE_CAP, State};
+use crate::state::{Applied, DEFAULT_TIMELINE_CAP, State, StateConfig};
 use crate::storage::{Durable, Snapshot, Storage};
 use sessions::Sessions;
 use timeline::{FeedOwner, Subscribers};
@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub cluster: ClusterId,
     /// This server's id within the cluster.
     pub server_id: ServerId,
+    /// Number of clusters in the deployment (must match the coordinator's): only users of
+    /// this server's cluster get materialized timelines here. With 1, every user does.
+    pub clusters: u32,
     /// Posts kept per materialized timeline.
     pub timeline_cap: usize,
     /// A session without heartbeat or stream expires after this long (two missed 3 s beats).
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
         Self {
             cluster: ClusterId::new(1).unwrap_or_else(|| unreachable!()),
             server_id: ServerId::new(1).unwrap_or_else(|| unreachable!()),
+            clusters: 3,
             timeline_cap: DEFAULT_TIMELINE_CAP,
             session_timeout: Duration::from_secs(6),
             snapshot_every: 100_000,
@@ -71,6 +75,17 @@ impl Default for ServerConfig {
             stream_queue: 1024,
             max_posts_per_second: 1000,
             max_concurrent_streams: 256,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The settings of this server's [`State`].
+    pub fn state_config(&self) -> StateConfig {
+        StateConfig {
+            cluster: self.cluster,
+            clusters: self.clusters,
+            timeline_cap: self.timeline_cap,
         }
     }
 }
@@ -148,7 +163,7 @@ impl Server {
     /// A standalone server is master.
     pub async fn open(config: ServerConfig, storage: Arc<dyn Storage>) -> Result<Self> {
         let recovered = storage.recover().await?;
-        let state = recovered.replay(config.timeline_cap)?;
+        let state = recovered.replay(&config.state_config())?;
         let last = recovered.entries.last();
         let epoch = last
             .map(|e| e.epoch)

@@ -12,6 +12,14 @@ fn c(id: u32) -> ClusterId {
     ClusterId::new(id).expect("valid test cluster id")
 }
 
+/// A one-cluster state config (every user local) with timelines capped at `cap`.
+fn capped(cap: usize) -> StateConfig {
+    StateConfig {
+        timeline_cap: cap,
+        ..StateConfig::default()
+    }
+}
+
 /// Builds events for one origin with consecutive sequence numbers and increasing times.
 struct Origin {
     cluster: ClusterId,
@@ -116,7 +124,7 @@ fn unfollow_removes_the_authors_posts() {
 #[test]
 fn recent_timeline_is_newest_first_and_capped() {
     let mut o = Origin::new(1);
-    let mut s = State::new(5);
+    let mut s = State::new(capped(5));
     s.apply(&o.join(1));
     s.apply(&o.join(2));
     s.apply(&o.follow(1, 2));
@@ -164,7 +172,7 @@ fn late_posts_are_inserted_in_time_order() {
 #[test]
 fn snapshot_round_trips() {
     let mut o = Origin::new(1);
-    let mut s = State::new(3);
+    let mut s = State::new(capped(3));
     for e in [
         o.join(1),
         o.join(2),
@@ -182,7 +190,7 @@ fn snapshot_round_trips() {
     let mut enc = Encoder::default();
     s.encode(&mut enc);
     let mut dec = Decoder::new(&enc.buf);
-    let back = State::decode(&mut dec, 3).expect("decodes");
+    let back = State::decode(&mut dec, &capped(3)).expect("decodes");
     dec.finish().expect("nothing left over");
     assert_eq!(back, s);
 }
@@ -199,7 +207,7 @@ fn corrupt_snapshots_are_errors_not_panics() {
     s.encode(&mut enc);
     for cut in 0..enc.buf.len() {
         let mut dec = Decoder::new(&enc.buf[..cut]);
-        let result = State::decode(&mut dec, 10).and_then(|_| dec.finish());
+        let result = State::decode(&mut dec, &capped(10)).and_then(|_| dec.finish());
         assert!(result.is_err(), "a snapshot cut at {cut} must not decode");
     }
 }
@@ -319,7 +327,7 @@ proptest! {
     /// Any state survives a snapshot round trip unchanged.
     #[test]
     fn snapshots_round_trip(history in histories()) {
-        let mut s = State::new(7);
+        let mut s = State::new(capped(7));
         for events in &history {
             for e in events {
                 s.apply(e);
@@ -328,7 +336,7 @@ proptest! {
         let mut enc = Encoder::default();
         s.encode(&mut enc);
         let mut dec = Decoder::new(&enc.buf);
-        let back = State::decode(&mut dec, 7);
+        let back = State::decode(&mut dec, &capped(7));
         prop_assert!(back.is_ok());
         prop_assert_eq!(back.ok(), Some(s));
     }

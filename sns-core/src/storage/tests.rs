@@ -92,7 +92,7 @@ async fn suite(mut harness: impl Harness) {
         assert_eq!(back.entries, entries(1..=20));
         assert_eq!(back.last_index(), LogIndex(20));
         // Snapshot at 15: entries up to 15 may go, 16.. stay.
-        let mut state = crate::state::State::new(400);
+        let mut state = crate::state::State::default();
         for e in &back.entries[..15] {
             state.apply(&e.event);
         }
@@ -114,17 +114,19 @@ async fn suite(mut harness: impl Harness) {
         assert_eq!(back.entries, entries(16..=25));
         assert_eq!(back.last_index(), LogIndex(25));
         // The snapshot restores to a state equal to replaying the first 15 entries.
-        let mut expected = crate::state::State::new(400);
+        let mut expected = crate::state::State::default();
         for e in entries(1..=15) {
             expected.apply(&e.event);
         }
-        let restored = back
-            .snapshot
-            .as_ref()
-            .map(|s| s.restore(400).expect("restore"));
+        let restored = back.snapshot.as_ref().map(|s| {
+            s.restore(&crate::state::StateConfig::default())
+                .expect("restore")
+        });
         assert_eq!(restored, Some(expected));
         // A snapshot at the very end leaves no entries.
-        let state = back.replay(400).expect("replay");
+        let state = back
+            .replay(&crate::state::StateConfig::default())
+            .expect("replay");
         storage
             .save_snapshot(Snapshot::of(&state, LogIndex(25), Epoch(3)))
             .await
@@ -373,7 +375,7 @@ async fn a_snapshot_ahead_of_the_log_restarts_the_log_after_it() {
     {
         let storage = FileStorage::open(dir.path()).expect("open");
         storage.append(entries(1..=5)).await.expect("append");
-        let snapshot = Snapshot::of(&crate::state::State::new(400), LogIndex(10), Epoch(2));
+        let snapshot = Snapshot::of(&crate::state::State::default(), LogIndex(10), Epoch(2));
         storage.save_snapshot(snapshot).await.expect("snapshot");
         storage
             .append(entries(11..=12))
