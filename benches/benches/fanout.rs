@@ -82,9 +82,12 @@ fn server_post(c: &mut Criterion) {
     let rt = runtime();
     let server = rt.block_on(async {
         let storage = Arc::new(MemoryStorage::new());
-        let server = Server::open(ServerConfig::default(), storage)
-            .await
-            .expect("open server");
+        // One cluster: every follower is local and has a timeline.
+        let config = ServerConfig {
+            clusters: 1,
+            ..ServerConfig::default()
+        };
+        let server = Server::open(config, storage).await.expect("open server");
         for id in 1..=FOLLOWERS + 1 {
             server.login(user(id)).await.expect("login");
         }

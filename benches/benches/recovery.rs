@@ -4,7 +4,7 @@
 //! append): 1,000 users join, each follows 10 others, and the other 989,000 entries are posts,
 //! so replaying a post fans it out to 10 timelines. Measured, per iteration:
 //! - `restart_1m_events/storage_replay`: `FileStorage::open` (lock, scan, checksum and decode
-//!   every record) + `recover` + `Recovered::replay(400)` (rebuild the state);
+//!   every record) + `recover` + `Recovered::replay` (400-post timelines) (rebuild the state);
 //! - `restart_1m_events/server_open`: the same through `Server::open` (what `tsd` does), which
 //!   also drops the recovered entries before it returns;
 //! - `restart_snapshot_plus_tail/storage_replay`: a directory holding a snapshot of that state
@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use sns_benches::{community_log, origin, runtime};
-use sns_core::state::DEFAULT_TIMELINE_CAP;
 use sns_core::{
-    Epoch, FileStorage, LogEntry, LogIndex, Server, ServerConfig, Snapshot, State, Storage,
+    Epoch, FileStorage, LogEntry, LogIndex, Server, ServerConfig, Snapshot, State, StateConfig,
+    Storage,
 };
 
 /// Events in the log.
@@ -54,6 +54,14 @@ fn write_log(rt: &tokio::runtime::Runtime, dir: &Path, entries: impl Iterator<It
 
 /// Opens the storage in `dir`, recovers it and rebuilds the state; returns the time that took
 /// and what it built (dropped by the caller, outside the timed section).
+/// A server of a one-cluster deployment: every user is local, as in the replayed state.
+fn single_cluster() -> ServerConfig {
+    ServerConfig {
+        clusters: 1,
+        ..ServerConfig::default()
+    }
+}
+
 fn storage_replay(
     rt: &tokio::runtime::Runtime,
     dir: &Path,
@@ -61,7 +69,7 @@ fn storage_replay(
     let start = Instant::now();
     let storage = FileStorage::open(dir).expect("open storage");
     let recovered = rt.block_on(storage.recover()).expect("recover");
-    let state = recovered.replay(DEFAULT_TIMELINE_CAP).expect("replay");
+    let state = recovered.replay(&StateConfig::default()).expect("replay");
     (start.elapsed(), (storage, recovered, state))
 }
 
@@ -109,7 +117,7 @@ fn restart(c: &mut Criterion) {
                 let start = Instant::now();
                 let server = rt.block_on(async {
                     let storage = FileStorage::open(log_dir.path()).expect("open storage");
-                    Server::open(ServerConfig::default(), Arc::new(storage))
+                    Server::open(single_cluster(), Arc::new(storage))
                         .await
                         .expect("open server")
                 });

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use sns_core::{
-    ClusterId, Epoch, Event, EventId, EventKind, LogEntry, LogIndex, State, TimelineFeed,
-    Timestamp, UserId,
+    ClusterId, Epoch, Event, EventId, EventKind, LogEntry, LogIndex, State, StateConfig,
+    TimelineFeed, Timestamp, UserId,
 };
 
 /// Time of sequence number 0: events are stamped `BASE_TIME + seq` microseconds.
@@ -58,7 +58,10 @@ pub fn post(seq: u64, author: UserId) -> Event {
 /// order), then every follow, one event each. Returns the state and the last sequence number
 /// used, so the next event must use `last + 1`.
 pub fn star_state(followers: u32, timeline_cap: usize) -> (State, u64) {
-    let mut state = State::new(timeline_cap);
+    let mut state = State::new(StateConfig {
+        timeline_cap,
+        ..StateConfig::default()
+    });
     let mut seq = 0;
     let mut apply = |kind: EventKind| {
         seq += 1;

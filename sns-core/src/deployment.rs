@@ -392,6 +392,7 @@ impl Deployment {
         let config = ServerConfig {
             cluster,
             server_id: server,
+            clusters: self.config.clusters,
             ..self.config.server.clone()
         };
         let instance = Server::open(config, storage).await?;

@@ -37,7 +37,7 @@ pub use server::{
     CommittedEntries, CoordinatorLink, Listing, LogPositions, Role, Server, ServerConfig,
     TimelineFeed,
 };
-pub use state::{Applied, State};
+pub use state::{Applied, State, StateConfig};
 pub use storage::{CrashDisk, CrashDiskOptions, CrashStorage};
 pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};
 pub use transport::{Listener, MemoryNetwork, Network};

@@ -1,12 +1,34 @@
 //! The in-memory state: a pure, deterministic fold of the log.
 //!
-//! [`State::apply`] does no I/O. It keeps the users, who follows whom (and since when), the
-//! followers of each user, a capped fan-out-on-write timeline per user, and the high-water mark
-//! of every origin cluster. An event at or below its origin's high-water mark is a duplicate and
-//! changes nothing; an event that skips a sequence number is refused, so the state never has a
-//! hole that a later delivery would have to fill.
+//! [`State::apply`] does no I/O. It keeps every known user (of every cluster), who follows whom
+//! and since when, the followers of each user, each author's most recent posts, a capped
+//! timeline per **local** user, and the high-water mark of every origin cluster. An event at or
+//! below its origin's high-water mark is a duplicate and changes nothing; an event that skips a
+//! sequence number is refused, so the state never has a hole that a later delivery would fill.
+//!
+//! # Timelines
+//!
+//! A user `u` is *local* iff `ClusterId::of_user(u, clusters) == cluster` (a state configured
+//! with one cluster treats every user as local). Only local users have a materialized timeline;
+//! the users and follow relations of every cluster are known to all (for LIST and routing).
+//!
+//! The timeline of a local user `u` is every post by a user `f` that `u` currently follows whose
+//! time `at` is at or after `since(u, f)` (the time of the `Followed` event that started the
+//! current follow), ordered by `(at, post id)`, capped to the newest `timeline_cap` posts.
+//!
+//! This holds whatever the order in which events of *different* origins are applied (each
+//! origin's own order is kept). Clock skew between origins means a post can be applied before
+//! the `Followed` event it comes after in time, so each author's most recent posts (at most
+//! `timeline_cap`, shared `Arc`s) are kept, and a local `Followed` backfills the followee's posts
+//! with `at >= since`. `Unfollowed` removes the followee's posts from the follower's timeline; a
+//! later follow starts a new `since`. The one exception is the cap: posts evicted from a full
+//! timeline are not brought back when an unfollow frees room.
+//!
+//! Cost: a post is pushed on its author's list and fanned out to the author's local followers
+//! only (remote followers cost nothing); a follow backfills at most `timeline_cap` posts.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::iter::Peekable;
 use std::sync::Arc;
 
 use crate::codec::{Decoder, Encoder};
@@ -16,6 +38,36 @@ use crate::ids::{ClusterId, EventId, Timestamp, UserId};
 
 /// Default number of posts a materialized timeline keeps (as Mastodon does).
 pub const DEFAULT_TIMELINE_CAP: usize = 400;
+
+/// What a [`State`] needs to know about where it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateConfig {
+    /// The cluster whose users get materialized timelines here.
+    pub cluster: ClusterId,
+    /// Number of clusters in the deployment (users map to clusters round robin); with 1 (or 0)
+    /// every user is local.
+    pub clusters: u32,
+    /// Posts kept per materialized timeline, and per author for backfilling new follows.
+    pub timeline_cap: usize,
+}
+
+impl Default for StateConfig {
+    /// One cluster (every user local), timelines capped at [`DEFAULT_TIMELINE_CAP`].
+    fn default() -> Self {
+        Self {
+            cluster: ClusterId::new(1).unwrap_or_else(|| unreachable!()),
+            clusters: 1,
+            timeline_cap: DEFAULT_TIMELINE_CAP,
+        }
+    }
+}
+
+impl StateConfig {
+    /// Whether `user` belongs to this state's cluster (and so has a materialized timeline).
+    pub fn is_local(&self, user: UserId) -> bool {
+        self.clusters <= 1 || ClusterId::of_user(user, self.clusters) == self.cluster
+    }
+}
 
 /// What applying one event did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,52 +83,72 @@ pub enum Applied {
     UserJoined,
     /// A follow relation changed.
     FollowChanged,
-    /// A post was added to the timelines of the author's followers.
+    /// A post was added to the timelines of the author's local followers.
     Posted(Arc<Post>),
 }
 
-/// One user's relations and materialized timeline.
+/// One user's relations, own recent posts and (if local) materialized timeline.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Account {
     /// Who this user follows, and since when.
     following: BTreeMap<UserId, Timestamp>,
-    /// Who follows this user.
-    followers: BTreeSet<UserId>,
-    /// Posts of followed users, oldest first, ordered by [`Post::order_key`], capped.
+    /// Followers of this user who are local (they receive its posts here).
+    local_followers: BTreeSet<UserId>,
+    /// Followers of this user who belong to other clusters (known for LIST only).
+    remote_followers: BTreeSet<UserId>,
+    /// This user's own most recent posts, ordered by [`Post::order_key`], capped; the source of
+    /// backfills when a local user starts following this one.
+    posts: VecDeque<Arc<Post>>,
+    /// Posts of followed users, oldest first, ordered by [`Post::order_key`], capped. Empty
+    /// for users who are not local.
     timeline: VecDeque<Arc<Post>>,
+}
+
+impl Account {
+    fn followers_mut(&mut self, local: bool) -> &mut BTreeSet<UserId> {
+        if local {
+            &mut self.local_followers
+        } else {
+            &mut self.remote_followers
+        }
+    }
 }
 
 /// The state of one server: a fold of its log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct State {
+    config: StateConfig,
     users: BTreeSet<UserId>,
     accounts: HashMap<UserId, Account>,
     high_water: BTreeMap<ClusterId, u64>,
     /// The latest event time applied (so a restarted server never stamps an earlier time).
     latest: Timestamp,
-    timeline_cap: usize,
 }
 
 impl Default for State {
     fn default() -> Self {
-        Self::new(DEFAULT_TIMELINE_CAP)
+        Self::new(StateConfig::default())
     }
 }
 
 impl State {
-    /// An empty state whose timelines keep at most `timeline_cap` posts.
-    pub fn new(timeline_cap: usize) -> Self {
+    /// An empty state for the cluster and timeline cap of `config` (a cap of 0 counts as 1).
+    pub fn new(config: StateConfig) -> Self {
         Self {
+            config: StateConfig {
+                timeline_cap: config.timeline_cap.max(1),
+                ..config
+            },
             users: BTreeSet::new(),
             accounts: HashMap::new(),
             high_water: BTreeMap::new(),
             latest: Timestamp::default(),
-            timeline_cap: timeline_cap.max(1),
         }
     }
 
     /// Applies one event. Pure and deterministic: the same events in the same per-origin order
-    /// give the same state, and re-applying an event changes nothing.
+    /// give the same state, and re-applying an event changes nothing. Timelines do not depend
+    /// on how events of different origins interleave (see the module documentation).
     pub fn apply(&mut self, event: &Event) -> Applied {
         let hw = self.high_water.entry(event.id.origin).or_insert(0);
         if event.id.seq <= *hw {
@@ -94,27 +166,11 @@ impl State {
                 Applied::UserJoined
             }
             EventKind::Followed { follower, followee } => {
-                self.accounts
-                    .entry(*follower)
-                    .or_default()
-                    .following
-                    .entry(*followee)
-                    .or_insert(event.at);
-                self.accounts
-                    .entry(*followee)
-                    .or_default()
-                    .followers
-                    .insert(*follower);
+                self.follow(*follower, *followee, event.at);
                 Applied::FollowChanged
             }
             EventKind::Unfollowed { follower, followee } => {
-                if let Some(account) = self.accounts.get_mut(follower) {
-                    account.following.remove(followee);
-                    account.timeline.retain(|post| post.author != *followee);
-                }
-                if let Some(account) = self.accounts.get_mut(followee) {
-                    account.followers.remove(follower);
-                }
+                self.unfollow(*follower, *followee);
                 Applied::FollowChanged
             }
             EventKind::Posted { author, text } => {
@@ -124,24 +180,70 @@ impl State {
                     at: event.at,
                     text: Arc::clone(text),
                 });
-                self.fan_out(&post);
+                self.add_post(&post);
                 Applied::Posted(post)
             }
         }
     }
 
-    /// Appends `post` to the timeline of every follower of its author who followed at or before
-    /// the post's time. Cost is linear in the number of followers.
-    fn fan_out(&mut self, post: &Arc<Post>) {
-        let Some(author) = self.accounts.get(&post.author) else {
+    /// Records that `follower` follows `followee` from `at` on (an existing follow keeps its
+    /// time). A local follower's timeline gets the followee's posts made at or after `since`.
+    fn follow(&mut self, follower: UserId, followee: UserId, at: Timestamp) {
+        let local = self.config.is_local(follower);
+        let since = *self
+            .accounts
+            .entry(follower)
+            .or_default()
+            .following
+            .entry(followee)
+            .or_insert(at);
+        let author = self.accounts.entry(followee).or_default();
+        author.followers_mut(local).insert(follower);
+        if !local {
             return;
-        };
-        // Collecting first keeps the borrow of the author's follower set short; the vector is
-        // reused by nothing else and costs one allocation per post.
-        let followers: Vec<UserId> = author.followers.iter().copied().collect();
-        let cap = self.timeline_cap;
-        for follower in followers {
-            let Some(account) = self.accounts.get_mut(&follower) else {
+        }
+        // Backfill: posts of the followee applied before this event but made after the follow
+        // began (clock skew, or the origins' events interleaved that way).
+        let start = author.posts.partition_point(|post| post.at < since);
+        if start == author.posts.len() {
+            return;
+        }
+        let backfill: Vec<Arc<Post>> = author.posts.range(start..).cloned().collect();
+        let cap = self.config.timeline_cap;
+        if let Some(account) = self.accounts.get_mut(&follower) {
+            for post in &backfill {
+                insert_capped(&mut account.timeline, post, cap);
+            }
+        }
+    }
+
+    /// Ends a follow and removes the followee's posts from the follower's timeline.
+    fn unfollow(&mut self, follower: UserId, followee: UserId) {
+        if let Some(account) = self.accounts.get_mut(&follower) {
+            account.following.remove(&followee);
+            account.timeline.retain(|post| post.author != followee);
+        }
+        let local = self.config.is_local(follower);
+        if let Some(account) = self.accounts.get_mut(&followee) {
+            account.followers_mut(local).remove(&follower);
+        }
+    }
+
+    /// Keeps `post` among its author's recent posts and appends it to the timeline of every
+    /// local follower of the author who followed at or before the post's time. Cost is linear
+    /// in the number of local followers.
+    fn add_post(&mut self, post: &Arc<Post>) {
+        let cap = self.config.timeline_cap;
+        let author = self.accounts.entry(post.author).or_default();
+        insert_capped(&mut author.posts, post, cap);
+        if author.local_followers.is_empty() {
+            return;
+        }
+        // Lend the follower set out while the followers' accounts are updated: no copy, and
+        // nothing below touches the author's own followers.
+        let followers = std::mem::take(&mut author.local_followers);
+        for follower in &followers {
+            let Some(account) = self.accounts.get_mut(follower) else {
                 continue;
             };
             match account.following.get(&post.author) {
@@ -149,6 +251,19 @@ impl State {
                 _ => {}
             }
         }
+        if let Some(author) = self.accounts.get_mut(&post.author) {
+            author.local_followers = followers;
+        }
+    }
+
+    /// This state's configuration.
+    pub fn config(&self) -> &StateConfig {
+        &self.config
+    }
+
+    /// Whether `user` is local here (has a materialized timeline).
+    pub fn is_local(&self, user: UserId) -> bool {
+        self.config.is_local(user)
     }
 
     /// Whether `user` is known.
@@ -173,17 +288,34 @@ impl State {
             .is_some_and(|a| a.following.contains_key(&followee))
     }
 
-    /// The followers of `user`, ascending.
+    /// The followers of `user` (of every cluster), ascending.
     pub fn followers(&self, user: UserId) -> impl Iterator<Item = UserId> + '_ {
+        self.accounts.get(&user).into_iter().flat_map(|a| Merged {
+            a: a.local_followers.iter().copied().peekable(),
+            b: a.remote_followers.iter().copied().peekable(),
+        })
+    }
+
+    /// Number of followers of `user` (of every cluster).
+    pub fn follower_count(&self, user: UserId) -> usize {
+        self.accounts
+            .get(&user)
+            .map_or(0, |a| a.local_followers.len() + a.remote_followers.len())
+    }
+
+    /// The local followers of `user` (those whose timeline receives its posts), ascending.
+    pub fn local_followers(&self, user: UserId) -> impl Iterator<Item = UserId> + '_ {
         self.accounts
             .get(&user)
             .into_iter()
-            .flat_map(|a| a.followers.iter().copied())
+            .flat_map(|a| a.local_followers.iter().copied())
     }
 
-    /// Number of followers of `user`.
-    pub fn follower_count(&self, user: UserId) -> usize {
-        self.accounts.get(&user).map_or(0, |a| a.followers.len())
+    /// Number of local followers of `user`.
+    pub fn local_follower_count(&self, user: UserId) -> usize {
+        self.accounts
+            .get(&user)
+            .map_or(0, |a| a.local_followers.len())
     }
 
     /// The users `user` follows, ascending.
@@ -194,7 +326,8 @@ impl State {
             .flat_map(|a| a.following.keys().copied())
     }
 
-    /// The `n` most recent posts of `user`'s timeline, newest first.
+    /// The `n` most recent posts of `user`'s timeline, newest first (none if `user` is not
+    /// local).
     pub fn recent_timeline(&self, user: UserId, n: usize) -> Vec<Arc<Post>> {
         self.accounts.get(&user).map_or_else(Vec::new, |a| {
             a.timeline.iter().rev().take(n).cloned().collect()
@@ -227,10 +360,11 @@ impl State {
 
     /// The maximum number of posts a timeline keeps.
     pub fn timeline_cap(&self) -> usize {
-        self.timeline_cap
+        self.config.timeline_cap
     }
 
-    /// Serializes the state for a snapshot. Posts shared by several timelines are written once.
+    /// Serializes the state for a snapshot. Posts shared by several timelines and author
+    /// lists are written once.
     pub(crate) fn encode(&self, enc: &mut Encoder) {
         enc.len(self.users.len());
         for user in &self.users {
@@ -242,13 +376,14 @@ impl State {
             enc.u64(*seq);
         }
         enc.i64(self.latest.0);
-        // Post table: every post held by some timeline, once.
+        // Post table: every post held by some author list or timeline, once.
         let mut table: HashMap<EventId, u64> = HashMap::new();
         let mut posts: Vec<&Arc<Post>> = Vec::new();
         let mut ids: Vec<&UserId> = self.accounts.keys().collect();
         ids.sort();
         for id in &ids {
-            for post in &self.accounts[*id].timeline {
+            let account = &self.accounts[*id];
+            for post in account.posts.iter().chain(&account.timeline) {
                 table.entry(post.id).or_insert_with(|| {
                     posts.push(post);
                     (posts.len() - 1) as u64
@@ -272,18 +407,23 @@ impl State {
                 enc.u32(followee.get());
                 enc.i64(since.0);
             }
-            enc.len(account.timeline.len());
-            for post in &account.timeline {
-                enc.u64(table[&post.id]);
+            for list in [&account.posts, &account.timeline] {
+                enc.len(list.len());
+                for post in list {
+                    enc.u64(table[&post.id]);
+                }
             }
         }
     }
 
-    /// Reads a state written by [`State::encode`]; followers are rebuilt from `following`.
-    pub(crate) fn decode(dec: &mut Decoder<'_>, timeline_cap: usize) -> Result<Self> {
+    /// Reads a state written by [`State::encode`], for the cluster and cap of `config`.
+    /// Followers are rebuilt from `following`; timelines of users not local under `config`
+    /// are dropped.
+    pub(crate) fn decode(dec: &mut Decoder<'_>, config: &StateConfig) -> Result<Self> {
         let corrupt = |what: &str| Error::Corrupt(format!("snapshot: {what}"));
         let user = |raw: u32| UserId::new(raw).ok_or_else(|| corrupt("user id out of range"));
-        let mut state = Self::new(timeline_cap);
+        let mut state = Self::new(*config);
+        let cap = state.config.timeline_cap;
         for _ in 0..dec.len(4)? {
             state.users.insert(user(dec.u32()?)?);
         }
@@ -307,17 +447,25 @@ impl State {
                 text,
             }));
         }
-        for _ in 0..dec.len(20)? {
+        for _ in 0..dec.len(28)? {
             let id = user(dec.u32()?)?;
             let mut account = Account::default();
             for _ in 0..dec.len(12)? {
                 let followee = user(dec.u32()?)?;
                 account.following.insert(followee, Timestamp(dec.i64()?));
             }
-            for _ in 0..dec.len(8)? {
-                let index = usize::try_from(dec.u64()?).map_err(|_| corrupt("post index"))?;
-                let post = posts.get(index).ok_or_else(|| corrupt("post index"))?;
-                insert_capped(&mut account.timeline, post, state.timeline_cap);
+            let keep_timeline = state.config.is_local(id);
+            for (list, keep) in [
+                (&mut account.posts, true),
+                (&mut account.timeline, keep_timeline),
+            ] {
+                for _ in 0..dec.len(8)? {
+                    let index = usize::try_from(dec.u64()?).map_err(|_| corrupt("post index"))?;
+                    let post = posts.get(index).ok_or_else(|| corrupt("post index"))?;
+                    if keep {
+                        insert_capped(list, post, cap);
+                    }
+                }
             }
             state.accounts.insert(id, account);
         }
@@ -327,36 +475,55 @@ impl State {
             .flat_map(|(f, a)| a.following.keys().map(move |g| (*f, *g)))
             .collect();
         for (follower, followee) in edges {
+            let local = state.config.is_local(follower);
             state
                 .accounts
                 .entry(followee)
                 .or_default()
-                .followers
+                .followers_mut(local)
                 .insert(follower);
         }
         Ok(state)
     }
 }
 
-/// Inserts `post` in order into a timeline that keeps at most `cap` posts (dropping the oldest).
+/// Two ascending iterators of distinct users merged into one ascending iterator.
+struct Merged<A: Iterator<Item = UserId>, B: Iterator<Item = UserId>> {
+    a: Peekable<A>,
+    b: Peekable<B>,
+}
+
+impl<A: Iterator<Item = UserId>, B: Iterator<Item = UserId>> Iterator for Merged<A, B> {
+    type Item = UserId;
+
+    fn next(&mut self) -> Option<UserId> {
+        match (self.a.peek(), self.b.peek()) {
+            (Some(a), Some(b)) if b < a => self.b.next(),
+            (Some(_), _) => self.a.next(),
+            (None, _) => self.b.next(),
+        }
+    }
+}
+
+/// Inserts `post` in order into a list that keeps at most `cap` posts (dropping the oldest).
 /// The common case, a post newer than everything held, is a push at the back.
-fn insert_capped(timeline: &mut VecDeque<Arc<Post>>, post: &Arc<Post>, cap: usize) {
+fn insert_capped(list: &mut VecDeque<Arc<Post>>, post: &Arc<Post>, cap: usize) {
     let key = post.order_key();
-    match timeline.back() {
-        None => timeline.push_back(Arc::clone(post)),
-        Some(last) if last.order_key() < key => timeline.push_back(Arc::clone(post)),
-        Some(_) => match timeline.binary_search_by(|p| p.order_key().cmp(&key)) {
+    match list.back() {
+        None => list.push_back(Arc::clone(post)),
+        Some(last) if last.order_key() < key => list.push_back(Arc::clone(post)),
+        Some(_) => match list.binary_search_by(|p| p.order_key().cmp(&key)) {
             Ok(_) => return,
             Err(at) => {
-                if at == 0 && timeline.len() >= cap {
+                if at == 0 && list.len() >= cap {
                     return;
                 }
-                timeline.insert(at, Arc::clone(post));
+                list.insert(at, Arc::clone(post));
             }
         },
     }
-    while timeline.len() > cap {
-        timeline.pop_front();
+    while list.len() > cap {
+        list.pop_front();
     }
 }
 

@@ -31,6 +31,14 @@ async fn open(config: ServerConfig, storage: Arc<dyn Storage>) -> Server {
     Server::open(config, storage).await.expect("server opens")
 }
 
+/// One cluster: every user is local and has a timeline.
+fn standalone() -> ServerConfig {
+    ServerConfig {
+        clusters: 1,
+        ..ServerConfig::default()
+    }
+}
+
 /// Lets every task that is ready run (the clock is paused, so no timer fires meanwhile).
 async fn settle() {
     for _ in 0..20 {
@@ -41,11 +49,7 @@ async fn settle() {
 #[tokio::test(start_paused = true)]
 async fn nothing_is_acknowledged_or_visible_before_it_is_durable() {
     let disk = slow_disk();
-    let server = open(
-        ServerConfig::default(),
-        Arc::new(disk.open().expect("open")),
-    )
-    .await;
+    let server = open(standalone(), Arc::new(disk.open().expect("open"))).await;
     server.login(u(1)).await.expect("login");
     server.login(u(2)).await.expect("login");
     server.follow(u(2), "1").await.expect("follow");
@@ -82,7 +86,7 @@ async fn the_committed_stream_yields_every_entry_once_in_order_then_live() {
     let config = ServerConfig {
         // A tiny window, so early readers must fall back to the log.
         recent_entries: 4,
-        ..ServerConfig::default()
+        ..standalone()
     };
     let server = open(config, storage.clone()).await;
     for user in 1..=3 {
@@ -153,7 +157,7 @@ async fn writers_wait_while_the_commit_path_is_full() {
     let disk = slow_disk();
     let config = ServerConfig {
         max_inflight: 3,
-        ..ServerConfig::default()
+        ..standalone()
     };
     let server = open(config, Arc::new(disk.open().expect("open"))).await;
     server.login(u(1)).await.expect("login");
@@ -182,11 +186,7 @@ async fn writers_wait_while_the_commit_path_is_full() {
 #[tokio::test(start_paused = true)]
 async fn a_master_that_loses_its_role_discards_what_it_had_not_committed() {
     let disk = slow_disk();
-    let server = open(
-        ServerConfig::default(),
-        Arc::new(disk.open().expect("open")),
-    )
-    .await;
+    let server = open(standalone(), Arc::new(disk.open().expect("open"))).await;
     server.login(u(1)).await.expect("login");
     server.login(u(2)).await.expect("login");
     let committed = server.positions().commit;

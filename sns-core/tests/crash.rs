@@ -107,6 +107,8 @@ fn run_case(ops: Vec<Vec<Op>>, crash_after: Duration) -> Result<(), TestCaseErro
             ..CrashDiskOptions::default()
         });
         let config = ServerConfig {
+            // One cluster: every user is local and has a timeline.
+            clusters: 1,
             snapshot_every: 16,
             ..ServerConfig::default()
         };
@@ -143,8 +145,8 @@ fn run_case(ops: Vec<Vec<Op>>, crash_after: Duration) -> Result<(), TestCaseErro
         let storage = disk.open().expect("reopen");
         let recovered = storage.recover().await.expect("recover");
         let mut state = match &recovered.snapshot {
-            Some(snapshot) => snapshot.restore(config.timeline_cap).expect("restore"),
-            None => State::new(config.timeline_cap),
+            Some(snapshot) => snapshot.restore(&config.state_config()).expect("restore"),
+            None => State::new(config.state_config()),
         };
         let mut posts = BTreeSet::new();
         let everything = storage

@@ -18,8 +18,16 @@ fn u(id: u32) -> UserId {
     UserId::new(id).expect("valid user")
 }
 
+/// A server on its own (one cluster): every user is local and has a timeline.
+fn standalone() -> ServerConfig {
+    ServerConfig {
+        clusters: 1,
+        ..ServerConfig::default()
+    }
+}
+
 async fn start() -> TestServer {
-    start_with(ServerConfig::default(), Arc::new(MemoryStorage::new())).await
+    start_with(standalone(), Arc::new(MemoryStorage::new())).await
 }
 
 async fn start_with(config: ServerConfig, storage: Arc<dyn Storage>) -> TestServer {
@@ -176,7 +184,7 @@ async fn statuses_carry_the_course_strings_and_codes() {
 
 #[tokio::test]
 async fn the_same_commands_work_over_loopback_tcp() {
-    let server = TestServer::start(ServerConfig::default(), Arc::new(MemoryStorage::new()))
+    let server = TestServer::start(standalone(), Arc::new(MemoryStorage::new()))
         .await
         .expect("server starts");
     assert!(server.addr.starts_with("127.0.0.1:"));
@@ -205,7 +213,7 @@ async fn open_paused(config: ServerConfig) -> Server {
 
 #[tokio::test(start_paused = true)]
 async fn a_second_login_is_refused_until_the_session_expires() {
-    let server = open_paused(ServerConfig::default()).await;
+    let server = open_paused(standalone()).await;
     let timeout = ServerConfig::default().session_timeout;
     server.login(u(1)).await.expect("login");
     assert!(matches!(
@@ -244,7 +252,7 @@ async fn terminated_unfollow_logs_out_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn an_open_timeline_keeps_the_session_alive() {
-    let server = open_paused(ServerConfig::default()).await;
+    let server = open_paused(standalone()).await;
     let timeout = ServerConfig::default().session_timeout;
     server.login(u(1)).await.expect("login");
     let feed = server.open_timeline(u(1)).expect("timeline");
@@ -506,7 +514,7 @@ async fn the_service_is_also_served_as_csce662() {
 async fn everything_survives_a_restart_on_file_storage() {
     let dir = tempfile::tempdir().expect("temp dir");
     let open = || -> Arc<dyn Storage> { Arc::new(FileStorage::open(dir.path()).expect("open")) };
-    let server = start_with(ServerConfig::default(), open()).await;
+    let server = start_with(standalone(), open()).await;
     let c1 = login(&server, 1).await;
     let c2 = login(&server, 2).await;
     c1.follow(u(2)).await.expect("follow");
@@ -516,7 +524,7 @@ async fn everything_survives_a_restart_on_file_storage() {
     assert_eq!(read_texts(&mut watcher, 1).await, ["durable"]);
     server.stop().await.expect("stop");
 
-    let server = start_with(ServerConfig::default(), open()).await;
+    let server = start_with(standalone(), open()).await;
     let c1 = login(&server, 1).await;
     let listing = c1.list().await.expect("list");
     assert_eq!(listing.all_users, [u(1), u(2)]);
@@ -533,7 +541,7 @@ async fn snapshots_compact_the_log_and_restarts_still_recover_everything() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = ServerConfig {
         snapshot_every: 10,
-        ..ServerConfig::default()
+        ..standalone()
     };
     let open = || -> Arc<dyn Storage> { Arc::new(FileStorage::open(dir.path()).expect("open")) };
     let server = start_with(config.clone(), open()).await;

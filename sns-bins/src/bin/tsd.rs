@@ -1,9 +1,11 @@
 //! `tsd`: a Tiny SNS server.
 //!
-//! `tsd -c CLUSTER -s SERVER -h COORD_HOST -k COORD_PORT -p PORT [--data-dir DIR]` runs server
-//! SERVER of cluster CLUSTER: it heartbeats the coordinator, which makes it master or slave,
-//! and serves the course's `SNSService` (and its `csce662` alias) on `--bind`:PORT. Without
-//! `-k` it runs standalone (always master, the course's MP1 form). Its log and snapshots live in
+//! `tsd -c CLUSTER -s SERVER -h COORD_HOST -k COORD_PORT -p PORT [--clusters N] [--data-dir DIR]`
+//! runs server SERVER of cluster CLUSTER: it heartbeats the coordinator, which makes it master or
+//! slave, and serves the course's `SNSService` (and its `csce662` alias) on `--bind`:PORT.
+//! `--clusters` (default 3) must match the coordinator's: only users of this cluster get
+//! timelines here. Without `-k` it runs standalone (always master, the course's MP1 form) and
+//! every user is its own. Its log and snapshots live in
 //! DIR (default `./sns-data/cluster<c>/server<s>/`), fsynced before anything is acknowledged.
 //! SIGINT or SIGTERM stops it cleanly (exit 0).
 
@@ -46,6 +48,10 @@ struct Args {
     /// Port of the coordinator; without it the server runs standalone.
     #[arg(short = 'k', long = "coordinator-port")]
     coordinator_port: Option<u16>,
+    /// Number of clusters in the deployment (must match the coordinator's); ignored without
+    /// `-k` (a standalone server owns every user).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    clusters: u32,
     /// Host name clients and the coordinator should use to reach this server.
     #[arg(long, default_value = "127.0.0.1")]
     advertise_host: String,
@@ -84,6 +90,11 @@ async fn run(args: Args) -> Result<(), String> {
     let config = ServerConfig {
         cluster,
         server_id,
+        clusters: if args.coordinator_port.is_some() {
+            args.clusters
+        } else {
+            1
+        },
         timeline_cap: args.timeline_cap,
         ..ServerConfig::default()
     };

@@ -34,7 +34,7 @@ pub use timeline::TimelineFeed;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, LogEntry, Post, normalize_post_text};
 use crate::ids::{ClusterId, Epoch, EventId, LogIndex, ServerId, Timestamp, UserId};
-use crate::state::{Applied, DEFAULT_TIMELINE_CAP, State};
+use crate::state::{Applied, DEFAULT_TIMELINE_CAP, State, StateConfig};
 use crate::storage::{Durable, Snapshot, Storage};
 use crate::transport::Listener;
 use committed::RecentEntries;
@@ -55,6 +55,9 @@ pub struct ServerConfig {
     pub cluster: ClusterId,
     /// This server's id within the cluster.
     pub server_id: ServerId,
+    /// Number of clusters in the deployment (must match the coordinator's): only users of
+    /// this server's cluster get materialized timelines here. With 1, every user does.
+    pub clusters: u32,
     /// Posts kept per materialized timeline.
     pub timeline_cap: usize,
     /// A session without heartbeat or stream expires after this long (two missed 3 s beats).
@@ -81,6 +84,7 @@ impl Default for ServerConfig {
         Self {
             cluster: ClusterId::new(1).unwrap_or_else(|| unreachable!()),
             server_id: ServerId::new(1).unwrap_or_else(|| unreachable!()),
+            clusters: 3,
             timeline_cap: DEFAULT_TIMELINE_CAP,
             session_timeout: Duration::from_secs(6),
             snapshot_every: 100_000,
@@ -90,6 +94,17 @@ impl Default for ServerConfig {
             max_concurrent_streams: 256,
             max_inflight: 4096,
             recent_entries: 8192,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The settings of this server's [`State`].
+    pub fn state_config(&self) -> StateConfig {
+        StateConfig {
+            cluster: self.cluster,
+            clusters: self.clusters,
+            timeline_cap: self.timeline_cap,
         }
     }
 }
@@ -201,7 +216,7 @@ impl Server {
     /// A standalone server is master.
     pub async fn open(config: ServerConfig, storage: Arc<dyn Storage>) -> Result<Self> {
         let recovered = storage.recover().await?;
-        let state = recovered.replay(config.timeline_cap)?;
+        let state = recovered.replay(&config.state_config())?;
         let last = recovered.entries.last();
         let epoch = last
             .map(|e| e.epoch)
@@ -786,10 +801,10 @@ async fn build_snapshot(shared: &Shared, upto: LogIndex, epoch: Epoch) -> Result
     let (mut state, mut next) = match &base {
         Some(snapshot) if snapshot.index >= upto => return Ok(()),
         Some(snapshot) => (
-            snapshot.restore(config.timeline_cap)?,
+            snapshot.restore(&config.state_config())?,
             snapshot.index.next(),
         ),
-        None => (State::new(config.timeline_cap), LogIndex(1)),
+        None => (State::new(config.state_config()), LogIndex(1)),
     };
     while next <= upto {
         let last = LogIndex(upto.0.min(next.0 + SNAPSHOT_READ_BATCH - 1));
@@ -810,7 +825,7 @@ async fn build_snapshot(shared: &Shared, upto: LogIndex, epoch: Epoch) -> Result
 }
 
 /// Delivers a committed post to the online users whose timeline received it, iterating over
-/// whichever is smaller: the author's followers or the online users.
+/// whichever is smaller: the author's local followers or the online users.
 fn fan_out(core: &mut Core, post: &Arc<Post>) {
     let Core {
         state, subscribers, ..
@@ -819,13 +834,13 @@ fn fan_out(core: &mut Core, post: &Arc<Post>) {
         return;
     }
     let receives = |user: UserId| state.timeline_contains(user, post);
-    if subscribers.online_users() < state.follower_count(post.author) {
+    if subscribers.online_users() < state.local_follower_count(post.author) {
         let online: Vec<UserId> = subscribers.users().filter(|u| receives(*u)).collect();
         for user in online {
             subscribers.deliver(user, post);
         }
     } else {
-        for user in state.followers(post.author) {
+        for user in state.local_followers(post.author) {
             if subscribers.is_online(user) && receives(user) {
                 subscribers.deliver(user, post);
             }

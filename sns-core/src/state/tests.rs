@@ -12,7 +12,16 @@ fn c(id: u32) -> ClusterId {
     ClusterId::new(id).expect("valid test cluster id")
 }
 
+/// A one-cluster state config (every user local) with timelines capped at `cap`.
+fn capped(cap: usize) -> StateConfig {
+    StateConfig {
+        timeline_cap: cap,
+        ..StateConfig::default()
+    }
+}
+
 /// Builds events for one origin with consecutive sequence numbers and increasing times.
+#[derive(Debug)]
 struct Origin {
     cluster: ClusterId,
     seq: u64,
@@ -116,7 +125,7 @@ fn unfollow_removes_the_authors_posts() {
 #[test]
 fn recent_timeline_is_newest_first_and_capped() {
     let mut o = Origin::new(1);
-    let mut s = State::new(5);
+    let mut s = State::new(capped(5));
     s.apply(&o.join(1));
     s.apply(&o.join(2));
     s.apply(&o.follow(1, 2));
@@ -164,7 +173,7 @@ fn late_posts_are_inserted_in_time_order() {
 #[test]
 fn snapshot_round_trips() {
     let mut o = Origin::new(1);
-    let mut s = State::new(3);
+    let mut s = State::new(capped(3));
     for e in [
         o.join(1),
         o.join(2),
@@ -182,7 +191,7 @@ fn snapshot_round_trips() {
     let mut enc = Encoder::default();
     s.encode(&mut enc);
     let mut dec = Decoder::new(&enc.buf);
-    let back = State::decode(&mut dec, 3).expect("decodes");
+    let back = State::decode(&mut dec, &capped(3)).expect("decodes");
     dec.finish().expect("nothing left over");
     assert_eq!(back, s);
 }
@@ -199,9 +208,210 @@ fn corrupt_snapshots_are_errors_not_panics() {
     s.encode(&mut enc);
     for cut in 0..enc.buf.len() {
         let mut dec = Decoder::new(&enc.buf[..cut]);
-        let result = State::decode(&mut dec, 10).and_then(|_| dec.finish());
+        let result = State::decode(&mut dec, &capped(10)).and_then(|_| dec.finish());
         assert!(result.is_err(), "a snapshot cut at {cut} must not decode");
     }
+}
+
+/// `event`, stamped at `time` instead of its origin's clock.
+fn at(mut event: Event, time: i64) -> Event {
+    event.at = Timestamp(time);
+    event
+}
+
+/// The state of `cluster` in a deployment of `clusters`, with room for every post.
+fn cluster_state(cluster: u32, clusters: u32) -> State {
+    State::new(StateConfig {
+        cluster: c(cluster),
+        clusters,
+        timeline_cap: DEFAULT_TIMELINE_CAP,
+    })
+}
+
+fn ids(state: &State, user: u32) -> Vec<EventId> {
+    let mut posts = state.recent_timeline(u(user), usize::MAX);
+    posts.reverse();
+    posts.iter().map(|p| p.id).collect()
+}
+
+#[test]
+fn remote_followers_have_no_timeline_but_their_follows_are_known() {
+    // Three clusters; this is cluster 1, which owns users 1 and 4.
+    let mut s = cluster_state(1, 3);
+    let (mut o1, mut o2, mut o3) = (Origin::new(1), Origin::new(2), Origin::new(3));
+    for e in [o1.join(1), o1.join(4), o2.join(2), o3.join(3)] {
+        s.apply(&e);
+    }
+    s.apply(&o2.follow(2, 3));
+    s.apply(&o1.follow(4, 3));
+    s.apply(&o1.follow(1, 2));
+    let Applied::Posted(post) = s.apply(&at(o3.post(3, "hello"), 1000)) else {
+        panic!("a post applies as a post");
+    };
+    // LIST data covers every cluster.
+    assert_eq!(s.users().collect::<Vec<_>>(), [u(1), u(2), u(3), u(4)]);
+    assert!(s.follows(u(2), u(3)));
+    assert_eq!(s.followers(u(3)).collect::<Vec<_>>(), [u(2), u(4)]);
+    assert_eq!(s.follower_count(u(3)), 2);
+    assert_eq!(s.followers(u(2)).collect::<Vec<_>>(), [u(1)]);
+    assert_eq!(s.local_followers(u(3)).collect::<Vec<_>>(), [u(4)]);
+    assert_eq!(s.local_follower_count(u(3)), 1);
+    // Only the local follower has the post.
+    assert!(s.is_local(u(4)) && !s.is_local(u(2)));
+    assert!(s.timeline_contains(u(4), &post));
+    assert!(!s.timeline_contains(u(2), &post));
+    assert!(
+        texts(&s, 2).is_empty(),
+        "user 2's timeline lives on cluster 2"
+    );
+    // Unfollowing keeps the relations consistent.
+    s.apply(&o2.unfollow(2, 3));
+    assert_eq!(s.followers(u(3)).collect::<Vec<_>>(), [u(4)]);
+}
+
+#[test]
+fn a_one_cluster_state_treats_every_user_as_local() {
+    // A standalone server numbered 2 still owns everyone.
+    let mut s = cluster_state(2, 1);
+    let mut o = Origin::new(2);
+    for e in [
+        o.join(1),
+        o.join(2),
+        o.join(3),
+        o.follow(1, 3),
+        o.follow(2, 3),
+    ] {
+        s.apply(&e);
+    }
+    s.apply(&o.post(3, "x"));
+    assert_eq!(texts(&s, 1), ["x"]);
+    assert_eq!(texts(&s, 2), ["x"]);
+}
+
+#[test]
+fn a_follow_applied_after_newer_posts_backfills_them_in_either_order() {
+    // 4 (cluster 1) follows 3 (cluster 3) at time 100; 3 posts at 99, 100 and 101 by its own
+    // clock. Whichever origin's events arrive first, the timeline is the same.
+    let mut o1 = Origin::new(1);
+    let mut o3 = Origin::new(3);
+    let joins = [o1.join(4), o3.join(3)];
+    let follow = at(o1.follow(4, 3), 100);
+    let posts = [
+        at(o3.post(3, "early"), 99),
+        at(o3.post(3, "same time"), 100),
+        at(o3.post(3, "later"), 101),
+    ];
+    let mut follow_first = cluster_state(1, 3);
+    let mut posts_first = cluster_state(1, 3);
+    for e in &joins {
+        follow_first.apply(e);
+        posts_first.apply(e);
+    }
+    follow_first.apply(&follow);
+    for e in &posts {
+        follow_first.apply(e);
+        posts_first.apply(e);
+    }
+    posts_first.apply(&follow);
+    assert_eq!(texts(&follow_first, 4), ["later", "same time"]);
+    assert_eq!(texts(&posts_first, 4), ["later", "same time"]);
+    assert_eq!(follow_first, posts_first);
+}
+
+#[test]
+fn backfill_and_cap_keep_the_newest_posts() {
+    let mut s = State::new(capped(3));
+    let mut o1 = Origin::new(1);
+    let mut o2 = Origin::new(2);
+    let mut o3 = Origin::new(3);
+    for e in [o1.join(1), o2.join(2), o3.join(3), at(o1.follow(1, 2), 0)] {
+        s.apply(&e);
+    }
+    for (time, text) in [(15, "2@15"), (35, "2@35"), (55, "2@55")] {
+        s.apply(&at(o2.post(2, text), time));
+    }
+    // 3's posts arrive before 1's follow of 3 (made at 20): only 20 and later count, and of
+    // everything the newest 3 are kept.
+    for time in [10, 20, 30, 40, 50] {
+        s.apply(&at(o3.post(3, &format!("3@{time}")), time));
+    }
+    assert_eq!(s.recent_timeline(u(3), 10).len(), 0, "3 follows nobody");
+    s.apply(&at(o1.follow(1, 3), 20));
+    assert_eq!(texts(&s, 1), ["2@55", "3@50", "3@40"]);
+    // Author lists are capped too, and keep the newest.
+    let kept: Vec<i64> = s.accounts[&u(3)].posts.iter().map(|p| p.at.0).collect();
+    assert_eq!(kept, [30, 40, 50]);
+}
+
+#[test]
+fn a_refollow_starts_a_new_since() {
+    let mut s = cluster_state(1, 2);
+    let mut o1 = Origin::new(1);
+    let mut o2 = Origin::new(2);
+    for e in [o1.join(1), o2.join(2)] {
+        s.apply(&e);
+    }
+    s.apply(&at(o1.follow(1, 2), 10));
+    s.apply(&at(o2.post(2, "20"), 20));
+    assert_eq!(texts(&s, 1), ["20"]);
+    s.apply(&at(o1.unfollow(1, 2), 30));
+    assert!(
+        texts(&s, 1).is_empty(),
+        "unfollow removes the author's posts"
+    );
+    s.apply(&at(o2.post(2, "40"), 40));
+    s.apply(&at(o1.follow(1, 2), 50));
+    // Posts from before the new follow stay out, whenever they arrive.
+    assert!(texts(&s, 1).is_empty(), "got {:?}", texts(&s, 1));
+    s.apply(&at(o2.post(2, "45"), 45));
+    s.apply(&at(o2.post(2, "60"), 60));
+    assert_eq!(texts(&s, 1), ["60"]);
+}
+
+#[test]
+fn snapshots_keep_author_posts_for_later_backfills() {
+    let mut s = cluster_state(1, 2);
+    let mut o1 = Origin::new(1);
+    let mut o2 = Origin::new(2);
+    for e in [o1.join(1), o2.join(2), at(o2.post(2, "p"), 100)] {
+        s.apply(&e);
+    }
+    let mut enc = Encoder::default();
+    s.encode(&mut enc);
+    let mut dec = Decoder::new(&enc.buf);
+    let mut back = State::decode(&mut dec, s.config()).expect("decodes");
+    dec.finish().expect("nothing left over");
+    assert_eq!(back, s);
+    // The follow (made at 50, applied now) still finds the post.
+    back.apply(&at(o1.follow(1, 2), 50));
+    assert_eq!(texts(&back, 1), ["p"]);
+}
+
+#[test]
+fn a_snapshot_restored_for_another_cluster_drops_foreign_timelines() {
+    let mut s = State::default();
+    let mut o = Origin::new(1);
+    for e in [
+        o.join(1),
+        o.join(2),
+        o.follow(1, 2),
+        o.follow(2, 1),
+        o.post(2, "x"),
+    ] {
+        s.apply(&e);
+    }
+    s.apply(&o.post(1, "y"));
+    let mut enc = Encoder::default();
+    s.encode(&mut enc);
+    let mut dec = Decoder::new(&enc.buf);
+    let back = State::decode(&mut dec, cluster_state(2, 2).config()).expect("decodes");
+    assert!(
+        texts(&back, 1).is_empty(),
+        "user 1 is not local to cluster 2"
+    );
+    assert_eq!(texts(&back, 2), ["y"]);
+    assert_eq!(back.local_followers(u(1)).collect::<Vec<_>>(), [u(2)]);
+    assert_eq!(back.followers(u(2)).collect::<Vec<_>>(), [u(1)]);
 }
 
 /// An abstract operation, turned into an event of some origin.
@@ -246,7 +456,8 @@ fn histories() -> impl Strategy<Value = Vec<Vec<Event>>> {
 
 proptest! {
     /// Re-delivering events (duplicates, replays of whole prefixes) gives the same state as
-    /// applying each event once, in the order it was first delivered.
+    /// applying each event once, in the order it was first delivered, even for histories no
+    /// master would originate.
     #[test]
     fn duplicates_and_replays_are_idempotent(
         history in histories(),
@@ -254,7 +465,7 @@ proptest! {
     ) {
         // Noisy delivery: advance origins in random order, and at random re-send one earlier
         // event or replay a whole delivered prefix of an origin.
-        let mut noisy = State::default();
+        let mut noisy = cluster_state(1, 3);
         let mut first_delivery: Vec<Event> = Vec::new();
         let mut cursors = [0usize; 3];
         for (origin, action, pick) in choices {
@@ -288,7 +499,7 @@ proptest! {
                 prop_assert_eq!(noisy.apply(e), Applied::Duplicate);
             }
         }
-        let mut once = State::default();
+        let mut once = cluster_state(1, 3);
         for e in &first_delivery {
             once.apply(e);
         }
@@ -299,8 +510,8 @@ proptest! {
     /// same state (timelines included) as applying it once.
     #[test]
     fn in_place_duplicates_give_identical_state(history in histories()) {
-        let mut once = State::default();
-        let mut twice = State::default();
+        let mut once = cluster_state(2, 3);
+        let mut twice = cluster_state(2, 3);
         for events in &history {
             for e in events {
                 once.apply(e);
@@ -316,10 +527,16 @@ proptest! {
         prop_assert_eq!(once, twice);
     }
 
-    /// Any state survives a snapshot round trip unchanged.
+    /// Any state (timelines and author lists full to their cap, local and remote users)
+    /// survives a snapshot round trip unchanged.
     #[test]
-    fn snapshots_round_trip(history in histories()) {
-        let mut s = State::new(7);
+    fn snapshots_round_trip(history in histories(), clusters in 1u32..=3, pick in 0u32..3) {
+        let config = StateConfig {
+            cluster: c(pick % clusters + 1),
+            clusters,
+            timeline_cap: 7,
+        };
+        let mut s = State::new(config);
         for events in &history {
             for e in events {
                 s.apply(e);
@@ -328,8 +545,275 @@ proptest! {
         let mut enc = Encoder::default();
         s.encode(&mut enc);
         let mut dec = Decoder::new(&enc.buf);
-        let back = State::decode(&mut dec, 7);
+        let back = State::decode(&mut dec, &config).and_then(|back| dec.finish().map(|()| back));
         prop_assert!(back.is_ok());
         prop_assert_eq!(back.ok(), Some(s));
+    }
+}
+
+/// Clusters of the convergence property.
+const CLUSTERS: u32 = 3;
+/// Users of the convergence property (two per cluster).
+const USERS: u32 = 6;
+/// Large enough that no timeline or author list of the property ever evicts a post.
+const NO_EVICTION: usize = 10_000;
+
+/// What a user tries to do; [`History::issue`] turns it into a valid event or nothing.
+#[derive(Debug, Clone)]
+enum Intent {
+    Join(u32),
+    Follow(u32, u32),
+    Unfollow(u32, u32),
+    Post(u32),
+}
+
+fn intent() -> impl Strategy<Value = Intent> {
+    let user = 1..=USERS;
+    prop_oneof![
+        1 => user.clone().prop_map(Intent::Join),
+        3 => (user.clone(), user.clone()).prop_map(|(a, b)| Intent::Follow(a, b)),
+        2 => (user.clone(), user.clone()).prop_map(|(a, b)| Intent::Unfollow(a, b)),
+        4 => user.prop_map(Intent::Post),
+    ]
+}
+
+/// The history of a deployment as its masters would originate it: each user's join and
+/// follows on the user's own cluster, each post on its author's cluster, every command valid
+/// (a follow only of a known user, an unfollow only when following), each origin stamping
+/// events with its own clock (a shared tick plus the origin's skew).
+#[derive(Debug)]
+struct History {
+    origins: Vec<Origin>,
+    skew: Vec<i64>,
+    events: Vec<Vec<Event>>,
+    joined: BTreeSet<u32>,
+    /// Current follows and the time each began.
+    since: BTreeMap<(u32, u32), Timestamp>,
+    posts: Vec<Post>,
+}
+
+impl History {
+    fn new(skew: Vec<i64>) -> Self {
+        Self {
+            origins: (1..=CLUSTERS).map(Origin::new).collect(),
+            skew,
+            events: vec![Vec::new(); CLUSTERS as usize],
+            joined: BTreeSet::new(),
+            since: BTreeMap::new(),
+            posts: Vec::new(),
+        }
+    }
+
+    fn home(user: u32) -> usize {
+        ClusterId::of_user(u(user), CLUSTERS).get() as usize - 1
+    }
+
+    /// Originates the event `intent` amounts to at time step `tick`, if any.
+    fn issue(&mut self, tick: i64, intent: Intent) {
+        let known = |user: u32| self.joined.contains(&user);
+        let (user, kind) = match intent {
+            Intent::Join(a) | Intent::Post(a) if !known(a) => {
+                (a, EventKind::UserJoined { user: u(a) })
+            }
+            Intent::Join(a) | Intent::Post(a) => (
+                a,
+                EventKind::Posted {
+                    author: u(a),
+                    text: Arc::from(format!("post of {a} at step {tick}")),
+                },
+            ),
+            Intent::Follow(a, b) | Intent::Unfollow(a, b) => {
+                if !known(a) || !known(b) || a == b {
+                    return;
+                }
+                let (follower, followee) = (u(a), u(b));
+                if self.since.contains_key(&(a, b)) {
+                    (a, EventKind::Unfollowed { follower, followee })
+                } else {
+                    (a, EventKind::Followed { follower, followee })
+                }
+            }
+        };
+        let origin = Self::home(user);
+        let mut event = self.origins[origin].event(kind);
+        event.at = Timestamp(tick * 10 + self.skew[origin]);
+        match &event.kind {
+            EventKind::UserJoined { user } => {
+                self.joined.insert(user.get());
+            }
+            EventKind::Followed { follower, followee } => {
+                self.since
+                    .insert((follower.get(), followee.get()), event.at);
+            }
+            EventKind::Unfollowed { follower, followee } => {
+                self.since.remove(&(follower.get(), followee.get()));
+            }
+            EventKind::Posted { author, text } => self.posts.push(Post {
+                id: event.id,
+                author: *author,
+                at: event.at,
+                text: Arc::clone(text),
+            }),
+        }
+        self.events[origin].push(event);
+    }
+
+    /// The timeline `user` must have on its own cluster: every post of a current followee
+    /// made at or after the follow began, oldest first.
+    fn expected_timeline(&self, user: u32) -> Vec<EventId> {
+        let mut posts: Vec<&Post> = self
+            .posts
+            .iter()
+            .filter(|p| {
+                self.since
+                    .get(&(user, p.author.get()))
+                    .is_some_and(|since| p.at >= *since)
+            })
+            .collect();
+        posts.sort_by_key(|p| p.order_key());
+        posts.iter().map(|p| p.id).collect()
+    }
+}
+
+/// A deployment's history: intents issued one per time step, and each origin's clock skew.
+fn cross_cluster_history() -> impl Strategy<Value = History> {
+    (
+        prop::collection::vec(intent(), 0..60),
+        prop::collection::vec((0i64..=20).prop_map(|k| k * 5), CLUSTERS as usize),
+    )
+        .prop_map(|(intents, skew)| {
+            let mut history = History::new(skew);
+            for (tick, intent) in intents.into_iter().enumerate() {
+                history.issue(tick as i64, intent);
+            }
+            history
+        })
+}
+
+/// Delivery choices for one cluster: (origin, action, pick), see [`deliver`].
+fn deliveries() -> impl Strategy<Value = Vec<(usize, u8, usize)>> {
+    prop::collection::vec((0..CLUSTERS as usize, 0u8..6, 0usize..64), 0..250)
+}
+
+/// Feeds every origin's events to `state` in the interleaving `choices` picks: deliver an
+/// origin's next event, re-deliver one of its delivered events, or replay its delivered prefix;
+/// then whatever is left, origin by origin. Returns the events in first-delivery order (the
+/// log a master would ship to its slave).
+fn deliver(
+    state: &mut State,
+    events: &[Vec<Event>],
+    choices: &[(usize, u8, usize)],
+) -> std::result::Result<Vec<Event>, TestCaseError> {
+    let mut log = Vec::new();
+    let mut cursors = vec![0usize; events.len()];
+    for &(origin, action, pick) in choices {
+        let (sent, next) = (
+            &events[origin][..cursors[origin]],
+            events[origin].get(cursors[origin]),
+        );
+        match action {
+            0..=3 => {
+                if let Some(e) = next {
+                    let applied = state.apply(e);
+                    let fresh = !matches!(applied, Applied::Duplicate | Applied::Gap { .. });
+                    prop_assert!(fresh, "event {} was not applied: {:?}", e.id, applied);
+                    log.push(e.clone());
+                    cursors[origin] += 1;
+                }
+            }
+            4 => {
+                if !sent.is_empty() {
+                    prop_assert_eq!(state.apply(&sent[pick % sent.len()]), Applied::Duplicate);
+                }
+            }
+            _ => {
+                for e in sent {
+                    prop_assert_eq!(state.apply(e), Applied::Duplicate);
+                }
+            }
+        }
+    }
+    for (origin, events) in events.iter().enumerate() {
+        for e in &events[cursors[origin]..] {
+            let applied = state.apply(e);
+            let fresh = !matches!(applied, Applied::Duplicate | Applied::Gap { .. });
+            prop_assert!(fresh, "event {} was not applied: {:?}", e.id, applied);
+            log.push(e.clone());
+        }
+    }
+    Ok(log)
+}
+
+/// What every cluster must agree on: the users, and each user's follows (with the time each
+/// began) and followers.
+#[derive(Debug, PartialEq, Eq)]
+struct Relations {
+    users: Vec<UserId>,
+    following: BTreeMap<UserId, Vec<(UserId, Timestamp)>>,
+    followers: BTreeMap<UserId, Vec<UserId>>,
+}
+
+fn relations(state: &State) -> Relations {
+    Relations {
+        users: state.users().collect(),
+        following: state
+            .accounts
+            .iter()
+            .map(|(user, account)| (*user, account.following.clone().into_iter().collect()))
+            .collect(),
+        followers: state
+            .accounts
+            .keys()
+            .map(|user| (*user, state.followers(*user).collect()))
+            .collect(),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// DESIGN §9: a history issued on several clusters (follows on the follower's cluster,
+    /// posts on the author's, origin clocks skewed), delivered to every cluster in any
+    /// interleaving that keeps each origin's order, with duplicates and replays: every cluster
+    /// ends with the same users and follow relations, a master and its slave end identical,
+    /// and each user's timeline on its own cluster is exactly the posts of its current
+    /// followees made since each follow began, in order, each once. Other clusters hold no
+    /// timeline for that user.
+    #[test]
+    fn clusters_converge_and_own_timelines_are_exact(
+        history in cross_cluster_history(),
+        choices in prop::collection::vec(deliveries(), CLUSTERS as usize),
+    ) {
+        let mut masters = Vec::new();
+        for (cluster, choices) in (1..=CLUSTERS).zip(&choices) {
+            let config = StateConfig { cluster: c(cluster), clusters: CLUSTERS, timeline_cap: NO_EVICTION };
+            let mut master = State::new(config);
+            let log = deliver(&mut master, &history.events, choices)?;
+            // The slave applies the master's log in order, and again in full (re-shipping).
+            let mut slave = State::new(config);
+            for e in log.iter().chain(&log) {
+                slave.apply(e);
+            }
+            prop_assert_eq!(&slave, &master);
+            masters.push(master);
+        }
+        let agreed = relations(&masters[0]);
+        for master in &masters[1..] {
+            prop_assert_eq!(&relations(master), &agreed);
+        }
+        for user in history.joined.iter().copied() {
+            let home = History::home(user);
+            for (i, master) in masters.iter().enumerate() {
+                if i == home {
+                    prop_assert_eq!(
+                        ids(master, user),
+                        history.expected_timeline(user),
+                        "timeline of user {} on its cluster {}", user, i + 1
+                    );
+                } else {
+                    prop_assert!(ids(master, user).is_empty(), "user {} has a timeline on cluster {}", user, i + 1);
+                }
+            }
+        }
     }
 }

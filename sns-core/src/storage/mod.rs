@@ -27,7 +27,7 @@ use std::pin::Pin;
 use crate::error::{Error, Result};
 use crate::event::LogEntry;
 use crate::ids::{Epoch, EventId, LogIndex};
-use crate::state::State;
+use crate::state::{State, StateConfig};
 
 /// How many entries behind the latest snapshot are kept, at most, for registered readers
 /// unless an implementation is told otherwise (see [`Storage::retain`]).
@@ -56,10 +56,10 @@ impl Snapshot {
         }
     }
 
-    /// Rebuilds the state, with timelines capped at `timeline_cap`.
-    pub fn restore(&self, timeline_cap: usize) -> Result<State> {
+    /// Rebuilds the state for the cluster and timeline cap of `config`.
+    pub fn restore(&self, config: &StateConfig) -> Result<State> {
         let mut dec = crate::codec::Decoder::new(&self.state);
-        let state = State::decode(&mut dec, timeline_cap)?;
+        let state = State::decode(&mut dec, config)?;
         dec.finish()?;
         Ok(state)
     }
@@ -88,11 +88,11 @@ impl Recovered {
             .unwrap_or_default()
     }
 
-    /// Rebuilds the state: the snapshot plus the entries after it.
-    pub fn replay(&self, timeline_cap: usize) -> Result<State> {
+    /// Rebuilds the state for `config`: the snapshot plus the entries after it.
+    pub fn replay(&self, config: &StateConfig) -> Result<State> {
         let mut state = match &self.snapshot {
-            Some(snapshot) => snapshot.restore(timeline_cap)?,
-            None => State::new(timeline_cap),
+            Some(snapshot) => snapshot.restore(config)?,
+            None => State::new(*config),
         };
         for entry in &self.entries {
             state.apply(&entry.event);

@@ -123,7 +123,7 @@ fn divergent(range: std::ops::RangeInclusive<u64>) -> Vec<LogEntry> {
 
 /// A snapshot at `index` (its state is irrelevant to the storage).
 fn snapshot_at(index: u64) -> Snapshot {
-    Snapshot::of(&State::new(400), LogIndex(index), Epoch(1))
+    Snapshot::of(&State::default(), LogIndex(index), Epoch(1))
 }
 
 async fn read_all(storage: &dyn Storage) -> Vec<LogEntry> {
@@ -163,7 +163,7 @@ async fn append_recover_and_snapshot(mut harness: impl Harness) {
         assert_eq!(back.entries, entries(1..=20));
         assert_eq!(back.last_index(), LogIndex(20));
         // Snapshot at 15: entries up to 15 may go, 16.. stay.
-        let mut state = State::new(400);
+        let mut state = crate::state::State::default();
         for e in &back.entries[..15] {
             state.apply(&e.event);
         }
@@ -187,17 +187,19 @@ async fn append_recover_and_snapshot(mut harness: impl Harness) {
         assert_eq!(storage.snapshot().await.expect("snapshot"), back.snapshot);
         assert_eq!(back.last_index(), LogIndex(25));
         // The snapshot restores to a state equal to replaying the first 15 entries.
-        let mut expected = State::new(400);
+        let mut expected = crate::state::State::default();
         for e in entries(1..=15) {
             expected.apply(&e.event);
         }
-        let restored = back
-            .snapshot
-            .as_ref()
-            .map(|s| s.restore(400).expect("restore"));
+        let restored = back.snapshot.as_ref().map(|s| {
+            s.restore(&crate::state::StateConfig::default())
+                .expect("restore")
+        });
         assert_eq!(restored, Some(expected));
         // A snapshot at the very end leaves no entries.
-        let state = back.replay(400).expect("replay");
+        let state = back
+            .replay(&crate::state::StateConfig::default())
+            .expect("replay");
         storage
             .save_snapshot(Snapshot::of(&state, LogIndex(25), Epoch(3)))
             .await
