@@ -333,7 +333,8 @@ impl Session {
         self.ensure_logged_in()?;
         let applied = |e: &Error| matches!(e, Error::AlreadyFollowing).then_some(());
         let attempt = |client: Client| async move { client.follow(target).await };
-        Ok(self.inner.with_failover(attempt, applied).await?.0)
+        self.inner.with_failover(attempt, applied).await?;
+        Ok(())
     }
 
     /// Stops following `target`, failing over if needed; succeeds once the unfollow is made,
@@ -342,7 +343,8 @@ impl Session {
         self.ensure_logged_in()?;
         let applied = |e: &Error| matches!(e, Error::NotFollowing).then_some(());
         let attempt = |client: Client| async move { client.unfollow(target).await };
-        Ok(self.inner.with_failover(attempt, applied).await?.0)
+        self.inner.with_failover(attempt, applied).await?;
+        Ok(())
     }
 
     /// All users and this user's followers, failing over if needed.
@@ -406,7 +408,10 @@ impl Drop for Session {
 /// Keeps the session alive on whichever server is current. A failed beat is not acted on:
 /// the next command or the timeline notices a lost server and fails over.
 async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
-    let every = inner.config.heartbeat_interval.max(Duration::from_millis(10));
+    let every = inner
+        .config
+        .heartbeat_interval
+        .max(Duration::from_millis(10));
     let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -540,8 +545,7 @@ impl TimelinePoster {
             if !self.outbound.fails_over || !is_server_lost(&error) {
                 return Err(error);
             }
-            let deadline =
-                *deadline.get_or_insert_with(|| Instant::now() + self.outbound.patience);
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.outbound.patience);
             match tokio::time::timeout_at(deadline, watching.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) | Err(_) => return Err(error),

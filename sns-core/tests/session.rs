@@ -144,10 +144,7 @@ async fn a_follow_during_a_partition_of_the_master_lands_once_after_the_heal() {
         }
     );
     assert_eq!(server.list(u(2)).expect("list").followers, [u(1)]);
-    assert_eq!(
-        session.list().await.expect("list").all_users,
-        [u(1), u(2)]
-    );
+    assert_eq!(session.list().await.expect("list").all_users, [u(1), u(2)]);
     cluster.shutdown().await;
 }
 
@@ -221,8 +218,14 @@ async fn an_open_timeline_keeps_delivering_after_a_restart_without_repeating_a_p
     }
     let first = next_post(&mut feed1).await;
     let second = next_post(&mut feed1).await;
-    assert_eq!((first.text.as_str(), second.text.as_str()), ("before 1", "before 2"));
-    assert!(first.id.is_some() && first.id != second.id, "posts carry ids");
+    assert_eq!(
+        (first.text.as_str(), second.text.as_str()),
+        ("before 1", "before 2")
+    );
+    assert!(
+        first.id.is_some() && first.id != second.id,
+        "posts carry ids"
+    );
 
     cluster.kill(1, 1).await.expect("kill");
     cluster.restart(1, 1).await.expect("restart");
@@ -324,8 +327,14 @@ async fn first_login_errors_are_returned_as_they_are() {
         SessionConfig::default(),
     )
     .await;
-    assert!(matches!(no_master, Err(Error::Unavailable(_))), "{no_master:?}");
-    assert!(started.elapsed() < Duration::from_secs(5), "no failover wait");
+    assert!(
+        matches!(no_master, Err(Error::Unavailable(_))),
+        "{no_master:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no failover wait"
+    );
     cluster.shutdown().await;
 }
 
@@ -371,7 +380,10 @@ async fn course_mode_timeline_messages_carry_the_post_id_too() {
     feed2.post("hello").await.expect("post");
     one.logout().await.expect("logout");
 
-    let channel = cluster.channel(&server_addr(&cluster)).await.expect("connect");
+    let channel = cluster
+        .channel(&server_addr(&cluster))
+        .await
+        .expect("connect");
     let mut rpc = SnsServiceClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel::<Message>(1);
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
