@@ -402,3 +402,54 @@ async fn course_mode_timeline_messages_carry_the_post_id_too() {
     drop(tx);
     cluster.shutdown().await;
 }
+
+/// The master is killed for good: the session tries for its patience (10 s by default, an
+/// instant on the paused clock), says so, and returns the last error.
+#[tokio::test(start_paused = true)]
+async fn a_session_gives_up_after_its_patience_with_the_last_error() {
+    let mut cluster = one_server().await;
+    let _two = cluster.client(2).await.expect("user 2 exists");
+    let session = routed(&cluster, 1).await;
+    let mut events = session.subscribe();
+    let mut feed = session.timeline().await.expect("timeline");
+    cluster.kill(1, 1).await.expect("kill");
+
+    let started = tokio::time::Instant::now();
+    let failed = session.follow(u(2)).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(
+            failed,
+            Err(Error::Unavailable(_) | Error::Unreachable { .. })
+        ),
+        "{failed:?}"
+    );
+    let patience = SessionConfig::default().patience;
+    assert!(
+        waited >= patience && waited < patience + Duration::from_secs(5),
+        "gave up after {waited:?}"
+    );
+    // The command and the timeline's reader shared one failover, or tried one each: every
+    // attempt is announced and ends in giving up, never in a reconnect.
+    let mut gave_up = 0;
+    while let Ok(event) = events.try_recv() {
+        match event {
+            SessionEvent::Reconnecting { .. } => {}
+            SessionEvent::GaveUp { .. } => gave_up += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(gave_up >= 1);
+    // The timeline ends with the error once its own failover gives up.
+    let ended = tokio::time::timeout(Duration::from_secs(30), feed.next())
+        .await
+        .expect("the timeline reports in time");
+    assert!(
+        matches!(
+            ended,
+            Some(Err(Error::Unavailable(_) | Error::Unreachable { .. }))
+        ),
+        "{ended:?}"
+    );
+    cluster.shutdown().await;
+}
