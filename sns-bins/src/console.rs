@@ -52,6 +52,19 @@ impl std::fmt::Debug for Output {
 }
 
 impl Output {
+    /// Prints a message about the client itself (e.g. a reconnect), not part of the course's
+    /// output: on a terminal like [`Output::line`], otherwise on stderr, so piped stdout holds
+    /// exactly the course's lines.
+    pub fn notice(&self, line: &str) {
+        if self.printer.is_some() {
+            self.line(line);
+        } else {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "{line}");
+            let _ = err.flush();
+        }
+    }
+
     /// Prints `line` (a newline is added).
     pub fn line(&self, line: &str) {
         if let Some(printer) = &self.printer

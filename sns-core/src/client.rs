@@ -16,7 +16,7 @@ use tonic::{Code, Status, Streaming};
 use crate::error::{Error, Result};
 use crate::event::normalize_post_text;
 use crate::grpc::sns::{TERMINATED_METADATA, TIMELINE_MODE_METADATA, USERNAME_METADATA};
-use crate::ids::{Timestamp, UserId};
+use crate::ids::{ClusterId, PostId, Timestamp, UserId};
 use crate::server::Listing;
 use crate::transport::Network;
 
@@ -297,6 +297,8 @@ impl Client {
 /// A post as a client receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceivedPost {
+    /// The post's id, when the server sent one (ours always does; a course server does not).
+    pub id: Option<PostId>,
     /// Who posted.
     pub author: UserId,
     /// When the server accepted the post.
@@ -335,6 +337,7 @@ impl TimelineSender {
             username,
             msg,
             timestamp: Some(Timestamp::now().to_proto()),
+            ..Message::default()
         };
         self.outbound
             .send(message)
@@ -371,5 +374,17 @@ fn received(message: Message) -> Result<ReceivedPost> {
         .as_ref()
         .map(Timestamp::from_proto)
         .unwrap_or_default();
-    Ok(ReceivedPost { author, at, text })
+    // Both parts or nothing: a half-filled id (origin 0 or sequence 0) names no post.
+    let id = ClusterId::new(message.post_origin)
+        .filter(|_| message.post_seq > 0)
+        .map(|origin| PostId {
+            origin,
+            seq: message.post_seq,
+        });
+    Ok(ReceivedPost {
+        id,
+        author,
+        at,
+        text,
+    })
 }

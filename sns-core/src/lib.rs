@@ -1,8 +1,9 @@
 //! Tiny SNS: a small, fault-tolerant social network service, as a library.
 //!
 //! The core is a pure state machine ([`State::apply`] over [`Event`]s) fed by a durable log
-//! ([`Storage`]). Around it: the [`Server`] (the course's `SNSService` over gRPC) and the typed
-//! [`Client`]. Binaries in `sns-bins` only parse flags and call into this crate.
+//! ([`Storage`]). Around it: the [`Server`] (the course's `SNSService` over gRPC), the typed
+//! [`Client`], and the [`Session`] that carries a client over the loss of its server (failover).
+//! Binaries in `sns-bins` only parse flags and call into this crate.
 //!
 //! Networking is injected ([`transport`]): components serve on a [`Listener`] and reach their
 //! peers through a [`Network`], so the same code runs on TCP, on in-memory pipes
@@ -21,6 +22,7 @@ pub mod event;
 pub(crate) mod grpc;
 pub mod ids;
 pub mod server;
+pub mod session;
 pub mod state;
 pub mod storage;
 #[cfg(feature = "test-util")]
@@ -37,6 +39,7 @@ pub use server::{
     CommittedEntries, CoordinatorLink, Listing, LogPositions, Role, Server, ServerConfig,
     TimelineFeed,
 };
+pub use session::{Session, SessionConfig, SessionEvent, SessionTimeline, TimelinePoster};
 pub use state::{Applied, State, StateConfig};
 pub use storage::{CrashDisk, CrashDiskOptions, CrashStorage};
 pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};

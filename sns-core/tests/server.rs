@@ -467,6 +467,7 @@ async fn course_clients_get_preformatted_posts_and_may_name_themselves_in_the_fi
         username: "1".into(),
         msg: Vec::new(),
         timestamp: None,
+        ..Message::default()
     })
     .await
     .expect("send");
@@ -606,6 +607,7 @@ async fn the_course_clients_set_stream_greeting_is_not_a_post() {
             username: "2".into(),
             msg: text.as_bytes().to_vec(),
             timestamp: None,
+            ..Message::default()
         })
         .await
         .expect("send");

@@ -63,7 +63,8 @@ fn argument(request: &Request) -> Result<&str, Status> {
         .ok_or_else(|| status(Error::InvalidUsername(String::new())))
 }
 
-/// A post as the wire carries it, pre-formatted for the course client unless `structured`.
+/// A post as the wire carries it, pre-formatted for the course client unless `structured`, with
+/// its id in both modes (course clients ignore the extra fields).
 pub(crate) fn post_message(post: &Post, structured: bool) -> Message {
     let msg = if structured {
         post.text.as_bytes().to_vec()
@@ -74,6 +75,8 @@ pub(crate) fn post_message(post: &Post, structured: bool) -> Message {
         username: post.author.to_string(),
         msg,
         timestamp: Some(post.at.to_proto()),
+        post_origin: post.id.origin.get(),
+        post_seq: post.id.seq,
     }
 }
 

@@ -1,0 +1,455 @@
+//! Client failover with [`Session`] on a whole deployment in memory (`TestCluster`): a master
+//! killed and restarted on the same storage, a master partitioned from the coordinator and
+//! healed, an answer lost on the way back, timelines reopened without repeating a post, the
+//! heartbeat's lifetime, and direct sessions that report failures instead of failing over.
+
+use std::time::Duration;
+
+use sns_core::deployment::CLIENT_NODE;
+use sns_core::session::{Session, SessionConfig, SessionEvent, SessionTimeline, Target};
+use sns_core::testing::{TestCluster, TestClusterConfig, eventually};
+use sns_core::{CoordinatorClient, Error, ReceivedPost, Role, UserId};
+use tokio::sync::broadcast;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn u(id: u32) -> UserId {
+    UserId::new(id).expect("valid user")
+}
+
+/// One cluster of one server: killing it leaves the cluster without a master until it is
+/// restarted on its storage.
+async fn one_server() -> TestCluster {
+    TestCluster::start_with(TestClusterConfig {
+        clusters: 1,
+        servers_per_cluster: 1,
+        ..TestClusterConfig::default()
+    })
+    .await
+    .expect("start")
+}
+
+fn server_addr(cluster: &TestCluster) -> String {
+    cluster.deployment().servers()[0].addr.clone()
+}
+
+async fn routed(cluster: &TestCluster, user: u32) -> Session {
+    Session::connect(
+        cluster.network(),
+        Target::Coordinator(cluster.coordinator_addr().to_string()),
+        u(user),
+        SessionConfig::default(),
+    )
+    .await
+    .expect("session")
+}
+
+async fn next_event(events: &mut broadcast::Receiver<SessionEvent>) -> SessionEvent {
+    tokio::time::timeout(WAIT, events.recv())
+        .await
+        .expect("an event in time")
+        .expect("the session is alive")
+}
+
+/// Waits for one failover's two events; returns the new address.
+async fn failover_seen(events: &mut broadcast::Receiver<SessionEvent>) -> String {
+    let first = next_event(events).await;
+    assert!(
+        matches!(first, SessionEvent::Reconnecting { .. }),
+        "{first:?}"
+    );
+    match next_event(events).await {
+        SessionEvent::Reconnected { addr } => addr,
+        other => panic!("expected Reconnected, got {other:?}"),
+    }
+}
+
+async fn next_post(timeline: &mut SessionTimeline) -> ReceivedPost {
+    tokio::time::timeout(WAIT, timeline.next())
+        .await
+        .expect("a post in time")
+        .expect("the timeline is open")
+        .expect("a post")
+}
+
+#[tokio::test]
+async fn a_follow_issued_while_the_master_is_down_succeeds_once_it_is_back() {
+    let mut cluster = one_server().await;
+    let _two = cluster.client(2).await.expect("user 2 exists");
+    let session = routed(&cluster, 1).await;
+    let mut events = session.subscribe();
+    cluster.stop(1, 1).await.expect("stop");
+
+    let recover = async {
+        // The user is told at once that a retry started...
+        let first = next_event(&mut events).await;
+        assert!(
+            matches!(first, SessionEvent::Reconnecting { .. }),
+            "{first:?}"
+        );
+        cluster.restart(1, 1).await.expect("restart");
+        // ...and where the session landed.
+        next_event(&mut events).await
+    };
+    let (followed, landed) = tokio::join!(session.follow(u(2)), recover);
+    followed.expect("the follow succeeds once the master is back");
+    assert_eq!(
+        landed,
+        SessionEvent::Reconnected {
+            addr: server_addr(&cluster)
+        }
+    );
+    assert_eq!(session.addr(), server_addr(&cluster));
+
+    let listing = session.list().await.expect("list");
+    assert_eq!(listing.all_users, [u(1), u(2)]);
+    let server = cluster.server(1, 1).expect("running").clone();
+    assert_eq!(server.list(u(2)).expect("list").followers, [u(1)]);
+    // Made exactly once: a new FOLLOW (not a retry) is refused as usual.
+    assert!(matches!(
+        session.follow(u(2)).await,
+        Err(Error::AlreadyFollowing)
+    ));
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_follow_during_a_partition_of_the_master_lands_once_after_the_heal() {
+    let cluster = one_server().await;
+    let _two = cluster.client(2).await.expect("user 2 exists");
+    let session = routed(&cluster, 1).await;
+    let mut events = session.subscribe();
+    let server = cluster.server(1, 1).expect("running").clone();
+    cluster.partition(1, 1, true).expect("partition");
+    assert!(
+        eventually(WAIT, || async { server.role() == Role::Slave }).await,
+        "the cut-off master steps down"
+    );
+
+    let heal = async {
+        let first = next_event(&mut events).await;
+        assert!(
+            matches!(first, SessionEvent::Reconnecting { .. }),
+            "{first:?}"
+        );
+        cluster.partition(1, 1, false).expect("heal");
+        next_event(&mut events).await
+    };
+    let (followed, landed) = tokio::join!(session.follow(u(2)), heal);
+    followed.expect("the follow succeeds after the heal");
+    assert_eq!(
+        landed,
+        SessionEvent::Reconnected {
+            addr: server_addr(&cluster)
+        }
+    );
+    assert_eq!(server.list(u(2)).expect("list").followers, [u(1)]);
+    assert_eq!(session.list().await.expect("list").all_users, [u(1), u(2)]);
+    cluster.shutdown().await;
+}
+
+/// The server applies the follow but its answer never reaches the client (the server's
+/// direction to the client is cut): the client's keepalive gives up on the connection, the
+/// session reconnects after the heal, and its retry finds the follow made. That counts as
+/// success, not as "already following".
+#[tokio::test(start_paused = true)]
+async fn a_follow_whose_answer_was_lost_is_not_reported_as_a_failure() {
+    let cluster = one_server().await;
+    let _two = cluster.client(2).await.expect("user 2 exists");
+    let session = routed(&cluster, 1).await;
+    let mut events = session.subscribe();
+    let server = cluster.server(1, 1).expect("running").clone();
+    let memory = cluster
+        .deployment()
+        .memory_network()
+        .expect("memory network")
+        .clone();
+    let server_node = sns_core::deployment::server_node(
+        sns_core::ClusterId::new(1).expect("cluster"),
+        sns_core::ServerId::new(1).expect("server"),
+    );
+    memory.cut(&server_node, CLIENT_NODE);
+
+    let lose_the_answer = async {
+        assert!(
+            eventually(WAIT, || async {
+                server
+                    .list(u(2))
+                    .is_ok_and(|listing| listing.followers == [u(1)])
+            })
+            .await,
+            "the follow is applied on the server"
+        );
+        let first = tokio::time::timeout(Duration::from_secs(60), events.recv())
+            .await
+            .expect("the lost connection is noticed")
+            .expect("alive");
+        assert!(
+            matches!(first, SessionEvent::Reconnecting { .. }),
+            "{first:?}"
+        );
+        memory.heal(&server_node, CLIENT_NODE);
+        next_event(&mut events).await
+    };
+    let (followed, landed) = tokio::join!(session.follow(u(2)), lose_the_answer);
+    followed.expect("applied before the answer was lost: success");
+    assert!(
+        matches!(landed, SessionEvent::Reconnected { .. }),
+        "{landed:?}"
+    );
+    assert_eq!(server.list(u(2)).expect("list").followers, [u(1)]);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_open_timeline_keeps_delivering_after_a_restart_without_repeating_a_post() {
+    let mut cluster = one_server().await;
+    let one = routed(&cluster, 1).await;
+    let two = routed(&cluster, 2).await;
+    one.follow(u(2)).await.expect("1 follows 2");
+    two.follow(u(1)).await.expect("2 follows 1");
+    let mut events1 = one.subscribe();
+    let mut events2 = two.subscribe();
+    let mut feed1 = one.timeline().await.expect("timeline 1");
+    let mut feed2 = two.timeline().await.expect("timeline 2");
+
+    for text in ["before 1", "before 2"] {
+        feed2.post(text).await.expect("post");
+    }
+    let first = next_post(&mut feed1).await;
+    let second = next_post(&mut feed1).await;
+    assert_eq!(
+        (first.text.as_str(), second.text.as_str()),
+        ("before 1", "before 2")
+    );
+    assert!(
+        first.id.is_some() && first.id != second.id,
+        "posts carry ids"
+    );
+
+    cluster.stop(1, 1).await.expect("stop");
+    cluster.restart(1, 1).await.expect("restart");
+    assert_eq!(failover_seen(&mut events1).await, server_addr(&cluster));
+    assert_eq!(failover_seen(&mut events2).await, server_addr(&cluster));
+
+    // The reopened timeline replays "before 1" and "before 2": suppressed. What comes next is
+    // the first post made after the restart, whether the replay or the live feed carries it.
+    feed2.post("after the restart").await.expect("post");
+    assert_eq!(next_post(&mut feed1).await.text, "after the restart");
+    // Posting works on the reopened stream in the other direction too.
+    feed1.post("one after the restart").await.expect("post");
+    assert_eq!(next_post(&mut feed2).await.text, "one after the restart");
+    // Nothing else was pending: the next post is the next one made.
+    feed2.post("last").await.expect("post");
+    assert_eq!(next_post(&mut feed1).await.text, "last");
+
+    // Closing the sending side ends the stream cleanly.
+    feed1.close_sending();
+    let end = tokio::time::timeout(WAIT, feed1.next())
+        .await
+        .expect("ends in time");
+    assert!(end.is_none(), "{end:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_direct_session_reports_a_lost_server_instead_of_failing_over() {
+    let mut cluster = one_server().await;
+    let _two = cluster.client(2).await.expect("user 2 exists");
+    let session = Session::connect(
+        cluster.network(),
+        Target::Direct(server_addr(&cluster)),
+        u(1),
+        SessionConfig::default(),
+    )
+    .await
+    .expect("session");
+    let mut events = session.subscribe();
+    let mut feed = session.timeline().await.expect("timeline");
+    cluster.stop(1, 1).await.expect("stop");
+
+    let failed = session.follow(u(2)).await;
+    assert!(
+        matches!(
+            failed,
+            Err(Error::Unavailable(_) | Error::Unreachable { .. })
+        ),
+        "{failed:?}"
+    );
+    let broken = tokio::time::timeout(WAIT, feed.next())
+        .await
+        .expect("the timeline reports in time");
+    assert!(
+        matches!(
+            broken,
+            Some(Err(Error::Unavailable(_) | Error::Unreachable { .. }))
+        ),
+        "{broken:?}"
+    );
+    // Both failures are known: had either tried a failover, its event would be here.
+    assert!(matches!(
+        events.try_recv(),
+        Err(broadcast::error::TryRecvError::Empty)
+    ));
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn first_login_errors_are_returned_as_they_are() {
+    let mut cluster = one_server().await;
+    let _one = cluster.client(1).await.expect("user 1 logged in");
+    let twice = Session::connect(
+        cluster.network(),
+        Target::Direct(server_addr(&cluster)),
+        u(1),
+        SessionConfig::default(),
+    )
+    .await;
+    assert!(
+        matches!(twice, Err(Error::AlreadyLoggedIn(user)) if user == u(1)),
+        "{twice:?}"
+    );
+
+    cluster.stop(1, 1).await.expect("stop");
+    let coordinator =
+        CoordinatorClient::new(cluster.network(), cluster.coordinator_addr()).expect("handle");
+    assert!(
+        eventually(WAIT, || async {
+            matches!(coordinator.locate(u(2)).await, Err(Error::Unavailable(_)))
+        })
+        .await
+    );
+    let started = tokio::time::Instant::now();
+    let no_master = Session::connect(
+        cluster.network(),
+        Target::Coordinator(cluster.coordinator_addr().to_string()),
+        u(2),
+        SessionConfig::default(),
+    )
+    .await;
+    assert!(
+        matches!(no_master, Err(Error::Unavailable(_))),
+        "{no_master:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no failover wait"
+    );
+    cluster.shutdown().await;
+}
+
+/// Server sessions expire after 6 s without a heartbeat; on the paused clock, 30 s pass in an
+/// instant.
+#[tokio::test(start_paused = true)]
+async fn the_heartbeat_keeps_an_idle_session_alive_until_logout_or_close() {
+    let cluster = one_server().await;
+    let server = cluster.server(1, 1).expect("running").clone();
+    let one = routed(&cluster, 1).await;
+    let two = routed(&cluster, 2).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(server.is_logged_in(u(1)) && server.is_logged_in(u(2)));
+
+    one.logout().await.expect("logout");
+    one.logout().await.expect("a second logout does nothing");
+    assert!(!server.is_logged_in(u(1)), "logged out at once");
+    two.close().await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // A heartbeat still running would have revived user 1's session and kept user 2's.
+    assert!(!server.is_logged_in(u(1)), "no heartbeat after logout");
+    assert!(!server.is_logged_in(u(2)), "no heartbeat after close");
+    assert!(matches!(
+        one.follow(u(2)).await,
+        Err(Error::NotLoggedIn(user)) if user == u(1)
+    ));
+    // Both may log in again right away.
+    let _again = routed(&cluster, 1).await;
+    let _again = routed(&cluster, 2).await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn course_mode_timeline_messages_carry_the_post_id_too() {
+    use sns_proto::csce438::Message;
+    use sns_proto::csce438::sns_service_client::SnsServiceClient;
+
+    let cluster = one_server().await;
+    let one = routed(&cluster, 1).await;
+    let two = routed(&cluster, 2).await;
+    one.follow(u(2)).await.expect("follow");
+    let feed2 = two.timeline().await.expect("timeline");
+    feed2.post("hello").await.expect("post");
+    one.logout().await.expect("logout");
+
+    let channel = cluster
+        .channel(&server_addr(&cluster))
+        .await
+        .expect("connect");
+    let mut rpc = SnsServiceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Message>(1);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("username", "1".parse().expect("ascii"));
+    let mut inbound = rpc.timeline(request).await.expect("timeline").into_inner();
+    let message = tokio::time::timeout(WAIT, inbound.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("the replayed post");
+    assert!(message.msg.ends_with(b") >> hello"), "pre-formatted");
+    assert_eq!(message.post_origin, 1);
+    assert!(message.post_seq > 0);
+    drop(tx);
+    cluster.shutdown().await;
+}
+
+/// The master is killed for good: the session tries for its patience (10 s by default, an
+/// instant on the paused clock), says so, and returns the last error.
+#[tokio::test(start_paused = true)]
+async fn a_session_gives_up_after_its_patience_with_the_last_error() {
+    let mut cluster = one_server().await;
+    let _two = cluster.client(2).await.expect("user 2 exists");
+    let session = routed(&cluster, 1).await;
+    let mut events = session.subscribe();
+    let mut feed = session.timeline().await.expect("timeline");
+    cluster.stop(1, 1).await.expect("stop");
+
+    let started = tokio::time::Instant::now();
+    let failed = session.follow(u(2)).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(
+            failed,
+            Err(Error::Unavailable(_) | Error::Unreachable { .. })
+        ),
+        "{failed:?}"
+    );
+    let patience = SessionConfig::default().patience;
+    assert!(
+        waited >= patience && waited < patience + Duration::from_secs(5),
+        "gave up after {waited:?}"
+    );
+    // The command and the timeline's reader shared one failover, or tried one each: every
+    // attempt is announced and ends in giving up, never in a reconnect.
+    let mut gave_up = 0;
+    while let Ok(event) = events.try_recv() {
+        match event {
+            SessionEvent::Reconnecting { .. } => {}
+            SessionEvent::GaveUp { .. } => gave_up += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(gave_up >= 1);
+    // The timeline ends with the error once its own failover gives up.
+    let ended = tokio::time::timeout(Duration::from_secs(30), feed.next())
+        .await
+        .expect("the timeline reports in time");
+    assert!(
+        matches!(
+            ended,
+            Some(Err(Error::Unavailable(_) | Error::Unreachable { .. }))
+        ),
+        "{ended:?}"
+    );
+    cluster.shutdown().await;
+}
