@@ -22,8 +22,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use sns_benches::{POST_TEXT, drain_ready, runtime, user};
 use sns_core::testing::TestServer;
 use sns_core::{
-    FileStorage, MemoryStorage, Server, ServerConfig, Storage, TimelineFeed, TimelineSender,
-    UserId,
+    FileStorage, MemoryStorage, Server, ServerConfig, Storage, TimelineFeed, TimelineSender, UserId,
 };
 use tokio::sync::Notify;
 
