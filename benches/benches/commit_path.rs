@@ -19,10 +19,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use sns_benches::{POST_TEXT, drain_ready, runtime, user};
+use sns_benches::{POST_TEXT, runtime, timed_post_batches, user};
 use sns_core::testing::TestServer;
 use sns_core::{
-    FileStorage, MemoryStorage, Server, ServerConfig, Storage, TimelineFeed, TimelineSender, UserId,
+    FileStorage, MemoryStorage, Server, ServerConfig, Storage, TimelineFeed, TimelineSender,
 };
 use tokio::sync::Notify;
 
@@ -30,9 +30,6 @@ use tokio::sync::Notify;
 const FOLLOWERS: u32 = 10_000;
 /// Followers of the author watching their timeline.
 const ONLINE: u32 = 1_000;
-/// Posts per timed batch in the `Server::post` bench; below the default stream queue (1,024)
-/// so no feed ever overflows.
-const BATCH: u64 = 500;
 /// How long the end-to-end bench waits for one post's deliveries before it calls one missing.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -53,19 +50,6 @@ async fn star(server: &Server, first: u32, last: u32) {
     for id in first.max(2)..=last {
         server.follow(user(id), "1").await.expect("follow");
     }
-}
-
-/// Posts `count` times as `author` and returns the time it took.
-async fn timed_posts(server: &Server, author: UserId, count: u64) -> Duration {
-    let start = Instant::now();
-    for _ in 0..count {
-        let id = server
-            .post(author, POST_TEXT.as_bytes())
-            .await
-            .expect("post accepted");
-        std::hint::black_box(id);
-    }
-    start.elapsed()
 }
 
 /// `Server::post` on a `FileStorage` (every post durable before `post` returns) by an author
@@ -91,19 +75,9 @@ fn server_post_file(c: &mut Criterion) {
     let mut group = c.benchmark_group("server_post_10000_followers_file");
     group.bench_function(BenchmarkId::new("online", ONLINE), |b| {
         b.iter_custom(|iters| {
-            let mut elapsed = Duration::ZERO;
-            let mut left = iters;
-            while left > 0 {
-                let batch = left.min(BATCH);
-                elapsed += rt.block_on(timed_posts(&server, author, batch));
-                // `post` returned only after queueing to every online follower, so each
-                // feed already holds the whole batch: nothing is waited for here.
-                let got: u64 = feeds.iter_mut().map(drain_ready).sum();
-                assert_eq!(got, batch * u64::from(ONLINE), "a delivery is missing");
-                delivered += got;
-                posted += batch;
-                left -= batch;
-            }
+            let (elapsed, got) = timed_post_batches(&rt, &server, author, &mut feeds, iters);
+            delivered += got;
+            posted += iters;
             elapsed
         });
     });

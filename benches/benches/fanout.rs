@@ -9,21 +9,19 @@
 //!   call returns once the post is committed and queued to every online follower; the feeds are
 //!   drained (and every delivery counted) between timed batches.
 
-use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use sns_benches::{drain_ready, origin, post, runtime, star_state, user};
+use sns_benches::{
+    drain_ready, origin, post, runtime, star_state, timed_post_batches, timed_posts, user,
+};
 use sns_core::state::DEFAULT_TIMELINE_CAP;
-use sns_core::{MemoryStorage, Server, ServerConfig, TimelineFeed, UserId};
+use sns_core::{MemoryStorage, Server, ServerConfig, TimelineFeed};
 
 /// Followers of the author in the server benchmark (and the §8 target).
 const FOLLOWERS: u32 = 10_000;
 /// Followers of the author watching their timeline in the server benchmark.
 const ONLINE: u32 = 1_000;
-/// Posts per timed batch; below the default stream queue (1,024) so no feed ever overflows.
-const BATCH: u64 = 500;
 
 /// `State::apply` of one post, for 1,000 / 10,000 / 100,000 offline followers.
 fn fanout_offline(c: &mut Criterion) {
@@ -64,19 +62,6 @@ fn fanout_offline(c: &mut Criterion) {
     group.finish();
 }
 
-/// Posts `count` times as `author` and returns the time it took.
-async fn timed_posts(server: &Server, author: UserId, count: u64) -> Duration {
-    let start = Instant::now();
-    for _ in 0..count {
-        let id = server
-            .post(author, sns_benches::POST_TEXT.as_bytes())
-            .await
-            .expect("post accepted");
-        black_box(id);
-    }
-    start.elapsed()
-}
-
 /// `Server::post` by an author with 10,000 followers, none or 1,000 of them online.
 fn server_post(c: &mut Criterion) {
     let rt = runtime();
@@ -114,19 +99,9 @@ fn server_post(c: &mut Criterion) {
     let mut posted = 0u64;
     group.bench_function(BenchmarkId::new("online", ONLINE), |b| {
         b.iter_custom(|iters| {
-            let mut elapsed = Duration::ZERO;
-            let mut left = iters;
-            while left > 0 {
-                let batch = left.min(BATCH);
-                elapsed += rt.block_on(timed_posts(&server, author, batch));
-                // `post` returned only after queueing to every online follower, so each
-                // feed already holds the whole batch: nothing is waited for here.
-                let got: u64 = feeds.iter_mut().map(drain_ready).sum();
-                assert_eq!(got, batch * u64::from(ONLINE), "a delivery is missing");
-                delivered += got;
-                posted += batch;
-                left -= batch;
-            }
+            let (elapsed, got) = timed_post_batches(&rt, &server, author, &mut feeds, iters);
+            delivered += got;
+            posted += iters;
             elapsed
         });
     });

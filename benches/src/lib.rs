@@ -8,9 +8,10 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use sns_core::{
-    ClusterId, Epoch, Event, EventId, EventKind, LogEntry, LogIndex, State, StateConfig,
+    ClusterId, Epoch, Event, EventId, EventKind, LogEntry, LogIndex, Server, State, StateConfig,
     TimelineFeed, Timestamp, UserId,
 };
 
@@ -144,6 +145,48 @@ pub fn drain_ready(feed: &mut TimelineFeed) -> u64 {
             Poll::Pending => return taken,
         }
     }
+}
+
+/// Posts per timed batch in the `Server::post` benches; below the default stream queue (1,024),
+/// so no feed ever overflows.
+pub const POST_BATCH: u64 = 500;
+
+/// Posts `count` times as `author` and returns the time it took.
+pub async fn timed_posts(server: &Server, author: UserId, count: u64) -> Duration {
+    let start = Instant::now();
+    for _ in 0..count {
+        let id = server
+            .post(author, POST_TEXT.as_bytes())
+            .await
+            .expect("post accepted");
+        std::hint::black_box(id);
+    }
+    start.elapsed()
+}
+
+/// Times `iters` posts by `author` in batches of [`POST_BATCH`]. Between batches (outside the
+/// timed part) every feed is drained and checked to hold the whole batch: `post` returns only
+/// after queueing to every online follower, so nothing is waited for. Returns the time taken
+/// and the deliveries counted.
+pub fn timed_post_batches(
+    rt: &tokio::runtime::Runtime,
+    server: &Server,
+    author: UserId,
+    feeds: &mut [TimelineFeed],
+    iters: u64,
+) -> (Duration, u64) {
+    let mut elapsed = Duration::ZERO;
+    let mut delivered = 0;
+    let mut left = iters;
+    while left > 0 {
+        let batch = left.min(POST_BATCH);
+        elapsed += rt.block_on(timed_posts(server, author, batch));
+        let got: u64 = feeds.iter_mut().map(drain_ready).sum();
+        assert_eq!(got, batch * feeds.len() as u64, "a delivery is missing");
+        delivered += got;
+        left -= batch;
+    }
+    (elapsed, delivered)
 }
 
 /// A multi-threaded tokio runtime like the server binary's (one worker per core).
