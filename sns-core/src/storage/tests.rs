@@ -142,6 +142,14 @@ async fn first_held(storage: &dyn Storage) -> u64 {
     }
 }
 
+/// Reads `from..=to`, which must fail as compacted; returns the first index still held.
+async fn compacted(storage: &dyn Storage, from: u64, to: u64) -> u64 {
+    match storage.read(LogIndex(from), LogIndex(to)).await {
+        Err(Error::Compacted { first }) => first.0,
+        other => panic!("a read of compacted entries {from}..={to} gave {other:?}"),
+    }
+}
+
 async fn append_recover_and_snapshot(mut harness: impl Harness) {
     // Empty at first.
     {
@@ -248,10 +256,7 @@ async fn reads(mut harness: impl Harness) {
             .expect("snapshot");
         let first = first_held(&*storage).await;
         assert!((2..=21).contains(&first), "first held {first}");
-        match storage.read(LogIndex(1), LogIndex(30)).await {
-            Err(Error::Compacted { first: f }) => assert_eq!(f.0, first),
-            other => panic!("a read of compacted entries gave {other:?}"),
-        }
+        assert_eq!(compacted(&*storage, 1, 30).await, first);
         assert_eq!(
             storage
                 .read(LogIndex(first), LogIndex(30))
@@ -475,12 +480,8 @@ async fn retention(mut harness: impl Harness) {
             .await
             .expect("snapshot");
         assert_eq!(read_all_from(&*storage, 31).await, entries(31..=40));
-        match storage.read(LogIndex(3), LogIndex(40)).await {
-            Err(Error::Compacted { first }) => {
-                assert!((4..=26).contains(&first.0), "first held {first}")
-            }
-            other => panic!("the far reader got {other:?}"),
-        }
+        let first = compacted(&*storage, 3, 40).await;
+        assert!((4..=26).contains(&first), "first held {first}");
         assert_eq!(
             storage.recover().await.expect("recover").entries,
             entries(36..=40)
@@ -511,16 +512,7 @@ async fn retention(mut harness: impl Harness) {
             .save_snapshot(snapshot_at(40))
             .await
             .expect("snapshot");
-        let gone = storage.read(LogIndex(31), LogIndex(40)).await;
-        assert!(
-            matches!(
-                gone,
-                Err(Error::Compacted {
-                    first: LogIndex(41)
-                })
-            ),
-            "{gone:?}"
-        );
+        assert_eq!(compacted(&*storage, 31, 40).await, 41);
         storage.append(entries(41..=42)).await.expect("append");
     }
     {
@@ -542,16 +534,7 @@ async fn snapshot_ahead_of_the_log(mut harness: impl Harness) {
             .save_snapshot(snapshot_at(10))
             .await
             .expect("snapshot");
-        let gone = storage.read(LogIndex(1), LogIndex(10)).await;
-        assert!(
-            matches!(
-                gone,
-                Err(Error::Compacted {
-                    first: LogIndex(11)
-                })
-            ),
-            "{gone:?}"
-        );
+        assert_eq!(compacted(&*storage, 1, 10).await, 11);
         assert!(storage.append(entries(6..=6)).await.is_err());
         storage
             .append(entries(11..=12))
