@@ -509,9 +509,7 @@ impl Server {
         let slot = self.slot().await?;
         let (id, wait) = {
             let mut core = self.writable()?;
-            if !core.uncommitted.has_user(&core.state, user) {
-                return Err(Error::InvalidUsername(user.to_string()));
-            }
+            core.knows(user)?;
             let id = EventId {
                 origin: self.shared.config.cluster,
                 seq: core.next_seq,
@@ -567,17 +565,10 @@ impl Server {
 
     /// The user known by `target`, for a command of `user`.
     fn target(&self, core: &mut Core, user: UserId, target: &str) -> Result<UserId> {
-        let known = |core: &Core, user: UserId| {
-            if core.uncommitted.has_user(&core.state, user) {
-                Ok(())
-            } else {
-                Err(Error::InvalidUsername(user.to_string()))
-            }
-        };
-        known(core, user)?;
+        core.knows(user)?;
         core.sessions.touch(user, tokio::time::Instant::now());
         let target = UserId::parse(target)?;
-        known(core, target)?;
+        core.knows(target)?;
         Ok(target)
     }
 
@@ -675,6 +666,17 @@ impl FeedOwner for FeedHandle {
             core.subscribers.unsubscribe(user, id);
             core.sessions
                 .stream_closed(user, tokio::time::Instant::now());
+        }
+    }
+}
+
+impl Core {
+    /// Whether `user` exists for a write: committed, or joined by an uncommitted entry.
+    fn knows(&self, user: UserId) -> Result<()> {
+        if self.uncommitted.has_user(&self.state, user) {
+            Ok(())
+        } else {
+            Err(Error::InvalidUsername(user.to_string()))
         }
     }
 }
