@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/sns.proto",
         "proto/coordinator.proto",
         "proto/sns/v1/admin.proto",
+        "proto/sns/v1/replication.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

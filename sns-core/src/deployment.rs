@@ -105,6 +105,9 @@ pub struct DeploymentConfig {
     pub missed_heartbeats: u32,
     /// Cluster token for internal calls.
     pub cluster_token: Option<String>,
+    /// Let the coordinator promote a slave not known to be in sync (may lose committed
+    /// changes).
+    pub allow_unclean_promotion: bool,
     /// Template for each server's settings (cluster and server ids are filled in).
     pub server: ServerConfig,
 }
@@ -122,6 +125,7 @@ impl Default for DeploymentConfig {
             heartbeat_interval: Duration::from_secs(1),
             missed_heartbeats: 2,
             cluster_token: None,
+            allow_unclean_promotion: false,
             server: ServerConfig::default(),
         }
     }
@@ -225,6 +229,7 @@ impl Deployment {
                 clusters: config.clusters,
                 heartbeat_interval: config.heartbeat_interval,
                 missed_heartbeats: config.missed_heartbeats,
+                allow_unclean_promotion: config.allow_unclean_promotion,
             },
             cluster_token: config.cluster_token.clone(),
         });
@@ -393,9 +398,11 @@ impl Deployment {
             cluster,
             server_id: server,
             clusters: self.config.clusters,
+            // A mirroring stream is dead when a heartbeat would be.
+            mirror_timeout: self.config.heartbeat_interval * self.config.missed_heartbeats.max(1),
             ..self.config.server.clone()
         };
-        let instance = Server::open(config, storage).await?;
+        let instance = Server::open_replica(config, storage).await?;
         let mut link =
             CoordinatorLink::new(self.coordinator_addr.clone(), slot.host.clone(), slot.port);
         link.interval = self.config.heartbeat_interval;

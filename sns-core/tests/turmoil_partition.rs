@@ -135,6 +135,7 @@ fn a_partitioned_master_steps_down_within_the_failure_timeout_and_rejoins_after_
                 clusters: 1,
                 heartbeat_interval: INTERVAL,
                 missed_heartbeats: MISSED,
+                allow_unclean_promotion: false,
             },
             cluster_token: None,
         });

@@ -28,6 +28,10 @@ struct Args {
     heartbeat: HeartbeatArgs,
     #[command(flatten)]
     token: TokenArgs,
+    /// When a master dies and its slave is not known to be in sync, promote the slave anyway:
+    /// the cluster stays available but may lose committed changes. Off by default.
+    #[arg(long)]
+    allow_unclean_promotion: bool,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     help: Option<bool>,
@@ -45,6 +49,7 @@ async fn run(args: Args) -> Result<(), String> {
             clusters: args.clusters,
             heartbeat_interval: args.heartbeat.interval(),
             missed_heartbeats: args.heartbeat.missed_heartbeats,
+            allow_unclean_promotion: args.allow_unclean_promotion,
         },
         cluster_token: args.token.cluster_token,
     });
@@ -52,6 +57,11 @@ async fn run(args: Args) -> Result<(), String> {
     let listener = sns_core::transport::tcp::bind(&addr)
         .await
         .map_err(|e| e.to_string())?;
+    if args.allow_unclean_promotion {
+        tracing::warn!(
+            "unclean promotion allowed: a slave that is not in sync may be promoted and committed changes may be lost"
+        );
+    }
     tracing::info!(%addr, clusters = args.clusters, "coordinator serving");
     let shutdown = CancellationToken::new();
     sns_bins::signals::cancel_on_signal(shutdown.clone());

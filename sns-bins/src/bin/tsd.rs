@@ -96,11 +96,17 @@ async fn run(args: Args) -> Result<(), String> {
             1
         },
         timeline_cap: args.timeline_cap,
+        mirror_timeout: args.heartbeat.interval() * args.heartbeat.missed_heartbeats.max(1),
         ..ServerConfig::default()
     };
-    let server = Server::open(config, storage)
-        .await
-        .map_err(|e| format!("cannot recover: {e}"))?;
+    // In a deployment the server starts as slave and mirrors until the coordinator names it
+    // master; alone it is master at once.
+    let server = if args.coordinator_port.is_some() {
+        Server::open_replica(config, storage).await
+    } else {
+        Server::open(config, storage).await
+    }
+    .map_err(|e| format!("cannot recover: {e}"))?;
     let addr = transport::address(&args.bind, args.port);
     let listener = transport::tcp::bind(&addr)
         .await

@@ -96,6 +96,7 @@ mod tests {
             claims_master: false,
             epoch: Epoch(0),
             log: Default::default(),
+            in_sync: Vec::new(),
         }
     }
 
@@ -106,6 +107,7 @@ mod tests {
                 clusters: 1,
                 heartbeat_interval: Duration::from_secs(5),
                 missed_heartbeats: 2,
+                allow_unclean_promotion: false,
             },
             cluster_token: None,
         });

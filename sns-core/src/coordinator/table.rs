@@ -3,17 +3,21 @@
 //! Invariants:
 //! - a node is alive while its last heartbeat is at most `missed_heartbeats` intervals old;
 //! - a (cluster, server) slot alive at one address cannot be taken over from another address;
-//! - each cluster has at most one master; the first live server of a cluster becomes master,
-//!   later ones slaves; a master stays master while alive;
-//! - a slave is never promoted here while the master is merely dead: promotion needs a slave
-//!   known to be in sync, which only replication can tell (see the failover notes in `docs/`);
+//! - each cluster has at most one master; a master stays master while alive;
+//! - every master is named under a new epoch, including a master that restarted or stepped
+//!   down (it no longer claims mastership): one epoch, one master process, which is what lets
+//!   a rejoining server find where its log diverged;
+//! - when the master is dead, only a live slave in the master's last reported in-sync set is
+//!   promoted (it holds every committed entry); with none, the cluster stays without a master
+//!   (unavailable, never losing a committed change) until the old master returns, unless
+//!   `allow_unclean_promotion` is set, which promotes the live server with the most recent log
+//!   and says so loudly;
 //! - the coordinator's state is soft: after a restart, the first heartbeat of a server that
 //!   claims mastership with the highest epoch seen re-establishes it (never over a live master);
 //!   servers that claim nothing wait one heartbeat interval after the coordinator started (so
-//!   every live server has spoken), after which only one whose log is the most recent (highest
-//!   epoch among the live servers) may become master. Servers report the epoch of their own log
-//!   (the last term in which they were master), not the epoch they were told; a master that
-//!   stepped down because it lost the coordinator keeps claiming until told otherwise.
+//!   every live server has spoken), after which only the one with the most recent log (highest
+//!   epoch, then longest durable log, then lowest server id) may become master. Servers report
+//!   the epoch of their own log, not the epoch they were told.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -33,6 +37,9 @@ pub struct RoutingConfig {
     pub heartbeat_interval: Duration,
     /// A node that missed this many consecutive intervals is dead.
     pub missed_heartbeats: u32,
+    /// Promote a slave that is not known to be in sync when the master dies (it may miss
+    /// committed changes). Off by default.
+    pub allow_unclean_promotion: bool,
 }
 
 impl Default for RoutingConfig {
@@ -41,6 +48,7 @@ impl Default for RoutingConfig {
             clusters: 3,
             heartbeat_interval: Duration::from_secs(1),
             missed_heartbeats: 2,
+            allow_unclean_promotion: false,
         }
     }
 }
@@ -126,6 +134,8 @@ pub struct Beat {
     pub epoch: Epoch,
     /// Its role and log positions.
     pub log: ReportedLog,
+    /// From a master: the slaves it counts as in sync.
+    pub in_sync: Vec<ServerId>,
 }
 
 /// The coordinator's answer to a heartbeat.
@@ -158,6 +168,8 @@ pub struct NodeView {
     pub log_epoch: Epoch,
     /// Its role and log positions as it last reported them (servers only).
     pub log: Option<ReportedLog>,
+    /// For a slave: whether its master reported it in sync (only such a slave is promoted).
+    pub in_sync: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +184,21 @@ struct Node {
 struct ClusterRoles {
     epoch: Epoch,
     master: Option<ServerId>,
+    /// The slaves the master last reported in sync.
+    in_sync: std::collections::BTreeSet<ServerId>,
+}
+
+impl ClusterRoles {
+    /// Names `server` master under a new epoch (above `floor` too).
+    fn name_master(&mut self, server: ServerId, floor: Epoch) -> Result<()> {
+        let Some(epoch) = self.epoch.0.max(floor.0).checked_add(1) else {
+            return Err(Error::invalid("epoch out of range"));
+        };
+        self.epoch = Epoch(epoch);
+        self.master = Some(server);
+        self.in_sync.clear();
+        Ok(())
+    }
 }
 
 /// The coordinator's soft state.
@@ -247,50 +274,76 @@ impl RoutingTable {
         // One interval after the coordinator started, every live server has spoken once.
         let heard_all =
             now.saturating_duration_since(self.started) >= self.config.heartbeat_interval;
-        let peers: Vec<Epoch> = self
-            .servers
-            .iter()
-            .filter(|((c, _), n)| *c == beat.cluster && self.alive(n, now))
-            .map(|(_, n)| n.epoch)
-            .collect();
-        let most_recent = peers.iter().all(|e| *e <= beat.epoch);
+        let best = self.most_recent_log(beat.cluster, now);
         let live_master = self.live_master(beat.cluster, now).map(|(s, _)| s);
+        let unclean = self.config.allow_unclean_promotion;
         let roles = self.roles.entry(beat.cluster).or_default();
-        if beat.claims_master
-            && beat.epoch > roles.epoch
-            && live_master.is_none_or(|m| m == beat.server)
-        {
-            // A master from before a coordinator restart: the highest epoch wins, but never
-            // over a master that is alive.
-            roles.epoch = beat.epoch;
-            roles.master = Some(beat.server);
-        }
-        let role = match (roles.master, live_master) {
-            (Some(master), _) if master == beat.server => Role::Master,
-            (_, Some(_)) => Role::Slave,
-            // No master known (a fresh cluster, or a restarted coordinator): a claimant takes
-            // it; otherwise, once every live server has spoken, one whose log is the most
-            // recent (highest epoch) does.
-            (None, None) if beat.claims_master || (heard_all && most_recent) => {
-                let Some(epoch) = roles.epoch.0.max(beat.epoch.0).checked_add(1) else {
-                    return Err(Error::invalid("epoch out of range"));
-                };
-                roles.master = Some(beat.server);
-                roles.epoch = Epoch(epoch);
-                tracing::info!(
-                    cluster = %beat.cluster,
-                    server = %beat.server,
-                    epoch = %roles.epoch,
-                    "master assigned"
-                );
+        let (cluster, server) = (beat.cluster, beat.server);
+        let role = match roles.master {
+            Some(master) if master == server => {
+                if beat.claims_master && beat.epoch <= roles.epoch {
+                    if beat.epoch == roles.epoch {
+                        roles.in_sync = beat.in_sync.iter().copied().collect();
+                    }
+                } else if beat.claims_master {
+                    // Its epoch is newer than this table knows (a restarted coordinator).
+                    roles.epoch = beat.epoch;
+                    roles.in_sync = beat.in_sync.iter().copied().collect();
+                } else {
+                    // The master restarted or stepped down: it writes under a new epoch.
+                    roles.name_master(server, beat.epoch)?;
+                    tracing::info!(%cluster, %server, epoch = %roles.epoch, "master named again under a new epoch");
+                }
                 Role::Master
             }
-            _ => Role::Slave,
+            Some(master) if live_master == Some(master) => Role::Slave,
+            Some(master) => {
+                if roles.in_sync.contains(&server) {
+                    roles.name_master(server, beat.epoch)?;
+                    tracing::info!(%cluster, %server, dead = %master, epoch = %roles.epoch, "master dead: in-sync slave promoted");
+                    Role::Master
+                } else if unclean && best == Some(server) {
+                    roles.name_master(server, beat.epoch)?;
+                    tracing::error!(%cluster, %server, dead = %master, epoch = %roles.epoch, "master dead: promoting a slave NOT known to be in sync (unclean promotion); committed changes may be lost");
+                    Role::Master
+                } else {
+                    Role::Slave
+                }
+            }
+            // No master known (a fresh cluster, or a restarted coordinator).
+            None if beat.claims_master => {
+                roles.epoch = roles.epoch.max(beat.epoch);
+                roles.master = Some(server);
+                roles.in_sync = beat.in_sync.iter().copied().collect();
+                Role::Master
+            }
+            None if heard_all && best == Some(server) => {
+                roles.name_master(server, beat.epoch)?;
+                tracing::info!(%cluster, %server, epoch = %roles.epoch, "master assigned");
+                Role::Master
+            }
+            None => Role::Slave,
         };
         Ok(Assignment {
             role,
             epoch: roles.epoch,
         })
+    }
+
+    /// The live server of `cluster` whose log is the most recent: highest epoch, then longest
+    /// durable log, then lowest server id.
+    fn most_recent_log(&self, cluster: ClusterId, now: Instant) -> Option<ServerId> {
+        self.servers
+            .iter()
+            .filter(|((c, _), n)| *c == cluster && self.alive(n, now))
+            .max_by_key(|((_, s), n)| (n.epoch, n.log.durable, std::cmp::Reverse(*s)))
+            .map(|((_, s), _)| *s)
+    }
+
+    /// The live master of `cluster` and its address, for a slave to mirror.
+    pub fn mirror_source(&self, cluster: ClusterId, now: Instant) -> Option<(ServerId, Address)> {
+        self.live_master(cluster, now)
+            .map(|(s, addr)| (s, addr.clone()))
     }
 
     /// Records a synchronizer's registration or heartbeat.
@@ -400,6 +453,10 @@ impl RoutingTable {
                 epoch: epoch(c),
                 log_epoch: node.epoch,
                 log: Some(node.log),
+                in_sync: self
+                    .roles
+                    .get(c)
+                    .is_some_and(|r| r.in_sync.contains(s)),
             }
         });
         let syncs = self.syncs.iter().map(|(id, node)| {
@@ -414,6 +471,7 @@ impl RoutingTable {
                 epoch: epoch(&cluster),
                 log_epoch: Epoch(0),
                 log: None,
+                in_sync: false,
             }
         });
         servers.chain(syncs).collect()

@@ -135,15 +135,23 @@ impl CoordService for CoordAdapter {
                 commit: LogIndex(info.commit_index),
                 slave_acked: info.slave_acked_index.map(LogIndex),
             },
+            in_sync: info
+                .in_sync_slaves
+                .iter()
+                .filter_map(|s| ServerId::new(*s))
+                .collect(),
         };
-        let assignment = table
-            .heartbeat(beat, tokio::time::Instant::now())
-            .map_err(status)?;
+        let now = tokio::time::Instant::now();
+        let assignment = table.heartbeat(beat, now).map_err(status)?;
+        let master = table.mirror_source(cluster, now);
         Ok(Response::new(Confirmation {
             status: true,
             role: role_name(assignment.role).to_string(),
             epoch: assignment.epoch.0,
             assigned_role: node_role(assignment.role).into(),
+            master_server_id: master.as_ref().map_or(0, |(s, _)| s.get() as i32),
+            master_hostname: master.as_ref().map_or_else(String::new, |(_, a)| a.host.clone()),
+            master_port: master.as_ref().map_or_else(String::new, |(_, a)| a.port.to_string()),
         }))
     }
 
@@ -243,6 +251,7 @@ impl CoordAdapter {
             role: "synchronizer".to_string(),
             epoch: 0,
             assigned_role: NodeRole::Synchronizer.into(),
+            ..Confirmation::default()
         }))
     }
 }
@@ -273,6 +282,7 @@ impl Admin for CoordAdapter {
                 durable_index: n.log.map_or(0, |l| l.durable.0),
                 commit_index: n.log.map_or(0, |l| l.commit.0),
                 slave_acked_index: n.log.and_then(|l| l.slave_acked).map(|i| i.0),
+                in_sync: n.in_sync,
             })
             .collect();
         Ok(Response::new(StatusReply {

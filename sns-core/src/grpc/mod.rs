@@ -3,6 +3,7 @@
 
 pub(crate) mod alias;
 pub(crate) mod coord;
+pub(crate) mod replication;
 pub(crate) mod sns;
 
 use tonic::{Code, Status};

@@ -16,7 +16,9 @@ use crate::error::{Error, Result};
 use crate::event::LogEntry;
 use crate::ids::LogIndex;
 
-/// The newest committed entries, oldest first, at most `capacity` of them.
+/// The newest sequenced entries (committed or not), oldest first, at most `capacity` of them.
+/// The capacity exceeds the most entries in flight, so an entry that leaves the window is
+/// committed, hence durable and readable from the log.
 #[derive(Debug)]
 pub(crate) struct RecentEntries {
     entries: VecDeque<LogEntry>,
@@ -31,7 +33,7 @@ impl RecentEntries {
         }
     }
 
-    /// Adds the entry just committed (its index follows the previous one's).
+    /// Adds the entry just sequenced (its index follows the previous one's).
     pub(crate) fn push(&mut self, entry: LogEntry) {
         if self.entries.len() == self.capacity {
             self.entries.pop_front();
@@ -39,9 +41,33 @@ impl RecentEntries {
         self.entries.push_back(entry);
     }
 
+    /// Drops the entries after `index` (a discarded tail).
+    pub(crate) fn truncate_after(&mut self, index: LogIndex) {
+        while self.entries.back().is_some_and(|e| e.index > index) {
+            self.entries.pop_back();
+        }
+    }
+
+    /// Forgets every entry (a snapshot replaced the log).
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// The epoch of the newest entry held.
+    pub(crate) fn last_epoch(&self) -> Option<crate::ids::Epoch> {
+        self.entries.back().map(|e| e.epoch)
+    }
+
+    /// The epoch of the entry at `index`, if the window holds it.
+    pub(crate) fn epoch_at(&self, index: LogIndex) -> Option<crate::ids::Epoch> {
+        let first = self.entries.front()?.index;
+        let offset = usize::try_from(index.0.checked_sub(first.0)?).ok()?;
+        self.entries.get(offset).map(|e| e.epoch)
+    }
+
     /// Entries from `from` up to `to` (inclusive), at most `max`, if the window still holds
     /// `from`.
-    fn range(&self, from: LogIndex, to: LogIndex, max: usize) -> Option<Vec<LogEntry>> {
+    pub(crate) fn range(&self, from: LogIndex, to: LogIndex, max: usize) -> Option<Vec<LogEntry>> {
         let first = self.entries.front()?.index;
         if from < first {
             return None;

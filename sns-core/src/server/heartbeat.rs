@@ -1,22 +1,29 @@
 //! The server's link to the coordinator: a heartbeat every interval, from the first second.
 //!
-//! The first heartbeat registers the server; each reply assigns its role and tells the
-//! cluster's epoch. A master that has not reached the coordinator for a whole failure timeout
-//! steps down (it may already have been replaced), so two masters never accept writes for long.
+//! The first heartbeat registers the server; each reply assigns its role, tells the cluster's
+//! epoch and names the master a slave must mirror. A master's beat names the slaves it counts
+//! as in sync; an answered beat confirms that slaves left out of it are no longer counted. A
+//! master that has not reached the coordinator for a whole failure timeout steps down (it may
+//! already have been replaced) and stops claiming mastership, so it comes back, if at all,
+//! under a new epoch. Beats go out early when something changed (a slave lost or in sync, a
+//! newer epoch), and four times as often while a slave has no stream to its master, so a
+//! promotion reaches it quickly.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use sns_proto::csce438::ServerInfo;
+use sns_proto::csce438::{Confirmation, ServerInfo};
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
 
-use super::{Role, Server, Shared};
+use super::replication::{MirrorTarget, run_mirror};
+use super::{Joined, Role, Server, Shared};
+use crate::error::{Error, Result};
 use crate::grpc::coord::{TOKEN_METADATA, node_role, role_from_wire, role_name};
-use crate::ids::Epoch;
-use crate::transport::Network;
+use crate::ids::{Epoch, ServerId};
+use crate::transport::{Network, address};
 
 /// How a server reaches and reports to its coordinator.
 #[derive(Debug, Clone)]
@@ -55,17 +62,37 @@ impl CoordinatorLink {
 
 impl Server {
     /// Joins a deployment: the server refuses client writes until the coordinator makes it
-    /// master, and heartbeats through `network` until it shuts down.
+    /// master, mirrors the master the coordinator names while it is slave, and heartbeats
+    /// through `network` until it shuts down. Open it with [`Server::open_replica`].
     pub fn join(&self, link: CoordinatorLink, network: Network) {
         self.set_role(Role::Slave);
+        let _ = self.shared.joined.set(Joined {
+            network: network.clone(),
+            cluster_token: link.cluster_token.clone(),
+        });
         let (tasks, shutdown) = self.tasks();
         let shared = Arc::downgrade(&self.shared);
+        tasks.spawn(run_mirror(shared.clone(), shutdown.clone()));
         tasks.spawn(run(shared, link, network, shutdown.clone()));
     }
 
-    /// Applies the coordinator's answer to a heartbeat.
-    fn assign(&self, role: Role, epoch: Epoch) {
+    /// Checks the cluster token presented by a peer server (mirroring).
+    pub(crate) fn authorize_peer(&self, presented: Option<&str>) -> Result<()> {
+        let Some(joined) = self.shared.joined.get() else {
+            return Err(Error::Unavailable(
+                "this server is standalone and has no slaves".to_string(),
+            ));
+        };
+        match &joined.cluster_token {
+            Some(token) if presented != Some(token.as_str()) => Err(Error::Unauthorized),
+            _ => Ok(()),
+        }
+    }
+
+    /// Applies the coordinator's answer to heartbeat number `beat`.
+    fn assign(&self, role: Role, epoch: Epoch, master: Option<MirrorTarget>, beat: u64) {
         let mut core = self.lock();
+        core.known_epoch = core.known_epoch.max(epoch);
         // Only a master writes under the cluster's epoch; a slave keeps reporting the epoch of
         // its own log, so a coordinator that lost its state can tell whose log is the newest.
         if role == Role::Master && epoch > core.epoch {
@@ -81,13 +108,37 @@ impl Server {
             );
             self.change_role(&mut core, role);
         }
+        match role {
+            Role::Master if epoch == core.epoch => {
+                if core.replicas.confirmed(beat, &*self.shared.storage) {
+                    tracing::info!("the coordinator knows the lost slave is out of sync");
+                }
+                self.open_gate(&core);
+            }
+            Role::Master => {}
+            Role::Slave => {
+                let own = self.shared.config.server_id;
+                let target = master.filter(|m| m.server != own);
+                self.shared
+                    .mirror_target
+                    .send_if_modified(|current| {
+                        if *current == target {
+                            false
+                        } else {
+                            *current = target;
+                            true
+                        }
+                    });
+            }
+        }
     }
 
-    /// The heartbeat message; `claiming` is whether this server holds (or, having stepped down
-    /// for lack of a coordinator, still claims) mastership.
-    fn beat(&self, link: &CoordinatorLink, claiming: bool) -> ServerInfo {
+    /// The heartbeat message and its number; `claiming` is whether this server holds
+    /// mastership.
+    fn beat(&self, link: &CoordinatorLink, claiming: bool) -> (ServerInfo, u64) {
+        let (number, in_sync) = self.lock().replicas.announce();
         let log = self.positions();
-        ServerInfo {
+        let info = ServerInfo {
             server_id: self.shared.config.server_id.get() as i32,
             hostname: link.advertise_host.clone(),
             port: link.advertise_port.to_string(),
@@ -98,10 +149,32 @@ impl Server {
             node_role: node_role(log.role).into(),
             durable_index: log.durable.0,
             commit_index: log.commit.0,
-            // Replication (and so a slave's acknowledged position) is not built yet.
-            slave_acked_index: None,
-        }
+            slave_acked_index: in_sync.iter().map(|(_, acked)| acked.0).min(),
+            in_sync_slaves: in_sync.iter().map(|(s, _)| s.get()).collect(),
+        };
+        (info, number)
     }
+
+    /// Whether this server is a slave without a stream to its master.
+    fn lost_master(&self) -> bool {
+        let core = self.lock();
+        core.role == Role::Slave && !core.mirroring
+    }
+}
+
+/// The master named in a heartbeat answer, if any.
+fn master_of(confirmation: &Confirmation) -> Option<MirrorTarget> {
+    let server = u32::try_from(confirmation.master_server_id)
+        .ok()
+        .and_then(ServerId::new)?;
+    let port = confirmation.master_port.parse::<u16>().ok()?;
+    if confirmation.master_hostname.is_empty() {
+        return None;
+    }
+    Some(MirrorTarget {
+        server,
+        addr: address(&confirmation.master_hostname, port),
+    })
 }
 
 async fn run(
@@ -125,20 +198,34 @@ async fn run(
         .as_deref()
         .and_then(|t| MetadataValue::try_from(t).ok());
     let failure_timeout = link.interval * link.missed_heartbeats.max(1);
-    let mut ticks = tokio::time::interval(link.interval);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_ok = Instant::now();
     let mut reachable = true;
     let mut claiming = false;
+    let mut last_beat: Option<Instant> = None;
     loop {
+        let Some((period, early)) = shared.upgrade().map(|shared| {
+            let server = Server { shared };
+            let period = if server.lost_master() {
+                link.interval / 4
+            } else {
+                link.interval
+            };
+            (period, Arc::clone(&server.shared.beat_now))
+        }) else {
+            return;
+        };
+        let due = last_beat.map_or_else(Instant::now, |t| t + period);
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {},
+            () = tokio::time::sleep_until(due) => {},
+            () = early.notified() => {},
         }
+        last_beat = Some(Instant::now());
         let Some(server) = shared.upgrade().map(|shared| Server { shared }) else {
             return;
         };
-        let mut request = tonic::Request::new(server.beat(&link, claiming));
+        let (info, number) = server.beat(&link, claiming);
+        let mut request = tonic::Request::new(info);
         if let Some(token) = &token {
             request.metadata_mut().insert(TOKEN_METADATA, token.clone());
         }
@@ -162,7 +249,8 @@ async fn run(
                     },
                 );
                 claiming = role == Role::Master;
-                server.assign(role, Epoch(confirmation.epoch));
+                let master = master_of(&confirmation);
+                server.assign(role, Epoch(confirmation.epoch), master, number);
             }
             Err(why) => {
                 if reachable {
@@ -174,6 +262,8 @@ async fn run(
                         "coordinator unreachable for a whole failure timeout: stepping down"
                     );
                     server.set_role(Role::Slave);
+                    // It may come back as master, but only under a new epoch.
+                    claiming = false;
                 }
             }
         }

@@ -2,28 +2,35 @@
 //!
 //! Write path, and the rule for validation: a command is validated against the *committed*
 //! state plus the effects of the entries sequenced before it (module `uncommitted`), then sequenced
-//! under one lock (event id, log index, time) and queued on the storage in log order. The
-//! commit task waits for durability in the same order and only then commits the entry: applies
-//! it to the state, publishes it to the committed-entry stream, fans posts out to online
-//! followers and answers the caller. So the state, LIST, timelines and every consumer see
-//! committed entries only, and a master that loses its role discards its uncommitted entries by
-//! dropping them (the state never held them) and truncating the log after the commit index.
+//! under one lock (event id, log index, time), queued on the storage in log order and shipped to
+//! the slave (module `replication`). The commit pipeline (module `pipeline`) waits for local
+//! durability and, while a slave is counted for the commit point, for the slave's acknowledgement,
+//! and only then commits the entry: applies it to the state, publishes it to the committed-entry
+//! stream, fans posts out to online followers and answers the caller. So the state, LIST,
+//! timelines and every consumer see committed entries only, and a master that loses its role
+//! discards its uncommitted entries by dropping them (the state never held them) and truncating
+//! the log after the commit index.
 //!
-//! Bounds: at most `max_inflight` entries are sequenced and not yet committed; a writer beyond
-//! that waits for a slot (backpressure) before it takes the lock. Snapshots are built at the
-//! commit index by a background task from the previous snapshot and the log, never under the
-//! lock and never in the way of commits.
+//! A slave runs the same pipeline on the entries its master ships: they are sequenced into its
+//! log as they arrive and committed when the master's commit index passes them.
+//!
+//! Bounds: at most `max_inflight` entries are sequenced and not yet committed; a writer (or a
+//! master's shipment) beyond that waits for a slot (backpressure) before it takes the lock.
+//! Snapshots are built at the commit index by a background task from the previous snapshot and
+//! the log, never under the lock and never in the way of commits.
 
 mod committed;
 mod heartbeat;
+mod pipeline;
+pub(crate) mod replication;
 mod sessions;
 mod timeline;
 mod uncommitted;
 
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -34,10 +41,12 @@ pub use timeline::TimelineFeed;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, LogEntry, Post, normalize_post_text};
 use crate::ids::{ClusterId, Epoch, EventId, LogIndex, ServerId, Timestamp, UserId};
-use crate::state::{Applied, DEFAULT_TIMELINE_CAP, State, StateConfig};
-use crate::storage::{Durable, Snapshot, Storage};
-use crate::transport::Listener;
+use crate::state::{DEFAULT_TIMELINE_CAP, State, StateConfig};
+use crate::storage::Storage;
+use crate::transport::{Listener, Network};
 use committed::RecentEntries;
+use pipeline::{Gate, Pending};
+use replication::{MirrorTarget, Replicas};
 use sessions::Sessions;
 use timeline::{FeedOwner, Subscribers};
 use uncommitted::Uncommitted;
@@ -77,6 +86,10 @@ pub struct ServerConfig {
     /// Committed entries kept in memory for the committed-entry stream's live readers (older
     /// ones are read from the log).
     pub recent_entries: usize,
+    /// A mirroring stream that carries nothing for this long is dead: the master stops
+    /// counting the slave (after telling the coordinator), the slave dials again. The master
+    /// sends a keepalive every quarter of it.
+    pub mirror_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +107,7 @@ impl Default for ServerConfig {
             max_concurrent_streams: 256,
             max_inflight: 4096,
             recent_entries: 8192,
+            mirror_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -128,29 +142,26 @@ pub enum Role {
 }
 
 /// Where a server's log stands, as its heartbeats report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogPositions {
     /// The server's role.
     pub role: Role,
-    /// The epoch of the server's log (the last epoch in which it wrote as master).
+    /// The epoch of the server's log: the epoch it writes under as master, or the epoch of
+    /// the last entry it holds.
     pub epoch: Epoch,
+    /// The newest cluster epoch this server has heard of.
+    pub known_epoch: Epoch,
     /// The last entry sequenced (durable or not, committed or not).
     pub sequenced: LogIndex,
     /// The last entry durable in this server's storage.
     pub durable: LogIndex,
     /// The last committed entry.
     pub commit: LogIndex,
-}
-
-/// An entry sequenced but not yet committed, with what to do once it is durable.
-struct Pending {
-    entry: LogEntry,
-    /// The discard generation it was sequenced in; a discard since then voids it.
-    generation: u64,
-    durable: Durable,
-    reply: oneshot::Sender<Result<()>>,
-    /// Its in-flight slot, freed when it commits or is dropped.
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// On a master: the slaves counted for the commit point and reported to the coordinator
+    /// as in sync, with the last index each acknowledged as durable.
+    pub in_sync: Vec<(ServerId, LogIndex)>,
+    /// On a slave: whether its master counts it for the commit point.
+    pub counted_by_master: bool,
 }
 
 /// Everything guarded by the server's one lock.
@@ -159,7 +170,13 @@ struct Core {
     state: State,
     /// Effects of the sequenced, uncommitted entries, for validation.
     uncommitted: Uncommitted,
+    /// The epoch this server writes under as master, or the epoch of its log's last entry.
     epoch: Epoch,
+    /// The newest cluster epoch heard of (from the coordinator or a master): a master of an
+    /// older epoch is refused.
+    known_epoch: Epoch,
+    /// The epoch of the last sequenced entry.
+    last_epoch: Epoch,
     role: Role,
     next_index: LogIndex,
     next_seq: u64,
@@ -172,8 +189,15 @@ struct Core {
     generation: u64,
     /// Set while the log is being truncated after a discard: writes wait for it.
     truncating: bool,
-    /// The newest committed entries, for the committed-entry stream.
+    /// The newest sequenced entries (committed or not), for the committed-entry stream and
+    /// for shipping to slaves.
     recent: RecentEntries,
+    /// On a master: the slaves mirroring it.
+    replicas: Replicas,
+    /// On a slave: whether the master counts it for the commit point.
+    counted_by_master: bool,
+    /// On a slave: whether a mirroring stream to the master is up.
+    mirroring: bool,
     entries_since_snapshot: u64,
     snapshot_running: bool,
     sessions: Sessions,
@@ -186,14 +210,35 @@ struct Shared {
     config: ServerConfig,
     storage: Arc<dyn Storage>,
     core: Mutex<Core>,
+    /// The commit pipeline's first stage (see module `pipeline`).
     commits: mpsc::Sender<Pending>,
     /// Free in-flight slots (see [`ServerConfig::max_inflight`]).
     inflight: Arc<Semaphore>,
     /// The commit index, for readers of the committed-entry stream.
-    commit_index: tokio::sync::watch::Sender<LogIndex>,
+    commit_index: watch::Sender<LogIndex>,
+    /// The last entry durable locally (a slave acknowledges it).
+    durable_index: watch::Sender<LogIndex>,
+    /// The last entry sequenced, for the shippers to slaves.
+    sequenced_index: watch::Sender<LogIndex>,
+    /// Up to where entries may commit (see module `pipeline`).
+    gate: watch::Sender<Gate>,
+    /// On a slave: the master to mirror, as the coordinator named it.
+    mirror_target: watch::Sender<Option<MirrorTarget>>,
+    /// Wakes the heartbeat loop for an immediate beat.
+    beat_now: Arc<Notify>,
+    /// Signalled when a truncation after a discard is done.
+    truncated: Notify,
+    /// The deployment this server joined: its network and cluster token.
+    joined: OnceLock<Joined>,
     streams: Arc<Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+}
+
+/// What a server learns when it joins a deployment.
+struct Joined {
+    network: Network,
+    cluster_token: Option<String>,
 }
 
 /// A Tiny SNS server. Cheap to clone; all clones are the same server.
@@ -212,70 +257,139 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Opens a server on `storage`: recovers the snapshot and log, and starts the commit task.
-    /// A standalone server is master.
+    /// Opens a standalone server on `storage`: recovers the snapshot and log and starts the
+    /// commit pipeline. It is master, and without a slave what is durable is committed, so
+    /// every recovered entry is.
     pub async fn open(config: ServerConfig, storage: Arc<dyn Storage>) -> Result<Self> {
-        let recovered = storage.recover().await?;
+        Self::open_as(config, storage, Role::Master).await
+    }
+
+    /// Opens a server that will [`join`](Self::join) a deployment: it starts as slave, and the
+    /// recovered entries after the persisted commit index stay uncommitted until a master
+    /// confirms them (or drops them as a tail it never committed), or until this server is made
+    /// master.
+    pub async fn open_replica(config: ServerConfig, storage: Arc<dyn Storage>) -> Result<Self> {
+        Self::open_as(config, storage, Role::Slave).await
+    }
+
+    async fn open_as(config: ServerConfig, storage: Arc<dyn Storage>, role: Role) -> Result<Self> {
+        let mut recovered = storage.recover().await?;
+        let last = recovered.last_index();
+        let snapshot_index = recovered.snapshot.as_ref().map(|s| s.index);
+        let commit = match role {
+            Role::Master => last,
+            Role::Slave => recovered.commit.max(snapshot_index.unwrap_or_default()),
+        };
+        let tail_start = recovered
+            .entries
+            .iter()
+            .position(|e| e.index > commit)
+            .unwrap_or(recovered.entries.len());
+        let tail = recovered.entries.split_off(tail_start);
         let state = recovered.replay(&config.state_config())?;
-        let last = recovered.entries.last();
-        let epoch = last
+        let last_epoch = tail
+            .last()
+            .or(recovered.entries.last())
             .map(|e| e.epoch)
             .or(recovered.snapshot.as_ref().map(|s| s.epoch))
             .unwrap_or(Epoch(0));
-        let last_at = state.latest_time();
-        // Without a slave, what is durable here is committed: everything recovered is.
-        let last = recovered.last_index();
-        let core = Core {
-            next_index: last.next(),
+        let inflight = config.max_inflight.max(1);
+        let mut core = Core {
+            next_index: commit.next(),
             next_seq: state.high_water(config.cluster) + 1,
+            last_at: state.latest_time(),
             state,
             uncommitted: Uncommitted::default(),
-            epoch,
-            role: Role::Master,
-            last_at,
+            epoch: last_epoch,
+            known_epoch: last_epoch,
+            last_epoch,
+            role,
             durable: last,
-            commit: last,
+            commit,
             generation: 0,
             truncating: false,
-            recent: RecentEntries::new(config.recent_entries),
+            recent: RecentEntries::new(config.recent_entries.max(2 * inflight)),
+            replicas: Replicas::default(),
+            counted_by_master: false,
+            mirroring: false,
             entries_since_snapshot: recovered.entries.len() as u64,
             snapshot_running: false,
             sessions: Sessions::new(config.session_timeout),
             subscribers: Subscribers::default(),
             failed: None,
         };
+        for entry in &tail {
+            core.sequenced(entry.clone());
+        }
         tracing::info!(
             cluster = %config.cluster,
             server = %config.server_id,
             users = core.state.user_count(),
-            next_index = %core.next_index,
+            commit = %commit,
+            uncommitted = tail.len(),
             "server state recovered"
         );
-        let inflight = config.max_inflight.max(1);
-        let (commits, queue) = mpsc::channel(inflight);
-        let (commit_index, _) = tokio::sync::watch::channel(last);
+        // One more than the slots: the recovered tail holds none.
+        let (commits, queue) = mpsc::channel(inflight + 1);
+        let (durable_stage, durable_queue) = mpsc::channel(inflight + 1);
+        let gate = Gate {
+            generation: 0,
+            upto: match role {
+                Role::Master => Gate::OPEN,
+                Role::Slave => commit,
+            },
+        };
+        let (gate, gate_rx) = watch::channel(gate);
         let shared = Arc::new(Shared {
             streams: Arc::new(Semaphore::new(config.max_timeline_streams)),
             inflight: Arc::new(Semaphore::new(inflight)),
             config,
             storage,
-            core: Mutex::new(core),
             commits,
-            commit_index,
+            commit_index: watch::channel(commit).0,
+            durable_index: watch::channel(last).0,
+            sequenced_index: watch::channel(LogIndex(core.next_index.0 - 1)).0,
+            gate,
+            mirror_target: watch::channel(None).0,
+            beat_now: Arc::new(Notify::new()),
+            truncated: Notify::new(),
+            joined: OnceLock::new(),
+            core: Mutex::new(core),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         });
         let weak = Arc::downgrade(&shared);
         let token = shared.shutdown.clone();
-        shared.tasks.spawn(run_commits(weak, queue, token));
+        shared.tasks.spawn(pipeline::run_durability(
+            weak.clone(),
+            queue,
+            durable_stage,
+            token.clone(),
+        ));
+        shared
+            .tasks
+            .spawn(pipeline::run_commits(weak, durable_queue, gate_rx, token));
+        if !tail.is_empty() {
+            // Already durable: the pipeline commits them once the gate passes them.
+            let generation = 0;
+            let pending = Pending {
+                entries: tail,
+                generation,
+                durable: Box::pin(async { Ok(()) }),
+                reply: None,
+                _slots: None,
+            };
+            let _ = shared.commits.send(pending).await;
+        }
         Ok(Self { shared })
     }
 
     /// Serves the client-facing gRPC services (`csce438.SNSService` and its `csce662` alias)
-    /// on `listener` until `shutdown` is cancelled, then stops every task of this server and
-    /// returns once they have all finished.
+    /// and the replication service on `listener` until `shutdown` is cancelled, then stops
+    /// every task of this server and returns once they have all finished.
     pub async fn serve(&self, listener: Listener, shutdown: CancellationToken) -> Result<()> {
-        let routes = crate::grpc::sns::routes(self.clone());
+        let routes = crate::grpc::sns::routes(self.clone())
+            .add_service(crate::grpc::replication::service(self.clone()));
         let stop = {
             let shutdown = shutdown.clone();
             let own = self.shared.shutdown.clone();
@@ -284,7 +398,8 @@ impl Server {
                     () = shutdown.cancelled() => {},
                     () = own.cancelled() => {},
                 }
-                // Timeline streams are endless: end them so the graceful stop can complete.
+                // Timeline and mirroring streams are endless: end them so the graceful stop
+                // can complete.
                 own.cancel();
             }
         };
@@ -308,7 +423,8 @@ impl Server {
         result.map_err(|e| Error::Unavailable(format!("server transport failed: {e}")))
     }
 
-    /// Stops the commit task and every timeline stream, and waits for them to finish.
+    /// Stops the commit pipeline, mirroring and every timeline stream, and waits for them to
+    /// finish.
     pub async fn close(&self) {
         self.shared.shutdown.cancel();
         self.shared.inflight.close();
@@ -328,7 +444,7 @@ impl Server {
     }
 
     /// Changes the role (driven by the coordinator). A master that stops being master discards
-    /// its uncommitted entries.
+    /// its uncommitted entries; a server made master commits every entry it holds.
     pub fn set_role(&self, role: Role) {
         let mut core = self.lock();
         self.change_role(&mut core, role);
@@ -340,9 +456,12 @@ impl Server {
         LogPositions {
             role: core.role,
             epoch: core.epoch,
+            known_epoch: core.known_epoch,
             sequenced: LogIndex(core.next_index.0 - 1),
             durable: core.durable,
             commit: core.commit,
+            in_sync: core.replicas.in_sync(),
+            counted_by_master: core.role == Role::Slave && core.counted_by_master,
         }
     }
 
@@ -357,16 +476,42 @@ impl Server {
     }
 
     fn change_role(&self, core: &mut Core, role: Role) {
-        if core.role == Role::Master && role != Role::Master {
+        if core.role == role {
+            return;
+        }
+        if core.role == Role::Master {
             self.discard_uncommitted(core);
+            core.replicas.clear(&*self.shared.storage);
         }
         core.role = role;
+        core.counted_by_master = false;
+        if role == Role::Slave {
+            // Entries the new master has not confirmed wait for its commit index.
+            self.set_gate(core, core.commit);
+        } else {
+            self.shared.mirror_target.send_replace(None);
+            self.open_gate(core);
+        }
+    }
+
+    /// Lets the pipeline commit up to `upto` in the current generation.
+    fn set_gate(&self, core: &Core, upto: LogIndex) {
+        self.shared.gate.send_replace(Gate {
+            generation: core.generation,
+            upto,
+        });
+    }
+
+    /// On a master: the gate follows the slaves counted for the commit point.
+    fn open_gate(&self, core: &Core) {
+        let upto = core.replicas.quorum().unwrap_or(Gate::OPEN);
+        self.set_gate(core, upto);
     }
 
     /// Drops every sequenced entry that has not committed: their callers get `Unavailable`,
     /// the state never saw them, and the log is truncated after the commit index. The
     /// truncation is queued after the entries' appends (storage serves calls in order), and
-    /// writes are refused until it is done.
+    /// writes (and mirroring) wait until it is done.
     fn discard_uncommitted(&self, core: &mut Core) {
         if core.next_index == core.commit.next() {
             return;
@@ -379,10 +524,7 @@ impl Server {
             discarded,
             "discarding uncommitted entries"
         );
-        core.generation += 1;
-        core.uncommitted.clear();
-        core.next_index = core.commit.next();
-        core.next_seq = core.state.high_water(self.shared.config.cluster) + 1;
+        self.forget_uncommitted(core);
         core.truncating = true;
         let commit = core.commit;
         let shared = Arc::downgrade(&self.shared);
@@ -399,7 +541,25 @@ impl Server {
                 tracing::error!("{why}");
                 core.failed = Some(why);
             }
+            drop(core);
+            shared.truncated.notify_waiters();
         });
+    }
+
+    /// The in-memory part of a discard: voids the pending entries (new generation) and
+    /// rewinds the sequence to the commit index.
+    fn forget_uncommitted(&self, core: &mut Core) {
+        core.generation += 1;
+        core.uncommitted.clear();
+        core.recent.truncate_after(core.commit);
+        core.next_index = core.commit.next();
+        core.next_seq = core.state.high_water(self.shared.config.cluster) + 1;
+        core.durable = core.durable.min(core.commit);
+        core.last_at = core.state.latest_time();
+        core.last_epoch = core.recent.last_epoch().unwrap_or(core.last_epoch);
+        self.shared.sequenced_index.send_replace(core.commit);
+        let upto = self.shared.gate.borrow().upto;
+        self.set_gate(core, upto);
     }
 
     fn lock(&self) -> MutexGuard<'_, Core> {
@@ -627,29 +787,33 @@ impl Server {
             epoch: core.epoch,
             event: Event { id, at, kind },
         };
-        core.uncommitted.record(&entry);
-        core.next_index = core.next_index.next();
-        core.next_seq += 1;
-        core.last_at = at;
+        core.sequenced(entry.clone());
         let durable = self.shared.storage.append(vec![entry.clone()]);
+        self.shared.sequenced_index.send_replace(entry.index);
         let (reply, wait) = oneshot::channel();
-        let pending = Pending {
-            entry,
+        self.enqueue(Pending {
+            entries: vec![entry],
             generation: core.generation,
             durable,
-            reply,
-            _slot: slot,
-        };
-        // Cannot be full: every queued entry holds one of at most `capacity` slots.
+            reply: Some(reply),
+            _slots: Some(slot),
+        });
+        wait
+    }
+}
+
+impl Server {
+    /// Hands sequenced entries to the commit pipeline. The queue cannot be full: every queued
+    /// batch holds in-flight slots, of which there are fewer than its capacity.
+    fn enqueue(&self, pending: Pending) {
         if let Err(e) = self.shared.commits.try_send(pending) {
             let pending = match e {
                 mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p,
             };
-            let _ = pending
-                .reply
-                .send(Err(Error::Unavailable("server is shutting down".into())));
+            if let Some(reply) = pending.reply {
+                let _ = reply.send(Err(Error::Unavailable("server is shutting down".into())));
+            }
         }
-        wait
     }
 }
 
@@ -671,6 +835,20 @@ impl FeedOwner for FeedHandle {
 }
 
 impl Core {
+    /// Takes `entry` (the next in the log) into the sequence: its effect counts for validation,
+    /// it joins the window of recent entries, and the next index, sequence number and time
+    /// move past it.
+    fn sequenced(&mut self, entry: LogEntry) {
+        self.uncommitted.record(&entry);
+        self.next_index = entry.index.next();
+        if entry.event.id.origin == self.state.config().cluster {
+            self.next_seq = self.next_seq.max(entry.event.id.seq + 1);
+        }
+        self.last_at = Timestamp(self.last_at.0.max(entry.event.at.0));
+        self.last_epoch = entry.epoch;
+        self.recent.push(entry);
+    }
+
     /// Whether `user` exists for a write: committed, or joined by an uncommitted entry.
     fn knows(&self, user: UserId) -> Result<()> {
         if self.uncommitted.has_user(&self.state, user) {
@@ -698,154 +876,4 @@ fn known(state: &State, user: UserId) -> Result<()> {
 async fn finish(wait: oneshot::Receiver<Result<()>>) -> Result<()> {
     wait.await
         .map_err(|_| Error::Unavailable("server is shutting down".to_string()))?
-}
-
-/// Waits for each sequenced entry to become durable, in log order; then commits it (see
-/// [`commit`]) and answers the caller. Entries voided by a discard are answered `Unavailable`.
-async fn run_commits(
-    shared: Weak<Shared>,
-    mut queue: mpsc::Receiver<Pending>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let pending = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            next = queue.recv() => match next {
-                Some(pending) => pending,
-                None => break,
-            },
-        };
-        let Pending {
-            entry,
-            generation,
-            durable,
-            reply,
-            _slot,
-        } = pending;
-        let result = tokio::select! {
-            result = durable => result,
-            () = shutdown.cancelled() => break,
-        };
-        let Some(shared) = shared.upgrade() else {
-            break;
-        };
-        let result = {
-            let mut core = lock_core(&shared.core);
-            match result {
-                _ if generation != core.generation => Err(Error::Unavailable(
-                    "this server lost its role before the change was committed".to_string(),
-                )),
-                Err(e) => {
-                    let why = format!("storage failed, refusing requests: {e}");
-                    tracing::error!("{why}");
-                    core.failed = Some(why);
-                    Err(e)
-                }
-                Ok(()) => {
-                    commit(&shared, &mut core, entry);
-                    Ok(())
-                }
-            }
-        };
-        let _ = reply.send(result);
-    }
-}
-
-/// Commits `entry`, which is durable: the state applies it, readers of the committed-entry
-/// stream may see it, online followers receive a post, and a snapshot is started when due.
-fn commit(shared: &Arc<Shared>, core: &mut Core, entry: LogEntry) {
-    let index = entry.index;
-    core.durable = core.durable.max(index);
-    let applied = core.state.apply(&entry.event);
-    debug_assert!(!matches!(applied, Applied::Duplicate | Applied::Gap { .. }));
-    core.uncommitted.committed(&entry);
-    core.commit = index;
-    if let Applied::Posted(post) = &applied {
-        fan_out(core, post);
-    }
-    let epoch = entry.epoch;
-    core.recent.push(entry);
-    shared.storage.set_commit(index);
-    shared.commit_index.send_replace(index);
-    core.entries_since_snapshot += 1;
-    if core.entries_since_snapshot >= shared.config.snapshot_every && !core.snapshot_running {
-        core.entries_since_snapshot = 0;
-        core.snapshot_running = true;
-        let weak = Arc::downgrade(shared);
-        let shutdown = shared.shutdown.clone();
-        shared.tasks.spawn(async move {
-            let Some(shared) = weak.upgrade() else {
-                return;
-            };
-            let result = tokio::select! {
-                result = build_snapshot(&shared, index, epoch) => result,
-                () = shutdown.cancelled() => return,
-            };
-            match result {
-                Ok(()) => tracing::info!(%index, "snapshot saved, log compacted"),
-                Err(e) => tracing::warn!(%index, "snapshot failed (the log is intact): {e}"),
-            }
-            lock_core(&shared.core).snapshot_running = false;
-        });
-    }
-}
-
-/// Entries read from the log per step while building a snapshot.
-const SNAPSHOT_READ_BATCH: u64 = 4096;
-
-/// Builds the snapshot at the committed index `upto` away from the write path: the previous
-/// snapshot plus the committed log entries after it, replayed into a fresh state (the live
-/// state is never locked for it), encoded on a blocking thread, and saved.
-async fn build_snapshot(shared: &Shared, upto: LogIndex, epoch: Epoch) -> Result<()> {
-    let config = &shared.config;
-    let base = shared.storage.snapshot().await?;
-    let (mut state, mut next) = match &base {
-        Some(snapshot) if snapshot.index >= upto => return Ok(()),
-        Some(snapshot) => (
-            snapshot.restore(&config.state_config())?,
-            snapshot.index.next(),
-        ),
-        None => (State::new(config.state_config()), LogIndex(1)),
-    };
-    while next <= upto {
-        let last = LogIndex(upto.0.min(next.0 + SNAPSHOT_READ_BATCH - 1));
-        let batch = shared.storage.read(next, last).await?;
-        let Some(end) = batch.last().map(|e| e.index) else {
-            return Err(Error::Corrupt(format!("log entry {next} is missing")));
-        };
-        for entry in &batch {
-            state.apply(&entry.event);
-        }
-        next = end.next();
-        tokio::task::yield_now().await;
-    }
-    let snapshot = tokio::task::spawn_blocking(move || Snapshot::of(&state, upto, epoch))
-        .await
-        .map_err(|e| Error::Unavailable(format!("snapshot task failed: {e}")))?;
-    shared.storage.save_snapshot(snapshot).await
-}
-
-/// Delivers a committed post to the online users whose timeline received it, iterating over
-/// whichever is smaller: the author's local followers or the online users.
-fn fan_out(core: &mut Core, post: &Arc<Post>) {
-    let Core {
-        state, subscribers, ..
-    } = core;
-    if subscribers.online_users() == 0 {
-        return;
-    }
-    let receives = |user: UserId| state.timeline_contains(user, post);
-    if subscribers.online_users() < state.local_follower_count(post.author) {
-        let online: Vec<UserId> = subscribers.users().filter(|u| receives(*u)).collect();
-        for user in online {
-            subscribers.deliver(user, post);
-        }
-    } else {
-        for user in state.local_followers(post.author) {
-            if subscribers.is_online(user) && receives(user) {
-                subscribers.deliver(user, post);
-            }
-        }
-    }
 }

@@ -22,6 +22,7 @@ fn beat(cluster: u32, server: u32, port: u16) -> Beat {
         claims_master: false,
         epoch: Epoch(0),
         log: Default::default(),
+        in_sync: Vec::new(),
     }
 }
 

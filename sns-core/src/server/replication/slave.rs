@@ -1,0 +1,329 @@
+//! The slave's side of mirroring: keep a stream open to the master the coordinator names,
+//! append what it ships, acknowledge what is durable, commit what it has committed.
+//!
+//! The slave refuses a master whose epoch is older than the newest it knows and tells it so
+//! (the old master then steps down). When the stream breaks, the slave dials again with a short
+//! backoff and heartbeats more often, so a promotion reaches it quickly.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{FromSlave, Hello, MirrorTarget, Shipment, SnapshotChunk};
+use crate::error::{Error, Result};
+use crate::event::LogEntry;
+use crate::ids::LogIndex;
+use crate::server::pipeline::Pending;
+use crate::server::{Role, Server, Shared};
+use crate::storage::Snapshot;
+
+/// Largest snapshot a slave accepts.
+const MAX_SNAPSHOT_BYTES: u64 = 4 << 30;
+
+/// Mirrors the master named in `mirror_target` for as long as the server runs.
+pub(in crate::server) async fn run_mirror(shared: Weak<Shared>, shutdown: CancellationToken) {
+    let Some(mut targets) = shared.upgrade().map(|s| s.mirror_target.subscribe()) else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(20);
+    let mut last_error = String::new();
+    loop {
+        let target = targets.borrow_and_update().clone();
+        let Some(target) = target else {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = targets.changed() => if changed.is_err() { return },
+            }
+            continue;
+        };
+        let Some(server) = shared.upgrade().map(|shared| Server { shared }) else {
+            return;
+        };
+        let max_backoff = server.shared.config.mirror_timeout;
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = targets.changed() => {
+                if changed.is_err() { return; }
+                continue;
+            }
+            result = server.mirror(&target) => result,
+        };
+        server.set_mirroring(false);
+        match result {
+            Ok(()) => backoff = Duration::from_millis(20),
+            Err(e) => {
+                let why = e.to_string();
+                if why != last_error {
+                    tracing::warn!(master = %target.addr, "mirroring interrupted: {why}");
+                    last_error = why;
+                }
+            }
+        }
+        server.shared.beat_now.notify_one();
+        drop(server);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+/// A snapshot arriving in pieces.
+struct Assembly {
+    index: LogIndex,
+    epoch: crate::ids::Epoch,
+    data: Vec<u8>,
+}
+
+impl Server {
+    fn set_mirroring(&self, on: bool) {
+        self.lock().mirroring = on;
+    }
+
+    /// One mirroring stream to `target`, until it breaks or this server stops being slave.
+    async fn mirror(&self, target: &MirrorTarget) -> Result<()> {
+        self.wait_truncated().await;
+        let Some(joined) = self.shared.joined.get() else {
+            return Err(Error::Unavailable("not part of a deployment".to_string()));
+        };
+        let hello = {
+            let core = self.readable()?;
+            if core.role != Role::Slave {
+                return Ok(());
+            }
+            // Nothing more commits until this master says so.
+            self.set_gate(&core, core.commit);
+            Hello {
+                cluster: self.shared.config.cluster,
+                server: self.shared.config.server_id,
+                known_epoch: core.known_epoch,
+                last_index: LogIndex(core.next_index.0 - 1),
+                last_epoch: core.last_epoch,
+                commit: core.commit,
+            }
+        };
+        let (out, outbound) = mpsc::channel(16);
+        let _ = out.send(FromSlave::Hello(hello)).await;
+        let mut inbound = crate::grpc::replication::open(
+            &joined.network,
+            &target.addr,
+            joined.cluster_token.as_deref(),
+            outbound,
+        )
+        .await?;
+        let mut durable = self.shared.durable_index.subscribe();
+        let ack = *durable.borrow_and_update();
+        let _ = out.send(FromSlave::Durable(ack)).await;
+        tracing::info!(master = %target.addr, last_index = %hello.last_index, "mirroring the master");
+        let mut assembly: Option<Assembly> = None;
+        let timeout = self.shared.config.mirror_timeout;
+        loop {
+            let message = tokio::select! {
+                message = tokio::time::timeout(timeout, inbound.recv()) => match message {
+                    Err(_) => return Err(Error::Unavailable(format!("the master said nothing for {timeout:?}"))),
+                    Ok(None) => return Err(Error::Unavailable("the master ended the stream".to_string())),
+                    Ok(Some(message)) => message?,
+                },
+                changed = durable.changed() => {
+                    if changed.is_err() { return Ok(()); }
+                    let ack = *durable.borrow_and_update();
+                    if out.send(FromSlave::Durable(ack)).await.is_err() {
+                        return Err(Error::Unavailable("the master went away".to_string()));
+                    }
+                    continue;
+                }
+            };
+            let refused = {
+                let mut core = self.lock();
+                if message.epoch < core.known_epoch {
+                    Some(core.known_epoch)
+                } else {
+                    core.known_epoch = message.epoch;
+                    if core.role != Role::Slave {
+                        return Ok(());
+                    }
+                    core.counted_by_master = message.in_sync;
+                    core.mirroring = true;
+                    None
+                }
+            };
+            if let Some(newer) = refused {
+                let _ = out.send(FromSlave::NewerEpoch(newer)).await;
+                return Err(Error::Unavailable(format!(
+                    "refused a master of epoch {} (epoch {newer} exists)",
+                    message.epoch
+                )));
+            }
+            match message.body {
+                Shipment::TruncateAfter(index) => self.truncate_tail(index).await?,
+                Shipment::Snapshot(chunk) => {
+                    if let Some(snapshot) = assemble(&mut assembly, chunk)? {
+                        self.install_snapshot(snapshot).await?;
+                    }
+                }
+                Shipment::Entries(entries) => self.append_shipped(entries).await?,
+                Shipment::KeepAlive => {
+                    let ack = *durable.borrow();
+                    if out.send(FromSlave::Durable(ack)).await.is_err() {
+                        return Err(Error::Unavailable("the master went away".to_string()));
+                    }
+                }
+            }
+            let core = self.lock();
+            if core.role == Role::Slave {
+                let upto = core.commit.max(message.commit).max(self.shared.gate.borrow().upto);
+                self.set_gate(&core, upto);
+            }
+        }
+    }
+
+    /// Waits until no truncation after a discard is running.
+    async fn wait_truncated(&self) {
+        loop {
+            let done = self.shared.truncated.notified();
+            if !self.lock().truncating {
+                return;
+            }
+            done.await;
+        }
+    }
+
+    /// Drops the tail after `index`, which the master never committed.
+    async fn truncate_tail(&self, index: LogIndex) -> Result<()> {
+        {
+            let mut core = self.lock();
+            if index != core.commit {
+                return Err(Error::Conflict(format!(
+                    "the master asked to truncate after {index}, but this server committed up to {}",
+                    core.commit
+                )));
+            }
+            if core.next_index == index.next() {
+                return Ok(());
+            }
+            tracing::warn!(
+                cluster = %self.shared.config.cluster,
+                server = %self.shared.config.server_id,
+                after = %index,
+                dropped = core.next_index.0 - index.0 - 1,
+                "dropping a log tail the master never committed"
+            );
+            self.forget_uncommitted(&mut core);
+            core.truncating = true;
+        }
+        let result = self.shared.storage.truncate_after(index).await;
+        self.lock().truncating = false;
+        self.shared.truncated.notify_waiters();
+        result
+    }
+
+    /// Replaces this server's state and log with the master's snapshot.
+    async fn install_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        let config = self.shared.config.state_config();
+        let (state, snapshot) = tokio::task::spawn_blocking(move || {
+            snapshot.restore(&config).map(|state| (state, snapshot))
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("snapshot task failed: {e}")))??;
+        let index = snapshot.index;
+        let epoch = snapshot.epoch;
+        tracing::info!(%index, "installing the master's snapshot");
+        {
+            let mut core = self.lock();
+            self.forget_uncommitted(&mut core);
+            core.recent.clear();
+            core.truncating = true;
+        }
+        let result = self.shared.storage.save_snapshot(snapshot).await;
+        let mut core = self.lock();
+        core.truncating = false;
+        if result.is_ok() {
+            core.next_seq = state.high_water(self.shared.config.cluster) + 1;
+            core.last_at = state.latest_time();
+            core.state = state;
+            core.commit = index;
+            core.durable = index;
+            core.next_index = index.next();
+            core.last_epoch = epoch;
+            core.epoch = core.epoch.max(epoch);
+            core.entries_since_snapshot = 0;
+            self.shared.storage.set_commit(index);
+            self.shared.commit_index.send_replace(index);
+            self.shared.durable_index.send_replace(index);
+            self.shared.sequenced_index.send_replace(index);
+            self.set_gate(&core, index);
+        }
+        drop(core);
+        self.shared.truncated.notify_waiters();
+        result
+    }
+
+    /// Appends entries the master shipped and hands them to the commit pipeline.
+    async fn append_shipped(&self, entries: Vec<LogEntry>) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let wanted = entries.len().min(self.shared.config.max_inflight.max(1));
+        let slots = Arc::clone(&self.shared.inflight)
+            .acquire_many_owned(u32::try_from(wanted).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| Error::Unavailable("server is shutting down".to_string()))?;
+        let mut core = self.readable()?;
+        if core.role != Role::Slave || core.truncating {
+            return Err(Error::Unavailable("no longer mirroring".to_string()));
+        }
+        crate::storage::check_contiguous(core.next_index, &entries)?;
+        for entry in &entries {
+            core.epoch = core.epoch.max(entry.epoch);
+            core.sequenced(entry.clone());
+        }
+        let last = LogIndex(core.next_index.0 - 1);
+        let durable = self.shared.storage.append(entries.clone());
+        self.shared.sequenced_index.send_replace(last);
+        let generation = core.generation;
+        drop(core);
+        self.enqueue(Pending {
+            entries,
+            generation,
+            durable,
+            reply: None,
+            _slots: Some(slots),
+        });
+        Ok(())
+    }
+}
+
+/// Adds a piece to the snapshot being assembled; the whole snapshot once the last arrived.
+fn assemble(assembly: &mut Option<Assembly>, chunk: SnapshotChunk) -> Result<Option<Snapshot>> {
+    if chunk.offset == 0 {
+        *assembly = Some(Assembly {
+            index: chunk.index,
+            epoch: chunk.epoch,
+            data: Vec::new(),
+        });
+    }
+    let Some(current) = assembly.as_mut() else {
+        return Err(Error::invalid("a snapshot piece arrived without its start"));
+    };
+    if current.index != chunk.index || current.data.len() as u64 != chunk.offset {
+        return Err(Error::invalid("snapshot pieces arrived out of order"));
+    }
+    if chunk.offset + chunk.data.len() as u64 > MAX_SNAPSHOT_BYTES {
+        return Err(Error::invalid("the snapshot is larger than this server accepts"));
+    }
+    current.data.extend_from_slice(&chunk.data);
+    if !chunk.last {
+        return Ok(None);
+    }
+    let Some(done) = assembly.take() else {
+        return Ok(None);
+    };
+    Ok(Some(Snapshot {
+        index: done.index,
+        epoch: done.epoch,
+        state: done.data,
+    }))
+}
