@@ -283,6 +283,27 @@ impl TestCluster {
         self.deployment.cut(c, s, direction, cut)
     }
 
+    /// Cuts (`cut = true`) or heals both directions between two servers of a cluster (their
+    /// mirroring stream stalls; each still reaches the coordinator). Needs the memory transport.
+    pub fn isolate(&self, cluster: u32, a: u32, b: u32, cut: bool) -> Result<()> {
+        let (c, sa) = ids(cluster, a)?;
+        let (_, sb) = ids(cluster, b)?;
+        let network = self
+            .deployment
+            .memory_network()
+            .ok_or_else(|| crate::Error::invalid("partitions need the memory transport"))?;
+        let (na, nb) = (
+            crate::deployment::server_node(c, sa),
+            crate::deployment::server_node(c, sb),
+        );
+        if cut {
+            network.partition(&na, &nb);
+        } else {
+            network.repair(&na, &nb);
+        }
+        Ok(())
+    }
+
     /// Stops everything and waits for every task.
     pub async fn shutdown(self) {
         self.deployment.shutdown().await;

@@ -453,10 +453,7 @@ impl RoutingTable {
                 epoch: epoch(c),
                 log_epoch: node.epoch,
                 log: Some(node.log),
-                in_sync: self
-                    .roles
-                    .get(c)
-                    .is_some_and(|r| r.in_sync.contains(s)),
+                in_sync: self.roles.get(c).is_some_and(|r| r.in_sync.contains(s)),
             }
         });
         let syncs = self.syncs.iter().map(|(id, node)| {

@@ -150,8 +150,12 @@ impl CoordService for CoordAdapter {
             epoch: assignment.epoch.0,
             assigned_role: node_role(assignment.role).into(),
             master_server_id: master.as_ref().map_or(0, |(s, _)| s.get() as i32),
-            master_hostname: master.as_ref().map_or_else(String::new, |(_, a)| a.host.clone()),
-            master_port: master.as_ref().map_or_else(String::new, |(_, a)| a.port.to_string()),
+            master_hostname: master
+                .as_ref()
+                .map_or_else(String::new, |(_, a)| a.host.clone()),
+            master_port: master
+                .as_ref()
+                .map_or_else(String::new, |(_, a)| a.port.to_string()),
         }))
     }
 

@@ -65,7 +65,11 @@ impl Replication for ReplicationAdapter {
         let hello = match first.map(from_slave) {
             Some(Ok(FromSlave::Hello(hello))) => hello,
             Some(Err(e)) => return Err(status(e)),
-            _ => return Err(Status::invalid_argument("a mirroring stream starts with hello")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a mirroring stream starts with hello",
+                ));
+            }
         };
         let (out, rx) = mpsc::channel(8);
         let inbound = inbound.map(|m| {
@@ -145,7 +149,8 @@ fn from_slave(message: SlaveMessage) -> Result<FromSlave> {
         Some(SlaveKind::Hello(h)) => Ok(FromSlave::Hello(Hello {
             cluster: ClusterId::new(h.cluster)
                 .ok_or_else(|| Error::invalid("hello names cluster 0"))?,
-            server: ServerId::new(h.server).ok_or_else(|| Error::invalid("hello names server 0"))?,
+            server: ServerId::new(h.server)
+                .ok_or_else(|| Error::invalid("hello names server 0"))?,
             known_epoch: Epoch(h.known_epoch),
             last_index: LogIndex(h.last_index),
             last_epoch: Epoch(h.last_epoch),
@@ -224,7 +229,10 @@ mod tests {
             last_epoch: Epoch(6),
             commit: LogIndex(40),
         });
-        assert_eq!(from_slave(to_wire_slave(hello.clone())).expect("decodes"), hello);
+        assert_eq!(
+            from_slave(to_wire_slave(hello.clone())).expect("decodes"),
+            hello
+        );
         let entry = LogEntry {
             index: LogIndex(42),
             epoch: Epoch(7),

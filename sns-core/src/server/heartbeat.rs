@@ -12,8 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sns_proto::csce438::{Confirmation, ServerInfo};
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
+use sns_proto::csce438::{Confirmation, ServerInfo};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
@@ -119,16 +119,14 @@ impl Server {
             Role::Slave => {
                 let own = self.shared.config.server_id;
                 let target = master.filter(|m| m.server != own);
-                self.shared
-                    .mirror_target
-                    .send_if_modified(|current| {
-                        if *current == target {
-                            false
-                        } else {
-                            *current = target;
-                            true
-                        }
-                    });
+                self.shared.mirror_target.send_if_modified(|current| {
+                    if *current == target {
+                        false
+                    } else {
+                        *current = target;
+                        true
+                    }
+                });
             }
         }
     }
@@ -216,9 +214,13 @@ async fn run(
         };
         let due = last_beat.map_or_else(Instant::now, |t| t + period);
         tokio::select! {
+            biased;
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep_until(due) => {},
             () = early.notified() => {},
+        }
+        if shutdown.is_cancelled() {
+            return;
         }
         last_beat = Some(Instant::now());
         let Some(server) = shared.upgrade().map(|shared| Server { shared }) else {
@@ -229,7 +231,13 @@ async fn run(
         if let Some(token) = &token {
             request.metadata_mut().insert(TOKEN_METADATA, token.clone());
         }
-        let answer = match tokio::time::timeout(link.interval, rpc.heartbeat(request)).await {
+        let call = tokio::time::timeout(link.interval, rpc.heartbeat(request));
+        // A stopping server says nothing more: in particular not that its slave left.
+        let answer = match tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            answer = call => answer,
+        } {
             Ok(Ok(reply)) => Ok(reply.into_inner()),
             Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
             Err(_) => Err("heartbeat timed out".to_string()),

@@ -465,6 +465,13 @@ impl Server {
         }
     }
 
+    /// The commit index and a copy of the committed state (for tests and tools comparing
+    /// servers; it copies the whole state).
+    pub fn committed_state(&self) -> (LogIndex, State) {
+        let core = self.lock();
+        (core.commit, core.state.clone())
+    }
+
     /// The committed entries after `after`, in order: those already committed first, then new
     /// ones as they commit.
     pub fn committed_after(&self, after: LogIndex) -> CommittedEntries {

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use tokio_stream::{Stream, StreamExt};
 use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt};
 
 use super::{FromSlave, Hello, MAX_BATCH, SNAPSHOT_CHUNK, Shipment, SnapshotChunk, ToSlave};
 use crate::error::{Error, Result};
@@ -28,8 +28,12 @@ struct Plan {
 impl Server {
     /// Serves one slave's mirroring stream until it ends, this server stops being master, or
     /// the slave falls silent.
-    pub(crate) async fn ship_to_slave<S>(&self, hello: Hello, inbound: S, out: mpsc::Sender<ToSlave>)
-    where
+    pub(crate) async fn ship_to_slave<S>(
+        &self,
+        hello: Hello,
+        inbound: S,
+        out: mpsc::Sender<ToSlave>,
+    ) where
         S: Stream<Item = Result<FromSlave>> + Send + Unpin,
     {
         let server = hello.server;
@@ -48,15 +52,15 @@ impl Server {
             "slave attached"
         );
         let why = tokio::select! {
+            biased;
+            // A stopping master leaves its slave counted: the coordinator may promote it.
+            () = self.shared.shutdown.cancelled() => return,
             result = self.ship(&hello, session, &out) => result.err(),
             result = self.read_acks(server, session, inbound) => result.err(),
-            () = self.shared.shutdown.cancelled() => None,
         };
         let leaving = {
             let mut core = self.lock();
-            let leaving = core
-                .replicas
-                .detach(server, session, &*self.shared.storage);
+            let leaving = core.replicas.detach(server, session, &*self.shared.storage);
             if core.role == Role::Master {
                 self.open_gate(&core);
             }
@@ -77,7 +81,8 @@ impl Server {
 
     fn attach_slave(&self, hello: &Hello) -> Result<u64> {
         let mut core = self.readable()?;
-        if hello.cluster != self.shared.config.cluster || hello.server == self.shared.config.server_id
+        if hello.cluster != self.shared.config.cluster
+            || hello.server == self.shared.config.server_id
         {
             return Err(Error::invalid(format!(
                 "server {} of cluster {} cannot mirror this server",
@@ -253,7 +258,10 @@ impl Server {
         }
         if !plan.snapshot && plan.start <= sequenced {
             let held = self.lock().recent.epoch_at(plan.start).is_some();
-            if !held && let Err(Error::Compacted { .. }) = self.shared.storage.read(plan.start, plan.start).await {
+            if !held
+                && let Err(Error::Compacted { .. }) =
+                    self.shared.storage.read(plan.start, plan.start).await
+            {
                 plan.snapshot = true;
             }
         }
@@ -262,7 +270,11 @@ impl Server {
 
     /// The epoch of the entry at `index` in this master's log: `Some(None)` if the log does not
     /// hold it, `None` if it was compacted away (unknown).
-    async fn epoch_at(&self, index: LogIndex, snapshot: Option<&Snapshot>) -> Result<Option<Option<Epoch>>> {
+    async fn epoch_at(
+        &self,
+        index: LogIndex,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<Option<Option<Epoch>>> {
         if let Some(snapshot) = snapshot
             && snapshot.index == index
         {
@@ -329,9 +341,9 @@ impl Server {
             match message {
                 FromSlave::Durable(index) => {
                     let mut core = self.lock();
-                    let in_sync = core
-                        .replicas
-                        .acked(server, session, index, &*self.shared.storage);
+                    let in_sync =
+                        core.replicas
+                            .acked(server, session, index, &*self.shared.storage);
                     if core.role == Role::Master {
                         self.open_gate(&core);
                     }

@@ -174,7 +174,10 @@ impl Server {
             }
             let core = self.lock();
             if core.role == Role::Slave {
-                let upto = core.commit.max(message.commit).max(self.shared.gate.borrow().upto);
+                let upto = core
+                    .commit
+                    .max(message.commit)
+                    .max(self.shared.gate.borrow().upto);
                 self.set_gate(&core, upto);
             }
         }
@@ -312,7 +315,9 @@ fn assemble(assembly: &mut Option<Assembly>, chunk: SnapshotChunk) -> Result<Opt
         return Err(Error::invalid("snapshot pieces arrived out of order"));
     }
     if chunk.offset + chunk.data.len() as u64 > MAX_SNAPSHOT_BYTES {
-        return Err(Error::invalid("the snapshot is larger than this server accepts"));
+        return Err(Error::invalid(
+            "the snapshot is larger than this server accepts",
+        ));
     }
     current.data.extend_from_slice(&chunk.data);
     if !chunk.last {

@@ -25,9 +25,16 @@ fn a_slave_counts_once_caught_up_and_is_in_sync_once_it_has_everything_committed
     let mut replicas = Replicas::default();
     let session = replicas.attach(s(2), LogIndex(0));
     replicas.caught_up(s(2), session, LogIndex(100));
-    assert_eq!(replicas.quorum(), Some(LogIndex(0)), "commits now wait for it");
+    assert_eq!(
+        replicas.quorum(),
+        Some(LogIndex(0)),
+        "commits now wait for it"
+    );
     assert!(!replicas.acked(s(2), session, LogIndex(99), &storage));
-    assert!(replicas.in_sync().is_empty(), "entry 100 is committed and not on the slave");
+    assert!(
+        replicas.in_sync().is_empty(),
+        "entry 100 is committed and not on the slave"
+    );
     assert!(replicas.acked(s(2), session, LogIndex(100), &storage));
     assert_eq!(replicas.in_sync(), vec![(s(2), LogIndex(100))]);
     assert_eq!(replicas.quorum(), Some(LogIndex(100)));
@@ -40,7 +47,10 @@ fn an_unannounced_slave_leaves_at_once_an_announced_one_only_after_an_answered_b
     let first = replicas.attach(s(2), LogIndex(0));
     replicas.caught_up(s(2), first, LogIndex(0));
     replicas.acked(s(2), first, LogIndex(5), &storage);
-    assert!(!replicas.detach(s(2), first, &storage), "the coordinator never heard of it");
+    assert!(
+        !replicas.detach(s(2), first, &storage),
+        "the coordinator never heard of it"
+    );
     assert_eq!(replicas.quorum(), None);
 
     let second = replicas.attach(s(2), LogIndex(5));
@@ -48,7 +58,10 @@ fn an_unannounced_slave_leaves_at_once_an_announced_one_only_after_an_answered_b
     replicas.acked(s(2), second, LogIndex(7), &storage);
     let (beat, named) = replicas.announce();
     assert_eq!(named, vec![(s(2), LogIndex(7))]);
-    assert!(replicas.detach(s(2), second, &storage), "must leave through the coordinator");
+    assert!(
+        replicas.detach(s(2), second, &storage),
+        "must leave through the coordinator"
+    );
     assert_eq!(
         replicas.quorum(),
         Some(LogIndex(7)),
@@ -72,10 +85,21 @@ fn a_counted_slave_that_reconnects_stays_counted_and_old_sessions_are_ignored() 
     replicas.caught_up(s(2), old, LogIndex(0));
     replicas.acked(s(2), old, LogIndex(10), &storage);
     let new = replicas.attach(s(2), LogIndex(10));
-    assert_eq!(replicas.quorum(), Some(LogIndex(0)), "counted from the start");
+    assert_eq!(
+        replicas.quorum(),
+        Some(LogIndex(0)),
+        "counted from the start"
+    );
     assert!(!replicas.is_counted(s(2), old));
     replicas.acked(s(2), old, LogIndex(50), &storage);
-    assert_eq!(replicas.quorum(), Some(LogIndex(0)), "the old stream's acks are ignored");
+    assert_eq!(
+        replicas.quorum(),
+        Some(LogIndex(0)),
+        "the old stream's acks are ignored"
+    );
     assert!(!replicas.detach(s(2), old, &storage));
-    assert!(replicas.is_counted(s(2), new), "ending the old stream leaves the new one alone");
+    assert!(
+        replicas.is_counted(s(2), new),
+        "ending the old stream leaves the new one alone"
+    );
 }

@@ -1,0 +1,333 @@
+//! Mirroring and failover inside one cluster (`TestCluster` on in-memory pipes): the slave
+//! holds every acknowledged change, is promoted when the master dies, and a returning server
+//! rejoins as slave and converges to the master's state, tail or no tail.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sns_core::session::{SessionConfig, Target};
+use sns_core::testing::{TestCluster, TestClusterConfig, eventually};
+use sns_core::{Error, Role, Server, Session, UserId};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn u(id: u32) -> UserId {
+    UserId::new(id).expect("valid user")
+}
+
+fn config() -> TestClusterConfig {
+    TestClusterConfig {
+        clusters: 1,
+        servers_per_cluster: 2,
+        simulated_disks: true,
+        ..TestClusterConfig::default()
+    }
+}
+
+fn server(cluster: &TestCluster, s: u32) -> Server {
+    cluster.server(1, s).expect("running").clone()
+}
+
+/// The server acting as master, once there is exactly one.
+async fn master(cluster: &TestCluster) -> u32 {
+    let mut found = 0;
+    let one = eventually(WAIT, || {
+        let masters: Vec<u32> = (1..=2)
+            .filter(|s| {
+                cluster
+                    .server(1, *s)
+                    .is_some_and(|server| server.role() == Role::Master)
+            })
+            .collect();
+        found = masters.first().copied().unwrap_or(0);
+        async move { masters.len() == 1 }
+    })
+    .await;
+    assert!(one, "no single master");
+    found
+}
+
+/// Waits until the master counts its slave and the coordinator knows it is in sync.
+async fn in_sync(cluster: &TestCluster, slave: u32) {
+    let known = eventually(WAIT, || {
+        let now = tokio::time::Instant::now();
+        let nodes = cluster.deployment().coordinator().table().nodes(now);
+        let ok = nodes.iter().any(|n| n.id == slave && n.in_sync && n.alive);
+        async move { ok }
+    })
+    .await;
+    assert!(known, "slave {slave} never became in sync");
+}
+
+/// Waits until both servers hold the same committed state at the same commit index.
+async fn converged(cluster: &TestCluster) {
+    let same = eventually(WAIT, || {
+        let a = cluster.server(1, 1).map(Server::committed_state);
+        let b = cluster.server(1, 2).map(Server::committed_state);
+        async move { a.is_some() && a == b }
+    })
+    .await;
+    if !same {
+        let a = server(cluster, 1).positions();
+        let b = server(cluster, 2).positions();
+        panic!("master and slave did not converge:\n{a:?}\n{b:?}");
+    }
+}
+
+/// What the clients were told: per (follower, followee), the outcome of the last follow or
+/// unfollow answered, or `None` once an answer was lost (the change may or may not be there).
+type Acknowledged = Arc<Mutex<BTreeMap<(u32, u32), Option<bool>>>>;
+
+/// Users 1..=n follow and unfollow each other in a loop through sessions (which carry them over
+/// failovers), recording every acknowledged change, until `stop`.
+async fn churn(
+    cluster: &TestCluster,
+    n: u32,
+    stop: CancellationToken,
+) -> (Acknowledged, Vec<tokio::task::JoinHandle<usize>>) {
+    let acked: Acknowledged = Arc::default();
+    let mut workers = Vec::new();
+    for user in 1..=n {
+        let session = Session::connect(
+            cluster.network(),
+            Target::Coordinator(cluster.coordinator_addr().to_string()),
+            u(user),
+            SessionConfig {
+                patience: WAIT,
+                first_retry: Duration::from_millis(20),
+                max_retry: Duration::from_millis(200),
+                ..SessionConfig::default()
+            },
+        )
+        .await
+        .expect("session");
+        let acked = Arc::clone(&acked);
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let mut done = 0;
+            let mut round = 0u32;
+            while !stop.is_cancelled() {
+                let target = (user + round % (n - 1)) % n + 1;
+                round += 1;
+                let key = (user, target);
+                let following = acked.lock().expect("lock").get(&key).copied().flatten();
+                let result = if following == Some(true) {
+                    session.unfollow(u(target)).await.map(|()| false)
+                } else {
+                    session.follow(u(target)).await.map(|()| true)
+                };
+                let outcome = match result {
+                    Ok(now) => Some(now),
+                    Err(Error::AlreadyFollowing) => Some(true),
+                    Err(Error::NotFollowing) => Some(false),
+                    Err(_) => None,
+                };
+                acked.lock().expect("lock").insert(key, outcome);
+                done += usize::from(outcome.is_some());
+            }
+            session.close().await;
+            done
+        }));
+    }
+    (acked, workers)
+}
+
+fn acked_count(acked: &Acknowledged) -> usize {
+    acked.lock().expect("lock").len()
+}
+
+/// Every acknowledged follow state is what `server` holds.
+fn holds_every_acknowledged_change(server: &Server, acked: &Acknowledged) {
+    let (_, state) = server.committed_state();
+    for ((follower, followee), outcome) in acked.lock().expect("lock").iter() {
+        if let Some(following) = outcome {
+            assert_eq!(
+                state.follows(u(*follower), u(*followee)),
+                *following,
+                "{follower} -> {followee} was acknowledged as {following}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_crash_promotes_the_slave_and_the_old_master_rejoins_as_slave() {
+    let mut cluster = TestCluster::start_with(config()).await.expect("start");
+    let old = master(&cluster).await;
+    let slave = 3 - old;
+    in_sync(&cluster, slave).await;
+    let stop = CancellationToken::new();
+    let (acked, workers) = churn(&cluster, 4, stop.clone()).await;
+    assert!(
+        eventually(WAIT, || {
+            let n = acked_count(&acked);
+            async move { n >= 8 }
+        })
+        .await
+    );
+    let before = server(&cluster, old).positions().commit;
+
+    cluster.crash(1, old).await.expect("crash");
+    let promoted = eventually(WAIT, || {
+        let role = cluster.server(1, slave).map(Server::role);
+        async move { role == Some(Role::Master) }
+    })
+    .await;
+    assert!(promoted, "the in-sync slave was not promoted");
+    // The clients carry on by themselves: more changes are acknowledged after the failover.
+    let mark = server(&cluster, slave).positions().commit;
+    assert!(mark >= before, "the promoted slave lacks committed entries");
+    let carried_on = eventually(WAIT, || {
+        let commit = cluster.server(1, slave).map(|s| s.positions().commit);
+        async move { commit.is_some_and(|c| c.0 >= mark.0 + 8) }
+    })
+    .await;
+    assert!(carried_on, "clients did not continue on the new master");
+    stop.cancel();
+    for worker in workers {
+        assert!(worker.await.expect("worker") > 0);
+    }
+    holds_every_acknowledged_change(&server(&cluster, slave), &acked);
+
+    // The old master comes back as slave of its successor and ends with the same state.
+    cluster.restart(1, old).await.expect("restart");
+    in_sync(&cluster, old).await;
+    assert_eq!(server(&cluster, old).role(), Role::Slave);
+    converged(&cluster).await;
+    holds_every_acknowledged_change(&server(&cluster, old), &acked);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_master_drops_the_tail_its_successor_never_committed() {
+    let mut cluster = TestCluster::start_with(TestClusterConfig {
+        // Memory storage keeps every append, so the uncommitted tail survives the crash.
+        simulated_disks: false,
+        ..config()
+    })
+    .await
+    .expect("start");
+    let old = master(&cluster).await;
+    let slave = 3 - old;
+    let one = cluster.client(1).await.expect("client 1");
+    let _two = cluster.client(2).await.expect("client 2");
+    in_sync(&cluster, slave).await;
+
+    // The master can no longer ship to its slave: its next change is durable on the master
+    // alone and cannot commit.
+    cluster.isolate(1, old, slave, true).expect("cut");
+    let pending = tokio::spawn(async move { one.follow(u(2)).await });
+    let tail = eventually(WAIT, || {
+        let p = cluster.server(1, old).map(Server::positions);
+        async move { p.is_some_and(|p| p.durable > p.commit) }
+    })
+    .await;
+    assert!(tail, "the master never wrote the change");
+    cluster.crash(1, old).await.expect("crash");
+    let _ = pending.await;
+    let promoted = eventually(WAIT, || {
+        let role = cluster.server(1, slave).map(Server::role);
+        async move { role == Some(Role::Master) }
+    })
+    .await;
+    if !promoted {
+        let now = tokio::time::Instant::now();
+        let nodes = cluster.deployment().coordinator().table().nodes(now);
+        panic!(
+            "not promoted: {nodes:#?}\n{:?}",
+            server(&cluster, slave).positions()
+        );
+    }
+    // Healed only now: bytes the cut held back reach a slave that already knows it replaced
+    // the old master (a message of the old epoch is refused).
+    cluster.isolate(1, old, slave, false).expect("heal");
+    // The new master writes entries where the old master's tail lies.
+    let three = cluster.client(3).await.expect("client 3");
+    three.follow(u(1)).await.expect("follow on the new master");
+
+    cluster.restart(1, old).await.expect("restart");
+    in_sync(&cluster, old).await;
+    converged(&cluster).await;
+    let (_, state) = server(&cluster, old).committed_state();
+    assert!(state.follows(u(3), u(1)));
+    assert!(
+        !state.follows(u(1), u(2)),
+        "the uncommitted follow must be gone from the old master"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_its_slave_down_the_master_serves_alone_and_the_slave_catches_up_but_is_not_promoted_while_behind()
+ {
+    let mut cluster = TestCluster::start_with(config()).await.expect("start");
+    let m = master(&cluster).await;
+    let s = 3 - m;
+    let one = cluster.client(1).await.expect("client 1");
+    let _two = cluster.client(2).await.expect("client 2");
+    in_sync(&cluster, s).await;
+
+    cluster.crash(1, s).await.expect("crash the slave");
+    // Writes go on: the master drops the slave (through the coordinator) and commits alone.
+    for _ in 0..3 {
+        one.follow(u(2)).await.expect("follow alone");
+        one.unfollow(u(2)).await.expect("unfollow alone");
+    }
+    one.follow(u(2)).await.expect("follow alone");
+    let now = tokio::time::Instant::now();
+    let nodes = cluster.deployment().coordinator().table().nodes(now);
+    assert!(
+        !nodes.iter().any(|n| n.id == s && n.in_sync),
+        "the coordinator must not count the dead slave"
+    );
+
+    // The slave returns but cannot reach the master: it stays behind...
+    cluster.isolate(1, m, s, true).expect("cut");
+    cluster.restart(1, s).await.expect("restart the slave");
+    let behind = server(&cluster, s).positions().commit;
+    assert!(behind < server(&cluster, m).positions().commit);
+    // ...and when the master dies it is not promoted: the cluster waits rather than lose the
+    // follow it never received.
+    cluster.crash(1, m).await.expect("crash the master");
+    let coordinator = cluster.deployment().coordinator().clone();
+    let failure = cluster.deployment().config().heartbeat_interval * 2;
+    // Once the master is dead, the slave's next heartbeats are answered: it stays slave.
+    let dead_at = tokio::time::Instant::now();
+    let heard = eventually(WAIT, || {
+        let now = tokio::time::Instant::now();
+        let nodes = coordinator.table().nodes(now);
+        let master_dead = nodes.iter().any(|n| n.id == m && !n.alive);
+        let slave_spoke_since = nodes
+            .iter()
+            .any(|n| n.id == s && n.alive && now - n.since_heartbeat > dead_at + failure);
+        async move { master_dead && slave_spoke_since }
+    })
+    .await;
+    assert!(
+        heard,
+        "the coordinator never heard the slave after the master died"
+    );
+    assert_eq!(
+        server(&cluster, s).role(),
+        Role::Slave,
+        "promoted while behind"
+    );
+    assert!(matches!(
+        sns_core::client::locate(cluster.network(), cluster.coordinator_addr(), u(1)).await,
+        Err(Error::Unavailable(_))
+    ));
+
+    // The old master returns and the cluster works again; the slave catches up.
+    cluster.isolate(1, m, s, false).expect("heal");
+    cluster.restart(1, m).await.expect("restart the master");
+    assert_eq!(master(&cluster).await, m);
+    in_sync(&cluster, s).await;
+    converged(&cluster).await;
+    let (_, state) = server(&cluster, s).committed_state();
+    assert!(state.follows(u(1), u(2)));
+    let three = cluster.client(3).await.expect("the cluster serves again");
+    three.follow(u(1)).await.expect("follow");
+    cluster.shutdown().await;
+}
