@@ -331,3 +331,72 @@ async fn with_its_slave_down_the_master_serves_alone_and_the_slave_catches_up_bu
     three.follow(u(1)).await.expect("follow");
     cluster.shutdown().await;
 }
+
+/// A crash of one server of the cluster, and how long until it restarts.
+#[derive(Debug, Clone, Copy)]
+struct Fault {
+    /// Crash the master (`true`) or the slave.
+    master: bool,
+    /// Load before the crash, and downtime, in milliseconds.
+    before_ms: u64,
+    down_ms: u64,
+}
+
+fn fault() -> impl proptest::strategy::Strategy<Value = Fault> {
+    use proptest::prelude::*;
+    (any::<bool>(), 0u64..150, 0u64..400).prop_map(|(master, before_ms, down_ms)| Fault {
+        master,
+        before_ms,
+        down_ms,
+    })
+}
+
+/// Runs `faults` one after the other under continuous follows and unfollows, then checks that
+/// the master holds every acknowledged change and that master and slave end identical.
+async fn survive(faults: Vec<Fault>) {
+    let mut cluster = TestCluster::start_with(config()).await.expect("start");
+    let stop = CancellationToken::new();
+    let (acked, workers) = churn(&cluster, 4, stop.clone()).await;
+    for fault in faults {
+        tokio::time::sleep(Duration::from_millis(fault.before_ms)).await;
+        let m = master(&cluster).await;
+        let victim = if fault.master { m } else { 3 - m };
+        cluster.crash(1, victim).await.expect("crash");
+        tokio::time::sleep(Duration::from_millis(fault.down_ms)).await;
+        cluster.restart(1, victim).await.expect("restart");
+    }
+    // Load goes on until the cluster is whole again, then stops.
+    let m = master(&cluster).await;
+    in_sync(&cluster, 3 - m).await;
+    let mark = server(&cluster, m).positions().commit;
+    let resumed = eventually(WAIT, || {
+        let commit = cluster.server(1, m).map(|s| s.positions().commit);
+        async move { commit.is_some_and(|c| c.0 >= mark.0 + 4) }
+    })
+    .await;
+    assert!(resumed, "the clients did not carry on");
+    stop.cancel();
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    let m = master(&cluster).await;
+    holds_every_acknowledged_change(&server(&cluster, m), &acked);
+    converged(&cluster).await;
+    cluster.shutdown().await;
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config { cases: 8, ..proptest::test_runner::Config::default() })]
+
+    #[test]
+    fn random_crashes_of_master_and_slave_lose_no_acknowledged_change(
+        faults in proptest::collection::vec(fault(), 1..4)
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(survive(faults));
+    }
+}

@@ -1,6 +1,8 @@
-//! The coordinator and a server on turmoil's simulated network, deterministic by seed: a master
+//! The coordinator and servers on turmoil's simulated network, deterministic by seed: a master
 //! partitioned from the coordinator steps down within the failure timeout (simulated time) and
-//! is master again after the partition is repaired.
+//! is master again after the partition is repaired; with a slave, the slave is promoted and the
+//! old master, still reachable by its clients, acknowledges nothing after the promotion while
+//! every write it acknowledged before is on the new master.
 //!
 //! The turmoil listener and connector below use only the public transport API
 //! (`Listener::new`, `Connection::new`, `Connector`): the same injection the binaries and the
@@ -213,6 +215,147 @@ fn a_partitioned_master_steps_down_within_the_failure_timeout_and_rejoins_after_
         );
         two.follow(u(1)).await?;
         assert_eq!(one.list().await?.followers, [u(2)]);
+        Ok(())
+    });
+
+    sim.run()
+}
+
+/// Starts a joined server of cluster 1 on simulated host `name`, and publishes it in `slot`.
+fn server_host(
+    sim: &mut turmoil::Sim<'_>,
+    name: &'static str,
+    id: u32,
+    slot: Arc<Mutex<Option<Server>>>,
+) {
+    sim.host(name, move || {
+        let slot = Arc::clone(&slot);
+        async move {
+            let config = ServerConfig {
+                server_id: sns_core::ServerId::new(id).expect("server id"),
+                clusters: 1,
+                mirror_timeout: INTERVAL * MISSED,
+                ..ServerConfig::default()
+            };
+            let server = Server::open_replica(config, Arc::new(MemoryStorage::new())).await?;
+            let listener = bind(name, SERVER_PORT).await?;
+            let mut link = CoordinatorLink::new(
+                format!("{COORDINATOR}:{COORDINATOR_PORT}"),
+                name,
+                SERVER_PORT,
+            );
+            link.interval = INTERVAL;
+            link.missed_heartbeats = MISSED;
+            server.join(link, Network::new(TurmoilConnector));
+            *slot.lock().expect("lock") = Some(server.clone());
+            server.serve(listener, CancellationToken::new()).await?;
+            Ok(())
+        }
+    });
+}
+
+#[test]
+fn a_master_cut_off_from_the_coordinator_is_replaced_and_acknowledges_nothing_afterwards()
+-> turmoil::Result {
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(SEED)
+        .simulation_duration(Duration::from_secs(120))
+        .build();
+    let coordinator = Coordinator::new(CoordinatorConfig {
+        routing: RoutingConfig {
+            clusters: 1,
+            heartbeat_interval: INTERVAL,
+            missed_heartbeats: MISSED,
+            allow_unclean_promotion: false,
+        },
+        cluster_token: None,
+    });
+    sim.host(COORDINATOR, {
+        let coordinator = coordinator.clone();
+        move || {
+            let coordinator = coordinator.clone();
+            async move {
+                let listener = bind(COORDINATOR, COORDINATOR_PORT).await?;
+                coordinator
+                    .serve(listener, CancellationToken::new())
+                    .await?;
+                Ok(())
+            }
+        }
+    });
+    let names = ["server1", "server2"];
+    let slots: [Arc<Mutex<Option<Server>>>; 2] = [Arc::default(), Arc::default()];
+    for (i, name) in names.iter().enumerate() {
+        server_host(&mut sim, name, i as u32 + 1, Arc::clone(&slots[i]));
+    }
+
+    sim.client("test", async move {
+        let role = |i: usize| slots[i].lock().expect("lock").as_ref().map(Server::role);
+        let state = |i: usize| {
+            slots[i]
+                .lock()
+                .expect("lock")
+                .as_ref()
+                .map(Server::committed_state)
+        };
+        let network = Network::new(TurmoilConnector);
+        let master = until(Duration::from_secs(10), || async {
+            role(0) == Some(Role::Master) || role(1) == Some(Role::Master)
+        })
+        .await;
+        assert!(master.is_some(), "a master is named");
+        let (old, slave) = if role(0) == Some(Role::Master) {
+            (0, 1)
+        } else {
+            (1, 0)
+        };
+        let addr = format!("{}:{SERVER_PORT}", names[old]);
+        let one = Client::login(&network, &addr, u(1)).await?;
+        let _two = Client::login(&network, &addr, u(2)).await?;
+        let in_sync = until(Duration::from_secs(10), || async {
+            let nodes = coordinator.table().nodes(Instant::now());
+            nodes.iter().any(|n| n.id == slave as u32 + 1 && n.in_sync)
+        })
+        .await;
+        assert!(in_sync.is_some(), "the slave is in sync");
+
+        // The master loses the coordinator but keeps its clients and its slave.
+        turmoil::partition(names[old], COORDINATOR);
+        let mut following = false;
+        let mut acknowledged = Vec::new();
+        let mut refused_after_promotion = 0;
+        while refused_after_promotion < 5 {
+            let promoted = role(slave) == Some(Role::Master);
+            let result = if following {
+                one.unfollow(u(2)).await
+            } else {
+                one.follow(u(2)).await
+            };
+            match result {
+                Ok(()) => {
+                    assert!(
+                        !promoted,
+                        "the old master acknowledged a write after the promotion"
+                    );
+                    following = !following;
+                    acknowledged.push(following);
+                }
+                Err(_) if promoted => refused_after_promotion += 1,
+                Err(_) => tokio::time::sleep(INTERVAL / 10).await,
+            }
+        }
+        assert!(
+            !acknowledged.is_empty(),
+            "writes went through before the promotion"
+        );
+        // Every write the old master acknowledged is on the new master.
+        let (_, promoted_state) = state(slave).expect("running");
+        assert_eq!(promoted_state.follows(u(1), u(2)), following);
+        let stepped_down = until(INTERVAL * MISSED * 3, || async {
+            role(old) == Some(Role::Slave)
+        })
+        .await;
+        assert!(stepped_down.is_some(), "the old master steps down");
         Ok(())
     });
 
