@@ -332,40 +332,138 @@ async fn with_its_slave_down_the_master_serves_alone_and_the_slave_catches_up_bu
     cluster.shutdown().await;
 }
 
-/// A crash of one server of the cluster, and how long until it restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_commits_on_the_slave_too_or_only_once_the_coordinator_stopped_counting_it() {
+    let cluster = TestCluster::start_with(config()).await.expect("start");
+    let m = master(&cluster).await;
+    let s = 3 - m;
+    let one = cluster.client(1).await.expect("client 1");
+    let _two = cluster.client(2).await.expect("client 2");
+    in_sync(&cluster, s).await;
+    cluster.isolate(1, m, s, true).expect("cut");
+    // The slave cannot acknowledge: the follow commits only after the master told the
+    // coordinator the slave is out of sync (so it can never be promoted without it).
+    one.follow(u(2))
+        .await
+        .expect("commits without the slave, eventually");
+    let now = tokio::time::Instant::now();
+    let nodes = cluster.deployment().coordinator().table().nodes(now);
+    assert!(
+        nodes.iter().all(|n| !(n.id == s && n.in_sync)),
+        "acknowledged while the coordinator still counts the slave: {nodes:?}"
+    );
+    assert!(!server(&cluster, s).committed_state().1.follows(u(1), u(2)));
+    cluster.isolate(1, m, s, false).expect("heal");
+    in_sync(&cluster, s).await;
+    converged(&cluster).await;
+    cluster.shutdown().await;
+}
+
+/// A crash of one server of the cluster, and how long until it restarts. Faults overlap: the
+/// next one comes `gap_ms` after this crash, whether or not this server is back.
 #[derive(Debug, Clone, Copy)]
 struct Fault {
     /// Crash the master (`true`) or the slave.
     master: bool,
-    /// Load before the crash, and downtime, in milliseconds.
-    before_ms: u64,
+    /// Crash both at once (a power loss): the slave restarts first, the master 100 ms later.
+    both: bool,
+    /// Time to the next fault, and downtime, in milliseconds.
+    gap_ms: u64,
     down_ms: u64,
 }
 
 fn fault() -> impl proptest::strategy::Strategy<Value = Fault> {
     use proptest::prelude::*;
-    (any::<bool>(), 0u64..150, 0u64..400).prop_map(|(master, before_ms, down_ms)| Fault {
-        master,
-        before_ms,
-        down_ms,
-    })
+    (any::<bool>(), any::<bool>(), 0u64..200, 0u64..400).prop_map(
+        |(master, both, gap_ms, down_ms)| Fault {
+            master,
+            both,
+            gap_ms,
+            down_ms,
+        },
+    )
 }
 
-/// Runs `faults` one after the other under continuous follows and unfollows, then checks that
-/// the master holds every acknowledged change and that master and slave end identical.
+/// What happens at a moment of a fault plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Step {
+    /// Crash the server in this role (if one runs in it; else the other running one).
+    Crash { master: bool },
+    /// Restart the server crashed by the crash step of this number.
+    Restart { crash: usize },
+}
+
+/// Runs `faults` under continuous follows and unfollows, then checks that the master holds
+/// every acknowledged change and that master and slave end identical.
 async fn survive(faults: Vec<Fault>) {
     let mut cluster = TestCluster::start_with(config()).await.expect("start");
+    in_sync(&cluster, 3 - master(&cluster).await).await;
     let stop = CancellationToken::new();
     let (acked, workers) = churn(&cluster, 4, stop.clone()).await;
-    for fault in faults {
-        tokio::time::sleep(Duration::from_millis(fault.before_ms)).await;
-        let m = master(&cluster).await;
-        let victim = if fault.master { m } else { 3 - m };
-        cluster.crash(1, victim).await.expect("crash");
-        tokio::time::sleep(Duration::from_millis(fault.down_ms)).await;
-        cluster.restart(1, victim).await.expect("restart");
+    let mut plan = Vec::new();
+    let mut at = 0;
+    let mut crashes = 0;
+    for fault in &faults {
+        if fault.both {
+            plan.push((at, Step::Crash { master: false }));
+            plan.push((at, Step::Crash { master: true }));
+            plan.push((at + fault.down_ms, Step::Restart { crash: crashes }));
+            plan.push((
+                at + fault.down_ms + 100,
+                Step::Restart { crash: crashes + 1 },
+            ));
+            crashes += 2;
+        } else {
+            plan.push((
+                at,
+                Step::Crash {
+                    master: fault.master,
+                },
+            ));
+            plan.push((at + fault.down_ms, Step::Restart { crash: crashes }));
+            crashes += 1;
+        }
+        at += fault.gap_ms;
     }
-    // Load goes on until the cluster is whole again, then stops.
+    // Stable: a power loss crashes the slave, then the master.
+    plan.sort_by_key(|(at, _)| *at);
+    let start = tokio::time::Instant::now();
+    let mut crashed: Vec<Option<u32>> = vec![None; crashes];
+    let mut crashes = 0;
+    for (at, step) in plan {
+        tokio::time::sleep_until(start + Duration::from_millis(at)).await;
+        match step {
+            Step::Crash { master } => {
+                let running: Vec<u32> = (1..=2)
+                    .filter(|s| cluster.server(1, *s).is_some())
+                    .collect();
+                let wanted = if master { Role::Master } else { Role::Slave };
+                let victim = running
+                    .iter()
+                    .copied()
+                    .find(|s| cluster.server(1, *s).map(Server::role) == Some(wanted))
+                    .or(running.first().copied());
+                if let Some(victim) = victim {
+                    cluster.crash(1, victim).await.expect("crash");
+                }
+                crashed[crashes] = victim;
+                crashes += 1;
+            }
+            Step::Restart { crash } => {
+                if let Some(victim) = crashed[crash].take()
+                    && cluster.server(1, victim).is_none()
+                {
+                    cluster.restart(1, victim).await.expect("restart");
+                }
+            }
+        }
+    }
+    for s in 1..=2 {
+        if cluster.server(1, s).is_none() {
+            cluster.restart(1, s).await.expect("restart");
+        }
+    }
+    // The cluster is whole again: the clients carry on, then stop.
     let m = master(&cluster).await;
     in_sync(&cluster, 3 - m).await;
     let mark = server(&cluster, m).positions().commit;
@@ -386,7 +484,7 @@ async fn survive(faults: Vec<Fault>) {
 }
 
 proptest::proptest! {
-    #![proptest_config(proptest::test_runner::Config { cases: 8, ..proptest::test_runner::Config::default() })]
+    #![proptest_config(proptest::test_runner::Config { cases: 12, ..proptest::test_runner::Config::default() })]
 
     #[test]
     fn random_crashes_of_master_and_slave_lose_no_acknowledged_change(
