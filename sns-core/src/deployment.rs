@@ -122,7 +122,7 @@ impl Default for DeploymentConfig {
             bind_host: "127.0.0.1".to_string(),
             advertise_host: "127.0.0.1".to_string(),
             data: Data::Dir(PathBuf::from("./sns-data")),
-            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_interval: crate::coordinator::DEFAULT_HEARTBEAT_INTERVAL,
             missed_heartbeats: 2,
             cluster_token: None,
             allow_unclean_promotion: false,

@@ -11,7 +11,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio_util::sync::CancellationToken;
 
-pub use table::{Address, Assignment, Beat, NodeView, ReportedLog, RoutingConfig, RoutingTable};
+pub use table::{
+    Address, Assignment, Beat, DEFAULT_HEARTBEAT_INTERVAL, NodeView, ReportedLog, RoutingConfig,
+    RoutingTable,
+};
 
 use crate::error::{Error, Result};
 use crate::server::SHUTDOWN_GRACE;
