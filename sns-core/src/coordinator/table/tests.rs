@@ -94,12 +94,13 @@ fn the_first_server_of_a_cluster_is_master_and_later_ones_slaves() {
 fn a_server_missing_two_intervals_is_dead_and_not_routed() {
     let t0 = Instant::now();
     let mut t = table(3, t0);
+    let timeout = RoutingConfig::default().failure_timeout();
     t.heartbeat(beat(1, 1, 10000), t0).expect("ok");
     assert!(
-        t.route(1, t0 + 2 * SEC).is_ok(),
+        t.route(1, t0 + timeout).is_ok(),
         "two intervals: still alive"
     );
-    let late = t.route(1, t0 + 2 * SEC + Duration::from_millis(1));
+    let late = t.route(1, t0 + timeout + Duration::from_millis(1));
     assert!(matches!(late, Err(Error::Unavailable(_))));
     // It comes back by heartbeating again, as master (nobody else took over).
     let back = t.heartbeat(beat(1, 1, 10000), t0 + 5 * SEC).expect("ok");
@@ -288,5 +289,112 @@ fn a_claim_never_displaces_a_live_master_and_huge_epochs_do_not_overflow() {
     assert!(
         matches!(overflow, Err(Error::InvalidInput(_))),
         "{overflow:?}"
+    );
+}
+
+/// Server 1 master of cluster 1 at `t0`, server 2 its slave; `in_sync` says whether the master
+/// reports the slave in sync.
+fn master_and_slave(t: &mut RoutingTable, t0: Instant, in_sync: bool) -> Epoch {
+    let master = t.heartbeat(beat(1, 1, 10000), t0).expect("ok");
+    assert_eq!(master.role, Role::Master);
+    assert_eq!(
+        t.heartbeat(beat(1, 2, 10001), t0).expect("ok").role,
+        Role::Slave
+    );
+    let claim = Beat {
+        claims_master: true,
+        epoch: master.epoch,
+        in_sync: if in_sync { vec![s(2)] } else { Vec::new() },
+        ..beat(1, 1, 10000)
+    };
+    assert_eq!(t.heartbeat(claim, t0).expect("ok"), master);
+    master.epoch
+}
+
+#[test]
+fn a_dead_master_is_replaced_by_its_in_sync_slave_under_a_new_epoch() {
+    let t0 = Instant::now();
+    let mut t = table(1, t0);
+    let epoch = master_and_slave(&mut t, t0, true);
+    let later = t0 + RoutingConfig::default().failure_timeout() + Duration::from_millis(1);
+    let promoted = t.heartbeat(beat(1, 2, 10001), later).expect("ok");
+    assert_eq!(promoted.role, Role::Master);
+    assert!(promoted.epoch > epoch);
+    assert_eq!(t.mirror_source(c(1), later).map(|(s, _)| s), Some(s(2)));
+    // The old master, back without a claim, is now a slave of its successor.
+    assert_eq!(
+        t.heartbeat(beat(1, 1, 10000), later).expect("ok").role,
+        Role::Slave
+    );
+}
+
+#[test]
+fn a_slave_not_in_sync_is_not_promoted_unless_unclean_promotion_is_allowed() {
+    let t0 = Instant::now();
+    let later = t0 + RoutingConfig::default().failure_timeout() + Duration::from_millis(1);
+    let mut t = table(1, t0);
+    master_and_slave(&mut t, t0, false);
+    assert_eq!(
+        t.heartbeat(beat(1, 2, 10001), later).expect("ok").role,
+        Role::Slave
+    );
+    assert!(matches!(t.route(1, later), Err(Error::Unavailable(_))));
+
+    let mut unclean = RoutingTable::new(
+        RoutingConfig {
+            clusters: 1,
+            allow_unclean_promotion: true,
+            ..RoutingConfig::default()
+        },
+        t0 - SEC,
+    );
+    master_and_slave(&mut unclean, t0, false);
+    assert_eq!(
+        unclean
+            .heartbeat(beat(1, 2, 10001), later)
+            .expect("ok")
+            .role,
+        Role::Master
+    );
+}
+
+#[test]
+fn a_master_that_restarted_or_stepped_down_is_named_again_under_a_new_epoch() {
+    let t0 = Instant::now();
+    let mut t = table(1, t0);
+    let epoch = master_and_slave(&mut t, t0, true);
+    // It beats again without claiming (a new process, or it stepped down): same server, new
+    // epoch, so entries it writes now can never be confused with those of its old process.
+    let again = t.heartbeat(beat(1, 1, 10000), t0 + SEC / 10).expect("ok");
+    assert_eq!(again.role, Role::Master);
+    assert!(again.epoch > epoch);
+    // ...and the in-sync set starts empty for the new epoch.
+    let later = t0 + RoutingConfig::default().failure_timeout() + SEC;
+    assert_eq!(
+        t.heartbeat(beat(1, 2, 10001), later).expect("ok").role,
+        Role::Slave
+    );
+}
+
+#[test]
+fn among_equal_fresh_logs_the_lowest_server_id_becomes_master() {
+    let t0 = Instant::now();
+    let mut t = restarted(1, t0);
+    assert_eq!(
+        t.heartbeat(beat(1, 2, 10001), t0).expect("ok").role,
+        Role::Slave
+    );
+    assert_eq!(
+        t.heartbeat(beat(1, 1, 10000), t0).expect("ok").role,
+        Role::Slave
+    );
+    let window = t0 + SEC;
+    assert_eq!(
+        t.heartbeat(beat(1, 2, 10001), window).expect("ok").role,
+        Role::Slave
+    );
+    assert_eq!(
+        t.heartbeat(beat(1, 1, 10000), window).expect("ok").role,
+        Role::Master
     );
 }
