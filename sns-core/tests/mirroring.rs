@@ -431,6 +431,7 @@ async fn survive(faults: Vec<Fault>) {
     let mut crashed: Vec<Option<u32>> = vec![None; crashes];
     let mut crashes = 0;
     for (at, step) in plan {
+        // The fault schedule itself: crashing at these moments is what the test varies.
         tokio::time::sleep_until(start + Duration::from_millis(at)).await;
         match step {
             Step::Crash { master } => {
