@@ -34,7 +34,7 @@ pub use coordinator::{Coordinator, CoordinatorConfig, RoutingConfig, RoutingTabl
 pub use deployment::{Data, Deployment, DeploymentConfig, Ports, Transport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
-pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, ServerId, Timestamp, UserId};
+pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, PostKey, ServerId, Timestamp, UserId};
 pub use server::{
     CommittedEntries, CoordinatorLink, Listing, LogPositions, Role, Server, ServerConfig,
     TimelineFeed,

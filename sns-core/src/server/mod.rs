@@ -517,6 +517,7 @@ impl Server {
             let kind = EventKind::Posted {
                 author: user,
                 text: Arc::from(text),
+                key: None,
             };
             (id, self.sequence(&mut core, slot, kind))
         };
