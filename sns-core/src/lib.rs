@@ -29,7 +29,10 @@ pub mod storage;
 pub mod testing;
 pub mod transport;
 
-pub use client::{Client, CoordinatorClient, ReceivedPost, TimelineSender, TimelineStream};
+pub use client::{
+    Client, CoordinatorClient, PostAck, ReceivedPost, TimelineMessage, TimelineSender,
+    TimelineStream,
+};
 pub use coordinator::{Coordinator, CoordinatorConfig, RoutingConfig, RoutingTable};
 pub use deployment::{Data, Deployment, DeploymentConfig, Ports, Transport};
 pub use error::{Error, Result};

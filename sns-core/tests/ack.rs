@@ -1,16 +1,20 @@
-//! Post idempotency keys on one server, called as a library: a post re-sent with its key is
-//! stored once and answered with the original's id, whether the original is committed, still
-//! uncommitted (the retry waits for it), discarded with a lost role (the retry fails with it),
-//! or recovered from the log or a snapshot after a restart.
+//! Post idempotency keys and acknowledgements on one server. As a library: a post re-sent with
+//! its key is stored once and answered with the original's id, whether the original is
+//! committed, still uncommitted (the retry waits for it), discarded with a lost role (the retry
+//! fails with it), or recovered from the log or a snapshot after a restart. On the wire: a
+//! structured stream acknowledges each keyed post with its id, in order, before it ends; a
+//! course-mode stream never carries an acknowledgement.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use sns_core::testing::eventually;
+use sns_core::testing::{TestServer, eventually};
 use sns_core::{
-    CrashDisk, CrashDiskOptions, Error, EventKind, LogEntry, LogIndex, MemoryStorage, PostKey,
-    Role, Server, ServerConfig, Storage, UserId,
+    Client, CrashDisk, CrashDiskOptions, Error, EventKind, LogEntry, LogIndex, MemoryStorage,
+    PostKey, Role, Server, ServerConfig, Storage, TimelineMessage, UserId,
 };
+use sns_proto::csce438::Message;
+use sns_proto::csce438::sns_service_client::SnsServiceClient;
 
 const WAIT: Duration = Duration::from_secs(10);
 /// How long the simulated disk takes to sync.
@@ -245,4 +249,139 @@ async fn keys_survive_a_restart_from_the_log_and_from_a_snapshot() {
         assert_eq!(server.positions().commit, commit, "nothing new was logged");
         server.close().await;
     }
+}
+
+async fn serve() -> TestServer {
+    TestServer::start_in_memory(standalone(), Arc::new(MemoryStorage::new()))
+        .await
+        .expect("server starts")
+}
+
+async fn login(server: &TestServer, user: u32) -> Client {
+    Client::login(&server.network, &server.addr, u(user))
+        .await
+        .expect("login")
+}
+
+fn texts(server: &Server, user: u32) -> Vec<String> {
+    let mut posts = server.recent_posts(u(user)).expect("known");
+    posts.reverse();
+    posts.iter().map(|post| post.text.to_string()).collect()
+}
+
+#[tokio::test]
+async fn a_structured_stream_acknowledges_each_keyed_post_in_order_before_it_ends() {
+    let server = serve().await;
+    let one = login(&server, 1).await;
+    let two = login(&server, 2).await;
+    two.follow(u(1)).await.expect("2 follows 1");
+    let (sender, mut stream) = one.timeline().await.expect("timeline");
+    let k = |key| PostKey::new(key).expect("a key is not 0");
+
+    sender.post_keyed("first", k(1)).await.expect("send");
+    sender.post_keyed("second", k(2)).await.expect("send");
+    // The same post again (a retry): acknowledged again, with the first one's id.
+    sender.post_keyed("first", k(1)).await.expect("send");
+    // A post without a key is stored but not acknowledged.
+    sender.post("no key").await.expect("send");
+    sender.post_keyed("third", k(3)).await.expect("send");
+    // Closing the sending side ends the stream once every post is handled; every ack comes
+    // before the end.
+    drop(sender);
+    let mut acks = Vec::new();
+    loop {
+        let next = tokio::time::timeout(WAIT, stream.next_message())
+            .await
+            .expect("in time");
+        match next {
+            Some(Ok(TimelineMessage::Ack(ack))) => acks.push(ack),
+            Some(other) => panic!("user 1 follows nobody: only acks, got {other:?}"),
+            None => break,
+        }
+    }
+    let keys: Vec<u64> = acks.iter().map(|ack| ack.key.get()).collect();
+    assert_eq!(keys, [1, 2, 1, 3]);
+    let ids: Vec<_> = acks.iter().map(|ack| ack.id.expect("stored")).collect();
+    assert_eq!(
+        ids[2], ids[0],
+        "the retry is answered with the original's id"
+    );
+    assert!(
+        ids[0] < ids[1] && ids[1] < ids[3],
+        "distinct posts, in order"
+    );
+    assert_eq!(
+        texts(&server.server, 2),
+        ["first", "second", "no key", "third"]
+    );
+    // The ids are the stored posts' ids.
+    let stored: Vec<_> = server
+        .server
+        .recent_posts(u(2))
+        .expect("known")
+        .iter()
+        .rev()
+        .map(|post| post.id)
+        .collect();
+    assert_eq!([stored[0], stored[1], stored[3]], [ids[0], ids[1], ids[3]]);
+    server.stop().await.expect("stop");
+}
+
+/// The course client never asks for structured mode: even a message that carries a key (which
+/// it never sends) is posted without an acknowledgement, and what it receives has none of the
+/// added acknowledgement fields set.
+#[tokio::test]
+async fn a_course_mode_stream_gets_no_acknowledgements() {
+    let server = serve().await;
+    let two = login(&server, 2).await;
+    let one = login(&server, 1).await;
+    one.follow(u(2)).await.expect("1 follows 2");
+    two.follow(u(1)).await.expect("2 follows 1");
+    one.logout()
+        .await
+        .expect("the course client logs in on its own");
+
+    let channel = server.channel().await.expect("connect");
+    let mut rpc = SnsServiceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Message>(4);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("username", "1".parse().expect("ascii"));
+    let mut inbound = rpc.timeline(request).await.expect("timeline").into_inner();
+    let key = PostKey::new(5).expect("a key is not 0");
+    for (text, post_key) in [("plain", 0), ("keyed", key.get())] {
+        tx.send(Message {
+            username: "1".into(),
+            msg: text.as_bytes().to_vec(),
+            post_key,
+            ..Message::default()
+        })
+        .await
+        .expect("send");
+    }
+    assert!(
+        eventually(WAIT, || async {
+            texts(&server.server, 2) == ["plain", "keyed"]
+        })
+        .await,
+        "both are stored"
+    );
+    server.server.post(u(2), b"from two").await.expect("post");
+    // The stream ends once the server has handled everything sent: an ack, had there been
+    // one, would come before the end.
+    drop(tx);
+    let mut received = Vec::new();
+    while let Some(message) = tokio::time::timeout(WAIT, inbound.message())
+        .await
+        .expect("in time")
+        .expect("no error")
+    {
+        received.push(message);
+    }
+    assert_eq!(received.len(), 1, "only the post of user 2: {received:?}");
+    let post = &received[0];
+    assert!(post.msg.ends_with(b") >> from two"), "pre-formatted");
+    assert!(!post.ack && post.post_key == 0, "{post:?}");
+    server.stop().await.expect("stop");
 }
