@@ -543,7 +543,8 @@ impl Server {
             }
         };
         // A retry's answer comes from the commit of its original, which a stopping server
-        // never makes: stop waiting with it.
+        // never makes: stop waiting with it. (Nor does a server whose storage failed: a retry
+        // of an original caught by the failure waits until the server stops.)
         tokio::select! {
             result = finish(wait) => result?,
             () = self.shared.shutdown.cancelled() => {
