@@ -51,6 +51,7 @@ pub fn post(seq: u64, author: UserId) -> Event {
         EventKind::Posted {
             author,
             text: Arc::from(POST_TEXT),
+            key: None,
         },
     )
 }
@@ -124,6 +125,7 @@ pub fn community_log(len: u64, users: u32, follows_each: u32) -> impl Iterator<I
         EventKind::Posted {
             author: user(author),
             text: Arc::from(POST_TEXT),
+            key: None,
         }
     });
     setup

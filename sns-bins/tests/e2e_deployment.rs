@@ -218,3 +218,36 @@ fn a_client_in_timeline_mode_rides_out_a_server_restart_without_duplicates() {
     let next = one.next_line();
     assert!(next.ends_with(") >> after the restart"), "{next:?}");
 }
+
+#[test]
+fn a_line_typed_while_the_server_is_down_is_posted_once_it_is_back() {
+    let coordinator = Coordinator::start(3);
+    let data = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let mut tsd = Tsd::join(1, 1, coordinator.port, port, data.path());
+
+    let mut four = Tsc::via(coordinator.port, 4);
+    four.expect_banner();
+    let mut one = Tsc::via(coordinator.port, 1);
+    one.expect_banner();
+    one.send("FOLLOW 4");
+    one.expect_line("Command completed successfully");
+    one.enter_timeline();
+    four.enter_timeline();
+    four.send("before the crash");
+    assert!(one.next_line().ends_with(") >> before the crash"));
+
+    tsd.kill();
+    // User 4 keeps typing while its server is gone; its client keeps the line.
+    four.send("typed while the server is down");
+    let _tsd = Tsd::join(1, 1, coordinator.port, port, data.path());
+    let next = one.next_line();
+    assert!(
+        next.ends_with(") >> typed while the server is down"),
+        "{next:?}"
+    );
+    // Stored once: the next line user 1 sees is the next one typed.
+    four.send("after the restart");
+    let next = one.next_line();
+    assert!(next.ends_with(") >> after the restart"), "{next:?}");
+}

@@ -16,7 +16,7 @@ use tonic::{Code, Status, Streaming};
 use crate::error::{Error, Result};
 use crate::event::normalize_post_text;
 use crate::grpc::sns::{TERMINATED_METADATA, TIMELINE_MODE_METADATA, USERNAME_METADATA};
-use crate::ids::{ClusterId, PostId, Timestamp, UserId};
+use crate::ids::{ClusterId, PostId, PostKey, Timestamp, UserId};
 use crate::server::Listing;
 use crate::transport::Network;
 
@@ -263,9 +263,10 @@ impl Client {
     }
 
     /// Opens the timeline: a sender for new posts, and the stream of posts to read (the last
-    /// 20, newest first, then new ones as they happen).
+    /// 20, newest first, then new ones as they happen). The stream is in structured mode: posts
+    /// sent with a key ([`TimelineSender::post_keyed`]) are acknowledged on it.
     pub async fn timeline(&self) -> Result<(TimelineSender, TimelineStream)> {
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::channel(TIMELINE_SEND_BUFFER);
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         let user = MetadataValue::try_from(self.user.to_string())
             .map_err(|e| Error::invalid(e.to_string()))?;
@@ -293,6 +294,10 @@ impl Client {
         ))
     }
 }
+
+/// Messages a [`TimelineSender`] holds before sending waits; a caller that never has more than
+/// this many posts unacknowledged never waits.
+pub const TIMELINE_SEND_BUFFER: usize = 64;
 
 /// A post as a client receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -331,14 +336,36 @@ impl TimelineSender {
             .await
     }
 
+    /// Posts `text` (as [`TimelineSender::post`]) with the idempotency key `key`: the server
+    /// stores the post once however often it is sent with this key, and acknowledges each
+    /// sending on the stream ([`TimelineMessage::Ack`]) once the post is stored. An empty line
+    /// is not sent, so it is not acknowledged.
+    pub async fn post_keyed(&self, text: &str, key: PostKey) -> Result<()> {
+        let Some(text) = normalize_post_text(text.as_bytes())? else {
+            return Ok(());
+        };
+        self.send(Message {
+            username: self.user.to_string(),
+            msg: text.as_bytes().to_vec(),
+            timestamp: Some(Timestamp::now().to_proto()),
+            post_key: key.get(),
+            ..Message::default()
+        })
+        .await
+    }
+
     /// Sends a message as given, without local checks (for tests of the server's checks).
     pub async fn send_raw(&self, username: String, msg: Vec<u8>) -> Result<()> {
-        let message = Message {
+        self.send(Message {
             username,
             msg,
             timestamp: Some(Timestamp::now().to_proto()),
             ..Message::default()
-        };
+        })
+        .await
+    }
+
+    async fn send(&self, message: Message) -> Result<()> {
         self.outbound
             .send(message)
             .await
@@ -354,19 +381,72 @@ pub struct TimelineStream {
 }
 
 impl TimelineStream {
-    /// The next post; `None` when the server ended the stream.
+    /// The next post, skipping acknowledgements; `None` when the server ended the stream.
     pub async fn next(&mut self) -> Option<Result<ReceivedPost>> {
+        loop {
+            match self.next_message().await? {
+                Ok(TimelineMessage::Post(post)) => return Some(Ok(post)),
+                Ok(TimelineMessage::Ack(_)) => {}
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// The next post or acknowledgement; `None` when the server ended the stream.
+    pub async fn next_message(&mut self) -> Option<Result<TimelineMessage>> {
         match self.inbound.message().await {
-            Ok(Some(message)) => Some(received(message)),
+            Ok(Some(message)) if message.ack => {
+                Some(acknowledged(&message).map(TimelineMessage::Ack))
+            }
+            Ok(Some(message)) => Some(received(message).map(TimelineMessage::Post)),
             Ok(None) => None,
             Err(status) => Some(Err(from_status(&status, Command::Other, self.user))),
         }
     }
 }
 
+/// What a timeline stream carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimelineMessage {
+    /// A post of a followed user.
+    Post(ReceivedPost),
+    /// The acknowledgement of one of this user's keyed posts.
+    Ack(PostAck),
+}
+
+/// The server's acknowledgement of a post sent with a key: the post is stored (committed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PostAck {
+    /// The key the post was sent with.
+    pub key: PostKey,
+    /// The stored post's id (the first post sent with this key); `None` if the line was empty
+    /// and nothing was stored.
+    pub id: Option<PostId>,
+}
+
+fn acknowledged(message: &Message) -> Result<PostAck> {
+    let key = PostKey::new(message.post_key)
+        .ok_or_else(|| Error::Rpc("acknowledgement without a post key".to_string()))?;
+    Ok(PostAck {
+        key,
+        id: post_id(message),
+    })
+}
+
+/// Both parts or nothing: a half-filled id (origin 0 or sequence 0) names no post.
+fn post_id(message: &Message) -> Option<PostId> {
+    ClusterId::new(message.post_origin)
+        .filter(|_| message.post_seq > 0)
+        .map(|origin| PostId {
+            origin,
+            seq: message.post_seq,
+        })
+}
+
 fn received(message: Message) -> Result<ReceivedPost> {
     let author = UserId::parse(&message.username)
         .map_err(|_| Error::Rpc(format!("post from bad user {:?}", message.username)))?;
+    let id = post_id(&message);
     let text = String::from_utf8(message.msg)
         .map_err(|_| Error::Rpc("post text is not UTF-8".to_string()))?;
     let at = message
@@ -374,13 +454,6 @@ fn received(message: Message) -> Result<ReceivedPost> {
         .as_ref()
         .map(Timestamp::from_proto)
         .unwrap_or_default();
-    // Both parts or nothing: a half-filled id (origin 0 or sequence 0) names no post.
-    let id = ClusterId::new(message.post_origin)
-        .filter(|_| message.post_seq > 0)
-        .map(|origin| PostId {
-            origin,
-            seq: message.post_seq,
-        });
     Ok(ReceivedPost {
         id,
         author,

@@ -93,6 +93,10 @@ impl<'a> Decoder<'a> {
         }
         Ok(n as usize)
     }
+    /// Whether everything has been read (for a trailing section that older writers omit).
+    pub(crate) fn at_end(&self) -> bool {
+        self.rest.is_empty()
+    }
     pub(crate) fn finish(self) -> Result<()> {
         if self.rest.is_empty() {
             Ok(())

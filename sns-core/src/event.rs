@@ -3,12 +3,16 @@
 //! An [`Event`] is identified by its origin cluster and that origin's gap-free sequence number;
 //! a [`LogEntry`] adds where the event sits in one server's log and under which epoch it was
 //! written there.
+//!
+//! Binary form (log records): a tag byte per kind. A post with an idempotency key has its own
+//! tag ([`EventKind::Posted`] with `key: Some`), so a post without one, and every record written
+//! before keys existed, keeps the original `Posted` layout and still decodes.
 
 use std::sync::Arc;
 
 use crate::codec::{Decoder, Encoder};
 use crate::error::{Error, Result};
-use crate::ids::{ClusterId, Epoch, EventId, LogIndex, PostId, Timestamp, UserId};
+use crate::ids::{ClusterId, Epoch, EventId, LogIndex, PostId, PostKey, Timestamp, UserId};
 
 /// Longest post text accepted, in bytes of UTF-8.
 pub const MAX_POST_BYTES: usize = 4096;
@@ -53,6 +57,10 @@ pub enum EventKind {
         author: UserId,
         /// The text, shared by every timeline that holds the post.
         text: Arc<str>,
+        /// The client's idempotency key, if it sent one. A master never logs two posts of one
+        /// author with the same key among the author's last
+        /// [`REMEMBERED_POST_KEYS`](crate::state::REMEMBERED_POST_KEYS) keyed posts.
+        key: Option<PostKey>,
     },
 }
 
@@ -110,6 +118,8 @@ const TAG_USER_JOINED: u8 = 1;
 const TAG_FOLLOWED: u8 = 2;
 const TAG_UNFOLLOWED: u8 = 3;
 const TAG_POSTED: u8 = 4;
+/// A post with an idempotency key: author, key, text.
+const TAG_POSTED_WITH_KEY: u8 = 5;
 
 impl LogEntry {
     /// Appends the entry's binary form to `enc`.
@@ -169,9 +179,23 @@ impl Event {
                 enc.u32(follower.get());
                 enc.u32(followee.get());
             }
-            EventKind::Posted { author, text } => {
+            EventKind::Posted {
+                author,
+                text,
+                key: None,
+            } => {
                 enc.u8(TAG_POSTED);
                 enc.u32(author.get());
+                enc.str(text);
+            }
+            EventKind::Posted {
+                author,
+                text,
+                key: Some(key),
+            } => {
+                enc.u8(TAG_POSTED_WITH_KEY);
+                enc.u32(author.get());
+                enc.u64(key.get());
                 enc.str(text);
             }
         }
@@ -195,6 +219,15 @@ impl Event {
             },
             TAG_POSTED => EventKind::Posted {
                 author: user(dec)?,
+                text: Arc::from(dec.str()?),
+                key: None,
+            },
+            TAG_POSTED_WITH_KEY => EventKind::Posted {
+                author: user(dec)?,
+                key: Some(
+                    PostKey::new(dec.u64()?)
+                        .ok_or_else(|| Error::Corrupt("post key 0".to_string()))?,
+                ),
                 text: Arc::from(dec.str()?),
             },
             tag => return Err(Error::Corrupt(format!("unknown event tag {tag}"))),
@@ -222,5 +255,62 @@ mod tests {
         assert!(normalize_post_text(&[0xff, 0xfe]).is_err());
         assert!(normalize_post_text(&[b'x'; MAX_POST_BYTES]).is_ok());
         assert!(normalize_post_text(&[b'x'; MAX_POST_BYTES + 1]).is_err());
+    }
+
+    fn posted(key: Option<PostKey>) -> LogEntry {
+        LogEntry {
+            index: LogIndex(7),
+            epoch: Epoch(2),
+            event: Event {
+                id: EventId {
+                    origin: ClusterId::new(3).expect("cluster"),
+                    seq: 5,
+                },
+                at: Timestamp(1_000),
+                kind: EventKind::Posted {
+                    author: UserId::new(9).expect("user"),
+                    text: Arc::from("hello"),
+                    key,
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn posts_with_and_without_a_key_round_trip() {
+        for key in [None, PostKey::new(1), PostKey::new(u64::MAX)] {
+            let entry = posted(key);
+            assert_eq!(LogEntry::from_bytes(&entry.to_bytes()).ok(), Some(entry));
+        }
+    }
+
+    /// A post without a key is written exactly as before keys existed: index, epoch, origin,
+    /// seq, time, tag 4, author, text. Old logs decode unchanged.
+    #[test]
+    fn a_post_without_a_key_keeps_the_original_layout() {
+        let mut old = Vec::new();
+        old.extend_from_slice(&7u64.to_le_bytes());
+        old.extend_from_slice(&2u64.to_le_bytes());
+        old.extend_from_slice(&3u32.to_le_bytes());
+        old.extend_from_slice(&5u64.to_le_bytes());
+        old.extend_from_slice(&1_000i64.to_le_bytes());
+        old.push(TAG_POSTED);
+        old.extend_from_slice(&9u32.to_le_bytes());
+        old.extend_from_slice(&5u32.to_le_bytes());
+        old.extend_from_slice(b"hello");
+        assert_eq!(posted(None).to_bytes(), old);
+        assert_eq!(LogEntry::from_bytes(&old).ok(), Some(posted(None)));
+    }
+
+    #[test]
+    fn a_keyed_post_with_key_zero_is_corrupt() {
+        let mut bytes = posted(PostKey::new(1)).to_bytes();
+        // index, epoch, origin, seq, time, tag, author: then the key.
+        let at = 8 + 8 + 4 + 8 + 8 + 1 + 4;
+        bytes[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
+        assert!(matches!(
+            LogEntry::from_bytes(&bytes),
+            Err(Error::Corrupt(_))
+        ));
     }
 }

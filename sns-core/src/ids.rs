@@ -136,6 +136,30 @@ impl fmt::Display for EventId {
     }
 }
 
+/// A post's idempotency key: chosen by the posting client, unique among that user's recent
+/// posts. A post re-sent with the key of one already stored is not stored again (the server
+/// answers with the stored post's id). `0` is "no key" on the wire and is not a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PostKey(std::num::NonZeroU64);
+
+impl PostKey {
+    /// Makes a key from its wire form; `0` (no key) gives `None`.
+    pub fn new(key: u64) -> Option<Self> {
+        std::num::NonZeroU64::new(key).map(Self)
+    }
+
+    /// The wire form (never 0).
+    pub fn get(self) -> u64 {
+        self.0.get()
+    }
+}
+
+impl fmt::Display for PostKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
 /// Position of an entry in one server's log, from 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct LogIndex(pub u64);

@@ -29,12 +29,15 @@ pub mod storage;
 pub mod testing;
 pub mod transport;
 
-pub use client::{Client, CoordinatorClient, ReceivedPost, TimelineSender, TimelineStream};
+pub use client::{
+    Client, CoordinatorClient, PostAck, ReceivedPost, TimelineMessage, TimelineSender,
+    TimelineStream,
+};
 pub use coordinator::{Coordinator, CoordinatorConfig, RoutingConfig, RoutingTable};
 pub use deployment::{Data, Deployment, DeploymentConfig, Ports, Transport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
-pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, ServerId, Timestamp, UserId};
+pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, PostKey, ServerId, Timestamp, UserId};
 pub use server::{
     CommittedEntries, CoordinatorLink, Listing, LogPositions, Role, Server, ServerConfig,
     TimelineFeed,

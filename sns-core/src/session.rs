@@ -20,9 +20,18 @@
 //!   suppressed, so the reader never sees a post twice. The memory for this is bounded: the
 //!   keys of the last [`SessionConfig::remembered_posts`] delivered posts (at least
 //!   [`RECENT_POSTS`], which covers a replay as long as post times grow in delivery order).
-//! - Posts carry no acknowledgement on the wire: a post written on a stream that breaks before
-//!   the server reads it is lost with the stream. A post made while the timeline reconnects
-//!   waits for the new stream.
+//! - Nothing posted is lost or stored twice while the session lives. Each post gets the
+//!   session's next idempotency key (a random 64-bit start, then consecutive) and stays in the
+//!   timeline's queue until the server acknowledges it (it is committed). When the stream is
+//!   lost, posts made meanwhile join the queue; once the timeline is reopened on the new master,
+//!   every unacknowledged post is re-sent, in order and with its key, before any new post. The
+//!   server stores a post re-sent under a key it knows no second time and acknowledges it with
+//!   the original's id. The queue is bounded ([`SessionConfig::unacked_posts`], at most 64, as
+//!   many keys as the server remembers per user): a poster beyond it waits for an
+//!   acknowledgement (backpressure, not loss). Only when the session gives up is the queue
+//!   abandoned ([`TimelinePoster::unacknowledged`] says how many posts were not stored).
+//!   Acknowledgements arrive on the timeline stream, so a timeline that nobody reads holds up
+//!   posting once its buffers are full.
 //! - Every failover is reported as [`SessionEvent`]s ([`Session::subscribe`]), the first one as
 //!   soon as the loss is noticed, so a user interface never freezes silently.
 //! - Background work is owned: the heartbeat task stops on [`Session::logout`],
@@ -31,20 +40,25 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{Client, CoordinatorClient, ReceivedPost, TimelineSender, TimelineStream};
+use crate::client::{
+    Client, CoordinatorClient, ReceivedPost, TIMELINE_SEND_BUFFER, TimelineMessage, TimelineSender,
+    TimelineStream,
+};
 use crate::error::{Error, Result};
 use crate::event::normalize_post_text;
-use crate::ids::{PostId, Timestamp, UserId};
+use crate::ids::{PostId, PostKey, Timestamp, UserId};
 use crate::server::{Listing, RECENT_POSTS};
+use crate::state::REMEMBERED_POST_KEYS;
 use crate::transport::Network;
 
 /// Session events kept for a slow subscriber before it misses some.
@@ -78,6 +92,11 @@ pub struct SessionConfig {
     /// How many delivered posts a timeline remembers to suppress their replay after a
     /// reconnect (at least [`RECENT_POSTS`]).
     pub remembered_posts: usize,
+    /// How many posts a timeline keeps unacknowledged (sent, or waiting for a reopened stream)
+    /// before [`TimelinePoster::post`] waits for an acknowledgement: from 1 to
+    /// [`REMEMBERED_POST_KEYS`] (64; larger values count as 64), so the server still knows the
+    /// key of every post re-sent after a failover.
+    pub unacked_posts: usize,
 }
 
 impl Default for SessionConfig {
@@ -88,6 +107,7 @@ impl Default for SessionConfig {
             first_retry: Duration::from_millis(100),
             max_retry: Duration::from_secs(1),
             remembered_posts: 1024,
+            unacked_posts: REMEMBERED_POST_KEYS,
         }
     }
 }
@@ -141,6 +161,44 @@ struct Inner {
     /// Held for the whole of a reconnect, so there is one at a time.
     reconnecting: tokio::sync::Mutex<()>,
     events: broadcast::Sender<SessionEvent>,
+    keys: PostKeys,
+}
+
+/// The idempotency keys of a session's posts: a random 64-bit start, then one more per post
+/// (wrapping, skipping 0). Keys of one session never repeat (before 2^64 posts); two sessions
+/// of a user (e.g. the client restarted) overlap only if their random starts fall within the
+/// number of posts of each other, a chance of about (posts of both) / 2^64.
+#[derive(Debug)]
+struct PostKeys {
+    next: AtomicU64,
+}
+
+impl PostKeys {
+    fn new() -> Self {
+        Self {
+            next: AtomicU64::new(random_u64()),
+        }
+    }
+
+    fn next(&self) -> PostKey {
+        loop {
+            if let Some(key) = PostKey::new(self.next.fetch_add(1, Ordering::Relaxed)) {
+                return key;
+            }
+        }
+    }
+}
+
+/// 64 random bits: SipHash under the process's random keys (std seeds them from the operating
+/// system), over the clock and the process id.
+fn random_u64() -> u64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    hasher.write_u128(since_epoch.as_nanos());
+    hasher.write_u32(std::process::id());
+    hasher.finish()
 }
 
 impl Inner {
@@ -293,6 +351,7 @@ impl Session {
             }),
             reconnecting: tokio::sync::Mutex::new(()),
             events,
+            keys: PostKeys::new(),
         });
         let stop = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat(Arc::clone(&inner), stop.clone()));
@@ -429,7 +488,8 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
 
 /// An open timeline of a [`Session`]: post with [`SessionTimeline::post`], read with
 /// [`SessionTimeline::next`]. A reader task (owned; stopped when this is dropped) reads the
-/// stream, reopens it after a failover and suppresses posts already delivered.
+/// stream, takes in acknowledgements, reopens the stream after a failover (re-sending the posts
+/// not acknowledged) and suppresses posts already delivered.
 #[derive(Debug)]
 pub struct SessionTimeline {
     posts: mpsc::Receiver<Result<ReceivedPost>>,
@@ -444,22 +504,27 @@ impl SessionTimeline {
         stream: TimelineStream,
         generation: u64,
     ) -> Self {
+        let room = unacked_bound(inner.config.unacked_posts);
         let outbound = Arc::new(Outbound {
-            sender: watch::Sender::new(Some(sender)),
+            queue: Mutex::new(Queue {
+                sender: Some(sender),
+                unacked: VecDeque::with_capacity(room),
+            }),
+            sending: tokio::sync::Mutex::new(()),
+            room: Arc::new(Semaphore::new(room)),
             closing: AtomicBool::new(false),
             fails_over: inner.coordinator.is_some(),
-            patience: inner.config.patience,
         });
         let (posts_tx, posts) = mpsc::channel(POST_BUFFER);
         let reader = Reader {
             delivered: Delivered::new(inner.config.remembered_posts),
-            inner,
+            inner: Arc::clone(&inner),
             outbound: Arc::clone(&outbound),
             posts: posts_tx,
         };
         Self {
             posts,
-            poster: TimelinePoster { outbound },
+            poster: TimelinePoster { inner, outbound },
             reader: tokio::spawn(reader.run(stream, generation)),
         }
     }
@@ -480,8 +545,8 @@ impl SessionTimeline {
     }
 
     /// The next post not delivered before. `None` once the stream has ended cleanly (the
-    /// sending side was closed and the server stored every post); an error ends the stream
-    /// (the server was lost and no failover was possible, or the server refused a post).
+    /// sending side was closed and the server acknowledged every post); an error ends the
+    /// stream (the server was lost and no failover was possible, or the server refused a post).
     pub async fn next(&mut self) -> Option<Result<ReceivedPost>> {
         self.posts.recv().await
     }
@@ -490,74 +555,154 @@ impl SessionTimeline {
 impl Drop for SessionTimeline {
     fn drop(&mut self) {
         self.reader.abort();
+        // Posters still holding a handle stop waiting for room that would never come.
+        self.poster.outbound.end();
     }
+}
+
+/// The bound on unacknowledged posts actually used for `configured`: at least 1, and at most
+/// what the server remembers keys for ([`REMEMBERED_POST_KEYS`], so every re-sent post is
+/// recognised) and what a stream's sender buffers ([`TIMELINE_SEND_BUFFER`], so neither a
+/// post nor a re-send ever waits on the sender while holding the sending order).
+fn unacked_bound(configured: usize) -> usize {
+    configured
+        .clamp(1, REMEMBERED_POST_KEYS)
+        .min(TIMELINE_SEND_BUFFER)
 }
 
 /// The sending side of an open timeline, shared by its posters and its reader.
 #[derive(Debug)]
 struct Outbound {
-    /// The stream's current sender: replaced after a reconnect, `None` while reconnecting or
-    /// once closed.
-    sender: watch::Sender<Option<TimelineSender>>,
+    queue: Mutex<Queue>,
+    /// Held while posts are put on a stream (a poster's one post, or the reader's re-sending
+    /// of every unacknowledged post to a reopened stream before it is used), so a stream
+    /// carries posts in queue order and re-sent posts before new ones. Never held while waiting
+    /// for room or for the network: sends cannot wait (see [`unacked_bound`]).
+    sending: tokio::sync::Mutex<()>,
+    /// Free places in `Queue::unacked`; a poster waits for one (backpressure). Closed when the
+    /// timeline ends for good.
+    room: Arc<Semaphore>,
     /// Set by [`TimelinePoster::close`].
     closing: AtomicBool,
-    /// Whether the session fails over (a poster then waits for the reopened stream).
+    /// Whether the session fails over (posts are then kept and re-sent after a failover).
     fails_over: bool,
-    patience: Duration,
+}
+
+/// The current stream's sender and the posts it has not acknowledged.
+#[derive(Debug)]
+struct Queue {
+    /// `None` while reconnecting, or once closed or ended.
+    sender: Option<TimelineSender>,
+    /// Posts sent (or waiting for the reopened stream) and not acknowledged, oldest first.
+    unacked: VecDeque<Unacked>,
+}
+
+/// A post not acknowledged yet; it holds its place in the queue until it is.
+#[derive(Debug)]
+struct Unacked {
+    key: PostKey,
+    text: String,
+    _room: OwnedSemaphorePermit,
 }
 
 impl Outbound {
     fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
     }
+
+    fn unacked(&self) -> usize {
+        lock(&self.queue).unacked.len()
+    }
+
+    /// The server stored the post sent with `key`, and so every post sent before it on the
+    /// same stream (it handles a stream's posts in order): they leave the queue.
+    fn acknowledged(&self, key: PostKey) {
+        let mut queue = lock(&self.queue);
+        if let Some(at) = queue.unacked.iter().position(|post| post.key == key) {
+            queue.unacked.drain(..=at);
+        }
+    }
+
+    /// No stream any more: posters get an error instead of waiting.
+    fn end(&self) {
+        lock(&self.queue).sender = None;
+        self.room.close();
+    }
+}
+
+fn closed_for_posting() -> Error {
+    Error::Unavailable("the timeline is closed for posting".to_string())
 }
 
 /// Posts on a [`SessionTimeline`]; cloneable, for posting from another task than the reader.
 #[derive(Debug, Clone)]
 pub struct TimelinePoster {
+    inner: Arc<Inner>,
     outbound: Arc<Outbound>,
 }
 
 impl TimelinePoster {
     /// Posts `text`: one line, at most 4096 bytes (else [`Error::InvalidInput`], nothing
-    /// sent); empty lines are ignored. While the timeline reconnects after a failover, waits
-    /// (up to the session's patience) for the reopened stream.
+    /// sent); empty lines are ignored. The post gets the session's next key and is kept until
+    /// the server acknowledges it; after a failover it is re-sent on the reopened stream, so it
+    /// is stored exactly once. Returns once the post is sent, or queued while the timeline
+    /// reconnects; waits first while [`SessionConfig::unacked_posts`] posts are
+    /// unacknowledged. Fails if the timeline has ended or was closed for posting, and (a
+    /// session that does not fail over) if the stream is broken.
     pub async fn post(&self, text: &str) -> Result<()> {
-        if normalize_post_text(text.as_bytes())?.is_none() {
+        let Some(text) = normalize_post_text(text.as_bytes())? else {
             return Ok(());
-        }
-        let mut watching = self.outbound.sender.subscribe();
-        let mut deadline = None;
-        loop {
+        };
+        let room = Arc::clone(&self.outbound.room)
+            .acquire_owned()
+            .await
+            .map_err(|_| closed_for_posting())?;
+        let _order = self.outbound.sending.lock().await;
+        let key = self.inner.keys.next();
+        let sender = {
+            let mut queue = lock(&self.outbound.queue);
             if self.outbound.is_closing() {
-                return Err(Error::Unavailable(
-                    "the timeline is closed for posting".to_string(),
-                ));
+                return Err(closed_for_posting());
             }
-            let sender = watching.borrow_and_update().clone();
-            let error = match sender {
-                Some(sender) => match sender.post(text).await {
-                    Ok(()) => return Ok(()),
-                    Err(e) => e,
-                },
-                None => Error::Unavailable("the timeline is reconnecting".to_string()),
-            };
-            if !self.outbound.fails_over || !is_server_lost(&error) {
-                return Err(error);
-            }
-            let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.outbound.patience);
-            match tokio::time::timeout_at(deadline, watching.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => return Err(error),
+            queue.unacked.push_back(Unacked {
+                key,
+                text: text.to_string(),
+                _room: room,
+            });
+            queue.sender.clone()
+        };
+        let Some(sender) = sender else {
+            // Reconnecting: the reader sends it on the reopened stream.
+            return Ok(());
+        };
+        match sender.post_keyed(text, key).await {
+            Ok(()) => Ok(()),
+            // The stream broke: the reader notices and re-sends the post on the reopened one.
+            Err(_) if self.outbound.fails_over => Ok(()),
+            Err(e) => {
+                let mut queue = lock(&self.outbound.queue);
+                if queue.unacked.back().is_some_and(|post| post.key == key) {
+                    queue.unacked.pop_back();
+                }
+                Err(e)
             }
         }
     }
 
+    /// How many posts are not acknowledged yet: sent and not known to be stored, or waiting
+    /// for a reopened stream. If the timeline ends with an error, these were not stored.
+    pub fn unacknowledged(&self) -> usize {
+        self.outbound.unacked()
+    }
+
     /// Closes the sending side: the server ends the stream once it has stored every post
-    /// sent before, and [`SessionTimeline::next`] then returns `None`.
+    /// sent before (after a failover, once the unacknowledged ones are re-sent and stored),
+    /// and [`SessionTimeline::next`] then returns `None`.
     pub fn close(&self) {
+        // Under the queue's lock, so a reopened stream is never handed out after this.
+        let mut queue = lock(&self.outbound.queue);
         self.outbound.closing.store(true, Ordering::Release);
-        self.outbound.sender.send_replace(None);
+        queue.sender = None;
     }
 }
 
@@ -573,50 +718,93 @@ impl Reader {
     async fn run(mut self, mut stream: TimelineStream, mut generation: u64) {
         loop {
             let Some(broken) = self.deliver(&mut stream).await else {
+                self.outbound.end();
                 return;
             };
-            if self.outbound.is_closing() || !self.inner.fails_over(&broken) {
-                let _ = self.posts.send(Err(broken)).await;
+            let everything_stored = self.outbound.unacked() == 0;
+            if self.outbound.is_closing() && everything_stored {
+                // Closed, and the server has every post: the stream's end changes nothing.
+                self.outbound.end();
                 return;
             }
-            // Posts made from now on wait for the reopened stream.
-            self.outbound.sender.send_replace(None);
+            if !self.inner.fails_over(&broken) {
+                self.end(broken).await;
+                return;
+            }
+            // Posts made from now on wait in the queue for the reopened stream.
+            lock(&self.outbound.queue).sender = None;
             match self.reopen(generation, broken).await {
                 Ok((reopened, sender, next)) => {
-                    if self.outbound.is_closing() {
-                        return;
-                    }
-                    self.outbound.sender.send_replace(Some(sender));
+                    self.resend(sender).await;
                     stream = next;
                     generation = reopened;
                 }
                 Err(e) => {
-                    let _ = self.posts.send(Err(e)).await;
+                    self.end(e).await;
                     return;
                 }
             }
         }
     }
 
-    /// Passes on the stream's posts not delivered before; returns the error that broke the
-    /// stream, or `None` when it ended cleanly or nobody reads any more.
+    /// Ends the timeline with `error`, after which posting fails.
+    async fn end(&self, error: Error) {
+        self.outbound.end();
+        let _ = self.posts.send(Err(error)).await;
+    }
+
+    /// Passes on the stream's posts not delivered before and takes in acknowledgements;
+    /// returns the error that broke the stream, or `None` when it ended cleanly or nobody
+    /// reads any more.
     async fn deliver(&mut self, stream: &mut TimelineStream) -> Option<Error> {
         loop {
-            match stream.next().await {
-                Some(Ok(post)) => {
+            match stream.next_message().await {
+                Some(Ok(TimelineMessage::Post(post))) => {
                     if self.delivered.first_time(&post) && self.posts.send(Ok(post)).await.is_err()
                     {
                         return None;
                     }
                 }
+                Some(Ok(TimelineMessage::Ack(ack))) => self.outbound.acknowledged(ack.key),
                 Some(Err(e)) => return Some(e),
-                None if self.outbound.is_closing() => return None,
+                None if self.outbound.is_closing() && self.outbound.unacked() == 0 => return None,
+                // A stream that ends while posts wait for their acknowledgement (e.g. a server
+                // shutting down) is as good as broken.
                 None => {
                     return Some(Error::Unavailable(
                         "the server ended the timeline stream".to_string(),
                     ));
                 }
             }
+        }
+    }
+
+    /// Puts every unacknowledged post, in order and with its key, on the reopened stream, then
+    /// hands the stream to the posters (or, once closed for posting, drops it so the server
+    /// ends the stream after the re-sent posts).
+    async fn resend(&self, sender: TimelineSender) {
+        let _order = self.outbound.sending.lock().await;
+        let unacked: Vec<(PostKey, String)> = lock(&self.outbound.queue)
+            .unacked
+            .iter()
+            .map(|post| (post.key, post.text.clone()))
+            .collect();
+        if !unacked.is_empty() {
+            tracing::info!(
+                user = %self.inner.user,
+                posts = unacked.len(),
+                "re-sending unacknowledged posts"
+            );
+        }
+        for (key, text) in unacked {
+            if sender.post_keyed(&text, key).await.is_err() {
+                // Broken already: the stream's end says so, and the next reopen re-sends.
+                break;
+            }
+        }
+        let mut queue = lock(&self.outbound.queue);
+        if !self.outbound.is_closing() {
+            queue.sender = Some(sender);
         }
     }
 
@@ -643,14 +831,14 @@ impl Reader {
 
 /// How a delivered post is recognised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum PostKey {
+enum Seen {
     /// By id, when the server sent one.
     Id(PostId),
     /// By author and server-assigned time (unique per author) otherwise.
     AuthorTime(UserId, Timestamp),
 }
 
-impl PostKey {
+impl Seen {
     fn of(post: &ReceivedPost) -> Self {
         match post.id {
             Some(id) => Self::Id(id),
@@ -663,8 +851,8 @@ impl PostKey {
 /// replay of the newest [`RECENT_POSTS`].
 #[derive(Debug)]
 struct Delivered {
-    order: VecDeque<PostKey>,
-    keys: HashSet<PostKey>,
+    order: VecDeque<Seen>,
+    keys: HashSet<Seen>,
     capacity: usize,
 }
 
@@ -680,7 +868,7 @@ impl Delivered {
 
     /// Records `post` as delivered; `false` if it was delivered already.
     fn first_time(&mut self, post: &ReceivedPost) -> bool {
-        let key = PostKey::of(post);
+        let key = Seen::of(post);
         if !self.keys.insert(key) {
             return false;
         }
@@ -709,6 +897,55 @@ mod tests {
             at: Timestamp(at),
             text: "t".to_string(),
         }
+    }
+
+    #[test]
+    fn post_keys_are_consecutive_and_never_zero() {
+        let keys = PostKeys {
+            next: AtomicU64::new(u64::MAX - 1),
+        };
+        let drawn: Vec<u64> = (0..4).map(|_| keys.next().get()).collect();
+        assert_eq!(drawn, [u64::MAX - 1, u64::MAX, 1, 2]);
+    }
+
+    #[test]
+    fn the_unacked_bound_stays_within_what_the_server_remembers() {
+        assert_eq!(unacked_bound(0), 1);
+        assert_eq!(unacked_bound(10), 10);
+        assert_eq!(unacked_bound(usize::MAX), REMEMBERED_POST_KEYS);
+        assert!(unacked_bound(usize::MAX) <= TIMELINE_SEND_BUFFER);
+    }
+
+    #[test]
+    fn an_ack_retires_its_post_and_every_earlier_one_and_frees_their_room() {
+        let room = Arc::new(Semaphore::new(3));
+        let key = |k: u64| PostKey::new(k).expect("a key is not 0");
+        let unacked = (1..=3)
+            .map(|k| Unacked {
+                key: key(k),
+                text: format!("post {k}"),
+                _room: Arc::clone(&room).try_acquire_owned().expect("room"),
+            })
+            .collect();
+        let outbound = Outbound {
+            queue: Mutex::new(Queue {
+                sender: None,
+                unacked,
+            }),
+            sending: tokio::sync::Mutex::new(()),
+            room: Arc::clone(&room),
+            closing: AtomicBool::new(false),
+            fails_over: true,
+        };
+        outbound.acknowledged(key(9));
+        assert_eq!(outbound.unacked(), 3, "an unknown key retires nothing");
+        assert_eq!(room.available_permits(), 0);
+        outbound.acknowledged(key(2));
+        assert_eq!(outbound.unacked(), 1);
+        assert_eq!(room.available_permits(), 2);
+        outbound.acknowledged(key(3));
+        assert_eq!(outbound.unacked(), 0);
+        assert_eq!(room.available_permits(), 3);
     }
 
     #[test]

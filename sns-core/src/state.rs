@@ -26,6 +26,14 @@
 //!
 //! Cost: a post is pushed on its author's list and fanned out to the author's local followers
 //! only (remote followers cost nothing); a follow backfills at most `timeline_cap` posts.
+//!
+//! # Post keys
+//!
+//! A post may carry its client's idempotency key. For each local author the state remembers the
+//! keys of the last [`REMEMBERED_POST_KEYS`] keyed posts with their post ids
+//! ([`State::post_with_key`]), so a master (or a slave promoted in its place, which folded the
+//! same log) recognises a post re-sent after a lost acknowledgement. The keys are part of the
+//! snapshot. Only posts of local authors are originated here, so only their keys are kept.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::iter::Peekable;
@@ -34,10 +42,15 @@ use std::sync::Arc;
 use crate::codec::{Decoder, Encoder};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, Post};
-use crate::ids::{ClusterId, EventId, Timestamp, UserId};
+use crate::ids::{ClusterId, EventId, PostId, PostKey, Timestamp, UserId};
 
 /// Default number of posts a materialized timeline keeps (as Mastodon does).
 pub const DEFAULT_TIMELINE_CAP: usize = 400;
+
+/// Keys of a local author's most recent keyed posts that the state remembers (see the module
+/// documentation). A client that keeps at most this many posts unacknowledged is sure that a
+/// re-sent post is recognised. 64 keys cost about 1.5 KiB per author who uses them.
+pub const REMEMBERED_POST_KEYS: usize = 64;
 
 /// What a [`State`] needs to know about where it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +115,9 @@ struct Account {
     /// Posts of followed users, oldest first, ordered by [`Post::order_key`], capped. Empty
     /// for users who are not local.
     timeline: VecDeque<Arc<Post>>,
+    /// Keys of this user's last [`REMEMBERED_POST_KEYS`] keyed posts, oldest first, with the
+    /// posts' ids. Empty for users who are not local.
+    post_keys: VecDeque<(PostKey, PostId)>,
 }
 
 impl Account {
@@ -173,7 +189,7 @@ impl State {
                 self.unfollow(*follower, *followee);
                 Applied::FollowChanged
             }
-            EventKind::Posted { author, text } => {
+            EventKind::Posted { author, text, key } => {
                 let post = Arc::new(Post {
                     id: event.id,
                     author: *author,
@@ -181,6 +197,9 @@ impl State {
                     text: Arc::clone(text),
                 });
                 self.add_post(&post);
+                if let Some(key) = key {
+                    self.remember_key(*author, *key, event.id);
+                }
                 Applied::Posted(post)
             }
         }
@@ -254,6 +273,30 @@ impl State {
         if let Some(author) = self.accounts.get_mut(&post.author) {
             author.local_followers = followers;
         }
+    }
+
+    /// Remembers that `author`'s post `id` carried `key` (local authors only), forgetting the
+    /// oldest key beyond [`REMEMBERED_POST_KEYS`].
+    fn remember_key(&mut self, author: UserId, key: PostKey, id: PostId) {
+        if !self.config.is_local(author) {
+            return;
+        }
+        let keys = &mut self.accounts.entry(author).or_default().post_keys;
+        keys.push_back((key, id));
+        while keys.len() > REMEMBERED_POST_KEYS {
+            keys.pop_front();
+        }
+    }
+
+    /// The id of `author`'s post that carried `key`, if it is among the author's last
+    /// [`REMEMBERED_POST_KEYS`] keyed posts (and the author is local).
+    pub fn post_with_key(&self, author: UserId, key: PostKey) -> Option<PostId> {
+        let keys = &self.accounts.get(&author)?.post_keys;
+        // Newest first: a retry is almost always of one of the last few posts.
+        keys.iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+            .map(|(_, id)| *id)
     }
 
     /// This state's configuration.
@@ -364,7 +407,8 @@ impl State {
     }
 
     /// Serializes the state for a snapshot. Posts shared by several timelines and author
-    /// lists are written once.
+    /// lists are written once. Post keys come last, as a section that snapshots written before
+    /// keys existed lack (they decode with no keys).
     pub(crate) fn encode(&self, enc: &mut Encoder) {
         enc.len(self.users.len());
         for user in &self.users {
@@ -399,8 +443,8 @@ impl State {
             enc.str(&post.text);
         }
         enc.len(ids.len());
-        for id in ids {
-            let account = &self.accounts[id];
+        for id in &ids {
+            let account = &self.accounts[*id];
             enc.u32(id.get());
             enc.len(account.following.len());
             for (followee, since) in &account.following {
@@ -412,6 +456,21 @@ impl State {
                 for post in list {
                     enc.u64(table[&post.id]);
                 }
+            }
+        }
+        let keyed: Vec<(&UserId, &Account)> = ids
+            .iter()
+            .map(|id| (*id, &self.accounts[*id]))
+            .filter(|(_, account)| !account.post_keys.is_empty())
+            .collect();
+        enc.len(keyed.len());
+        for (id, account) in keyed {
+            enc.u32(id.get());
+            enc.len(account.post_keys.len());
+            for (key, post) in &account.post_keys {
+                enc.u64(key.get());
+                enc.u32(post.origin.get());
+                enc.u64(post.seq);
             }
         }
     }
@@ -468,6 +527,30 @@ impl State {
                 }
             }
             state.accounts.insert(id, account);
+        }
+        // The post keys: absent from snapshots written before keys existed.
+        if !dec.at_end() {
+            for _ in 0..dec.len(12)? {
+                let id = user(dec.u32()?)?;
+                let mut keys = VecDeque::new();
+                for _ in 0..dec.len(20)? {
+                    let key = PostKey::new(dec.u64()?).ok_or_else(|| corrupt("post key 0"))?;
+                    let origin = ClusterId::new(dec.u32()?).ok_or_else(|| corrupt("cluster 0"))?;
+                    keys.push_back((
+                        key,
+                        EventId {
+                            origin,
+                            seq: dec.u64()?,
+                        },
+                    ));
+                }
+                if state.config.is_local(id) {
+                    while keys.len() > REMEMBERED_POST_KEYS {
+                        keys.pop_front();
+                    }
+                    state.accounts.entry(id).or_default().post_keys = keys;
+                }
+            }
         }
         let edges: Vec<(UserId, UserId)> = state
             .accounts

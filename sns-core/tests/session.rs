@@ -1,6 +1,7 @@
 //! Client failover with [`Session`] on a whole deployment in memory (`TestCluster`): a master
 //! killed and restarted on the same storage, a master partitioned from the coordinator and
-//! healed, an answer lost on the way back, timelines reopened without repeating a post, the
+//! healed, an answer lost on the way back, timelines reopened without repeating a post, posts
+//! that are stored exactly once whatever happens between sending and acknowledgement, the
 //! heartbeat's lifetime, and direct sessions that report failures instead of failing over.
 
 use std::time::Duration;
@@ -8,7 +9,10 @@ use std::time::Duration;
 use sns_core::deployment::CLIENT_NODE;
 use sns_core::session::{Session, SessionConfig, SessionEvent, SessionTimeline, Target};
 use sns_core::testing::{TestCluster, TestClusterConfig, eventually};
-use sns_core::{CoordinatorClient, Error, ReceivedPost, Role, UserId};
+use sns_core::{
+    CoordinatorClient, Error, EventKind, LogIndex, ReceivedPost, Role, Server, TimelinePoster,
+    UserId,
+};
 use tokio::sync::broadcast;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -451,5 +455,246 @@ async fn a_session_gives_up_after_its_patience_with_the_last_error() {
         ),
         "{ended:?}"
     );
+    cluster.shutdown().await;
+}
+
+/// The texts `author` has posted, as the server's committed log holds them, in log order.
+async fn committed_posts(server: &Server, author: UserId) -> Vec<String> {
+    let commit = server.positions().commit;
+    let mut entries = server.committed_after(LogIndex(0));
+    let mut texts = Vec::new();
+    while entries.position() <= commit {
+        let batch = entries
+            .next_batch(1024)
+            .await
+            .expect("read")
+            .expect("running");
+        for entry in batch {
+            if let EventKind::Posted {
+                author: by, text, ..
+            } = &entry.event.kind
+                && *by == author
+            {
+                texts.push(text.to_string());
+            }
+        }
+    }
+    texts
+}
+
+/// Waits until the server has acknowledged every post made on `poster`.
+async fn all_acknowledged(poster: &TimelinePoster) {
+    assert!(
+        eventually(WAIT, || async { poster.unacknowledged() == 0 }).await,
+        "{} posts still unacknowledged",
+        poster.unacknowledged()
+    );
+}
+
+fn texts(prefix: &str, count: usize) -> Vec<String> {
+    (1..=count).map(|i| format!("{prefix} {i}")).collect()
+}
+
+#[tokio::test]
+async fn posts_typed_while_the_master_is_down_are_stored_once_in_order_when_it_is_back() {
+    let mut cluster = one_server().await;
+    let one = routed(&cluster, 1).await;
+    let two = routed(&cluster, 2).await;
+    two.follow(u(1)).await.expect("2 follows 1");
+    let mut events = one.subscribe();
+    let feed1 = one.timeline().await.expect("timeline 1");
+    let mut feed2 = two.timeline().await.expect("timeline 2");
+    let poster = feed1.poster();
+    let before = texts("before", 2);
+    for text in &before {
+        poster.post(text).await.expect("post");
+    }
+    all_acknowledged(&poster).await;
+
+    cluster.stop(1, 1).await.expect("stop");
+    // Typed while no master is up: each post returns at once, kept until acknowledged.
+    let during = texts("while down", 3);
+    for text in &during {
+        poster.post(text).await.expect("queued");
+    }
+    assert_eq!(poster.unacknowledged(), during.len());
+    cluster.restart(1, 1).await.expect("restart");
+    failover_seen(&mut events).await;
+    all_acknowledged(&poster).await;
+    let after = texts("after", 2);
+    for text in &after {
+        poster.post(text).await.expect("post");
+    }
+    all_acknowledged(&poster).await;
+
+    let expected: Vec<String> = [before, during, after].concat();
+    let server = cluster.server(1, 1).expect("running").clone();
+    assert_eq!(committed_posts(&server, u(1)).await, expected);
+    // The follower sees each once, in order.
+    for text in &expected {
+        assert_eq!(&next_post(&mut feed2).await.text, text);
+    }
+    cluster.shutdown().await;
+}
+
+/// The server stores the posts but their acknowledgements never reach the client (the
+/// server's direction to the client is cut): after the heal the session re-sends them with
+/// their keys, and the server answers with the stored posts instead of storing them again.
+#[tokio::test(start_paused = true)]
+async fn posts_whose_acknowledgements_were_lost_are_not_stored_twice() {
+    let cluster = one_server().await;
+    let one = routed(&cluster, 1).await;
+    let mut events = one.subscribe();
+    let feed = one.timeline().await.expect("timeline");
+    let poster = feed.poster();
+    poster.post("acknowledged").await.expect("post");
+    all_acknowledged(&poster).await;
+    let server = cluster.server(1, 1).expect("running").clone();
+    let memory = cluster
+        .deployment()
+        .memory_network()
+        .expect("memory network")
+        .clone();
+    let server_node = sns_core::deployment::server_node(
+        sns_core::ClusterId::new(1).expect("cluster"),
+        sns_core::ServerId::new(1).expect("server"),
+    );
+    memory.cut(&server_node, CLIENT_NODE);
+
+    let unanswered = texts("unanswered", 3);
+    for text in &unanswered {
+        poster.post(text).await.expect("sent");
+    }
+    let expected: Vec<String> = [vec!["acknowledged".to_string()], unanswered].concat();
+    assert!(
+        eventually(WAIT, || async {
+            committed_posts(&server, u(1)).await == expected
+        })
+        .await,
+        "the server stores the posts"
+    );
+    assert_eq!(poster.unacknowledged(), 3, "no acknowledgement arrived");
+    let first = tokio::time::timeout(Duration::from_secs(60), events.recv())
+        .await
+        .expect("the lost connection is noticed")
+        .expect("alive");
+    assert!(
+        matches!(first, SessionEvent::Reconnecting { .. }),
+        "{first:?}"
+    );
+    memory.heal(&server_node, CLIENT_NODE);
+    assert!(matches!(
+        next_event(&mut events).await,
+        SessionEvent::Reconnected { .. }
+    ));
+    all_acknowledged(&poster).await;
+    assert_eq!(committed_posts(&server, u(1)).await, expected);
+    cluster.shutdown().await;
+}
+
+/// The master stores posts whose acknowledgements are lost (its direction to the client is
+/// cut, until the client gives the connection up), then takes a burst of posts and the plug is
+/// pulled on its simulated disk: of the burst some may be durable, the rest is lost with the
+/// disk's cache. After the restart and the heal, the session re-sends everything
+/// unacknowledged: the posts the recovered log holds are recognised by their keys, the lost ones
+/// are stored, and every post is there exactly once, in the order typed.
+#[tokio::test(start_paused = true)]
+async fn a_master_crash_between_sending_and_acknowledging_loses_and_repeats_nothing() {
+    let mut cluster = TestCluster::start_with(TestClusterConfig {
+        clusters: 1,
+        servers_per_cluster: 1,
+        simulated_disks: true,
+        ..TestClusterConfig::default()
+    })
+    .await
+    .expect("start");
+    let one = routed(&cluster, 1).await;
+    let mut events = one.subscribe();
+    let feed = one.timeline().await.expect("timeline");
+    let poster = feed.poster();
+    let memory = cluster
+        .deployment()
+        .memory_network()
+        .expect("memory network")
+        .clone();
+    let server_node = sns_core::deployment::server_node(
+        sns_core::ClusterId::new(1).expect("cluster"),
+        sns_core::ServerId::new(1).expect("server"),
+    );
+    memory.cut(&server_node, CLIENT_NODE);
+    let unanswered = texts("unanswered", 3);
+    for text in &unanswered {
+        poster.post(text).await.expect("sent");
+    }
+    let server = cluster.server(1, 1).expect("running").clone();
+    assert!(
+        eventually(WAIT, || async {
+            committed_posts(&server, u(1)).await == unanswered
+        })
+        .await,
+        "committed, so durable"
+    );
+    assert_eq!(poster.unacknowledged(), unanswered.len(), "no ack arrived");
+    let burst = texts("burst", 20);
+    for text in &burst {
+        poster.post(text).await.expect("sent");
+    }
+    cluster.crash(1, 1).await.expect("crash");
+    let typed_while_down = texts("while down", 2);
+    for text in &typed_while_down {
+        poster.post(text).await.expect("queued");
+    }
+    // The client gives the silent connection up (keepalive), so the acknowledgements held
+    // back by the cut are gone with it.
+    let first = tokio::time::timeout(Duration::from_secs(60), events.recv())
+        .await
+        .expect("the lost connection is noticed")
+        .expect("alive");
+    assert!(
+        matches!(first, SessionEvent::Reconnecting { .. }),
+        "{first:?}"
+    );
+    cluster.restart(1, 1).await.expect("restart");
+    memory.heal(&server_node, CLIENT_NODE);
+    assert!(matches!(
+        next_event(&mut events).await,
+        SessionEvent::Reconnected { .. }
+    ));
+    all_acknowledged(&poster).await;
+
+    let server = cluster.server(1, 1).expect("running").clone();
+    assert_eq!(
+        committed_posts(&server, u(1)).await,
+        [unanswered, burst, typed_while_down].concat()
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_direct_session_timeline_refuses_posts_once_it_has_ended() {
+    let mut cluster = one_server().await;
+    let session = Session::connect(
+        cluster.network(),
+        Target::Direct(server_addr(&cluster)),
+        u(1),
+        SessionConfig::default(),
+    )
+    .await
+    .expect("session");
+    let mut feed = session.timeline().await.expect("timeline");
+    let poster = feed.poster();
+    poster.post("stored").await.expect("post");
+    all_acknowledged(&poster).await;
+    cluster.stop(1, 1).await.expect("stop");
+    let broken = tokio::time::timeout(WAIT, feed.next())
+        .await
+        .expect("the timeline reports in time");
+    assert!(matches!(broken, Some(Err(_))), "{broken:?}");
+    // The timeline has ended: posting fails instead of waiting for a stream that never comes.
+    assert!(matches!(
+        poster.post("too late").await,
+        Err(Error::Unavailable(_))
+    ));
+    assert_eq!(poster.unacknowledged(), 0);
     cluster.shutdown().await;
 }

@@ -3,6 +3,9 @@
 //! `tsc -h HOST -k PORT -u USER` asks the coordinator at HOST:PORT for the master serving USER
 //! and logs in there; when that server stops answering, it asks again and carries on (the
 //! failover is `sns_core::Session`'s; this binary only prints, one line on stderr per reconnect).
+//! In timeline mode a line typed while the server is lost is kept and posted once the timeline
+//! is reopened: every post is stored exactly once (the session re-sends unacknowledged posts
+//! under their idempotency keys).
 //! `tsc -h HOST -p PORT -u USER` connects straight to a server (the course's MP1 form). Command
 //! mode takes `FOLLOW <user>`, `UNFOLLOW <user>`, `LIST` and `TIMELINE`; timeline mode posts
 //! every line typed and shows followed users' posts live. Works on a terminal (line editing,
@@ -217,11 +220,12 @@ async fn timeline_mode(
     let poster = timeline.poster();
     let mut reader = tokio::spawn({
         let out = out.clone();
+        let poster = poster.clone();
         async move {
             while let Some(post) = timeline.next().await {
                 match post {
                     Ok(post) => out.line(&post.line()),
-                    Err(e) => return Err(format!("tsc: timeline closed: {e}")),
+                    Err(e) => return Err(timeline_closed(&e, poster.unacknowledged())),
                 }
             }
             Ok(())
@@ -243,4 +247,14 @@ async fn timeline_mode(
     // End of input: close our side; the server ends the stream once every post is stored.
     poster.close();
     reader.await.unwrap_or(Ok(()))
+}
+
+/// The line printed when the timeline ends for good, saying how many typed posts were not
+/// stored (sent or typed, and never acknowledged).
+fn timeline_closed(error: &Error, unstored: usize) -> String {
+    match unstored {
+        0 => format!("tsc: timeline closed: {error}"),
+        1 => format!("tsc: timeline closed: {error} (1 post was not stored)"),
+        n => format!("tsc: timeline closed: {error} ({n} posts were not stored)"),
+    }
 }

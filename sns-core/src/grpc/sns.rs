@@ -3,7 +3,9 @@
 //! Compatibility rules (DESIGN §5.1): `UnFollow` with metadata `terminated: true` and no
 //! arguments logs out; `Timeline` takes its user from metadata `username` or else from the first
 //! message, rejects messages that claim another user, and sends posts pre-formatted unless the
-//! client asked for `sns-timeline: structured`.
+//! client asked for `sns-timeline: structured`. A structured stream also carries an
+//! acknowledgement (`Message.ack`) for each post sent with an idempotency key, once it is
+//! committed, in the order the posts were sent; a course-mode stream never does.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -19,7 +21,7 @@ use super::alias::{Csce662Sns, Renamed};
 use super::status;
 use crate::error::{Error, Result};
 use crate::event::Post;
-use crate::ids::UserId;
+use crate::ids::{PostId, PostKey, UserId};
 use crate::server::{Server, TimelineFeed};
 
 /// How long a timeline stream without `username` metadata may take to name its user.
@@ -32,8 +34,13 @@ const SET_STREAM: &[u8] = b"Set Stream";
 pub(crate) const USERNAME_METADATA: &str = "username";
 /// Metadata key (with value `true`) that turns an argument-less `UnFollow` into a logout.
 pub(crate) const TERMINATED_METADATA: &str = "terminated";
-/// Metadata key (with value `structured`) asking for bare post text in `Message.msg`.
+/// Metadata key (with value `structured`) asking for bare post text in `Message.msg`, and for
+/// acknowledgements of keyed posts.
 pub(crate) const TIMELINE_MODE_METADATA: &str = "sns-timeline";
+
+/// Acknowledgements queued for the stream's reader; beyond it the poster waits (the posts a
+/// stream has in flight are bounded by its sender anyway).
+const ACK_QUEUE: usize = 64;
 
 /// The routes serving `server` as `csce438.SNSService` and `csce662.SNSService`.
 pub(crate) fn routes(server: Server) -> Routes {
@@ -77,6 +84,20 @@ pub(crate) fn post_message(post: &Post, structured: bool) -> Message {
         timestamp: Some(post.at.to_proto()),
         post_origin: post.id.origin.get(),
         post_seq: post.id.seq,
+        ..Message::default()
+    }
+}
+
+/// The acknowledgement of `user`'s post sent with `key`: stored as `id` (`None`: an empty line,
+/// nothing stored).
+fn ack_message(user: UserId, key: PostKey, id: Option<PostId>) -> Message {
+    Message {
+        username: user.to_string(),
+        post_origin: id.map_or(0, |id| id.origin.get()),
+        post_seq: id.map_or(0, |id| id.seq),
+        post_key: key.get(),
+        ack: true,
+        ..Message::default()
     }
 }
 
@@ -160,17 +181,26 @@ impl SnsService for SnsAdapter {
         };
         let feed = self.server.open_timeline(user).map_err(status)?;
         let (errors, failures) = mpsc::channel(1);
+        let (acks, acks_out) = if structured {
+            let (acks, acks_out) = mpsc::channel(ACK_QUEUE);
+            (Some(acks), Some(acks_out))
+        } else {
+            (None, None)
+        };
         let (tasks, shutdown) = self.server.tasks();
         let poster = Poster {
             server: self.server.clone(),
             user,
             errors,
+            acks,
             shutdown: shutdown.clone(),
         };
         tasks.spawn(poster.run(first, inbound));
         Ok(Response::new(Outbound {
             feed,
+            acks: acks_out,
             failures,
+            ending: None,
             structured,
             done: false,
         }))
@@ -186,11 +216,13 @@ impl SnsService for SnsAdapter {
     }
 }
 
-/// Reads a timeline stream's incoming messages and posts them as its user.
+/// Reads a timeline stream's incoming messages and posts them as its user, one at a time.
 struct Poster {
     server: Server,
     user: UserId,
     errors: mpsc::Sender<Status>,
+    /// Where acknowledgements go (structured streams only).
+    acks: Option<mpsc::Sender<Message>>,
     shutdown: tokio_util::sync::CancellationToken,
 }
 
@@ -246,11 +278,17 @@ impl Poster {
                 () = tokio::time::sleep(wait) => {},
             }
         }
-        self.server
-            .post(self.user, &message.msg)
+        let key = PostKey::new(message.post_key);
+        let id = self
+            .server
+            .post_keyed(self.user, &message.msg, key)
             .await
-            .map(|_| ())
-            .map_err(status)
+            .map_err(status)?;
+        if let (Some(acks), Some(key)) = (&self.acks, key) {
+            // A reader gone away ends the stream anyway: an undelivered ack is nothing to report.
+            let _ = acks.send(ack_message(self.user, key, id)).await;
+        }
+        Ok(())
     }
 }
 
@@ -280,11 +318,15 @@ impl TokenBucket {
     }
 }
 
-/// The server-to-client half of a timeline stream: the feed, ended early by an error of the
-/// incoming half, or by the incoming half closing.
+/// The server-to-client half of a timeline stream: the feed and (structured streams) the
+/// acknowledgements, ended early by an error of the incoming half, or by the incoming half
+/// closing, once every acknowledgement made before is sent.
 pub(crate) struct Outbound {
     feed: TimelineFeed,
+    acks: Option<mpsc::Receiver<Message>>,
     failures: mpsc::Receiver<Status>,
+    /// How the incoming half ended (an error or `None`), waiting for the last acks to go out.
+    ending: Option<Option<Status>>,
     structured: bool,
     done: bool,
 }
@@ -311,16 +353,24 @@ impl tokio_stream::Stream for Outbound {
             }
             Poll::Pending => {}
         }
-        match this.failures.poll_recv(cx) {
-            Poll::Ready(Some(failure)) => {
+        if this.ending.is_none()
+            && let Poll::Ready(ending) = this.failures.poll_recv(cx)
+        {
+            this.ending = Some(ending);
+        }
+        // The poster queues an ack before it reports an error or ends, so once the ending is
+        // known every ack it made is already queued here.
+        if let Some(acks) = &mut this.acks
+            && let Poll::Ready(Some(ack)) = acks.poll_recv(cx)
+        {
+            return Poll::Ready(Some(Ok(ack)));
+        }
+        match this.ending.take() {
+            Some(ending) => {
                 this.done = true;
-                Poll::Ready(Some(Err(failure)))
+                Poll::Ready(ending.map(Err))
             }
-            Poll::Ready(None) => {
-                this.done = true;
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
+            None => Poll::Pending,
         }
     }
 }

@@ -40,7 +40,7 @@ pub use timeline::TimelineFeed;
 
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, LogEntry, Post, normalize_post_text};
-use crate::ids::{ClusterId, Epoch, EventId, LogIndex, ServerId, Timestamp, UserId};
+use crate::ids::{ClusterId, Epoch, EventId, LogIndex, PostKey, ServerId, Timestamp, UserId};
 use crate::state::{DEFAULT_TIMELINE_CAP, State, StateConfig};
 use crate::storage::Storage;
 use crate::transport::{Listener, Network};
@@ -49,7 +49,7 @@ use pipeline::{Gate, Pending};
 use replication::{MirrorTarget, Replicas};
 use sessions::Sessions;
 use timeline::{FeedOwner, Subscribers};
-use uncommitted::Uncommitted;
+use uncommitted::{KeyedOriginal, Uncommitted};
 
 /// How long a stopping server waits for open connections to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -670,24 +670,54 @@ impl Server {
     /// `user` posts `text` (raw bytes as received: one trailing newline is stripped, at most
     /// 4096 bytes of UTF-8). Returns the post's id, or `None` for an empty line (ignored).
     pub async fn post(&self, user: UserId, text: &[u8]) -> Result<Option<EventId>> {
+        self.post_keyed(user, text, None).await
+    }
+
+    /// [`Server::post`] with the client's idempotency key: a post of `user` already made under
+    /// `key` (committed and among the user's last
+    /// [`REMEMBERED_POST_KEYS`](crate::state::REMEMBERED_POST_KEYS) keyed posts, or sequenced
+    /// and not yet committed) is not stored again; the answer is that post's id, once it is
+    /// committed (`Unavailable` if it is discarded instead, as it would be for the original).
+    pub async fn post_keyed(
+        &self,
+        user: UserId,
+        text: &[u8],
+        key: Option<PostKey>,
+    ) -> Result<Option<EventId>> {
         let Some(text) = normalize_post_text(text)? else {
             return Ok(None);
         };
         let slot = self.slot().await?;
         let (id, wait) = {
-            let mut core = self.writable()?;
+            let mut guard = self.writable()?;
+            let core = &mut *guard;
             core.knows(user)?;
-            let id = EventId {
-                origin: self.shared.config.cluster,
-                seq: core.next_seq,
-            };
-            let kind = EventKind::Posted {
-                author: user,
-                text: Arc::from(text),
-            };
-            (id, self.sequence(&mut core, slot, kind))
+            match key.and_then(|key| core.uncommitted.post_with_key(&core.state, user, key)) {
+                Some(KeyedOriginal::Committed(id)) => return Ok(Some(id)),
+                Some(KeyedOriginal::Uncommitted { id, outcome }) => (id, outcome),
+                None => {
+                    let id = EventId {
+                        origin: self.shared.config.cluster,
+                        seq: core.next_seq,
+                    };
+                    let kind = EventKind::Posted {
+                        author: user,
+                        text: Arc::from(text),
+                        key,
+                    };
+                    (id, self.sequence(core, slot, kind))
+                }
+            }
         };
-        finish(wait).await?;
+        // A retry's answer comes from the commit of its original, which a stopping server
+        // never makes: stop waiting with it. (Nor does a server whose storage failed: a retry
+        // of an original caught by the failure waits until the server stops.)
+        tokio::select! {
+            result = finish(wait) => result?,
+            () = self.shared.shutdown.cancelled() => {
+                return Err(Error::Unavailable("server is shutting down".to_string()));
+            }
+        }
         Ok(Some(id))
     }
 

@@ -69,8 +69,21 @@ impl Origin {
         self.event(EventKind::Posted {
             author: u(author),
             text: Arc::from(text),
+            key: None,
         })
     }
+
+    fn keyed_post(&mut self, author: u32, key: u64) -> Event {
+        self.event(EventKind::Posted {
+            author: u(author),
+            text: Arc::from(format!("keyed {key}")),
+            key: Some(k(key)),
+        })
+    }
+}
+
+fn k(key: u64) -> PostKey {
+    PostKey::new(key).expect("a key is not 0")
 }
 
 fn texts(state: &State, user: u32) -> Vec<String> {
@@ -204,13 +217,112 @@ fn corrupt_snapshots_are_errors_not_panics() {
     s.apply(&o.join(2));
     s.apply(&o.follow(1, 2));
     s.apply(&o.post(2, "x"));
+    s.apply(&o.keyed_post(2, 7));
     let mut enc = Encoder::default();
     s.encode(&mut enc);
+    // The post keys are the last section: one user with one key.
+    let keys_section = 8 + 4 + 8 + 20;
+    let without_keys = enc.buf.len() - keys_section;
     for cut in 0..enc.buf.len() {
         let mut dec = Decoder::new(&enc.buf[..cut]);
         let result = State::decode(&mut dec, &capped(10)).and_then(|_| dec.finish());
+        if cut == without_keys {
+            // Exactly a snapshot written before keys existed: it decodes, with no keys.
+            assert!(result.is_ok(), "{result:?}");
+            continue;
+        }
         assert!(result.is_err(), "a snapshot cut at {cut} must not decode");
     }
+}
+
+#[test]
+fn post_keys_are_remembered_per_local_author_newest_first_and_bounded() {
+    let mut o = Origin::new(1);
+    let mut s = State::default();
+    s.apply(&o.join(1));
+    s.apply(&o.join(2));
+    let first = o.keyed_post(1, 1);
+    s.apply(&first);
+    assert_eq!(s.post_with_key(u(1), k(1)), Some(first.id));
+    assert_eq!(s.post_with_key(u(2), k(1)), None, "keys are per author");
+    assert_eq!(s.post_with_key(u(1), k(2)), None);
+    // Posts without a key neither need nor evict a remembered key.
+    for _ in 0..2 * REMEMBERED_POST_KEYS {
+        s.apply(&o.post(1, "no key"));
+    }
+    assert_eq!(s.post_with_key(u(1), k(1)), Some(first.id));
+    // REMEMBERED_POST_KEYS more keyed posts: the first key is forgotten, every later one is
+    // still known with its post's id.
+    let mut later = Vec::new();
+    for key in 2..=REMEMBERED_POST_KEYS as u64 + 1 {
+        let event = o.keyed_post(1, key);
+        s.apply(&event);
+        later.push((key, event.id));
+    }
+    assert_eq!(s.post_with_key(u(1), k(1)), None);
+    for (key, id) in later {
+        assert_eq!(s.post_with_key(u(1), k(key)), Some(id));
+    }
+}
+
+#[test]
+fn post_keys_of_authors_of_other_clusters_are_not_kept() {
+    let mut s = cluster_state(1, 2);
+    let mut o2 = Origin::new(2);
+    s.apply(&o2.join(2));
+    s.apply(&o2.keyed_post(2, 5));
+    assert_eq!(s.post_with_key(u(2), k(5)), None);
+    assert_eq!(s, {
+        let mut plain = cluster_state(1, 2);
+        let mut o2 = Origin::new(2);
+        plain.apply(&o2.join(2));
+        plain.apply(&o2.post(2, "keyed 5"));
+        plain
+    });
+}
+
+#[test]
+fn a_snapshot_keeps_post_keys() {
+    let mut o = Origin::new(1);
+    let mut s = State::default();
+    s.apply(&o.join(1));
+    s.apply(&o.join(2));
+    let mut keyed = Vec::new();
+    for key in [10, 11, 12] {
+        let event = o.keyed_post(1, key);
+        s.apply(&event);
+        keyed.push((key, event.id));
+    }
+    let by_two = o.keyed_post(2, 10);
+    s.apply(&by_two);
+    let mut enc = Encoder::default();
+    s.encode(&mut enc);
+    let mut dec = Decoder::new(&enc.buf);
+    let back = State::decode(&mut dec, s.config()).expect("decodes");
+    dec.finish().expect("nothing left over");
+    assert_eq!(back, s);
+    for (key, id) in keyed {
+        assert_eq!(back.post_with_key(u(1), k(key)), Some(id));
+    }
+    assert_eq!(back.post_with_key(u(2), k(10)), Some(by_two.id));
+}
+
+#[test]
+fn a_snapshot_restored_for_another_cluster_drops_foreign_post_keys() {
+    let mut s = State::default();
+    let mut o = Origin::new(1);
+    s.apply(&o.join(1));
+    s.apply(&o.join(2));
+    s.apply(&o.keyed_post(1, 1));
+    let two = o.keyed_post(2, 2);
+    s.apply(&two);
+    let mut enc = Encoder::default();
+    s.encode(&mut enc);
+    let mut dec = Decoder::new(&enc.buf);
+    let back = State::decode(&mut dec, cluster_state(2, 2).config()).expect("decodes");
+    dec.finish().expect("nothing left over");
+    assert_eq!(back.post_with_key(u(1), k(1)), None, "user 1 is not local");
+    assert_eq!(back.post_with_key(u(2), k(2)), Some(two.id));
 }
 
 /// `event`, stamped at `time` instead of its origin's clock.
@@ -421,6 +533,7 @@ enum Op {
     Follow(u32, u32),
     Unfollow(u32, u32),
     Post(u32),
+    KeyedPost(u32, u64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -429,7 +542,8 @@ fn op() -> impl Strategy<Value = Op> {
         user.clone().prop_map(Op::Join),
         (user.clone(), user.clone()).prop_map(|(a, b)| Op::Follow(a, b)),
         (user.clone(), user.clone()).prop_map(|(a, b)| Op::Unfollow(a, b)),
-        user.prop_map(Op::Post),
+        user.clone().prop_map(Op::Post),
+        (user, 1u64..).prop_map(|(a, key)| Op::KeyedPost(a, key)),
     ]
 }
 
@@ -447,6 +561,7 @@ fn histories() -> impl Strategy<Value = Vec<Vec<Event>>> {
                         Op::Follow(a, b) => origin.follow(a, b),
                         Op::Unfollow(a, b) => origin.unfollow(a, b),
                         Op::Post(a) => origin.post(a, "text"),
+                        Op::KeyedPost(a, key) => origin.keyed_post(a, key),
                     })
                     .collect()
             })
@@ -620,6 +735,7 @@ impl History {
                 EventKind::Posted {
                     author: u(a),
                     text: Arc::from(format!("post of {a} at step {tick}")),
+                    key: None,
                 },
             ),
             Intent::Follow(a, b) | Intent::Unfollow(a, b) => {
@@ -648,7 +764,7 @@ impl History {
             EventKind::Unfollowed { follower, followee } => {
                 self.since.remove(&(follower.get(), followee.get()));
             }
-            EventKind::Posted { author, text } => self.posts.push(Post {
+            EventKind::Posted { author, text, .. } => self.posts.push(Post {
                 id: event.id,
                 author: *author,
                 at: event.at,

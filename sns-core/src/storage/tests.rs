@@ -14,7 +14,7 @@ use super::file::{frame, list, parse_segment};
 use super::*;
 use crate::error::Error;
 use crate::event::{Event, EventKind, LogEntry};
-use crate::ids::{ClusterId, EventId, Timestamp, UserId};
+use crate::ids::{ClusterId, EventId, PostKey, Timestamp, UserId};
 use crate::state::State;
 
 /// Entries kept behind a snapshot for readers, in every harness.
@@ -86,6 +86,7 @@ fn entry_of(index: u64, epoch: u64, origin: u32, seq: u64) -> LogEntry {
         1 => EventKind::Posted {
             author: user,
             text: Arc::from(format!("post number {index}")),
+            key: None,
         },
         _ => EventKind::Followed {
             follower: user,
@@ -1228,7 +1229,8 @@ proptest! {
         user in 1u32..=UserId::MAX,
         other in 1u32..=UserId::MAX,
         text in ".{0,64}",
-        tag in 0u8..4,
+        key in any::<u64>(),
+        tag in 0u8..5,
     ) {
         let u = UserId::new(user).expect("in range");
         let v = UserId::new(other).expect("in range");
@@ -1236,7 +1238,12 @@ proptest! {
             0 => EventKind::UserJoined { user: u },
             1 => EventKind::Followed { follower: u, followee: v },
             2 => EventKind::Unfollowed { follower: u, followee: v },
-            _ => EventKind::Posted { author: u, text: Arc::from(text.as_str()) },
+            3 => EventKind::Posted { author: u, text: Arc::from(text.as_str()), key: None },
+            _ => EventKind::Posted {
+                author: u,
+                text: Arc::from(text.as_str()),
+                key: PostKey::new(key),
+            },
         };
         let e = LogEntry {
             index: LogIndex(index),
