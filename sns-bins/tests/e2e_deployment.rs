@@ -86,7 +86,7 @@ impl SnsUp {
                 "--ports",
                 "auto",
                 "--heartbeat-ms",
-                support::HEARTBEAT_MS,
+                &support::Heartbeat::QUICK.interval_ms.to_string(),
             ])
             .arg("--data-dir")
             .arg(dir)
@@ -142,12 +142,28 @@ fn sns_up_runs_a_whole_deployment_and_stops_cleanly_on_ctrl_c() {
     four.send("hi one");
     assert!(one.next_line().ends_with(") >> hi one"));
 
-    // Status shows six live servers: a master and a slave per cluster.
-    let (code, stdout, stderr) = run(
-        env!("CARGO_BIN_EXE_sns"),
-        &["status", "-h", "127.0.0.1", "-k", &up.port.to_string()],
-    );
-    assert_eq!(code, Some(0), "{stderr}");
+    // Status shows six live servers: a master and a slave per cluster, every slave mirroring
+    // its master, in sync and (once the heartbeats report it) with nothing left to copy.
+    let status = || {
+        let (code, stdout, stderr) = run(
+            env!("CARGO_BIN_EXE_sns"),
+            &["status", "-h", "127.0.0.1", "-k", &up.port.to_string()],
+        );
+        assert_eq!(code, Some(0), "{stderr}");
+        stdout
+    };
+    let mut stdout = String::new();
+    let mirrored = support::wait_until(|| {
+        stdout = status();
+        let rows: Vec<Vec<&str>> = stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .filter(|cells: &Vec<&str>| cells.get(2).is_some_and(|r| *r == "slave"))
+            .collect();
+        // The last two columns are IN SYNC and LAG.
+        rows.len() == 3 && rows.iter().all(|r| r[r.len() - 2..] == ["yes", "0"])
+    });
+    assert!(mirrored, "{stdout}");
     let rows: Vec<&str> = stdout
         .lines()
         .filter(|l| l.contains("master") || l.contains("slave"))

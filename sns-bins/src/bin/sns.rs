@@ -5,7 +5,11 @@
 //!   course's ports (coordinator 9090, server s of cluster c on `c*10000 + s - 1`) or on
 //!   ephemeral ports (`--ports auto`). Prints where everything runs; Ctrl-C or SIGTERM stops
 //!   every component and exits 0.
-//! - `sns status [-h HOST -k PORT]`: the coordinator's routing table as a table.
+//!   Every slave mirrors its cluster's master and is promoted when the master dies (only an
+//!   in-sync one, unless `--allow-unclean-promotion`).
+//! - `sns status [-h HOST -k PORT]`: the coordinator's view as a table: per server its role,
+//!   the cluster's epoch and its log's, its durable and committed indexes, and for a slave
+//!   whether it is in sync and how many entries it lags behind its master.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,8 +18,8 @@ use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 use sns_bins::{HeartbeatArgs, TokenArgs};
 use sns_core::{Data, Deployment, DeploymentConfig, Ports, Role};
 use sns_proto::csce438::NodeRole;
-use sns_proto::sns_v1::StatusRequest;
 use sns_proto::sns_v1::admin_client::AdminClient;
+use sns_proto::sns_v1::{NodeStatus, StatusReply, StatusRequest};
 
 /// Tiny SNS: run a whole deployment, or inspect one.
 #[derive(Debug, Parser)]
@@ -70,6 +74,10 @@ enum Command {
         heartbeat: HeartbeatArgs,
         #[command(flatten)]
         token: TokenArgs,
+        /// When a master dies and its slave is not known to be in sync, promote the slave
+        /// anyway: the cluster stays available but may lose committed changes. Off by default.
+        #[arg(long)]
+        allow_unclean_promotion: bool,
     },
     /// Show the coordinator's routing table.
     Status {
@@ -97,6 +105,7 @@ fn main() -> ExitCode {
             bind,
             heartbeat,
             token,
+            allow_unclean_promotion,
         } => {
             sns_bins::init_logging();
             let config = DeploymentConfig {
@@ -120,6 +129,7 @@ fn main() -> ExitCode {
                 heartbeat_interval: heartbeat.interval(),
                 missed_heartbeats: heartbeat.missed_heartbeats,
                 cluster_token: token.cluster_token,
+                allow_unclean_promotion,
                 ..DeploymentConfig::default()
             };
             sns_bins::run_main("sns up", up(config))
@@ -131,6 +141,11 @@ fn main() -> ExitCode {
 }
 
 async fn up(config: DeploymentConfig) -> Result<(), String> {
+    if config.allow_unclean_promotion {
+        tracing::warn!(
+            "unclean promotion allowed: a slave that is not in sync may be promoted and committed changes may be lost"
+        );
+    }
     let deployment = Deployment::start(config).await.map_err(|e| e.to_string())?;
     let patience = deployment.config().heartbeat_interval * 10;
     if let Err(e) = deployment.wait_for_masters(patience).await {
@@ -212,48 +227,228 @@ async fn status(host: String, port: u16, token: Option<String>) -> Result<(), St
         .await
         .map_err(|s| format!("status failed: {}", s.message()))?
         .into_inner();
-    println!(
-        "{} clusters; heartbeat every {} ms, dead after {} ms",
+    print!("{}", status_table(&reply));
+    Ok(())
+}
+
+/// How a column's cells line up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// The columns of `sns status`.
+const STATUS_COLUMNS: [(&str, Align); 13] = [
+    ("CLUSTER", Align::Left),
+    ("SERVER", Align::Left),
+    ("ROLE", Align::Left),
+    ("ADDRESS", Align::Left),
+    ("ALIVE", Align::Left),
+    ("LAST BEAT", Align::Right),
+    ("EPOCH", Align::Right),
+    ("LOG EPOCH", Align::Right),
+    ("DURABLE", Align::Right),
+    ("COMMIT", Align::Right),
+    ("SLAVE ACK", Align::Right),
+    ("IN SYNC", Align::Left),
+    ("LAG", Align::Right),
+];
+
+/// The coordinator's view as a table, one row per node: the cluster's epoch and the epoch of
+/// the node's own log, its durable and committed indexes, for a master the index its slaves
+/// acknowledged, and for a slave whether its master counts it (`IN SYNC`) and how far its
+/// durable log is behind the master's (`LAG`, in entries). Positions are those of each node's
+/// last heartbeat, so they may be up to one interval old.
+fn status_table(reply: &StatusReply) -> String {
+    let is = |node: &NodeStatus, role: NodeRole| node.node_role == i32::from(role);
+    let rows: Vec<Vec<String>> = reply
+        .nodes
+        .iter()
+        .map(|node| {
+            let server = !is(node, NodeRole::Synchronizer);
+            let slave = is(node, NodeRole::Slave);
+            let position = |value: u64| {
+                if server {
+                    value.to_string()
+                } else {
+                    "-".to_string()
+                }
+            };
+            let master_durable = reply
+                .nodes
+                .iter()
+                .find(|m| m.cluster == node.cluster && is(m, NodeRole::Master))
+                .map(|m| m.durable_index);
+            let lag = match master_durable {
+                Some(durable) if slave => durable.saturating_sub(node.durable_index).to_string(),
+                _ => "-".to_string(),
+            };
+            vec![
+                node.cluster.to_string(),
+                node.server.to_string(),
+                node.role.clone(),
+                format!("{}:{}", node.hostname, node.port),
+                if node.alive { "yes" } else { "no" }.to_string(),
+                format!("{:.1}s ago", node.last_heartbeat_ms as f64 / 1000.0),
+                node.epoch.to_string(),
+                position(node.log_epoch),
+                position(node.durable_index),
+                position(node.commit_index),
+                node.slave_acked_index
+                    .map_or_else(|| "-".to_string(), |i| i.to_string()),
+                match (slave, node.in_sync) {
+                    (false, _) => "-",
+                    (true, true) => "yes",
+                    (true, false) => "no",
+                }
+                .to_string(),
+                lag,
+            ]
+        })
+        .collect();
+    let mut out = format!(
+        "{} clusters; heartbeat every {} ms, dead after {} ms\n",
         reply.clusters, reply.heartbeat_interval_ms, reply.failure_timeout_ms
     );
-    println!(
-        "{:<8} {:<7} {:<13} {:<22} {:>15} {:<6} {:>5} {:>9} {:>9} {:>9} {:>9}",
-        "CLUSTER",
-        "SERVER",
-        "ROLE",
-        "ADDRESS",
-        "LAST HEARTBEAT",
-        "ALIVE",
-        "EPOCH",
-        "LOG EPOCH",
-        "DURABLE",
-        "COMMIT",
-        "SLAVE ACK"
-    );
-    for node in reply.nodes {
-        let synchronizer = node.node_role == i32::from(NodeRole::Synchronizer);
-        let position = |value: u64| {
-            if synchronizer {
-                "-".to_string()
-            } else {
-                value.to_string()
+    let headers: Vec<String> = STATUS_COLUMNS.iter().map(|(h, _)| h.to_string()).collect();
+    let widths: Vec<usize> = (0..STATUS_COLUMNS.len())
+        .map(|i| {
+            std::iter::once(&headers)
+                .chain(&rows)
+                .map(|row| row[i].len())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in std::iter::once(&headers).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .zip(STATUS_COLUMNS.iter().map(|(_, align)| align))
+            .map(|((cell, width), align)| match align {
+                Align::Left => format!("{cell:<width$}"),
+                Align::Right => format!("{cell:>width$}"),
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(cluster: u32, server: u32, role: NodeRole, durable: u64) -> NodeStatus {
+        NodeStatus {
+            cluster,
+            server,
+            role: match role {
+                NodeRole::Master => "master",
+                NodeRole::Slave => "slave",
+                _ => "synchronizer",
             }
+            .to_string(),
+            hostname: "127.0.0.1".to_string(),
+            port: (cluster * 10_000 + server - 1).to_string(),
+            last_heartbeat_ms: 300,
+            alive: true,
+            epoch: 3,
+            node_role: role.into(),
+            log_epoch: 2,
+            durable_index: durable,
+            commit_index: durable,
+            slave_acked_index: None,
+            in_sync: false,
+        }
+    }
+
+    /// The cells of the row of `server` in `cluster`.
+    fn row(table: &str, cluster: u32, server: u32) -> Vec<String> {
+        table
+            .lines()
+            .skip(2)
+            .map(|line| {
+                line.split_whitespace()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .find(|cells| cells[0] == cluster.to_string() && cells[1] == server.to_string())
+            .unwrap_or_else(|| panic!("no row for {cluster}/{server} in\n{table}"))
+    }
+
+    #[test]
+    fn status_shows_epochs_positions_and_the_lag_and_sync_of_each_slave() {
+        let master = NodeStatus {
+            slave_acked_index: Some(40),
+            log_epoch: 3,
+            ..node(1, 1, NodeRole::Master, 42)
         };
-        println!(
-            "{:<8} {:<7} {:<13} {:<22} {:>15} {:<6} {:>5} {:>9} {:>9} {:>9} {:>9}",
-            node.cluster,
-            node.server,
-            node.role,
-            format!("{}:{}", node.hostname, node.port),
-            format!("{:.1}s ago", node.last_heartbeat_ms as f64 / 1000.0),
-            if node.alive { "yes" } else { "no" },
-            node.epoch,
-            position(node.log_epoch),
-            position(node.durable_index),
-            position(node.commit_index),
-            node.slave_acked_index
-                .map_or_else(|| "-".to_string(), |i| i.to_string()),
+        let in_sync = NodeStatus {
+            in_sync: true,
+            ..node(1, 2, NodeRole::Slave, 40)
+        };
+        let behind = node(2, 2, NodeRole::Slave, 5);
+        let other_master = node(2, 1, NodeRole::Master, 9);
+        let sync = node(1, 7, NodeRole::Synchronizer, 0);
+        let table = status_table(&StatusReply {
+            clusters: 2,
+            nodes: vec![master, in_sync, other_master, behind, sync],
+            heartbeat_interval_ms: 1000,
+            failure_timeout_ms: 2000,
+        });
+        let header = table.lines().nth(1).expect("a header");
+        for column in ["EPOCH", "LOG EPOCH", "DURABLE", "COMMIT", "IN SYNC", "LAG"] {
+            assert!(header.contains(column), "{header}");
+        }
+        // cluster, server, role, address, alive, age ("0.3s ago"), epoch, log epoch, durable,
+        // commit, slave ack, in sync, lag.
+        assert_eq!(
+            row(&table, 1, 1)[2..],
+            [
+                "master",
+                "127.0.0.1:10000",
+                "yes",
+                "0.3s",
+                "ago",
+                "3",
+                "3",
+                "42",
+                "42",
+                "40",
+                "-",
+                "-"
+            ]
+        );
+        assert_eq!(
+            row(&table, 1, 2)[2..],
+            [
+                "slave",
+                "127.0.0.1:10001",
+                "yes",
+                "0.3s",
+                "ago",
+                "3",
+                "2",
+                "40",
+                "40",
+                "-",
+                "yes",
+                "2"
+            ]
+        );
+        assert_eq!(row(&table, 2, 2)[12..], ["no", "4"]);
+        assert_eq!(row(&table, 1, 7)[8..], ["-", "-", "-", "-", "-", "-"]);
+        // Every line of the table is as wide as needed and no wider: columns line up.
+        let lag_column = header.find("LAG").expect("LAG");
+        assert!(
+            table
+                .lines()
+                .skip(2)
+                .all(|line| line.len() == lag_column + 3),
+            "{table}"
         );
     }
-    Ok(())
 }

@@ -1,5 +1,9 @@
 //! Running the real binaries as processes: start, drive through pipes, read lines with a
-//! timeout, kill.
+//! timeout, ask the coordinator for its status, kill.
+//!
+//! Every wait has a deadline ([`WAIT`], generous for a loaded 2-core machine). Every line a
+//! child writes is also echoed on the test's stderr, which the test harness shows when the test
+//! fails.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -7,10 +11,14 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// How long any expected line may take.
-pub const WAIT: Duration = Duration::from_secs(15);
+use sns_proto::csce438::NodeRole;
+use sns_proto::sns_v1::admin_client::AdminClient;
+use sns_proto::sns_v1::{NodeStatus, StatusReply, StatusRequest};
+
+/// How long any expected line or condition may take.
+pub const WAIT: Duration = Duration::from_secs(30);
 
 /// A port that was free a moment ago (bind to 0, read, release).
 pub fn free_port() -> u16 {
@@ -29,12 +37,13 @@ pub struct Lines {
 impl Lines {
     pub fn new(stream: impl std::io::Read + Send + 'static, name: &str) -> Self {
         let (tx, rx) = mpsc::channel();
+        let label = name.to_string();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines() {
                 let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
+                eprintln!("[{label}] {line}");
+                // The reader may be gone; keep draining so the child never blocks on a full pipe.
+                let _ = tx.send(line);
             }
         });
         Self {
@@ -48,6 +57,11 @@ impl Lines {
         self.rx
             .recv_timeout(WAIT)
             .unwrap_or_else(|e| panic!("{}: no line within {WAIT:?}: {e}", self.name))
+    }
+
+    /// Every line already received, without waiting.
+    pub fn drain(&self) -> Vec<String> {
+        self.rx.try_iter().collect()
     }
 
     /// Reads lines until one satisfies `matches`; fails after [`WAIT`].
@@ -94,15 +108,98 @@ fn strings(args: &[&str]) -> Vec<String> {
 pub struct Tsd {
     child: Child,
     pub log: Lines,
+    /// Its cluster, server id and client port.
+    pub cluster: u32,
+    pub server: u32,
+    pub port: u16,
 }
 
-/// Heartbeat interval used by the process tests, in milliseconds.
-pub const HEARTBEAT_MS: &str = "200";
+/// Heartbeat settings of a deployment of processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub interval_ms: u64,
+    pub missed: u32,
+}
+
+impl Heartbeat {
+    /// The settings of the tests that only need a server up quickly.
+    pub const QUICK: Self = Self {
+        interval_ms: 200,
+        missed: 2,
+    };
+    /// The settings of the failover tests: a failover within about 1.5 s, yet a master is
+    /// declared dead only after 1.2 s without a heartbeat, which a loaded machine does not
+    /// cause by accident.
+    pub const FAILOVER: Self = Self {
+        interval_ms: 300,
+        missed: 4,
+    };
+
+    fn args(self) -> Vec<String> {
+        strings(&[
+            "--heartbeat-ms",
+            &self.interval_ms.to_string(),
+            "--missed-heartbeats",
+            &self.missed.to_string(),
+        ])
+    }
+}
+
+/// The role a starting `tsd` is expected to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Named master by the coordinator.
+    Master,
+    /// A slave mirroring its master.
+    Slave,
+}
 
 impl Tsd {
     /// Starts `tsd` as server `server` of cluster `cluster`, joined to the coordinator on
-    /// `coordinator`, and waits until the coordinator made it master.
+    /// `coordinator` (with [`Heartbeat::QUICK`]), and waits until the coordinator made it master.
     pub fn join(cluster: u32, server: u32, coordinator: u16, port: u16, dir: &Path) -> Self {
+        Self::launch(
+            cluster,
+            server,
+            coordinator,
+            Heartbeat::QUICK,
+            port,
+            dir,
+            Expect::Master,
+        )
+    }
+
+    /// Starts `tsd` as server `server` of cluster `cluster` on `port`, with data in `dir`,
+    /// joined to `coordinator` with its heartbeat settings, and waits until it is master or
+    /// mirrors a master, as `expect` says.
+    pub fn joined(
+        coordinator: &Coordinator,
+        cluster: u32,
+        server: u32,
+        port: u16,
+        dir: &Path,
+        expect: Expect,
+    ) -> Self {
+        Self::launch(
+            cluster,
+            server,
+            coordinator.port,
+            coordinator.heartbeat,
+            port,
+            dir,
+            expect,
+        )
+    }
+
+    fn launch(
+        cluster: u32,
+        server: u32,
+        coordinator: u16,
+        heartbeat: Heartbeat,
+        port: u16,
+        dir: &Path,
+        expect: Expect,
+    ) -> Self {
         let mut args = strings(&[
             "-c",
             &cluster.to_string(),
@@ -116,15 +213,23 @@ impl Tsd {
             &port.to_string(),
             "--bind",
             "127.0.0.1",
-            "--heartbeat-ms",
-            HEARTBEAT_MS,
-            "--data-dir",
         ]);
+        args.extend(heartbeat.args());
+        args.push("--data-dir".to_string());
         args.push(dir.display().to_string());
-        let (child, log) = spawn_logged(env!("CARGO_BIN_EXE_tsd"), &args, "tsd", |l| {
-            l.contains("role assigned") && l.contains("master")
-        });
-        Self { child, log }
+        let name = format!("tsd {cluster}/{server}");
+        let (child, log) =
+            spawn_logged(env!("CARGO_BIN_EXE_tsd"), &args, &name, |l| match expect {
+                Expect::Master => l.contains("role assigned") && l.contains("master"),
+                Expect::Slave => l.contains("mirroring the master"),
+            });
+        Self {
+            child,
+            log,
+            cluster,
+            server,
+            port,
+        }
     }
 
     /// Starts `tsd` on `port` with data in `dir`, and waits until it serves.
@@ -134,7 +239,18 @@ impl Tsd {
         let (child, log) = spawn_logged(env!("CARGO_BIN_EXE_tsd"), &args, "tsd", |l| {
             l.contains("serving clients")
         });
-        Self { child, log }
+        Self {
+            child,
+            log,
+            cluster: 1,
+            server: 1,
+            port,
+        }
+    }
+
+    /// The address clients reach it at.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 
     /// SIGKILL, and wait for the process to be gone.
@@ -155,29 +271,93 @@ pub struct Coordinator {
     child: Child,
     pub log: Lines,
     pub port: u16,
+    /// The heartbeat settings it runs with (servers joining it use the same).
+    pub heartbeat: Heartbeat,
 }
 
 impl Coordinator {
-    /// Starts a coordinator for `clusters` clusters and waits until it serves.
+    /// Starts a coordinator for `clusters` clusters with [`Heartbeat::QUICK`] and waits until
+    /// it serves.
     pub fn start(clusters: u32) -> Self {
+        Self::start_with(clusters, Heartbeat::QUICK)
+    }
+
+    /// Starts a coordinator for `clusters` clusters with `heartbeat` and waits until it serves.
+    pub fn start_with(clusters: u32, heartbeat: Heartbeat) -> Self {
         let port = free_port();
-        let args = strings(&[
+        let mut args = strings(&[
             "-p",
             &port.to_string(),
             "--bind",
             "127.0.0.1",
             "--clusters",
             &clusters.to_string(),
-            "--heartbeat-ms",
-            HEARTBEAT_MS,
         ]);
+        args.extend(heartbeat.args());
         let (child, log) = spawn_logged(
             env!("CARGO_BIN_EXE_coordinator"),
             &args,
             "coordinator",
             |l| l.contains("coordinator serving"),
         );
-        Self { child, log, port }
+        Self {
+            child,
+            log,
+            port,
+            heartbeat,
+        }
+    }
+
+    /// The `sns.v1.Admin` status: every node as the coordinator sees it.
+    pub fn status(&self) -> StatusReply {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let addr = format!("127.0.0.1:{}", self.port);
+        runtime.block_on(async {
+            let channel = sns_core::Network::tcp()
+                .connect(&addr)
+                .await
+                .expect("reach the coordinator");
+            AdminClient::new(channel)
+                .status(StatusRequest {})
+                .await
+                .expect("admin status")
+                .into_inner()
+        })
+    }
+
+    /// Waits until the coordinator reports `tsd` alive in `role` and, for a slave, in sync with
+    /// its master with nothing left to mirror; returns that node's status. Fails after [`WAIT`].
+    pub fn wait_for_role(&self, tsd: &Tsd, role: NodeRole) -> NodeStatus {
+        let mut last = None;
+        let held = wait_until(|| {
+            let reply = self.status();
+            let master_durable = reply
+                .nodes
+                .iter()
+                .find(|n| n.cluster == tsd.cluster && n.node_role == i32::from(NodeRole::Master))
+                .map(|n| n.durable_index);
+            let node = reply
+                .nodes
+                .into_iter()
+                .find(|n| n.cluster == tsd.cluster && n.server == tsd.server);
+            let ok = node.as_ref().is_some_and(|n| {
+                n.alive
+                    && n.node_role == i32::from(role)
+                    && (role != NodeRole::Slave
+                        || (n.in_sync && master_durable == Some(n.durable_index)))
+            });
+            last = node;
+            ok
+        });
+        assert!(
+            held,
+            "server {}/{} is not {role:?} (and in sync) after {WAIT:?}: {last:?}",
+            tsd.cluster, tsd.server
+        );
+        last.expect("seen")
     }
 }
 
@@ -185,6 +365,23 @@ impl Drop for Coordinator {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it holds, pausing a little longer each time (at most 100 ms), for at
+/// most [`WAIT`]; returns whether it held.
+pub fn wait_until(mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + WAIT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 
@@ -207,6 +404,8 @@ pub struct Tsc {
     child: Child,
     stdin: Option<ChildStdin>,
     stdout: Lines,
+    /// What it prints on stderr: notices about reconnects, and errors.
+    pub notices: Lines,
 }
 
 impl Tsc {
@@ -240,15 +439,17 @@ impl Tsc {
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start tsc");
         let stdin = child.stdin.take();
         let stdout = Lines::new(child.stdout.take().expect("stdout"), "tsc");
+        let notices = Lines::new(child.stderr.take().expect("stderr"), "tsc stderr");
         Self {
             child,
             stdin,
             stdout,
+            notices,
         }
     }
 
@@ -267,6 +468,31 @@ impl Tsc {
     /// Asserts the next output line.
     pub fn expect_line(&self, expected: &str) {
         assert_eq!(self.next_line(), expected);
+    }
+
+    /// Types `LIST`, asserts that it succeeded, and returns the users of the two lines it
+    /// prints: all users, and the followers.
+    pub fn list(&mut self) -> (Vec<u32>, Vec<u32>) {
+        self.send("LIST");
+        self.expect_line("Command completed successfully");
+        let users = |line: String, label: &str| -> Vec<u32> {
+            let rest = line
+                .strip_prefix(label)
+                .unwrap_or_else(|| panic!("expected {label:?}..., got {line:?}"));
+            rest.split(", ")
+                .filter(|u| !u.is_empty())
+                .map(|u| u.parse().unwrap_or_else(|_| panic!("bad user in {line:?}")))
+                .collect()
+        };
+        let all = users(self.next_line(), "All users: ");
+        let followers = users(self.next_line(), "Followers: ");
+        (all, followers)
+    }
+
+    /// Types `FOLLOW user` and asserts that it succeeded.
+    pub fn follow(&mut self, user: u32) {
+        self.send(&format!("FOLLOW {user}"));
+        self.expect_line("Command completed successfully");
     }
 
     /// Types `TIMELINE` and asserts the two lines that confirm timeline mode.
