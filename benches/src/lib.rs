@@ -1,6 +1,8 @@
 //! Shared fixtures for the criterion benchmarks in `benches/benches/` (run them with
-//! `cargo bench -p sns-benches --bench <fanout|storage|recovery>`; results in
-//! `docs/benchmarks.md`).
+//! `cargo bench -p sns-benches --bench <fanout|storage|recovery|commit_path>`; results in
+//! `docs/benchmarks.md`). Two measurements are plain binaries instead: `failover` (time from
+//! SIGKILL of a master to the first successful client call, with the real binaries as
+//! processes) and `mirroring` (posts/s and commit latency with and without a slave).
 //!
 //! Everything here builds events the way one cluster's master would: origin cluster 1,
 //! gap-free sequence numbers from 1, strictly increasing timestamps, so [`State::apply`] never
