@@ -252,6 +252,7 @@ struct Writer {
     name: &'static str,
     successes: mpsc::UnboundedReceiver<Success>,
     lost: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -259,6 +260,9 @@ struct Writer {
 struct Expectation {
     following: Option<bool>,
     lost: Arc<AtomicU64>,
+    /// Calls that ended in an error other than the two answers above (a bare client's call
+    /// that met the dead master; a session's call when the session gave up).
+    failed: Arc<AtomicU64>,
 }
 
 impl Expectation {
@@ -277,6 +281,7 @@ impl Expectation {
             Err(_) => {
                 // The change may or may not have been made.
                 self.following = None;
+                self.failed.fetch_add(1, Ordering::SeqCst);
                 return false;
             }
         };
@@ -498,9 +503,11 @@ async fn run(args: Args) -> Result<(), Failure> {
     for name in ["bare", "session"] {
         let (report, successes) = mpsc::unbounded_channel();
         let lost = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
         let expect = Expectation {
             following: None,
             lost: Arc::clone(&lost),
+            failed: Arc::clone(&failed),
         };
         let task = if name == "bare" {
             let coordinator =
@@ -534,6 +541,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             name,
             successes,
             lost,
+            failed,
             task,
         });
     }
@@ -572,8 +580,10 @@ async fn run(args: Args) -> Result<(), Failure> {
     deployment.wait_for_mirrored_pair().await?;
     stop.cancel();
     let mut lost = 0;
+    let mut failed = Vec::new();
     for writer in writers {
         lost += writer.lost.load(Ordering::SeqCst);
+        failed.push((writer.name, writer.failed.load(Ordering::SeqCst)));
         let mut successes = writer.successes;
         // Drain so the writer never blocks, then wait for it.
         successes.close();
@@ -581,6 +591,9 @@ async fn run(args: Args) -> Result<(), Failure> {
     }
     for (name, times) in ["bare", "session"].iter().zip(&mut times) {
         println!("{}", summary(name, times));
+    }
+    for (name, failed) in failed {
+        println!("{name}: {failed} calls failed");
     }
     println!("acknowledged changes lost: {lost}");
     drop(deployment);
