@@ -17,7 +17,7 @@
 //!
 //! ```sh
 //! cargo build --release -p sns-bins --bins
-//! cargo run --release -p sns-benches --bin failover -- --runs 10 --interval-ms 1000 --missed 2
+//! cargo run --release -p sns-benches --bin failover -- --runs 10 [--interval-ms 5000 --missed 2]
 //! ```
 
 use std::fs::File;
@@ -30,7 +30,7 @@ use std::time::Duration;
 use clap::Parser;
 use sns_core::client::CoordinatorClient;
 use sns_core::session::Target;
-use sns_core::{Client, Error, Network, Session, SessionConfig, UserId};
+use sns_core::{Client, Error, Network, RoutingConfig, Session, SessionConfig, UserId};
 use sns_proto::csce438::NodeRole;
 use sns_proto::sns_v1::admin_client::AdminClient;
 use sns_proto::sns_v1::{NodeStatus, StatusRequest};
@@ -45,12 +45,13 @@ struct Args {
     /// Number of kills.
     #[arg(long, default_value_t = 10)]
     runs: u32,
-    /// Heartbeat interval of the coordinator and servers, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    interval_ms: u64,
-    /// Missed heartbeats after which a node is dead.
-    #[arg(long, default_value_t = 2)]
-    missed: u32,
+    /// Heartbeat interval of the coordinator and servers, in milliseconds [default: the
+    /// binaries' default].
+    #[arg(long)]
+    interval_ms: Option<u64>,
+    /// Missed heartbeats after which a node is dead [default: the binaries' default].
+    #[arg(long)]
+    missed: Option<u32>,
     /// Pause of the bare client between two attempts after an error, in milliseconds.
     #[arg(long, default_value_t = 10)]
     retry_ms: u64,
@@ -89,7 +90,8 @@ fn main() -> ExitCode {
 struct Deployment {
     bin_dir: PathBuf,
     root: PathBuf,
-    args: Args,
+    interval: Duration,
+    missed: u32,
     coordinator_port: u16,
     coordinator: Option<Child>,
     /// Server id, client port and process of each server (`None` while killed).
@@ -104,9 +106,9 @@ impl Deployment {
     fn heartbeat_args(&self) -> Vec<String> {
         vec![
             "--heartbeat-ms".to_string(),
-            self.args.interval_ms.to_string(),
+            self.interval.as_millis().to_string(),
             "--missed-heartbeats".to_string(),
-            self.args.missed.to_string(),
+            self.missed.to_string(),
         ]
     }
 
@@ -470,10 +472,17 @@ async fn run(args: Args) -> Result<(), Failure> {
     }
     let temp = tempfile::Builder::new().prefix("sns-failover").tempdir()?;
     std::fs::create_dir_all(temp.path().join("logs"))?;
-    let interval = Duration::from_millis(args.interval_ms);
+    let defaults = RoutingConfig::default();
+    let interval = args
+        .interval_ms
+        .map_or(defaults.heartbeat_interval, Duration::from_millis);
+    let missed = args.missed.unwrap_or(defaults.missed_heartbeats);
     println!(
         "failover: {} runs, heartbeat every {} ms, dead after {} missed; bare client retries every {} ms",
-        args.runs, args.interval_ms, args.missed, args.retry_ms
+        args.runs,
+        interval.as_millis(),
+        missed,
+        args.retry_ms
     );
     println!("data and logs in {}", temp.path().display());
     let retry = Duration::from_millis(args.retry_ms);
@@ -482,10 +491,11 @@ async fn run(args: Args) -> Result<(), Failure> {
     let mut deployment = Deployment {
         bin_dir,
         root: temp.path().to_path_buf(),
+        interval,
+        missed,
         coordinator_port: free_port()?,
         coordinator: None,
         servers: vec![(1, free_port()?, None), (2, free_port()?, None)],
-        args,
     };
     deployment.start_coordinator()?;
     deployment.start_server(1)?;
