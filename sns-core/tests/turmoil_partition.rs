@@ -131,47 +131,11 @@ fn a_partitioned_master_steps_down_within_the_failure_timeout_and_rejoins_after_
         .simulation_duration(Duration::from_secs(120))
         .build();
 
-    sim.host(COORDINATOR, || async {
-        let coordinator = Coordinator::new(CoordinatorConfig {
-            routing: RoutingConfig {
-                clusters: 1,
-                heartbeat_interval: INTERVAL,
-                missed_heartbeats: MISSED,
-                allow_unclean_promotion: false,
-            },
-            cluster_token: None,
-        });
-        let listener = bind(COORDINATOR, COORDINATOR_PORT).await?;
-        coordinator
-            .serve(listener, CancellationToken::new())
-            .await?;
-        Ok(())
-    });
+    coordinator_host(&mut sim, coordinator());
 
     // The test reads the server's role directly, as well as through its answers.
     let running: Arc<Mutex<Option<Server>>> = Arc::default();
-    sim.host(SERVER, {
-        let running = Arc::clone(&running);
-        move || {
-            let running = Arc::clone(&running);
-            async move {
-                let server =
-                    Server::open(ServerConfig::default(), Arc::new(MemoryStorage::new())).await?;
-                let listener = bind(SERVER, SERVER_PORT).await?;
-                let mut link = CoordinatorLink::new(
-                    format!("{COORDINATOR}:{COORDINATOR_PORT}"),
-                    SERVER,
-                    SERVER_PORT,
-                );
-                link.interval = INTERVAL;
-                link.missed_heartbeats = MISSED;
-                server.join(link, Network::new(TurmoilConnector));
-                *running.lock().expect("lock") = Some(server.clone());
-                server.serve(listener, CancellationToken::new()).await?;
-                Ok(())
-            }
-        }
-    });
+    server_host(&mut sim, SERVER, 1, Arc::clone(&running));
 
     sim.client("test", async move {
         let role = || running.lock().expect("lock").as_ref().map(Server::role);
@@ -221,6 +185,33 @@ fn a_partitioned_master_steps_down_within_the_failure_timeout_and_rejoins_after_
     sim.run()
 }
 
+/// The coordinator of the simulated deployment (one cluster).
+fn coordinator() -> Coordinator {
+    Coordinator::new(CoordinatorConfig {
+        routing: RoutingConfig {
+            clusters: 1,
+            heartbeat_interval: INTERVAL,
+            missed_heartbeats: MISSED,
+            allow_unclean_promotion: false,
+        },
+        cluster_token: None,
+    })
+}
+
+/// Serves `coordinator` on the simulated host `coordinator`.
+fn coordinator_host(sim: &mut turmoil::Sim<'_>, coordinator: Coordinator) {
+    sim.host(COORDINATOR, move || {
+        let coordinator = coordinator.clone();
+        async move {
+            let listener = bind(COORDINATOR, COORDINATOR_PORT).await?;
+            coordinator
+                .serve(listener, CancellationToken::new())
+                .await?;
+            Ok(())
+        }
+    });
+}
+
 /// Starts a joined server of cluster 1 on simulated host `name`, and publishes it in `slot`.
 fn server_host(
     sim: &mut turmoil::Sim<'_>,
@@ -261,28 +252,8 @@ fn a_master_cut_off_from_the_coordinator_is_replaced_and_acknowledges_nothing_af
         .rng_seed(SEED)
         .simulation_duration(Duration::from_secs(120))
         .build();
-    let coordinator = Coordinator::new(CoordinatorConfig {
-        routing: RoutingConfig {
-            clusters: 1,
-            heartbeat_interval: INTERVAL,
-            missed_heartbeats: MISSED,
-            allow_unclean_promotion: false,
-        },
-        cluster_token: None,
-    });
-    sim.host(COORDINATOR, {
-        let coordinator = coordinator.clone();
-        move || {
-            let coordinator = coordinator.clone();
-            async move {
-                let listener = bind(COORDINATOR, COORDINATOR_PORT).await?;
-                coordinator
-                    .serve(listener, CancellationToken::new())
-                    .await?;
-                Ok(())
-            }
-        }
-    });
+    let coordinator = coordinator();
+    coordinator_host(&mut sim, coordinator.clone());
     let names = ["server1", "server2"];
     let slots: [Arc<Mutex<Option<Server>>>; 2] = [Arc::default(), Arc::default()];
     for (i, name) in names.iter().enumerate() {
