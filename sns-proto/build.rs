@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/coordinator.proto",
         "proto/sns/v1/admin.proto",
         "proto/sns/v1/replication.proto",
+        "proto/sns/v1/sync.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

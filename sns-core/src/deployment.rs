@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::ids::{ClusterId, ServerId};
 use crate::server::{CoordinatorLink, Server, ServerConfig};
 use crate::storage::{CrashDisk, FileStorage, MemoryStorage, Storage};
+use crate::sync::{LocalBus, SyncTransport, Synchronizer, SynchronizerConfig};
 use crate::transport::{Listener, MemoryNetwork, Network, tcp};
 
 /// The coordinator's node name on the memory network.
@@ -30,6 +31,21 @@ pub const COORDINATOR_NODE: &str = "coordinator";
 /// The node name of server `server` of cluster `cluster` on the memory network.
 pub fn server_node(cluster: ClusterId, server: ServerId) -> String {
     format!("cluster{cluster}-server{server}")
+}
+
+/// The node name of cluster `cluster`'s synchronizer on the memory network.
+pub fn synchronizer_node(cluster: ClusterId) -> String {
+    format!("cluster{cluster}-sync")
+}
+
+/// How a deployment's synchronizers carry events between clusters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Bus {
+    /// No synchronizers: every cluster is an island.
+    None,
+    /// In-process ([`LocalBus`]): each synchronizer reads the other clusters' masters.
+    #[default]
+    Local,
 }
 
 /// The node name callers outside the deployment (clients, tools) dial from on the memory
@@ -110,6 +126,11 @@ pub struct DeploymentConfig {
     pub allow_unclean_promotion: bool,
     /// Template for each server's settings (cluster and server ids are filled in).
     pub server: ServerConfig,
+    /// How synchronizers (one per cluster) carry events between clusters.
+    pub bus: Bus,
+    /// Microseconds added to the clocks of cluster `c`'s servers (entry `c - 1`; missing
+    /// entries are 0): for simulating clock skew between clusters.
+    pub clock_offsets_micros: Vec<i64>,
 }
 
 impl Default for DeploymentConfig {
@@ -127,6 +148,8 @@ impl Default for DeploymentConfig {
             cluster_token: None,
             allow_unclean_promotion: false,
             server: ServerConfig::default(),
+            bus: Bus::default(),
+            clock_offsets_micros: Vec::new(),
         }
     }
 }
@@ -160,6 +183,14 @@ pub struct Deployment {
     coordinator_shutdown: CancellationToken,
     coordinator_task: JoinHandle<Result<()>>,
     slots: BTreeMap<(ClusterId, ServerId), Slot>,
+    synchronizers: BTreeMap<ClusterId, RunningSync>,
+}
+
+/// A running synchronizer.
+#[derive(Debug)]
+struct RunningSync {
+    synchronizer: Synchronizer,
+    task: JoinHandle<Result<()>>,
 }
 
 /// A row of [`Deployment::servers`].
@@ -248,6 +279,7 @@ impl Deployment {
             coordinator_shutdown,
             coordinator_task,
             slots: BTreeMap::new(),
+            synchronizers: BTreeMap::new(),
         };
         for c in 1..=deployment.config.clusters {
             for s in 1..=deployment.config.servers_per_cluster {
@@ -278,7 +310,58 @@ impl Deployment {
                 }
             }
         }
+        for cluster in (1..=deployment.config.clusters).filter_map(ClusterId::new) {
+            if let Err(e) = deployment.restart_synchronizer(cluster).await {
+                deployment.shutdown().await;
+                return Err(e);
+            }
+        }
         Ok(deployment)
+    }
+
+    /// Starts (again) the synchronizer of `cluster` (nothing with [`Bus::None`]).
+    pub async fn restart_synchronizer(&mut self, cluster: ClusterId) -> Result<()> {
+        self.stop_synchronizer(cluster).await?;
+        let transport: Arc<dyn SyncTransport> = match &self.config.bus {
+            Bus::None => return Ok(()),
+            Bus::Local => Arc::new(LocalBus::new()),
+        };
+        let config = SynchronizerConfig {
+            cluster,
+            clusters: self.config.clusters,
+            coordinator: self.coordinator_addr.clone(),
+            cluster_token: self.config.cluster_token.clone(),
+        };
+        let network = network_of(&self.config, &synchronizer_node(cluster));
+        let synchronizer = Synchronizer::new(&config, &network, transport)?;
+        let task = tokio::spawn({
+            let synchronizer = synchronizer.clone();
+            async move { synchronizer.run().await }
+        });
+        self.synchronizers
+            .insert(cluster, RunningSync { synchronizer, task });
+        Ok(())
+    }
+
+    /// Stops the synchronizer of `cluster`, if one runs, and waits for it.
+    pub async fn stop_synchronizer(&mut self, cluster: ClusterId) -> Result<()> {
+        if cluster.get() > self.config.clusters {
+            return Err(Error::invalid(format!("no cluster {cluster}")));
+        }
+        if let Some(running) = self.synchronizers.remove(&cluster) {
+            running.synchronizer.stop();
+            match running.task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(%cluster, "synchronizer ended with: {e}"),
+                Err(e) => tracing::warn!(%cluster, "synchronizer task failed: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The running synchronizer of `cluster`, if any.
+    pub fn synchronizer(&self, cluster: ClusterId) -> Option<&Synchronizer> {
+        self.synchronizers.get(&cluster).map(|r| &r.synchronizer)
     }
 
     /// The coordinator's `host:port`.
@@ -400,6 +483,12 @@ impl Deployment {
             clusters: self.config.clusters,
             // A mirroring stream is dead when a heartbeat would be.
             mirror_timeout: self.config.heartbeat_interval * self.config.missed_heartbeats.max(1),
+            clock_offset_micros: self
+                .config
+                .clock_offsets_micros
+                .get(cluster.get() as usize - 1)
+                .copied()
+                .unwrap_or(self.config.server.clock_offset_micros),
             ..self.config.server.clone()
         };
         let instance = Server::open_replica(config, storage).await?;
@@ -490,6 +579,10 @@ impl Deployment {
     /// Stops every server, then the coordinator, and waits for all their tasks. Cuts this
     /// deployment made are healed first, so connections can close gracefully.
     pub async fn shutdown(mut self) {
+        let clusters: Vec<_> = self.synchronizers.keys().copied().collect();
+        for cluster in clusters {
+            let _ = self.stop_synchronizer(cluster).await;
+        }
         let keys: Vec<_> = self.slots.keys().copied().collect();
         if let Some(network) = self.memory_network() {
             for (cluster, server) in &keys {

@@ -25,6 +25,7 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod storage;
+pub mod sync;
 #[cfg(feature = "test-util")]
 pub mod testing;
 pub mod transport;
@@ -34,7 +35,7 @@ pub use client::{
     TimelineStream,
 };
 pub use coordinator::{Coordinator, CoordinatorConfig, RoutingConfig, RoutingTable};
-pub use deployment::{Data, Deployment, DeploymentConfig, Ports, Transport};
+pub use deployment::{Bus, Data, Deployment, DeploymentConfig, Ports, Transport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
 pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, PostKey, ServerId, Timestamp, UserId};
@@ -46,4 +47,5 @@ pub use session::{Session, SessionConfig, SessionEvent, SessionTimeline, Timelin
 pub use state::{Applied, State, StateConfig};
 pub use storage::{CrashDisk, CrashDiskOptions, CrashStorage};
 pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};
+pub use sync::{LocalBus, SyncTransport, Synchronizer, SynchronizerConfig};
 pub use transport::{Listener, MemoryNetwork, Network};

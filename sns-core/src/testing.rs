@@ -126,6 +126,10 @@ pub struct TestClusterConfig {
     pub cluster_token: Option<String>,
     /// Loopback TCP on ports chosen by the OS (`true`) or in-memory pipes, no sockets.
     pub tcp: bool,
+    /// How synchronizers carry events between clusters (in-process by default).
+    pub bus: crate::deployment::Bus,
+    /// Microseconds added to each cluster's clocks (entry `c - 1`), to simulate skew.
+    pub clock_offsets_micros: Vec<i64>,
 }
 
 impl Default for TestClusterConfig {
@@ -138,6 +142,8 @@ impl Default for TestClusterConfig {
             simulated_disks: false,
             heartbeat_interval: Duration::from_millis(100),
             cluster_token: None,
+            bus: crate::deployment::Bus::default(),
+            clock_offsets_micros: Vec::new(),
         }
     }
 }
@@ -191,6 +197,8 @@ impl TestCluster {
                 data,
                 heartbeat_interval: config.heartbeat_interval,
                 cluster_token: config.cluster_token,
+                bus: config.bus,
+                clock_offsets_micros: config.clock_offsets_micros,
                 ..crate::deployment::DeploymentConfig::default()
             })
             .await?;
@@ -263,6 +271,18 @@ impl TestCluster {
     pub async fn restart(&mut self, cluster: u32, server: u32) -> Result<()> {
         let (c, s) = ids(cluster, server)?;
         self.deployment.restart(c, s).await
+    }
+
+    /// Stops the synchronizer of `cluster` (its cluster stops sending and receiving).
+    pub async fn stop_synchronizer(&mut self, cluster: u32) -> Result<()> {
+        let (c, _) = ids(cluster, 1)?;
+        self.deployment.stop_synchronizer(c).await
+    }
+
+    /// Starts (again) the synchronizer of `cluster`.
+    pub async fn restart_synchronizer(&mut self, cluster: u32) -> Result<()> {
+        let (c, _) = ids(cluster, 1)?;
+        self.deployment.restart_synchronizer(c).await
     }
 
     /// Partitions a server from the coordinator in both directions (`cut = true`) or heals the

@@ -57,8 +57,13 @@ async fn users_are_routed_to_the_master_of_their_cluster() {
 }
 
 #[tokio::test]
-async fn clients_on_one_cluster_follow_each_other_but_other_clusters_are_unknown_yet() {
-    let cluster = TestCluster::start(3).await.expect("start");
+async fn without_synchronizers_clients_on_one_cluster_follow_each_other_but_no_other_cluster() {
+    let cluster = TestCluster::start_with(TestClusterConfig {
+        bus: sns_core::Bus::None,
+        ..TestClusterConfig::default()
+    })
+    .await
+    .expect("start");
     let one = cluster.client(1).await.expect("client 1");
     let four = cluster.client(4).await.expect("client 4");
     let two = cluster.client(2).await.expect("client 2");

@@ -5,6 +5,7 @@ pub(crate) mod alias;
 pub(crate) mod coord;
 pub(crate) mod replication;
 pub(crate) mod sns;
+pub(crate) mod sync;
 
 use tonic::{Code, Status};
 

@@ -24,6 +24,7 @@ mod heartbeat;
 mod pipeline;
 pub(crate) mod replication;
 mod sessions;
+mod sync;
 mod timeline;
 mod uncommitted;
 
@@ -36,6 +37,7 @@ use tokio_util::task::TaskTracker;
 
 pub use committed::CommittedEntries;
 pub use heartbeat::CoordinatorLink;
+pub use sync::{MAX_APPLY_BATCH, OwnEvents};
 pub use timeline::TimelineFeed;
 
 use crate::error::{Error, Result};
@@ -90,6 +92,9 @@ pub struct ServerConfig {
     /// counting the slave (after telling the coordinator), the slave dials again. The master
     /// sends a keepalive every quarter of it.
     pub mirror_timeout: Duration,
+    /// Added to the wall clock when stamping events, in microseconds (may be negative): for
+    /// simulating clock skew between clusters. 0 in production.
+    pub clock_offset_micros: i64,
 }
 
 impl Default for ServerConfig {
@@ -108,6 +113,7 @@ impl Default for ServerConfig {
             max_inflight: 4096,
             recent_entries: 8192,
             mirror_timeout: Duration::from_secs(1),
+            clock_offset_micros: 0,
         }
     }
 }
@@ -389,7 +395,8 @@ impl Server {
     /// every task of this server and returns once they have all finished.
     pub async fn serve(&self, listener: Listener, shutdown: CancellationToken) -> Result<()> {
         let routes = crate::grpc::sns::routes(self.clone())
-            .add_service(crate::grpc::replication::service(self.clone()));
+            .add_service(crate::grpc::replication::service(self.clone()))
+            .add_service(crate::grpc::sync::service(self.clone()));
         let stop = {
             let shutdown = shutdown.clone();
             let own = self.shared.shutdown.clone();
@@ -814,7 +821,10 @@ impl Server {
         slot: tokio::sync::OwnedSemaphorePermit,
         kind: EventKind,
     ) -> oneshot::Receiver<Result<()>> {
-        let at = Timestamp(Timestamp::now().0.max(core.last_at.0 + 1));
+        let now = Timestamp::now()
+            .0
+            .saturating_add(self.shared.config.clock_offset_micros);
+        let at = Timestamp(now.max(core.last_at.0 + 1));
         let id = EventId {
             origin: self.shared.config.cluster,
             seq: core.next_seq,
@@ -880,8 +890,10 @@ impl Core {
         self.next_index = entry.index.next();
         if entry.event.id.origin == self.state.config().cluster {
             self.next_seq = self.next_seq.max(entry.event.id.seq + 1);
+            // Only this cluster's clock drives its timestamps: another cluster's clock may run
+            // ahead.
+            self.last_at = Timestamp(self.last_at.0.max(entry.event.at.0));
         }
-        self.last_at = Timestamp(self.last_at.0.max(entry.event.at.0));
         self.last_epoch = entry.epoch;
         self.recent.push(entry);
     }

@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::event::{EventKind, LogEntry};
-use crate::ids::{LogIndex, PostId, PostKey, UserId};
+use crate::ids::{ClusterId, LogIndex, PostId, PostKey, UserId};
 use crate::state::State;
 
 /// Effects of the uncommitted entries: users joining and the latest follow change per pair,
@@ -28,6 +28,8 @@ pub(crate) struct Uncommitted {
     users: HashMap<UserId, LogIndex>,
     follows: HashMap<(UserId, UserId), (bool, LogIndex)>,
     keyed_posts: HashMap<(UserId, PostKey), KeyedPost>,
+    /// The highest sequence number sequenced per origin.
+    origins: HashMap<ClusterId, u64>,
 }
 
 /// An uncommitted post that carries a key, and the retries of it waiting for its commit.
@@ -64,6 +66,12 @@ impl Uncommitted {
         }
     }
 
+    /// The highest sequence number of `origin` once everything sequenced has committed.
+    pub(crate) fn high_water(&self, state: &State, origin: ClusterId) -> u64 {
+        let sequenced = self.origins.get(&origin).copied().unwrap_or(0);
+        state.high_water(origin).max(sequenced)
+    }
+
     /// The post `author` already made under `key`, committed (among the author's remembered
     /// keys in `state`) or not; for an uncommitted one the caller is registered to hear how it
     /// ends.
@@ -87,6 +95,9 @@ impl Uncommitted {
 
     /// Records the effect of a newly sequenced entry.
     pub(crate) fn record(&mut self, entry: &LogEntry) {
+        let id = entry.event.id;
+        let seq = self.origins.entry(id.origin).or_insert(0);
+        *seq = (*seq).max(id.seq);
         match &entry.event.kind {
             EventKind::UserJoined { user } => {
                 self.users.insert(*user, entry.index);
@@ -118,6 +129,10 @@ impl Uncommitted {
     /// Retires what `entry` recorded, now that the committed state holds it (unless a later
     /// uncommitted entry changed the same thing again).
     pub(crate) fn committed(&mut self, entry: &LogEntry) {
+        let id = entry.event.id;
+        if self.origins.get(&id.origin) == Some(&id.seq) {
+            self.origins.remove(&id.origin);
+        }
         match &entry.event.kind {
             EventKind::UserJoined { user } => {
                 if self.users.get(user) == Some(&entry.index) {
@@ -159,6 +174,7 @@ impl Uncommitted {
     /// Forgets every uncommitted effect (the entries were discarded); retries waiting for a
     /// discarded post are told it was not stored.
     pub(crate) fn clear(&mut self) {
+        self.origins.clear();
         self.users.clear();
         self.follows.clear();
         for (_, original) in self.keyed_posts.drain() {
@@ -173,7 +189,10 @@ impl Uncommitted {
     /// Whether nothing is recorded.
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
-        self.users.is_empty() && self.follows.is_empty() && self.keyed_posts.is_empty()
+        self.users.is_empty()
+            && self.follows.is_empty()
+            && self.keyed_posts.is_empty()
+            && self.origins.is_empty()
     }
 }
 

@@ -1,0 +1,427 @@
+//! `sns.v1.Log` adapter (a server's side of synchronization) and the wire form of events as
+//! they cross clusters (`SyncBatch`, also the body of a RabbitMQ message).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use prost::Message as _;
+use sns_proto::sns_v1::log_client::LogClient;
+use sns_proto::sns_v1::log_server::{Log, LogServer};
+use sns_proto::sns_v1::sync_event::Kind;
+use sns_proto::sns_v1::{
+    FollowChange, HighWaterReply, HighWaterRequest, OriginMark, OwnEventsRequest, PostBody,
+    SyncBatch, SyncEvent,
+};
+use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use super::coord::TOKEN_METADATA;
+use super::status;
+use crate::error::{Error, Result};
+use crate::event::{Event, EventKind};
+use crate::ids::{ClusterId, EventId, Timestamp, UserId};
+use crate::server::{MAX_APPLY_BATCH, Server};
+use crate::transport::Network;
+
+/// Largest synchronization message accepted (a batch of at most [`MAX_APPLY_BATCH`] posts of
+/// 4 KiB each fits).
+pub(crate) const MAX_MESSAGE: usize = 16 << 20;
+
+/// Events per message on an `OwnEvents` stream.
+const STREAM_BATCH: usize = 256;
+
+/// The log service of `server`.
+pub(crate) fn service(server: Server) -> LogServer<LogAdapter> {
+    LogServer::new(LogAdapter { server })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
+pub(crate) struct LogAdapter {
+    server: Server,
+}
+
+impl LogAdapter {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let presented = request
+            .metadata()
+            .get(TOKEN_METADATA)
+            .and_then(|v| v.to_str().ok());
+        self.server.authorize_peer(presented).map_err(status)
+    }
+
+    fn marks(&self) -> Result<HighWaterReply, Status> {
+        let marks = self.server.high_water().map_err(status)?;
+        Ok(HighWaterReply {
+            cluster: self.server.config().cluster.get(),
+            marks: marks_to_wire(&marks),
+        })
+    }
+}
+
+type BatchStream = Pin<Box<dyn Stream<Item = Result<SyncBatch, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Log for LogAdapter {
+    type OwnEventsStream = BatchStream;
+
+    async fn own_events(
+        &self,
+        request: Request<OwnEventsRequest>,
+    ) -> Result<Response<Self::OwnEventsStream>, Status> {
+        self.authorize(&request)?;
+        let after = request.get_ref().after;
+        let events = self.server.own_events_after(after).await.map_err(status)?;
+        let origin = self.server.config().cluster;
+        let (tasks, shutdown) = self.server.tasks();
+        let shutdown = shutdown.clone();
+        let (out, rx) = tokio::sync::mpsc::channel(4);
+        tasks.spawn(async move {
+            let mut events = events;
+            loop {
+                let next = tokio::select! {
+                    next = events.next_batch(STREAM_BATCH) => next,
+                    () = out.closed() => return,
+                    () = shutdown.cancelled() => return,
+                };
+                let message = match next {
+                    Ok(Some(batch)) => Ok(batch_to_wire(origin, &batch)),
+                    Ok(None) => return,
+                    Err(e) => Err(status(e)),
+                };
+                let failed = message.is_err();
+                if out.send(message).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn apply(&self, request: Request<SyncBatch>) -> Result<Response<HighWaterReply>, Status> {
+        self.authorize(&request)?;
+        let events = batch_from_wire(request.into_inner()).map_err(status)?;
+        self.server.apply_remote(events).await.map_err(status)?;
+        Ok(Response::new(self.marks()?))
+    }
+
+    async fn high_water(
+        &self,
+        request: Request<HighWaterRequest>,
+    ) -> Result<Response<HighWaterReply>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(self.marks()?))
+    }
+}
+
+/// A synchronizer's handle on one server's `Log` service.
+#[derive(Debug, Clone)]
+pub(crate) struct LogPeer {
+    client: LogClient<Channel>,
+    token: Option<Arc<str>>,
+}
+
+impl LogPeer {
+    /// A handle on the server at `addr` (connects lazily).
+    pub(crate) fn new(network: &Network, addr: &str, token: Option<Arc<str>>) -> Result<Self> {
+        let client = LogClient::new(network.channel(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        Ok(Self { client, token })
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        with_token(Request::new(message), self.token.as_deref())
+    }
+
+    /// The server's committed high-water marks.
+    pub(crate) async fn high_water(&self) -> Result<BTreeMap<ClusterId, u64>> {
+        let reply = self
+            .client
+            .clone()
+            .high_water(self.request(HighWaterRequest {}))
+            .await
+            .map_err(from_status)?;
+        marks_from_wire(&reply.into_inner().marks)
+    }
+
+    /// Applies `events` and waits for their commit.
+    pub(crate) async fn apply(&self, origin: ClusterId, events: &[Event]) -> Result<()> {
+        self.client
+            .clone()
+            .apply(self.request(batch_to_wire(origin, events)))
+            .await
+            .map_err(from_status)?;
+        Ok(())
+    }
+
+    /// The server's own committed events after `after`.
+    pub(crate) async fn own_events(&self, after: u64) -> Result<tonic::Streaming<SyncBatch>> {
+        let reply = self
+            .client
+            .clone()
+            .own_events(self.request(OwnEventsRequest { after }))
+            .await
+            .map_err(from_status)?;
+        Ok(reply.into_inner())
+    }
+}
+
+/// Attaches the cluster token, if any, to an internal call.
+pub(crate) fn with_token<T>(mut request: Request<T>, token: Option<&str>) -> Request<T> {
+    if let Some(token) = token.and_then(|t| MetadataValue::try_from(t).ok()) {
+        request.metadata_mut().insert(TOKEN_METADATA, token);
+    }
+    request
+}
+
+/// The error a peer's status stands for, as far as a synchronizer cares: whether to retry
+/// elsewhere (`Unavailable`), catch up another way (`Compacted`), or report.
+pub(crate) fn from_status(s: Status) -> Error {
+    use tonic::Code;
+    let message = s.message().to_string();
+    match s.code() {
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown => {
+            Error::Unavailable(message)
+        }
+        Code::OutOfRange => Error::Compacted {
+            first: crate::ids::LogIndex(0),
+        },
+        Code::InvalidArgument => Error::InvalidInput(message),
+        Code::AlreadyExists | Code::FailedPrecondition => Error::Conflict(message),
+        Code::Unauthenticated => Error::Unauthorized,
+        Code::DataLoss => Error::Corrupt(message),
+        _ => Error::Rpc(message),
+    }
+}
+
+/// One event in its wire form (a post's idempotency key stays in its cluster).
+pub(crate) fn event_to_wire(event: &Event) -> SyncEvent {
+    let kind = match &event.kind {
+        EventKind::UserJoined { user } => Kind::UserJoined(user.get()),
+        EventKind::Followed { follower, followee } => Kind::Followed(FollowChange {
+            follower: follower.get(),
+            followee: followee.get(),
+        }),
+        EventKind::Unfollowed { follower, followee } => Kind::Unfollowed(FollowChange {
+            follower: follower.get(),
+            followee: followee.get(),
+        }),
+        EventKind::Posted { author, text, .. } => Kind::Posted(PostBody {
+            author: author.get(),
+            text: text.to_string(),
+        }),
+    };
+    SyncEvent {
+        origin: event.id.origin.get(),
+        seq: event.id.seq,
+        at_micros: event.at.0,
+        kind: Some(kind),
+    }
+}
+
+/// One event from its wire form, checked.
+pub(crate) fn event_from_wire(event: SyncEvent) -> Result<Event> {
+    let user = |raw: u32| {
+        UserId::new(raw).ok_or_else(|| Error::invalid(format!("user id {raw} is out of range")))
+    };
+    let origin =
+        ClusterId::new(event.origin).ok_or_else(|| Error::invalid("an event of cluster 0"))?;
+    if event.seq == 0 {
+        return Err(Error::invalid("sequence numbers start at 1"));
+    }
+    let kind = match event.kind {
+        Some(Kind::UserJoined(u)) => EventKind::UserJoined { user: user(u)? },
+        Some(Kind::Followed(f)) => EventKind::Followed {
+            follower: user(f.follower)?,
+            followee: user(f.followee)?,
+        },
+        Some(Kind::Unfollowed(f)) => EventKind::Unfollowed {
+            follower: user(f.follower)?,
+            followee: user(f.followee)?,
+        },
+        Some(Kind::Posted(p)) => EventKind::Posted {
+            author: user(p.author)?,
+            text: Arc::from(p.text),
+            key: None,
+        },
+        None => return Err(Error::invalid(format!("event {} has no kind", event.seq))),
+    };
+    Ok(Event {
+        id: EventId {
+            origin,
+            seq: event.seq,
+        },
+        at: Timestamp(event.at_micros),
+        kind,
+    })
+}
+
+/// A batch of one origin's events in its wire form.
+pub(crate) fn batch_to_wire(origin: ClusterId, events: &[Event]) -> SyncBatch {
+    SyncBatch {
+        origin: origin.get(),
+        events: events.iter().map(event_to_wire).collect(),
+    }
+}
+
+/// A batch from its wire form: every event of the batch's origin, with consecutive sequence
+/// numbers, at most [`MAX_APPLY_BATCH`] of them.
+pub(crate) fn batch_from_wire(batch: SyncBatch) -> Result<Vec<Event>> {
+    if batch.events.len() > MAX_APPLY_BATCH {
+        return Err(Error::invalid(format!(
+            "a batch holds at most {MAX_APPLY_BATCH} events, not {}",
+            batch.events.len()
+        )));
+    }
+    let events = batch
+        .events
+        .into_iter()
+        .map(event_from_wire)
+        .collect::<Result<Vec<_>>>()?;
+    for pair in events.windows(2) {
+        if pair[1].id.seq != pair[0].id.seq + 1 {
+            return Err(Error::invalid(format!(
+                "a batch's events must be consecutive: {} follows {}",
+                pair[1].id, pair[0].id
+            )));
+        }
+    }
+    if events.iter().any(|e| e.id.origin.get() != batch.origin) {
+        return Err(Error::invalid(format!(
+            "a batch of cluster {} holds another cluster's event",
+            batch.origin
+        )));
+    }
+    Ok(events)
+}
+
+/// A batch as bytes (a RabbitMQ message body).
+pub fn encode_batch(origin: ClusterId, events: &[Event]) -> Vec<u8> {
+    batch_to_wire(origin, events).encode_to_vec()
+}
+
+/// A batch from bytes made by [`encode_batch`], checked as [`batch_from_wire`] does. Returns
+/// the batch's origin and its events.
+pub fn decode_batch(bytes: &[u8]) -> Result<(ClusterId, Vec<Event>)> {
+    let batch =
+        SyncBatch::decode(bytes).map_err(|e| Error::Corrupt(format!("not a sync batch: {e}")))?;
+    let origin = ClusterId::new(batch.origin)
+        .ok_or_else(|| Error::Corrupt("a sync batch of cluster 0".to_string()))?;
+    let events = batch_from_wire(batch).map_err(|e| Error::Corrupt(e.to_string()))?;
+    Ok((origin, events))
+}
+
+fn marks_to_wire(marks: &BTreeMap<ClusterId, u64>) -> Vec<OriginMark> {
+    marks
+        .iter()
+        .map(|(origin, seq)| OriginMark {
+            origin: origin.get(),
+            seq: *seq,
+        })
+        .collect()
+}
+
+fn marks_from_wire(marks: &[OriginMark]) -> Result<BTreeMap<ClusterId, u64>> {
+    marks
+        .iter()
+        .map(|m| {
+            ClusterId::new(m.origin)
+                .map(|origin| (origin, m.seq))
+                .ok_or_else(|| Error::Corrupt("a high-water mark of cluster 0".to_string()))
+        })
+        .collect()
+}
+
+/// A stream of wire batches as checked events.
+pub(crate) async fn next_batch(
+    stream: &mut tonic::Streaming<SyncBatch>,
+) -> Option<Result<Vec<Event>>> {
+    match stream.next().await? {
+        Ok(batch) => Some(batch_from_wire(batch)),
+        Err(s) => Some(Err(from_status(s))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64, kind: EventKind) -> Event {
+        Event {
+            id: EventId {
+                origin: ClusterId::new(2).expect("cluster"),
+                seq,
+            },
+            at: Timestamp(-5 + seq as i64),
+            kind,
+        }
+    }
+
+    fn u(id: u32) -> UserId {
+        UserId::new(id).expect("user")
+    }
+
+    #[test]
+    fn batches_round_trip_and_drop_post_keys() {
+        let events = vec![
+            event(1, EventKind::UserJoined { user: u(2) }),
+            event(
+                2,
+                EventKind::Followed {
+                    follower: u(2),
+                    followee: u(1),
+                },
+            ),
+            event(
+                3,
+                EventKind::Unfollowed {
+                    follower: u(2),
+                    followee: u(1),
+                },
+            ),
+            event(
+                4,
+                EventKind::Posted {
+                    author: u(2),
+                    text: Arc::from("hello ✓"),
+                    key: crate::ids::PostKey::new(7),
+                },
+            ),
+        ];
+        let origin = ClusterId::new(2).expect("cluster");
+        let (got_origin, got) = decode_batch(&encode_batch(origin, &events)).expect("decodes");
+        assert_eq!(got_origin, origin);
+        let mut expected = events;
+        if let EventKind::Posted { key, .. } = &mut expected[3].kind {
+            *key = None;
+        }
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn malformed_batches_are_refused() {
+        let origin = ClusterId::new(2).expect("cluster");
+        let a = event(1, EventKind::UserJoined { user: u(2) });
+        let c = event(3, EventKind::UserJoined { user: u(5) });
+        assert!(decode_batch(&encode_batch(origin, &[a.clone(), c])).is_err());
+        let other = ClusterId::new(3).expect("cluster");
+        assert!(decode_batch(&encode_batch(other, &[a])).is_err());
+        assert!(decode_batch(&[0xff, 0xff, 0xff]).is_err());
+        let zero_user = SyncBatch {
+            origin: 2,
+            events: vec![SyncEvent {
+                origin: 2,
+                seq: 1,
+                at_micros: 0,
+                kind: Some(Kind::UserJoined(0)),
+            }],
+        };
+        assert!(batch_from_wire(zero_user).is_err());
+    }
+}

@@ -1,0 +1,263 @@
+//! What a synchronizer needs from a server: the cluster's own committed events after a sequence
+//! number, the committed high-water mark of every origin, and applying other clusters' events.
+//!
+//! Invariants:
+//! - Only committed events leave the cluster ([`Server::own_events_after`] reads the
+//!   committed-entry stream), so a sequence number seen outside names the same event forever.
+//! - Applying is idempotent by (origin, sequence): an event at or below its origin's high-water
+//!   mark (committed or sequenced) is dropped; a batch that would leave a hole is refused whole.
+//! - [`Server::apply_remote`] answers once every event of the batch is committed, i.e. durable
+//!   on the master and on the slaves it counts; a consumer may acknowledge its source then.
+//! - Remote events go through the same pipeline as local ones: sequenced into the log, mirrored
+//!   to the slave, committed, fanned out to the live timelines of local followers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::pipeline::Pending;
+use super::{CommittedEntries, Server};
+use crate::error::{Error, Result};
+use crate::event::{Event, EventKind, LogEntry, MAX_POST_BYTES};
+use crate::ids::{ClusterId, EventId, LogIndex};
+
+/// Most events [`Server::apply_remote`] takes in one call.
+pub const MAX_APPLY_BATCH: usize = 1024;
+
+/// This cluster's own committed events after a sequence number, in order: those already
+/// committed, then new ones as they commit. Made by [`Server::own_events_after`].
+#[derive(Debug)]
+pub struct OwnEvents {
+    cluster: ClusterId,
+    entries: CommittedEntries,
+    /// The sequence number of the last event yielded (or the starting point).
+    last: u64,
+}
+
+impl OwnEvents {
+    /// The sequence number of the last event yielded (the starting point before the first).
+    pub fn position(&self) -> u64 {
+        self.last
+    }
+
+    /// The next own events (at least one, at most `max`, consecutive sequence numbers), waiting
+    /// until there is one. `Ok(None)` once the server has stopped.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Event>>> {
+        loop {
+            let Some(entries) = self.entries.next_batch(max).await? else {
+                return Ok(None);
+            };
+            let mut batch = Vec::new();
+            for entry in entries {
+                let id = entry.event.id;
+                if id.origin != self.cluster || id.seq <= self.last {
+                    continue;
+                }
+                if id.seq != self.last + 1 {
+                    return Err(Error::Corrupt(format!(
+                        "the log holds event {id} where {}:{} was expected",
+                        self.cluster,
+                        self.last + 1
+                    )));
+                }
+                self.last = id.seq;
+                batch.push(entry.event);
+            }
+            if !batch.is_empty() {
+                return Ok(Some(batch));
+            }
+        }
+    }
+}
+
+impl Server {
+    /// The committed high-water mark of every origin with an applied event (this cluster's
+    /// own included).
+    pub fn high_water(&self) -> Result<BTreeMap<ClusterId, u64>> {
+        let core = self.readable()?;
+        Ok(core
+            .state
+            .origins()
+            .map(|origin| (origin, core.state.high_water(origin)))
+            .collect())
+    }
+
+    /// This cluster's own committed events with a sequence number above `after`. Fails with
+    /// [`Error::Compacted`] when the log no longer holds the next one (the reader needs a state
+    /// transfer), and with [`Error::InvalidInput`] when `after` is beyond every committed event.
+    pub async fn own_events_after(&self, after: u64) -> Result<OwnEvents> {
+        let cluster = self.shared.config.cluster;
+        let (commit, high_water) = {
+            let core = self.readable()?;
+            (core.commit, core.state.high_water(cluster))
+        };
+        if after > high_water {
+            return Err(Error::invalid(format!(
+                "cluster {cluster} has committed events up to {high_water} only, not {after}"
+            )));
+        }
+        let start = if after == high_water {
+            // Every event up to `after` is committed, so at or before the commit index.
+            commit
+        } else {
+            let next = EventId {
+                origin: cluster,
+                seq: after + 1,
+            };
+            match self.shared.storage.position(next).await? {
+                Some(index) => LogIndex(index.0 - 1),
+                None => {
+                    return Err(Error::Compacted {
+                        first: self.first_held().await,
+                    });
+                }
+            }
+        };
+        Ok(OwnEvents {
+            cluster,
+            entries: self.committed_after(start),
+            last: after,
+        })
+    }
+
+    /// The first log index still held (for a [`Error::Compacted`] answer).
+    async fn first_held(&self) -> LogIndex {
+        match self.shared.storage.read(LogIndex(1), LogIndex(1)).await {
+            Err(Error::Compacted { first }) => first,
+            _ => LogIndex(1),
+        }
+    }
+
+    /// Applies events of other clusters (each origin's events in order; several origins may
+    /// mix) and answers once all of them are committed. Events at or below their origin's
+    /// high-water mark are dropped. Refused, changing nothing: on a server that is not master,
+    /// a batch over [`MAX_APPLY_BATCH`], an event of this cluster's own origin or an invalid
+    /// one, and a batch that skips a sequence number (`Conflict`).
+    pub async fn apply_remote(&self, events: Vec<Event>) -> Result<()> {
+        let own = self.shared.config.cluster;
+        if events.len() > MAX_APPLY_BATCH {
+            return Err(Error::invalid(format!(
+                "a batch holds at most {MAX_APPLY_BATCH} events, not {}",
+                events.len()
+            )));
+        }
+        for event in &events {
+            check_remote(own, event)?;
+        }
+        let slots = u32::try_from(
+            events
+                .len()
+                .clamp(1, self.shared.config.max_inflight.max(1)),
+        )
+        .unwrap_or(u32::MAX);
+        let slots = Arc::clone(&self.shared.inflight)
+            .acquire_many_owned(slots)
+            .await
+            .map_err(|_| Error::Unavailable("server is shutting down".to_string()))?;
+        let (wait, generation, upto) = {
+            let mut guard = self.writable()?;
+            let core = &mut *guard;
+            let mut next: BTreeMap<ClusterId, u64> = BTreeMap::new();
+            let mut fresh = Vec::new();
+            for event in events {
+                let origin = event.id.origin;
+                let expected = next
+                    .entry(origin)
+                    .or_insert_with(|| core.uncommitted.high_water(&core.state, origin) + 1);
+                if event.id.seq < *expected {
+                    continue;
+                }
+                if event.id.seq > *expected {
+                    return Err(Error::Conflict(format!(
+                        "event {} skips sequence numbers: {origin}:{} is next",
+                        event.id, expected
+                    )));
+                }
+                *expected += 1;
+                fresh.push(event);
+            }
+            if fresh.is_empty() {
+                // Nothing new, but a duplicate may still be uncommitted: answer once everything
+                // sequenced so far has committed.
+                let upto = LogIndex(core.next_index.0 - 1);
+                (None, core.generation, upto)
+            } else {
+                let mut entries = Vec::with_capacity(fresh.len());
+                for event in fresh {
+                    let entry = LogEntry {
+                        index: core.next_index,
+                        epoch: core.epoch,
+                        event,
+                    };
+                    core.sequenced(entry.clone());
+                    entries.push(entry);
+                }
+                let last = LogIndex(core.next_index.0 - 1);
+                let durable = self.shared.storage.append(entries.clone());
+                self.shared.sequenced_index.send_replace(last);
+                let (reply, wait) = tokio::sync::oneshot::channel();
+                self.enqueue(Pending {
+                    entries,
+                    generation: core.generation,
+                    durable,
+                    reply: Some(reply),
+                    _slots: Some(slots),
+                });
+                (Some(wait), core.generation, last)
+            }
+        };
+        match wait {
+            Some(wait) => super::finish(wait).await,
+            None => self.committed_through(generation, upto).await,
+        }
+    }
+
+    /// Waits until the commit index reaches `upto` with no discard since `generation`.
+    async fn committed_through(&self, generation: u64, upto: LogIndex) -> Result<()> {
+        let mut commit = self.shared.commit_index.subscribe();
+        let lost = || Error::Unavailable("this server lost its role before the commit".into());
+        loop {
+            if *commit.borrow_and_update() >= upto {
+                return if self.lock().generation == generation {
+                    Ok(())
+                } else {
+                    Err(lost())
+                };
+            }
+            if self.lock().generation != generation {
+                return Err(lost());
+            }
+            tokio::select! {
+                changed = commit.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::Unavailable("server is shutting down".into()));
+                    }
+                }
+                () = self.shared.shutdown.cancelled() => {
+                    return Err(Error::Unavailable("server is shutting down".into()));
+                }
+            }
+        }
+    }
+}
+
+/// Checks an event offered by another cluster.
+fn check_remote(own: ClusterId, event: &Event) -> Result<()> {
+    if event.id.origin == own {
+        return Err(Error::invalid(format!(
+            "event {} is of this cluster's own origin; only other clusters' events are applied",
+            event.id
+        )));
+    }
+    if event.id.seq == 0 {
+        return Err(Error::invalid("sequence numbers start at 1"));
+    }
+    if let EventKind::Posted { text, .. } = &event.kind
+        && (text.len() > MAX_POST_BYTES || text.contains(['\n', '\r']))
+    {
+        return Err(Error::invalid(format!(
+            "post {} is not one line of at most {MAX_POST_BYTES} bytes",
+            event.id
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,324 @@
+//! A synchronizer's handle on clusters: the current master of a cluster, found through the
+//! coordinator and found again after a failover.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::client::CoordinatorClient;
+use crate::error::{Error, Result};
+use crate::event::Event;
+use crate::grpc::sync::{LogPeer, next_batch};
+use crate::ids::{ClusterId, UserId};
+use crate::transport::Network;
+
+/// First pause before asking the coordinator again after a failed call.
+const FIRST_RETRY: Duration = Duration::from_millis(20);
+/// Longest pause between attempts.
+const MAX_RETRY: Duration = Duration::from_millis(500);
+
+/// Where a synchronizer runs: its cluster, the deployment's coordinator and network.
+#[derive(Clone)]
+pub struct ClusterLink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cluster: ClusterId,
+    clusters: u32,
+    network: Network,
+    coordinator: CoordinatorClient,
+    token: Option<Arc<str>>,
+    shutdown: CancellationToken,
+    /// The master of each cluster as last located.
+    masters: Mutex<BTreeMap<ClusterId, (String, LogPeer)>>,
+}
+
+impl std::fmt::Debug for ClusterLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterLink")
+            .field("cluster", &self.inner.cluster)
+            .field("coordinator", &self.inner.coordinator.addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterLink {
+    /// A link for the synchronizer of `cluster` (of `clusters`), reaching the coordinator at
+    /// `coordinator` and the servers over `network`. Every retry loop ends when `shutdown` is
+    /// cancelled.
+    pub fn new(
+        cluster: ClusterId,
+        clusters: u32,
+        network: &Network,
+        coordinator: &str,
+        cluster_token: Option<&str>,
+        shutdown: CancellationToken,
+    ) -> Result<Self> {
+        if cluster.get() > clusters {
+            return Err(Error::invalid(format!(
+                "cluster {cluster} does not exist in a deployment of {clusters} clusters"
+            )));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cluster,
+                clusters,
+                network: network.clone(),
+                coordinator: CoordinatorClient::new(network, coordinator)?,
+                token: cluster_token.map(Arc::from),
+                shutdown,
+                masters: Mutex::new(BTreeMap::new()),
+            }),
+        })
+    }
+
+    /// The cluster this link serves.
+    pub fn cluster(&self) -> ClusterId {
+        self.inner.cluster
+    }
+
+    /// Number of clusters in the deployment.
+    pub fn clusters(&self) -> u32 {
+        self.inner.clusters
+    }
+
+    /// Every other cluster of the deployment.
+    pub fn others(&self) -> Vec<ClusterId> {
+        (1..=self.inner.clusters)
+            .filter_map(ClusterId::new)
+            .filter(|c| *c != self.inner.cluster)
+            .collect()
+    }
+
+    /// The network the deployment runs on.
+    pub fn network(&self) -> &Network {
+        &self.inner.network
+    }
+
+    /// The coordinator.
+    pub fn coordinator(&self) -> &CoordinatorClient {
+        &self.inner.coordinator
+    }
+
+    /// The cluster token for internal calls, if one is set.
+    pub fn cluster_token(&self) -> Option<&str> {
+        self.inner.token.as_deref()
+    }
+
+    /// Cancelled when the synchronizer stops.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// The committed high-water mark of every origin on this cluster's master.
+    pub async fn high_water(&self) -> Result<BTreeMap<ClusterId, u64>> {
+        self.retrying(
+            self.inner.cluster,
+            |peer| async move { peer.high_water().await },
+        )
+        .await
+    }
+
+    /// Applies a batch of `origin`'s events to this cluster's master and returns once they
+    /// are committed there, asking the coordinator for the master again after a failover.
+    /// Fails (without retrying) when the master refuses the batch, e.g. with
+    /// [`Error::Conflict`] for a batch that skips sequence numbers.
+    pub async fn apply(&self, origin: ClusterId, events: &[Event]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.retrying(self.inner.cluster, |peer| async move {
+            peer.apply(origin, events).await
+        })
+        .await
+    }
+
+    /// `origin`'s own committed events after sequence number `after`, read from that
+    /// cluster's master and following its failovers.
+    pub fn events_of(&self, origin: ClusterId, after: u64) -> EventFeed {
+        EventFeed {
+            link: self.clone(),
+            origin,
+            last: after,
+            stream: None,
+        }
+    }
+
+    /// This cluster's own committed events after `after`.
+    pub fn own_events(&self, after: u64) -> EventFeed {
+        self.events_of(self.inner.cluster, after)
+    }
+
+    /// Calls `call` on `cluster`'s master until it succeeds, fails for a reason other than
+    /// the master being unreachable or not master, or the synchronizer stops.
+    async fn retrying<T, F, Fut>(&self, cluster: ClusterId, call: F) -> Result<T>
+    where
+        F: Fn(LogPeer) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut pause = FIRST_RETRY;
+        loop {
+            let outcome = match self.master(cluster).await {
+                Ok(peer) => call(peer).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Err(e) if retriable(&e) => {
+                    tracing::debug!(%cluster, "master call failed, asking again: {e}");
+                    self.forget(cluster);
+                    self.pause(&mut pause).await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Waits `pause` (doubling it for next time), or fails once the synchronizer stops.
+    async fn pause(&self, pause: &mut Duration) -> Result<()> {
+        tokio::select! {
+            () = tokio::time::sleep(*pause) => {}
+            () = self.inner.shutdown.cancelled() => return Err(stopping()),
+        }
+        *pause = (*pause * 2).min(MAX_RETRY);
+        Ok(())
+    }
+
+    /// The master of `cluster`, as last located or asked of the coordinator now.
+    async fn master(&self, cluster: ClusterId) -> Result<LogPeer> {
+        if let Some((_, peer)) = self.lock().get(&cluster) {
+            return Ok(peer.clone());
+        }
+        if self.inner.shutdown.is_cancelled() {
+            return Err(stopping());
+        }
+        // User `c` belongs to cluster `c` (users map to clusters round robin from 1).
+        let probe = UserId::new(cluster.get()).ok_or_else(|| Error::invalid("cluster 0"))?;
+        let addr = self.inner.coordinator.locate(probe).await?;
+        let peer = LogPeer::new(&self.inner.network, &addr, self.inner.token.clone())?;
+        self.lock().insert(cluster, (addr, peer.clone()));
+        Ok(peer)
+    }
+
+    fn forget(&self, cluster: ClusterId) {
+        self.lock().remove(&cluster);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ClusterId, (String, LogPeer)>> {
+        self.inner.masters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One origin's committed events after a sequence number, read from its master and resumed
+/// on the new master after a failover. Made by [`ClusterLink::events_of`].
+pub struct EventFeed {
+    link: ClusterLink,
+    origin: ClusterId,
+    last: u64,
+    stream: Option<tonic::Streaming<sns_proto::sns_v1::SyncBatch>>,
+}
+
+impl std::fmt::Debug for EventFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventFeed")
+            .field("origin", &self.origin)
+            .field("last", &self.last)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventFeed {
+    /// The origin whose events this feed reads.
+    pub fn origin(&self) -> ClusterId {
+        self.origin
+    }
+
+    /// The sequence number of the last event yielded (the starting point before the first).
+    pub fn position(&self) -> u64 {
+        self.last
+    }
+
+    /// The next events (consecutive sequence numbers following the last ones yielded),
+    /// waiting until there are some. Rides out failovers; fails with [`Error::Compacted`] when
+    /// the origin's log no longer holds the next event, and with [`Error::Unavailable`] once
+    /// the synchronizer stops.
+    pub async fn next(&mut self) -> Result<Vec<Event>> {
+        let mut pause = FIRST_RETRY;
+        loop {
+            let error = match self.stream.as_mut() {
+                Some(stream) => {
+                    let next = tokio::select! {
+                        next = next_batch(stream) => next,
+                        () = self.link.inner.shutdown.cancelled() => return Err(stopping()),
+                    };
+                    match next {
+                        Some(Ok(events)) => match self.accept(events) {
+                            Ok(Some(events)) => return Ok(events),
+                            Ok(None) => continue,
+                            Err(e) => e,
+                        },
+                        Some(Err(e)) => e,
+                        None => Error::Unavailable("the master ended the stream".to_string()),
+                    }
+                }
+                None => {
+                    let origin = self.origin;
+                    let after = self.last;
+                    let opened = self
+                        .link
+                        .retrying(origin, |peer| async move { peer.own_events(after).await })
+                        .await;
+                    match opened {
+                        Ok(stream) => {
+                            self.stream = Some(stream);
+                            pause = FIRST_RETRY;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            self.stream = None;
+            if !retriable(&error) {
+                return Err(error);
+            }
+            tracing::debug!(origin = %self.origin, "event stream broke, resuming: {error}");
+            self.link.forget(self.origin);
+            self.link.pause(&mut pause).await?;
+        }
+    }
+
+    /// Keeps the events after the last one yielded; a hole means the stream is not what was
+    /// asked for.
+    fn accept(&mut self, events: Vec<Event>) -> Result<Option<Vec<Event>>> {
+        let fresh: Vec<Event> = events
+            .into_iter()
+            .filter(|e| e.id.seq > self.last)
+            .collect();
+        let Some(first) = fresh.first() else {
+            return Ok(None);
+        };
+        if first.id.origin != self.origin || first.id.seq != self.last + 1 {
+            return Err(Error::Unavailable(format!(
+                "the stream of cluster {} skipped to {}",
+                self.origin, first.id
+            )));
+        }
+        self.last = fresh.last().map_or(self.last, |e| e.id.seq);
+        Ok(Some(fresh))
+    }
+}
+
+/// Whether a failed call is worth repeating on the (possibly new) master.
+pub(crate) fn retriable(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Unavailable(_) | Error::Unreachable { .. } | Error::Io(_) | Error::Rpc(_)
+    )
+}
+
+fn stopping() -> Error {
+    Error::Unavailable("the synchronizer is stopping".to_string())
+}

@@ -1,0 +1,145 @@
+//! Synchronizers: carry users, follow relations and posts between clusters.
+//!
+//! Every cluster's master numbers the events it originates (users joining, follows, unfollows,
+//! posts) with a gap-free sequence per origin. A [`Synchronizer`] serves one cluster: through a
+//! [`SyncTransport`] it carries its cluster's own committed events to the other clusters and
+//! applies theirs to its cluster's current master, found through the coordinator (and found
+//! again after a failover). The servers' side is `sns.v1.Log`: `OwnEvents` (committed events
+//! only, so an event leaves its cluster only once it is durable and mirrored), `Apply` and
+//! `HighWater`.
+//!
+//! Invariants:
+//! - **Idempotent by (origin, sequence).** A master drops an event at or below its origin's
+//!   high-water mark and refuses a batch that would leave a hole, so redeliveries, replays and
+//!   several synchronizers per cluster are harmless.
+//! - **Nothing lost.** A consumer resumes from its cluster's committed high-water mark (pull
+//!   transports) or acknowledges a message only after the master answered that the events are
+//!   committed (RabbitMQ).
+//! - **Remote events are ordinary log entries**: mirrored to the slave, committed, fanned out to
+//!   the live timelines of local followers, snapshotted.
+//!
+//! Transports: [`LocalBus`] (in-process). gRPC and RabbitMQ transports implement the same
+//! trait.
+
+mod link;
+mod local;
+mod pull;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::grpc::sync::{decode_batch, encode_batch};
+pub use link::{ClusterLink, EventFeed};
+pub use local::LocalBus;
+pub use pull::{Source, Subscription, pull};
+
+use crate::error::{Error, Result};
+use crate::ids::ClusterId;
+use crate::transport::Network;
+
+/// How a synchronizer reaches the other clusters.
+#[async_trait]
+pub trait SyncTransport: Send + Sync + 'static {
+    /// A short name for logs and status (`local`, `grpc`, `amqp`).
+    fn name(&self) -> &'static str;
+
+    /// Carries `link`'s cluster's own events to the other clusters and their events into
+    /// `link`'s cluster until `link.shutdown()` is cancelled, riding out failovers, peer
+    /// restarts and broker restarts. Returns early only with an error it cannot ride out
+    /// (such as a configuration the broker refuses).
+    async fn run(&self, link: ClusterLink) -> Result<()>;
+}
+
+/// Settings of a [`Synchronizer`].
+#[derive(Debug, Clone)]
+pub struct SynchronizerConfig {
+    /// The cluster it serves.
+    pub cluster: ClusterId,
+    /// Number of clusters in the deployment (must match the coordinator's).
+    pub clusters: u32,
+    /// The coordinator's `host:port`.
+    pub coordinator: String,
+    /// The cluster token for internal calls, if the deployment uses one.
+    pub cluster_token: Option<String>,
+}
+
+/// The cluster a synchronizer with id `id` serves in a deployment of `clusters` clusters:
+/// `((id - 1) % clusters) + 1`, as users map to clusters.
+pub fn cluster_of_synchronizer(id: u32, clusters: u32) -> Result<ClusterId> {
+    if id == 0 {
+        return Err(Error::invalid("synchronizer ids start at 1"));
+    }
+    if clusters == 0 {
+        return Err(Error::invalid("a deployment has at least one cluster"));
+    }
+    ClusterId::new((id - 1) % clusters + 1)
+        .ok_or_else(|| Error::invalid(format!("synchronizer id {id} maps to no cluster")))
+}
+
+/// A synchronizer for one cluster (see the module documentation). Cheap to clone; all clones
+/// are the same synchronizer.
+#[derive(Clone)]
+pub struct Synchronizer {
+    link: ClusterLink,
+    transport: Arc<dyn SyncTransport>,
+}
+
+impl std::fmt::Debug for Synchronizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Synchronizer")
+            .field("cluster", &self.link.cluster())
+            .field("transport", &self.transport.name())
+            .finish()
+    }
+}
+
+impl Synchronizer {
+    /// A synchronizer for `config.cluster`, reaching the coordinator and servers over
+    /// `network` and the other clusters through `transport`.
+    pub fn new(
+        config: &SynchronizerConfig,
+        network: &Network,
+        transport: Arc<dyn SyncTransport>,
+    ) -> Result<Self> {
+        let link = ClusterLink::new(
+            config.cluster,
+            config.clusters,
+            network,
+            &config.coordinator,
+            config.cluster_token.as_deref(),
+            CancellationToken::new(),
+        )?;
+        Ok(Self { link, transport })
+    }
+
+    /// The cluster it serves.
+    pub fn cluster(&self) -> ClusterId {
+        self.link.cluster()
+    }
+
+    /// Its handle on the clusters.
+    pub fn link(&self) -> &ClusterLink {
+        &self.link
+    }
+
+    /// Runs until [`stop`](Self::stop) is called (or the transport fails for good).
+    pub async fn run(&self) -> Result<()> {
+        tracing::info!(
+            cluster = %self.link.cluster(),
+            transport = self.transport.name(),
+            "synchronizer running"
+        );
+        let result = self.transport.run(self.link.clone()).await;
+        if let Err(e) = &result {
+            tracing::error!(cluster = %self.link.cluster(), "synchronizer failed: {e}");
+        }
+        result
+    }
+
+    /// Stops it: [`run`](Self::run) returns soon after.
+    pub fn stop(&self) {
+        self.link.shutdown().cancel();
+    }
+}
