@@ -20,9 +20,14 @@ async fn start(bus: Bus) -> TestCluster {
     .expect("start")
 }
 
+/// The suite every transport runs: one `#[tokio::test]` per (case, transport) below calls it.
 #[tokio::test]
-async fn users_follows_and_posts_cross_clusters_in_process() {
-    let cluster = start(Bus::Local).await;
+async fn local_users_follows_and_posts_cross_clusters() {
+    users_follows_and_posts_cross_clusters(Bus::Local).await;
+}
+
+async fn users_follows_and_posts_cross_clusters(bus: Bus) {
+    let cluster = start(bus).await;
     let one = cluster.client(1).await.expect("client 1");
     let two = cluster.client(2).await.expect("client 2");
     let three = cluster.client(3).await.expect("client 3");
