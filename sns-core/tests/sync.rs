@@ -64,3 +64,271 @@ async fn users_follows_and_posts_cross_clusters(bus: Bus) {
     }
     cluster.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Convergence under random histories (proptest), per transport.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use sns_core::{ClusterId, Error, Role, Server, State};
+
+/// Users 1..=6: two per cluster of three.
+const USERS: u32 = 6;
+const CLUSTERS: u32 = 3;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Follow(u32, u32),
+    Unfollow(u32, u32),
+    Post(u32),
+    RestartSynchronizer(u32),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1..=USERS, 1..=USERS).prop_map(|(a, b)| Op::Follow(a, b)),
+        2 => (1..=USERS, 1..=USERS).prop_map(|(a, b)| Op::Unfollow(a, b)),
+        5 => (1..=USERS).prop_map(Op::Post),
+        1 => (1..=CLUSTERS).prop_map(Op::RestartSynchronizer),
+    ]
+}
+
+/// Clock offsets per cluster: none half of the time, else up to ±2 s each.
+fn skew() -> impl Strategy<Value = Vec<i64>> {
+    prop_oneof![
+        Just(vec![0; CLUSTERS as usize]),
+        proptest::collection::vec(-2_000_000i64..2_000_000, CLUSTERS as usize),
+    ]
+}
+
+fn master(cluster: &TestCluster, c: u32) -> Option<Server> {
+    (1..=2)
+        .filter_map(|s| cluster.server(c, s))
+        .find(|s| s.role() == Role::Master)
+        .cloned()
+}
+
+fn home(user: u32) -> u32 {
+    (user - 1) % CLUSTERS + 1
+}
+
+fn c(id: u32) -> ClusterId {
+    ClusterId::new(id).expect("cluster")
+}
+
+/// Runs `ops` on a fresh three-cluster deployment over `bus` and checks that every server
+/// converges to the model's users and follows, that masters and slaves are identical, and that
+/// every timeline holds exactly the posts it should.
+async fn converges(bus: Bus, ops: Vec<Op>, offsets: Vec<i64>) {
+    let mut cluster = TestCluster::start_with(TestClusterConfig {
+        bus,
+        clock_offsets_micros: offsets.clone(),
+        ..TestClusterConfig::default()
+    })
+    .await
+    .expect("start");
+    for user in 1..=USERS {
+        let server = master(&cluster, home(user)).expect("master");
+        server.login(u(user)).await.expect("login");
+    }
+    let everyone: Vec<UserId> = (1..=USERS).map(u).collect();
+    assert!(
+        eventually(WAIT, || async {
+            (1..=CLUSTERS).all(|k| {
+                master(&cluster, k)
+                    .is_some_and(|m| m.list(u(k)).is_ok_and(|l| l.all_users == everyone))
+            })
+        })
+        .await,
+        "every cluster learns every user"
+    );
+
+    let mut follows: BTreeSet<(u32, u32)> = BTreeSet::new();
+    // Per follower, the posts an exact model expects (clock skew aside): by followed authors,
+    // made after the follow began.
+    let mut expected: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    for (n, op) in ops.into_iter().enumerate() {
+        match op {
+            Op::Follow(a, b) => {
+                let server = master(&cluster, home(a)).expect("master");
+                let result = server.follow(u(a), &b.to_string()).await;
+                match () {
+                    () if a == b => assert!(matches!(result, Err(Error::SameClient)), "{result:?}"),
+                    () if follows.contains(&(a, b)) => {
+                        assert!(matches!(result, Err(Error::AlreadyFollowing)), "{result:?}");
+                    }
+                    () => {
+                        result.expect("follow");
+                        follows.insert((a, b));
+                    }
+                }
+            }
+            Op::Unfollow(a, b) => {
+                let server = master(&cluster, home(a)).expect("master");
+                let result = server.unfollow(u(a), &b.to_string()).await;
+                match () {
+                    () if a == b => assert!(matches!(result, Err(Error::SameClient)), "{result:?}"),
+                    () if !follows.contains(&(a, b)) => {
+                        assert!(matches!(result, Err(Error::NotFollowing)), "{result:?}");
+                    }
+                    () => {
+                        result.expect("unfollow");
+                        follows.remove(&(a, b));
+                        // Unfollowing removes the author's posts from the timeline.
+                        if let Some(posts) = expected.get_mut(&a) {
+                            posts.retain(|text| !text.starts_with(&format!("{b}:")));
+                        }
+                    }
+                }
+            }
+            Op::Post(a) => {
+                let text = format!("{a}:post {n}");
+                let server = master(&cluster, home(a)).expect("master");
+                server.post(u(a), text.as_bytes()).await.expect("post");
+                for (follower, _) in follows.iter().filter(|(_, b)| *b == a) {
+                    expected.entry(*follower).or_default().insert(text.clone());
+                }
+            }
+            Op::RestartSynchronizer(k) => {
+                cluster
+                    .restart_synchronizer(k)
+                    .await
+                    .expect("restart synchronizer");
+            }
+        }
+    }
+
+    // Converged: every master has every origin's events, every slave has its master's.
+    let converged = eventually(WAIT, || async {
+        let masters: Vec<Server> = (1..=CLUSTERS).filter_map(|k| master(&cluster, k)).collect();
+        if masters.len() != CLUSTERS as usize {
+            return false;
+        }
+        let own: Vec<u64> = masters
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                m.high_water()
+                    .expect("marks")
+                    .get(&c(i as u32 + 1))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect();
+        masters.iter().enumerate().all(|(i, m)| {
+            let marks = m.high_water().expect("marks");
+            let commit = m.positions().commit;
+            let k = i as u32 + 1;
+            own.iter()
+                .enumerate()
+                .all(|(o, seq)| marks.get(&c(o as u32 + 1)).copied().unwrap_or(0) == *seq)
+                && (1..=2).all(|s| {
+                    cluster
+                        .server(k, s)
+                        .is_some_and(|x| x.positions().commit == commit)
+                })
+        })
+    })
+    .await;
+    assert!(converged, "clusters converge");
+
+    // Every origin's own events, from its master: the reference every cluster must fold to.
+    let mut origins = Vec::new();
+    for k in 1..=CLUSTERS {
+        let m = master(&cluster, k).expect("master");
+        let last = m
+            .high_water()
+            .expect("marks")
+            .get(&c(k))
+            .copied()
+            .unwrap_or(0);
+        let mut feed = m.own_events_after(0).await.expect("own events");
+        let mut events = Vec::new();
+        while (events.len() as u64) < last {
+            let batch = tokio::time::timeout(WAIT, feed.next_batch(256))
+                .await
+                .expect("in time")
+                .expect("read")
+                .expect("running");
+            events.extend(batch);
+        }
+        origins.push(events);
+    }
+
+    let model_following = |a: u32| -> Vec<UserId> {
+        follows
+            .iter()
+            .filter(|(f, _)| *f == a)
+            .map(|(_, b)| u(*b))
+            .collect()
+    };
+    let no_skew = offsets.iter().all(|o| *o == 0);
+    for k in 1..=CLUSTERS {
+        let m = master(&cluster, k).expect("master");
+        let (_, state) = m.committed_state();
+        let mut reference = State::new(m.config().state_config());
+        for events in &origins {
+            for event in events {
+                reference.apply(event);
+            }
+        }
+        for s in 1..=2 {
+            let server = cluster.server(k, s).expect("running");
+            let (_, other) = server.committed_state();
+            assert_eq!(
+                other, state,
+                "cluster {k}: master and slave hold the same state"
+            );
+            assert_eq!(
+                other.users().collect::<Vec<_>>(),
+                everyone,
+                "cluster {k} server {s} users"
+            );
+            for a in 1..=USERS {
+                assert_eq!(
+                    other.following(u(a)).collect::<Vec<_>>(),
+                    model_following(a),
+                    "cluster {k} server {s}: whom {a} follows"
+                );
+            }
+        }
+        for a in (1..=USERS).filter(|a| home(*a) == k) {
+            let timeline = state.recent_timeline(u(a), usize::MAX);
+            let ids: BTreeSet<_> = timeline.iter().map(|p| p.id).collect();
+            assert_eq!(ids.len(), timeline.len(), "user {a}: no post twice");
+            assert_eq!(
+                timeline,
+                reference.recent_timeline(u(a), usize::MAX),
+                "user {a}: the timeline its cluster should hold"
+            );
+            if no_skew {
+                let texts: BTreeSet<String> = timeline.iter().map(|p| p.text.to_string()).collect();
+                assert_eq!(
+                    texts,
+                    expected.remove(&a).unwrap_or_default(),
+                    "user {a}'s posts"
+                );
+            }
+        }
+    }
+    cluster.shutdown().await;
+}
+
+fn run_converges(bus: Bus, ops: Vec<Op>, offsets: Vec<i64>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(converges(bus, ops, offsets));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn local_random_histories_converge(ops in proptest::collection::vec(op(), 1..40), offsets in skew()) {
+        run_converges(Bus::Local, ops, offsets);
+    }
+}
