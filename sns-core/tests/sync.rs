@@ -1,9 +1,12 @@
 //! Synchronizers: users, follow relations and posts cross clusters, over every transport.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use proptest::prelude::*;
+
 use sns_core::testing::{TestCluster, TestClusterConfig, eventually};
-use sns_core::{Bus, UserId};
+use sns_core::{Bus, ClusterId, Error, Role, Server, State, UserId};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -65,13 +68,132 @@ async fn users_follows_and_posts_cross_clusters(bus: Bus) {
     cluster.shutdown().await;
 }
 
+#[tokio::test]
+async fn local_failover_during_sync_loses_nothing() {
+    failover_during_sync(Bus::Local).await;
+}
+
+/// Posts of users 2 (cluster 2) and 3 (cluster 3) stream to their follower, user 1 (cluster 1),
+/// while cluster 1's master and then cluster 2's master crash (simulated disks: unsynced writes
+/// are lost). Every acknowledged post reaches user 1's timeline on the new master, once.
+async fn failover_during_sync(bus: Bus) {
+    const POSTS: usize = 120;
+    let mut cluster = TestCluster::start_with(TestClusterConfig {
+        bus,
+        simulated_disks: true,
+        ..TestClusterConfig::default()
+    })
+    .await
+    .expect("start");
+    for user in 1..=3 {
+        let server = sync_master(&cluster, user).expect("master");
+        server.login(u(user)).await.expect("login");
+    }
+    let one = sync_master(&cluster, 1).expect("master");
+    assert!(
+        eventually(WAIT, || async {
+            one.list(u(1)).is_ok_and(|l| l.all_users.len() == 3)
+        })
+        .await
+    );
+    one.follow(u(1), "2").await.expect("follow 2");
+    one.follow(u(1), "3").await.expect("follow 3");
+
+    // One writer per author, each posting on whichever server of its cluster is master.
+    let writer = |user: u32| {
+        let servers: Vec<Server> = (1..=2)
+            .filter_map(|s| cluster.server(user, s).cloned())
+            .collect();
+        tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for n in 0..POSTS {
+                let text = format!("{user}:{n}");
+                let deadline = tokio::time::Instant::now() + WAIT;
+                loop {
+                    // A crashed master still says it is master: try every one that does.
+                    let mut outcome = Err(Error::Unavailable("no master".into()));
+                    for master in servers.iter().filter(|s| s.role() == Role::Master) {
+                        outcome = master.post(u(user), text.as_bytes()).await;
+                        if outcome.is_ok() {
+                            break;
+                        }
+                    }
+                    match outcome {
+                        Ok(_) => {
+                            acknowledged.push(text);
+                            break;
+                        }
+                        Err(_) if tokio::time::Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        Err(e) => panic!("post {text} never accepted: {e}"),
+                    }
+                }
+            }
+            acknowledged
+        })
+    };
+    let writers = [writer(2), writer(3)];
+    let delivered_count = |cluster: &TestCluster| {
+        sync_master(cluster, 1).map_or(0, |m| m.recent_posts(u(1)).map_or(0, |p| p.len()))
+    };
+    // Crash the receiving cluster's master once posts flow in, then the origin's.
+    assert!(eventually(WAIT, || async { delivered_count(&cluster) >= 10 }).await);
+    let receiver = (1..=2).find(|s| {
+        cluster
+            .server(1, *s)
+            .is_some_and(|x| x.role() == Role::Master)
+    });
+    cluster
+        .crash(1, receiver.expect("master of 1"))
+        .await
+        .expect("crash");
+    let origin = (1..=2).find(|s| {
+        cluster
+            .server(2, *s)
+            .is_some_and(|x| x.role() == Role::Master)
+    });
+    cluster
+        .crash(2, origin.expect("master of 2"))
+        .await
+        .expect("crash");
+    let mut acknowledged = BTreeSet::new();
+    for writer in writers {
+        acknowledged.extend(writer.await.expect("writer"));
+    }
+    assert_eq!(acknowledged.len(), 2 * POSTS);
+    let all_in = eventually(WAIT, || async {
+        sync_master(&cluster, 1).is_some_and(|m| {
+            let (_, state) = m.committed_state();
+            let texts: BTreeSet<String> = state
+                .recent_timeline(u(1), usize::MAX)
+                .iter()
+                .map(|p| p.text.to_string())
+                .collect();
+            acknowledged.is_subset(&texts)
+        })
+    })
+    .await;
+    assert!(
+        all_in,
+        "every acknowledged post reaches the follower after both failovers"
+    );
+    let m = sync_master(&cluster, 1).expect("master");
+    let timeline = m.committed_state().1.recent_timeline(u(1), usize::MAX);
+    let ids: BTreeSet<_> = timeline.iter().map(|p| p.id).collect();
+    assert_eq!(ids.len(), timeline.len(), "no post twice");
+    cluster.shutdown().await;
+}
+
+fn sync_master(cluster: &TestCluster, c: u32) -> Option<Server> {
+    (1..=2)
+        .filter_map(|s| cluster.server(c, s))
+        .find(|s| s.role() == Role::Master)
+        .cloned()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Convergence under random histories (proptest), per transport.
-
-use std::collections::{BTreeMap, BTreeSet};
-
-use proptest::prelude::*;
-use sns_core::{ClusterId, Error, Role, Server, State};
 
 /// Users 1..=6: two per cluster of three.
 const USERS: u32 = 6;
