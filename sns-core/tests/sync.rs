@@ -365,7 +365,7 @@ async fn converges(bus: Bus, ops: Vec<Op>, offsets: Vec<i64>) {
             .get(&c(k))
             .copied()
             .unwrap_or(0);
-        let mut feed = m.own_events_after(0).await.expect("own events");
+        let mut feed = m.own_events_after(0, None).await.expect("own events");
         let mut events = Vec::new();
         while (events.len() as u64) < last {
             let batch = tokio::time::timeout(WAIT, feed.next_batch(256))

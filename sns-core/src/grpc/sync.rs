@@ -73,8 +73,13 @@ impl Log for LogAdapter {
         request: Request<OwnEventsRequest>,
     ) -> Result<Response<Self::OwnEventsStream>, Status> {
         self.authorize(&request)?;
-        let after = request.get_ref().after;
-        let events = self.server.own_events_after(after).await.map_err(status)?;
+        let OwnEventsRequest { after, reader } = request.into_inner();
+        let reader = (!reader.is_empty()).then_some(reader.as_str());
+        let events = self
+            .server
+            .own_events_after(after, reader)
+            .await
+            .map_err(status)?;
         let origin = self.server.config().cluster;
         let (tasks, shutdown) = self.server.tasks();
         let shutdown = shutdown.clone();
@@ -160,12 +165,21 @@ impl LogPeer {
         Ok(())
     }
 
-    /// The server's own committed events after `after`.
-    pub(crate) async fn own_events(&self, after: u64) -> Result<tonic::Streaming<SyncBatch>> {
+    /// The server's own committed events after `after`, read by `reader` (empty: nobody in
+    /// particular).
+    pub(crate) async fn own_events(
+        &self,
+        after: u64,
+        reader: &str,
+    ) -> Result<tonic::Streaming<SyncBatch>> {
+        let request = OwnEventsRequest {
+            after,
+            reader: reader.to_string(),
+        };
         let reply = self
             .client
             .clone()
-            .own_events(self.request(OwnEventsRequest { after }))
+            .own_events(self.request(request))
             .await
             .map_err(from_status)?;
         Ok(reply.into_inner())

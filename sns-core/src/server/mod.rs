@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 
 pub use committed::CommittedEntries;
 pub use heartbeat::CoordinatorLink;
-pub use sync::{MAX_APPLY_BATCH, OwnEvents};
+pub use sync::{MAX_APPLY_BATCH, OwnEvents, check_reader};
 pub use timeline::TimelineFeed;
 
 use crate::error::{Error, Result};

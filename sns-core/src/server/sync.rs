@@ -19,18 +19,32 @@ use super::{CommittedEntries, Server};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, LogEntry, MAX_POST_BYTES};
 use crate::ids::{ClusterId, EventId, LogIndex};
+use crate::storage::Storage;
 
 /// Most events [`Server::apply_remote`] takes in one call.
 pub const MAX_APPLY_BATCH: usize = 1024;
 
 /// This cluster's own committed events after a sequence number, in order: those already
 /// committed, then new ones as they commit. Made by [`Server::own_events_after`].
-#[derive(Debug)]
 pub struct OwnEvents {
     cluster: ClusterId,
     entries: CommittedEntries,
     /// The sequence number of the last event yielded (or the starting point).
     last: u64,
+    /// The named reader whose retention mark moves as events are read, and where.
+    reader: Option<(String, Arc<dyn Storage>)>,
+    /// The first log index of the previous batch read.
+    previous: Option<LogIndex>,
+}
+
+impl std::fmt::Debug for OwnEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnEvents")
+            .field("cluster", &self.cluster)
+            .field("last", &self.last)
+            .field("reader", &self.reader.as_ref().map(|(name, _)| name))
+            .finish_non_exhaustive()
+    }
 }
 
 impl OwnEvents {
@@ -46,6 +60,13 @@ impl OwnEvents {
             let Some(entries) = self.entries.next_batch(max).await? else {
                 return Ok(None);
             };
+            // The reader's mark trails by a batch: what it was handed last may not have reached
+            // its destination yet, so only what came before is released.
+            if let (Some((name, storage)), Some(first)) = (&self.reader, entries.first())
+                && let Some(previous) = self.previous.replace(first.index)
+            {
+                storage.retain(name, LogIndex(previous.0 - 1));
+            }
             let mut batch = Vec::new();
             for entry in entries {
                 let id = entry.event.id;
@@ -84,7 +105,14 @@ impl Server {
     /// This cluster's own committed events with a sequence number above `after`. Fails with
     /// [`Error::Compacted`] when the log no longer holds the next one (the reader needs a state
     /// transfer), and with [`Error::InvalidInput`] when `after` is beyond every committed event.
-    pub async fn own_events_after(&self, after: u64) -> Result<OwnEvents> {
+    ///
+    /// A named `reader` (see [`check_reader`]) is registered with the storage from the
+    /// starting position on, and moved as events are read, so compaction keeps what it still
+    /// needs (within the storage's retention bound) even while it is away.
+    pub async fn own_events_after(&self, after: u64, reader: Option<&str>) -> Result<OwnEvents> {
+        if let Some(name) = reader {
+            check_reader(name)?;
+        }
         let cluster = self.shared.config.cluster;
         let (commit, high_water) = {
             let core = self.readable()?;
@@ -112,10 +140,17 @@ impl Server {
                 }
             }
         };
+        let reader = reader.map(|name| {
+            let name = format!("sync-{name}");
+            self.shared.storage.retain(&name, start);
+            (name, Arc::clone(&self.shared.storage))
+        });
         Ok(OwnEvents {
             cluster,
             entries: self.committed_after(start),
             last: after,
+            reader,
+            previous: None,
         })
     }
 
@@ -237,6 +272,19 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+/// Checks a reader's name: 1 to 32 ASCII letters, digits or dashes.
+pub fn check_reader(name: &str) -> Result<()> {
+    let valid = (1..=32).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "reader name {name:?} must be 1 to 32 ASCII letters, digits or dashes"
+        )))
     }
 }
 

@@ -137,19 +137,27 @@ impl ClusterLink {
     }
 
     /// `origin`'s own committed events after sequence number `after`, read from that
-    /// cluster's master and following its failovers.
+    /// cluster's master (as reader `cluster<this cluster>`, so its compactions keep what this
+    /// cluster still needs) and following its failovers.
     pub fn events_of(&self, origin: ClusterId, after: u64) -> EventFeed {
+        self.feed(origin, after, format!("cluster{}", self.inner.cluster))
+    }
+
+    /// This cluster's own committed events after `after`, read on behalf of `reader` (a
+    /// consuming cluster such as `cluster2`, or a publisher such as `amqp`; see
+    /// [`check_reader`](crate::server::check_reader)).
+    pub fn own_events(&self, after: u64, reader: &str) -> EventFeed {
+        self.feed(self.inner.cluster, after, reader.to_string())
+    }
+
+    fn feed(&self, origin: ClusterId, after: u64, reader: String) -> EventFeed {
         EventFeed {
             link: self.clone(),
             origin,
             last: after,
+            reader,
             stream: None,
         }
-    }
-
-    /// This cluster's own committed events after `after`.
-    pub fn own_events(&self, after: u64) -> EventFeed {
-        self.events_of(self.inner.cluster, after)
     }
 
     /// Calls `call` on `cluster`'s master until it succeeds, fails for a reason other than
@@ -217,6 +225,7 @@ pub struct EventFeed {
     link: ClusterLink,
     origin: ClusterId,
     last: u64,
+    reader: String,
     stream: Option<tonic::Streaming<sns_proto::sns_v1::SyncBatch>>,
 }
 
@@ -266,9 +275,12 @@ impl EventFeed {
                 None => {
                     let origin = self.origin;
                     let after = self.last;
+                    let reader = self.reader.as_str();
                     let opened = self
                         .link
-                        .retrying(origin, |peer| async move { peer.own_events(after).await })
+                        .retrying(origin, |peer| async move {
+                            peer.own_events(after, reader).await
+                        })
                         .await;
                     match opened {
                         Ok(stream) => {

@@ -1,0 +1,246 @@
+//! A server's side of synchronization: applying other clusters' events, and reading its own
+//! committed events after a sequence number.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sns_core::Storage as _;
+use sns_core::storage::MemoryStorage;
+use sns_core::testing::eventually;
+use sns_core::{
+    ClusterId, Error, Event, EventId, EventKind, Server, ServerConfig, Timestamp, UserId,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn u(id: u32) -> UserId {
+    UserId::new(id).expect("user")
+}
+
+fn c(id: u32) -> ClusterId {
+    ClusterId::new(id).expect("cluster")
+}
+
+fn event(origin: u32, seq: u64, kind: EventKind) -> Event {
+    Event {
+        id: EventId {
+            origin: c(origin),
+            seq,
+        },
+        at: Timestamp(1_000 + seq as i64),
+        kind,
+    }
+}
+
+fn joined(origin: u32, seq: u64, user: u32) -> Event {
+    event(origin, seq, EventKind::UserJoined { user: u(user) })
+}
+
+fn posted(origin: u32, seq: u64, author: u32, text: &str) -> Event {
+    event(
+        origin,
+        seq,
+        EventKind::Posted {
+            author: u(author),
+            text: Arc::from(text),
+            key: None,
+        },
+    )
+}
+
+/// A standalone master of cluster 1 of 3.
+async fn cluster_one(storage: Arc<MemoryStorage>, snapshot_every: u64) -> Server {
+    let config = ServerConfig {
+        cluster: c(1),
+        clusters: 3,
+        snapshot_every,
+        ..ServerConfig::default()
+    };
+    Server::open(config, storage).await.expect("open")
+}
+
+#[tokio::test]
+async fn remote_events_apply_once_and_a_gap_changes_nothing() {
+    let server = cluster_one(Arc::new(MemoryStorage::new()), 100_000).await;
+    server.login(u(1)).await.expect("login");
+    let batch = vec![joined(2, 1, 2), posted(2, 2, 2, "first")];
+    server.apply_remote(batch.clone()).await.expect("applied");
+    server
+        .follow(u(1), "2")
+        .await
+        .expect("a remote user can be followed");
+    // The same events again, and overlapping: dropped.
+    server
+        .apply_remote(batch)
+        .await
+        .expect("duplicates are fine");
+    let overlap = vec![posted(2, 2, 2, "first"), posted(2, 3, 2, "second")];
+    server.apply_remote(overlap).await.expect("applied");
+    let marks = server.high_water().expect("marks");
+    assert_eq!(marks.get(&c(2)), Some(&3));
+    let before = server.positions().commit;
+    // A batch that skips sequence 4 is refused whole.
+    let gap = vec![posted(2, 5, 2, "fifth")];
+    assert!(matches!(
+        server.apply_remote(gap).await,
+        Err(Error::Conflict(_))
+    ));
+    assert_eq!(server.positions().commit, before, "nothing was written");
+    assert_eq!(server.high_water().expect("marks").get(&c(2)), Some(&3));
+    // The follow came after both posts (origin times 1002, 1003 are long past): neither shows.
+    assert!(server.recent_posts(u(1)).expect("timeline").is_empty());
+    server
+        .apply_remote(vec![posted(2, 4, 2, "fourth")])
+        .await
+        .expect("applied");
+    let posts = server.recent_posts(u(1)).expect("timeline");
+    assert!(
+        posts.is_empty(),
+        "an old post (by origin time) is not shown: {posts:?}"
+    );
+    let live = event(
+        2,
+        5,
+        EventKind::Posted {
+            author: u(2),
+            text: Arc::from("live"),
+            key: None,
+        },
+    );
+    let live = Event {
+        at: Timestamp::now(),
+        ..live
+    };
+    server.apply_remote(vec![live]).await.expect("applied");
+    let posts = server.recent_posts(u(1)).expect("timeline");
+    assert_eq!(posts.len(), 1);
+    assert_eq!(&*posts[0].text, "live");
+    server.close().await;
+}
+
+#[tokio::test]
+async fn own_and_invalid_events_are_refused() {
+    let server = cluster_one(Arc::new(MemoryStorage::new()), 100_000).await;
+    let own = server.apply_remote(vec![joined(1, 1, 1)]).await;
+    assert!(matches!(own, Err(Error::InvalidInput(_))), "{own:?}");
+    let long = "x".repeat(sns_core::MAX_POST_BYTES + 1);
+    let too_long = server
+        .apply_remote(vec![joined(2, 1, 2), posted(2, 2, 2, &long)])
+        .await;
+    assert!(
+        matches!(too_long, Err(Error::InvalidInput(_))),
+        "{too_long:?}"
+    );
+    let two_lines = server.apply_remote(vec![posted(2, 1, 2, "a\nb")]).await;
+    assert!(
+        matches!(two_lines, Err(Error::InvalidInput(_))),
+        "{two_lines:?}"
+    );
+    assert!(
+        server.high_water().expect("marks").is_empty(),
+        "nothing applied"
+    );
+    server.set_role(sns_core::Role::Slave);
+    let on_slave = server.apply_remote(vec![joined(2, 1, 2)]).await;
+    assert!(
+        matches!(on_slave, Err(Error::Unavailable(_))),
+        "{on_slave:?}"
+    );
+    server.close().await;
+}
+
+#[tokio::test]
+async fn own_events_stream_committed_events_after_a_position() {
+    let server = cluster_one(Arc::new(MemoryStorage::new()), 100_000).await;
+    server.login(u(1)).await.expect("login"); // own 1
+    server
+        .apply_remote(vec![joined(2, 1, 2)])
+        .await
+        .expect("remote");
+    server.login(u(4)).await.expect("login"); // own 2
+    server.post(u(1), b"hello").await.expect("post"); // own 3
+    let mut feed = server
+        .own_events_after(1, Some("cluster2"))
+        .await
+        .expect("feed");
+    let batch = feed.next_batch(10).await.expect("read").expect("running");
+    let seqs: Vec<u64> = batch.iter().map(|e| e.id.seq).collect();
+    assert_eq!(
+        seqs,
+        [2, 3],
+        "own events after 1 only, the remote one skipped"
+    );
+    assert!(batch.iter().all(|e| e.id.origin == c(1)));
+    // Live: the next own event arrives as it commits.
+    let next = tokio::spawn(async move { feed.next_batch(10).await });
+    server.post(u(4), b"later").await.expect("post");
+    let later = tokio::time::timeout(WAIT, next)
+        .await
+        .expect("in time")
+        .expect("task")
+        .expect("read")
+        .expect("running");
+    assert_eq!(later.iter().map(|e| e.id.seq).collect::<Vec<_>>(), [4]);
+    // From the end, and beyond it.
+    assert!(server.own_events_after(4, None).await.is_ok());
+    let ahead = server.own_events_after(9, None).await;
+    assert!(matches!(ahead, Err(Error::InvalidInput(_))), "{ahead:?}");
+    let badly_named = server.own_events_after(0, Some("no spaces")).await;
+    assert!(
+        matches!(badly_named, Err(Error::InvalidInput(_))),
+        "{badly_named:?}"
+    );
+    server.close().await;
+}
+
+#[tokio::test]
+async fn compaction_keeps_what_a_named_reader_needs_and_drops_the_rest() {
+    let storage = Arc::new(MemoryStorage::with_retention(1_000));
+    let server = cluster_one(Arc::clone(&storage), 10).await;
+    server.login(u(1)).await.expect("login");
+    // Cluster 2 registers as a reader at the start, cluster 3 never does.
+    let feed = server
+        .own_events_after(0, Some("cluster2"))
+        .await
+        .expect("feed");
+    for n in 0..30 {
+        server
+            .post(u(1), format!("post {n}").as_bytes())
+            .await
+            .expect("post");
+    }
+    let compacted = eventually(WAIT, || async {
+        storage.snapshot().await.ok().flatten().is_some()
+    })
+    .await;
+    assert!(compacted, "a snapshot was taken");
+    // The registered reader can still start from the beginning.
+    drop(feed);
+    let mut again = server
+        .own_events_after(0, Some("cluster2"))
+        .await
+        .expect("kept");
+    let first = again.next_batch(100).await.expect("read").expect("running");
+    assert_eq!(first.first().map(|e| e.id.seq), Some(1));
+    // Without a reader holding them, the entries go with the next compaction.
+    storage.release("sync-cluster2");
+    drop(again);
+    for n in 30..60 {
+        server
+            .post(u(1), format!("post {n}").as_bytes())
+            .await
+            .expect("post");
+    }
+    let gone = eventually(WAIT, || async {
+        matches!(
+            server.own_events_after(0, None).await,
+            Err(Error::Compacted { .. })
+        )
+    })
+    .await;
+    assert!(
+        gone,
+        "an unregistered reader that is too far behind needs a state transfer"
+    );
+    server.close().await;
+}
