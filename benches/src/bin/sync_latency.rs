@@ -1,0 +1,293 @@
+//! `sync_latency`: post → follower latency on the same cluster and across clusters, per
+//! synchronizer transport (results in `docs/benchmarks.md`, "Cross-cluster sync").
+//!
+//! A fresh three-cluster `Deployment` in this process (coordinator, a master and a slave per
+//! cluster, a synchronizer per cluster), on loopback TCP (or `--memory` pipes), with
+//! `FileStorage` in a temporary directory: every post is durable and mirrored on its own
+//! cluster, and every remote copy durable and mirrored on the follower's cluster, before it is
+//! delivered. `--authors` users of cluster 2 post at a steady total `--rate` through their own
+//! timeline streams (real gRPC clients); each author has one follower on each cluster, every
+//! follower reading its timeline stream through a real client. A post's latency runs from just
+//! before its client sends it to when a follower's client has received it. After a warm-up,
+//! posts of the timed window are counted; the run then waits for every delivery and reports any
+//! that never arrived.
+//!
+//! ```sh
+//! cargo run --release -p sns-benches --bin sync_latency -- --bus local --rate 1000 --seconds 10
+//! ```
+
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use sns_benches::user;
+use sns_core::testing::eventually;
+use sns_core::{
+    Bus, Client, ClusterId, Data, Deployment, DeploymentConfig, MemoryNetwork, Ports, Role,
+    ServerId, Transport,
+};
+
+/// Measure post → follower latency within and across clusters.
+#[derive(Debug, Parser)]
+#[command(name = "sync_latency")]
+struct Args {
+    /// The synchronizers' transport: `local`.
+    #[arg(long, default_value = "local", value_parser = parse_bus)]
+    bus: Bus,
+    /// Posts per second, all authors together.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Timed seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Untimed seconds of posting first.
+    #[arg(long, default_value_t = 2)]
+    warm_up: u64,
+    /// Authors (users of cluster 2) sharing the rate.
+    #[arg(long, default_value_t = 10)]
+    authors: u32,
+    /// In-memory pipes instead of loopback TCP.
+    #[arg(long)]
+    memory: bool,
+}
+
+fn parse_bus(text: &str) -> Result<Bus, String> {
+    match text {
+        "local" => Ok(Bus::Local),
+        other => Err(format!("unknown bus {other:?}: use local")),
+    }
+}
+
+type Failure = Box<dyn std::error::Error>;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = sns_benches::runtime();
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sync_latency: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Latencies of the deliveries of timed posts, by where the follower lives.
+#[derive(Default)]
+struct Samples {
+    same: Vec<Duration>,
+    cross: Vec<Duration>,
+    /// Deliveries of any post (timed or not).
+    received: u64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let last = sorted.len().saturating_sub(1);
+    sorted
+        .get(((last as f64) * p).round() as usize)
+        .copied()
+        .unwrap_or_default()
+}
+
+async fn run(args: Args) -> Result<(), Failure> {
+    if args.rate == 0 || args.authors == 0 {
+        return Err("--rate and --authors must be at least 1".into());
+    }
+    let dir = tempfile::tempdir()?;
+    let config = DeploymentConfig {
+        clusters: 3,
+        servers_per_cluster: 2,
+        transport: if args.memory {
+            Transport::Memory(MemoryNetwork::new())
+        } else {
+            Transport::Tcp
+        },
+        ports: Ports::Auto,
+        data: Data::Dir(dir.path().to_path_buf()),
+        bus: args.bus.clone(),
+        ..DeploymentConfig::default()
+    };
+    let deployment = Deployment::start(config).await?;
+    let result = measure(&deployment, &args).await;
+    deployment.shutdown().await;
+    result
+}
+
+async fn measure(deployment: &Deployment, args: &Args) -> Result<(), Failure> {
+    deployment.wait_for_masters(PATIENCE).await?;
+    let network = deployment.network().clone();
+    let coordinator = deployment.coordinator_addr().to_string();
+    let login = |id: u32| {
+        let network = network.clone();
+        let coordinator = coordinator.clone();
+        async move { Client::login_via(&network, &coordinator, user(id)).await }
+    };
+    // Author k (0-based) is user 3k + 2 (cluster 2); its followers are users 3k + 1 (cluster 1),
+    // 3(k + authors) + 2 (cluster 2) and 3k + 3 (cluster 3).
+    let authors: Vec<u32> = (0..args.authors).map(|k| 3 * k + 2).collect();
+    let mut followers = Vec::new();
+    for k in 0..args.authors {
+        followers.push((3 * k + 1, 3 * k + 2, false));
+        followers.push((3 * (k + args.authors) + 2, 3 * k + 2, true));
+        followers.push((3 * k + 3, 3 * k + 2, false));
+    }
+    let mut author_clients = Vec::new();
+    for id in &authors {
+        author_clients.push(login(*id).await?);
+    }
+    let mut follower_clients = Vec::new();
+    for (id, _, _) in &followers {
+        follower_clients.push(login(*id).await?);
+    }
+    let everyone = authors.len() + followers.len();
+    let known = eventually(PATIENCE, || {
+        let client = follower_clients[0].clone();
+        async move {
+            client
+                .list()
+                .await
+                .is_ok_and(|l| l.all_users.len() == everyone)
+        }
+    })
+    .await;
+    if !known {
+        return Err("the clusters never learnt every user".into());
+    }
+    for ((_, author, _), client) in followers.iter().zip(&follower_clients) {
+        client.follow(user(*author)).await?;
+    }
+    // Every author's cluster must know its followers before posts are timed.
+    let two = ClusterId::new(2).ok_or("cluster 2")?;
+    let followed = eventually(PATIENCE, || {
+        let master = (1..=2)
+            .filter_map(ServerId::new)
+            .filter_map(|s| deployment.server(two, s))
+            .find(|s| s.role() == Role::Master)
+            .cloned();
+        let authors = authors.clone();
+        async move {
+            master.is_some_and(|m| {
+                authors
+                    .iter()
+                    .all(|a| m.list(user(*a)).is_ok_and(|l| l.followers.len() == 3))
+            })
+        }
+    })
+    .await;
+    if !followed {
+        return Err("the authors' cluster never learnt every follower".into());
+    }
+
+    let base = Instant::now();
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let timed_from = Duration::from_secs(args.warm_up);
+    let timed_until = timed_from + Duration::from_secs(args.seconds);
+    let mut readers = Vec::new();
+    for ((_, _, same), client) in followers.iter().zip(&follower_clients) {
+        let (_keep_open, mut stream) = client.timeline().await?;
+        let samples = Arc::clone(&samples);
+        let same = *same;
+        readers.push(tokio::spawn(async move {
+            let _keep_open = _keep_open;
+            while let Some(Ok(post)) = stream.next().await {
+                let now = base.elapsed();
+                let Some(sent) = post
+                    .text
+                    .strip_prefix('t')
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .map(Duration::from_nanos)
+                else {
+                    continue;
+                };
+                let mut samples = samples.lock().unwrap_or_else(|p| p.into_inner());
+                samples.received += 1;
+                if sent >= timed_from && sent < timed_until {
+                    let latency = now.saturating_sub(sent);
+                    if same {
+                        samples.same.push(latency);
+                    } else {
+                        samples.cross.push(latency);
+                    }
+                }
+            }
+        }));
+    }
+    let mut senders = Vec::new();
+    for client in &author_clients {
+        senders.push(client.timeline().await?);
+    }
+
+    // One paced loop: post n goes out at n / rate seconds, round robin over the authors.
+    let period = Duration::from_secs_f64(1.0 / f64::from(args.rate));
+    let mut sent = 0u64;
+    let mut timed = 0u64;
+    let started = Instant::now();
+    loop {
+        let due = period.mul_f64(sent as f64);
+        let elapsed = started.elapsed();
+        if elapsed >= timed_until {
+            break;
+        }
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+        let (sender, _) = &senders[(sent % senders.len() as u64) as usize];
+        let at = base.elapsed();
+        sender.post(&format!("t{}", at.as_nanos())).await?;
+        if at >= timed_from && at < timed_until {
+            timed += 1;
+        }
+        sent += 1;
+    }
+    let posting = started.elapsed();
+    let expected = sent * 3;
+    let all_in = eventually(PATIENCE, || {
+        let received = samples.lock().map_or(0, |s| s.received);
+        async move { received >= expected }
+    })
+    .await;
+    for reader in &readers {
+        reader.abort();
+    }
+    let mut samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
+    samples.same.sort();
+    samples.cross.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "sync_latency: bus {:?}, {} over {}, FileStorage, 3 clusters x (master + slave)",
+        args.bus,
+        if args.memory { "pipes" } else { "loopback TCP" },
+        "one process"
+    );
+    println!(
+        "posted {sent} in {:.1} s ({:.0}/s); timed posts {timed}; deliveries {} of {expected}{}",
+        posting.as_secs_f64(),
+        sent as f64 / posting.as_secs_f64(),
+        samples.received,
+        if all_in { "" } else { " (MISSING DELIVERIES)" }
+    );
+    println!(
+        "{:<14} {:>8} {:>8} {:>8} {:>8}",
+        "follower", "samples", "p50 ms", "p99 ms", "max ms"
+    );
+    for (name, list) in [
+        ("same cluster", &samples.same),
+        ("other cluster", &samples.cross),
+    ] {
+        println!(
+            "{:<14} {:>8} {:>8.2} {:>8.2} {:>8.2}",
+            name,
+            list.len(),
+            ms(percentile(list, 0.5)),
+            ms(percentile(list, 0.99)),
+            ms(list.last().copied().unwrap_or_default()),
+        );
+    }
+    if !all_in {
+        return Err(format!("{} deliveries never arrived", expected - samples.received).into());
+    }
+    Ok(())
+}
