@@ -257,10 +257,9 @@ async fn measure(deployment: &Deployment, args: &Args) -> Result<(), Failure> {
     samples.cross.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "sync_latency: bus {:?}, {} over {}, FileStorage, 3 clusters x (master + slave)",
+        "sync_latency: bus {:?}, {} in one process, FileStorage, 3 clusters x (master + slave)",
         args.bus,
         if args.memory { "pipes" } else { "loopback TCP" },
-        "one process"
     );
     println!(
         "posted {sent} in {:.1} s ({:.0}/s); timed posts {timed}; deliveries {} of {expected}{}",
