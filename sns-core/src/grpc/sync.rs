@@ -456,7 +456,7 @@ pub fn encode_batch(origin: ClusterId, events: &[Event]) -> Vec<u8> {
     batch_to_wire(origin, events).encode_to_vec()
 }
 
-/// A batch from bytes made by [`encode_batch`], checked as [`batch_from_wire`] does. Returns
+/// A batch from bytes made by [`encode_batch`], checked as `Log.Apply` checks one. Returns
 /// the batch's origin and its events.
 pub fn decode_batch(bytes: &[u8]) -> Result<(ClusterId, Vec<Event>)> {
     let batch =
