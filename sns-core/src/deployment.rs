@@ -6,8 +6,9 @@
 //! Servers can be stopped, crashed, restarted, and cut off from the coordinator one by one (a cut is a
 //! property of the memory network, so it stalls real connections, as a partition would).
 //!
-//! On the memory network the coordinator is node [`COORDINATOR_NODE`] and server `s` of
-//! cluster `c` is node `cluster<c>-server<s>` ([`server_node`]); addresses are `node:port`.
+//! On the memory network the coordinator is node [`COORDINATOR_NODE`], server `s` of cluster
+//! `c` is node `cluster<c>-server<s>` ([`server_node`]) and cluster `c`'s synchronizer is node
+//! `cluster<c>-sync` ([`synchronizer_node`]); addresses are `node:port`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,7 +23,9 @@ use crate::error::{Error, Result};
 use crate::ids::{ClusterId, ServerId};
 use crate::server::{CoordinatorLink, Server, ServerConfig};
 use crate::storage::{CrashDisk, FileStorage, MemoryStorage, Storage};
-use crate::sync::{LocalBus, SyncTransport, Synchronizer, SynchronizerConfig};
+use crate::sync::{
+    GrpcBus, GrpcBusOptions, LocalBus, SyncTransport, Synchronizer, SynchronizerConfig,
+};
 use crate::transport::{Listener, MemoryNetwork, Network, tcp};
 
 /// The coordinator's node name on the memory network.
@@ -46,6 +49,16 @@ pub enum Bus {
     /// In-process ([`LocalBus`]): each synchronizer reads the other clusters' masters.
     #[default]
     Local,
+    /// gRPC between synchronizers ([`GrpcBus`]): cluster `c`'s synchronizer (id `c`) serves
+    /// `sns.v1.Sync` on its own listener (port `9000 + c` with [`Ports::Course`]), registers
+    /// with the coordinator and subscribes to the other clusters' synchronizers.
+    Grpc,
+}
+
+/// The port of cluster `cluster`'s synchronizer in the course's layout ([`Bus::Grpc`]). The
+/// layout holds at most 6 clusters ([`Deployment::start`] checks), so it never overflows.
+fn course_synchronizer_port(cluster: ClusterId) -> u16 {
+    u16::try_from(9000u32.saturating_add(cluster.get())).unwrap_or(u16::MAX)
 }
 
 /// The node name callers outside the deployment (clients, tools) dial from on the memory
@@ -77,7 +90,7 @@ pub enum Direction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ports {
     /// The course's layout: the coordinator on the given port, server `s` of cluster `c` on
-    /// `c * 10000 + s - 1`.
+    /// `c * 10000 + s - 1`, and with [`Bus::Grpc`] cluster `c`'s synchronizer on `9000 + c`.
     Course {
         /// The coordinator's port.
         coordinator: u16,
@@ -184,6 +197,8 @@ pub struct Deployment {
     coordinator_task: JoinHandle<Result<()>>,
     slots: BTreeMap<(ClusterId, ServerId), Slot>,
     synchronizers: BTreeMap<ClusterId, RunningSync>,
+    /// The port each synchronizer listens on, kept across its restarts ([`Bus::Grpc`]).
+    sync_ports: BTreeMap<ClusterId, u16>,
 }
 
 /// A running synchronizer.
@@ -243,6 +258,13 @@ impl Deployment {
                         config.clusters
                     )));
                 }
+                let syncs = 9001..=9000 + config.clusters;
+                if config.bus == Bus::Grpc && syncs.contains(&u32::from(coordinator)) {
+                    return Err(Error::invalid(format!(
+                        "coordinator port {coordinator} is taken by a synchronizer (ports 9001..={})",
+                        9000 + config.clusters
+                    )));
+                }
                 coordinator
             }
             Ports::Auto => 0,
@@ -280,6 +302,7 @@ impl Deployment {
             coordinator_task,
             slots: BTreeMap::new(),
             synchronizers: BTreeMap::new(),
+            sync_ports: BTreeMap::new(),
         };
         for c in 1..=deployment.config.clusters {
             for s in 1..=deployment.config.servers_per_cluster {
@@ -325,6 +348,7 @@ impl Deployment {
         let transport: Arc<dyn SyncTransport> = match &self.config.bus {
             Bus::None => return Ok(()),
             Bus::Local => Arc::new(LocalBus::new()),
+            Bus::Grpc => Arc::new(self.grpc_bus(cluster).await?),
         };
         let config = SynchronizerConfig {
             cluster,
@@ -341,6 +365,33 @@ impl Deployment {
         self.synchronizers
             .insert(cluster, RunningSync { synchronizer, task });
         Ok(())
+    }
+
+    /// A gRPC transport for `cluster`'s synchronizer (id = cluster id), on a listener of its
+    /// own: the port it had before, else `9000 + c` (course ports) or one the system picks.
+    async fn grpc_bus(&mut self, cluster: ClusterId) -> Result<GrpcBus> {
+        let node = synchronizer_node(cluster);
+        let port = match (self.sync_ports.get(&cluster), self.config.ports) {
+            (Some(port), _) => *port,
+            (None, Ports::Course { .. }) => course_synchronizer_port(cluster),
+            (None, Ports::Auto) => 0,
+        };
+        let listener = bind(&self.config, &node, port).await?;
+        let port = listener.port().unwrap_or(port);
+        self.sync_ports.insert(cluster, port);
+        let host = match self.config.transport {
+            Transport::Tcp => self.config.advertise_host.clone(),
+            Transport::Memory(_) => node,
+        };
+        Ok(GrpcBus::new(
+            listener,
+            GrpcBusOptions {
+                sync_id: cluster.get(),
+                advertise_host: host,
+                advertise_port: Some(port),
+                heartbeat_interval: self.config.heartbeat_interval,
+            },
+        ))
     }
 
     /// Stops the synchronizer of `cluster`, if one runs, and waits for it.

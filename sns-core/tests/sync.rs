@@ -29,6 +29,11 @@ async fn local_users_follows_and_posts_cross_clusters() {
     users_follows_and_posts_cross_clusters(Bus::Local).await;
 }
 
+#[tokio::test]
+async fn grpc_users_follows_and_posts_cross_clusters() {
+    users_follows_and_posts_cross_clusters(Bus::Grpc).await;
+}
+
 async fn users_follows_and_posts_cross_clusters(bus: Bus) {
     let cluster = start(bus).await;
     let one = cluster.client(1).await.expect("client 1");

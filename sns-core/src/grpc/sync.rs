@@ -1,5 +1,6 @@
-//! `sns.v1.Log` adapter (a server's side of synchronization) and the wire form of events as
-//! they cross clusters (`SyncBatch`, also the body of a RabbitMQ message).
+//! `sns.v1.Log` adapter (a server's side of synchronization), `sns.v1.Sync` adapter and client
+//! (synchronizer to synchronizer, the gRPC transport), and the wire form of events as they
+//! cross clusters (`SyncBatch`, also the body of a RabbitMQ message).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -8,12 +9,15 @@ use std::sync::Arc;
 use prost::Message as _;
 use sns_proto::sns_v1::log_client::LogClient;
 use sns_proto::sns_v1::log_server::{Log, LogServer};
+use sns_proto::sns_v1::sync_client::SyncClient;
 use sns_proto::sns_v1::sync_event::Kind;
+use sns_proto::sns_v1::sync_server::{Sync as SyncService, SyncServer};
 use sns_proto::sns_v1::{
     FollowChange, HighWaterReply, HighWaterRequest, OriginMark, OwnEventsRequest, PostBody,
-    SyncBatch, SyncEvent,
+    SubscribeRequest, SyncBatch, SyncEvent,
 };
 use tokio_stream::{Stream, StreamExt};
+use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -24,14 +28,19 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
 use crate::ids::{ClusterId, EventId, Timestamp, UserId};
 use crate::server::{MAX_APPLY_BATCH, Server};
+use crate::sync::ClusterLink;
 use crate::transport::Network;
 
 /// Largest synchronization message accepted (a batch of at most [`MAX_APPLY_BATCH`] posts of
 /// 4 KiB each fits).
 pub(crate) const MAX_MESSAGE: usize = 16 << 20;
 
-/// Events per message on an `OwnEvents` stream.
+/// Events per message on an `OwnEvents` or `Subscribe` stream.
 const STREAM_BATCH: usize = 256;
+
+/// Messages a stream holds for a peer that reads slower than events come: a slow reader slows
+/// its own stream (the events wait in the log), nothing else.
+const STREAM_BUFFER: usize = 4;
 
 /// The log service of `server`.
 pub(crate) fn service(server: Server) -> LogServer<LogAdapter> {
@@ -83,7 +92,7 @@ impl Log for LogAdapter {
         let origin = self.server.config().cluster;
         let (tasks, shutdown) = self.server.tasks();
         let shutdown = shutdown.clone();
-        let (out, rx) = tokio::sync::mpsc::channel(4);
+        let (out, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
         tasks.spawn(async move {
             let mut events = events;
             loop {
@@ -180,6 +189,147 @@ impl LogPeer {
             .client
             .clone()
             .own_events(self.request(request))
+            .await
+            .map_err(from_status)?;
+        Ok(reply.into_inner())
+    }
+}
+
+/// The `Sync` service of a gRPC synchronizer serving `link`'s cluster; the tasks feeding its
+/// streams run on `streams` and end when the synchronizer stops or the subscriber goes.
+pub(crate) fn sync_service(link: ClusterLink, streams: TaskTracker) -> SyncServer<SyncAdapter> {
+    SyncServer::new(SyncAdapter { link, streams })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
+pub(crate) struct SyncAdapter {
+    link: ClusterLink,
+    streams: TaskTracker,
+}
+
+impl SyncAdapter {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let presented = request
+            .metadata()
+            .get(TOKEN_METADATA)
+            .and_then(|v| v.to_str().ok());
+        match self.link.cluster_token() {
+            Some(token) if presented != Some(token) => Err(status(Error::Unauthorized)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The origin asked for, which must be this synchronizer's own cluster.
+    fn origin(&self, asked: u32) -> Result<ClusterId> {
+        let own = self.link.cluster();
+        let clusters = self.link.clusters();
+        match ClusterId::new(asked) {
+            Some(origin) if origin == own => Ok(origin),
+            Some(origin) if origin.get() <= clusters => Err(Error::invalid(format!(
+                "this synchronizer serves the events of cluster {own} only; \
+                 subscribe to a synchronizer of cluster {origin} for theirs"
+            ))),
+            _ => Err(Error::invalid(format!(
+                "origin cluster {asked} does not exist (clusters are 1..={clusters})"
+            ))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl SyncService for SyncAdapter {
+    type SubscribeStream = BatchStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.authorize(&request)?;
+        let SubscribeRequest {
+            origin,
+            after,
+            subscriber_cluster,
+        } = request.into_inner();
+        let origin = self.origin(origin).map_err(status)?;
+        tracing::debug!(%origin, after, subscriber = subscriber_cluster, "subscription opened");
+        let mut feed = self.link.own_events(after);
+        let shutdown = self.link.shutdown().clone();
+        let (out, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        self.streams.spawn(async move {
+            loop {
+                // The feed ends with an error once the synchronizer stops.
+                let next = tokio::select! {
+                    next = feed.next() => next,
+                    () = out.closed() => return,
+                };
+                let events = match next {
+                    Ok(events) => events,
+                    Err(e) => {
+                        tracing::debug!(
+                            %origin,
+                            subscriber = subscriber_cluster,
+                            "subscription ended: {e}"
+                        );
+                        // The last word if there is room; the stream ends either way.
+                        let _ = out.try_send(Err(status(e)));
+                        return;
+                    }
+                };
+                for chunk in events.chunks(STREAM_BATCH) {
+                    // A subscriber that does not read holds only its own stream, and not a
+                    // stopping synchronizer.
+                    let sent = tokio::select! {
+                        sent = out.send(Ok(batch_to_wire(origin, chunk))) => sent.is_ok(),
+                        () = shutdown.cancelled() => false,
+                    };
+                    if !sent {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// A handle on another synchronizer's `Sync` service.
+#[derive(Debug, Clone)]
+pub(crate) struct SyncPeer {
+    client: SyncClient<Channel>,
+    token: Option<Arc<str>>,
+}
+
+impl SyncPeer {
+    /// A handle on the synchronizer at `addr` (connects lazily).
+    pub(crate) fn new(network: &Network, addr: &str, token: Option<Arc<str>>) -> Result<Self> {
+        let client = SyncClient::new(network.channel(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        Ok(Self { client, token })
+    }
+
+    /// `origin`'s committed events after `after`, for a subscriber in cluster `subscriber`.
+    pub(crate) async fn subscribe(
+        &self,
+        origin: ClusterId,
+        after: u64,
+        subscriber: ClusterId,
+    ) -> Result<tonic::Streaming<SyncBatch>> {
+        let request = with_token(
+            Request::new(SubscribeRequest {
+                origin: origin.get(),
+                after,
+                subscriber_cluster: subscriber.get(),
+            }),
+            self.token.as_deref(),
+        );
+        let reply = self
+            .client
+            .clone()
+            .subscribe(request)
             .await
             .map_err(from_status)?;
         Ok(reply.into_inner())
@@ -320,7 +470,7 @@ pub fn encode_batch(origin: ClusterId, events: &[Event]) -> Vec<u8> {
     batch_to_wire(origin, events).encode_to_vec()
 }
 
-/// A batch from bytes made by [`encode_batch`], checked as [`batch_from_wire`] does. Returns
+/// A batch from bytes made by [`encode_batch`], checked as `Log.Apply` checks one. Returns
 /// the batch's origin and its events.
 pub fn decode_batch(bytes: &[u8]) -> Result<(ClusterId, Vec<Event>)> {
     let batch =
