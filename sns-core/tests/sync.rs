@@ -78,6 +78,11 @@ async fn local_failover_during_sync_loses_nothing() {
     failover_during_sync(Bus::Local).await;
 }
 
+#[tokio::test]
+async fn grpc_failover_during_sync_loses_nothing() {
+    failover_during_sync(Bus::Grpc).await;
+}
+
 /// Posts of users 2 (cluster 2) and 3 (cluster 3) stream to their follower, user 1 (cluster 1),
 /// while cluster 1's master and then cluster 2's master crash (simulated disks: unsynced writes
 /// are lost). Every acknowledged post reaches user 1's timeline on the new master, once.
@@ -457,5 +462,10 @@ proptest! {
     #[test]
     fn local_random_histories_converge(ops in proptest::collection::vec(op(), 1..40), offsets in skew()) {
         run_converges(Bus::Local, ops, offsets);
+    }
+
+    #[test]
+    fn grpc_random_histories_converge(ops in proptest::collection::vec(op(), 1..40), offsets in skew()) {
+        run_converges(Bus::Grpc, ops, offsets);
     }
 }

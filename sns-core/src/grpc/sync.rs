@@ -253,7 +253,16 @@ impl SyncService for SyncAdapter {
         } = request.into_inner();
         let origin = self.origin(origin).map_err(status)?;
         tracing::debug!(%origin, after, subscriber = subscriber_cluster, "subscription opened");
-        let mut feed = self.link.own_events(after);
+        // A consuming cluster is a named reader, so the origin's compactions keep what it
+        // still needs.
+        let reader = if (1..=self.link.clusters()).contains(&subscriber_cluster)
+            && subscriber_cluster != origin.get()
+        {
+            format!("cluster{subscriber_cluster}")
+        } else {
+            String::new()
+        };
+        let mut feed = self.link.own_events(after, &reader);
         let shutdown = self.link.shutdown().clone();
         let (out, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
         self.streams.spawn(async move {
