@@ -62,6 +62,24 @@ pub enum EventKind {
         /// [`REMEMBERED_POST_KEYS`](crate::state::REMEMBERED_POST_KEYS) keyed posts.
         key: Option<PostKey>,
     },
+    /// A state transfer: what the origin cluster contributes, as of its sequence number
+    /// `id.seq`, for a cluster that fell behind what the origin's log still holds. Applied, it
+    /// replaces the origin's contribution (see [`OriginImage`]) and moves the origin's
+    /// high-water mark to `id.seq`.
+    Image(Arc<OriginImage>),
+}
+
+/// The origin's contribution to every cluster's state (see [`EventKind::Image`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OriginImage {
+    /// The users of the origin cluster.
+    pub users: Vec<UserId>,
+    /// For each user of the origin cluster who follows anyone: whom, and since when. A user of
+    /// the origin not listed here follows nobody.
+    pub follows: Vec<(UserId, Vec<(UserId, Timestamp)>)>,
+    /// The most recent posts of each user of the origin (at most the timeline cap per author),
+    /// each with its id.
+    pub posts: Vec<Post>,
 }
 
 /// A post as timelines hold it: shared, never copied per follower.
@@ -120,6 +138,8 @@ const TAG_UNFOLLOWED: u8 = 3;
 const TAG_POSTED: u8 = 4;
 /// A post with an idempotency key: author, key, text.
 const TAG_POSTED_WITH_KEY: u8 = 5;
+/// A state transfer ([`OriginImage`]).
+const TAG_IMAGE: u8 = 6;
 
 impl LogEntry {
     /// Appends the entry's binary form to `enc`.
@@ -157,6 +177,33 @@ impl LogEntry {
 fn user(dec: &mut Decoder<'_>) -> Result<UserId> {
     let raw = dec.u32()?;
     UserId::new(raw).ok_or_else(|| Error::Corrupt(format!("user id {raw} out of range")))
+}
+
+fn decode_image(dec: &mut Decoder<'_>) -> Result<OriginImage> {
+    let mut image = OriginImage::default();
+    for _ in 0..dec.len(4)? {
+        image.users.push(user(dec)?);
+    }
+    for _ in 0..dec.len(8)? {
+        let follower = user(dec)?;
+        let mut followees = Vec::new();
+        for _ in 0..dec.len(12)? {
+            followees.push((user(dec)?, Timestamp(dec.i64()?)));
+        }
+        image.follows.push((follower, followees));
+    }
+    for _ in 0..dec.len(28)? {
+        let origin =
+            ClusterId::new(dec.u32()?).ok_or_else(|| Error::Corrupt("cluster id 0".to_string()))?;
+        let seq = dec.u64()?;
+        image.posts.push(Post {
+            id: EventId { origin, seq },
+            author: user(dec)?,
+            at: Timestamp(dec.i64()?),
+            text: Arc::from(dec.str()?),
+        });
+    }
+    Ok(image)
 }
 
 impl Event {
@@ -198,6 +245,30 @@ impl Event {
                 enc.u64(key.get());
                 enc.str(text);
             }
+            EventKind::Image(image) => {
+                enc.u8(TAG_IMAGE);
+                enc.len(image.users.len());
+                for user in &image.users {
+                    enc.u32(user.get());
+                }
+                enc.len(image.follows.len());
+                for (follower, followees) in &image.follows {
+                    enc.u32(follower.get());
+                    enc.len(followees.len());
+                    for (followee, since) in followees {
+                        enc.u32(followee.get());
+                        enc.i64(since.0);
+                    }
+                }
+                enc.len(image.posts.len());
+                for post in &image.posts {
+                    enc.u32(post.id.origin.get());
+                    enc.u64(post.id.seq);
+                    enc.u32(post.author.get());
+                    enc.i64(post.at.0);
+                    enc.str(&post.text);
+                }
+            }
         }
     }
 
@@ -230,6 +301,7 @@ impl Event {
                 ),
                 text: Arc::from(dec.str()?),
             },
+            TAG_IMAGE => EventKind::Image(Arc::new(decode_image(dec)?)),
             tag => return Err(Error::Corrupt(format!("unknown event tag {tag}"))),
         };
         Ok(Self {

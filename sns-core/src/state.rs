@@ -98,6 +98,8 @@ pub enum Applied {
     FollowChanged,
     /// A post was added to the timelines of the author's local followers.
     Posted(Arc<Post>),
+    /// A state transfer replaced an origin's contribution.
+    Imaged,
 }
 
 /// One user's relations, own recent posts and (if local) materialized timeline.
@@ -170,6 +172,14 @@ impl State {
         if event.id.seq <= *hw {
             return Applied::Duplicate;
         }
+        let before = *hw;
+        if let EventKind::Image(image) = &event.kind {
+            // A state transfer skips to its sequence number by design.
+            *hw = event.id.seq;
+            self.latest = self.latest.max(event.at);
+            self.apply_image(event.id.origin, before, image);
+            return Applied::Imaged;
+        }
         if event.id.seq != *hw + 1 {
             return Applied::Gap { expected: *hw + 1 };
         }
@@ -189,6 +199,7 @@ impl State {
                 self.unfollow(*follower, *followee);
                 Applied::FollowChanged
             }
+            EventKind::Image(_) => Applied::Imaged,
             EventKind::Posted { author, text, key } => {
                 let post = Arc::new(Post {
                     id: event.id,
@@ -203,6 +214,56 @@ impl State {
                 Applied::Posted(post)
             }
         }
+    }
+
+    /// Replaces `origin`'s contribution with `image` (events of `origin` up to `before` were
+    /// applied already): its users are known, each of its users follows exactly whom the image
+    /// says (since when it says, unless already following), and its posts after `before` are
+    /// added.
+    fn apply_image(&mut self, origin: ClusterId, before: u64, image: &crate::event::OriginImage) {
+        for user in &image.users {
+            self.users.insert(*user);
+            self.accounts.entry(*user).or_default();
+        }
+        let listed: HashMap<UserId, &Vec<(UserId, Timestamp)>> =
+            image.follows.iter().map(|(f, list)| (*f, list)).collect();
+        for follower in &image.users {
+            let wanted = listed.get(follower);
+            let current: Vec<UserId> = self.following(*follower).collect();
+            for followee in current {
+                if !wanted.is_some_and(|list| list.iter().any(|(f, _)| *f == followee)) {
+                    self.unfollow(*follower, followee);
+                }
+            }
+            for (followee, since) in wanted.into_iter().flat_map(|list| list.iter()) {
+                self.follow(*follower, *followee, *since);
+            }
+        }
+        for post in &image.posts {
+            if post.id.origin == origin && post.id.seq > before {
+                self.add_post(&Arc::new(post.clone()));
+            }
+        }
+    }
+
+    /// What this cluster contributes to every cluster's state (its users, whom they follow and
+    /// since when, their recent posts), for a state transfer to a cluster that fell behind.
+    pub fn image(&self) -> crate::event::OriginImage {
+        let mut image = crate::event::OriginImage::default();
+        for user in self.users.iter().filter(|u| self.config.is_local(**u)) {
+            image.users.push(*user);
+            let Some(account) = self.accounts.get(user) else {
+                continue;
+            };
+            if !account.following.is_empty() {
+                let follows = account.following.iter().map(|(f, t)| (*f, *t)).collect();
+                image.follows.push((*user, follows));
+            }
+            image
+                .posts
+                .extend(account.posts.iter().map(|post| Post::clone(post)));
+        }
+        image
     }
 
     /// Records that `follower` follows `followee` from `at` on (an existing follow keeps its

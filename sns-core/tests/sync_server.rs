@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sns_core::Storage as _;
+use sns_core::Storage;
 use sns_core::storage::MemoryStorage;
 use sns_core::testing::eventually;
 use sns_core::{
@@ -222,7 +222,8 @@ async fn compaction_keeps_what_a_named_reader_needs_and_drops_the_rest() {
         .expect("kept");
     let first = again.next_batch(100).await.expect("read").expect("running");
     assert_eq!(first.first().map(|e| e.id.seq), Some(1));
-    // Without a reader holding them, the entries go with the next compaction.
+    // Without a reader holding them, the entries go with the next compaction, and a reader
+    // that far behind is started with a state transfer instead.
     storage.release("sync-cluster2");
     drop(again);
     for n in 30..60 {
@@ -233,14 +234,173 @@ async fn compaction_keeps_what_a_named_reader_needs_and_drops_the_rest() {
     }
     let gone = eventually(WAIT, || async {
         matches!(
-            server.own_events_after(0, None).await,
+            storage
+                .read(sns_core::LogIndex(1), sns_core::LogIndex(1))
+                .await,
+            Err(Error::Compacted { .. })
+        )
+    })
+    .await;
+    assert!(gone, "the first entries were compacted away");
+    let mut late = server.own_events_after(0, None).await.expect("feed");
+    let first = late.next_batch(100).await.expect("read").expect("running");
+    assert!(
+        matches!(
+            first.as_slice(),
+            [Event {
+                kind: EventKind::Image(_),
+                ..
+            }]
+        ),
+        "{first:?}"
+    );
+    server.close().await;
+}
+
+/// A cluster that fell behind what the origin's log holds gets a state transfer, and ends with
+/// the same view of the origin as a cluster that received every event.
+#[tokio::test]
+async fn a_state_transfer_brings_a_far_behind_cluster_to_the_same_view() {
+    let config = |cluster: u32, snapshot_every: u64| ServerConfig {
+        cluster: c(cluster),
+        clusters: 2,
+        snapshot_every,
+        ..ServerConfig::default()
+    };
+    let origin_storage = Arc::new(MemoryStorage::with_retention(2));
+    let origin = Server::open(
+        config(1, 10),
+        Arc::clone(&origin_storage) as Arc<dyn Storage>,
+    )
+    .await
+    .expect("origin");
+    let all = Server::open(config(2, 100_000), Arc::new(MemoryStorage::new()))
+        .await
+        .expect("receiver of everything");
+    let late = Server::open(config(2, 100_000), Arc::new(MemoryStorage::new()))
+        .await
+        .expect("late receiver");
+    let mut everything = origin.own_events_after(0, None).await.expect("feed");
+    // Carries what the origin committed so far to `all`.
+    async fn carry(feed: &mut sns_core::server::OwnEvents, origin: &Server, to: &Server) {
+        let upto = origin.high_water().expect("marks")[&c(1)];
+        while feed.position() < upto {
+            let batch = feed.next_batch(64).await.expect("read").expect("running");
+            to.apply_remote(batch).await.expect("apply");
+        }
+    }
+    for user in [1, 3, 5] {
+        origin.login(u(user)).await.expect("login");
+    }
+    for receiver in [&all, &late] {
+        for user in [2, 4] {
+            receiver.login(u(user)).await.expect("login");
+        }
+    }
+    origin.follow(u(1), "3").await.expect("follow");
+    origin.follow(u(3), "5").await.expect("follow");
+    origin.post(u(3), b"early").await.expect("post");
+    carry(&mut everything, &origin, &all).await;
+    // The late receiver gets this much, then nothing for a long while.
+    let mut start = origin.own_events_after(0, None).await.expect("feed");
+    carry(&mut start, &origin, &late).await;
+    for receiver in [&all, &late] {
+        receiver.follow(u(2), "1").await.expect("follow");
+        receiver.follow(u(2), "3").await.expect("follow");
+        receiver.follow(u(4), "5").await.expect("follow");
+    }
+    origin.login(u(7)).await.expect("login");
+    origin.unfollow(u(1), "3").await.expect("unfollow");
+    origin.follow(u(1), "5").await.expect("follow");
+    origin.follow(u(7), "1").await.expect("follow");
+    for n in 0..30 {
+        let author = [1, 3, 5][n % 3];
+        origin
+            .post(u(author), format!("post {n}").as_bytes())
+            .await
+            .expect("post");
+        carry(&mut everything, &origin, &all).await;
+    }
+    let compacted = eventually(WAIT, || async {
+        matches!(
+            origin_storage
+                .read(sns_core::LogIndex(1), sns_core::LogIndex(8))
+                .await,
             Err(Error::Compacted { .. })
         )
     })
     .await;
     assert!(
-        gone,
-        "an unregistered reader that is too far behind needs a state transfer"
+        compacted,
+        "the origin compacted what the late receiver lacks"
     );
-    server.close().await;
+    let after = late.high_water().expect("marks")[&c(1)];
+    let mut resumed = origin
+        .own_events_after(after, Some("cluster2"))
+        .await
+        .expect("feed");
+    let upto = origin.high_water().expect("marks")[&c(1)];
+    let mut saw_image = false;
+    while resumed.position() < upto {
+        let batch = resumed
+            .next_batch(64)
+            .await
+            .expect("read")
+            .expect("running");
+        saw_image |= batch.iter().any(|e| matches!(e.kind, EventKind::Image(_)));
+        late.apply_remote(batch).await.expect("apply");
+    }
+    assert!(saw_image, "the late receiver needed a state transfer");
+    // The image again (a redelivery) changes nothing.
+    let (_, before) = late.committed_state();
+    let mut again = origin.own_events_after(after, None).await.expect("feed");
+    let image = again.next_batch(1).await.expect("read").expect("running");
+    late.apply_remote(image).await.expect("duplicate");
+    assert_eq!(late.committed_state().1, before);
+
+    let (_, want) = all.committed_state();
+    let (_, got) = late.committed_state();
+    assert_eq!(
+        got.users().collect::<Vec<_>>(),
+        want.users().collect::<Vec<_>>()
+    );
+    assert_eq!(got.high_water(c(1)), want.high_water(c(1)));
+    for user in 1..=7 {
+        assert_eq!(
+            got.following(u(user)).collect::<Vec<_>>(),
+            want.following(u(user)).collect::<Vec<_>>(),
+            "whom {user} follows"
+        );
+        assert_eq!(
+            got.followers(u(user)).collect::<Vec<_>>(),
+            want.followers(u(user)).collect::<Vec<_>>(),
+            "{user}'s followers"
+        );
+    }
+    for user in [2, 4] {
+        let ids = |s: &sns_core::State| {
+            s.recent_timeline(u(user), usize::MAX)
+                .iter()
+                .map(|p| p.id)
+                .collect::<Vec<_>>()
+        };
+        assert!(!ids(&want).is_empty());
+        assert_eq!(ids(&got), ids(&want), "{user}'s timeline");
+    }
+    // And the late receiver follows live events as usual afterwards.
+    origin
+        .post(u(1), b"after the transfer")
+        .await
+        .expect("post");
+    let batch = tokio::time::timeout(WAIT, resumed.next_batch(64))
+        .await
+        .expect("in time")
+        .expect("read")
+        .expect("running");
+    late.apply_remote(batch).await.expect("apply");
+    let timeline = late.recent_posts(u(2)).expect("timeline");
+    assert_eq!(&*timeline[0].text, "after the transfer");
+    for server in [origin, all, late] {
+        server.close().await;
+    }
 }

@@ -13,8 +13,9 @@ use sns_proto::sns_v1::sync_client::SyncClient;
 use sns_proto::sns_v1::sync_event::Kind;
 use sns_proto::sns_v1::sync_server::{Sync as SyncService, SyncServer};
 use sns_proto::sns_v1::{
-    FollowChange, HighWaterReply, HighWaterRequest, OriginMark, OwnEventsRequest, PostBody,
-    SubscribeRequest, SyncBatch, SyncEvent,
+    FollowChange, FollowList, Followee, HighWaterReply, HighWaterRequest, ImagePost,
+    OriginImage as WireImage, OriginMark, OwnEventsRequest, PostBody, SubscribeRequest, SyncBatch,
+    SyncEvent,
 };
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::task::TaskTracker;
@@ -25,7 +26,7 @@ use tonic::{Request, Response, Status};
 use super::coord::TOKEN_METADATA;
 use super::status;
 use crate::error::{Error, Result};
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, OriginImage, Post};
 use crate::ids::{ClusterId, EventId, Timestamp, UserId};
 use crate::server::{MAX_APPLY_BATCH, Server};
 use crate::sync::ClusterLink;
@@ -389,6 +390,33 @@ pub(crate) fn event_to_wire(event: &Event) -> SyncEvent {
             author: author.get(),
             text: text.to_string(),
         }),
+        EventKind::Image(image) => Kind::Image(WireImage {
+            users: image.users.iter().map(|u| u.get()).collect(),
+            follows: image
+                .follows
+                .iter()
+                .map(|(follower, followees)| FollowList {
+                    follower: follower.get(),
+                    followees: followees
+                        .iter()
+                        .map(|(followee, since)| Followee {
+                            followee: followee.get(),
+                            since_micros: since.0,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            posts: image
+                .posts
+                .iter()
+                .map(|post| ImagePost {
+                    seq: post.id.seq,
+                    author: post.author.get(),
+                    at_micros: post.at.0,
+                    text: post.text.to_string(),
+                })
+                .collect(),
+        }),
     };
     SyncEvent {
         origin: event.id.origin.get(),
@@ -423,6 +451,37 @@ pub(crate) fn event_from_wire(event: SyncEvent) -> Result<Event> {
             text: Arc::from(p.text),
             key: None,
         },
+        Some(Kind::Image(image)) => {
+            let mut out = OriginImage::default();
+            for u in image.users {
+                out.users.push(user(u)?);
+            }
+            for list in image.follows {
+                let mut followees = Vec::with_capacity(list.followees.len());
+                for f in list.followees {
+                    followees.push((user(f.followee)?, Timestamp(f.since_micros)));
+                }
+                out.follows.push((user(list.follower)?, followees));
+            }
+            for post in image.posts {
+                if post.seq == 0 || post.seq > event.seq {
+                    return Err(Error::invalid(format!(
+                        "an image as of {} holds post {}",
+                        event.seq, post.seq
+                    )));
+                }
+                out.posts.push(Post {
+                    id: EventId {
+                        origin,
+                        seq: post.seq,
+                    },
+                    author: user(post.author)?,
+                    at: Timestamp(post.at_micros),
+                    text: Arc::from(post.text),
+                });
+            }
+            EventKind::Image(Arc::new(out))
+        }
         None => return Err(Error::invalid(format!("event {} has no kind", event.seq))),
     };
     Ok(Event {
@@ -458,7 +517,8 @@ pub(crate) fn batch_from_wire(batch: SyncBatch) -> Result<Vec<Event>> {
         .map(event_from_wire)
         .collect::<Result<Vec<_>>>()?;
     for pair in events.windows(2) {
-        if pair[1].id.seq != pair[0].id.seq + 1 {
+        let jump = matches!(pair[1].kind, EventKind::Image(_)) && pair[1].id.seq > pair[0].id.seq;
+        if pair[1].id.seq != pair[0].id.seq + 1 && !jump {
             return Err(Error::invalid(format!(
                 "a batch's events must be consecutive: {} follows {}",
                 pair[1].id, pair[0].id
@@ -575,6 +635,48 @@ mod tests {
             *key = None;
         }
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn a_state_transfer_round_trips_through_the_wire_and_the_log() {
+        let origin = ClusterId::new(2).expect("cluster");
+        let post = |seq: u64, author: u32| Post {
+            id: EventId { origin, seq },
+            author: u(author),
+            at: Timestamp(100 + seq as i64),
+            text: Arc::from(format!("post {seq}")),
+        };
+        let image = event(
+            40,
+            EventKind::Image(Arc::new(OriginImage {
+                users: vec![u(2), u(5)],
+                follows: vec![(u(2), vec![(u(1), Timestamp(7)), (u(5), Timestamp(-3))])],
+                posts: vec![post(12, 2), post(39, 5)],
+            })),
+        );
+        let next = event(41, EventKind::UserJoined { user: u(8) });
+        let batch = [image.clone(), next];
+        let (_, got) = decode_batch(&encode_batch(origin, &batch)).expect("decodes");
+        assert_eq!(got, batch);
+        let entry = crate::event::LogEntry {
+            index: crate::ids::LogIndex(3),
+            epoch: crate::ids::Epoch(1),
+            event: image,
+        };
+        let bytes = entry.to_bytes();
+        assert_eq!(
+            crate::event::LogEntry::from_bytes(&bytes).expect("decodes"),
+            entry
+        );
+        // A post claimed later than the image is refused.
+        let bad = event(
+            3,
+            EventKind::Image(Arc::new(OriginImage {
+                posts: vec![post(9, 2)],
+                ..OriginImage::default()
+            })),
+        );
+        assert!(decode_batch(&encode_batch(origin, &[bad])).is_err());
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct OwnEvents {
     reader: Option<(String, Arc<dyn Storage>)>,
     /// The first log index of the previous batch read.
     previous: Option<LogIndex>,
+    /// A state transfer to yield first.
+    image: Option<Event>,
 }
 
 impl std::fmt::Debug for OwnEvents {
@@ -56,6 +58,10 @@ impl OwnEvents {
     /// The next own events (at least one, at most `max`, consecutive sequence numbers), waiting
     /// until there is one. `Ok(None)` once the server has stopped.
     pub async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Event>>> {
+        if let Some(image) = self.image.take() {
+            self.last = image.id.seq;
+            return Ok(Some(vec![image]));
+        }
         loop {
             let Some(entries) = self.entries.next_batch(max).await? else {
                 return Ok(None);
@@ -102,9 +108,10 @@ impl Server {
             .collect())
     }
 
-    /// This cluster's own committed events with a sequence number above `after`. Fails with
-    /// [`Error::Compacted`] when the log no longer holds the next one (the reader needs a state
-    /// transfer), and with [`Error::InvalidInput`] when `after` is beyond every committed event.
+    /// This cluster's own committed events with a sequence number above `after`. When the log
+    /// no longer holds the next one, the stream starts with a state transfer
+    /// ([`EventKind::Image`]) instead. Fails with [`Error::InvalidInput`] when `after` is
+    /// beyond every committed event.
     ///
     /// A named `reader` (see [`check_reader`]) is registered with the storage from the
     /// starting position on, and moved as events are read, so compaction keeps what it still
@@ -134,9 +141,10 @@ impl Server {
             match self.shared.storage.position(next).await? {
                 Some(index) => LogIndex(index.0 - 1),
                 None => {
-                    return Err(Error::Compacted {
-                        first: self.first_held().await,
-                    });
+                    // The log no longer holds what the reader needs: start it with a state
+                    // transfer as of the commit index, then carry on from there.
+                    let first = self.first_held().await;
+                    return self.image_then_events(after, reader, first);
                 }
             }
         };
@@ -151,6 +159,53 @@ impl Server {
             last: after,
             reader,
             previous: None,
+            image: None,
+        })
+    }
+
+    /// A stream that starts with a state transfer ([`EventKind::Image`]) of this cluster as of
+    /// the commit index (a reader after `after` whose next event was compacted away, the first
+    /// entry held being `first`), then goes on with the events committed after it. Building
+    /// the image copies this cluster's users, follows and recent posts under the lock.
+    fn image_then_events(
+        &self,
+        after: u64,
+        reader: Option<&str>,
+        first: LogIndex,
+    ) -> Result<OwnEvents> {
+        let cluster = self.shared.config.cluster;
+        let (commit, image) = {
+            let core = self.readable()?;
+            let seq = core.state.high_water(cluster);
+            let image = Event {
+                id: EventId {
+                    origin: cluster,
+                    seq,
+                },
+                at: core.state.latest_time(),
+                kind: EventKind::Image(Arc::new(core.state.image())),
+            };
+            (core.commit, image)
+        };
+        tracing::info!(
+            %cluster,
+            after,
+            upto = image.id.seq,
+            first_held = %first,
+            "a reader fell behind the log; sending a state transfer"
+        );
+        let reader = reader.map(|name| {
+            let name = format!("sync-{name}");
+            self.shared.storage.retain(&name, commit);
+            (name, Arc::clone(&self.shared.storage))
+        });
+        Ok(OwnEvents {
+            cluster,
+            last: after,
+            entries: self.committed_after(commit),
+            reader,
+            previous: None,
+            image: Some(image),
         })
     }
 
@@ -201,13 +256,13 @@ impl Server {
                 if event.id.seq < *expected {
                     continue;
                 }
-                if event.id.seq > *expected {
+                if event.id.seq > *expected && !matches!(event.kind, EventKind::Image(_)) {
                     return Err(Error::Conflict(format!(
                         "event {} skips sequence numbers: {origin}:{} is next",
                         event.id, expected
                     )));
                 }
-                *expected += 1;
+                *expected = event.id.seq + 1;
                 fresh.push(event);
             }
             if fresh.is_empty() {
@@ -299,13 +354,29 @@ fn check_remote(own: ClusterId, event: &Event) -> Result<()> {
     if event.id.seq == 0 {
         return Err(Error::invalid("sequence numbers start at 1"));
     }
-    if let EventKind::Posted { text, .. } = &event.kind
-        && (text.len() > MAX_POST_BYTES || text.contains(['\n', '\r']))
-    {
-        return Err(Error::invalid(format!(
+    let bad = |text: &str| text.len() > MAX_POST_BYTES || text.contains(['\n', '\r']);
+    match &event.kind {
+        EventKind::Posted { text, .. } if bad(text) => Err(Error::invalid(format!(
             "post {} is not one line of at most {MAX_POST_BYTES} bytes",
             event.id
-        )));
+        ))),
+        EventKind::Image(image) => {
+            for post in &image.posts {
+                if post.id.origin != event.id.origin || post.id.seq > event.id.seq {
+                    return Err(Error::invalid(format!(
+                        "the image {} holds post {} of another origin or a later one",
+                        event.id, post.id
+                    )));
+                }
+                if bad(&post.text) {
+                    return Err(Error::invalid(format!(
+                        "post {} is not one line of at most {MAX_POST_BYTES} bytes",
+                        post.id
+                    )));
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }

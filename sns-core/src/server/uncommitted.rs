@@ -123,6 +123,11 @@ impl Uncommitted {
                 self.keyed_posts.insert((*author, *key), original);
             }
             EventKind::Posted { key: None, .. } => {}
+            EventKind::Image(image) => {
+                for user in &image.users {
+                    self.users.insert(*user, entry.index);
+                }
+            }
         }
     }
 
@@ -168,6 +173,13 @@ impl Uncommitted {
                 }
             }
             EventKind::Posted { key: None, .. } => {}
+            EventKind::Image(image) => {
+                for user in &image.users {
+                    if self.users.get(user) == Some(&entry.index) {
+                        self.users.remove(user);
+                    }
+                }
+            }
         }
     }
 

@@ -770,6 +770,7 @@ impl History {
                 at: event.at,
                 text: Arc::clone(text),
             }),
+            EventKind::Image(_) => unreachable!("histories are made of ordinary events"),
         }
         self.events[origin].push(event);
     }
