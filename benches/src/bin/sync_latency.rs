@@ -32,7 +32,7 @@ use sns_core::{
 #[derive(Debug, Parser)]
 #[command(name = "sync_latency")]
 struct Args {
-    /// The synchronizers' transport: `local`.
+    /// The synchronizers' transport: `local` or `grpc`.
     #[arg(long, default_value = "local", value_parser = parse_bus)]
     bus: Bus,
     /// Posts per second, all authors together.
@@ -55,7 +55,8 @@ struct Args {
 fn parse_bus(text: &str) -> Result<Bus, String> {
     match text {
         "local" => Ok(Bus::Local),
-        other => Err(format!("unknown bus {other:?}: use local")),
+        "grpc" => Ok(Bus::Grpc),
+        other => Err(format!("unknown bus {other:?}: use local or grpc")),
     }
 }
 
