@@ -184,6 +184,7 @@ fn mp2_2_three_clusters(bus: &str) {
         assert_eq!(got, expected, "user {user}'s timeline");
     }
     let took = posted.elapsed();
+    eprintln!("every post on both other clusters after {took:?}");
     assert!(
         took < CROSS_CLUSTER,
         "posts took {took:?} to cross clusters"
