@@ -1,7 +1,8 @@
-//! Shared pieces of the Tiny SNS binaries: the client's command language and console, logging
-//! setup, and shutdown signals. Everything that is not about a terminal or a flag lives in
-//! `sns-core`.
+//! Shared pieces of the Tiny SNS binaries: the client's command language and console, the
+//! `--bus` flag, logging setup, and shutdown signals. Everything that is not about a terminal
+//! or a flag lives in `sns-core`.
 
+pub mod bus;
 pub mod cli;
 pub mod console;
 pub mod signals;

@@ -223,6 +223,18 @@ pub struct ServerPlace {
     pub running: bool,
 }
 
+/// A row of [`Deployment::synchronizers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SynchronizerPlace {
+    /// The cluster it serves (its synchronizer id is the cluster id).
+    pub cluster: ClusterId,
+    /// `host:port` of its `sns.v1.Sync` service ([`Bus::Grpc`]); `None` for a transport that
+    /// serves nothing.
+    pub addr: Option<String>,
+    /// Whether it is running.
+    pub running: bool,
+}
+
 /// Listens for one component: on `bind_host:port` over TCP, on `node:port` in memory.
 async fn bind(config: &DeploymentConfig, node: &str, port: u16) -> Result<Listener> {
     match &config.transport {
@@ -413,6 +425,27 @@ impl Deployment {
     /// The running synchronizer of `cluster`, if any.
     pub fn synchronizer(&self, cluster: ClusterId) -> Option<&Synchronizer> {
         self.synchronizers.get(&cluster).map(|r| &r.synchronizer)
+    }
+
+    /// Where every synchronizer is: one per cluster, none with [`Bus::None`].
+    pub fn synchronizers(&self) -> Vec<SynchronizerPlace> {
+        if matches!(self.config.bus, Bus::None) {
+            return Vec::new();
+        }
+        (1..=self.config.clusters)
+            .filter_map(ClusterId::new)
+            .map(|cluster| SynchronizerPlace {
+                cluster,
+                addr: self.sync_ports.get(&cluster).map(|port| {
+                    let host = match self.config.transport {
+                        Transport::Tcp => self.config.advertise_host.clone(),
+                        Transport::Memory(_) => synchronizer_node(cluster),
+                    };
+                    crate::transport::address(&host, *port)
+                }),
+                running: self.synchronizers.contains_key(&cluster),
+            })
+            .collect()
     }
 
     /// The coordinator's `host:port`.

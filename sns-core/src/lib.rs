@@ -35,7 +35,9 @@ pub use client::{
     TimelineStream,
 };
 pub use coordinator::{Coordinator, CoordinatorConfig, RoutingConfig, RoutingTable};
-pub use deployment::{Bus, Data, Deployment, DeploymentConfig, Ports, Transport};
+pub use deployment::{
+    Bus, Data, Deployment, DeploymentConfig, Ports, SynchronizerPlace, Transport,
+};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
 pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, PostKey, ServerId, Timestamp, UserId};

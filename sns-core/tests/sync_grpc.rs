@@ -195,11 +195,21 @@ async fn the_coordinator_lists_live_synchronizers_and_drops_a_stopped_one_after_
     assert!(listed[0].0 == 2 && listed[0].2.starts_with("cluster2-sync:"));
     assert!(listed[1].2.starts_with("cluster3-sync:"));
     wait_listed(&cluster, 3, &[1, 2]).await;
+    // The deployment says where each synchronizer serves, as the coordinator lists it.
+    let places = cluster.deployment().synchronizers();
+    assert_eq!(places.len(), 3);
+    for (id, _, addr) in &listed {
+        let place = &places[*id as usize - 1];
+        assert_eq!(place.cluster.get(), *id as u32);
+        assert_eq!(place.addr.as_ref(), Some(addr));
+        assert!(place.running);
+    }
 
     let interval = cluster.deployment().config().heartbeat_interval;
     let failure_timeout = interval * cluster.deployment().config().missed_heartbeats;
     cluster.stop_synchronizer(2).await.expect("stop");
     let stopped = tokio::time::Instant::now();
+    assert!(!cluster.deployment().synchronizers()[1].running);
     let since_beat = cluster
         .deployment()
         .coordinator()

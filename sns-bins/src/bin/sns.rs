@@ -6,7 +6,10 @@
 //!   ephemeral ports (`--ports auto`). Prints where everything runs; Ctrl-C or SIGTERM stops
 //!   every component and exits 0.
 //!   Every slave mirrors its cluster's master and is promoted when the master dies (only an
-//!   in-sync one, unless `--allow-unclean-promotion`).
+//!   in-sync one, unless `--allow-unclean-promotion`). One synchronizer per cluster carries
+//!   users, follows and posts between clusters over `--bus`: `local` (default: it reads the
+//!   other clusters' masters directly) or `grpc` (synchronizers serve `sns.v1.Sync` and
+//!   subscribe to each other; cluster c's on port `9000 + c` with the course's ports).
 //! - `sns status [-h HOST -k PORT]`: the coordinator's view as a table: per server its role,
 //!   the cluster's epoch and its log's, its durable and committed indexes, and for a slave
 //!   whether it is in sync and how many entries it lags behind its master.
@@ -14,7 +17,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{ArgAction, Parser, Subcommand, ValueEnum};
+use clap::error::ErrorKind;
+use clap::{ArgAction, CommandFactory, Parser, Subcommand, ValueEnum};
+use sns_bins::bus::{bus_name, parse_bus};
 use sns_bins::{HeartbeatArgs, TokenArgs};
 use sns_core::{Data, Deployment, DeploymentConfig, Ports, Role};
 use sns_proto::csce438::NodeRole;
@@ -78,6 +83,11 @@ enum Command {
         /// anyway: the cluster stays available but may lose committed changes. Off by default.
         #[arg(long)]
         allow_unclean_promotion: bool,
+        /// How the synchronizers carry events between clusters: local (they read the other
+        /// clusters' masters directly) or grpc (they serve sns.v1.Sync, cluster c's on port
+        /// 9000 + c with the course's ports, and subscribe to each other).
+        #[arg(long, default_value = "local")]
+        bus: String,
     },
     /// Show the coordinator's routing table.
     Status {
@@ -106,7 +116,15 @@ fn main() -> ExitCode {
             heartbeat,
             token,
             allow_unclean_promotion,
+            bus,
         } => {
+            // Parsed here rather than by clap, whose error would repeat the value (a URL's
+            // password).
+            let bus = parse_bus(&bus).unwrap_or_else(|e| {
+                Args::command()
+                    .error(ErrorKind::InvalidValue, format!("--bus: {e}"))
+                    .exit()
+            });
             sns_bins::init_logging();
             let config = DeploymentConfig {
                 clusters,
@@ -130,6 +148,7 @@ fn main() -> ExitCode {
                 missed_heartbeats: heartbeat.missed_heartbeats,
                 cluster_token: token.cluster_token,
                 allow_unclean_promotion,
+                bus,
                 ..DeploymentConfig::default()
             };
             sns_bins::run_main("sns up", up(config))
@@ -194,6 +213,28 @@ fn print_places(deployment: &Deployment) {
             role,
             place.addr,
             data
+        ));
+    }
+    let synchronizers = deployment.synchronizers();
+    if !synchronizers.is_empty() {
+        out.push_str(&format!(
+            "\n{:<8} {:<7} {:<7} {}\n",
+            "CLUSTER", "SYNC", "BUS", "ADDRESS"
+        ));
+    }
+    let bus = bus_name(&deployment.config().bus);
+    for place in synchronizers {
+        let addr = place.addr.unwrap_or_else(|| "in-process".to_string());
+        out.push_str(&format!(
+            "{:<8} {:<7} {:<7} {}\n",
+            place.cluster.get(),
+            place.cluster.get(),
+            bus,
+            if place.running {
+                addr
+            } else {
+                "down".to_string()
+            }
         ));
     }
     let (host, port) = coordinator

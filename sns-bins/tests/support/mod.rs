@@ -86,6 +86,17 @@ fn spawn_logged(
     name: &str,
     ready: impl Fn(&str) -> bool,
 ) -> (Child, Lines) {
+    let (child, log, _) = spawn_logged_line(program, args, name, ready);
+    (child, log)
+}
+
+/// [`spawn_logged`], also returning the log line that said it is ready.
+fn spawn_logged_line(
+    program: &str,
+    args: &[String],
+    name: &str,
+    ready: impl Fn(&str) -> bool,
+) -> (Child, Lines, String) {
     let mut child = Command::new(program)
         .args(args)
         .env("RUST_LOG", "info")
@@ -96,8 +107,8 @@ fn spawn_logged(
         .spawn()
         .unwrap_or_else(|e| panic!("start {name}: {e}"));
     let log = Lines::new(child.stderr.take().expect("stderr"), name);
-    log.until(ready);
-    (child, log)
+    let line = log.until(ready);
+    (child, log, line)
 }
 
 fn strings(args: &[&str]) -> Vec<String> {
@@ -271,6 +282,8 @@ pub struct Coordinator {
     child: Child,
     pub log: Lines,
     pub port: u16,
+    /// The number of clusters it routes.
+    pub clusters: u32,
     /// The heartbeat settings it runs with (servers joining it use the same).
     pub heartbeat: Heartbeat,
 }
@@ -304,6 +317,7 @@ impl Coordinator {
             child,
             log,
             port,
+            clusters,
             heartbeat,
         }
     }
@@ -489,6 +503,11 @@ impl Tsc {
         (all, followers)
     }
 
+    /// Every output line already printed and not yet read, without waiting.
+    pub fn drain_lines(&self) -> Vec<String> {
+        self.stdout.drain()
+    }
+
     /// Types `FOLLOW user` and asserts that it succeeded.
     pub fn follow(&mut self, user: u32) {
         self.send(&format!("FOLLOW {user}"));
@@ -517,6 +536,195 @@ impl Tsc {
 }
 
 impl Drop for Tsc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `synchronizer`.
+pub struct Synchronizer {
+    child: Child,
+    pub log: Lines,
+    /// Its id (it serves cluster `((id - 1) % N) + 1`), the port of its Sync service and the
+    /// `--bus` it was given.
+    pub id: u32,
+    pub port: u16,
+    pub bus: String,
+    /// The log line in which it said what it serves.
+    pub serving: String,
+}
+
+impl Synchronizer {
+    /// Starts `synchronizer -i id -p port --bus bus` against `coordinator` (its cluster count
+    /// and heartbeat interval), and waits until it serves and, on the gRPC bus, until it
+    /// registered with the coordinator.
+    pub fn start(coordinator: &Coordinator, id: u32, port: u16, bus: &str) -> Self {
+        let args = strings(&[
+            "-h",
+            "127.0.0.1",
+            "-k",
+            &coordinator.port.to_string(),
+            "-p",
+            &port.to_string(),
+            "-i",
+            &id.to_string(),
+            "--clusters",
+            &coordinator.clusters.to_string(),
+            "--bus",
+            bus,
+            "--bind",
+            "127.0.0.1",
+            "--heartbeat-ms",
+            &coordinator.heartbeat.interval_ms.to_string(),
+        ]);
+        let name = format!("synchronizer {id}");
+        let grpc = bus == "grpc";
+        let (child, log, serving) =
+            spawn_logged_line(env!("CARGO_BIN_EXE_synchronizer"), &args, &name, |l| {
+                l.contains("synchronizer serving")
+            });
+        if grpc {
+            log.until(|l| l.contains("registered with the coordinator"));
+        }
+        Self {
+            child,
+            log,
+            id,
+            port,
+            bus: bus.to_string(),
+            serving,
+        }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` (`INT`, `TERM`) and waits for the exit code.
+    pub fn signal_and_wait(&mut self, signal: &str) -> Option<i32> {
+        send_signal(&self.child, signal);
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for Synchronizer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends `signal` (`INT`, `TERM`) to `child`.
+pub fn send_signal(child: &Child, signal: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -{signal} failed");
+}
+
+/// A post as a client prints it: `<author> (<Www Mmm dd hh:mm:ss yyyy>) >> <text>`, with a
+/// well-formed time; `None` for any other line.
+pub fn parse_post(line: &str) -> Option<(u32, String)> {
+    let (author, rest) = line.split_once(" (")?;
+    let author = author.parse().ok()?;
+    let (time, text) = rest.split_once(") >> ")?;
+    is_course_time(time).then(|| (author, text.to_string()))
+}
+
+/// Whether `time` reads like `Mon Jan  5 09:03:07 2026` (`ctime`'s format, day padded with a
+/// space or a zero).
+fn is_course_time(time: &str) -> bool {
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let b = time.as_bytes();
+    let digits = |range: std::ops::Range<usize>| b[range].iter().all(u8::is_ascii_digit);
+    b.len() == 24
+        && DAYS.contains(&&time[0..3])
+        && b[3] == b' '
+        && MONTHS.contains(&&time[4..7])
+        && b[7] == b' '
+        && (b[8] == b' ' || b[8].is_ascii_digit())
+        && b[9].is_ascii_digit()
+        && b[10] == b' '
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && b[19] == b' '
+        && digits(20..24)
+}
+
+/// A running `sns up`, with what it printed before "Press Ctrl-C to stop.".
+pub struct SnsUp {
+    child: Child,
+    /// The coordinator's port.
+    pub port: u16,
+    /// Every line printed up to and including "Press Ctrl-C to stop.".
+    pub printed: Vec<String>,
+    _stdout: Lines,
+}
+
+impl SnsUp {
+    /// Starts `sns up --ports auto` with data under `dir`, [`Heartbeat::QUICK`] and `extra`
+    /// arguments, and reads what it prints until it says it is up.
+    pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sns"))
+            .args([
+                "up",
+                "--ports",
+                "auto",
+                "--heartbeat-ms",
+                &Heartbeat::QUICK.interval_ms.to_string(),
+            ])
+            .arg("--data-dir")
+            .arg(dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .env_remove("SNS_CLUSTER_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sns up");
+        let stdout = Lines::new(child.stdout.take().expect("stdout"), "sns up");
+        // Its log, echoed on the test's stderr.
+        let _log = Lines::new(child.stderr.take().expect("stderr"), "sns up log");
+        let mut printed = Vec::new();
+        loop {
+            let line = stdout.next();
+            let done = line == "Press Ctrl-C to stop.";
+            printed.push(line);
+            if done {
+                break;
+            }
+        }
+        let port = printed[0]
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no coordinator port in {:?}", printed[0]));
+        Self {
+            child,
+            port,
+            printed,
+            _stdout: stdout,
+        }
+    }
+
+    /// Sends `signal` (`INT`, `TERM`) and waits for the exit code.
+    pub fn signal_and_wait(&mut self, signal: &str) -> Option<i32> {
+        send_signal(&self.child, signal);
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for SnsUp {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
