@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 use crate::ids::{ClusterId, ServerId};
 use crate::server::{CoordinatorLink, Server, ServerConfig};
 use crate::storage::{CrashDisk, FileStorage, MemoryStorage, Storage};
-use crate::sync::{LocalBus, SyncTransport, Synchronizer, SynchronizerConfig};
+use crate::sync::{
+    AmqpBus, AmqpOptions, CursorStore, LocalBus, SyncTransport, Synchronizer, SynchronizerConfig,
+};
 use crate::transport::{Listener, MemoryNetwork, Network, tcp};
 
 /// The coordinator's node name on the memory network.
@@ -46,6 +48,10 @@ pub enum Bus {
     /// In-process ([`LocalBus`]): each synchronizer reads the other clusters' masters.
     #[default]
     Local,
+    /// Through a RabbitMQ broker ([`AmqpBus`]). Each cluster's publisher cursor is kept in
+    /// `cluster<c>/synchronizer/amqp-<prefix>.cursor` under a [`Data::Dir`], else in memory
+    /// for the deployment's lifetime (across [`Deployment::restart_synchronizer`]).
+    Amqp(AmqpOptions),
 }
 
 /// The node name callers outside the deployment (clients, tools) dial from on the memory
@@ -184,6 +190,8 @@ pub struct Deployment {
     coordinator_task: JoinHandle<Result<()>>,
     slots: BTreeMap<(ClusterId, ServerId), Slot>,
     synchronizers: BTreeMap<ClusterId, RunningSync>,
+    /// Each cluster's RabbitMQ publisher cursor, when kept in memory.
+    amqp_cursors: BTreeMap<ClusterId, CursorStore>,
 }
 
 /// A running synchronizer.
@@ -280,6 +288,7 @@ impl Deployment {
             coordinator_task,
             slots: BTreeMap::new(),
             synchronizers: BTreeMap::new(),
+            amqp_cursors: BTreeMap::new(),
         };
         for c in 1..=deployment.config.clusters {
             for s in 1..=deployment.config.servers_per_cluster {
@@ -325,6 +334,11 @@ impl Deployment {
         let transport: Arc<dyn SyncTransport> = match &self.config.bus {
             Bus::None => return Ok(()),
             Bus::Local => Arc::new(LocalBus::new()),
+            Bus::Amqp(options) => {
+                let options = options.clone();
+                let cursor = self.amqp_cursor(cluster, &options)?;
+                Arc::new(AmqpBus::new(options, cursor))
+            }
         };
         let config = SynchronizerConfig {
             cluster,
@@ -341,6 +355,23 @@ impl Deployment {
         self.synchronizers
             .insert(cluster, RunningSync { synchronizer, task });
         Ok(())
+    }
+
+    /// The RabbitMQ publisher cursor of `cluster`: a file under a [`Data::Dir`], else the
+    /// deployment's in-memory one.
+    fn amqp_cursor(&mut self, cluster: ClusterId, options: &AmqpOptions) -> Result<CursorStore> {
+        options.validate()?;
+        match &self.config.data {
+            Data::Dir(root) => CursorStore::file(root.join(format!(
+                "cluster{cluster}/synchronizer/amqp-{}.cursor",
+                options.prefix
+            ))),
+            Data::Memory | Data::Simulated => Ok(self
+                .amqp_cursors
+                .entry(cluster)
+                .or_insert_with(CursorStore::memory)
+                .clone()),
+        }
     }
 
     /// Stops the synchronizer of `cluster`, if one runs, and waits for it.

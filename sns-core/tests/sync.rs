@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use sns_core::testing::{TestCluster, TestClusterConfig, eventually};
-use sns_core::{Bus, UserId};
+use sns_core::testing::{TestCluster, TestClusterConfig, amqp_broker, eventually};
+use sns_core::{Bus, QueueType, UserId};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -24,6 +24,23 @@ async fn start(bus: Bus) -> TestCluster {
 #[tokio::test]
 async fn local_users_follows_and_posts_cross_clusters() {
     users_follows_and_posts_cross_clusters(Bus::Local).await;
+}
+
+#[tokio::test]
+async fn amqp_users_follows_and_posts_cross_clusters() {
+    let Some(broker) = amqp_broker("amqp_users_follows_and_posts_cross_clusters").await else {
+        return;
+    };
+    users_follows_and_posts_cross_clusters(broker.bus(QueueType::Quorum)).await;
+}
+
+#[tokio::test]
+async fn amqp_classic_users_follows_and_posts_cross_clusters() {
+    let Some(broker) = amqp_broker("amqp_classic_users_follows_and_posts_cross_clusters").await
+    else {
+        return;
+    };
+    users_follows_and_posts_cross_clusters(broker.bus(QueueType::Classic)).await;
 }
 
 async fn users_follows_and_posts_cross_clusters(bus: Bus) {

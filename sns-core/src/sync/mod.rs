@@ -18,9 +18,10 @@
 //! - **Remote events are ordinary log entries**: mirrored to the slave, committed, fanned out to
 //!   the live timelines of local followers, snapshotted.
 //!
-//! Transports: [`LocalBus`] (in-process). gRPC and RabbitMQ transports implement the same
-//! trait.
+//! Transports: [`LocalBus`] (in-process) and [`AmqpBus`] (RabbitMQ). A gRPC transport
+//! implements the same trait.
 
+pub mod amqp;
 mod link;
 mod local;
 mod pull;
@@ -31,6 +32,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::grpc::sync::{decode_batch, encode_batch};
+pub use amqp::{AmqpBus, AmqpOptions, CursorStore, QueueType};
 pub use link::{ClusterLink, EventFeed};
 pub use local::LocalBus;
 pub use pull::{Source, Subscription, pull};
