@@ -8,7 +8,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 
 use crate::deployment::Bus;
@@ -160,6 +162,42 @@ impl AmqpTestBroker {
             .map_err(topology::unavailable)?;
         let _ = connection.close(200, "done".into()).await;
         Ok(queue.message_count())
+    }
+
+    /// Takes every ready message out of `cluster`'s queue and returns their bodies, oldest
+    /// first. Consumes (quorum queues with a single active consumer refuse `basic.get`), so
+    /// it waits while another consumer is active: stop the cluster's synchronizer first.
+    pub async fn take_ready(&self, cluster: ClusterId) -> Result<Vec<Vec<u8>>> {
+        let ready = self.ready_messages(cluster).await?;
+        let options = self.options(QueueType::Quorum);
+        let connection =
+            crate::sync::amqp::connect(&options, &format!("{} test reader", self.prefix)).await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(topology::unavailable)?;
+        let mut consumer = channel
+            .basic_consume(
+                options.queue(cluster).as_str().into(),
+                "test reader".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(topology::unavailable)?;
+        let mut bodies = Vec::new();
+        while bodies.len() < ready as usize {
+            match tokio_stream::StreamExt::next(&mut consumer).await {
+                Some(Ok(delivery)) => bodies.push(delivery.data),
+                Some(Err(e)) => return Err(topology::unavailable(e)),
+                None => break,
+            }
+        }
+        let _ = connection.close(200, "done".into()).await;
+        Ok(bodies)
     }
 
     /// Declares `cluster`'s queue as a durable queue of `queue_type`: fine when it is of that

@@ -1,0 +1,474 @@
+//! The RabbitMQ transport against a real broker (`SNS_AMQP_URL`; skipped without it): broker
+//! connections closed and a synchronizer restarted while posts flow, redelivered and garbage
+//! messages, a purged queue, and both queue types.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sns_core::sync::{AmqpBus, CursorStore, SyncTransport, encode_batch};
+use tokio_util::sync::CancellationToken;
+
+use sns_core::testing::{TestCluster, TestClusterConfig, amqp_broker, eventually};
+use sns_core::{
+    Bus, ClusterId, Error, Event, PostKey, QueueType, Role, Server, Synchronizer,
+    SynchronizerConfig, UserId,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn u(id: u32) -> UserId {
+    UserId::new(id).expect("valid user")
+}
+
+fn c(id: u32) -> ClusterId {
+    ClusterId::new(id).expect("valid cluster")
+}
+
+async fn start(bus: Bus) -> TestCluster {
+    TestCluster::start_with(TestClusterConfig {
+        bus,
+        ..TestClusterConfig::default()
+    })
+    .await
+    .expect("start")
+}
+
+/// The servers of cluster `id` (user `id` belongs to it), whichever is master.
+fn servers(cluster: &TestCluster, id: u32) -> Vec<Server> {
+    (1..=2)
+        .filter_map(|s| cluster.server(id, s))
+        .cloned()
+        .collect()
+}
+
+/// The master among `servers`, if one is master now.
+fn master_of(servers: &[Server]) -> Option<&Server> {
+    servers.iter().find(|server| server.role() == Role::Master)
+}
+
+/// The master of cluster `id`, waiting for one (heartbeats are fast in tests, so a loaded
+/// machine may see a failover).
+async fn master(cluster: &TestCluster, id: u32) -> Server {
+    let all = servers(cluster, id);
+    assert!(
+        eventually(WAIT, || async { master_of(&all).is_some() }).await,
+        "cluster {id} has a master"
+    );
+    master_of(&all).cloned().expect("a master")
+}
+
+/// `author` posts `text` on the master among `servers`, under idempotency key `key`, trying
+/// again across a failover until the post is committed.
+async fn post(servers: &[Server], author: u32, key: u64, text: &str) {
+    let key = PostKey::new(key).expect("keys start at 1");
+    assert!(
+        eventually(WAIT, || async {
+            match master_of(servers) {
+                Some(master) => master
+                    .post_keyed(u(author), text.as_bytes(), Some(key))
+                    .await
+                    .is_ok(),
+                None => false,
+            }
+        })
+        .await,
+        "{author} posts {text:?}"
+    );
+}
+
+/// The texts on `user`'s timeline on its cluster's master, oldest first, duplicates kept
+/// (empty while the cluster has no master).
+fn timeline(cluster: &TestCluster, user: u32) -> Vec<String> {
+    let all = servers(cluster, user);
+    let Some(master) = master_of(&all) else {
+        return Vec::new();
+    };
+    let (_, state) = master.committed_state();
+    let mut posts = state.recent_timeline(u(user), usize::MAX);
+    posts.reverse();
+    posts.iter().map(|post| post.text.to_string()).collect()
+}
+
+/// Every event cluster `id` committed so far.
+async fn own_events(cluster: &TestCluster, id: u32) -> Vec<Event> {
+    let master = master(cluster, id).await;
+    let high_water = master
+        .high_water()
+        .expect("high water")
+        .get(&c(id))
+        .copied()
+        .unwrap_or(0);
+    let mut own = master.own_events_after(0).await.expect("own events");
+    let mut events = Vec::new();
+    while own.position() < high_water {
+        events.extend(own.next_batch(1024).await.expect("read").expect("events"));
+    }
+    events
+}
+
+/// Logs users `1..=3` in (one per cluster), waits until every cluster knows all three, and
+/// makes each `follower` follow each of its `followees`.
+async fn users_and_follows(cluster: &TestCluster, follows: &[(u32, u32)]) {
+    let mut clients = Vec::new();
+    for user in 1..=3 {
+        clients.push(cluster.client(user).await.expect("client"));
+    }
+    for client in &clients {
+        assert!(
+            eventually(WAIT, || async {
+                client
+                    .list()
+                    .await
+                    .is_ok_and(|l| l.all_users == [u(1), u(2), u(3)])
+            })
+            .await,
+            "every cluster learns every user"
+        );
+    }
+    for (follower, followee) in follows {
+        clients[*follower as usize - 1]
+            .follow(u(*followee))
+            .await
+            .expect("follow");
+    }
+}
+
+/// Closes, from the broker's side, every connection of the synchronizers using `prefix`
+/// (`rabbitmqctl close_connection`); returns how many it closed.
+async fn close_synchronizer_connections(prefix: &str) -> usize {
+    let listed = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_connections",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .await
+        .expect("rabbitmqctl runs (RabbitMQ's CLI closes connections from the broker's side)");
+    assert!(
+        listed.status.success(),
+        "rabbitmqctl list_connections failed: {}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let needle = format!("{prefix} cluster ");
+    let pids: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter(|line| line.contains(&needle))
+        .filter_map(|line| line.split_whitespace().next().map(str::to_string))
+        .collect();
+    let mut closing = tokio::task::JoinSet::new();
+    for pid in &pids {
+        let pid = pid.clone();
+        closing.spawn(async move {
+            tokio::process::Command::new("rabbitmqctl")
+                .args(["-q", "close_connection", &pid, "closed by a test"])
+                .status()
+                .await
+                .is_ok_and(|status| status.success())
+        });
+    }
+    let mut closed = 0;
+    while let Some(done) = closing.join_next().await {
+        if done.unwrap_or(false) {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+#[tokio::test]
+async fn broker_connections_closed_and_a_synchronizer_restarted_while_posts_flow_lose_and_duplicate_nothing()
+ {
+    let Some(broker) = amqp_broker("broker_connections_closed_and_a_synchronizer_restarted").await
+    else {
+        return;
+    };
+    let mut cluster = start(broker.bus(QueueType::Quorum)).await;
+    let follows = [(1, 2), (1, 3), (2, 1), (2, 3), (3, 1), (3, 2)];
+    users_and_follows(&cluster, &follows).await;
+    let authors: Vec<(u32, Vec<Server>)> = (1..=3).map(|a| (a, servers(&cluster, a))).collect();
+    // Each author posts every 20 ms until a phase is over: at most 90 posts each per phase,
+    // so the posts of two authors fit a timeline (400 posts). `made` counts the rounds of
+    // posts made (committed on every author's cluster).
+    const MOST: u64 = 90;
+    let made = AtomicU64::new(0);
+    let flow = |phase: &'static str, over: CancellationToken| {
+        let (authors, made) = (&authors, &made);
+        async move {
+            made.store(0, Ordering::SeqCst);
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            let mut n = 0;
+            while !over.is_cancelled() && n < MOST {
+                tick.tick().await;
+                n += 1;
+                for (author, servers) in authors {
+                    let key = if phase == "early" { n } else { MOST + n };
+                    post(servers, *author, key, &format!("{phase} {n} of {author}")).await;
+                }
+                made.store(n, Ordering::SeqCst);
+            }
+            n
+        }
+    };
+    // Waits until cluster 1 shows the latest post of author 2 (made after the call).
+    let latest_crosses = |phase: &'static str| {
+        let (cluster, made) = (&cluster, &made);
+        async move {
+            assert!(
+                eventually(WAIT, || async { made.load(Ordering::SeqCst) > 0 }).await,
+                "posts are made"
+            );
+            let text = format!("{phase} {} of 2", made.load(Ordering::SeqCst));
+            eventually(WAIT, || async { timeline(cluster, 1).contains(&text) }).await
+        }
+    };
+
+    // 1. The broker closes every connection of the synchronizers while posts flow.
+    let over = CancellationToken::new();
+    let faults = async {
+        assert!(latest_crosses("early").await, "posts flow");
+        let closed = close_synchronizer_connections(broker.prefix()).await;
+        assert!(
+            closed >= 6,
+            "a publisher and a consumer per cluster were closed, not {closed}"
+        );
+        assert!(
+            latest_crosses("early").await,
+            "posts cross again after the broker closed every connection"
+        );
+        over.cancel();
+    };
+    let (early, ()) = tokio::join!(flow("early", over.clone()), faults);
+
+    // 2. The synchronizer of cluster 2 restarts while posts flow.
+    let over = CancellationToken::new();
+    let restart = async {
+        let rounds = |at_least: u64| {
+            let made = &made;
+            async move { eventually(WAIT, || async { made.load(Ordering::SeqCst) >= at_least }).await }
+        };
+        assert!(rounds(5).await, "posts flow");
+        cluster
+            .restart_synchronizer(2)
+            .await
+            .expect("restart the synchronizer of cluster 2");
+        let now = made.load(Ordering::SeqCst);
+        assert!(
+            rounds((now + 5).min(MOST)).await,
+            "posts flow after the restart"
+        );
+        over.cancel();
+    };
+    let (late, ()) = tokio::join!(flow("late", over.clone()), restart);
+    assert!(early > 0 && late > 0);
+
+    // Every post made is on every follower's timeline, once.
+    for user in 1..=3u32 {
+        let mut expected = BTreeSet::new();
+        for (author, _) in authors.iter().filter(|(a, _)| *a != user) {
+            expected.extend((1..=early).map(|n| format!("early {n} of {author}")));
+            expected.extend((1..=late).map(|n| format!("late {n} of {author}")));
+        }
+        let complete = eventually(WAIT, || async {
+            timeline(&cluster, user)
+                .iter()
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                == expected
+        })
+        .await;
+        let shown = timeline(&cluster, user);
+        assert!(
+            complete,
+            "user {user} misses {:?}",
+            expected
+                .difference(&shown.iter().cloned().collect())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            shown.len(),
+            expected.len(),
+            "user {user} sees no post twice"
+        );
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_message_delivered_twice_is_applied_once() {
+    let Some(broker) = amqp_broker("a_message_delivered_twice_is_applied_once").await else {
+        return;
+    };
+    let cluster = start(broker.bus(QueueType::Quorum)).await;
+    users_and_follows(&cluster, &[(1, 2)]).await;
+    let two = servers(&cluster, 2);
+    post(&two, 2, 1, "first").await;
+    assert!(
+        eventually(WAIT, || async { timeline(&cluster, 1) == ["first"] }).await,
+        "the post crosses"
+    );
+    // Every event of cluster 2 so far, published again twice: as a broker redelivers.
+    let body = encode_batch(c(2), &own_events(&cluster, 2).await);
+    for _ in 0..2 {
+        broker
+            .publish_raw("origin.2", &body)
+            .await
+            .expect("publish");
+    }
+    // Published after the copies, so consumed after them.
+    post(&two, 2, 2, "marker").await;
+    assert!(
+        eventually(WAIT, || async { timeline(&cluster, 1).len() >= 2 }).await,
+        "the marker crosses"
+    );
+    assert_eq!(timeline(&cluster, 1), ["first", "marker"]);
+    let mark = |server: Server| server.high_water().expect("high water").get(&c(2)).copied();
+    assert_eq!(
+        mark(master(&cluster, 1).await),
+        mark(master(&cluster, 2).await)
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_in_a_queue_is_rejected_and_the_consumer_carries_on() {
+    let Some(broker) = amqp_broker("garbage_in_a_queue_is_rejected").await else {
+        return;
+    };
+    let mut cluster = start(broker.bus(QueueType::Quorum)).await;
+    users_and_follows(&cluster, &[(1, 2)]).await;
+    let garbage = b"\xff\x00 not a sync batch".to_vec();
+    broker
+        .publish_raw("origin.2", &garbage)
+        .await
+        .expect("publish");
+    // A well-formed batch of cluster 1's own events, routed to cluster 1's queue.
+    let own_batch = encode_batch(c(1), &own_events(&cluster, 1).await);
+    broker
+        .publish_raw("origin.2", &own_batch)
+        .await
+        .expect("publish");
+    post(&servers(&cluster, 2), 2, 1, "after the garbage").await;
+    assert!(
+        eventually(WAIT, || async {
+            timeline(&cluster, 1) == ["after the garbage"]
+        })
+        .await,
+        "the consumer carries on past the garbage"
+    );
+    // Neither message went back to the queue.
+    cluster.stop_synchronizer(1).await.expect("stop");
+    let left = broker.take_ready(c(1)).await.expect("read the queue");
+    assert!(
+        !left.contains(&garbage) && !left.contains(&own_batch),
+        "rejected messages are not requeued"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn events_missing_from_a_queue_are_read_from_their_origin() {
+    let Some(broker) = amqp_broker("events_missing_from_a_queue_are_read_from_their_origin").await
+    else {
+        return;
+    };
+    let mut cluster = start(broker.bus(QueueType::Quorum)).await;
+    users_and_follows(&cluster, &[(1, 2), (3, 2)]).await;
+    let two = servers(&cluster, 2);
+    post(&two, 2, 1, "before").await;
+    assert!(
+        eventually(WAIT, || async { timeline(&cluster, 1) == ["before"] }).await,
+        "the first post crosses"
+    );
+    cluster.stop_synchronizer(1).await.expect("stop");
+    for i in 0..5 {
+        post(&two, 2, 2 + i, &format!("lost {i}")).await;
+    }
+    // Cluster 3 got them, so they were published, to cluster 1's queue as well; then they go.
+    assert!(
+        eventually(WAIT, || async { timeline(&cluster, 3).len() == 6 }).await,
+        "cluster 3 gets the posts"
+    );
+    let taken = broker.take_ready(c(1)).await.expect("empty the queue");
+    assert!(!taken.is_empty(), "the posts were in cluster 1's queue");
+    cluster.restart_synchronizer(1).await.expect("restart");
+    post(&two, 2, 7, "after").await;
+    let expected = [
+        "before", "lost 0", "lost 1", "lost 2", "lost 3", "lost 4", "after",
+    ];
+    assert!(
+        eventually(WAIT, || async { timeline(&cluster, 1) == expected }).await,
+        "the missing posts are read from cluster 2: {:?}",
+        timeline(&cluster, 1)
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn quorum_and_classic_queues_both_carry_events() {
+    for (queue_type, other) in [
+        (QueueType::Quorum, QueueType::Classic),
+        (QueueType::Classic, QueueType::Quorum),
+    ] {
+        let Some(broker) = amqp_broker("quorum_and_classic_queues_both_carry_events").await else {
+            return;
+        };
+        let cluster = start(broker.bus(queue_type)).await;
+        users_and_follows(&cluster, &[(1, 2)]).await;
+        post(&servers(&cluster, 2), 2, 1, "hello").await;
+        assert!(
+            eventually(WAIT, || async { timeline(&cluster, 1) == ["hello"] }).await,
+            "a post crosses over {queue_type:?} queues"
+        );
+        for id in 1..=3 {
+            broker
+                .declare_queue(c(id), queue_type)
+                .await
+                .expect("the queue is of the configured type");
+            let refused = broker.declare_queue(c(id), other).await;
+            assert!(
+                refused.is_err(),
+                "queue {id} is {queue_type:?}, so declaring it {other:?} is refused"
+            );
+        }
+        cluster.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_queue_of_another_type_stops_the_synchronizer_with_a_configuration_error() {
+    let Some(broker) = amqp_broker("a_queue_of_another_type_stops_the_synchronizer").await else {
+        return;
+    };
+    broker
+        .declare_queue(c(1), QueueType::Classic)
+        .await
+        .expect("declare a classic queue");
+    let cluster = start(Bus::None).await;
+    let synchronizer = Synchronizer::new(
+        &SynchronizerConfig {
+            cluster: c(1),
+            clusters: 3,
+            coordinator: cluster.coordinator_addr().to_string(),
+            cluster_token: None,
+        },
+        cluster.network(),
+        Arc::new(AmqpBus::new(
+            broker.options(QueueType::Quorum),
+            CursorStore::memory(),
+        )) as Arc<dyn SyncTransport>,
+    )
+    .expect("synchronizer");
+    let ended = tokio::time::timeout(WAIT, synchronizer.run())
+        .await
+        .expect("gives up at once");
+    assert!(
+        matches!(ended, Err(Error::InvalidInput(ref m)) if m.contains("refused")),
+        "{ended:?}"
+    );
+    cluster.shutdown().await;
+}
