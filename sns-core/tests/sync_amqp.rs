@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sns_core::sync::{AmqpBus, CursorStore, SyncTransport, encode_batch};
+use sns_core::sync::{AmqpBus, CursorStore, SyncTransport, decode_batch, encode_batch};
 use tokio_util::sync::CancellationToken;
 
 use sns_core::testing::{TestCluster, TestClusterConfig, amqp_broker, eventually};
 use sns_core::{
-    Bus, ClusterId, Error, Event, PostKey, QueueType, Role, Server, Synchronizer,
+    Bus, ClusterId, Data, Error, Event, PostKey, QueueType, Role, Server, Synchronizer,
     SynchronizerConfig, UserId,
 };
 
@@ -469,6 +469,77 @@ async fn a_queue_of_another_type_stops_the_synchronizer_with_a_configuration_err
     assert!(
         matches!(ended, Err(Error::InvalidInput(ref m)) if m.contains("refused")),
         "{ended:?}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restarted_publisher_resumes_after_its_cursor_file() {
+    let Some(broker) = amqp_broker("a_restarted_publisher_resumes_after_its_cursor_file").await
+    else {
+        return;
+    };
+    let mut cluster = TestCluster::start_with(TestClusterConfig {
+        bus: broker.bus(QueueType::Quorum),
+        files: true,
+        ..TestClusterConfig::default()
+    })
+    .await
+    .expect("start");
+    let Data::Dir(root) = cluster.deployment().config().data.clone() else {
+        panic!("a deployment with files has a data directory");
+    };
+    let cursor_file = root.join(format!(
+        "cluster2/synchronizer/amqp-{}.cursor",
+        broker.prefix()
+    ));
+    let cursor = || {
+        std::fs::read_to_string(&cursor_file)
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+    };
+    users_and_follows(&cluster, &[(1, 2), (3, 2)]).await;
+    let two = servers(&cluster, 2);
+    post(&two, 2, 1, "first").await;
+    assert!(
+        eventually(WAIT, || async {
+            timeline(&cluster, 1) == ["first"] && timeline(&cluster, 3) == ["first"]
+        })
+        .await,
+        "the post crosses"
+    );
+    let published = own_events(&cluster, 2).await.len() as u64;
+    assert!(
+        eventually(WAIT, || async { cursor() == Some(published) }).await,
+        "the cursor file reaches {published}, holds {:?}",
+        cursor()
+    );
+
+    // Cluster 1's queue fills while its consumer is off; cluster 2's publisher restarts.
+    cluster.stop_synchronizer(1).await.expect("stop");
+    cluster.restart_synchronizer(2).await.expect("restart");
+    post(&two, 2, 2, "second").await;
+    assert!(
+        eventually(WAIT, || async {
+            timeline(&cluster, 3) == ["first", "second"]
+        })
+        .await,
+        "the next post crosses"
+    );
+    let queued = broker.take_ready(c(1)).await.expect("read the queue");
+    assert!(!queued.is_empty(), "the new post was published");
+    for body in &queued {
+        let (origin, events) = decode_batch(body).expect("a batch");
+        assert_eq!(origin, c(2));
+        assert!(
+            events.iter().all(|e| e.id.seq > published),
+            "the restarted publisher sends only events after its cursor ({published}), not {:?}",
+            events.iter().map(|e| e.id.seq).collect::<Vec<_>>()
+        );
+    }
+    assert!(
+        eventually(WAIT, || async { cursor() > Some(published) }).await,
+        "the cursor file moves on"
     );
     cluster.shutdown().await;
 }

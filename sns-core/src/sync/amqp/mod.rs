@@ -132,8 +132,18 @@ impl AmqpOptions {
         }
     }
 
-    /// Checks the prefix and the prefetch count.
+    /// Checks the URL (an `amqp://` URL: this transport speaks plain TCP), the prefix and the
+    /// prefetch count.
     pub fn validate(&self) -> Result<()> {
+        let uri: lapin::uri::AMQPUri = self.url.parse().map_err(|e| {
+            Error::invalid(format!("not a RabbitMQ URL: {} ({e})", redacted(&self.url)))
+        })?;
+        if uri.scheme != lapin::uri::AMQPScheme::AMQP {
+            return Err(Error::invalid(format!(
+                "only amqp:// URLs are supported (no TLS), not {}",
+                redacted(&self.url)
+            )));
+        }
         let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
         if self.prefix.is_empty() || self.prefix.len() > 200 || !self.prefix.chars().all(allowed) {
             return Err(Error::invalid(format!(
@@ -413,7 +423,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_prefixes_and_prefetch_are_refused() {
+    fn bad_urls_prefixes_and_prefetch_are_refused() {
         for prefix in ["", "a b", "a/b", "é"] {
             let options = AmqpOptions {
                 prefix: prefix.to_string(),
@@ -426,6 +436,14 @@ mod tests {
             ..AmqpOptions::default()
         };
         assert!(options.validate().is_err());
+        for url in ["amqps://broker/%2f", "http://broker", "not a url"] {
+            assert!(AmqpOptions::new(url).validate().is_err(), "{url}");
+        }
+        assert!(
+            AmqpOptions::new("amqp://u:p@broker:5672/%2f?heartbeat=5")
+                .validate()
+                .is_ok()
+        );
     }
 
     #[test]
