@@ -17,6 +17,21 @@ use sns_core::{
 };
 
 const WAIT: Duration = Duration::from_secs(20);
+/// Longest wait for one call to a master before asking again (it may have lost its role).
+const CALL: Duration = Duration::from_secs(2);
+
+/// `call`'s outcome, or `None` if it took longer than `limit`.
+async fn within<T>(limit: Duration, call: impl Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(limit, call).await.ok()
+}
+
+/// Stops or restarts a synchronizer, which must end promptly.
+async fn promptly(step: impl Future<Output = sns_core::Result<()>>) {
+    within(WAIT, step)
+        .await
+        .expect("the synchronizer stops promptly")
+        .expect("the synchronizer stops and starts");
+}
 
 fn u(id: u32) -> UserId {
     UserId::new(id).expect("valid user")
@@ -66,10 +81,12 @@ async fn post(servers: &[Server], author: u32, key: u64, text: &str) {
     assert!(
         eventually(WAIT, || async {
             match master_of(servers) {
-                Some(master) => master
-                    .post_keyed(u(author), text.as_bytes(), Some(key))
-                    .await
-                    .is_ok(),
+                Some(master) => within(
+                    CALL,
+                    master.post_keyed(u(author), text.as_bytes(), Some(key)),
+                )
+                .await
+                .is_some_and(|posted| posted.is_ok()),
                 None => false,
             }
         })
@@ -109,29 +126,57 @@ async fn own_events(cluster: &TestCluster, id: u32) -> Vec<Event> {
 }
 
 /// Logs users `1..=3` in (one per cluster), waits until every cluster knows all three, and
-/// makes each `follower` follow each of its `followees`.
+/// makes each `follower` follow each of its `followees`; on the masters directly, so a failover
+/// on a loaded machine only makes it try again.
 async fn users_and_follows(cluster: &TestCluster, follows: &[(u32, u32)]) {
-    let mut clients = Vec::new();
     for user in 1..=3 {
-        clients.push(cluster.client(user).await.expect("client"));
-    }
-    for client in &clients {
+        let all = servers(cluster, user);
         assert!(
             eventually(WAIT, || async {
-                client
-                    .list()
+                let Some(master) = master_of(&all) else {
+                    return false;
+                };
+                if master.committed_state().1.has_user(u(user)) {
+                    return true;
+                }
+                // A login whose user was discarded by a step-down leaves a session behind.
+                let _ = master.logout(u(user));
+                within(CALL, master.login(u(user)))
                     .await
-                    .is_ok_and(|l| l.all_users == [u(1), u(2), u(3)])
+                    .is_some_and(|login| login.is_ok())
             })
             .await,
-            "every cluster learns every user"
+            "user {user} logs in"
+        );
+    }
+    for id in 1..=3 {
+        let all = servers(cluster, id);
+        assert!(
+            eventually(WAIT, || async {
+                master_of(&all).is_some_and(|master| {
+                    let (_, state) = master.committed_state();
+                    (1..=3).all(|user| state.has_user(u(user)))
+                })
+            })
+            .await,
+            "cluster {id} learns every user"
         );
     }
     for (follower, followee) in follows {
-        clients[*follower as usize - 1]
-            .follow(u(*followee))
-            .await
-            .expect("follow");
+        let all = servers(cluster, *follower);
+        assert!(
+            eventually(WAIT, || async {
+                match master_of(&all) {
+                    Some(master) => matches!(
+                        within(CALL, master.follow(u(*follower), &followee.to_string())).await,
+                        Some(Ok(()) | Err(Error::AlreadyFollowing))
+                    ),
+                    None => false,
+                }
+            })
+            .await,
+            "{follower} follows {followee}"
+        );
     }
 }
 
@@ -146,8 +191,10 @@ async fn close_synchronizer_connections(prefix: &str) -> usize {
             "pid",
             "client_properties",
         ])
-        .output()
+        .output();
+    let listed = within(WAIT, listed)
         .await
+        .expect("rabbitmqctl answers")
         .expect("rabbitmqctl runs (RabbitMQ's CLI closes connections from the broker's side)");
     assert!(
         listed.status.success(),
@@ -164,11 +211,12 @@ async fn close_synchronizer_connections(prefix: &str) -> usize {
     for pid in &pids {
         let pid = pid.clone();
         closing.spawn(async move {
-            tokio::process::Command::new("rabbitmqctl")
+            let closing = tokio::process::Command::new("rabbitmqctl")
                 .args(["-q", "close_connection", &pid, "closed by a test"])
-                .status()
+                .status();
+            within(WAIT, closing)
                 .await
-                .is_ok_and(|status| status.success())
+                .is_some_and(|status| status.is_ok_and(|s| s.success()))
         });
     }
     let mut closed = 0;
@@ -252,10 +300,7 @@ async fn broker_connections_closed_and_a_synchronizer_restarted_while_posts_flow
             async move { eventually(WAIT, || async { made.load(Ordering::SeqCst) >= at_least }).await }
         };
         assert!(rounds(5).await, "posts flow");
-        cluster
-            .restart_synchronizer(2)
-            .await
-            .expect("restart the synchronizer of cluster 2");
+        promptly(cluster.restart_synchronizer(2)).await;
         let now = made.load(Ordering::SeqCst);
         assert!(
             rounds((now + 5).min(MOST)).await,
@@ -361,7 +406,7 @@ async fn garbage_in_a_queue_is_rejected_and_the_consumer_carries_on() {
         "the consumer carries on past the garbage"
     );
     // Neither message went back to the queue.
-    cluster.stop_synchronizer(1).await.expect("stop");
+    promptly(cluster.stop_synchronizer(1)).await;
     let left = broker.take_ready(c(1)).await.expect("read the queue");
     assert!(
         !left.contains(&garbage) && !left.contains(&own_batch),
@@ -384,7 +429,7 @@ async fn events_missing_from_a_queue_are_read_from_their_origin() {
         eventually(WAIT, || async { timeline(&cluster, 1) == ["before"] }).await,
         "the first post crosses"
     );
-    cluster.stop_synchronizer(1).await.expect("stop");
+    promptly(cluster.stop_synchronizer(1)).await;
     for i in 0..5 {
         post(&two, 2, 2 + i, &format!("lost {i}")).await;
     }
@@ -395,7 +440,7 @@ async fn events_missing_from_a_queue_are_read_from_their_origin() {
     );
     let taken = broker.take_ready(c(1)).await.expect("empty the queue");
     assert!(!taken.is_empty(), "the posts were in cluster 1's queue");
-    cluster.restart_synchronizer(1).await.expect("restart");
+    promptly(cluster.restart_synchronizer(1)).await;
     post(&two, 2, 7, "after").await;
     let expected = [
         "before", "lost 0", "lost 1", "lost 2", "lost 3", "lost 4", "after",
@@ -516,8 +561,8 @@ async fn a_restarted_publisher_resumes_after_its_cursor_file() {
     );
 
     // Cluster 1's queue fills while its consumer is off; cluster 2's publisher restarts.
-    cluster.stop_synchronizer(1).await.expect("stop");
-    cluster.restart_synchronizer(2).await.expect("restart");
+    promptly(cluster.stop_synchronizer(1)).await;
+    promptly(cluster.restart_synchronizer(2)).await;
     post(&two, 2, 2, "second").await;
     assert!(
         eventually(WAIT, || async {
@@ -541,5 +586,183 @@ async fn a_restarted_publisher_resumes_after_its_cursor_file() {
         eventually(WAIT, || async { cursor() > Some(published) }).await,
         "the cursor file moves on"
     );
+    cluster.shutdown().await;
+}
+
+/// A TCP proxy in front of the broker that can play a broker outage: `cut` drops every
+/// connection through it and refuses new ones (accepted and closed at once) until `heal`.
+struct BrokerProxy {
+    port: u16,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    refused: Arc<AtomicU64>,
+    /// Cancelled to drop the connections of the current period; replaced by `heal`.
+    period: Arc<std::sync::Mutex<CancellationToken>>,
+    closed: CancellationToken,
+}
+
+impl BrokerProxy {
+    async fn start(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("address").port();
+        let proxy = Self {
+            port,
+            open: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            refused: Arc::new(AtomicU64::new(0)),
+            period: Arc::new(std::sync::Mutex::new(CancellationToken::new())),
+            closed: CancellationToken::new(),
+        };
+        let (open, refused, period, closed) = (
+            proxy.open.clone(),
+            proxy.refused.clone(),
+            proxy.period.clone(),
+            proxy.closed.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = closed.cancelled() => return,
+                };
+                let Ok((mut inbound, _)) = accepted else {
+                    continue;
+                };
+                if !open.load(Ordering::SeqCst) {
+                    refused.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
+                let cut = period.lock().expect("lock").clone();
+                let upstream = upstream.clone();
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        () = cut.cancelled() => {}
+                        () = closed.cancelled() => {}
+                    }
+                });
+            }
+        });
+        proxy
+    }
+
+    /// `url` with its host and port replaced by the proxy's.
+    fn url(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").expect("a URL");
+        let end = rest.find('/').unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(end);
+        let user = authority
+            .rsplit_once('@')
+            .map_or(String::new(), |(user, _)| format!("{user}@"));
+        format!("{scheme}://{user}127.0.0.1:{}{path}", self.port)
+    }
+
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.period.lock().expect("lock").cancel();
+    }
+
+    fn heal(&self) {
+        *self.period.lock().expect("lock") = CancellationToken::new();
+        self.open.store(true, Ordering::SeqCst);
+    }
+
+    fn refused(&self) -> u64 {
+        self.refused.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for BrokerProxy {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
+/// The `host:port` of an `amqp://` URL.
+fn authority_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:5672")
+    }
+}
+
+#[tokio::test]
+async fn a_broker_outage_while_posts_are_made_loses_and_duplicates_nothing() {
+    let Some(broker) = amqp_broker("a_broker_outage_while_posts_are_made").await else {
+        return;
+    };
+    let proxy = BrokerProxy::start(authority_of(broker.url())).await;
+    let mut options = broker.options(QueueType::Quorum);
+    options.url = proxy.url(broker.url());
+    let cluster = start(Bus::Amqp(options)).await;
+    users_and_follows(&cluster, &[(1, 2), (2, 1), (3, 1), (3, 2)]).await;
+    let authors = [(1, servers(&cluster, 1)), (2, servers(&cluster, 2))];
+    let mut made: Vec<String> = Vec::new();
+    let mut round = 0;
+    let mut post_rounds = async |phase: &str, rounds: u64, made: &mut Vec<String>| {
+        for _ in 0..rounds {
+            round += 1;
+            for (author, servers) in &authors {
+                let text = format!("{phase} {round} of {author}");
+                post(servers, *author, round, &text).await;
+                made.push(text);
+            }
+        }
+    };
+    post_rounds("before", 10, &mut made).await;
+    assert!(
+        eventually(WAIT, || async { timeline(&cluster, 3).len() == 20 }).await,
+        "posts cross before the outage"
+    );
+
+    // The broker is gone: connections drop, attempts are refused, posts go on.
+    proxy.cut();
+    post_rounds("during", 10, &mut made).await;
+    assert!(
+        eventually(WAIT, || async { proxy.refused() >= 12 }).await,
+        "the six connections are tried again and again while the broker is gone"
+    );
+    proxy.heal();
+    post_rounds("after", 10, &mut made).await;
+
+    for (user, followees) in [(1, vec![2]), (2, vec![1]), (3, vec![1, 2])] {
+        let wanted: BTreeSet<String> = made
+            .iter()
+            .filter(|text| {
+                followees
+                    .iter()
+                    .any(|f| text.ends_with(&format!(" of {f}")))
+            })
+            .cloned()
+            .collect();
+        assert!(
+            eventually(WAIT, || async {
+                timeline(&cluster, user)
+                    .iter()
+                    .cloned()
+                    .collect::<BTreeSet<_>>()
+                    == wanted
+            })
+            .await,
+            "user {user} gets every post after the outage: has {}, wants {}",
+            timeline(&cluster, user).len(),
+            wanted.len()
+        );
+        assert_eq!(
+            timeline(&cluster, user).len(),
+            wanted.len(),
+            "user {user} sees no post twice"
+        );
+    }
     cluster.shutdown().await;
 }
