@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use sns_core::testing::{TestCluster, TestClusterConfig, amqp_broker, eventually};
 use sns_core::{
-    Bus, ClusterId, Data, Error, Event, PostKey, QueueType, Role, Server, Synchronizer,
-    SynchronizerConfig, UserId,
+    Bus, ClusterId, Data, Error, Event, EventId, EventKind, PostKey, QueueType, Role, Server,
+    Synchronizer, SynchronizerConfig, Timestamp, UserId,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -397,6 +397,22 @@ async fn garbage_in_a_queue_is_rejected_and_the_consumer_carries_on() {
         .publish_raw("origin.2", &own_batch)
         .await
         .expect("publish");
+    // A well-formed batch of a cluster the deployment does not have.
+    let foreign = encode_batch(
+        c(7),
+        &[Event {
+            id: EventId {
+                origin: c(7),
+                seq: 1,
+            },
+            at: Timestamp(0),
+            kind: EventKind::UserJoined { user: u(7) },
+        }],
+    );
+    broker
+        .publish_raw("origin.2", &foreign)
+        .await
+        .expect("publish");
     post(&servers(&cluster, 2), 2, 1, "after the garbage").await;
     assert!(
         eventually(WAIT, || async {
@@ -409,8 +425,13 @@ async fn garbage_in_a_queue_is_rejected_and_the_consumer_carries_on() {
     promptly(cluster.stop_synchronizer(1)).await;
     let left = broker.take_ready(c(1)).await.expect("read the queue");
     assert!(
-        !left.contains(&garbage) && !left.contains(&own_batch),
+        !left.contains(&garbage) && !left.contains(&own_batch) && !left.contains(&foreign),
         "rejected messages are not requeued"
+    );
+    let (_, state) = master(&cluster, 1).await.committed_state();
+    assert!(
+        !state.has_user(u(7)),
+        "nothing of the foreign batch was applied"
     );
     cluster.shutdown().await;
 }

@@ -4,7 +4,8 @@
 //! the master answered that the events are committed.
 //!
 //! - A message that is not a valid batch (it does not decode, carries this cluster's own
-//!   events, or events the master refuses) is logged and rejected without requeue.
+//!   events or those of a cluster the deployment does not have, or events the master refuses)
+//!   is logged and rejected without requeue.
 //! - A message whose events do not follow the cluster's high-water mark for their origin (the
 //!   master answers `Conflict`: events are missing before it) is repaired: the missing events
 //!   are read straight from the origin's master ([`ClusterLink::events_of`]) and applied, then
@@ -169,6 +170,11 @@ async fn handle(
             if origin == link.cluster() {
                 Err(Error::invalid(format!(
                     "a batch of this cluster's own events (cluster {origin})"
+                )))
+            } else if origin.get() > link.clusters() {
+                Err(Error::invalid(format!(
+                    "a batch of cluster {origin}, in a deployment of {} clusters",
+                    link.clusters()
                 )))
             } else {
                 Ok((origin, events))
