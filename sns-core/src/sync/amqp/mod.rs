@@ -252,7 +252,8 @@ impl SyncTransport for AmqpBus {
     }
 }
 
-/// Opens a connection named `<prefix> cluster <c> <role>` (or `role` alone for tools).
+/// Opens a connection to the broker of `options`, shown by the broker as `name`; gives up
+/// after [`CONNECT_TIMEOUT`].
 pub(crate) async fn connect(options: &AmqpOptions, name: &str) -> Result<Connection> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     match tokio::time::timeout(
