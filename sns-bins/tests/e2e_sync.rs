@@ -216,6 +216,20 @@ fn mp2_2_three_clusters_see_follow_and_read_each_other_over_grpc() {
 }
 
 #[test]
+fn mp2_2_three_clusters_see_follow_and_read_each_other_over_rabbitmq() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let test = "mp2_2_three_clusters_see_follow_and_read_each_other_over_rabbitmq";
+    let Some(broker) = runtime.block_on(sns_core::testing::amqp_broker(test)) else {
+        return;
+    };
+    let cursors = tempfile::tempdir().expect("temp dir");
+    let dir = cursors.path().display().to_string();
+    support::more_synchronizer_args(&["--amqp-prefix", broker.prefix(), "--data-dir", &dir]);
+    mp2_2_three_clusters(broker.url());
+    drop(broker);
+}
+
+#[test]
 fn mp2_2_three_clusters_see_follow_and_read_each_other_over_local() {
     mp2_2_three_clusters("local");
 }
@@ -466,7 +480,7 @@ fn a_synchronizer_serves_its_cluster_and_stops_cleanly_on_a_signal() {
 #[test]
 fn synchronizer_flags_are_checked_with_one_clear_error() {
     let synchronizer = env!("CARGO_BIN_EXE_synchronizer");
-    // A RabbitMQ URL: no such transport in this build; the password is not repeated.
+    // A RabbitMQ URL over TLS: not supported; the password is not repeated.
     let (code, _, stderr) = run(
         synchronizer,
         &[
@@ -475,11 +489,11 @@ fn synchronizer_flags_are_checked_with_one_clear_error() {
             "-p",
             "0",
             "--bus",
-            "amqp://guest:s3cret@127.0.0.1:5672/%2f",
+            "amqps://guest:s3cret@127.0.0.1:5671/%2f",
         ],
     );
     assert_eq!(code, Some(2));
-    assert!(stderr.contains("no RabbitMQ transport"), "{stderr}");
+    assert!(stderr.contains("only amqp://"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
     // The gRPC bus needs a port; ids start at 1; buses have names.
     for (args, says) in [

@@ -24,7 +24,8 @@ use crate::ids::{ClusterId, ServerId};
 use crate::server::{CoordinatorLink, Server, ServerConfig};
 use crate::storage::{CrashDisk, FileStorage, MemoryStorage, Storage};
 use crate::sync::{
-    GrpcBus, GrpcBusOptions, LocalBus, SyncTransport, Synchronizer, SynchronizerConfig,
+    AmqpBus, AmqpOptions, CursorStore, GrpcBus, GrpcBusOptions, LocalBus, SyncTransport,
+    Synchronizer, SynchronizerConfig,
 };
 use crate::transport::{Listener, MemoryNetwork, Network, tcp};
 
@@ -53,6 +54,10 @@ pub enum Bus {
     /// `sns.v1.Sync` on its own listener (port `9000 + c` with [`Ports::Course`]), registers
     /// with the coordinator and subscribes to the other clusters' synchronizers.
     Grpc,
+    /// Through a RabbitMQ broker ([`AmqpBus`]). Each cluster's publisher cursor is kept in
+    /// `cluster<c>/synchronizer/amqp-<prefix>.cursor` under a [`Data::Dir`], else in memory
+    /// for the deployment's lifetime (across [`Deployment::restart_synchronizer`]).
+    Amqp(AmqpOptions),
 }
 
 /// The port of cluster `cluster`'s synchronizer in the course's layout ([`Bus::Grpc`]). The
@@ -199,6 +204,8 @@ pub struct Deployment {
     synchronizers: BTreeMap<ClusterId, RunningSync>,
     /// The port each synchronizer listens on, kept across its restarts ([`Bus::Grpc`]).
     sync_ports: BTreeMap<ClusterId, u16>,
+    /// Each cluster's RabbitMQ publisher cursor, when kept in memory.
+    amqp_cursors: BTreeMap<ClusterId, CursorStore>,
 }
 
 /// A running synchronizer.
@@ -315,6 +322,7 @@ impl Deployment {
             slots: BTreeMap::new(),
             synchronizers: BTreeMap::new(),
             sync_ports: BTreeMap::new(),
+            amqp_cursors: BTreeMap::new(),
         };
         for c in 1..=deployment.config.clusters {
             for s in 1..=deployment.config.servers_per_cluster {
@@ -361,6 +369,11 @@ impl Deployment {
             Bus::None => return Ok(()),
             Bus::Local => Arc::new(LocalBus::new()),
             Bus::Grpc => Arc::new(self.grpc_bus(cluster).await?),
+            Bus::Amqp(options) => {
+                let options = options.clone();
+                let cursor = self.amqp_cursor(cluster, &options)?;
+                Arc::new(AmqpBus::new(options, cursor))
+            }
         };
         let config = SynchronizerConfig {
             cluster,
@@ -404,6 +417,23 @@ impl Deployment {
                 heartbeat_interval: self.config.heartbeat_interval,
             },
         ))
+    }
+
+    /// The RabbitMQ publisher cursor of `cluster`: a file under a [`Data::Dir`], else the
+    /// deployment's in-memory one.
+    fn amqp_cursor(&mut self, cluster: ClusterId, options: &AmqpOptions) -> Result<CursorStore> {
+        options.validate()?;
+        match &self.config.data {
+            Data::Dir(root) => CursorStore::file(root.join(format!(
+                "cluster{cluster}/synchronizer/amqp-{}.cursor",
+                options.prefix
+            ))),
+            Data::Memory | Data::Simulated => Ok(self
+                .amqp_cursors
+                .entry(cluster)
+                .or_insert_with(CursorStore::memory)
+                .clone()),
+        }
     }
 
     /// Stops the synchronizer of `cluster`, if one runs, and waits for it.

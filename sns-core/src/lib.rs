@@ -49,6 +49,8 @@ pub use session::{Session, SessionConfig, SessionEvent, SessionTimeline, Timelin
 pub use state::{Applied, State, StateConfig};
 pub use storage::{CrashDisk, CrashDiskOptions, CrashStorage};
 pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};
-pub use sync::{GrpcBus, GrpcBusOptions};
-pub use sync::{LocalBus, SyncTransport, Synchronizer, SynchronizerConfig};
+pub use sync::{
+    AmqpBus, AmqpOptions, CursorStore, GrpcBus, GrpcBusOptions, LocalBus, QueueType, SyncTransport,
+    Synchronizer, SynchronizerConfig,
+};
 pub use transport::{Listener, MemoryNetwork, Network};

@@ -15,6 +15,9 @@ use crate::server::{Server, ServerConfig};
 use crate::storage::Storage;
 use crate::transport::{Listener, MemoryNetwork, Network};
 
+mod amqp;
+pub use amqp::{AMQP_URL_VAR, AmqpTestBroker, REQUIRE_AMQP_VAR, amqp_broker};
+
 /// Polls `check` until it returns `true` or `timeout` passes; returns whether it held.
 pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where

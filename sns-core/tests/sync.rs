@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use sns_core::testing::{TestCluster, TestClusterConfig, eventually};
-use sns_core::{Bus, ClusterId, Error, Role, Server, State, UserId};
+use sns_core::testing::{TestCluster, TestClusterConfig, amqp_broker, eventually};
+use sns_core::{Bus, ClusterId, Error, QueueType, Role, Server, State, UserId};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -17,6 +17,10 @@ fn u(id: u32) -> UserId {
 async fn start(bus: Bus) -> TestCluster {
     TestCluster::start_with(TestClusterConfig {
         bus,
+        // The clients of these cases stay with the server they logged in to: heartbeats slower
+        // than the default keep a loaded machine (a broker starting queues on the same two
+        // cores) from promoting slaves under them.
+        heartbeat_interval: Duration::from_millis(500),
         ..TestClusterConfig::default()
     })
     .await
@@ -34,20 +38,40 @@ async fn grpc_users_follows_and_posts_cross_clusters() {
     users_follows_and_posts_cross_clusters(Bus::Grpc).await;
 }
 
+#[tokio::test]
+async fn amqp_users_follows_and_posts_cross_clusters() {
+    let Some(broker) = amqp_broker("amqp_users_follows_and_posts_cross_clusters").await else {
+        return;
+    };
+    users_follows_and_posts_cross_clusters(broker.bus(QueueType::Quorum)).await;
+}
+
+#[tokio::test]
+async fn amqp_classic_users_follows_and_posts_cross_clusters() {
+    let Some(broker) = amqp_broker("amqp_classic_users_follows_and_posts_cross_clusters").await
+    else {
+        return;
+    };
+    users_follows_and_posts_cross_clusters(broker.bus(QueueType::Classic)).await;
+}
+
 async fn users_follows_and_posts_cross_clusters(bus: Bus) {
     let cluster = start(bus).await;
     let one = cluster.client(1).await.expect("client 1");
     let two = cluster.client(2).await.expect("client 2");
     let three = cluster.client(3).await.expect("client 3");
-    assert!(
-        eventually(WAIT, || async {
-            one.list()
-                .await
-                .is_ok_and(|l| l.all_users == [u(1), u(2), u(3)])
-        })
-        .await,
-        "cluster 1 learns every user"
-    );
+    for (cluster, client) in [(1, &one), (2, &two), (3, &three)] {
+        assert!(
+            eventually(WAIT, || async {
+                client
+                    .list()
+                    .await
+                    .is_ok_and(|l| l.all_users == [u(1), u(2), u(3)])
+            })
+            .await,
+            "cluster {cluster} learns every user"
+        );
+    }
     one.follow(u(2)).await.expect("cross-cluster follow");
     three.follow(u(2)).await.expect("cross-cluster follow");
     assert!(
@@ -81,6 +105,14 @@ async fn local_failover_during_sync_loses_nothing() {
 #[tokio::test]
 async fn grpc_failover_during_sync_loses_nothing() {
     failover_during_sync(Bus::Grpc).await;
+}
+
+#[tokio::test]
+async fn amqp_failover_during_sync_loses_nothing() {
+    let Some(broker) = amqp_broker("amqp_failover_during_sync_loses_nothing").await else {
+        return;
+    };
+    failover_during_sync(broker.bus(QueueType::Quorum)).await;
 }
 
 /// Posts of users 2 (cluster 2) and 3 (cluster 3) stream to their follower, user 1 (cluster 1),
@@ -447,6 +479,21 @@ async fn converges(bus: Bus, ops: Vec<Op>, offsets: Vec<i64>) {
     cluster.shutdown().await;
 }
 
+/// [`converges`] over RabbitMQ, on queues of their own (skipped without a broker).
+fn run_converges_amqp(ops: Vec<Op>, offsets: Vec<i64>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let Some(broker) = amqp_broker("amqp_random_histories_converge").await else {
+            return;
+        };
+        converges(broker.bus(QueueType::Quorum), ops, offsets).await;
+    });
+}
+
 fn run_converges(bus: Bus, ops: Vec<Op>, offsets: Vec<i64>) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -467,5 +514,10 @@ proptest! {
     #[test]
     fn grpc_random_histories_converge(ops in proptest::collection::vec(op(), 1..40), offsets in skew()) {
         run_converges(Bus::Grpc, ops, offsets);
+    }
+
+    #[test]
+    fn amqp_random_histories_converge(ops in proptest::collection::vec(op(), 1..40), offsets in skew()) {
+        run_converges_amqp(ops, offsets);
     }
 }

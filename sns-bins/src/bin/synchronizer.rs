@@ -11,9 +11,14 @@
 //!   synchronizer of every other cluster.
 //! - `--bus local`: reads the other clusters' masters directly; listens on no port (`-p` is
 //!   unused) and does not register.
+//! - `--bus amqp://USER:PASSWORD@HOST:PORT/VHOST`: publishes its cluster's events to a RabbitMQ
+//!   broker (durable exchange `sns.events`, publisher confirms) and consumes the other
+//!   clusters' from its cluster's durable queue `sns.cluster.<c>` (a quorum queue, acknowledged
+//!   once applied). The last confirmed event is kept in `--data-dir`
+//!   (default `./sns-data/sync<ID>/`), so a restart republishes little.
 //!
-//! It keeps no files: after a restart it resumes from its cluster's high-water marks, so
-//! nothing is lost or applied twice. SIGINT or SIGTERM stops it cleanly (exit 0).
+//! After a restart it resumes from its cluster's high-water marks, so nothing is lost or applied
+//! twice. SIGINT or SIGTERM stops it cleanly (exit 0).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -25,7 +30,9 @@ use sns_bins::TokenArgs;
 use sns_bins::bus::{bus_name, parse_bus};
 use sns_core::sync::cluster_of_synchronizer;
 use sns_core::transport::{self, Network};
-use sns_core::{Bus, GrpcBus, GrpcBusOptions, LocalBus, SyncTransport, Synchronizer};
+use sns_core::{
+    AmqpBus, Bus, CursorStore, GrpcBus, GrpcBusOptions, LocalBus, SyncTransport, Synchronizer,
+};
 use sns_core::{ClusterId, SynchronizerConfig};
 
 /// Tiny SNS synchronizer.
@@ -48,10 +55,18 @@ struct Args {
     /// Number of clusters N in the deployment (must match the coordinator's).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     clusters: u32,
-    /// How events travel between clusters: grpc (synchronizers subscribe to each other) or
-    /// local (read the other clusters' masters directly).
+    /// How events travel between clusters: grpc (synchronizers subscribe to each other),
+    /// local (read the other clusters' masters directly) or amqp://USER:PASSWORD@HOST:PORT/VHOST
+    /// (through a RabbitMQ broker).
     #[arg(long, default_value = "grpc")]
     bus: String,
+    /// Prefix of the RabbitMQ exchange and queue names (`<prefix>.events`,
+    /// `<prefix>.cluster.<c>`): deployments sharing a broker use different ones.
+    #[arg(long, default_value = "sns")]
+    amqp_prefix: String,
+    /// Where the RabbitMQ bus keeps its publisher cursor [default: ./sns-data/sync<ID>].
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
     /// Address to bind the Sync service to (gRPC bus).
     #[arg(long, default_value = "0.0.0.0")]
     bind: String,
@@ -72,11 +87,20 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     // Parsed here rather than by clap, whose error would repeat the value (a URL's password).
-    let bus = parse_bus(&args.bus).unwrap_or_else(|e| {
-        Args::command()
-            .error(ErrorKind::InvalidValue, format!("--bus: {e}"))
-            .exit()
-    });
+    let bus = parse_bus(&args.bus)
+        .and_then(|bus| match bus {
+            Bus::Amqp(mut options) => {
+                options.prefix.clone_from(&args.amqp_prefix);
+                options.validate().map_err(|e| e.to_string())?;
+                Ok(Bus::Amqp(options))
+            }
+            other => Ok(other),
+        })
+        .unwrap_or_else(|e| {
+            Args::command()
+                .error(ErrorKind::InvalidValue, format!("--bus: {e}"))
+                .exit()
+        });
     if matches!(bus, Bus::Grpc) && args.port.is_none() {
         Args::command()
             .error(
@@ -162,6 +186,28 @@ async fn open_bus(
                     heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
                 },
             )))
+        }
+        Bus::Amqp(options) => {
+            let dir = args
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from(format!("./sns-data/sync{}", args.id)));
+            let path = dir.join(format!("amqp-{}.cursor", options.prefix));
+            let cursor = CursorStore::file(&path).map_err(|e| {
+                format!(
+                    "cannot keep the publisher cursor in {}: {e}",
+                    path.display()
+                )
+            })?;
+            tracing::info!(
+                sync = args.id,
+                %cluster,
+                bus = name,
+                queue = options.queue(cluster),
+                cursor = %path.display(),
+                "synchronizer serving cluster {cluster}: through RabbitMQ"
+            );
+            Ok(Arc::new(AmqpBus::new(options.clone(), cursor)))
         }
         Bus::None => Err("a synchronizer needs a bus: local or grpc".to_string()),
     }

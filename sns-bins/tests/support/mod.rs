@@ -560,7 +560,7 @@ impl Synchronizer {
     /// and heartbeat interval), and waits until it serves and, on the gRPC bus, until it
     /// registered with the coordinator.
     pub fn start(coordinator: &Coordinator, id: u32, port: u16, bus: &str) -> Self {
-        let args = strings(&[
+        let mut args = strings(&[
             "-h",
             "127.0.0.1",
             "-k",
@@ -578,6 +578,7 @@ impl Synchronizer {
             "--heartbeat-ms",
             &coordinator.heartbeat.interval_ms.to_string(),
         ]);
+        args.extend(SYNCHRONIZER_ARGS.with(|extra| extra.borrow().clone()));
         let name = format!("synchronizer {id}");
         let grpc = bus == "grpc";
         let (child, log, serving) =
@@ -608,6 +609,19 @@ impl Synchronizer {
         send_signal(&self.child, signal);
         self.child.wait().ok().and_then(|s| s.code())
     }
+}
+
+thread_local! {
+    /// More arguments for every synchronizer this test thread starts (see
+    /// [`more_synchronizer_args`]).
+    static SYNCHRONIZER_ARGS: std::cell::RefCell<Vec<String>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Gives every synchronizer the calling test starts these arguments too (e.g. a RabbitMQ
+/// prefix of its own). Tests run on threads of their own, so this is per test.
+pub fn more_synchronizer_args(args: &[&str]) {
+    SYNCHRONIZER_ARGS.with(|extra| *extra.borrow_mut() = strings(args));
 }
 
 impl Drop for Synchronizer {

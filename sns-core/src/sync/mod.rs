@@ -18,9 +18,10 @@
 //! - **Remote events are ordinary log entries**: mirrored to the slave, committed, fanned out to
 //!   the live timelines of local followers, snapshotted.
 //!
-//! Transports: [`LocalBus`] (in-process) and [`GrpcBus`] (synchronizers subscribe to each
-//! other). A RabbitMQ transport implements the same trait.
+//! Transports: [`LocalBus`] (in-process), [`GrpcBus`] (synchronizers subscribe to each
+//! other) and [`AmqpBus`] (RabbitMQ).
 
+pub mod amqp;
 mod grpc;
 mod link;
 mod local;
@@ -32,6 +33,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::grpc::sync::{decode_batch, encode_batch};
+pub use amqp::{AmqpBus, AmqpOptions, CursorStore, QueueType};
 pub use grpc::{GrpcBus, GrpcBusOptions};
 pub use link::{ClusterLink, EventFeed};
 pub use local::LocalBus;
