@@ -32,7 +32,8 @@ use sns_core::{
 #[derive(Debug, Parser)]
 #[command(name = "sync_latency")]
 struct Args {
-    /// The synchronizers' transport: `local` or `grpc`.
+    /// The synchronizers' transport: `local`, `grpc` or a RabbitMQ URL (`amqp://...`; the run
+    /// uses exchange and queues of its own, prefix `sns-bench-<pid>`, and deletes them).
     #[arg(long, default_value = "local", value_parser = parse_bus)]
     bus: Bus,
     /// Posts per second, all authors together.
@@ -56,7 +57,15 @@ fn parse_bus(text: &str) -> Result<Bus, String> {
     match text {
         "local" => Ok(Bus::Local),
         "grpc" => Ok(Bus::Grpc),
-        other => Err(format!("unknown bus {other:?}: use local or grpc")),
+        url if url.starts_with("amqp://") => {
+            let mut options = sns_core::AmqpOptions::new(url);
+            options.prefix = format!("sns-bench-{}", std::process::id());
+            options.validate().map_err(|e| e.to_string())?;
+            Ok(Bus::Amqp(options))
+        }
+        other => Err(format!(
+            "unknown bus {other:?}: use local, grpc or amqp://..."
+        )),
     }
 }
 
@@ -114,6 +123,11 @@ async fn run(args: Args) -> Result<(), Failure> {
     let deployment = Deployment::start(config).await?;
     let result = measure(&deployment, &args).await;
     deployment.shutdown().await;
+    if let Bus::Amqp(options) = &args.bus
+        && let Err(e) = sns_core::sync::amqp::delete_topology(options, 3).await
+    {
+        eprintln!("sync_latency: could not delete the run's RabbitMQ queues: {e}");
+    }
     result
 }
 
