@@ -64,7 +64,7 @@ struct Args {
     /// `<prefix>.cluster.<c>`): deployments sharing a broker use different ones.
     #[arg(long, default_value = "sns")]
     amqp_prefix: String,
-    /// Where the RabbitMQ bus keeps its publisher cursor [default: ./sns-data/sync<ID>].
+    /// Where the RabbitMQ bus keeps its publisher cursor [default: ./sns-data/syncID for synchronizer ID].
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
     /// Address to bind the Sync service to (gRPC bus).
