@@ -215,18 +215,42 @@ fn mp2_2_three_clusters_see_follow_and_read_each_other_over_grpc() {
     mp2_2_three_clusters("grpc");
 }
 
-#[test]
-fn mp2_2_three_clusters_see_follow_and_read_each_other_over_rabbitmq() {
+/// Runs `case` over RabbitMQ, on an exchange and queues of the test's own (deleted after), with
+/// the synchronizers' cursors in a temporary directory; skipped without a broker.
+fn over_rabbitmq(test: &str, case: fn(&str)) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let test = "mp2_2_three_clusters_see_follow_and_read_each_other_over_rabbitmq";
     let Some(broker) = runtime.block_on(sns_core::testing::amqp_broker(test)) else {
         return;
     };
     let cursors = tempfile::tempdir().expect("temp dir");
     let dir = cursors.path().display().to_string();
     support::more_synchronizer_args(&["--amqp-prefix", broker.prefix(), "--data-dir", &dir]);
-    mp2_2_three_clusters(broker.url());
+    case(broker.url());
     drop(broker);
+}
+
+#[test]
+fn mp2_2_three_clusters_see_follow_and_read_each_other_over_rabbitmq() {
+    over_rabbitmq(
+        "mp2_2_three_clusters_see_follow_and_read_each_other_over_rabbitmq",
+        mp2_2_three_clusters,
+    );
+}
+
+#[test]
+fn a_master_sigkill_on_one_cluster_leaves_the_others_and_new_users_working_over_rabbitmq() {
+    over_rabbitmq(
+        "a_master_sigkill_on_one_cluster_leaves_the_others_and_new_users_working_over_rabbitmq",
+        resilience_across_clusters,
+    );
+}
+
+#[test]
+fn synchronizers_killed_and_restarted_while_posts_flow_lose_and_repeat_nothing_over_rabbitmq() {
+    over_rabbitmq(
+        "synchronizers_killed_and_restarted_while_posts_flow_lose_and_repeat_nothing_over_rabbitmq",
+        synchronizer_restarts_while_posts_flow,
+    );
 }
 
 #[test]
