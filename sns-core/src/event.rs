@@ -179,6 +179,17 @@ fn user(dec: &mut Decoder<'_>) -> Result<UserId> {
     UserId::new(raw).ok_or_else(|| Error::Corrupt(format!("user id {raw} out of range")))
 }
 
+impl Event {
+    /// Whether this event may come right after its origin's event `last` (0: none yet): the
+    /// next sequence number, or, for a state transfer ([`EventKind::Image`]), any later one.
+    pub fn continues(&self, last: u64) -> bool {
+        match self.kind {
+            EventKind::Image(_) => self.id.seq > last,
+            _ => self.id.seq == last + 1,
+        }
+    }
+}
+
 fn decode_image(dec: &mut Decoder<'_>) -> Result<OriginImage> {
     let mut image = OriginImage::default();
     for _ in 0..dec.len(4)? {

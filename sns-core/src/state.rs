@@ -172,18 +172,10 @@ impl State {
         if event.id.seq <= *hw {
             return Applied::Duplicate;
         }
-        let before = *hw;
-        if let EventKind::Image(image) = &event.kind {
-            // A state transfer skips to its sequence number by design.
-            *hw = event.id.seq;
-            self.latest = self.latest.max(event.at);
-            self.apply_image(event.id.origin, before, image);
-            return Applied::Imaged;
-        }
-        if event.id.seq != *hw + 1 {
+        if !event.continues(*hw) {
             return Applied::Gap { expected: *hw + 1 };
         }
-        *hw = event.id.seq;
+        let before = std::mem::replace(hw, event.id.seq);
         self.latest = self.latest.max(event.at);
         match &event.kind {
             EventKind::UserJoined { user } => {
@@ -199,7 +191,10 @@ impl State {
                 self.unfollow(*follower, *followee);
                 Applied::FollowChanged
             }
-            EventKind::Image(_) => Applied::Imaged,
+            EventKind::Image(image) => {
+                self.apply_image(event.id.origin, before, image);
+                Applied::Imaged
+            }
             EventKind::Posted { author, text, key } => {
                 let post = Arc::new(Post {
                     id: event.id,

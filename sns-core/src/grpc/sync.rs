@@ -517,8 +517,7 @@ pub(crate) fn batch_from_wire(batch: SyncBatch) -> Result<Vec<Event>> {
         .map(event_from_wire)
         .collect::<Result<Vec<_>>>()?;
     for pair in events.windows(2) {
-        let jump = matches!(pair[1].kind, EventKind::Image(_)) && pair[1].id.seq > pair[0].id.seq;
-        if pair[1].id.seq != pair[0].id.seq + 1 && !jump {
+        if !pair[1].continues(pair[0].id.seq) {
             return Err(Error::invalid(format!(
                 "a batch's events must be consecutive: {} follows {}",
                 pair[1].id, pair[0].id

@@ -148,19 +148,31 @@ impl Server {
                 }
             }
         };
+        Ok(self.own_stream(after, start, reader, None))
+    }
+
+    /// The stream of own events after `after`, from the committed entries after `start`,
+    /// yielding `image` first if given; a named `reader` is registered at `start`.
+    fn own_stream(
+        &self,
+        after: u64,
+        start: LogIndex,
+        reader: Option<&str>,
+        image: Option<Event>,
+    ) -> OwnEvents {
         let reader = reader.map(|name| {
             let name = format!("sync-{name}");
             self.shared.storage.retain(&name, start);
             (name, Arc::clone(&self.shared.storage))
         });
-        Ok(OwnEvents {
-            cluster,
+        OwnEvents {
+            cluster: self.shared.config.cluster,
             entries: self.committed_after(start),
             last: after,
             reader,
             previous: None,
-            image: None,
-        })
+            image,
+        }
     }
 
     /// A stream that starts with a state transfer ([`EventKind::Image`]) of this cluster as of
@@ -194,19 +206,7 @@ impl Server {
             first_held = %first,
             "a reader fell behind the log; sending a state transfer"
         );
-        let reader = reader.map(|name| {
-            let name = format!("sync-{name}");
-            self.shared.storage.retain(&name, commit);
-            (name, Arc::clone(&self.shared.storage))
-        });
-        Ok(OwnEvents {
-            cluster,
-            last: after,
-            entries: self.committed_after(commit),
-            reader,
-            previous: None,
-            image: Some(image),
-        })
+        Ok(self.own_stream(after, commit, reader, Some(image)))
     }
 
     /// The first log index still held (for a [`Error::Compacted`] answer).
@@ -250,19 +250,20 @@ impl Server {
             let mut fresh = Vec::new();
             for event in events {
                 let origin = event.id.origin;
-                let expected = next
+                let last = next
                     .entry(origin)
-                    .or_insert_with(|| core.uncommitted.high_water(&core.state, origin) + 1);
-                if event.id.seq < *expected {
+                    .or_insert_with(|| core.uncommitted.high_water(&core.state, origin));
+                if event.id.seq <= *last {
                     continue;
                 }
-                if event.id.seq > *expected && !matches!(event.kind, EventKind::Image(_)) {
+                if !event.continues(*last) {
                     return Err(Error::Conflict(format!(
                         "event {} skips sequence numbers: {origin}:{} is next",
-                        event.id, expected
+                        event.id,
+                        *last + 1
                     )));
                 }
-                *expected = event.id.seq + 1;
+                *last = event.id.seq;
                 fresh.push(event);
             }
             if fresh.is_empty() {

@@ -312,9 +312,7 @@ impl EventFeed {
         let Some(first) = fresh.first() else {
             return Ok(None);
         };
-        // A state transfer skips ahead by design.
-        let image = matches!(first.kind, crate::event::EventKind::Image(_));
-        if first.id.origin != self.origin || (first.id.seq != self.last + 1 && !image) {
+        if first.id.origin != self.origin || !first.continues(self.last) {
             return Err(Error::Unavailable(format!(
                 "the stream of cluster {} skipped to {}",
                 self.origin, first.id
