@@ -128,10 +128,10 @@ async fn failover_during_sync(bus: Bus) {
     .await
     .expect("start");
     for user in 1..=3 {
-        let server = sync_master(&cluster, user).expect("master");
+        let server = master(&cluster, user).expect("master");
         server.login(u(user)).await.expect("login");
     }
-    let one = sync_master(&cluster, 1).expect("master");
+    let one = master(&cluster, 1).expect("master");
     assert!(
         eventually(WAIT, || async {
             one.list(u(1)).is_ok_and(|l| l.all_users.len() == 3)
@@ -177,7 +177,7 @@ async fn failover_during_sync(bus: Bus) {
     };
     let writers = [writer(2), writer(3)];
     let delivered_count = |cluster: &TestCluster| {
-        sync_master(cluster, 1).map_or(0, |m| m.recent_posts(u(1)).map_or(0, |p| p.len()))
+        master(cluster, 1).map_or(0, |m| m.recent_posts(u(1)).map_or(0, |p| p.len()))
     };
     // Crash the receiving cluster's master once posts flow in, then the origin's.
     assert!(eventually(WAIT, || async { delivered_count(&cluster) >= 10 }).await);
@@ -205,7 +205,7 @@ async fn failover_during_sync(bus: Bus) {
     }
     assert_eq!(acknowledged.len(), 2 * POSTS);
     let all_in = eventually(WAIT, || async {
-        sync_master(&cluster, 1).is_some_and(|m| {
+        master(&cluster, 1).is_some_and(|m| {
             let (_, state) = m.committed_state();
             let texts: BTreeSet<String> = state
                 .recent_timeline(u(1), usize::MAX)
@@ -220,18 +220,11 @@ async fn failover_during_sync(bus: Bus) {
         all_in,
         "every acknowledged post reaches the follower after both failovers"
     );
-    let m = sync_master(&cluster, 1).expect("master");
+    let m = master(&cluster, 1).expect("master");
     let timeline = m.committed_state().1.recent_timeline(u(1), usize::MAX);
     let ids: BTreeSet<_> = timeline.iter().map(|p| p.id).collect();
     assert_eq!(ids.len(), timeline.len(), "no post twice");
     cluster.shutdown().await;
-}
-
-fn sync_master(cluster: &TestCluster, c: u32) -> Option<Server> {
-    (1..=2)
-        .filter_map(|s| cluster.server(c, s))
-        .find(|s| s.role() == Role::Master)
-        .cloned()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -266,6 +259,7 @@ fn skew() -> impl Strategy<Value = Vec<i64>> {
     ]
 }
 
+/// The server of cluster `c` that acts as master, if any.
 fn master(cluster: &TestCluster, c: u32) -> Option<Server> {
     (1..=2)
         .filter_map(|s| cluster.server(c, s))
@@ -479,14 +473,18 @@ async fn converges(bus: Bus, ops: Vec<Op>, offsets: Vec<i64>) {
     cluster.shutdown().await;
 }
 
-/// [`converges`] over RabbitMQ, on queues of their own (skipped without a broker).
-fn run_converges_amqp(ops: Vec<Op>, offsets: Vec<i64>) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// A runtime for one proptest case.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("runtime");
-    runtime.block_on(async {
+        .expect("runtime")
+}
+
+/// [`converges`] over RabbitMQ, on queues of their own (skipped without a broker).
+fn run_converges_amqp(ops: Vec<Op>, offsets: Vec<i64>) {
+    runtime().block_on(async {
         let Some(broker) = amqp_broker("amqp_random_histories_converge").await else {
             return;
         };
@@ -495,12 +493,7 @@ fn run_converges_amqp(ops: Vec<Op>, offsets: Vec<i64>) {
 }
 
 fn run_converges(bus: Bus, ops: Vec<Op>, offsets: Vec<i64>) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(converges(bus, ops, offsets));
+    runtime().block_on(converges(bus, ops, offsets));
 }
 
 proptest! {
