@@ -104,13 +104,7 @@ impl AmqpTestBroker {
     /// returns once the broker confirmed it.
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) -> Result<()> {
         let options = self.options(QueueType::Quorum);
-        let connection =
-            crate::sync::amqp::connect(&options, &format!("{} test publisher", self.prefix))
-                .await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(topology::unavailable)?;
+        let (connection, channel) = self.open(&options, "publisher").await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -139,16 +133,26 @@ impl AmqpTestBroker {
         }
     }
 
-    /// The number of messages ready in `cluster`'s queue (not counting delivered ones awaiting
-    /// an acknowledgement).
-    pub async fn ready_messages(&self, cluster: ClusterId) -> Result<u32> {
-        let options = self.options(QueueType::Quorum);
-        let connection =
-            crate::sync::amqp::connect(&options, &format!("{} test probe", self.prefix)).await?;
+    /// A connection to the broker named after this test and `role`, and a channel on it.
+    async fn open(
+        &self,
+        options: &AmqpOptions,
+        role: &str,
+    ) -> Result<(lapin::Connection, lapin::Channel)> {
+        let name = format!("{} test {role}", self.prefix);
+        let connection = crate::sync::amqp::connect(options, &name).await?;
         let channel = connection
             .create_channel()
             .await
             .map_err(topology::unavailable)?;
+        Ok((connection, channel))
+    }
+
+    /// The number of messages ready in `cluster`'s queue (not counting delivered ones awaiting
+    /// an acknowledgement).
+    pub async fn ready_messages(&self, cluster: ClusterId) -> Result<u32> {
+        let options = self.options(QueueType::Quorum);
+        let (connection, channel) = self.open(&options, "probe").await?;
         let queue = channel
             .queue_declare(
                 options.queue(cluster).as_str().into(),
@@ -170,12 +174,7 @@ impl AmqpTestBroker {
     pub async fn take_ready(&self, cluster: ClusterId) -> Result<Vec<Vec<u8>>> {
         let ready = self.ready_messages(cluster).await?;
         let options = self.options(QueueType::Quorum);
-        let connection =
-            crate::sync::amqp::connect(&options, &format!("{} test reader", self.prefix)).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(topology::unavailable)?;
+        let (connection, channel) = self.open(&options, "reader").await?;
         let mut consumer = channel
             .basic_consume(
                 options.queue(cluster).as_str().into(),
@@ -205,12 +204,7 @@ impl AmqpTestBroker {
     /// another.
     pub async fn declare_queue(&self, cluster: ClusterId, queue_type: QueueType) -> Result<()> {
         let options = self.options(queue_type);
-        let connection =
-            crate::sync::amqp::connect(&options, &format!("{} test probe", self.prefix)).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(topology::unavailable)?;
+        let (connection, channel) = self.open(&options, "probe").await?;
         let declared = channel
             .queue_declare(
                 options.queue(cluster).as_str().into(),
