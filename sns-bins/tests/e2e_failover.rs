@@ -6,7 +6,7 @@
 mod support;
 
 use sns_proto::csce438::NodeRole;
-use support::{Coordinator, Expect, Heartbeat, Tsc, Tsd, free_port};
+use support::{Coordinator, Expect, Heartbeat, Tsc, Tsd, free_port, three_clusters};
 
 /// Starts `tsc` for `user` through the coordinator and reads its banner.
 fn login(coordinator: &Coordinator, user: u32) -> Tsc {
@@ -119,30 +119,7 @@ fn master_sigkill_promotes_the_slave_and_clients_carry_on() {
 fn mp2_2_resilience_case() {
     let coordinator = Coordinator::start_with(3, Heartbeat::FAILOVER);
     let data = tempfile::tempdir().expect("temp dir");
-    let mut masters = Vec::new();
-    let mut slaves = Vec::new();
-    for cluster in 1..=3 {
-        let dir = |s: u32| data.path().join(format!("cluster{cluster}/server{s}"));
-        masters.push(Tsd::joined(
-            &coordinator,
-            cluster,
-            1,
-            free_port(),
-            &dir(1),
-            Expect::Master,
-        ));
-        slaves.push(Tsd::joined(
-            &coordinator,
-            cluster,
-            2,
-            free_port(),
-            &dir(2),
-            Expect::Slave,
-        ));
-    }
-    for slave in &slaves {
-        coordinator.wait_for_role(slave, NodeRole::Slave);
-    }
+    let (mut masters, slaves) = three_clusters(&coordinator, data.path());
 
     // Users 1..4 log in, each on the master of their cluster (user u on ((u - 1) % 3) + 1).
     // Users 1 and 4 share cluster 1 and follow each other; 2 and 3 are alone in theirs.

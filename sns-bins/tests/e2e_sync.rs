@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use sns_proto::csce438::NodeRole;
 use support::{
-    Coordinator, Expect, Heartbeat, SnsUp, Synchronizer, Tsc, Tsd, free_port, parse_post, run,
+    Coordinator, Heartbeat, SnsUp, Synchronizer, Tsc, Tsd, free_port, parse_post, run,
+    three_clusters,
 };
 
 /// How long a change may take to reach the other clusters in the MP2.2 case. The course's
@@ -38,30 +39,7 @@ impl ThreeClusters {
     fn start(bus: &str) -> Self {
         let coordinator = Coordinator::start_with(3, Heartbeat::FAILOVER);
         let data = tempfile::tempdir().expect("temp dir");
-        let mut masters = Vec::new();
-        let mut slaves = Vec::new();
-        for cluster in 1..=3 {
-            let dir = |s: u32| data.path().join(format!("cluster{cluster}/server{s}"));
-            masters.push(Tsd::joined(
-                &coordinator,
-                cluster,
-                1,
-                free_port(),
-                &dir(1),
-                Expect::Master,
-            ));
-            slaves.push(Tsd::joined(
-                &coordinator,
-                cluster,
-                2,
-                free_port(),
-                &dir(2),
-                Expect::Slave,
-            ));
-        }
-        for slave in &slaves {
-            coordinator.wait_for_role(slave, NodeRole::Slave);
-        }
+        let (masters, slaves) = three_clusters(&coordinator, data.path());
         let synchronizers = (1..=3)
             .map(|id| Synchronizer::start(&coordinator, id, free_port(), bus))
             .collect();

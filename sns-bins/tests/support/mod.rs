@@ -382,6 +382,36 @@ impl Drop for Coordinator {
     }
 }
 
+/// Three clusters on `coordinator`, each a master (server 1) and its slave (server 2) with data
+/// directories under `data`; returns (masters, slaves) once every slave mirrors its master.
+pub fn three_clusters(coordinator: &Coordinator, data: &Path) -> (Vec<Tsd>, Vec<Tsd>) {
+    let mut masters = Vec::new();
+    let mut slaves = Vec::new();
+    for cluster in 1..=3 {
+        let dir = |s: u32| data.join(format!("cluster{cluster}/server{s}"));
+        masters.push(Tsd::joined(
+            coordinator,
+            cluster,
+            1,
+            free_port(),
+            &dir(1),
+            Expect::Master,
+        ));
+        slaves.push(Tsd::joined(
+            coordinator,
+            cluster,
+            2,
+            free_port(),
+            &dir(2),
+            Expect::Slave,
+        ));
+    }
+    for slave in &slaves {
+        coordinator.wait_for_role(slave, NodeRole::Slave);
+    }
+    (masters, slaves)
+}
+
 /// Polls `check` until it holds, pausing a little longer each time (at most 100 ms), for at
 /// most [`WAIT`]; returns whether it held.
 pub fn wait_until(mut check: impl FnMut() -> bool) -> bool {
