@@ -2,6 +2,7 @@
 //! `--bus` flag, logging setup, and shutdown signals. Everything that is not about a terminal
 //! or a flag lives in `sns-core`.
 
+pub mod bench;
 pub mod bus;
 pub mod cli;
 pub mod console;
@@ -9,8 +10,13 @@ pub mod signals;
 
 /// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
+    init_logging_at("info");
+}
+
+/// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default `level`).
+pub fn init_logging_at(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -100,6 +100,9 @@ enum Command {
         #[command(flatten)]
         token: TokenArgs,
     },
+    /// Load generator: build a population, post, measure every delivery (latency, throughput,
+    /// exactly once). Starts its own deployment in this process unless -h/-k name one.
+    Bench(Box<sns_bins::bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -156,7 +159,30 @@ fn main() -> ExitCode {
         Command::Status { host, port, token } => {
             sns_bins::run_main("sns status", status(host, port, token.cluster_token))
         }
+        Command::Bench(args) => {
+            sns_bins::init_logging_at("error");
+            sns_bins::run_main("sns bench", bench(*args))
+        }
     }
+}
+
+async fn bench(args: sns_bins::bench::BenchArgs) -> Result<(), String> {
+    let json = args.json;
+    let report = sns_bins::bench::run(args).await?;
+    if json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else {
+        print!("{}", report.table());
+    }
+    if report.ok {
+        return Ok(());
+    }
+    let v = &report.exactly_once;
+    Err(format!(
+        "not exactly once: {} missing, {} duplicate, {} unexpected deliveries",
+        v.missing, v.duplicates, v.unexpected
+    ))
 }
 
 async fn up(config: DeploymentConfig) -> Result<(), String> {

@@ -1,0 +1,181 @@
+//! The end of a run: a summary for people, JSON for machines.
+
+use serde::Serialize;
+
+use super::tally::{Percentiles, Verdict};
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `steady`, `failover` or `broker-restart`.
+    pub scenario: String,
+    /// `in-process` or the coordinator's `host:port`.
+    pub target: String,
+    /// Clusters.
+    pub clusters: u32,
+    /// Servers per cluster (in-process runs).
+    pub servers_per_cluster: Option<u32>,
+    /// Synchronizer transport (in-process runs).
+    pub bus: Option<String>,
+    /// `file` or `memory` (in-process runs).
+    pub storage: Option<String>,
+    /// Users in the population.
+    pub users: u32,
+    /// Follows per user.
+    pub follows_per_user: u32,
+    /// `uniform` or `power-law`.
+    pub graph: String,
+    /// Posts per second asked for; `None`: as fast as possible.
+    pub rate: Option<u32>,
+    /// Timed seconds.
+    pub duration_s: f64,
+    /// Untimed seconds of posting first.
+    pub warm_up_s: f64,
+    /// Posts sent in the timed window, per second.
+    pub posts_per_s: f64,
+    /// Deliveries received in the timed window, per second.
+    pub deliveries_per_s: f64,
+    /// Latency of deliveries to followers on the author's cluster, for posts due in the window.
+    pub same_cluster_ms: Percentiles,
+    /// Latency of deliveries to followers on other clusters.
+    pub cross_cluster_ms: Percentiles,
+    /// All deliveries.
+    pub all_ms: Percentiles,
+    /// Every post of the run (warm-up included) against its deliveries.
+    pub exactly_once: Verdict,
+    /// The scenario's disruption, seconds after the start of posting.
+    pub disruption_at_s: Option<f64>,
+    /// From the disruption to the first delivery of a post due after it, in milliseconds.
+    pub recovery_ms: Option<f64>,
+    /// The benchmark process's peak resident memory (deployment included when in-process).
+    pub peak_memory_bytes: Option<u64>,
+    /// Whether every delivery arrived exactly once.
+    pub ok: bool,
+}
+
+impl Report {
+    /// The summary table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let line = |out: &mut String, key: &str, value: String| {
+            out.push_str(&format!("{key:<22} {value}\n"));
+        };
+        line(&mut out, "scenario", self.scenario.clone());
+        let mut target = self.target.clone();
+        if let (Some(servers), Some(bus), Some(storage)) =
+            (self.servers_per_cluster, &self.bus, &self.storage)
+        {
+            target.push_str(&format!(
+                ": {} × {servers} servers, bus {bus}, storage {storage}",
+                plural(u64::from(self.clusters), "cluster")
+            ));
+        } else {
+            target.push_str(&format!(
+                ", {}",
+                plural(u64::from(self.clusters), "cluster")
+            ));
+        }
+        line(&mut out, "deployment", target);
+        line(
+            &mut out,
+            "population",
+            format!(
+                "{} users, {} follows each ({})",
+                self.users, self.follows_per_user, self.graph
+            ),
+        );
+        line(
+            &mut out,
+            "load",
+            format!(
+                "{} for {:.0} s after {:.0} s of warm-up",
+                self.rate
+                    .map_or("as fast as possible".to_string(), |r| format!(
+                        "{r} posts/s"
+                    )),
+                self.duration_s,
+                self.warm_up_s
+            ),
+        );
+        line(
+            &mut out,
+            "throughput",
+            format!(
+                "{:.0} posts/s, {:.0} deliveries/s",
+                self.posts_per_s, self.deliveries_per_s
+            ),
+        );
+        out.push_str(&format!(
+            "\n{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            "latency (ms)", "deliveries", "p50", "p90", "p99", "p99.9", "max"
+        ));
+        for (name, p) in [
+            ("same cluster", &self.same_cluster_ms),
+            ("other cluster", &self.cross_cluster_ms),
+            ("all", &self.all_ms),
+        ] {
+            out.push_str(&format!(
+                "{name:<16} {:>10} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}\n",
+                p.count, p.p50, p.p90, p.p99, p.p99_9, p.max
+            ));
+        }
+        out.push('\n');
+        let v = &self.exactly_once;
+        line(
+            &mut out,
+            "exactly once",
+            format!(
+                "{}: {} posts, {} of {} deliveries, {} missing, {} duplicate, {} unexpected",
+                if self.ok { "yes" } else { "NO" },
+                v.posts,
+                v.delivered,
+                v.expected,
+                v.missing,
+                v.duplicates,
+                v.unexpected
+            ),
+        );
+        if let Some(at) = self.disruption_at_s {
+            line(
+                &mut out,
+                "disruption",
+                format!(
+                    "at {at:.1} s; recovered {}",
+                    self.recovery_ms
+                        .map_or("never".to_string(), |ms| format!("after {ms:.0} ms"))
+                ),
+            );
+        }
+        if let Some(bytes) = self.peak_memory_bytes {
+            line(
+                &mut out,
+                "peak memory",
+                format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0)),
+            );
+        }
+        out
+    }
+}
+
+/// `1 cluster`, `3 clusters`.
+fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// The process's peak resident set size (`VmHWM`), where the system tells it.
+pub(super) fn peak_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}

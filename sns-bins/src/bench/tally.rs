@@ -1,0 +1,530 @@
+//! Accounting of a benchmark run: every post issued, every delivery received, latencies.
+//!
+//! A post's text carries the run's marker, the post's number and when it was due
+//! (`sb<run>.<number>.<due ns>`), so a reader knows which post it got, without a shared map,
+//! on our servers and on the course's (which prefix nothing, but may send other posts).
+//! Exactly-once is checked twice: per reader (an author's posts arrive in the author's order,
+//! so a post at or before the last one delivered from that author is a duplicate) and per post
+//! (its delivery count against its author's followers).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// Posts per chunk of the post table.
+const CHUNK: u64 = 1 << 16;
+/// Chunks at most: 2^30 posts, far beyond a run's length at any rate this machine reaches.
+const MAX_CHUNKS: usize = 1 << 14;
+/// Latencies are recorded in microseconds, up to this (longer ones count as this).
+const MAX_LATENCY_MICROS: u64 = 300_000_000;
+/// Histogram shards: readers spread their recording over these, so they seldom wait.
+const SHARDS: usize = 16;
+
+/// One issued post.
+#[derive(Debug, Default)]
+struct Slot {
+    /// The author's population index + 1 (0: not filled in yet).
+    author: AtomicU32,
+    /// Deliveries received.
+    received: AtomicU32,
+}
+
+/// Latencies of one shard, by where the follower lives.
+#[derive(Debug)]
+struct Latencies {
+    same: Histogram<u64>,
+    cross: Histogram<u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // Bounds fixed and valid (1 µs to 300 s, 3 significant digits).
+    Histogram::new_with_bounds(1, MAX_LATENCY_MICROS, 3)
+        .unwrap_or_else(|_| unreachable!("valid histogram bounds"))
+}
+
+/// The run's ledger, shared by the posters and every reader.
+#[derive(Debug)]
+pub struct Tally {
+    marker: String,
+    base: Instant,
+    chunks: Box<[OnceLock<Box<[Slot]>>]>,
+    issued: AtomicU64,
+    /// Deliveries the issued posts should make (their authors' follower counts).
+    expected: AtomicU64,
+    delivered: AtomicU64,
+    /// Deliveries received inside the timed window.
+    delivered_in_window: AtomicU64,
+    /// Posts issued inside the timed window.
+    issued_in_window: AtomicU64,
+    /// Deliveries a reader had already had (same author, same or earlier post).
+    duplicates: AtomicU64,
+    /// Texts with this run's marker that name no issued post.
+    unknown: AtomicU64,
+    window: (Duration, Duration),
+    /// The disruption of the scenario: when (ns since base; `u64::MAX`: none yet), the cluster
+    /// whose authors it hit (0: any author, counted only for followers on other clusters) and
+    /// the first delivery after it of a post due after it.
+    disrupted_at: AtomicU64,
+    disrupted_cluster: AtomicU32,
+    recovered_at: AtomicU64,
+    followers: Vec<u32>,
+    clusters: u32,
+    first_user: u32,
+    latencies: Box<[Mutex<Latencies>]>,
+}
+
+/// Latency percentiles of one class of deliveries, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Percentiles {
+    /// Deliveries measured.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p99_9: f64,
+    /// Worst.
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(histogram: &Histogram<u64>) -> Self {
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        if histogram.is_empty() {
+            return Self::default();
+        }
+        Self {
+            count: histogram.len(),
+            p50: ms(histogram.value_at_quantile(0.50)),
+            p90: ms(histogram.value_at_quantile(0.90)),
+            p99: ms(histogram.value_at_quantile(0.99)),
+            p99_9: ms(histogram.value_at_quantile(0.999)),
+            max: ms(histogram.max()),
+        }
+    }
+}
+
+/// The exactly-once verdict.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Verdict {
+    /// Posts issued.
+    pub posts: u64,
+    /// Deliveries the posts should have made.
+    pub expected: u64,
+    /// Deliveries received.
+    pub delivered: u64,
+    /// Deliveries that never arrived.
+    pub missing: u64,
+    /// Deliveries received more than once.
+    pub duplicates: u64,
+    /// Deliveries of posts this run never made, or to users who do not follow the author.
+    pub unexpected: u64,
+}
+
+impl Verdict {
+    /// Whether every post reached every follower exactly once.
+    pub fn exactly_once(&self) -> bool {
+        self.missing == 0 && self.duplicates == 0 && self.unexpected == 0
+    }
+}
+
+/// What a reader remembers to recognise duplicates: the last post number per author.
+#[derive(Debug, Default)]
+pub struct ReaderState {
+    last: HashMap<u32, u64>,
+}
+
+impl Tally {
+    /// A ledger for a run marked `run`; `followers[i]` is population index i's number of
+    /// followers in the population (the deliveries each of its posts must make). User ids
+    /// are `first_user + index`; a user's cluster is `(id - 1) % clusters + 1`. Latencies are
+    /// kept for posts due inside `window` (from `base`).
+    pub fn new(
+        run: u64,
+        base: Instant,
+        window: (Duration, Duration),
+        followers: Vec<u32>,
+        clusters: u32,
+        first_user: u32,
+    ) -> Self {
+        Self {
+            marker: format!("sb{run:x}."),
+            base,
+            chunks: (0..MAX_CHUNKS).map(|_| OnceLock::new()).collect(),
+            issued: AtomicU64::new(0),
+            expected: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            delivered_in_window: AtomicU64::new(0),
+            issued_in_window: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            unknown: AtomicU64::new(0),
+            window,
+            disrupted_at: AtomicU64::new(u64::MAX),
+            disrupted_cluster: AtomicU32::new(0),
+            recovered_at: AtomicU64::new(u64::MAX),
+            followers,
+            clusters: clusters.max(1),
+            first_user,
+            latencies: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Latencies {
+                        same: histogram(),
+                        cross: histogram(),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Time since the run's base.
+    pub fn now(&self) -> Duration {
+        self.base.elapsed()
+    }
+
+    /// The cluster of population index `index`.
+    pub fn cluster_of(&self, index: u32) -> u32 {
+        (self.first_user + index - 1) % self.clusters + 1
+    }
+
+    fn slot(&self, number: u64) -> Option<&Slot> {
+        let chunk = self.chunks.get((number / CHUNK) as usize)?.get()?;
+        chunk.get((number % CHUNK) as usize)
+    }
+
+    /// Issues the next post of `author` (a population index), due at `due` (since base):
+    /// the text to post, or `None` when the table is full.
+    pub fn issue(&self, author: u32, due: Duration) -> Option<String> {
+        let number = self.issued.fetch_add(1, Ordering::Relaxed);
+        let chunk = self
+            .chunks
+            .get((number / CHUNK) as usize)?
+            .get_or_init(|| (0..CHUNK).map(|_| Slot::default()).collect());
+        chunk[(number % CHUNK) as usize]
+            .author
+            .store(author + 1, Ordering::Release);
+        let followers = self.followers.get(author as usize).copied().unwrap_or(0);
+        self.expected
+            .fetch_add(u64::from(followers), Ordering::Relaxed);
+        if self.in_window(due) {
+            self.issued_in_window.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(format!("{}{number}.{}", self.marker, due.as_nanos()))
+    }
+
+    fn in_window(&self, at: Duration) -> bool {
+        at >= self.window.0 && at < self.window.1
+    }
+
+    /// Records that `reader` (a population index) received a post with `text`.
+    pub fn received(&self, reader: u32, state: &mut ReaderState, text: &str) {
+        let now = self.now();
+        let Some(at) = text.find(&self.marker) else {
+            return; // not this run's
+        };
+        let mut parts = text[at + self.marker.len()..].splitn(2, '.');
+        let number = parts.next().and_then(|n| n.parse::<u64>().ok());
+        let due = parts
+            .next()
+            .and_then(|d| d.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|d| d.parse::<u64>().ok())
+            .map(Duration::from_nanos);
+        let (Some(number), Some(due)) = (number, due) else {
+            self.unknown.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(slot) = self.slot(number) else {
+            self.unknown.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let author = match slot.author.load(Ordering::Acquire) {
+            0 => {
+                self.unknown.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            a => a - 1,
+        };
+        slot.received.fetch_add(1, Ordering::Relaxed);
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        if self.in_window(now) {
+            self.delivered_in_window.fetch_add(1, Ordering::Relaxed);
+        }
+        let last = state.last.entry(author).or_insert(u64::MAX);
+        if *last != u64::MAX && number <= *last {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = number;
+        let same = self.cluster_of(author) == self.cluster_of(reader);
+        self.note_recovery(author, same, due, now);
+        if self.in_window(due) {
+            let micros = now.saturating_sub(due).as_micros().max(1) as u64;
+            let shard = reader as usize % SHARDS;
+            let mut latencies = self.latencies[shard]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let histogram = if same {
+                &mut latencies.same
+            } else {
+                &mut latencies.cross
+            };
+            histogram.saturating_record(micros.min(MAX_LATENCY_MICROS));
+        }
+    }
+
+    /// Marks the scenario's disruption as happening now; `cluster` names the cluster whose
+    /// authors it hits (`None`: all, seen by followers on other clusters).
+    pub fn disrupt(&self, cluster: Option<u32>) -> Duration {
+        let now = self.now();
+        self.disrupted_cluster
+            .store(cluster.unwrap_or(0), Ordering::Relaxed);
+        self.disrupted_at
+            .store(now.as_nanos() as u64, Ordering::Release);
+        now
+    }
+
+    fn note_recovery(&self, author: u32, same: bool, due: Duration, now: Duration) {
+        let at = self.disrupted_at.load(Ordering::Acquire);
+        if at == u64::MAX || (due.as_nanos() as u64) < at {
+            return;
+        }
+        let hit = match self.disrupted_cluster.load(Ordering::Relaxed) {
+            0 => !same,
+            cluster => self.cluster_of(author) == cluster,
+        };
+        if hit {
+            self.recovered_at
+                .fetch_min(now.as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// From the disruption to the first delivery of a post due after it (see
+    /// [`Tally::disrupt`]); `None` without a disruption or before such a delivery.
+    pub fn recovery(&self) -> Option<Duration> {
+        let at = self.disrupted_at.load(Ordering::Acquire);
+        let recovered = self.recovered_at.load(Ordering::Relaxed);
+        (at != u64::MAX && recovered != u64::MAX)
+            .then(|| Duration::from_nanos(recovered.saturating_sub(at)))
+    }
+
+    /// Posts issued so far.
+    pub fn issued(&self) -> u64 {
+        self.issued.load(Ordering::Relaxed)
+    }
+
+    /// Posts issued inside the timed window.
+    pub fn issued_in_window(&self) -> u64 {
+        self.issued_in_window.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries received so far.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries received inside the timed window.
+    pub fn delivered_in_window(&self) -> u64 {
+        self.delivered_in_window.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries the issued posts should make.
+    pub fn expected(&self) -> u64 {
+        self.expected.load(Ordering::Relaxed)
+    }
+
+    /// The exactly-once verdict over every issued post.
+    pub fn verdict(&self) -> Verdict {
+        let posts = self.issued();
+        let mut verdict = Verdict {
+            posts,
+            expected: 0,
+            delivered: self.delivered(),
+            missing: 0,
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            unexpected: self.unknown.load(Ordering::Relaxed),
+        };
+        let mut over = 0;
+        for number in 0..posts {
+            let Some(slot) = self.slot(number) else {
+                continue;
+            };
+            let author = slot.author.load(Ordering::Acquire);
+            let should = author
+                .checked_sub(1)
+                .and_then(|a| self.followers.get(a as usize))
+                .map_or(0, |f| u64::from(*f));
+            let got = u64::from(slot.received.load(Ordering::Relaxed));
+            verdict.expected += should;
+            verdict.missing += should.saturating_sub(got);
+            over += got.saturating_sub(should);
+        }
+        // A delivery beyond a post's follower count is a duplicate when a reader saw it
+        // twice, and otherwise went to someone who does not follow the author.
+        verdict.unexpected += over.saturating_sub(verdict.duplicates);
+        verdict
+    }
+
+    /// Latency percentiles: same cluster, other cluster, all.
+    pub fn percentiles(&self) -> (Percentiles, Percentiles, Percentiles) {
+        let mut same = histogram();
+        let mut cross = histogram();
+        for shard in self.latencies.iter() {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            // Same bounds everywhere, so adding cannot fail.
+            let _ = same.add(&shard.same);
+            let _ = cross.add(&shard.cross);
+        }
+        let mut all = same.clone();
+        let _ = all.add(&cross);
+        (
+            Percentiles::of(&same),
+            Percentiles::of(&cross),
+            Percentiles::of(&all),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Users 1, 2, 3 on clusters 1, 2, 3; user 1 (index 0) has two followers, the others none.
+    fn tally() -> Tally {
+        Tally::new(
+            0xab,
+            Instant::now(),
+            (Duration::ZERO, Duration::from_secs(3600)),
+            vec![2, 0, 0],
+            3,
+            1,
+        )
+    }
+
+    #[test]
+    fn every_post_delivered_once_to_every_follower_is_exactly_once() {
+        let tally = tally();
+        let (mut a, mut b) = (ReaderState::default(), ReaderState::default());
+        for _ in 0..3 {
+            let text = tally.issue(0, tally.now()).expect("room");
+            tally.received(1, &mut a, &text);
+            tally.received(2, &mut b, &text);
+        }
+        let verdict = tally.verdict();
+        assert_eq!(verdict.posts, 3);
+        assert_eq!(verdict.expected, 6);
+        assert_eq!(verdict.delivered, 6);
+        assert!(verdict.exactly_once(), "{verdict:?}");
+        let (same, cross, all) = tally.percentiles();
+        assert_eq!((same.count, cross.count, all.count), (0, 6, 6));
+    }
+
+    #[test]
+    fn a_missing_delivery_is_found() {
+        let tally = tally();
+        let (mut a, mut b) = (ReaderState::default(), ReaderState::default());
+        let first = tally.issue(0, tally.now()).expect("room");
+        let second = tally.issue(0, tally.now()).expect("room");
+        tally.received(1, &mut a, &first);
+        tally.received(1, &mut a, &second);
+        tally.received(2, &mut b, &second);
+        let verdict = tally.verdict();
+        assert_eq!(verdict.missing, 1, "{verdict:?}");
+        assert!(!verdict.exactly_once());
+    }
+
+    #[test]
+    fn a_post_delivered_twice_to_one_reader_is_a_duplicate_even_if_another_missed_it() {
+        let tally = tally();
+        let (mut a, _b) = (ReaderState::default(), ReaderState::default());
+        let text = tally.issue(0, tally.now()).expect("room");
+        tally.received(1, &mut a, &text);
+        tally.received(1, &mut a, &text);
+        let verdict = tally.verdict();
+        assert_eq!(verdict.duplicates, 1, "{verdict:?}");
+        assert_eq!(verdict.missing, 0, "the count alone hides it: {verdict:?}");
+        assert_eq!(verdict.unexpected, 0, "{verdict:?}");
+        assert!(!verdict.exactly_once());
+    }
+
+    #[test]
+    fn an_older_post_after_a_newer_one_from_the_same_author_is_a_duplicate() {
+        let tally = tally();
+        let mut a = ReaderState::default();
+        let first = tally.issue(0, tally.now()).expect("room");
+        let second = tally.issue(0, tally.now()).expect("room");
+        tally.received(1, &mut a, &second);
+        tally.received(1, &mut a, &first);
+        assert_eq!(tally.verdict().duplicates, 1);
+    }
+
+    #[test]
+    fn deliveries_to_non_followers_and_of_unknown_posts_are_unexpected() {
+        let tally = tally();
+        let mut a = ReaderState::default();
+        let by_two = tally.issue(1, tally.now()).expect("room"); // user 2: no followers
+        tally.received(0, &mut a, &by_two);
+        tally.received(0, &mut a, "sbab.999.5");
+        tally.received(0, &mut a, "sbab.garbage");
+        tally.received(0, &mut a, "another run's post sbcd.0.1 is ignored");
+        let verdict = tally.verdict();
+        assert_eq!(verdict.unexpected, 3, "{verdict:?}");
+        assert_eq!(verdict.delivered, 1, "{verdict:?}");
+    }
+
+    #[test]
+    fn a_marker_inside_course_formatted_text_is_found() {
+        let tally = tally();
+        let mut a = ReaderState::default();
+        let text = tally.issue(0, tally.now()).expect("room");
+        tally.received(
+            2,
+            &mut a,
+            &format!("1 (Sun Nov 22 10:00:00 2026) >> {text}\n"),
+        );
+        assert_eq!(tally.verdict().delivered, 1);
+        assert_eq!(tally.verdict().unexpected, 0);
+    }
+
+    #[test]
+    fn recovery_counts_from_the_disruption_to_the_first_post_due_after_it() {
+        let tally = tally();
+        let mut a = ReaderState::default();
+        let before = tally.issue(0, tally.now()).expect("room");
+        let at = tally.disrupt(Some(1));
+        tally.received(1, &mut a, &before);
+        assert_eq!(tally.recovery(), None, "a post due before does not count");
+        let after = tally.issue(0, tally.now()).expect("room");
+        tally.received(1, &mut a, &after);
+        let took = tally.recovery().expect("recovered");
+        assert!(took <= tally.now() - at);
+    }
+
+    #[test]
+    fn latencies_are_split_by_cluster_and_kept_only_inside_the_window() {
+        let base = Instant::now();
+        let tally = Tally::new(
+            1,
+            base,
+            (Duration::from_secs(1), Duration::from_secs(2)),
+            vec![3, 0, 0, 0],
+            3,
+            1,
+        );
+        let mut r = ReaderState::default();
+        // Due inside the window (the due time is what the text says, not when it is read).
+        let inside = tally.issue(0, Duration::from_millis(1500)).expect("room");
+        let outside = tally.issue(0, Duration::ZERO).expect("room");
+        tally.received(3, &mut r, &outside); // user 4: cluster 1, same as user 1
+        let mut s = ReaderState::default();
+        tally.received(3, &mut s, &inside);
+        tally.received(1, &mut ReaderState::default(), &inside);
+        let (same, cross, _) = tally.percentiles();
+        assert_eq!((same.count, cross.count), (1, 1));
+        assert_eq!(tally.issued_in_window(), 1);
+    }
+}
