@@ -34,7 +34,7 @@ pub(super) enum Inbox {
     /// See [`Member::Plain`].
     Plain {
         /// The posts.
-        stream: TimelineStream,
+        stream: Box<TimelineStream>,
         /// Held so the stream stays open.
         _sender: TimelineSender,
     },
@@ -100,7 +100,7 @@ impl Member {
                 Ok((
                     Poster::Plain(sender.clone()),
                     Inbox::Plain {
-                        stream,
+                        stream: Box::new(stream),
                         _sender: sender,
                     },
                 ))
