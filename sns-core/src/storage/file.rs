@@ -14,8 +14,10 @@
 //! Invariants: an append is acknowledged only after `fdatasync` of every byte of it. One writer
 //! thread owns the open segment and serves requests from a bounded queue in arrival order;
 //! requests that are waiting while it syncs are written and synced together (group commit). The
-//! commit index is written (and synced) when the writer's queue runs empty, and at least every
-//! [`COMMIT_EVERY_BATCHES`] batches, never beyond the last synced entry.
+//! commit index is written when the writer's queue runs empty, and at least every
+//! [`COMMIT_EVERY_BATCHES`] batches, never beyond the last synced entry. It is synced only when
+//! the writer stops: a crash may leave an older value, which the commit index is allowed to be
+//! (it may lag, never lead), and no append waits behind a second `fdatasync`.
 //!
 //! On open, the first record that is torn, fails its checksum, does not decode or breaks index
 //! continuity ends the log if it is in the last segment (the segment is truncated there); in an
@@ -719,6 +721,8 @@ struct CommitFile {
     /// The slot the next write goes to (the one not holding the latest value).
     slot: usize,
     persisted: LogIndex,
+    /// Whether a write may not be on disk yet.
+    unsynced: bool,
 }
 
 impl CommitFile {
@@ -753,10 +757,12 @@ impl CommitFile {
             file,
             slot,
             persisted,
+            unsynced: false,
         })
     }
 
-    fn write(&mut self, index: LogIndex) -> io::Result<()> {
+    /// Writes `index` to the next slot; `sync`: and waits until it is on disk.
+    fn write(&mut self, index: LogIndex, sync: bool) -> io::Result<()> {
         let mut enc = Encoder::default();
         enc.u64(index.0);
         enc.u32(crc32fast::hash(&index.0.to_le_bytes()));
@@ -764,9 +770,21 @@ impl CommitFile {
         self.file
             .seek(SeekFrom::Start((self.slot * COMMIT_SLOT_BYTES) as u64))?;
         self.file.write_all(&enc.buf)?;
-        self.file.sync_data()?;
         self.slot = 1 - self.slot;
         self.persisted = index;
+        self.unsynced = true;
+        if sync {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the writes so far durable.
+    fn sync(&mut self) -> io::Result<()> {
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.unsynced = false;
+        }
         Ok(())
     }
 }
@@ -955,7 +973,7 @@ impl Writer {
                 Ok(request) => request,
                 Err(mpsc::TryRecvError::Empty) => {
                     // Idle: a good moment to persist the commit index.
-                    self.persist_commit();
+                    self.persist_commit(false);
                     since_commit = 0;
                     match requests.recv() {
                         Ok(request) => request,
@@ -980,11 +998,11 @@ impl Writer {
             self.serve(batch);
             since_commit += 1;
             if since_commit >= COMMIT_EVERY_BATCHES {
-                self.persist_commit();
+                self.persist_commit(false);
                 since_commit = 0;
             }
         }
-        self.persist_commit();
+        self.persist_commit(true);
     }
 
     fn serve(&mut self, batch: Vec<Request>) {
@@ -1093,8 +1111,9 @@ impl Writer {
         appended.clear();
     }
 
-    /// Writes the commit index if it advanced (never beyond the last synced entry).
-    fn persist_commit(&mut self) {
+    /// Writes the commit index if it advanced (never beyond the last synced entry); `sync`:
+    /// and makes every write of it durable.
+    fn persist_commit(&mut self, sync: bool) {
         if self.failed.is_some() {
             return;
         }
@@ -1102,9 +1121,13 @@ impl Writer {
             let map = self.shared.map();
             map.commit.min(map.last)
         };
-        if target > self.commit.persisted
-            && let Err(e) = self.commit.write(target)
-        {
+        let mut result = Ok(());
+        if target > self.commit.persisted {
+            result = self.commit.write(target, sync);
+        } else if sync {
+            result = self.commit.sync();
+        }
+        if let Err(e) = result {
             self.fail(format!(
                 "commit index write failed, refusing further writes: {e}"
             ));
