@@ -15,7 +15,9 @@ use tonic::{Code, Status, Streaming};
 
 use crate::error::{Error, Result};
 use crate::event::normalize_post_text;
-use crate::grpc::sns::{TERMINATED_METADATA, TIMELINE_MODE_METADATA, USERNAME_METADATA};
+use crate::grpc::sns::{
+    TERMINATED_METADATA, TIMELINE_MODE_METADATA, TIMELINE_RESUME_METADATA, USERNAME_METADATA,
+};
 use crate::ids::{ClusterId, PostId, PostKey, Timestamp, UserId};
 use crate::server::Listing;
 use crate::transport::Network;
@@ -266,6 +268,21 @@ impl Client {
     /// 20, newest first, then new ones as they happen). The stream is in structured mode: posts
     /// sent with a key ([`TimelineSender::post_keyed`]) are acknowledged on it.
     pub async fn timeline(&self) -> Result<(TimelineSender, TimelineStream)> {
+        self.open_timeline(None).await
+    }
+
+    /// Reopens the timeline after losing it (e.g. on a new master): like
+    /// [`Client::timeline`], but the stream starts with up to `replay` of the newest posts
+    /// (at most the server's timeline cap), **oldest first**, so a reader that skips the posts
+    /// it already had misses none and gets the rest in order.
+    pub async fn resume_timeline(&self, replay: usize) -> Result<(TimelineSender, TimelineStream)> {
+        self.open_timeline(Some(replay)).await
+    }
+
+    async fn open_timeline(
+        &self,
+        resume: Option<usize>,
+    ) -> Result<(TimelineSender, TimelineStream)> {
         let (tx, rx) = mpsc::channel(TIMELINE_SEND_BUFFER);
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         let user = MetadataValue::try_from(self.user.to_string())
@@ -275,6 +292,11 @@ impl Client {
             TIMELINE_MODE_METADATA,
             MetadataValue::from_static("structured"),
         );
+        if let Some(replay) = resume {
+            request
+                .metadata_mut()
+                .insert(TIMELINE_RESUME_METADATA, MetadataValue::from(replay as u64));
+        }
         let inbound = self
             .rpc
             .clone()

@@ -15,11 +15,13 @@
 //!   answered "already following" (UNFOLLOW: "not following") succeeded: the first attempt may
 //!   have been applied before its answer was lost. FOLLOW and UNFOLLOW therefore take effect
 //!   once, whatever the number of tries.
-//! - A reopened timeline replays its newest posts ([`RECENT_POSTS`]); the ones already
-//!   delivered are recognised by post id (by author and time when the server sent no id) and
-//!   suppressed, so the reader never sees a post twice. The memory for this is bounded: the
-//!   keys of the last [`SessionConfig::remembered_posts`] delivered posts (at least
-//!   [`RECENT_POSTS`], which covers a replay as long as post times grow in delivery order).
+//! - A timeline reopened after a failover is resumed: the server replays as many of its newest
+//!   posts as the session remembers delivering (up to the server's timeline cap), oldest
+//!   first; the ones already delivered are recognised by post id (by author and time when the
+//!   server sent no id) and suppressed, the others are passed on in order. So the reader never
+//!   sees a post twice and misses none that arrived while it was away (unless more than the
+//!   replay arrived). The memory for this is bounded: the keys of the last
+//!   [`SessionConfig::remembered_posts`] delivered posts (at least [`RECENT_POSTS`]).
 //! - Nothing posted is lost or stored twice while the session lives. Each post gets the
 //!   session's next idempotency key (a random 64-bit start, then consecutive) and stays in the
 //!   timeline's queue until the server acknowledges it (it is committed). When the stream is
@@ -817,7 +819,11 @@ impl Reader {
         let deadline = Instant::now() + self.inner.config.patience;
         loop {
             let current = self.inner.reconnect(used, reason, deadline).await?;
-            match current.client.timeline().await {
+            match current
+                .client
+                .resume_timeline(self.delivered.capacity)
+                .await
+            {
                 Ok((sender, stream)) => return Ok((current.generation, sender, stream)),
                 Err(e) if is_server_lost(&e) && Instant::now() < deadline => {
                     used = current.generation;

@@ -698,3 +698,68 @@ async fn a_direct_session_timeline_refuses_posts_once_it_has_ended() {
     assert_eq!(poster.unacknowledged(), 0);
     cluster.shutdown().await;
 }
+
+/// The texts of the next `count` posts on `stream`.
+async fn next_texts(stream: &mut sns_core::TimelineStream, count: usize) -> Vec<String> {
+    let mut texts = Vec::new();
+    for _ in 0..count {
+        let post = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .expect("a post in time")
+            .expect("the stream is open")
+            .expect("a post");
+        texts.push(post.text);
+    }
+    texts
+}
+
+#[tokio::test]
+async fn a_resumed_timeline_replays_every_recent_post_oldest_first_then_goes_live() {
+    let cluster = one_server().await;
+    let addr = server_addr(&cluster);
+    let reader = sns_core::Client::login(cluster.network(), &addr, u(1))
+        .await
+        .expect("login 1");
+    let author = sns_core::Client::login(cluster.network(), &addr, u(2))
+        .await
+        .expect("login 2");
+    reader.follow(u(2)).await.expect("1 follows 2");
+    let (poster, _own) = author.timeline().await.expect("author's timeline");
+    let posted = texts("missed", 50);
+    for text in &posted {
+        poster.post(text).await.expect("post");
+    }
+    let server = cluster.deployment().server(
+        sns_core::ClusterId::new(1).expect("cluster"),
+        sns_core::ServerId::new(1).expect("server"),
+    );
+    let server = server.expect("the server").clone();
+    let last = posted.last().expect("posts").clone();
+    assert!(
+        eventually(WAIT, || {
+            let server = server.clone();
+            let last = last.clone();
+            async move { committed_posts(&server, u(2)).await.last() == Some(&last) }
+        })
+        .await,
+        "every post committed"
+    );
+
+    // A plain open shows the newest 20, newest first (the course's behaviour)...
+    let (_keep, mut plain) = reader.timeline().await.expect("timeline");
+    let mut newest: Vec<String> = posted[30..].to_vec();
+    newest.reverse();
+    assert_eq!(next_texts(&mut plain, 20).await, newest);
+
+    // ...a resumed one as many as asked for (here all 50), oldest first, then live posts.
+    let (_keep, mut resumed) = reader.resume_timeline(100).await.expect("resume");
+    assert_eq!(next_texts(&mut resumed, 50).await, posted);
+    poster.post("live").await.expect("post");
+    assert_eq!(next_texts(&mut resumed, 1).await, ["live"]);
+    // A shorter replay takes the newest ones, still oldest first.
+    let (_keep, mut short) = reader.resume_timeline(5).await.expect("resume");
+    let mut expected = posted[46..].to_vec();
+    expected.push("live".to_string());
+    assert_eq!(next_texts(&mut short, 5).await, expected);
+    cluster.shutdown().await;
+}

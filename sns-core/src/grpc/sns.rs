@@ -37,6 +37,11 @@ pub(crate) const TERMINATED_METADATA: &str = "terminated";
 /// Metadata key (with value `structured`) asking for bare post text in `Message.msg`, and for
 /// acknowledgements of keyed posts.
 pub(crate) const TIMELINE_MODE_METADATA: &str = "sns-timeline";
+/// Metadata key (with a count, on structured streams) asking to resume a timeline: the stream
+/// starts with up to that many of the newest posts (at most the timeline's cap), oldest first,
+/// instead of the last 20 newest first. A client reopening after a failover asks for as many as
+/// it remembers having delivered, so it can pass on every post it missed, in order.
+pub(crate) const TIMELINE_RESUME_METADATA: &str = "sns-timeline-resume";
 
 /// Acknowledgements queued for the stream's reader; beyond it the poster waits (the posts a
 /// stream has in flight are bounded by its sender anyway).
@@ -151,6 +156,25 @@ impl SnsService for SnsAdapter {
             .metadata()
             .get(TIMELINE_MODE_METADATA)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"structured"));
+        let resume = match request.metadata().get(TIMELINE_RESUME_METADATA) {
+            Some(_) if !structured => {
+                return Err(Status::invalid_argument(
+                    "resuming a timeline needs a structured stream",
+                ));
+            }
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "{TIMELINE_RESUME_METADATA} must be a count of posts"
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
         let named = match request.metadata().get(USERNAME_METADATA) {
             Some(value) => {
                 let text = value
@@ -179,7 +203,11 @@ impl SnsService for SnsAdapter {
                 (UserId::parse(&first.username).map_err(status)?, Some(first))
             }
         };
-        let feed = self.server.open_timeline(user).map_err(status)?;
+        let feed = match resume {
+            Some(replay) => self.server.resume_timeline(user, replay),
+            None => self.server.open_timeline(user),
+        }
+        .map_err(status)?;
         let (errors, failures) = mpsc::channel(1);
         let (acks, acks_out) = if structured {
             let (acks, acks_out) = mpsc::channel(ACK_QUEUE);

@@ -738,12 +738,32 @@ impl Server {
 
     /// Opens `user`'s timeline: the last 20 committed posts (newest first), then live posts.
     pub fn open_timeline(&self, user: UserId) -> Result<TimelineFeed> {
+        self.open_feed(user, |state| state.recent_timeline(user, RECENT_POSTS))
+    }
+
+    /// Resumes `user`'s timeline (a client reopening it after losing its server): up to
+    /// `replay` of the newest committed posts (at most the timeline's cap), **oldest first**,
+    /// then live posts. The client skips the ones it had and passes on the rest in order.
+    pub fn resume_timeline(&self, user: UserId, replay: usize) -> Result<TimelineFeed> {
+        self.open_feed(user, |state| {
+            let mut recent = state.recent_timeline(user, replay);
+            recent.reverse();
+            recent
+        })
+    }
+
+    /// Opens a feed of `user` that starts with `first`'s posts, then live posts.
+    fn open_feed(
+        &self,
+        user: UserId,
+        first: impl FnOnce(&State) -> Vec<Arc<Post>>,
+    ) -> Result<TimelineFeed> {
         let permit = Arc::clone(&self.shared.streams)
             .try_acquire_owned()
             .map_err(|_| Error::Unavailable("too many timeline streams open".to_string()))?;
         let mut core = self.writable()?;
         known(&core.state, user)?;
-        let recent: Vec<Arc<Post>> = core.state.recent_timeline(user, RECENT_POSTS);
+        let recent: Vec<Arc<Post>> = first(&core.state);
         let subscription =
             core.subscribers
                 .subscribe(user, self.shared.config.stream_queue, &recent);
