@@ -42,7 +42,7 @@ use std::sync::Arc;
 use crate::codec::{Decoder, Encoder};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, Post};
-use crate::ids::{ClusterId, EventId, PostId, PostKey, Timestamp, UserId};
+use crate::ids::{ClusterId, EventId, PostId, PostKey, Timestamp, UserId, UserMap};
 
 /// Default number of posts a materialized timeline keeps (as Mastodon does).
 pub const DEFAULT_TIMELINE_CAP: usize = 400;
@@ -107,8 +107,10 @@ pub enum Applied {
 struct Account {
     /// Who this user follows, and since when.
     following: BTreeMap<UserId, Timestamp>,
-    /// Followers of this user who are local (they receive its posts here).
-    local_followers: BTreeSet<UserId>,
+    /// Followers of this user who are local (they receive its posts here), with the time each
+    /// follow began (the same as in the follower's `following`, kept here so a fan-out needs
+    /// no lookup in the follower's account to decide).
+    local_followers: BTreeMap<UserId, Timestamp>,
     /// Followers of this user who belong to other clusters (known for LIST only).
     remote_followers: BTreeSet<UserId>,
     /// This user's own most recent posts, ordered by [`Post::order_key`], capped; the source of
@@ -123,11 +125,20 @@ struct Account {
 }
 
 impl Account {
-    fn followers_mut(&mut self, local: bool) -> &mut BTreeSet<UserId> {
+    /// Records `follower` (local or not) as following this user since `since`.
+    fn add_follower(&mut self, follower: UserId, local: bool, since: Timestamp) {
         if local {
-            &mut self.local_followers
+            self.local_followers.insert(follower, since);
         } else {
-            &mut self.remote_followers
+            self.remote_followers.insert(follower);
+        }
+    }
+
+    fn remove_follower(&mut self, follower: UserId, local: bool) {
+        if local {
+            self.local_followers.remove(&follower);
+        } else {
+            self.remote_followers.remove(&follower);
         }
     }
 }
@@ -137,7 +148,7 @@ impl Account {
 pub struct State {
     config: StateConfig,
     users: BTreeSet<UserId>,
-    accounts: HashMap<UserId, Account>,
+    accounts: UserMap<Account>,
     high_water: BTreeMap<ClusterId, u64>,
     /// The latest event time applied (so a restarted server never stamps an earlier time).
     latest: Timestamp,
@@ -158,7 +169,7 @@ impl State {
                 ..config
             },
             users: BTreeSet::new(),
-            accounts: HashMap::new(),
+            accounts: UserMap::default(),
             high_water: BTreeMap::new(),
             latest: Timestamp::default(),
         }
@@ -273,7 +284,7 @@ impl State {
             .entry(followee)
             .or_insert(at);
         let author = self.accounts.entry(followee).or_default();
-        author.followers_mut(local).insert(follower);
+        author.add_follower(follower, local, since);
         if !local {
             return;
         }
@@ -300,7 +311,7 @@ impl State {
         }
         let local = self.config.is_local(follower);
         if let Some(account) = self.accounts.get_mut(&followee) {
-            account.followers_mut(local).remove(&follower);
+            account.remove_follower(follower, local);
         }
     }
 
@@ -317,13 +328,12 @@ impl State {
         // Lend the follower set out while the followers' accounts are updated: no copy, and
         // nothing below touches the author's own followers.
         let followers = std::mem::take(&mut author.local_followers);
-        for follower in &followers {
-            let Some(account) = self.accounts.get_mut(follower) else {
+        for (follower, since) in &followers {
+            if *since > post.at {
                 continue;
-            };
-            match account.following.get(&post.author) {
-                Some(since) if *since <= post.at => insert_capped(&mut account.timeline, post, cap),
-                _ => {}
+            }
+            if let Some(account) = self.accounts.get_mut(follower) {
+                insert_capped(&mut account.timeline, post, cap);
             }
         }
         if let Some(author) = self.accounts.get_mut(&post.author) {
@@ -390,7 +400,7 @@ impl State {
     /// The followers of `user` (of every cluster), ascending.
     pub fn followers(&self, user: UserId) -> impl Iterator<Item = UserId> + '_ {
         self.accounts.get(&user).into_iter().flat_map(|a| Merged {
-            a: a.local_followers.iter().copied().peekable(),
+            a: a.local_followers.keys().copied().peekable(),
             b: a.remote_followers.iter().copied().peekable(),
         })
     }
@@ -407,7 +417,7 @@ impl State {
         self.accounts
             .get(&user)
             .into_iter()
-            .flat_map(|a| a.local_followers.iter().copied())
+            .flat_map(|a| a.local_followers.keys().copied())
     }
 
     /// Number of local followers of `user`.
@@ -608,19 +618,18 @@ impl State {
                 }
             }
         }
-        let edges: Vec<(UserId, UserId)> = state
+        let edges: Vec<(UserId, UserId, Timestamp)> = state
             .accounts
             .iter()
-            .flat_map(|(f, a)| a.following.keys().map(move |g| (*f, *g)))
+            .flat_map(|(f, a)| a.following.iter().map(move |(g, since)| (*f, *g, *since)))
             .collect();
-        for (follower, followee) in edges {
+        for (follower, followee, since) in edges {
             let local = state.config.is_local(follower);
             state
                 .accounts
                 .entry(followee)
                 .or_default()
-                .followers_mut(local)
-                .insert(follower);
+                .add_follower(follower, local, since);
         }
         Ok(state)
     }

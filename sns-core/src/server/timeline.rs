@@ -5,7 +5,6 @@
 //! registry and its feed ends with an error, so the client reopens its timeline rather than
 //! silently missing posts.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::event::Post;
-use crate::ids::UserId;
+use crate::ids::{UserId, UserMap};
 
 #[derive(Debug)]
 struct Subscriber {
@@ -28,7 +27,7 @@ struct Subscriber {
 #[derive(Debug, Default)]
 pub(crate) struct Subscribers {
     next_id: u64,
-    by_user: HashMap<UserId, Vec<Subscriber>>,
+    by_user: UserMap<Vec<Subscriber>>,
 }
 
 /// The receiving end of one subscription.
