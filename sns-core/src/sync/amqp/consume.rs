@@ -1,7 +1,8 @@
 //! The consuming side: this cluster's queue, with manual acknowledgements and a bounded
-//! prefetch. Deliveries that are ready together are handled together: consecutive messages of
-//! one origin whose events follow each other become one apply, acknowledged (`multiple`) once
-//! the master answered that the events are committed.
+//! prefetch. Deliveries that are ready together are handled together: the messages of each
+//! origin, in order, become as few applies as their events allow (one, when they follow each
+//! other), and all of them are acknowledged with one `multiple` ack once the master answered
+//! that every one of their events is committed.
 //!
 //! - A message that is not a valid batch (it does not decode, carries this cluster's own
 //!   events or those of a cluster the deployment does not have, or events the master refuses)
@@ -13,6 +14,7 @@
 //! - Any other failure ends the session without acknowledging; the broker redelivers what was
 //!   not acknowledged, and the master drops what it already has.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::task::Poll;
 
@@ -151,19 +153,20 @@ impl Run {
         self.len += events.len();
         self.parts.push((tag, events));
     }
-
-    fn last_tag(&self) -> Option<u64> {
-        self.parts.last().map(|(tag, _)| *tag)
-    }
 }
 
-/// Applies and settles deliveries, in order.
+/// Applies and settles deliveries. Each origin's messages are applied in delivery order, as
+/// few applies as possible (a run of messages whose events follow each other is one); origins
+/// are independent, so the messages of two origins interleaved in the queue do not each cost
+/// an apply. Every valid message is acknowledged at the end with one `multiple` ack, once all
+/// of them are committed; a failure before that acknowledges none (they are redelivered).
 async fn handle(
     link: &ClusterLink,
     channel: &Channel,
     deliveries: Vec<Delivery>,
 ) -> std::result::Result<(), Ended> {
-    let mut run: Option<Run> = None;
+    let mut runs: BTreeMap<ClusterId, Vec<Run>> = BTreeMap::new();
+    let mut last_tag = None;
     for delivery in deliveries {
         let tag = delivery.delivery_tag;
         let decoded = decode_batch(&delivery.data).and_then(|(origin, events)| {
@@ -181,60 +184,62 @@ async fn handle(
             }
         });
         match decoded {
-            Err(error) => {
-                flush(link, channel, run.take()).await?;
-                reject(link, channel, tag, &error).await?;
-            }
-            Ok((_, events)) if events.is_empty() => {
-                flush(link, channel, run.take()).await?;
-                ack(channel, tag, false).await?;
-            }
+            Err(error) => reject(link, channel, tag, &error).await?,
             Ok((origin, events)) => {
-                if run
-                    .as_ref()
-                    .is_some_and(|r| !r.continued_by(origin, &events))
-                {
-                    flush(link, channel, run.take()).await?;
+                last_tag = Some(tag);
+                if events.is_empty() {
+                    continue;
                 }
-                run.get_or_insert_with(|| Run::new(origin))
-                    .push(tag, events);
+                let list = runs.entry(origin).or_default();
+                match list.last_mut() {
+                    Some(run) if run.continued_by(origin, &events) => run.push(tag, events),
+                    _ => {
+                        let mut run = Run::new(origin);
+                        run.push(tag, events);
+                        list.push(run);
+                    }
+                }
             }
         }
     }
-    flush(link, channel, run).await
+    for run in runs.into_values().flatten() {
+        apply_run(link, channel, run).await?;
+    }
+    match last_tag {
+        Some(tag) => ack(channel, tag, true).await,
+        None => Ok(()),
+    }
 }
 
-/// Applies a run and acknowledges its messages; rejects the ones that are not valid.
-async fn flush(
+/// Applies a run; when the master refuses it as invalid, applies its messages one by one and
+/// rejects the ones that are invalid (the others are acknowledged with the rest).
+async fn apply_run(
     link: &ClusterLink,
     channel: &Channel,
-    run: Option<Run>,
+    run: Run,
 ) -> std::result::Result<(), Ended> {
-    let Some(run) = run else {
-        return Ok(());
-    };
-    let Some(last_tag) = run.last_tag() else {
-        return Ok(());
-    };
     let events: Vec<Event> = run
         .parts
         .iter()
         .flat_map(|(_, e)| e.iter().cloned())
         .collect();
     match apply_repairing(link, run.origin, &events).await {
-        Ok(()) => ack(channel, last_tag, true).await,
+        Ok(()) => Ok(()),
         Err(error) if invalid(&error) && run.parts.len() > 1 => {
             // Find the culprit: one message at a time.
             for (tag, events) in &run.parts {
                 match apply_repairing(link, run.origin, events).await {
-                    Ok(()) => ack(channel, *tag, false).await?,
+                    Ok(()) => {}
                     Err(error) if invalid(&error) => reject(link, channel, *tag, &error).await?,
                     Err(error) => return Err(Ended::Broken(error)),
                 }
             }
             Ok(())
         }
-        Err(error) if invalid(&error) => reject(link, channel, last_tag, &error).await,
+        Err(error) if invalid(&error) => match run.parts.last() {
+            Some((tag, _)) => reject(link, channel, *tag, &error).await,
+            None => Ok(()),
+        },
         Err(error) => Err(Ended::Broken(error)),
     }
 }
