@@ -130,6 +130,9 @@ pub struct BenchArgs {
     /// How long setting up the population may take.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub setup_timeout: Duration,
+    /// Committed entries between snapshots on every server (in-process).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_every: u64,
     /// Seed of the follow graph and of the choice of authors.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -206,6 +209,10 @@ pub async fn run(args: BenchArgs) -> Result<Report, Failure> {
         ports: Ports::Auto,
         data,
         bus: bus.clone(),
+        server: sns_core::ServerConfig {
+            snapshot_every: args.snapshot_every,
+            ..sns_core::ServerConfig::default()
+        },
         ..DeploymentConfig::default()
     };
     let deployment = Deployment::start(config)
