@@ -49,7 +49,8 @@ pub enum Scenario {
     /// time until posts of cluster 1's authors are delivered again.
     Failover,
     /// Restart the RabbitMQ application a third into the timed window (`rabbitmqctl stop_app`,
-    /// then `start_app`); reports the time until posts reach other clusters again.
+    /// then `start_app`); reports the time from the broker being down (`stop_app` returned)
+    /// until a post due after that reaches another cluster.
     BrokerRestart,
 }
 
@@ -760,7 +761,7 @@ async fn disrupt(
             Ok(Some(when))
         }
         Scenario::BrokerRestart => {
-            let when = tally.disrupt(None);
+            let mut when = None;
             for step in ["stop_app", "start_app"] {
                 let status = tokio::process::Command::new(&args.rabbitmqctl)
                     .arg(step)
@@ -772,8 +773,11 @@ async fn disrupt(
                 if !status.success() {
                     return Err(format!("{} {step} failed: {status}", args.rabbitmqctl));
                 }
+                // The disruption is the moment the broker is down: posts due from then on
+                // can cross clusters only once it is back and the synchronizers reconnected.
+                when.get_or_insert_with(|| tally.disrupt(None));
             }
-            Ok(Some(when))
+            Ok(when)
         }
     }
 }

@@ -13,6 +13,10 @@
 //! - `sns status [-h HOST -k PORT]`: the coordinator's view as a table: per server its role,
 //!   the cluster's epoch and its log's, its durable and committed indexes, and for a slave
 //!   whether it is in sync and how many entries it lags behind its master.
+//! - `sns bench [steady|failover|broker-restart]`: the load generator (see
+//!   `sns_bins::bench`): a population of users posting through the client library, every
+//!   delivery's latency and an exactly-once check; exit code 1 if a delivery was missing or
+//!   repeated.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
