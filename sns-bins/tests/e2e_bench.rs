@@ -109,6 +109,17 @@ fn a_deployment_of_real_processes_is_driven_through_its_coordinator() {
 }
 
 #[test]
+fn course_mode_plain_clients_deliver_exactly_once_too() {
+    // `--course` drives servers that speak only the course's protocol: plain clients, posts
+    // without keys. Ours speak it as well, so the same check holds.
+    let mut args = SMALL.to_vec();
+    args.extend(["11", "--storage", "memory", "--course"]);
+    let (code, report, stderr) = bench(&args);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_exactly_once(&report, &stderr);
+}
+
+#[test]
 fn a_master_aborted_mid_run_loses_and_repeats_nothing() {
     let args = [
         "failover",

@@ -647,3 +647,46 @@ async fn a_silent_timeline_stream_does_not_hold_up_shutdown() {
     let answer = tokio::time::timeout(WAIT, pending).await.expect("answered");
     assert!(!matches!(answer, Ok(Ok(_))), "{answer:?}");
 }
+
+#[tokio::test]
+async fn a_resume_request_needs_a_structured_stream_and_a_count() {
+    let server = start().await;
+    let _c1 = login(&server, 1).await;
+    for (metadata, says) in [
+        (&[("sns-timeline-resume", "20")][..], "structured"),
+        (
+            &[
+                ("sns-timeline", "structured"),
+                ("sns-timeline-resume", "many"),
+            ][..],
+            "count",
+        ),
+    ] {
+        let mut rpc = raw(&server).await;
+        let (_keep, outbound) = tokio::sync::mpsc::channel::<Message>(1);
+        let mut request =
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outbound));
+        request
+            .metadata_mut()
+            .insert("username", "1".parse().expect("metadata"));
+        for (key, value) in metadata {
+            request
+                .metadata_mut()
+                .insert(*key, value.parse().expect("metadata"));
+        }
+        let status = rpc.timeline(request).await.expect_err("refused");
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{metadata:?}: {status:?}"
+        );
+        assert!(status.message().contains(says), "{metadata:?}: {status:?}");
+    }
+    // Nothing was opened: the user can still open a timeline.
+    let c1 = Client::attach(&server.network, &server.addr, u(1))
+        .await
+        .expect("attach");
+    c1.resume_timeline(5)
+        .await
+        .expect("a structured resume opens");
+}
