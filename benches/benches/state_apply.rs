@@ -12,7 +12,10 @@
 //!   posts were already applied (N = 0, 1,000,000): the length of the history must not matter.
 //! - `apply/{user_joined,followed_then_unfollowed}`: the other events, in a 10,000-user state.
 
-use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{
+    BatchSize, BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
+};
 use sns_benches::{event, origin, post, user};
 use sns_core::state::DEFAULT_TIMELINE_CAP;
 use sns_core::{EventKind, State, StateConfig};
@@ -69,6 +72,27 @@ fn community(users: u32, followers: u32) -> (State, u64) {
     (state, seq)
 }
 
+/// Times `State::apply` of the next posts of user 1 (sequence numbers after `seq`), then checks
+/// that every one was applied.
+fn time_posts_of_user_1(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: BenchmarkId,
+    state: &mut State,
+    seq: &mut u64,
+) {
+    group.bench_function(id, |b| {
+        b.iter_batched(
+            || {
+                *seq += 1;
+                post(*seq, user(1))
+            },
+            |event| state.apply(&event),
+            BatchSize::SmallInput,
+        );
+    });
+    assert_eq!(state.high_water(origin()), *seq, "a post was not applied");
+}
+
 fn post_cost(c: &mut Criterion) {
     let mut group = c.benchmark_group("post_cost");
     group.sample_size(30);
@@ -78,20 +102,8 @@ fn post_cost(c: &mut Criterion) {
             let followers = followers.min(users - 1);
             let (mut state, mut seq) = community(users, followers);
             group.throughput(Throughput::Elements(u64::from(followers)));
-            group.bench_function(
-                BenchmarkId::new(format!("users/{users}/followers"), followers),
-                |b| {
-                    b.iter_batched(
-                        || {
-                            seq += 1;
-                            post(seq, user(1))
-                        },
-                        |event| state.apply(&event),
-                        BatchSize::SmallInput,
-                    );
-                },
-            );
-            assert_eq!(state.high_water(origin()), seq, "a post was not applied");
+            let id = BenchmarkId::new(format!("users/{users}/followers"), followers);
+            time_posts_of_user_1(&mut group, id, &mut state, &mut seq);
             let newest = state.recent_timeline(user(followers + 1), 1);
             assert_eq!(newest.first().map(|p| p.id.seq), Some(seq));
         }
@@ -110,17 +122,8 @@ fn post_cost_after_log(c: &mut Criterion) {
             let author = 2 + (n % 9_999) as u32;
             state.apply(&post(seq, user(author)));
         }
-        group.bench_function(BenchmarkId::new("entries", history), |b| {
-            b.iter_batched(
-                || {
-                    seq += 1;
-                    post(seq, user(1))
-                },
-                |event| state.apply(&event),
-                BatchSize::SmallInput,
-            );
-        });
-        assert_eq!(state.high_water(origin()), seq, "a post was not applied");
+        let id = BenchmarkId::new("entries", history);
+        time_posts_of_user_1(&mut group, id, &mut state, &mut seq);
     }
     group.finish();
 }

@@ -10,21 +10,25 @@ use support::{Coordinator, Synchronizer, free_port, run, three_clusters};
 
 const SNS: &str = env!("CARGO_BIN_EXE_sns");
 
-/// A small, short run's flags: 30 users following 5 each, 200 posts/s.
-const SMALL: [&str; 12] = [
-    "--users",
-    "30",
-    "--follows-per-user",
-    "5",
-    "--rate",
-    "200",
-    "--duration",
-    "1s",
-    "--warm-up",
-    "500ms",
-    "--json",
-    "--seed",
-];
+/// A small, short run's flags: 30 users following 5 each, 200 posts/s for `duration` after
+/// 0.5 s of warm-up, reported as JSON, with `extra` flags after them.
+fn small<'a>(duration: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--users",
+        "30",
+        "--follows-per-user",
+        "5",
+        "--rate",
+        "200",
+        "--duration",
+        duration,
+        "--warm-up",
+        "500ms",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
 
 fn bench(args: &[&str]) -> (Option<i32>, Value, String) {
     let mut all = vec!["bench"];
@@ -58,9 +62,7 @@ fn assert_exactly_once(report: &Value, stderr: &str) {
 
 #[test]
 fn an_in_process_run_delivers_every_post_exactly_once_and_reports_it_as_json() {
-    let mut args = SMALL.to_vec();
-    args.extend(["7", "--storage", "file"]);
-    let (code, report, stderr) = bench(&args);
+    let (code, report, stderr) = bench(&small("1s", &["--seed", "7", "--storage", "file"]));
     assert_eq!(code, Some(0), "{stderr}");
     assert_exactly_once(&report, &stderr);
     assert_eq!(report["target"], "in-process");
@@ -72,11 +74,9 @@ fn an_in_process_run_delivers_every_post_exactly_once_and_reports_it_as_json() {
 
 #[test]
 fn the_summary_table_names_the_verdict_and_both_latency_classes() {
-    let args: Vec<&str> = SMALL
-        .iter()
-        .copied()
+    let args: Vec<&str> = small("1s", &["--storage", "memory", "--graph", "power-law"])
+        .into_iter()
         .filter(|a| *a != "--json")
-        .chain(["3", "--storage", "memory", "--graph", "power-law"])
         .collect();
     let (code, stdout, stderr) = run(SNS, &[&["bench"], &args[..]].concat());
     assert_eq!(code, Some(0), "{stderr}");
@@ -95,8 +95,7 @@ fn a_deployment_of_real_processes_is_driven_through_its_coordinator() {
         .map(|c| Synchronizer::start(&coordinator, c, free_port(), "local"))
         .collect();
     let port = coordinator.port.to_string();
-    let mut args = SMALL.to_vec();
-    args.extend(["5", "-h", "127.0.0.1", "-k", &port]);
+    let args = small("1s", &["-h", "127.0.0.1", "-k", &port]);
     let (code, report, stderr) = bench(&args);
     assert_eq!(code, Some(0), "{stderr}");
     assert_exactly_once(&report, &stderr);
@@ -112,31 +111,15 @@ fn a_deployment_of_real_processes_is_driven_through_its_coordinator() {
 fn course_mode_plain_clients_deliver_exactly_once_too() {
     // `--course` drives servers that speak only the course's protocol: plain clients, posts
     // without keys. Ours speak it as well, so the same check holds.
-    let mut args = SMALL.to_vec();
-    args.extend(["11", "--storage", "memory", "--course"]);
-    let (code, report, stderr) = bench(&args);
+    let (code, report, stderr) = bench(&small("1s", &["--storage", "memory", "--course"]));
     assert_eq!(code, Some(0), "{stderr}");
     assert_exactly_once(&report, &stderr);
 }
 
 #[test]
 fn a_master_aborted_mid_run_loses_and_repeats_nothing() {
-    let args = [
-        "failover",
-        "--users",
-        "30",
-        "--follows-per-user",
-        "5",
-        "--rate",
-        "200",
-        "--duration",
-        "3s",
-        "--warm-up",
-        "500ms",
-        "--storage",
-        "memory",
-        "--json",
-    ];
+    let mut args = vec!["failover"];
+    args.extend(small("3s", &["--storage", "memory"]));
     let (code, report, stderr) = bench(&args);
     assert_eq!(code, Some(0), "{stderr}");
     assert_exactly_once(&report, &stderr);

@@ -18,6 +18,25 @@ use crate::transport::{Listener, MemoryNetwork, Network};
 mod amqp;
 pub use amqp::{AMQP_URL_VAR, AmqpTestBroker, REQUIRE_AMQP_VAR, amqp_broker};
 
+/// The texts of the next `count` posts on `stream`, each awaited for at most `patience`; panics
+/// (failing the test) if one does not come in time, the stream ends or brings an error.
+pub async fn next_texts(
+    stream: &mut crate::TimelineStream,
+    count: usize,
+    patience: Duration,
+) -> Vec<String> {
+    let mut texts = Vec::with_capacity(count);
+    for got in 0..count {
+        let post = tokio::time::timeout(patience, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("post {} of {count} did not come in time", got + 1))
+            .unwrap_or_else(|| panic!("the stream ended after {got} of {count} posts"))
+            .unwrap_or_else(|e| panic!("the stream failed after {got} of {count} posts: {e}"));
+        texts.push(post.text);
+    }
+    texts
+}
+
 /// Polls `check` until it returns `true` or `timeout` passes; returns whether it held.
 pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where

@@ -293,16 +293,7 @@ async fn shown_once(server: &TestServer, user: u32, newest: &str) -> Vec<String>
 
 /// Reads `n` posts from a feed, failing the test if they do not arrive in time.
 async fn read_texts(feed: &mut sns_core::TimelineStream, n: usize) -> Vec<String> {
-    let mut texts = Vec::new();
-    for _ in 0..n {
-        let post = tokio::time::timeout(WAIT, feed.next())
-            .await
-            .expect("in time")
-            .expect("a post")
-            .expect("ok");
-        texts.push(post.text);
-    }
-    texts
+    sns_core::testing::next_texts(feed, n, WAIT).await
 }
 
 #[tokio::test]

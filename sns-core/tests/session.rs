@@ -701,16 +701,7 @@ async fn a_direct_session_timeline_refuses_posts_once_it_has_ended() {
 
 /// The texts of the next `count` posts on `stream`.
 async fn next_texts(stream: &mut sns_core::TimelineStream, count: usize) -> Vec<String> {
-    let mut texts = Vec::new();
-    for _ in 0..count {
-        let post = tokio::time::timeout(WAIT, stream.next())
-            .await
-            .expect("a post in time")
-            .expect("the stream is open")
-            .expect("a post");
-        texts.push(post.text);
-    }
-    texts
+    sns_core::testing::next_texts(stream, count, WAIT).await
 }
 
 #[tokio::test]
