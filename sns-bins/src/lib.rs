@@ -13,14 +13,26 @@ pub fn init_logging() {
     init_logging_at("info");
 }
 
-/// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default `level`).
+/// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default `level`), in colour
+/// only when stderr is a terminal and `NO_COLOR` is not set (so a log piped to a file or a
+/// collector carries no escape codes).
 pub fn init_logging_at(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour_wanted(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .try_init();
+}
+
+/// Whether logs get colours: on a terminal, unless `NO_COLOR` is set to anything but the empty
+/// string (<https://no-color.org>).
+fn colour_wanted(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
 /// Flags shared by the binaries that take part in a deployment's internal calls.
@@ -73,5 +85,20 @@ where
             eprintln!("{name}: {message}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::colour_wanted;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(colour_wanted(true, None));
+        assert!(colour_wanted(true, Some(OsStr::new(""))));
+        assert!(!colour_wanted(true, Some(OsStr::new("1"))));
+        assert!(!colour_wanted(false, None));
+        assert!(!colour_wanted(false, Some(OsStr::new("1"))));
     }
 }

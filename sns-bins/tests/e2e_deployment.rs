@@ -267,3 +267,67 @@ fn a_line_typed_while_the_server_is_down_is_posted_once_it_is_back() {
     let next = one.next_line();
     assert!(next.ends_with(") >> after the restart"), "{next:?}");
 }
+
+#[test]
+fn sns_up_with_ports_auto_keeps_an_explicit_port_and_prints_the_advertised_client_command() {
+    let port = free_port();
+    let data = tempfile::tempdir().expect("temp dir");
+    let up = support::SnsUp::start(
+        data.path(),
+        &[
+            "--port",
+            &port.to_string(),
+            "--clusters",
+            "1",
+            "--advertise-host",
+            "localhost",
+        ],
+    );
+    assert_eq!(up.port, port, "{:?}", up.printed);
+    assert!(
+        up.printed[0].starts_with("Tiny SNS is up: 1 cluster, "),
+        "{:?}",
+        up.printed
+    );
+    // Addresses are given as advertised.
+    let command = format!("tsc -h localhost -k {port} -u <user id>");
+    assert!(
+        up.printed.iter().any(|l| l.ends_with(&command)),
+        "{:?}",
+        up.printed
+    );
+    // The coordinator really is there: a client logs in through it.
+    let mut one = Tsc::via(port, 1);
+    one.expect_banner();
+}
+
+#[test]
+fn logs_written_to_a_file_carry_no_escape_codes() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let log_path = data.path().join("sns.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sns"))
+        .args(["up", "--ports", "auto", "--in-memory", "--clusters", "1"])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .env_remove("SNS_CLUSTER_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start sns up");
+    let stdout = Lines::new(child.stdout.take().expect("stdout"), "sns up");
+    stdout.until(|l| l == "Press Ctrl-C to stop.");
+    support::send_signal(&child, "INT");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+    let written = std::fs::read_to_string(&log_path).expect("read the log");
+    assert!(
+        written.contains("INFO"),
+        "an info line was logged: {written}"
+    );
+    assert!(
+        !written.contains('\u{1b}'),
+        "escape codes in a log written to a file: {written:?}"
+    );
+}

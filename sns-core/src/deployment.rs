@@ -102,6 +102,11 @@ pub enum Ports {
     },
     /// Ports chosen by the operating system.
     Auto,
+    /// The coordinator on the given port, every other port chosen by the operating system.
+    AutoButCoordinator {
+        /// The coordinator's port.
+        coordinator: u16,
+    },
 }
 
 /// Where servers keep their data.
@@ -286,6 +291,7 @@ impl Deployment {
                 }
                 coordinator
             }
+            Ports::AutoButCoordinator { coordinator } => coordinator,
             Ports::Auto => 0,
         };
         let listener = bind(&config, COORDINATOR_NODE, coordinator_port).await?;
@@ -331,7 +337,7 @@ impl Deployment {
                 };
                 let port = match deployment.config.ports {
                     Ports::Course { .. } => (c * 10_000 + s - 1) as u16,
-                    Ports::Auto => 0,
+                    Ports::Auto | Ports::AutoButCoordinator { .. } => 0,
                 };
                 let host = match deployment.config.transport {
                     Transport::Tcp => deployment.config.advertise_host.clone(),
@@ -399,7 +405,7 @@ impl Deployment {
         let port = match (self.sync_ports.get(&cluster), self.config.ports) {
             (Some(port), _) => *port,
             (None, Ports::Course { .. }) => course_synchronizer_port(cluster),
-            (None, Ports::Auto) => 0,
+            (None, Ports::Auto | Ports::AutoButCoordinator { .. }) => 0,
         };
         let listener = bind(&self.config, &node, port).await?;
         let port = listener.port().unwrap_or(port);

@@ -70,15 +70,20 @@ enum Command {
         /// Keep everything in memory instead.
         #[arg(long, conflicts_with = "data_dir")]
         in_memory: bool,
-        /// The coordinator's port (with the course's port plan).
-        #[arg(long, default_value_t = 9090)]
-        port: u16,
+        /// The coordinator's port [default: 9090 with the course's port plan; chosen by the
+        /// system with `--ports auto`, unless given].
+        #[arg(long)]
+        port: Option<u16>,
         /// Port plan.
         #[arg(long, value_enum, default_value_t = PortPlan::Course)]
         ports: PortPlan,
         /// Address to bind every listener to.
         #[arg(long, default_value = "127.0.0.1")]
         bind: String,
+        /// Host name clients and the other components use to reach this machine's listeners
+        /// [default: the --bind address, or 127.0.0.1 when binding 0.0.0.0].
+        #[arg(long)]
+        advertise_host: Option<String>,
         #[command(flatten)]
         heartbeat: HeartbeatArgs,
         #[command(flatten)]
@@ -120,6 +125,7 @@ fn main() -> ExitCode {
             port,
             ports,
             bind,
+            advertise_host,
             heartbeat,
             token,
             allow_unclean_promotion,
@@ -137,14 +143,21 @@ fn main() -> ExitCode {
                 clusters,
                 servers_per_cluster: servers,
                 ports: match ports {
-                    PortPlan::Course => Ports::Course { coordinator: port },
-                    PortPlan::Auto => Ports::Auto,
+                    PortPlan::Course => Ports::Course {
+                        coordinator: port.unwrap_or(9090),
+                    },
+                    PortPlan::Auto => match port {
+                        Some(coordinator) => Ports::AutoButCoordinator { coordinator },
+                        None => Ports::Auto,
+                    },
                 },
-                advertise_host: if bind == "0.0.0.0" {
-                    "127.0.0.1".to_string()
-                } else {
-                    bind.clone()
-                },
+                advertise_host: advertise_host.unwrap_or_else(|| {
+                    if bind == "0.0.0.0" {
+                        "127.0.0.1".to_string()
+                    } else {
+                        bind.clone()
+                    }
+                }),
                 bind_host: bind,
                 data: if in_memory {
                     Data::Memory
@@ -212,9 +225,10 @@ async fn up(config: DeploymentConfig) -> Result<(), String> {
 
 fn print_places(deployment: &Deployment) {
     let coordinator = deployment.coordinator_addr();
+    let clusters = deployment.config().clusters;
     let mut out = format!(
-        "Tiny SNS is up: {} clusters, coordinator at {coordinator}\n\n",
-        deployment.config().clusters
+        "Tiny SNS is up: {clusters} cluster{}, coordinator at {coordinator}\n\n",
+        if clusters == 1 { "" } else { "s" }
     );
     out.push_str(&format!(
         "{:<8} {:<7} {:<7} {:<22} DATA\n",
