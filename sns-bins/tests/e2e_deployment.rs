@@ -297,7 +297,7 @@ fn sns_up_with_ports_auto_keeps_an_explicit_port_and_prints_the_advertised_clien
         up.printed
     );
     // The coordinator really is there: a client logs in through it.
-    let mut one = Tsc::via(port, 1);
+    let one = Tsc::via(port, 1);
     one.expect_banner();
 }
 
