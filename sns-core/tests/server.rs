@@ -681,3 +681,53 @@ async fn a_resume_request_needs_a_structured_stream_and_a_count() {
         .await
         .expect("a structured resume opens");
 }
+
+#[tokio::test]
+async fn a_course_clients_quit_ends_its_stream_and_session_and_is_not_posted() {
+    let server = start().await;
+    let c1 = login(&server, 1).await;
+    let c2 = login(&server, 2).await;
+    c1.follow(u(2)).await.expect("follow");
+    let (_s1, mut feed1) = c1.timeline().await.expect("timeline");
+    // User 2 on a course-style stream (no structured mode): a post, then `quit`.
+    let mut rpc = raw(&server).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    // Queued first: the stream names its user in its first message, which the server reads
+    // before it answers the call.
+    for text in ["Set Stream", "before quitting\n", "quit\n"] {
+        tx.send(Message {
+            username: "2".into(),
+            msg: text.as_bytes().to_vec(),
+            ..Message::default()
+        })
+        .await
+        .expect("send");
+    }
+    let mut inbound = rpc
+        .timeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("timeline")
+        .into_inner();
+    // The stream ends (cleanly) although the client keeps its side open...
+    let end = tokio::time::timeout(WAIT, inbound.message())
+        .await
+        .expect("ends in time");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    // ...the session is over, so user 2 logs in again at once...
+    assert!(!server.server.is_logged_in(u(2)));
+    drop(c2);
+    let again = login(&server, 2).await;
+    // ...and `quit` was no post: the next post user 1 sees is the one after it.
+    let (post2, _) = again.timeline().await.expect("timeline");
+    post2.post("after").await.expect("post");
+    assert_eq!(
+        read_texts(&mut feed1, 2).await,
+        ["before quitting", "after"]
+    );
+
+    // Our client (structured mode) may post the word like any other.
+    post2.post("quit").await.expect("post");
+    assert_eq!(read_texts(&mut feed1, 1).await, ["quit"]);
+    drop(tx);
+    server.stop().await.expect("stop");
+}

@@ -29,6 +29,10 @@ const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the course client sends first on a timeline stream; it opens the stream, it is no post.
 const SET_STREAM: &[u8] = b"Set Stream";
+/// What the course's Spring 2024 client sends on its timeline stream when the user presses
+/// Ctrl-C (then it exits without logging out): on a course-style stream it ends the stream and
+/// the session instead of being posted.
+const QUIT: &[u8] = b"quit";
 
 /// Metadata key carrying the timeline's user.
 pub(crate) const USERNAME_METADATA: &str = "username";
@@ -221,6 +225,7 @@ impl SnsService for SnsAdapter {
             user,
             errors,
             acks,
+            structured,
             shutdown: shutdown.clone(),
         };
         tasks.spawn(poster.run(first, inbound));
@@ -251,6 +256,8 @@ struct Poster {
     errors: mpsc::Sender<Status>,
     /// Where acknowledgements go (structured streams only).
     acks: Option<mpsc::Sender<Message>>,
+    /// Whether the client asked for structured mode (ours); otherwise a course client.
+    structured: bool,
     shutdown: tokio_util::sync::CancellationToken,
 }
 
@@ -260,6 +267,9 @@ impl Poster {
         let mut opening = true;
         if let Some(first) = first {
             opening = false;
+            if self.quits(&first) {
+                return;
+            }
             if let Err(e) = self.handle(first, true, &mut bucket).await {
                 let _ = self.errors.send(e).await;
                 return;
@@ -275,12 +285,29 @@ impl Poster {
                 // The client closed its side or went away: end the stream.
                 Ok(None) | Err(_) => return,
             };
+            if self.quits(&message) {
+                return;
+            }
             let first = std::mem::replace(&mut opening, false);
             if let Err(e) = self.handle(message, first, &mut bucket).await {
                 let _ = self.errors.send(e).await;
                 return;
             }
         }
+    }
+
+    /// Whether `message` is a course client's `quit` (not on a structured stream, where it is a
+    /// post like any other); if so the user is logged out, and the stream is to end.
+    fn quits(&self, message: &Message) -> bool {
+        let text = message.msg.strip_suffix(b"\n").unwrap_or(&message.msg);
+        if self.structured || text != QUIT {
+            return false;
+        }
+        // The course's Spring 2024 client says `quit` on Ctrl-C and exits without logging
+        // out: end the session and the stream, as the servers written for it did.
+        tracing::info!(user = %self.user, "a course client quit its timeline: logged out");
+        let _ = self.server.logout(self.user);
+        true
     }
 
     /// Posts one message of the stream; `first` tells whether it opens the stream (where the
