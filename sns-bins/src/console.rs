@@ -16,6 +16,8 @@ use tokio::sync::mpsc;
 pub enum Input {
     /// A line, without its newline.
     Line(String),
+    /// A line that is not UTF-8 text; it is dropped, and reading goes on.
+    NotText,
     /// End of input (Ctrl-D or end of the pipe) or Ctrl-C.
     End,
 }
@@ -79,6 +81,20 @@ impl Output {
     }
 }
 
+/// A piped line's bytes as input: the text without its line ending, or [`Input::NotText`].
+fn plain_line(mut bytes: Vec<u8>) -> Input {
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+    }
+    match String::from_utf8(bytes) {
+        Ok(line) => Input::Line(line),
+        Err(_) => Input::NotText,
+    }
+}
+
 impl Console {
     /// Opens the console: a line editor on a terminal, plain reads otherwise.
     pub fn open() -> Self {
@@ -101,6 +117,12 @@ impl Console {
                             }
                             Input::Line(line)
                         }
+                        // rustyline reports bytes that are not UTF-8 as invalid data.
+                        Err(rustyline::error::ReadlineError::Io(e))
+                            if e.kind() == std::io::ErrorKind::InvalidData =>
+                        {
+                            Input::NotText
+                        }
                         Err(_) => Input::End,
                     };
                     let end = matches!(input, Input::End);
@@ -114,14 +136,10 @@ impl Console {
                 let stdin = std::io::stdin();
                 let mut reader = stdin.lock();
                 while prompt_rx.recv().is_ok() {
-                    let mut line = String::new();
-                    let input = match reader.read_line(&mut line) {
+                    let mut bytes = Vec::new();
+                    let input = match reader.read_until(b'\n', &mut bytes) {
                         Ok(0) | Err(_) => Input::End,
-                        Ok(_) => {
-                            let trimmed = line.strip_suffix('\n').unwrap_or(&line);
-                            let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
-                            Input::Line(trimmed.to_string())
-                        }
+                        Ok(_) => plain_line(bytes),
                     };
                     let end = matches!(input, Input::End);
                     if line_tx.blocking_send(input).is_err() || end {
@@ -156,5 +174,21 @@ impl Console {
             return Input::End;
         }
         self.lines.recv().await.unwrap_or(Input::End)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn piped_lines_lose_their_ending_and_bytes_that_are_not_utf8_are_no_text() {
+        assert!(matches!(plain_line(b"FOLLOW 2\r\n".to_vec()), Input::Line(l) if l == "FOLLOW 2"));
+        assert!(matches!(plain_line(b"last".to_vec()), Input::Line(l) if l == "last"));
+        assert!(
+            matches!(plain_line("h\u{e9}\n".as_bytes().to_vec()), Input::Line(l) if l == "h\u{e9}")
+        );
+        assert!(matches!(plain_line(b"caf\xe9\n".to_vec()), Input::NotText));
+        assert!(matches!(plain_line(b"\xff\xfe".to_vec()), Input::NotText));
     }
 }

@@ -156,6 +156,10 @@ async fn command_mode(
     loop {
         let line = match console.read(cli::PROMPT).await {
             Input::Line(line) => line,
+            Input::NotText => {
+                out.notice(NOT_TEXT);
+                continue;
+            }
             Input::End => return Ok(()),
         };
         let command = match cli::parse_command(&line) {
@@ -239,6 +243,7 @@ async fn timeline_mode(
                     Err(Error::InvalidInput(why)) => out.line(&format!("Post not sent: {why}")),
                     Err(e) => out.notice(&format!("tsc: post not sent: {e}")),
                 },
+                Input::NotText => out.notice(NOT_TEXT),
                 Input::End => break,
             },
             finished = &mut reader => return finished.unwrap_or(Ok(())),
@@ -248,6 +253,9 @@ async fn timeline_mode(
     poster.close();
     reader.await.unwrap_or(Ok(()))
 }
+
+/// What a line that is not UTF-8 text gets (it is dropped; the client carries on).
+const NOT_TEXT: &str = "tsc: that line is not UTF-8 text; it was ignored";
 
 /// The line printed when the timeline ends for good, saying how many typed posts were not
 /// stored (sent or typed, and never acknowledged).

@@ -504,6 +504,13 @@ impl Tsc {
         stdin.flush().expect("flush");
     }
 
+    /// Types raw bytes (e.g. a line that is not UTF-8); nothing is added.
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(bytes).expect("write to tsc");
+        stdin.flush().expect("flush");
+    }
+
     /// The next output line.
     pub fn next_line(&self) -> String {
         self.stdout.next()
