@@ -175,3 +175,28 @@ fn a_typed_line_that_is_not_utf8_is_reported_on_a_terminal_too() {
     let _ = terminal.kill();
     let _ = terminal.wait();
 }
+
+#[test]
+fn sigterm_and_sighup_log_out_so_the_user_logs_in_again_at_once() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let _tsd = Tsd::start(port, data.path());
+    for signal in ["TERM", "HUP", "TERM"] {
+        let mut one = Tsc::start(port, 1);
+        one.expect_banner();
+        assert_eq!(
+            one.signal_and_wait(signal),
+            Some(0),
+            "SIGTERM/SIGHUP exit 0"
+        );
+        assert_eq!(one.notices.next(), "tsc: stopped by a signal; logging out");
+    }
+    // In timeline mode as well.
+    let mut one = Tsc::start(port, 1);
+    one.expect_banner();
+    one.enter_timeline();
+    assert_eq!(one.signal_and_wait("HUP"), Some(0));
+    // Logged out: a new login is accepted right away (a session would otherwise live 6 s).
+    let again = Tsc::start(port, 1);
+    again.expect_banner();
+}

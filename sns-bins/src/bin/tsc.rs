@@ -112,6 +112,7 @@ async fn run(args: Args) -> Result<(), String> {
         heartbeat_interval: Duration::from_secs(args.heartbeat_secs.max(1)),
         ..SessionConfig::default()
     };
+    let mut signals = sns_bins::signals::ExitSignals::install();
     let session = Session::connect(&Network::tcp(), target.clone(), user, config)
         .await
         .map_err(|e| first_login_failure(e, &target, user))?;
@@ -119,7 +120,15 @@ async fn run(args: Args) -> Result<(), String> {
     let out = console.output();
     let reporter = tokio::spawn(report(session.subscribe(), out.clone()));
     out.line(cli::BANNER);
-    let result = command_mode(&session, &mut console, &out).await;
+    // A signal (Ctrl-C on a pipe, SIGTERM, or SIGHUP when the terminal window closes) leaves
+    // like the end of input: logged out, so the user may log in again at once.
+    let result = tokio::select! {
+        result = command_mode(&session, &mut console, &out) => result,
+        () = signals.recv() => {
+            out.notice("tsc: stopped by a signal; logging out");
+            Ok(())
+        }
+    };
     // Leaving ends the session at once, so the user may log in again right away.
     let _ = session.logout().await;
     session.close().await;

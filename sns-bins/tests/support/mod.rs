@@ -504,6 +504,12 @@ impl Tsc {
         stdin.flush().expect("flush");
     }
 
+    /// Sends `signal` (`TERM`, `HUP`, `INT`) and waits for the exit code.
+    pub fn signal_and_wait(&mut self, signal: &str) -> Option<i32> {
+        send_signal(&self.child, signal);
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+
     /// Types raw bytes (e.g. a line that is not UTF-8); nothing is added.
     pub fn send_bytes(&mut self, bytes: &[u8]) {
         let stdin = self.stdin.as_mut().expect("stdin open");
