@@ -22,6 +22,8 @@ pub const INVALID_COMMAND: &str = "Command failed with invalid command";
 pub const UNKNOWN_REASON: &str = "Command failed with unknown reason";
 /// FOLLOW or UNFOLLOW without an argument.
 pub const NO_ARGUMENTS: &str = "Invalid Input -- No Arguments Given";
+/// Words after a command's arguments (FOLLOW takes one, LIST and TIMELINE none).
+pub const EXTRA_WORDS: &str = "Invalid Input -- Too Many Arguments";
 /// A first word that is no command.
 pub const UNKNOWN_COMMAND: &str = "Invalid Command";
 /// Printed on entering timeline mode.
@@ -47,6 +49,9 @@ pub enum ParseError {
     NoArguments,
     /// An unknown first word.
     UnknownCommand,
+    /// Words after the command's arguments (e.g. `FOLLOW 1 4`, `TIMELINE now`): refused rather
+    /// than ignored, so nothing is done that was not meant (timeline mode has no way back).
+    ExtraWords,
 }
 
 impl ParseError {
@@ -55,6 +60,7 @@ impl ParseError {
         match self {
             Self::NoArguments => NO_ARGUMENTS,
             Self::UnknownCommand => UNKNOWN_COMMAND,
+            Self::ExtraWords => EXTRA_WORDS,
         }
     }
 }
@@ -66,12 +72,22 @@ pub fn parse_command(line: &str) -> Option<Result<Command, ParseError>> {
     let argument = words.next().map(str::to_string);
     let with_argument =
         |make: fn(String) -> Command| argument.clone().map(make).ok_or(ParseError::NoArguments);
-    Some(match first.as_str() {
+    let command = match first.as_str() {
         "FOLLOW" => with_argument(Command::Follow),
         "UNFOLLOW" => with_argument(Command::Unfollow),
         "LIST" => Ok(Command::List),
         "TIMELINE" => Ok(Command::Timeline),
         _ => Err(ParseError::UnknownCommand),
+    };
+    let takes_argument = matches!(first.as_str(), "FOLLOW" | "UNFOLLOW");
+    let extra = if takes_argument {
+        words.next().is_some()
+    } else {
+        argument.is_some()
+    };
+    Some(match command {
+        Ok(_) if extra => Err(ParseError::ExtraWords),
+        other => other,
     })
 }
 
@@ -125,6 +141,29 @@ mod tests {
             Some(Err(ParseError::UnknownCommand))
         );
         assert_eq!(parse_command("   "), None);
+    }
+
+    #[test]
+    fn words_after_the_arguments_are_refused() {
+        for line in [
+            "FOLLOW 1 4",
+            "unfollow 2 please",
+            "LIST all",
+            "TIMELINE now",
+        ] {
+            assert_eq!(
+                parse_command(line),
+                Some(Err(ParseError::ExtraWords)),
+                "{line}"
+            );
+        }
+        assert_eq!(ParseError::ExtraWords.message(), EXTRA_WORDS);
+        // Spaces alone are no words.
+        assert_eq!(parse_command("TIMELINE   "), Some(Ok(Command::Timeline)));
+        assert_eq!(
+            parse_command("FOLLOW 4  "),
+            Some(Ok(Command::Follow("4".into())))
+        );
     }
 
     #[test]

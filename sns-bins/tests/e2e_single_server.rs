@@ -200,3 +200,23 @@ fn sigterm_and_sighup_log_out_so_the_user_logs_in_again_at_once() {
     let again = Tsc::start(port, 1);
     again.expect_banner();
 }
+
+#[test]
+fn extra_words_are_an_error_and_timeline_is_not_entered_by_accident() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let _tsd = Tsd::start(port, data.path());
+    let _four = Tsc::start(port, 4);
+    let mut one = Tsc::start(port, 1);
+    one.expect_banner();
+    for line in ["FOLLOW 4 5", "TIMELINE now", "LIST all"] {
+        one.send(line);
+        one.expect_line("Invalid Input -- Too Many Arguments");
+    }
+    // Still in command mode (LIST answers), and `FOLLOW 4 5` followed nobody: following 4
+    // now is new.
+    let (users, _) = one.list();
+    assert_eq!(users.len(), 2);
+    one.send("FOLLOW 4");
+    one.expect_line("Command completed successfully");
+}
