@@ -1,6 +1,6 @@
 //! The course client's command language and its exact output strings (DESIGN §4).
 
-use sns_core::{Error, UserId};
+use sns_core::{Error, ReceivedPost, UserId};
 
 /// The banner printed after login (the prompt `Cmd> ` follows it).
 pub const BANNER: &str = "========= TINY SNS CLIENT =========\n Command Lists and Format:\n FOLLOW <username>\n UNFOLLOW <username>\n LIST\n TIMELINE\n=====================================";
@@ -109,6 +109,25 @@ pub fn failure_message(command: &Command, error: &Error) -> String {
     }
 }
 
+/// A post as our client shows it: the course's line, `<author> (<time>) >> <text>`, with the
+/// time in the reader's local time zone and its offset from UTC (`Sun Nov 22 06:30:00 2026
+/// +0100`). The server's pre-formatted text for course clients stays in UTC, as the course's
+/// servers wrote it.
+pub fn local_post_line(post: &ReceivedPost) -> String {
+    let time = chrono::DateTime::from_timestamp_micros(post.at.0)
+        .map(|utc| local_time(&utc.with_timezone(&chrono::Local)))
+        .unwrap_or_else(|| format!("{} UTC", post.at.ctime()));
+    format!("{} ({time}) >> {}", post.author, post.text)
+}
+
+/// `time` as C's `ctime` lays it out, followed by its offset from UTC.
+fn local_time<Tz: chrono::TimeZone>(time: &chrono::DateTime<Tz>) -> String
+where
+    Tz::Offset: std::fmt::Display,
+{
+    time.format("%a %b %e %H:%M:%S %Y %z").to_string()
+}
+
 /// A list of users as the course prints it: each id followed by `, `.
 pub fn user_list(users: &[UserId]) -> String {
     users.iter().map(|u| format!("{u}, ")).collect()
@@ -190,6 +209,21 @@ mod tests {
         assert_eq!(
             failure_message(&unfollow, &Error::Rpc("?".into())),
             UNKNOWN_REASON
+        );
+    }
+
+    #[test]
+    fn post_times_are_shown_like_ctime_with_the_offset_from_utc() {
+        let utc = chrono::DateTime::from_timestamp_micros(1_763_794_800_000_000).expect("a time");
+        let india = chrono::FixedOffset::east_opt(5 * 3600 + 1800).expect("an offset");
+        assert_eq!(
+            local_time(&utc.with_timezone(&india)),
+            "Sat Nov 22 12:30:00 2025 +0530"
+        );
+        let utc_zone = chrono::FixedOffset::east_opt(0).expect("an offset");
+        assert_eq!(
+            local_time(&utc.with_timezone(&utc_zone)),
+            "Sat Nov 22 07:00:00 2025 +0000"
         );
     }
 

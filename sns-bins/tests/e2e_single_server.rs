@@ -220,3 +220,28 @@ fn extra_words_are_an_error_and_timeline_is_not_entered_by_accident() {
     one.send("FOLLOW 4");
     one.expect_line("Command completed successfully");
 }
+
+#[test]
+fn post_times_are_shown_in_the_readers_time_zone() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let _tsd = Tsd::start(port, data.path());
+    let mut four = Tsc::start(port, 4);
+    four.expect_banner();
+    // A reader 5 h 30 min east of UTC (a POSIX TZ rule: no time zone database needed).
+    let mut one = Tsc::spawn_with_env(
+        &["-h", "127.0.0.1", "-p", &port.to_string(), "-u", "1"],
+        &[("TZ", "XYZ-5:30")],
+    );
+    one.expect_banner();
+    one.send("FOLLOW 4");
+    one.expect_line("Command completed successfully");
+    one.enter_timeline();
+    four.enter_timeline();
+    four.send("what time is it");
+    let line = one.next_line();
+    assert!(
+        line.starts_with("4 (") && line.ends_with(" +0530) >> what time is it"),
+        "{line:?}"
+    );
+}

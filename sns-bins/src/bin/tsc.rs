@@ -237,7 +237,7 @@ async fn timeline_mode(
         async move {
             while let Some(post) = timeline.next().await {
                 match post {
-                    Ok(post) => out.line(&post.line()),
+                    Ok(post) => out.line(&cli::local_post_line(&post)),
                     Err(e) => return Err(timeline_closed(&e, poster.unacknowledged())),
                 }
             }
