@@ -15,8 +15,13 @@ fn login(coordinator: &Coordinator, user: u32) -> Tsc {
     tsc
 }
 
-/// Waits for the notice `tsc` prints once it moved to the server at `addr`.
+/// Waits for the notices `tsc` prints when its server is lost (at once, before the retry) and
+/// once it moved to the server at `addr`.
 fn expect_moved_to(tsc: &Tsc, addr: &str) {
+    let first = tsc
+        .notices
+        .until(|l| l.contains("server lost") || l.contains("reconnected"));
+    assert_eq!(first, "tsc: server lost; finding the new master...");
     let notice = tsc.notices.until(|l| l.contains("reconnected to"));
     assert!(notice.ends_with(addr), "moved elsewhere: {notice:?}");
 }
