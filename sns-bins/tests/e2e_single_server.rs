@@ -245,3 +245,80 @@ fn post_times_are_shown_in_the_readers_time_zone() {
         "{line:?}"
     );
 }
+
+/// What `tsc` prints on stderr (and its exit code) when it cannot log in with `args`.
+fn refused_login(args: &[&str]) -> (Option<i32>, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tsc"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run tsc");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_port_that_is_not_tiny_sns_a_silent_one_and_a_closed_one_each_get_a_plain_sentence() {
+    use std::io::Write;
+    // A port that answers in another protocol (HTTP/1), and one that accepts and says nothing.
+    let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let http_port = http.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in http.incoming().flatten() {
+            let mut stream = stream;
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            // Kept open, as an HTTP/1 server keeps a connection alive.
+            held.push(stream);
+        }
+    });
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_port = silent.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let closed_port = free_port();
+    let (http_port, silent_port, closed_port) = (
+        http_port.to_string(),
+        silent_port.to_string(),
+        closed_port.to_string(),
+    );
+    for (args, says) in [
+        (
+            ["-p", http_port.as_str()],
+            "cannot use the server at 127.0.0.1:",
+        ),
+        (
+            ["-k", http_port.as_str()],
+            "cannot reach the coordinator at 127.0.0.1:",
+        ),
+        (["-p", silent_port.as_str()], "did not answer in time"),
+        (["-k", silent_port.as_str()], "did not answer in time"),
+        (["-k", closed_port.as_str()], "nothing is listening there"),
+    ] {
+        let mut all = vec!["-h", "127.0.0.1", "-u", "1"];
+        all.extend(args);
+        let (code, stderr) = refused_login(&all);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        if args[1] == http_port {
+            // It either answers in a way gRPC cannot read or closes: either way, a wrong port.
+            assert!(
+                stderr.contains("is that the right port?"),
+                "{args:?}: {stderr}"
+            );
+        }
+        for transport_words in ["h2", "http2", "tcp connect", "os error"] {
+            assert!(
+                !stderr.contains(transport_words),
+                "{args:?}: {transport_words:?} in {stderr}"
+            );
+        }
+    }
+}

@@ -34,8 +34,11 @@ enum Command {
 fn from_status(status: &Status, command: Command, user: UserId) -> Error {
     // A status with a source was made on this side from a broken connection, not sent by the
     // server: the server is unreachable, whatever code the transport chose.
-    if std::error::Error::source(status).is_some() {
-        return Error::Unavailable(format!("connection lost: {}", status.message()));
+    if let Some(source) = std::error::Error::source(status) {
+        return Error::Unavailable(format!(
+            "connection lost: {}",
+            crate::transport::innermost(source)
+        ));
     }
     match (status.code(), command) {
         (Code::AlreadyExists, Command::Login) => Error::AlreadyLoggedIn(user),

@@ -85,11 +85,19 @@ fn first_login_failure(error: Error, target: &Target, user: UserId) -> String {
         (Error::Unavailable(reason), Target::Coordinator(_)) => {
             format!("tsc: no server is available for user {user}: {reason}")
         }
+        (Error::Unreachable { addr, reason }, Target::Coordinator(coordinator))
+            if addr == *coordinator =>
+        {
+            format!("tsc: cannot reach the coordinator at {addr}: {reason}")
+        }
         (Error::Unreachable { addr, reason }, _) => {
-            format!("tsc: cannot reach {addr}: {reason}")
+            format!("tsc: cannot reach the server at {addr}: {reason}")
         }
         (Error::Unavailable(reason), Target::Direct(addr)) => {
-            format!("tsc: the server at {addr} is unavailable: {reason}")
+            match reason.strip_prefix("connection lost: ") {
+                Some(why) => format!("tsc: cannot use the server at {addr}: {why}"),
+                None => format!("tsc: the server at {addr} is unavailable: {reason}"),
+            }
         }
         (other, _) => format!("tsc: login failed: {other}"),
     }

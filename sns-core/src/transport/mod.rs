@@ -300,17 +300,51 @@ fn unreachable(addr: &str, reason: String) -> Error {
     }
 }
 
-/// The most specific message in an error's chain ("connection refused" rather than
-/// "transport error").
+/// Why a connection failed, in a sentence about the peer rather than the transport: "nothing
+/// is listening there" instead of "tcp connect error: Connection refused (os error 111)", "it
+/// does not speak the Tiny SNS protocol" instead of "h2 protocol error: frame with invalid
+/// size". Falls back to the most specific message in the error's chain.
 pub(crate) fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
     let mut reason = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
+    let mut texts = reason.to_ascii_lowercase();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(inner) = next {
+        if let Some(io) = inner.downcast_ref::<io::Error>() {
+            match io.kind() {
+                io::ErrorKind::ConnectionRefused => {
+                    return "nothing is listening there (connection refused)".to_string();
+                }
+                io::ErrorKind::TimedOut => return NO_ANSWER.to_string(),
+                io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                    return "the network cannot reach it".to_string();
+                }
+                _ => {}
+            }
+        }
         reason = inner.to_string();
-        source = inner.source();
+        texts.push(' ');
+        texts.push_str(&reason.to_ascii_lowercase());
+        next = inner.source();
     }
-    reason
+    // Without a typed error, the transport's words are all there is to go by.
+    if texts.contains("timed out") || texts.contains("deadline") {
+        NO_ANSWER.to_string()
+    } else if ["h2 ", "http2", "frame", "protocol error", "preface"]
+        .iter()
+        .any(|word| texts.contains(word))
+    {
+        "it does not speak the Tiny SNS protocol (is that the right port?)".to_string()
+    } else if texts.contains("connection closed") || texts.contains("connection reset") {
+        "it closed the connection without answering (is that the right port?)".to_string()
+    } else if texts.contains("lookup") || texts.contains("resolve") || texts.contains("dns") {
+        "its host name could not be resolved".to_string()
+    } else {
+        reason
+    }
 }
+
+/// A peer that accepted the connection and never answered.
+const NO_ANSWER: &str = "it accepted the connection but did not answer in time";
 
 /// A serving-side builder with this module's HTTP/2 keepalive.
 pub fn server_builder() -> tonic::transport::Server {
