@@ -322,3 +322,75 @@ fn a_port_that_is_not_tiny_sns_a_silent_one_and_a_closed_one_each_get_a_plain_se
         }
     }
 }
+
+#[test]
+fn listeners_on_port_0_log_the_port_they_got_and_advertise_it() {
+    // A coordinator and a server of its cluster 1, both on ports the system chooses.
+    let mut coordinator = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(["-p", "0", "--bind", "127.0.0.1", "--clusters", "1"])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start coordinator");
+    let log = support::Lines::new(coordinator.stderr.take().expect("stderr"), "coordinator");
+    let serving = log.until(|l| l.contains("coordinator serving"));
+    let port = bound_port(&serving);
+
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut tsd = std::process::Command::new(env!("CARGO_BIN_EXE_tsd"))
+        .args([
+            "-c",
+            "1",
+            "-s",
+            "1",
+            "-p",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--clusters",
+            "1",
+        ])
+        .args(["-h", "127.0.0.1", "-k", &port.to_string()])
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start tsd");
+    let tsd_log = support::Lines::new(tsd.stderr.take().expect("stderr"), "tsd");
+    let serving = tsd_log.until(|l| l.contains("serving clients"));
+    let tsd_port = bound_port(&serving);
+    // Once the coordinator named it master, it routes a client to the port the server has.
+    let named = support::wait_until(|| {
+        let (_, status, _) = support::run(
+            env!("CARGO_BIN_EXE_sns"),
+            &["status", "-h", "127.0.0.1", "-k", &port.to_string()],
+        );
+        status.contains("master") && status.contains(&format!(":{tsd_port}"))
+    });
+    assert!(named, "the server never became master at its bound port");
+    let one = Tsc::via(port, 1);
+    one.expect_banner();
+    let direct = Tsc::start(tsd_port, 4);
+    direct.expect_banner();
+    let _ = tsd.kill();
+    let _ = coordinator.kill();
+    let _ = tsd.wait();
+    let _ = coordinator.wait();
+}
+
+/// The port in a log line's `addr=HOST:PORT`; it must not be 0.
+fn bound_port(line: &str) -> u16 {
+    let port = line
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("addr="))
+        .and_then(|addr| addr.rsplit(':').next())
+        .and_then(|port| port.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("no addr=HOST:PORT in {line:?}"));
+    assert_ne!(port, 0, "{line}");
+    port
+}

@@ -62,7 +62,12 @@ async fn run(args: Args) -> Result<(), String> {
             "unclean promotion allowed: a slave that is not in sync may be promoted and committed changes may be lost"
         );
     }
-    tracing::info!(%addr, clusters = args.clusters, "coordinator serving");
+    // The address actually bound (`-p 0` lets the system choose the port).
+    tracing::info!(
+        addr = %listener.addr(),
+        clusters = args.clusters,
+        "coordinator serving"
+    );
     let shutdown = CancellationToken::new();
     sns_bins::signals::cancel_on_signal(shutdown.clone());
     coordinator

@@ -113,14 +113,16 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     if let Some(port) = args.coordinator_port {
         let coordinator = transport::address(&args.coordinator_host, port);
-        let mut link = CoordinatorLink::new(coordinator.clone(), args.advertise_host, args.port);
+        // Advertise the port actually bound (`-p 0` lets the system choose it).
+        let port = listener.port().unwrap_or(args.port);
+        let mut link = CoordinatorLink::new(coordinator.clone(), args.advertise_host, port);
         link.interval = args.heartbeat.interval();
         link.missed_heartbeats = args.heartbeat.missed_heartbeats;
         link.cluster_token = args.token.cluster_token;
         server.join(link, Network::tcp());
         tracing::info!(%coordinator, "joining the deployment");
     }
-    tracing::info!(%addr, "serving clients");
+    tracing::info!(addr = %listener.addr(), "serving clients");
     let shutdown = CancellationToken::new();
     sns_bins::signals::cancel_on_signal(shutdown.clone());
     server
