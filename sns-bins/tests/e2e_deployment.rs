@@ -317,15 +317,37 @@ fn logs_written_to_a_file_carry_no_escape_codes() {
         .spawn()
         .expect("start sns up");
     let stdout = Lines::new(child.stdout.take().expect("stdout"), "sns up");
+    let first = stdout.next();
+    let port: u16 = first
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no coordinator port in {first:?}"));
     stdout.until(|l| l == "Press Ctrl-C to stop.");
+    // Something for the log to tell: a login, a refused one, a timeline opened and closed.
+    let mut one = Tsc::via(port, 1);
+    one.expect_banner();
+    let (code, _, refused) = run(
+        env!("CARGO_BIN_EXE_tsc"),
+        &["-h", "127.0.0.1", "-k", &port.to_string(), "-u", "1"],
+    );
+    assert_eq!(code, Some(1), "{refused}");
+    one.enter_timeline();
+    assert_eq!(one.finish(), Some(0));
     support::send_signal(&child, "INT");
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
     let written = std::fs::read_to_string(&log_path).expect("read the log");
-    assert!(
-        written.contains("INFO"),
-        "an info line was logged: {written}"
-    );
+    for said in [
+        "role changed",
+        "login",
+        "login refused",
+        "timeline stream opened",
+        "timeline stream closed",
+        "master assigned",
+    ] {
+        assert!(written.contains(said), "no {said:?} in the log: {written}");
+    }
     assert!(
         !written.contains('\u{1b}'),
         "escape codes in a log written to a file: {written:?}"

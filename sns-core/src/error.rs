@@ -69,6 +69,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the request itself was at fault (a bad or impossible command), rather than the
+    /// server or the system (unavailable, storage, a peer): what a log tells apart.
+    pub fn is_the_callers(&self) -> bool {
+        matches!(
+            self,
+            Self::InvalidUsername(_)
+                | Self::SameClient
+                | Self::AlreadyFollowing
+                | Self::NotFollowing
+                | Self::AlreadyLoggedIn(_)
+                | Self::NotLoggedIn(_)
+                | Self::InvalidInput(_)
+                | Self::PermissionDenied(_)
+                | Self::Unauthorized
+        )
+    }
+
     /// Shorthand for [`Error::InvalidInput`].
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::InvalidInput(message.into())

@@ -114,13 +114,19 @@ fn ack_message(user: UserId, key: PostKey, id: Option<PostId>) -> Message {
 impl SnsService for SnsAdapter {
     async fn login(&self, request: tonic::Request<Request>) -> Result<Response<Reply>, Status> {
         let user = caller(request.get_ref())?;
-        self.server.login(user).await.map_err(status)?;
+        match self.server.login(user).await {
+            Ok(()) => tracing::info!(%user, "login"),
+            Err(e) => {
+                tracing::info!(%user, reason = %e, "login refused");
+                return Err(status(e));
+            }
+        }
         Ok(reply("login successful"))
     }
 
     async fn list(&self, request: tonic::Request<Request>) -> Result<Response<ListReply>, Status> {
         let user = caller(request.get_ref())?;
-        let listing = self.server.list(user).map_err(status)?;
+        let listing = logged("LIST", user, self.server.list(user))?;
         let names = |users: Vec<UserId>| users.into_iter().map(|u| u.to_string()).collect();
         Ok(Response::new(ListReply {
             all_users: names(listing.all_users),
@@ -131,7 +137,7 @@ impl SnsService for SnsAdapter {
     async fn follow(&self, request: tonic::Request<Request>) -> Result<Response<Reply>, Status> {
         let user = caller(request.get_ref())?;
         let target = argument(request.get_ref())?;
-        self.server.follow(user, target).await.map_err(status)?;
+        logged("FOLLOW", user, self.server.follow(user, target).await)?;
         Ok(reply("follow successful"))
     }
 
@@ -142,11 +148,12 @@ impl SnsService for SnsAdapter {
             .get(TERMINATED_METADATA)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
         if terminated && request.get_ref().arguments.is_empty() {
-            self.server.logout(user).map_err(status)?;
+            logged("logout", user, self.server.logout(user))?;
+            tracing::info!(%user, "logged out");
             return Ok(reply("logged out"));
         }
         let target = argument(request.get_ref())?;
-        self.server.unfollow(user, target).await.map_err(status)?;
+        logged("UNFOLLOW", user, self.server.unfollow(user, target).await)?;
         Ok(reply("unfollow successful"))
     }
 
@@ -211,7 +218,11 @@ impl SnsService for SnsAdapter {
             Some(replay) => self.server.resume_timeline(user, replay),
             None => self.server.open_timeline(user),
         }
-        .map_err(status)?;
+        .map_err(|e| {
+            tracing::info!(%user, reason = %e, "timeline refused");
+            status(e)
+        })?;
+        tracing::info!(%user, structured, "timeline stream opened");
         let (errors, failures) = mpsc::channel(1);
         let (acks, acks_out) = if structured {
             let (acks, acks_out) = mpsc::channel(ACK_QUEUE);
@@ -230,6 +241,7 @@ impl SnsService for SnsAdapter {
         };
         tasks.spawn(poster.run(first, inbound));
         Ok(Response::new(Outbound {
+            user,
             feed,
             acks: acks_out,
             failures,
@@ -244,8 +256,33 @@ impl SnsService for SnsAdapter {
         request: tonic::Request<Request>,
     ) -> Result<Response<Reply>, Status> {
         let user = caller(request.get_ref())?;
-        self.server.heartbeat(user).map_err(status)?;
+        logged("heartbeat", user, self.server.heartbeat(user))?;
         Ok(reply("ok"))
+    }
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        tracing::info!(user = %self.user, "timeline stream closed");
+    }
+}
+
+/// Logs a client command's outcome: every command at debug level; a failure that is the
+/// server's or the system's (not the request's) at info level. Returns it as a status.
+fn logged<T>(command: &str, user: UserId, result: Result<T, Error>) -> Result<T, Status> {
+    match result {
+        Ok(value) => {
+            tracing::debug!(%user, command, "done");
+            Ok(value)
+        }
+        Err(e) if e.is_the_callers() => {
+            tracing::debug!(%user, command, error = %e, "refused");
+            Err(status(e))
+        }
+        Err(e) => {
+            tracing::info!(%user, command, error = %e, "command failed");
+            Err(status(e))
+        }
     }
 }
 
@@ -377,6 +414,7 @@ impl TokenBucket {
 /// acknowledgements, ended early by an error of the incoming half, or by the incoming half
 /// closing, once every acknowledgement made before is sent.
 pub(crate) struct Outbound {
+    user: UserId,
     feed: TimelineFeed,
     acks: Option<mpsc::Receiver<Message>>,
     failures: mpsc::Receiver<Status>,

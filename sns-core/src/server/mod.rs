@@ -493,6 +493,13 @@ impl Server {
         if core.role == role {
             return;
         }
+        tracing::info!(
+            cluster = %self.shared.config.cluster,
+            server = %self.shared.config.server_id,
+            from = ?core.role,
+            to = ?role,
+            "role changed"
+        );
         if core.role == Role::Master {
             self.discard_uncommitted(core);
             core.replicas.clear(&*self.shared.storage);
