@@ -26,15 +26,6 @@ fn expect_moved_to(tsc: &Tsc, addr: &str) {
     assert!(notice.ends_with(addr), "moved elsewhere: {notice:?}");
 }
 
-/// The reconnect notices `tsc` printed and not yet read.
-fn reconnects(tsc: &Tsc) -> Vec<String> {
-    tsc.notices
-        .drain()
-        .into_iter()
-        .filter(|l| l.contains("reconnect") || l.contains("server lost"))
-        .collect()
-}
-
 /// Whether every user of `expected` is in `users`.
 fn includes(users: &[u32], expected: &[u32]) -> bool {
     expected.iter().all(|u| users.contains(u))
@@ -95,7 +86,7 @@ fn master_sigkill_promotes_the_slave_and_clients_carry_on() {
         "{promoted:?} after {before:?}"
     );
     for tsc in [&one, &four, &seven] {
-        assert_eq!(reconnects(tsc), Vec::<String>::new(), "a second failover");
+        assert_eq!(tsc.reconnects(), Vec::<String>::new(), "a second failover");
     }
 
     // The follower lists of users 1 and 4, from fresh clients.
@@ -163,7 +154,7 @@ fn mp2_2_resilience_case() {
     four.send("hello from 4");
     assert!(one.next_line().ends_with(") >> hello from 4"));
     for tsc in [&one, &three, &four] {
-        assert_eq!(reconnects(tsc), Vec::<String>::new());
+        assert_eq!(tsc.reconnects(), Vec::<String>::new());
     }
 
     // Relaunching user 2's client works too, as the course's client would be relaunched.
@@ -189,6 +180,6 @@ fn mp2_2_resilience_case() {
     two.send("hello from 2");
     assert!(five.next_line().ends_with(") >> hello from 2"));
     for tsc in [&two, &five] {
-        assert_eq!(reconnects(tsc), Vec::<String>::new());
+        assert_eq!(tsc.reconnects(), Vec::<String>::new());
     }
 }

@@ -106,15 +106,6 @@ fn next_posts(tsc: &Tsc, n: usize) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// The reconnect notices `tsc` printed and not yet read.
-fn reconnects(tsc: &Tsc) -> Vec<String> {
-    tsc.notices
-        .drain()
-        .into_iter()
-        .filter(|l| l.contains("reconnect") || l.contains("server lost"))
-        .collect()
-}
-
 fn others(user: u32) -> Vec<u32> {
     [1, 2, 3].into_iter().filter(|u| *u != user).collect()
 }
@@ -184,7 +175,7 @@ fn mp2_2_three_clusters(bus: &str) {
         assert_eq!(tsc.drain_lines(), Vec::<String>::new());
     }
     for tsc in &clients {
-        assert_eq!(reconnects(tsc), Vec::<String>::new());
+        assert_eq!(tsc.reconnects(), Vec::<String>::new());
     }
 }
 
@@ -283,7 +274,7 @@ fn resilience_across_clusters(bus: &str) {
 
     // Only user 2's client had to move, once.
     for tsc in [&one, &two, &three, &five] {
-        assert_eq!(reconnects(tsc), Vec::<String>::new());
+        assert_eq!(tsc.reconnects(), Vec::<String>::new());
     }
     assert_eq!(three.list(), (vec![1, 2, 3, 5], vec![]));
 }
@@ -360,7 +351,7 @@ fn synchronizer_restarts_while_posts_flow(bus: &str) {
         assert_eq!(tsc.drain_lines(), Vec::<String>::new());
     }
     for tsc in [&one, &two, &three, &four] {
-        assert_eq!(reconnects(tsc), Vec::<String>::new());
+        assert_eq!(tsc.reconnects(), Vec::<String>::new());
     }
 }
 

@@ -584,6 +584,37 @@ async fn shutdown_ends_open_timelines_and_leaves_no_task_behind() {
     assert!(!matches!(end, Some(Ok(_))), "{end:?}");
 }
 
+/// A course-style timeline stream (no metadata: the first message names the user) of `user`
+/// that has sent `texts`; the sender keeps the client's side open.
+async fn course_stream(
+    server: &TestServer,
+    user: &str,
+    texts: &[&str],
+) -> (
+    tokio::sync::mpsc::Sender<Message>,
+    tonic::Streaming<Message>,
+) {
+    let mut rpc = raw(server).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(texts.len().max(1));
+    // Queued first: the stream names its user in its first message, which the server reads
+    // before it answers the call.
+    for text in texts {
+        tx.send(Message {
+            username: user.into(),
+            msg: text.as_bytes().to_vec(),
+            ..Message::default()
+        })
+        .await
+        .expect("send");
+    }
+    let inbound = rpc
+        .timeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("timeline")
+        .into_inner();
+    (tx, inbound)
+}
+
 #[tokio::test]
 async fn the_course_clients_set_stream_greeting_is_not_a_post() {
     let server = start().await;
@@ -591,22 +622,7 @@ async fn the_course_clients_set_stream_greeting_is_not_a_post() {
     let c1 = login(&server, 1).await;
     c1.follow(u(2)).await.expect("follow");
     let (_s1, mut feed1) = c1.timeline().await.expect("timeline");
-    let mut rpc = raw(&server).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    for text in ["Set Stream", "a real post\n"] {
-        tx.send(Message {
-            username: "2".into(),
-            msg: text.as_bytes().to_vec(),
-            timestamp: None,
-            ..Message::default()
-        })
-        .await
-        .expect("send");
-    }
-    let _inbound = rpc
-        .timeline(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("timeline");
+    let (_tx, _inbound) = course_stream(&server, "2", &["Set Stream", "a real post\n"]).await;
     assert_eq!(read_texts(&mut feed1, 1).await, ["a real post"]);
     server.stop().await.expect("stop");
 }
@@ -690,24 +706,8 @@ async fn a_course_clients_quit_ends_its_stream_and_session_and_is_not_posted() {
     c1.follow(u(2)).await.expect("follow");
     let (_s1, mut feed1) = c1.timeline().await.expect("timeline");
     // User 2 on a course-style stream (no structured mode): a post, then `quit`.
-    let mut rpc = raw(&server).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    // Queued first: the stream names its user in its first message, which the server reads
-    // before it answers the call.
-    for text in ["Set Stream", "before quitting\n", "quit\n"] {
-        tx.send(Message {
-            username: "2".into(),
-            msg: text.as_bytes().to_vec(),
-            ..Message::default()
-        })
-        .await
-        .expect("send");
-    }
-    let mut inbound = rpc
-        .timeline(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("timeline")
-        .into_inner();
+    let (tx, mut inbound) =
+        course_stream(&server, "2", &["Set Stream", "before quitting\n", "quit\n"]).await;
     // The stream ends (cleanly) although the client keeps its side open...
     let end = tokio::time::timeout(WAIT, inbound.message())
         .await

@@ -510,6 +510,15 @@ impl Tsc {
         stdin.flush().expect("flush");
     }
 
+    /// The reconnect notices printed and not yet read.
+    pub fn reconnects(&self) -> Vec<String> {
+        self.notices
+            .drain()
+            .into_iter()
+            .filter(|l| l.contains("reconnect") || l.contains("server lost"))
+            .collect()
+    }
+
     /// Sends `signal` (`TERM`, `HUP`, `INT`) and waits for the exit code.
     pub fn signal_and_wait(&mut self, signal: &str) -> Option<i32> {
         send_signal(&self.child, signal);
