@@ -563,7 +563,6 @@ async fn drive_population(
     let ticker = tokio::spawn(tick(bar.clone(), Arc::clone(&tally)));
     let post_errors = Arc::new(AtomicU64::new(0));
     post(args, &posters, &tally, window.1, &post_errors).await;
-    let posted_for = tally.now();
 
     // The disruption may still be under way (a restarting broker); the drain waits for it.
     let disruption = disruption
@@ -593,7 +592,6 @@ async fn drive_population(
         return Err(format!("{failed_posts} post(s) were refused"));
     }
     let seconds = args.duration.as_secs_f64();
-    let _ = posted_for;
     Ok(Report {
         scenario: args.scenario.name().to_string(),
         target: match &args.host {
