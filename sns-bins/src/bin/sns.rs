@@ -209,7 +209,10 @@ async fn up(config: DeploymentConfig) -> Result<(), String> {
         );
     }
     let deployment = Deployment::start(config).await.map_err(|e| e.to_string())?;
-    let patience = deployment.config().heartbeat_interval * 10;
+    // Masters are named one heartbeat interval after their cluster's first beat; a loaded
+    // machine may need several more, so short intervals still get 10 s.
+    let patience =
+        (deployment.config().heartbeat_interval * 10).max(std::time::Duration::from_secs(10));
     if let Err(e) = deployment.wait_for_masters(patience).await {
         deployment.shutdown().await;
         return Err(e.to_string());

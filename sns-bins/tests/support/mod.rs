@@ -163,6 +163,8 @@ pub enum Expect {
     Master,
     /// A slave mirroring its master.
     Slave,
+    /// Serving, whatever its role (not waited for).
+    Serving,
 }
 
 impl Tsd {
@@ -233,6 +235,7 @@ impl Tsd {
             spawn_logged(env!("CARGO_BIN_EXE_tsd"), &args, &name, |l| match expect {
                 Expect::Master => l.contains("role assigned") && l.contains("master"),
                 Expect::Slave => l.contains("mirroring the master"),
+                Expect::Serving => l.contains("serving clients"),
             });
         Self {
             child,

@@ -14,9 +14,11 @@
 //!   and says so loudly;
 //! - the coordinator's state is soft: after a restart, the first heartbeat of a server that
 //!   claims mastership with the highest epoch seen re-establishes it (never over a live master);
-//!   servers that claim nothing wait one heartbeat interval after the coordinator started (so
-//!   every live server has spoken), after which only the one with the most recent log (highest
-//!   epoch, then longest durable log, then lowest server id) may become master. Servers report
+//!   servers that claim nothing wait one heartbeat interval after the coordinator started and
+//!   after their cluster was first heard from (the election window, so every server that came
+//!   up with them has spoken), after which only the one with the most recent log (highest
+//!   epoch, then longest durable log, then lowest server id) may become master. So servers
+//!   started together with no data elect server 1, whichever spoke first. Servers report
 //!   the epoch of their own log, not the epoch they were told.
 
 use std::collections::BTreeMap;
@@ -211,6 +213,8 @@ impl ClusterRoles {
 pub struct RoutingTable {
     config: RoutingConfig,
     started: Instant,
+    /// When each cluster was first heard from (its election window opens then).
+    first_heard: BTreeMap<ClusterId, Instant>,
     servers: BTreeMap<(ClusterId, ServerId), Node>,
     syncs: BTreeMap<u32, Node>,
     roles: BTreeMap<ClusterId, ClusterRoles>,
@@ -225,6 +229,7 @@ impl RoutingTable {
                 ..config
             },
             started: now,
+            first_heard: BTreeMap::new(),
             servers: BTreeMap::new(),
             syncs: BTreeMap::new(),
             roles: BTreeMap::new(),
@@ -276,9 +281,14 @@ impl RoutingTable {
                 log: beat.log,
             },
         );
-        // One interval after the coordinator started, every live server has spoken once.
+        // The election window: one interval after the coordinator started and after the
+        // cluster's first server was heard, every server that came up with it has spoken once,
+        // so the best of them (the lowest id among equal logs) is chosen, not the first to
+        // speak.
+        let first_heard = *self.first_heard.entry(beat.cluster).or_insert(now);
+        let window_opened = first_heard.max(self.started);
         let heard_all =
-            now.saturating_duration_since(self.started) >= self.config.heartbeat_interval;
+            now.saturating_duration_since(window_opened) >= self.config.heartbeat_interval;
         let best = self.most_recent_log(beat.cluster, now);
         let live_master = self.live_master(beat.cluster, now).map(|(s, _)| s);
         let unclean = self.config.allow_unclean_promotion;

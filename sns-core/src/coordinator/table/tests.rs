@@ -26,8 +26,18 @@ fn beat(cluster: u32, server: u32, port: u16) -> Beat {
     }
 }
 
-/// A table whose coordinator started one heartbeat interval before `t0`.
+/// A table whose coordinator started, and whose clusters' election windows opened, one
+/// heartbeat interval before `t0`: the first server to speak at `t0` is named master at once.
 fn table(clusters: u32, t0: Instant) -> RoutingTable {
+    let mut t = fresh(clusters, t0);
+    for k in 1..=clusters {
+        t.first_heard.insert(c(k), t0 - SEC);
+    }
+    t
+}
+
+/// A table whose coordinator started one interval before `t0` and has heard no server yet.
+fn fresh(clusters: u32, t0: Instant) -> RoutingTable {
     RoutingTable::new(
         RoutingConfig {
             clusters,
@@ -69,25 +79,63 @@ fn users_route_to_their_cluster_for_1_3_and_5_clusters() {
 }
 
 #[test]
-fn the_first_server_of_a_cluster_is_master_and_later_ones_slaves() {
+fn a_lone_server_is_master_after_the_election_window_and_later_ones_slaves() {
     let t0 = Instant::now();
-    let mut t = table(3, t0);
+    let mut t = fresh(3, t0);
+    // Server 2 alone: it waits out the window (one interval from the cluster's first beat).
     let first = t.heartbeat(beat(2, 2, 20001), t0).expect("ok");
+    assert_eq!(first.role, Role::Slave);
+    let first = t.heartbeat(beat(2, 2, 20001), t0 + SEC).expect("ok");
     assert_eq!(first.role, Role::Master);
     assert_eq!(first.epoch, Epoch(1));
-    let second = t.heartbeat(beat(2, 1, 20000), t0).expect("ok");
+    // Server 1 comes later: a live master is never replaced because a lower id appears.
+    let second = t.heartbeat(beat(2, 1, 20000), t0 + SEC).expect("ok");
     assert_eq!(second.role, Role::Slave);
     // Roles are stable across heartbeats.
     assert_eq!(
-        t.heartbeat(beat(2, 2, 20001), t0 + SEC).expect("ok").role,
+        t.heartbeat(beat(2, 2, 20001), t0 + 2 * SEC)
+            .expect("ok")
+            .role,
         Role::Master
     );
     assert_eq!(
-        t.heartbeat(beat(2, 1, 20000), t0 + SEC).expect("ok").role,
+        t.heartbeat(beat(2, 1, 20000), t0 + 2 * SEC)
+            .expect("ok")
+            .role,
         Role::Slave
     );
-    assert_eq!(t.master(c(2), t0).expect("master").1, s(2));
-    assert_eq!(t.slave(c(2), t0).expect("slave").1, s(1));
+    assert_eq!(t.master(c(2), t0 + 2 * SEC).expect("master").1, s(2));
+    assert_eq!(t.slave(c(2), t0 + 2 * SEC).expect("slave").1, s(1));
+}
+
+#[test]
+fn servers_coming_up_together_long_after_the_coordinator_elect_the_lowest_id() {
+    let t0 = Instant::now();
+    // The coordinator has run for a long time before the cluster's servers come up.
+    let mut t = fresh(1, t0);
+    let later = t0 + 60 * SEC;
+    // Server 2 speaks first, server 1 within the window.
+    let two = t.heartbeat(beat(1, 2, 10001), later).expect("ok");
+    assert_eq!(two.role, Role::Slave, "no master before the window closes");
+    let one = t.heartbeat(beat(1, 1, 10000), later + SEC / 4).expect("ok");
+    assert_eq!(one.role, Role::Slave);
+    // Once the window closed, server 2's beat names nobody; server 1's names it.
+    let closed = later + SEC;
+    assert_eq!(
+        t.heartbeat(beat(1, 2, 10001), closed).expect("ok").role,
+        Role::Slave
+    );
+    assert_eq!(
+        t.heartbeat(beat(1, 1, 10000), closed).expect("ok").role,
+        Role::Master
+    );
+    // And it stays so.
+    assert_eq!(
+        t.heartbeat(beat(1, 2, 10001), closed + SEC / 2)
+            .expect("ok")
+            .role,
+        Role::Slave
+    );
 }
 
 #[test]
@@ -348,6 +396,7 @@ fn a_slave_not_in_sync_is_not_promoted_unless_unclean_promotion_is_allowed() {
         },
         t0 - SEC,
     );
+    unclean.first_heard.insert(c(1), t0 - SEC);
     master_and_slave(&mut unclean, t0, false);
     assert_eq!(
         unclean
