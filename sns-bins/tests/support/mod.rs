@@ -28,7 +28,8 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Lines of a child's stream, read on a thread so reads can time out.
+/// Lines of a child's stream, read on a thread so reads can time out. Bytes that are not UTF-8
+/// (a terminal echoing them back, say) are shown as U+FFFD instead of ending the stream.
 pub struct Lines {
     rx: mpsc::Receiver<String>,
     name: String,
@@ -39,8 +40,17 @@ impl Lines {
         let (tx, rx) = mpsc::channel();
         let label = name.to_string();
         std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
+            let mut reader = BufReader::new(stream);
+            let mut bytes = Vec::new();
+            loop {
+                bytes.clear();
+                match reader.read_until(b'\n', &mut bytes) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let text = String::from_utf8_lossy(&bytes);
+                let line = text.strip_suffix('\n').unwrap_or(&text);
+                let line = line.strip_suffix('\r').unwrap_or(line).to_string();
                 eprintln!("[{label}] {line}");
                 // The reader may be gone; keep draining so the child never blocks on a full pipe.
                 let _ = tx.send(line);
