@@ -564,6 +564,20 @@ impl Deployment {
         Ok(())
     }
 
+    /// Makes every write of a server's simulated disk fail from now on, as on a full disk (for
+    /// tests; needs [`Data::Simulated`]).
+    pub fn fail_disk(&self, cluster: ClusterId, server: ServerId) -> Result<()> {
+        if self.config.data != Data::Simulated {
+            return Err(Error::invalid("failing disks need simulated disks"));
+        }
+        let slot = self
+            .slots
+            .get(&(cluster, server))
+            .ok_or_else(|| Error::invalid(format!("no server {server} in cluster {cluster}")))?;
+        slot.disk.fail_writes();
+        Ok(())
+    }
+
     /// Stops a server gracefully: its tasks end after open connections are closed, its
     /// storage is closed with everything it acknowledged.
     pub async fn stop(&mut self, cluster: ClusterId, server: ServerId) -> Result<()> {

@@ -422,6 +422,12 @@ fn status_table(reply: &StatusReply) -> String {
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
+    for node in reply.nodes.iter().filter(|n| !n.failure.is_empty()) {
+        out.push_str(&format!(
+            "cluster {} server {} cannot serve: {}\n",
+            node.cluster, node.server, node.failure
+        ));
+    }
     out
 }
 
@@ -450,6 +456,7 @@ mod tests {
             commit_index: durable,
             slave_acked_index: None,
             in_sync: false,
+            failure: String::new(),
         }
     }
 
@@ -536,6 +543,30 @@ mod tests {
                 .lines()
                 .skip(2)
                 .all(|line| line.len() == lag_column + 3),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn status_says_why_a_server_cannot_serve() {
+        let failed = NodeStatus {
+            alive: false,
+            failure: "storage failed, refusing requests: no space left on device".to_string(),
+            ..node(1, 1, NodeRole::Slave, 42)
+        };
+        let table = status_table(&StatusReply {
+            clusters: 1,
+            nodes: vec![failed, node(1, 2, NodeRole::Master, 42)],
+            heartbeat_interval_ms: 1000,
+            failure_timeout_ms: 2000,
+        });
+        assert_eq!(row(&table, 1, 1)[4], "no");
+        assert_eq!(
+            table.lines().last(),
+            Some(
+                "cluster 1 server 1 cannot serve: storage failed, refusing requests: no space \
+                 left on device"
+            ),
             "{table}"
         );
     }

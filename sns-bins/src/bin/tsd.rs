@@ -125,10 +125,22 @@ async fn run(args: Args) -> Result<(), String> {
     tracing::info!(addr = %listener.addr(), "serving clients");
     let shutdown = CancellationToken::new();
     sns_bins::signals::cancel_on_signal(shutdown.clone());
+    // A server that cannot go on (its storage failed, or the coordinator refused it) stops,
+    // so a supervisor can restart it and recovery runs from the log.
+    tokio::spawn({
+        let (server, shutdown) = (server.clone(), shutdown.clone());
+        async move {
+            server.failure().await;
+            shutdown.cancel();
+        }
+    });
     server
         .serve(listener, shutdown)
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(why) = server.failed() {
+        return Err(why);
+    }
     tracing::info!("stopped");
     Ok(())
 }

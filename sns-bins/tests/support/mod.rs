@@ -69,6 +69,15 @@ impl Lines {
             .unwrap_or_else(|e| panic!("{}: no line within {WAIT:?}: {e}", self.name))
     }
 
+    /// The next line, or `None` once the stream ended; a test failure after [`WAIT`].
+    pub fn next_or_end(&self) -> Option<String> {
+        match self.rx.recv_timeout(WAIT) {
+            Ok(line) => Some(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(e) => panic!("{}: no line within {WAIT:?}: {e}", self.name),
+        }
+    }
+
     /// Every line already received, without waiting.
     pub fn drain(&self) -> Vec<String> {
         self.rx.try_iter().collect()
@@ -521,6 +530,16 @@ impl Tsc {
         let stdin = self.stdin.as_mut().expect("stdin open");
         writeln!(stdin, "{line}").expect("write to tsc");
         stdin.flush().expect("flush");
+    }
+
+    /// Types a line if `tsc` still reads its input; says whether it did.
+    pub fn try_send(&mut self, line: &str) -> bool {
+        let Some(stdin) = self.stdin.as_mut() else {
+            return false;
+        };
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .is_ok()
     }
 
     /// The reconnect notices printed and not yet read.

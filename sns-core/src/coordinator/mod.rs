@@ -100,6 +100,7 @@ mod tests {
             epoch: Epoch(0),
             log: Default::default(),
             in_sync: Vec::new(),
+            failure: None,
         }
     }
 

@@ -143,6 +143,8 @@ pub struct Beat {
     pub log: ReportedLog,
     /// From a master: the slaves it counts as in sync.
     pub in_sync: Vec<ServerId>,
+    /// Why it cannot serve (its storage failed), if it cannot.
+    pub failure: Option<String>,
 }
 
 /// The coordinator's answer to a heartbeat.
@@ -177,6 +179,8 @@ pub struct NodeView {
     pub log: Option<ReportedLog>,
     /// For a slave: whether its master reported it in sync (only such a slave is promoted).
     pub in_sync: bool,
+    /// Why it cannot serve, as it last reported (servers only).
+    pub failure: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -185,6 +189,7 @@ struct Node {
     last_beat: Instant,
     epoch: Epoch,
     log: ReportedLog,
+    failure: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -241,7 +246,14 @@ impl RoutingTable {
         self.config
     }
 
+    /// Whether `node` has spoken within the failure timeout and reports no failure: only such
+    /// a node is routed to, mirrored or named master.
     fn alive(&self, node: &Node, now: Instant) -> bool {
+        self.speaking(node, now) && node.failure.is_none()
+    }
+
+    /// Whether `node` has spoken within the failure timeout (healthy or not).
+    fn speaking(&self, node: &Node, now: Instant) -> bool {
         now.saturating_duration_since(node.last_beat) <= self.config.failure_timeout()
     }
 
@@ -265,7 +277,7 @@ impl RoutingTable {
         let key = (beat.cluster, beat.server);
         if let Some(node) = self.servers.get(&key)
             && node.addr != beat.addr
-            && self.alive(node, now)
+            && self.speaking(node, now)
         {
             return Err(Error::Conflict(format!(
                 "server {} of cluster {} is alive at {}; {} cannot take its place",
@@ -279,8 +291,23 @@ impl RoutingTable {
                 last_beat: now,
                 epoch: beat.epoch,
                 log: beat.log,
+                failure: beat.failure.clone(),
             },
         );
+        if let Some(why) = &beat.failure {
+            // A server that cannot serve is a slave, whatever it claims; if it was master, the
+            // next beat of an in-sync slave promotes that slave (the master counts as dead).
+            tracing::warn!(cluster = %beat.cluster, server = %beat.server, "server reports a failure: {why}");
+            let epoch = self
+                .roles
+                .get(&beat.cluster)
+                .map(|r| r.epoch)
+                .unwrap_or_default();
+            return Ok(Assignment {
+                role: Role::Slave,
+                epoch,
+            });
+        }
         // The election window: one interval after the coordinator started and after the
         // cluster's first server was heard, every server that came up with it has spoken once,
         // so the best of them (the lowest id among equal logs) is chosen, not the first to
@@ -380,6 +407,7 @@ impl RoutingTable {
                 last_beat: now,
                 epoch: Epoch(0),
                 log: ReportedLog::default(),
+                failure: None,
             },
         );
         Ok(self.cluster_of_sync(id))
@@ -469,6 +497,7 @@ impl RoutingTable {
                 log_epoch: node.epoch,
                 log: Some(node.log),
                 in_sync: self.roles.get(c).is_some_and(|r| r.in_sync.contains(s)),
+                failure: node.failure.clone(),
             }
         });
         let syncs = self.syncs.iter().map(|(id, node)| {
@@ -484,6 +513,7 @@ impl RoutingTable {
                 log_epoch: Epoch(0),
                 log: None,
                 in_sync: false,
+                failure: None,
             }
         });
         servers.chain(syncs).collect()

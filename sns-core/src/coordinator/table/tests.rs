@@ -23,6 +23,7 @@ fn beat(cluster: u32, server: u32, port: u16) -> Beat {
         epoch: Epoch(0),
         log: Default::default(),
         in_sync: Vec::new(),
+        failure: None,
     }
 }
 
@@ -446,4 +447,36 @@ fn among_equal_fresh_logs_the_lowest_server_id_becomes_master() {
         t.heartbeat(beat(1, 1, 10000), window).expect("ok").role,
         Role::Master
     );
+}
+
+#[test]
+fn a_master_reporting_a_failure_is_made_slave_shown_with_why_and_its_in_sync_slave_promoted() {
+    let t0 = Instant::now();
+    let mut t = table(1, t0);
+    let epoch = master_and_slave(&mut t, t0, true);
+    let failing = Beat {
+        claims_master: false,
+        epoch,
+        failure: Some("storage failed: no space left on device".to_string()),
+        ..beat(1, 1, 10000)
+    };
+    assert_eq!(
+        t.heartbeat(failing.clone(), t0).expect("ok").role,
+        Role::Slave
+    );
+    assert!(t.route(1, t0).is_err(), "nobody is routed to it");
+    let view = t.nodes(t0);
+    let one = view.iter().find(|n| n.id == 1).expect("listed");
+    assert!(!one.alive);
+    assert_eq!(
+        one.failure.as_deref(),
+        Some("storage failed: no space left on device")
+    );
+    // Its in-sync slave is promoted at its next beat, well before any failure timeout.
+    let promoted = t.heartbeat(beat(1, 2, 10001), t0).expect("ok");
+    assert_eq!(promoted.role, Role::Master);
+    assert!(promoted.epoch > epoch);
+    // The failed server keeps being a slave while it reports the failure.
+    assert_eq!(t.heartbeat(failing, t0).expect("ok").role, Role::Slave);
+    assert_eq!(t.route(1, t0).map(|(_, s, _)| s).ok(), Some(s(2)));
 }
