@@ -994,12 +994,17 @@ impl DamageFixture {
     }
 
     /// Opens the damaged directory. On success checks that exactly the entries up to `kept`
-    /// are back (and that the log continues after them); returns whether the open succeeded.
-    fn open_expecting(&self, runtime: &tokio::runtime::Runtime, kept: u64, what: &str) -> bool {
+    /// are back (and that the log continues after them); a refusal gives its message.
+    fn open_expecting(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        kept: u64,
+        what: &str,
+    ) -> Result<(), String> {
         let opened = FileStorage::open_with(self.path(), fixture_options());
         let storage = match opened {
             Ok(storage) => storage,
-            Err(Error::Corrupt(_)) => return false,
+            Err(Error::Corrupt(message)) => return Err(message),
             Err(e) => panic!("{what}: unexpected error {e}"),
         };
         runtime.block_on(async {
@@ -1024,7 +1029,7 @@ impl DamageFixture {
                 "{what}"
             );
         });
-        true
+        Ok(())
     }
 }
 
@@ -1063,9 +1068,10 @@ fn truncation_at_every_byte_keeps_every_complete_record() {
             let complete = ends.iter().filter(|end| **end <= cut).count() as u64;
             let opened = fixture.open_expecting(&runtime, first + complete - 1, &what);
             if position == last {
-                assert!(opened, "{what}: the open must repair the tail");
+                assert_eq!(opened, Ok(()), "{what}: the open must repair the tail");
             } else {
-                assert!(!opened, "{what}: the open must refuse");
+                let message = opened.expect_err("the open must refuse");
+                assert!(message.contains(&name), "{what}: {message}");
                 assert_eq!(
                     files_of(fixture.path()),
                     fixture.pristine_with(&name, bytes)
@@ -1076,10 +1082,12 @@ fn truncation_at_every_byte_keeps_every_complete_record() {
     }
 }
 
-/// Flipping a bit in every byte of every segment: in the last segment, every record before
-/// the damaged one is kept; in an earlier one the open fails and changes no file.
+/// Flipping a bit in every byte of every segment. In the newest segment's last record that
+/// looks like a torn tail: every record before it is kept. Anywhere else, valid records (or
+/// later segments) follow the damaged record: the open refuses, naming the segment and the
+/// damaged record's byte offset, and changes no file.
 #[test]
-fn bit_flips_at_every_byte_keep_every_record_before_the_damage() {
+fn bit_flips_at_every_byte_are_refused_unless_they_hit_the_last_record() {
     let runtime = runtime();
     let fixture = DamageFixture::new(&runtime);
     let last = fixture.segments.len() - 1;
@@ -1092,16 +1100,23 @@ fn bit_flips_at_every_byte_keep_every_record_before_the_damage() {
             bytes[at] ^= 1 << (at % 8);
             std::fs::write(path, &bytes).expect("flip");
             let what = format!("segment {first} flipped at byte {at}");
-            let before = ends.iter().filter(|end| **end <= at).count() as u64;
-            let opened = fixture.open_expecting(&runtime, first + before - 1, &what);
-            if position == last {
-                assert!(opened, "{what}: the open must repair the tail");
-            } else {
-                assert!(!opened, "{what}: the open must refuse");
-                assert_eq!(
-                    files_of(fixture.path()),
-                    fixture.pristine_with(&name, &bytes)
-                );
+            let before = ends.iter().filter(|end| **end <= at).count();
+            let record_start = before.checked_sub(1).map_or(0, |k| ends[k]);
+            let torn = position == last && before + 1 == ends.len();
+            match fixture.open_expecting(&runtime, first + before as u64 - 1, &what) {
+                Ok(()) => assert!(torn, "{what}: the open must refuse"),
+                Err(message) => {
+                    assert!(!torn, "{what}: the open must cut the torn tail: {message}");
+                    assert!(
+                        message.contains(&name)
+                            && message.contains(&format!("at byte {record_start} ")),
+                        "{what}: {message}"
+                    );
+                    assert_eq!(
+                        files_of(fixture.path()),
+                        fixture.pristine_with(&name, &bytes)
+                    );
+                }
             }
             fixture.restore();
         }
@@ -1118,8 +1133,8 @@ impl DamageFixture {
 }
 
 /// A crash in the middle of a compaction leaves the newest of the segments it was deleting
-/// (it deletes oldest first, each deletion synced): the open keeps a contiguous log, or
-/// removes segments that end before a snapshot ahead of them.
+/// (it deletes oldest first, each deletion synced, after the new segment exists): the open
+/// keeps a contiguous log, or removes segments that end before a snapshot ahead of them.
 #[test]
 fn segments_left_by_an_interrupted_compaction() {
     let runtime = runtime();
@@ -1138,9 +1153,18 @@ fn segments_left_by_an_interrupted_compaction() {
         .collect();
     assert!(old.len() >= 4, "{old:?}");
     let old_files = files_of(dir.path());
-    // A snapshot ahead of the log (the log restarts at 41), then one covering 1..=30 (a new
+    let restore = |name: &str| {
+        std::fs::write(dir.path().join(name), &old_files[name]).expect("restore");
+    };
+    // A snapshot ahead of the log (the log restarts at 41: the crash came before the new
+    // segment was made, or after it and two deletions), then one covering 1..=30 (a new
     // segment at 31): after each, put back the newest segments it deleted.
-    for (snapshot, left, first) in [(40, 2, 41), (30, 1, old[1].0), (30, 3, old[3].0)] {
+    for (snapshot, left, new_made, first) in [
+        (40, 0, false, 41),
+        (40, 2, true, 41),
+        (30, 1, true, old[1].0),
+        (30, 3, true, old[3].0),
+    ] {
         runtime.block_on(async {
             let storage = FileStorage::open_with(dir.path(), small_segments()).expect("open");
             storage
@@ -1148,14 +1172,14 @@ fn segments_left_by_an_interrupted_compaction() {
                 .await
                 .expect("snapshot");
         });
-        if snapshot == 40 {
-            // The crash came before the new segment was created.
+        if !new_made {
             for (_, path) in list(dir.path()).expect("list").segments {
                 std::fs::remove_file(path).expect("remove");
             }
+            restore("last-segment");
         }
         for (_, path) in &old[left..] {
-            std::fs::write(path, &old_files[&name_of(path)]).expect("write");
+            restore(&name_of(path));
         }
         runtime.block_on(async {
             let storage = FileStorage::open_with(dir.path(), small_segments()).expect("open");
@@ -1174,8 +1198,8 @@ fn segments_left_by_an_interrupted_compaction() {
         for (_, path) in listing.segments.into_iter().chain(listing.snapshots) {
             std::fs::remove_file(path).expect("clean up");
         }
-        for (_, path) in &old {
-            std::fs::write(path, &old_files[&name_of(path)]).expect("write");
+        for name in old_files.keys() {
+            restore(name);
         }
     }
 }
