@@ -17,6 +17,8 @@ use crate::event::{Event, EventKind, LogEntry};
 use crate::ids::{ClusterId, EventId, PostKey, Timestamp, UserId};
 use crate::state::State;
 
+mod damage;
+
 /// Entries kept behind a snapshot for readers, in every harness.
 const RETENTION: u64 = 10;
 

@@ -351,9 +351,8 @@ impl Scan<'_> {
                     None => "there is no log".to_string(),
                 };
                 return Err(Error::Corrupt(format!(
-                    "{why}; {log}, so the entries up to it exist nowhere else and a repair \
-                     cannot replace the snapshot ({})",
-                    path.display()
+                    "{why}; {log}, so the entries before it exist nowhere else and a repair \
+                     cannot replace the snapshot"
                 )));
             }
             for (path, why) in dropped {
