@@ -100,7 +100,7 @@ pub(super) enum Tail {
     /// The bad record is whole and passes its checksum, yet does not decode or does not
     /// continue the log: no interrupted write makes that.
     BadRecord,
-    /// A record that continues the log follows, at byte `offset`; `records` are readable
+    /// A record that continues the log follows, at byte `offset`; `records` valid ones
     /// from there.
     ValidAfter { offset: usize, records: u64 },
 }
@@ -144,7 +144,7 @@ fn whole_record(bytes: &[u8], offset: usize) -> Option<&[u8]> {
 enum Location {
     /// Before the segment at `path` (a gap or an overlap): the segment is not part of the log.
     Before { path: PathBuf, records: u64 },
-    /// Inside the kept segment at `path`, at byte `offset`; `records` readable after it.
+    /// Inside the kept segment at `path`, at byte `offset`; `records` valid ones after it.
     Within {
         path: PathBuf,
         offset: u64,
@@ -186,7 +186,7 @@ struct Scan<'a> {
     marker: Marker,
     /// The commit index to persist again, lowered by a repair.
     reset_commit: Option<LogIndex>,
-    /// Records (readable ones) a repair dropped, and the damage it cut away.
+    /// Valid records a repair dropped, and the damage it cut away.
     dropped_records: u64,
     repaired: Vec<String>,
     /// Said at WARN when the changes are made.
@@ -344,7 +344,7 @@ impl Scan<'_> {
             }
         }
         self.base = chosen.as_ref().map(|(s, _)| s.index).unwrap_or_default();
-        if let Some((path, why)) = dropped.first() {
+        if let Some((_, why)) = dropped.first() {
             if log_start.is_none_or(|first| first > self.base.next()) {
                 let log = match log_start {
                     Some(first) => format!("the log starts at index {first}"),
@@ -583,10 +583,8 @@ impl Scan<'_> {
         if !self.repaired.is_empty() {
             tracing::warn!(
                 damage = %self.repaired.join("; "),
-                records = self.dropped_records,
-                segments = self.covered.len() + self.later.len(),
-                "repair: cut the damage away, dropping {} readable record(s) and {} segment(s); \
-                 the log now ends at index {last}",
+                "repair: cut the damage away, dropping {} valid record(s) and {} segment \
+                 file(s); the log now ends at index {last}",
                 self.dropped_records,
                 self.covered.len() + self.later.len(),
             );
