@@ -1,14 +1,37 @@
 //! A damaged data directory and the real `tsd`: a bit flip in the log with valid records after
 //! it makes `tsd` exit non-zero with one line on stderr naming the segment and byte offset and
 //! suggesting `--repair`; `tsd --repair` starts, says at WARN what it dropped, and serves what
-//! came before the damage.
+//! came before the damage. `sns up` likewise refuses, and starts with `--repair`.
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
-use support::{Tsc, Tsd, WAIT, free_port};
+use support::{SnsUp, Tsc, Tsd, WAIT, free_port};
+
+/// Runs `program` with `args` (logging at `RUST_LOG=log`) until it exits, which it must do
+/// within [`WAIT`] (it is killed and the test fails otherwise).
+fn run_to_exit(program: &str, args: &[&str], log: &str) -> Output {
+    let mut child = Command::new(program)
+        .args(args)
+        .env("RUST_LOG", log)
+        .env_remove("SNS_CLUSTER_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{program} {args:?} did not stop on a damaged data directory");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
 
 /// Byte offsets where the records of a segment start (`[len: u32 LE][crc: u32 LE][payload]`).
 fn record_starts(bytes: &[u8]) -> Vec<usize> {
@@ -44,28 +67,14 @@ fn a_damaged_log_stops_tsd_in_one_line_and_repair_starts_it() {
     bytes[starts[1] + 12] ^= 0x04;
     std::fs::write(&segment, &bytes).expect("damage the segment");
 
-    let mut refused = Command::new(env!("CARGO_BIN_EXE_tsd"))
-        .args(["-p", &port.to_string(), "--bind", "127.0.0.1", "--data-dir"])
-        .arg(data.path())
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tsd");
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = refused.try_wait().expect("wait for tsd") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = refused.kill();
-            panic!("tsd did not stop on a damaged data directory");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let output = refused.wait_with_output().expect("tsd output");
-    assert_eq!(status.code(), Some(1));
+    let dir = data.path().display().to_string();
+    let port_arg = port.to_string();
+    let output = run_to_exit(
+        env!("CARGO_BIN_EXE_tsd"),
+        &["-p", &port_arg, "--bind", "127.0.0.1", "--data-dir", &dir],
+        "info",
+    );
+    assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     eprintln!("[tsd refusing] {stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -107,4 +116,37 @@ fn a_damaged_log_stops_tsd_in_one_line_and_repair_starts_it() {
     one.expect_line("Followers: ");
     drop(one);
     repaired.kill();
+}
+
+#[test]
+fn sns_up_refuses_a_damaged_server_directory_and_starts_with_repair() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = data.path().join("cluster1").join("server2");
+    std::fs::create_dir_all(&server).expect("server directory");
+    std::fs::write(server.join("last-segment"), b"junk").expect("damage");
+    let dir = data.path().display().to_string();
+    let args = [
+        "up",
+        "--ports",
+        "auto",
+        "--clusters",
+        "1",
+        "--data-dir",
+        &dir,
+    ];
+    let output = run_to_exit(env!("CARGO_BIN_EXE_sns"), &args, "warn");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("[sns up refusing] {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for part in [
+        "sns up: data directory ",
+        "last-segment is damaged",
+        "run sns up --repair",
+    ] {
+        assert!(stderr.contains(part), "{part:?} in {stderr}");
+    }
+
+    let mut up = SnsUp::start(data.path(), &["--clusters", "1", "--repair"]);
+    assert_eq!(up.signal_and_wait("INT"), Some(0));
 }
