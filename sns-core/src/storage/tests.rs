@@ -1206,6 +1206,56 @@ fn segments_left_by_an_interrupted_compaction() {
     }
 }
 
+/// The marker may name a segment older than the newest: a crash between creating a segment and
+/// recording it, or between a truncation rewriting the marker and deleting the segments after
+/// it. Both open as they are (the truncation did not happen), and the marker is brought up to
+/// date.
+#[test]
+fn a_marker_behind_the_newest_segment_is_a_crash_not_damage() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let marker = dir.path().join("last-segment");
+    let early_marker = runtime.block_on(async {
+        let storage = FileStorage::open_with(dir.path(), small_segments()).expect("open");
+        storage.append(entries(1..=3)).await.expect("append");
+        let early = std::fs::read(&marker).expect("marker");
+        for i in 4..=30 {
+            storage.append(entries(i..=i)).await.expect("append");
+        }
+        early
+    });
+    assert!(list(dir.path()).expect("list").segments.len() >= 4);
+    let whole = files_of(dir.path());
+    let reopen_holds_everything = |what: &str| {
+        runtime.block_on(async {
+            let storage = FileStorage::open_with(dir.path(), small_segments())
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(read_all(&storage).await, entries(1..=30), "{what}");
+        });
+        assert_eq!(
+            files_of(dir.path()),
+            whole,
+            "{what}: the marker is up to date"
+        );
+    };
+    // A rotation interrupted before the marker named the new segment.
+    std::fs::write(&marker, &early_marker).expect("write");
+    reopen_holds_everything("rotation");
+    // A truncation interrupted after the marker, before any segment went.
+    runtime.block_on(async {
+        let storage = FileStorage::open_with(dir.path(), small_segments()).expect("open");
+        storage.truncate_after(LogIndex(2)).await.expect("truncate");
+        assert_eq!(read_all(&storage).await, entries(1..=2));
+    });
+    assert_eq!(std::fs::read(&marker).expect("marker"), early_marker);
+    for (name, bytes) in &whole {
+        if name != "last-segment" {
+            std::fs::write(dir.path().join(name), bytes).expect("put back");
+        }
+    }
+    reopen_holds_everything("truncation");
+}
+
 #[test]
 fn appends_continue_after_a_repaired_tail() {
     let runtime = runtime();
