@@ -620,40 +620,43 @@ pub(super) fn parse_segment(
     let mut entries = Vec::new();
     let mut offset = 0;
     while offset < bytes.len() {
-        let damage = Some;
         let Some(header) = bytes.get(offset..offset + RECORD_HEADER) else {
             return (
                 entries,
                 offset,
-                damage("the file ends inside a record header".into()),
+                Some("the file ends inside a record header".into()),
             );
         };
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         if len == 0 {
-            return (entries, offset, damage("empty record".into()));
+            return (entries, offset, Some("empty record".into()));
         }
         if len > MAX_RECORD_BYTES {
-            return (entries, offset, damage(format!("record length {len}")));
+            return (
+                entries,
+                offset,
+                Some(format!("record length {len} over the maximum")),
+            );
         }
         let body = offset + RECORD_HEADER;
         let Some(payload) = bytes.get(body..body + len as usize) else {
             return (
                 entries,
                 offset,
-                damage("record runs past the end of the file".into()),
+                Some("record runs past the end of the file".into()),
             );
         };
         if crc32fast::hash(payload) != crc {
-            return (entries, offset, damage("checksum mismatch".into()));
+            return (entries, offset, Some("checksum mismatch".into()));
         }
         let entry = match LogEntry::from_bytes(payload) {
             Ok(entry) => entry,
-            Err(e) => return (entries, offset, damage(e.to_string())),
+            Err(e) => return (entries, offset, Some(e.to_string())),
         };
         if entry.index != expected {
             let why = format!("index {} where {} was expected", entry.index, expected);
-            return (entries, offset, damage(why));
+            return (entries, offset, Some(why));
         }
         expected = expected.next();
         entries.push(entry);
