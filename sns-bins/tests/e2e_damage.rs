@@ -149,5 +149,9 @@ fn sns_up_refuses_a_damaged_server_directory_and_starts_with_repair() {
 
     // It comes up (the repair's WARN is in its log, echoed on the test's stderr).
     let up = SnsUp::start(data.path(), &["--clusters", "1", "--repair"]);
-    assert!(up.printed[0].starts_with("Tiny SNS is up"), "{:?}", up.printed);
+    assert!(
+        up.printed[0].starts_with("Tiny SNS is up"),
+        "{:?}",
+        up.printed
+    );
 }
