@@ -4,7 +4,8 @@
 //!   durable storage under `--data-dir` (default `./sns-data/cluster<c>/server<s>/`), on the
 //!   course's ports (coordinator 9090, server s of cluster c on `c*10000 + s - 1`) or on
 //!   ephemeral ports (`--ports auto`). Prints where everything runs; Ctrl-C or SIGTERM stops
-//!   every component and exits 0.
+//!   every component and exits 0. A damaged data directory stops it with a message naming the
+//!   damage; `--repair` cuts each damaged log at its first damage instead.
 //!   Every slave mirrors its cluster's master and is promoted when the master dies (only an
 //!   in-sync one, unless `--allow-unclean-promotion`). One synchronizer per cluster carries
 //!   users, follows and posts between clusters over `--bus`: `local` (default: it reads the
@@ -70,6 +71,10 @@ enum Command {
         /// Keep everything in memory instead.
         #[arg(long, conflicts_with = "data_dir")]
         in_memory: bool,
+        /// Start every server even if its data directory is damaged: cut its log at the first
+        /// damage, dropping every record after it, and log at WARN what was dropped.
+        #[arg(long, conflicts_with = "in_memory")]
+        repair: bool,
         /// The coordinator's port [default: 9090 with the course's port plan; chosen by the
         /// system with `--ports auto`, unless given].
         #[arg(long)]
@@ -122,6 +127,7 @@ fn main() -> ExitCode {
             servers,
             data_dir,
             in_memory,
+            repair,
             port,
             ports,
             bind,
@@ -164,6 +170,7 @@ fn main() -> ExitCode {
                 } else {
                     Data::Dir(data_dir)
                 },
+                repair,
                 heartbeat_interval: heartbeat.interval(),
                 missed_heartbeats: heartbeat.missed_heartbeats,
                 cluster_token: token.cluster_token,
@@ -208,7 +215,14 @@ async fn up(config: DeploymentConfig) -> Result<(), String> {
             "unclean promotion allowed: a slave that is not in sync may be promoted and committed changes may be lost"
         );
     }
-    let deployment = Deployment::start(config).await.map_err(|e| e.to_string())?;
+    let repair = config.repair;
+    let deployment = Deployment::start(config).await.map_err(|e| match e {
+        sns_core::Error::Corrupt(why) if !repair => format!(
+            "{why}; to start anyway, dropping the damage and everything after it, run \
+             sns up --repair"
+        ),
+        e => e.to_string(),
+    })?;
     // Masters are named one heartbeat interval after their cluster's first beat; a loaded
     // machine may need several more, so short intervals still get 10 s.
     let patience =

@@ -267,18 +267,29 @@ impl Tsd {
 
     /// Starts `tsd` on `port` with data in `dir`, and waits until it serves.
     pub fn start(port: u16, dir: &Path) -> Self {
+        Self::start_with(port, dir, &[], |l| l.contains("serving clients")).0
+    }
+
+    /// Starts `tsd` on `port` with data in `dir` and the `extra` arguments, and waits for a
+    /// log line that satisfies `ready`, which it returns (later lines are in `log`).
+    pub fn start_with(
+        port: u16,
+        dir: &Path,
+        extra: &[&str],
+        ready: impl Fn(&str) -> bool,
+    ) -> (Self, String) {
         let mut args = strings(&["-p", &port.to_string(), "--bind", "127.0.0.1", "--data-dir"]);
         args.push(dir.display().to_string());
-        let (child, log) = spawn_logged(env!("CARGO_BIN_EXE_tsd"), &args, "tsd", |l| {
-            l.contains("serving clients")
-        });
-        Self {
+        args.extend(strings(extra));
+        let (child, log, line) = spawn_logged_line(env!("CARGO_BIN_EXE_tsd"), &args, "tsd", ready);
+        let tsd = Self {
             child,
             log,
             cluster: 1,
             server: 1,
             port,
-        }
+        };
+        (tsd, line)
     }
 
     /// The address clients reach it at.
