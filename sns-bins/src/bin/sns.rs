@@ -210,6 +210,9 @@ async fn bench(args: sns_bins::bench::BenchArgs) -> Result<(), String> {
 }
 
 async fn up(config: DeploymentConfig) -> Result<(), String> {
+    // Installed first: a signal arriving while the deployment starts (or just after the table
+    // is printed) stops it gracefully too.
+    let mut signals = sns_bins::signals::ExitSignals::install();
     if config.allow_unclean_promotion {
         tracing::warn!(
             "unclean promotion allowed: a slave that is not in sync may be promoted and committed changes may be lost"
@@ -232,8 +235,7 @@ async fn up(config: DeploymentConfig) -> Result<(), String> {
         return Err(e.to_string());
     }
     print_places(&deployment);
-    let signal = sns_bins::signals::wait_for_signal();
-    signal.await;
+    signals.recv().await;
     eprintln!("stopping...");
     deployment.shutdown().await;
     eprintln!("stopped");
