@@ -20,6 +20,11 @@ use crate::error::{Error, Result};
 use crate::server::SHUTDOWN_GRACE;
 use crate::transport::Listener;
 
+/// The largest `sns.v1.Admin` status reply a status client should accept: a full table (1,000
+/// clusters of 9 servers and 4 synchronizers each, every host name 253 bytes long, the most the
+/// binaries allow) encodes to less (checked by a test), above gRPC's default 4 MiB.
+pub const MAX_STATUS_REPLY: usize = 16 << 20;
+
 /// Settings of a [`Coordinator`].
 #[derive(Debug, Clone, Default)]
 pub struct CoordinatorConfig {

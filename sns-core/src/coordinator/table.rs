@@ -417,11 +417,20 @@ impl RoutingTable {
     /// The live server of `cluster` whose log is the most recent: highest epoch, then longest
     /// durable log, then lowest server id.
     fn most_recent_log(&self, cluster: ClusterId, now: Instant) -> Option<ServerId> {
-        self.servers
-            .iter()
-            .filter(|((c, _), n)| *c == cluster && self.alive(n, now))
-            .max_by_key(|((_, s), n)| (n.epoch, n.log.durable, std::cmp::Reverse(*s)))
-            .map(|((_, s), _)| *s)
+        self.servers_of(cluster)
+            .filter(|(_, n)| self.alive(n, now))
+            .max_by_key(|(s, n)| (n.epoch, n.log.durable, std::cmp::Reverse(*s)))
+            .map(|(s, _)| s)
+    }
+
+    /// The registered servers of `cluster`, by id.
+    fn servers_of(&self, cluster: ClusterId) -> impl Iterator<Item = (ServerId, &Node)> {
+        ServerId::new(1)
+            .map(|first| self.servers.range((cluster, first)..))
+            .into_iter()
+            .flatten()
+            .take_while(move |((c, _), _)| *c == cluster)
+            .map(|((_, s), node)| (*s, node))
     }
 
     /// The live master of `cluster` and its address, for a slave to mirror.
@@ -529,11 +538,9 @@ impl RoutingTable {
         now: Instant,
     ) -> Result<(ClusterId, ServerId, Address)> {
         let master = self.roles.get(&cluster).and_then(|r| r.master);
-        self.servers
-            .iter()
-            .filter(|((c, s), node)| *c == cluster && Some(*s) != master && self.alive(node, now))
-            .map(|((c, s), node)| (*c, *s, node.addr.clone()))
-            .next()
+        self.servers_of(cluster)
+            .find(|(s, node)| Some(*s) != master && self.alive(node, now))
+            .map(|(s, node)| (cluster, s, node.addr.clone()))
             .ok_or_else(|| Error::Unavailable(format!("no live slave in cluster {cluster}")))
     }
 
