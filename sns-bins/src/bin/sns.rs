@@ -256,9 +256,6 @@ impl UpToken {
             (None, false) => data_dir.join(TOKEN_FILE),
         };
         let (token, made) = sns_bins::token::keep_or_create(&path)?;
-        if made {
-            tracing::info!(file = %path.display(), "cluster token made");
-        }
         Ok(Self::Kept { token, path, made })
     }
 
