@@ -73,7 +73,7 @@ impl TokenArgs {
     }
 }
 
-/// Checks a token: one line of printable ASCII, at most [`MAX_TOKEN_BYTES`].
+/// Checks a token: one line of printable ASCII, at most 1024 bytes.
 fn check(token: &str) -> Result<(), String> {
     if token.trim().is_empty() {
         return Err("the cluster token is empty".to_string());
@@ -125,7 +125,7 @@ pub fn read_token_file(path: &Path) -> Result<String, String> {
     Ok(token.to_string())
 }
 
-/// A new random token: [`GENERATED_BYTES`] bytes of the system's randomness, hex-encoded.
+/// A new random token: 32 bytes of the system's randomness (`/dev/urandom`), hex-encoded.
 pub fn generate() -> Result<String, String> {
     let mut bytes = [0u8; GENERATED_BYTES];
     std::fs::File::open("/dev/urandom")
