@@ -1,12 +1,16 @@
 //! Shared pieces of the Tiny SNS binaries: the client's command language and console, the
-//! `--bus` flag, logging setup, and shutdown signals. Everything that is not about a terminal
-//! or a flag lives in `sns-core`.
+//! `--bus` flag, the cluster token and protected mode, logging setup, and shutdown signals.
+//! Everything that is not about a terminal, a flag or a file of the operator's lives in
+//! `sns-core`.
 
 pub mod bench;
 pub mod bus;
 pub mod cli;
 pub mod console;
 pub mod signals;
+pub mod token;
+
+pub use token::TokenArgs;
 
 /// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
@@ -33,19 +37,6 @@ pub fn init_logging_at(level: &str) {
 /// string (<https://no-color.org>).
 fn colour_wanted(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
     terminal && no_color.is_none_or(|value| value.is_empty())
-}
-
-/// Flags shared by the binaries that take part in a deployment's internal calls.
-#[derive(Debug, Clone, clap::Args)]
-pub struct TokenArgs {
-    /// Shared secret for internal calls (heartbeats, registration, admin); when the
-    /// coordinator has one, calls without it are refused.
-    #[arg(
-        long = "cluster-token",
-        env = "SNS_CLUSTER_TOKEN",
-        hide_env_values = true
-    )]
-    pub cluster_token: Option<String>,
 }
 
 /// Heartbeat timing flags.

@@ -144,10 +144,20 @@ fn sns_up_runs_a_whole_deployment_and_stops_cleanly_on_ctrl_c() {
 
     // Status shows six live servers: a master and a slave per cluster, every slave mirroring
     // its master, in sync and (once the heartbeats report it) with nothing left to copy.
+    // Its cluster token is in the data directory, where `sns status` finds it.
+    let data_dir = data.path().display().to_string();
     let status = || {
         let (code, stdout, stderr) = run(
             env!("CARGO_BIN_EXE_sns"),
-            &["status", "-h", "127.0.0.1", "-k", &up.port.to_string()],
+            &[
+                "status",
+                "-h",
+                "127.0.0.1",
+                "-k",
+                &up.port.to_string(),
+                "--data-dir",
+                &data_dir,
+            ],
         );
         assert_eq!(code, Some(0), "{stderr}");
         stdout

@@ -415,7 +415,15 @@ fn sns_up_with_bus(bus: &str) {
         let listed = support::wait_until(|| {
             let (code, out, stderr) = run(
                 env!("CARGO_BIN_EXE_sns"),
-                &["status", "-h", "127.0.0.1", "-k", &up.port.to_string()],
+                &[
+                    "status",
+                    "-h",
+                    "127.0.0.1",
+                    "-k",
+                    &up.port.to_string(),
+                    "--data-dir",
+                    &data.path().display().to_string(),
+                ],
             );
             assert_eq!(code, Some(0), "{stderr}");
             stdout = out;

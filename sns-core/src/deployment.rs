@@ -309,6 +309,7 @@ impl Deployment {
         let coordinator = Coordinator::new(CoordinatorConfig {
             routing: RoutingConfig {
                 clusters: config.clusters,
+                servers: config.servers_per_cluster,
                 heartbeat_interval: config.heartbeat_interval,
                 missed_heartbeats: config.missed_heartbeats,
                 allow_unclean_promotion: config.allow_unclean_promotion,

@@ -35,6 +35,10 @@ pub enum Error {
     /// The request conflicts with what exists (e.g. a server slot alive at another address).
     #[error("{0}")]
     Conflict(String),
+    /// A bounded table is full (e.g. the coordinator's synchronizers of a cluster). Retry later,
+    /// once an entry has gone.
+    #[error("{0}")]
+    Full(String),
     /// The caller lacks the cluster token required for internal calls.
     #[error("missing or wrong cluster token")]
     Unauthorized,

@@ -103,12 +103,21 @@ impl Post {
 }
 
 /// Checks a post's text: strips one trailing newline (and a `\r` before it), rejects text over
-/// [`MAX_POST_BYTES`] or with an inner line break. Returns `None` for an empty line (ignored).
+/// [`MAX_POST_BYTES`], with an inner line break or with a terminal control character (see
+/// [`check_post_text`]). Returns `None` for an empty line (ignored).
 pub fn normalize_post_text(raw: &[u8]) -> Result<Option<&str>> {
     let text =
         std::str::from_utf8(raw).map_err(|_| Error::invalid("post text is not valid UTF-8"))?;
     let text = text.strip_suffix('\n').unwrap_or(text);
     let text = text.strip_suffix('\r').unwrap_or(text);
+    check_post_text(text)?;
+    Ok((!text.is_empty()).then_some(text))
+}
+
+/// Checks the text of a post as stored: at most [`MAX_POST_BYTES`], one line, and no terminal
+/// control character (below U+0020 except tab, and DEL U+007F), since clients print posts
+/// verbatim and an escape sequence in a post would be run by every follower's terminal.
+pub fn check_post_text(text: &str) -> Result<()> {
     if text.len() > MAX_POST_BYTES {
         return Err(Error::invalid(format!(
             "post is {} bytes; the limit is {MAX_POST_BYTES}",
@@ -118,7 +127,19 @@ pub fn normalize_post_text(raw: &[u8]) -> Result<Option<&str>> {
     if text.contains(['\n', '\r']) {
         return Err(Error::invalid("post text must be a single line"));
     }
-    Ok((!text.is_empty()).then_some(text))
+    if let Some(control) = text.chars().find(|c| is_terminal_control(*c)) {
+        return Err(Error::invalid(format!(
+            "post text contains the control character U+{:04X}; posts may not carry terminal \
+             control characters (only tab is allowed)",
+            u32::from(control)
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `c` is a control character a terminal acts on: C0 controls except tab, and DEL.
+fn is_terminal_control(c: char) -> bool {
+    (c < ' ' && c != '\t') || c == '\u{7f}'
 }
 
 /// An event at a position of one server's log.
@@ -338,6 +359,25 @@ mod tests {
         assert!(normalize_post_text(&[0xff, 0xfe]).is_err());
         assert!(normalize_post_text(&[b'x'; MAX_POST_BYTES]).is_ok());
         assert!(normalize_post_text(&[b'x'; MAX_POST_BYTES + 1]).is_err());
+        // Terminal control characters are refused, wherever they are; tab and the trailing
+        // newline are not.
+        assert_eq!(normalize_post_text(b"a\tb\n").ok().flatten(), Some("a\tb"));
+        for bad in [
+            &b"\x1b[2J"[..],
+            b"ring\x07",
+            b"nul\x00",
+            b"del\x7f",
+            b"\x1b]0;title\x07\n",
+            b"back\x08space",
+        ] {
+            let refused = normalize_post_text(bad);
+            assert!(
+                matches!(&refused, Err(Error::InvalidInput(m)) if m.contains("control character")),
+                "{bad:?}: {refused:?}"
+            );
+        }
+        // Other text, accents and emoji included, passes.
+        assert!(normalize_post_text("café 🙂".as_bytes()).is_ok());
     }
 
     fn posted(key: Option<PostKey>) -> LogEntry {

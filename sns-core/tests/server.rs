@@ -504,6 +504,51 @@ async fn oversize_and_invalid_utf8_posts_are_rejected_and_not_stored() {
 }
 
 #[tokio::test]
+async fn posts_with_terminal_control_characters_are_refused_and_not_stored() {
+    let server = start().await;
+    let c1 = login(&server, 1).await;
+    let c2 = login(&server, 2).await;
+    c2.follow(u(1)).await.expect("follow");
+    // Each on a course-style stream of its own, as the course's client sends posts (with the
+    // trailing newline): the stream ends with INVALID_ARGUMENT naming the character.
+    for bad in [
+        "\x1b[2J\x1b[Hall clear\n",
+        "\x1b]0;owned\x07\n",
+        "bell\x07",
+        "nul\x00byte\n",
+        "del\x7f\n",
+        "carriage\rreturn\n",
+    ] {
+        let (_tx, mut inbound) = course_stream(&server, "1", &[bad]).await;
+        let end = tokio::time::timeout(WAIT, inbound.message())
+            .await
+            .expect("in time");
+        match end {
+            Err(status) => {
+                assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}: {status:?}");
+                assert!(
+                    status.message().contains("control character")
+                        || status.message().contains("single line"),
+                    "{bad:?}: {status:?}"
+                );
+            }
+            Ok(other) => panic!("{bad:?}: expected an error status, got {other:?}"),
+        }
+    }
+    // Our client refuses them before sending.
+    let (post1, _) = c1.timeline().await.expect("timeline");
+    let refused = post1.post("\x1b[31mred").await;
+    assert!(
+        matches!(&refused, Err(Error::InvalidInput(m)) if m.contains("control character")),
+        "{refused:?}"
+    );
+    // A tab is fine, and the trailing newline is stripped; it is the only post 2 ever sees.
+    let (_tx, _inbound) = course_stream(&server, "1", &["col1\tcol2\n"]).await;
+    assert_eq!(shown_once(&server, 2, "col1\tcol2").await, ["col1\tcol2"]);
+    server.stop().await.expect("stop");
+}
+
+#[tokio::test]
 async fn course_clients_get_preformatted_posts_and_may_name_themselves_in_the_first_message() {
     let server = start().await;
     let c1 = login(&server, 1).await;

@@ -136,6 +136,13 @@ async fn own_and_invalid_events_are_refused() {
         matches!(two_lines, Err(Error::InvalidInput(_))),
         "{two_lines:?}"
     );
+    let escape = server
+        .apply_remote(vec![joined(2, 1, 2), posted(2, 2, 2, "\x1b[2Jgotcha")])
+        .await;
+    assert!(
+        matches!(&escape, Err(Error::InvalidInput(m)) if m.contains("control character")),
+        "{escape:?}"
+    );
     assert!(
         server.high_water().expect("marks").is_empty(),
         "nothing applied"

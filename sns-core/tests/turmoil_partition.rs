@@ -194,7 +194,7 @@ fn coordinator() -> Coordinator {
             clusters: 1,
             heartbeat_interval: INTERVAL,
             missed_heartbeats: MISSED,
-            allow_unclean_promotion: false,
+            ..RoutingConfig::default()
         },
         cluster_token: None,
     })

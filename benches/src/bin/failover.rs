@@ -119,7 +119,10 @@ impl Deployment {
 
     fn start_coordinator(&mut self) -> Result<(), Failure> {
         let mut command = Command::new(self.bin_dir.join("coordinator"));
+        // Run in the deployment's own directory, so a cluster token kept in the caller's
+        // ./sns-data is not picked up (the bench's status calls carry none).
         command
+            .current_dir(&self.root)
             .args(["-p", &self.coordinator_port.to_string()])
             .args(["--bind", "127.0.0.1", "--clusters", "1"])
             .args(self.heartbeat_args());
@@ -136,6 +139,7 @@ impl Deployment {
         let port = self.servers[index].1;
         let mut command = Command::new(self.bin_dir.join("tsd"));
         command
+            .current_dir(&self.root)
             .args(["-c", "1", "-s", &server.to_string(), "--clusters", "1"])
             .args(["-h", "127.0.0.1", "-k", &self.coordinator_port.to_string()])
             .args(["-p", &port.to_string(), "--bind", "127.0.0.1"])
@@ -455,7 +459,8 @@ fn summary(name: &str, times: &mut [Duration]) -> String {
 
 async fn run(args: Args) -> Result<(), Failure> {
     let bin_dir = match &args.bin_dir {
-        Some(dir) => dir.clone(),
+        // Absolute: the binaries run in the deployment's directory.
+        Some(dir) => std::path::absolute(dir)?,
         None => std::env::current_exe()?
             .parent()
             .map(Path::to_path_buf)

@@ -1,9 +1,17 @@
 //! `coordinator`: the Tiny SNS routing table.
 //!
 //! `coordinator -p PORT` serves `csce438.CoordService` (and its `csce662` alias) and
-//! `sns.v1.Admin` on `--bind`:PORT. It keeps no files: its state is rebuilt from the next round
-//! of heartbeats after a restart. SIGINT or SIGTERM stops it (exit 0).
+//! `sns.v1.Admin` on `--bind`:PORT (default 127.0.0.1). It keeps no state on disk: its table
+//! is rebuilt from the next round of heartbeats after a restart. It accepts servers
+//! `1..=--servers` of clusters `1..=--clusters` only, at most four synchronizers per cluster,
+//! and forgets nodes dead for ten failure timeouts.
+//!
+//! Its cluster token is `--cluster-token` (or `SNS_CLUSTER_TOKEN`), else the one in
+//! `--cluster-token-file`, else the one `sns up` keeps in `--data-dir`/cluster-token (default
+//! `./sns-data/cluster-token`) if that file exists. Without a token it listens on loopback
+//! only, unless `--insecure`. SIGINT or SIGTERM stops it (exit 0).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser};
@@ -18,12 +26,19 @@ struct Args {
     /// Port to listen on.
     #[arg(short = 'p', long = "port", default_value_t = 9090)]
     port: u16,
-    /// Address to bind.
-    #[arg(long, default_value = "0.0.0.0")]
+    /// Address to bind; any but a loopback address needs a cluster token (or --insecure).
+    #[arg(long, default_value = "127.0.0.1")]
     bind: String,
     /// Number of clusters (user u belongs to cluster ((u - 1) % N) + 1).
     #[arg(short = 'n', long = "clusters", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     clusters: u32,
+    /// Servers per cluster: only servers 1..=N may register.
+    #[arg(long = "servers", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=9))]
+    servers: u32,
+    /// The deployment's data directory, where the cluster token is read from
+    /// (DIR/cluster-token) when none is given.
+    #[arg(long, default_value = sns_bins::token::DEFAULT_ROOT)]
+    data_dir: PathBuf,
     #[command(flatten)]
     heartbeat: HeartbeatArgs,
     #[command(flatten)]
@@ -32,6 +47,10 @@ struct Args {
     /// the cluster stays available but may lose committed changes. Off by default.
     #[arg(long)]
     allow_unclean_promotion: bool,
+    /// Listen on a non-loopback --bind without a cluster token: anyone who can reach the
+    /// coordinator may then register servers and read its status. Logged as an error.
+    #[arg(long)]
+    insecure: bool,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     help: Option<bool>,
@@ -44,14 +63,23 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    let token = args.token.resolve(&args.data_dir)?;
+    sns_bins::token::check_bind(
+        "the coordinator",
+        &args.bind,
+        token.is_some(),
+        args.insecure,
+    )?;
+    let protected = token.is_some();
     let coordinator = Coordinator::new(CoordinatorConfig {
         routing: RoutingConfig {
             clusters: args.clusters,
+            servers: args.servers,
             heartbeat_interval: args.heartbeat.interval(),
             missed_heartbeats: args.heartbeat.missed_heartbeats,
             allow_unclean_promotion: args.allow_unclean_promotion,
         },
-        cluster_token: args.token.cluster_token,
+        cluster_token: token,
     });
     let addr = sns_core::transport::address(&args.bind, args.port);
     let listener = sns_core::transport::tcp::bind(&addr)
@@ -66,6 +94,8 @@ async fn run(args: Args) -> Result<(), String> {
     tracing::info!(
         addr = %listener.addr(),
         clusters = args.clusters,
+        servers = args.servers,
+        cluster_token = if protected { "required" } else { "none" },
         "coordinator serving"
     );
     let shutdown = CancellationToken::new();

@@ -11,7 +11,12 @@
 //!   users, follows and posts between clusters over `--bus`: `local` (default: it reads the
 //!   other clusters' masters directly) or `grpc` (synchronizers serve `sns.v1.Sync` and
 //!   subscribe to each other; cluster c's on port `9000 + c` with the course's ports).
-//! - `sns status [-h HOST -k PORT]`: the coordinator's view as a table: per server its role,
+//!   Every internal call needs the cluster token: the one given (`--cluster-token`,
+//!   `SNS_CLUSTER_TOKEN`), else the one kept in `--cluster-token-file` or
+//!   `<data-dir>/cluster-token`, made there (random, mode 0600) on the first start; with
+//!   `--in-memory` a new one each start, shown in the table it prints.
+//! - `sns status [-h HOST -k PORT] [--data-dir DIR]`: the coordinator's view as a table (with
+//!   the token from `DIR/cluster-token`, default `./sns-data`, when none is given): per server its role,
 //!   the cluster's epoch and its log's, its durable and committed indexes, and for a slave
 //!   whether it is in sync and how many entries it lags behind its master.
 //! - `sns bench [steady|failover|broker-restart]`: the load generator (see
@@ -19,12 +24,13 @@
 //!   delivery's latency and an exactly-once check; exit code 1 if a delivery was missing or
 //!   repeated.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::{ArgAction, CommandFactory, Parser, Subcommand, ValueEnum};
 use sns_bins::bus::{bus_name, parse_bus};
+use sns_bins::token::{DEFAULT_ROOT, TOKEN_FILE};
 use sns_bins::{HeartbeatArgs, TokenArgs};
 use sns_core::{Data, Deployment, DeploymentConfig, Ports, Role};
 use sns_proto::csce438::NodeRole;
@@ -65,8 +71,8 @@ enum Command {
         /// Servers per cluster (one master, the rest slaves).
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=9))]
         servers: u32,
-        /// Root of the data directories.
-        #[arg(long, default_value = "./sns-data")]
+        /// Root of the data directories (and of the cluster token, DIR/cluster-token).
+        #[arg(long, default_value = DEFAULT_ROOT)]
         data_dir: PathBuf,
         /// Keep everything in memory instead.
         #[arg(long, conflicts_with = "data_dir")]
@@ -111,6 +117,10 @@ enum Command {
         /// Coordinator port.
         #[arg(short = 'k', long = "port", default_value_t = 9090)]
         port: u16,
+        /// The deployment's data directory, where the cluster token is read from
+        /// (DIR/cluster-token) when none is given.
+        #[arg(long, default_value = DEFAULT_ROOT)]
+        data_dir: PathBuf,
         #[command(flatten)]
         token: TokenArgs,
     },
@@ -145,6 +155,14 @@ fn main() -> ExitCode {
                     .exit()
             });
             sns_bins::init_logging();
+            let cluster_token = match UpToken::find(&token, in_memory, &data_dir) {
+                Ok(cluster_token) => cluster_token,
+                Err(e) => {
+                    eprintln!("sns up: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let token_hints = cluster_token.hints(&data_dir);
             let config = DeploymentConfig {
                 clusters,
                 servers_per_cluster: servers,
@@ -173,15 +191,23 @@ fn main() -> ExitCode {
                 repair,
                 heartbeat_interval: heartbeat.interval(),
                 missed_heartbeats: heartbeat.missed_heartbeats,
-                cluster_token: token.cluster_token,
+                cluster_token: Some(cluster_token.token().to_string()),
                 allow_unclean_promotion,
                 bus,
                 ..DeploymentConfig::default()
             };
-            sns_bins::run_main("sns up", up(config))
+            sns_bins::run_main("sns up", up(config, token_hints))
         }
-        Command::Status { host, port, token } => {
-            sns_bins::run_main("sns status", status(host, port, token.cluster_token))
+        Command::Status {
+            host,
+            port,
+            data_dir,
+            token,
+        } => {
+            sns_bins::init_logging_at("warn");
+            sns_bins::run_main("sns status", async move {
+                status(host, port, token.resolve(&data_dir)?).await
+            })
         }
         Command::Bench(args) => {
             sns_bins::init_logging_at("error");
@@ -209,7 +235,86 @@ async fn bench(args: sns_bins::bench::BenchArgs) -> Result<(), String> {
     ))
 }
 
-async fn up(config: DeploymentConfig) -> Result<(), String> {
+/// Where `sns up`'s cluster token comes from.
+#[derive(Debug)]
+enum UpToken {
+    /// Given by flag or environment.
+    Given(String),
+    /// Kept in a file; `made` if this start wrote it.
+    Kept {
+        token: String,
+        path: PathBuf,
+        made: bool,
+    },
+    /// Made for this run only (`--in-memory`).
+    Memory(String),
+}
+
+impl UpToken {
+    /// The token given, else the one kept in the token file (made there if missing), else
+    /// (in memory, with no token file named) a new one.
+    fn find(args: &TokenArgs, in_memory: bool, data_dir: &Path) -> Result<Self, String> {
+        if let Some(token) = args.given()? {
+            return Ok(Self::Given(token));
+        }
+        let path = match (&args.cluster_token_file, in_memory) {
+            (Some(file), _) => file.clone(),
+            (None, true) => return sns_bins::token::generate().map(Self::Memory),
+            (None, false) => data_dir.join(TOKEN_FILE),
+        };
+        let (token, made) = sns_bins::token::keep_or_create(&path)?;
+        Ok(Self::Kept { token, path, made })
+    }
+
+    fn token(&self) -> &str {
+        match self {
+            Self::Given(token) | Self::Memory(token) | Self::Kept { token, .. } => token,
+        }
+    }
+
+    /// How the start-up table tells of this token and how `sns status` finds it.
+    fn hints(&self, data_dir: &Path) -> TokenHints {
+        match self {
+            Self::Given(_) => TokenHints {
+                kept: "as given (give `sns status` the same)".to_string(),
+                ..TokenHints::default()
+            },
+            Self::Memory(token) => TokenHints {
+                kept: format!("{token} (this run only)"),
+                env: format!("SNS_CLUSTER_TOKEN={token} "),
+                flags: String::new(),
+            },
+            Self::Kept { path, made, .. } => {
+                let flags = if *path == Path::new(DEFAULT_ROOT).join(TOKEN_FILE) {
+                    String::new()
+                } else if *path == data_dir.join(TOKEN_FILE) {
+                    format!(" --data-dir {}", data_dir.display())
+                } else {
+                    format!(" --cluster-token-file {}", path.display())
+                };
+                let age = if *made { "made now" } else { "kept" };
+                TokenHints {
+                    kept: format!("in {} ({age})", path.display()),
+                    env: String::new(),
+                    flags,
+                }
+            }
+        }
+    }
+}
+
+/// What the start-up table says of the cluster token.
+#[derive(Debug, Default)]
+struct TokenHints {
+    /// Where the token is (or, in memory, the token itself).
+    kept: String,
+    /// Environment to put before `sns status`.
+    env: String,
+    /// Flags to put after `sns status`.
+    flags: String,
+}
+
+async fn up(config: DeploymentConfig, token: TokenHints) -> Result<(), String> {
     // Installed first: a signal arriving while the deployment starts (or just after the table
     // is printed) stops it gracefully too.
     let mut signals = sns_bins::signals::ExitSignals::install();
@@ -234,7 +339,7 @@ async fn up(config: DeploymentConfig) -> Result<(), String> {
         deployment.shutdown().await;
         return Err(e.to_string());
     }
-    print_places(&deployment);
+    print_places(&deployment, &token);
     signals.recv().await;
     eprintln!("stopping...");
     deployment.shutdown().await;
@@ -242,7 +347,8 @@ async fn up(config: DeploymentConfig) -> Result<(), String> {
     Ok(())
 }
 
-fn print_places(deployment: &Deployment) {
+/// Prints where everything runs, where the cluster token is, and how to reach it all.
+fn print_places(deployment: &Deployment, token: &TokenHints) {
     let coordinator = deployment.coordinator_addr();
     let clusters = deployment.config().clusters;
     let mut out = format!(
@@ -303,9 +409,11 @@ fn print_places(deployment: &Deployment) {
     let (host, port) = coordinator
         .rsplit_once(':')
         .unwrap_or((coordinator, "9090"));
+    let TokenHints { kept, env, flags } = token;
     out.push_str(&format!(
-        "\nConnect a client:  tsc -h {host} -k {port} -u <user id>\n\
-         Status:            sns status -h {host} -k {port}\n\
+        "\nCluster token:     {kept}\n\
+         Connect a client:  tsc -h {host} -k {port} -u <user id>\n\
+         Status:            {env}sns status -h {host} -k {port}{flags}\n\
          Press Ctrl-C to stop.\n"
     ));
     print!("{out}");
@@ -326,10 +434,22 @@ async fn status(host: String, port: u16, token: Option<String>) -> Result<(), St
             .map_err(|_| "the cluster token must be printable ASCII".to_string())?;
         request.metadata_mut().insert("sns-cluster-token", value);
     }
+    let sent_token = request.metadata().contains_key("sns-cluster-token");
     let reply = AdminClient::new(channel)
+        .max_decoding_message_size(sns_core::coordinator::MAX_STATUS_REPLY)
         .status(request)
         .await
-        .map_err(|s| format!("status failed: {}", s.message()))?
+        .map_err(|s| match (s.code(), sent_token) {
+            (tonic::Code::Unauthenticated, false) => format!(
+                "status failed: the coordinator wants the cluster token, and none was found: \
+                 give --data-dir (the deployment's, holding {TOKEN_FILE}), \
+                 --cluster-token-file or --cluster-token"
+            ),
+            (tonic::Code::Unauthenticated, true) => {
+                "status failed: the coordinator refused this cluster token".to_string()
+            }
+            _ => format!("status failed: {}", s.message()),
+        })?
         .into_inner();
     print!("{}", status_table(&reply));
     Ok(())

@@ -19,6 +19,11 @@
 //!
 //! After a restart it resumes from its cluster's high-water marks, so nothing is lost or applied
 //! twice. SIGINT or SIGTERM stops it cleanly (exit 0).
+//!
+//! Its cluster token is `--cluster-token` (or `SNS_CLUSTER_TOKEN`), else the one in
+//! `--cluster-token-file`, else `./sns-data/cluster-token` if that file exists (where `sns up`
+//! keeps it). Without one, the gRPC bus listens on loopback only (`--bind`, default
+//! 127.0.0.1) unless `--insecure`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -67,9 +72,14 @@ struct Args {
     /// Where the RabbitMQ bus keeps its publisher cursor [default: ./sns-data/syncID for synchronizer ID].
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
-    /// Address to bind the Sync service to (gRPC bus).
-    #[arg(long, default_value = "0.0.0.0")]
+    /// Address to bind the Sync service to (gRPC bus); any but a loopback address needs a
+    /// cluster token (or --insecure).
+    #[arg(long, default_value = "127.0.0.1")]
     bind: String,
+    /// Serve the Sync service on a non-loopback --bind without a cluster token: anyone who
+    /// can reach it may then read this cluster's events. Logged as an error.
+    #[arg(long)]
+    insecure: bool,
     /// Host name the other synchronizers should use to reach this one (gRPC bus).
     #[arg(long, default_value = "127.0.0.1")]
     advertise_host: String,
@@ -115,12 +125,23 @@ fn main() -> ExitCode {
 
 async fn run(args: Args, bus: Bus) -> Result<(), String> {
     let cluster = cluster_of_synchronizer(args.id, args.clusters).map_err(|e| e.to_string())?;
+    let token = args
+        .token
+        .resolve(std::path::Path::new(sns_bins::token::DEFAULT_ROOT))?;
+    if matches!(bus, Bus::Grpc) {
+        sns_bins::token::check_bind(
+            "the synchronizer",
+            &args.bind,
+            token.is_some(),
+            args.insecure,
+        )?;
+    }
     let transport = open_bus(&args, &bus, cluster).await?;
     let config = SynchronizerConfig {
         cluster,
         clusters: args.clusters,
         coordinator: transport::address(&args.coordinator_host, args.coordinator_port),
-        cluster_token: args.token.cluster_token,
+        cluster_token: token,
     };
     let synchronizer =
         Synchronizer::new(&config, &Network::tcp(), transport).map_err(|e| e.to_string())?;

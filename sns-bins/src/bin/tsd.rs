@@ -10,8 +10,14 @@
 //! A damaged DIR stops it with a one-line message naming the damage; `--repair` cuts the log
 //! at the first damage instead, logging what it dropped.
 //! SIGINT or SIGTERM stops it cleanly (exit 0).
+//!
+//! Joined to a coordinator, its cluster token is `--cluster-token` (or `SNS_CLUSTER_TOKEN`),
+//! else the one in `--cluster-token-file`, else `./sns-data/cluster-token` if that file exists
+//! (where `sns up` keeps it); without one it listens on loopback only (`--bind`, default
+//! 127.0.0.1) unless `--insecure`. A standalone server serves no internal calls, so it may
+//! bind any address.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -30,9 +36,14 @@ struct Args {
     /// Port to serve clients on.
     #[arg(short = 'p', long = "port", default_value_t = 10000)]
     port: u16,
-    /// Address to bind.
-    #[arg(long, default_value = "0.0.0.0")]
+    /// Address to bind; joined to a coordinator, any but a loopback address needs a cluster
+    /// token (or --insecure).
+    #[arg(long, default_value = "127.0.0.1")]
     bind: String,
+    /// Joined to a coordinator, listen on a non-loopback --bind without a cluster token:
+    /// anyone who can reach this server may then mirror its log. Logged as an error.
+    #[arg(long)]
+    insecure: bool,
     /// Cluster id of this server.
     #[arg(short = 'c', long = "cluster", default_value_t = 1)]
     cluster: u32,
@@ -84,6 +95,15 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> Result<(), String> {
     let cluster = ClusterId::new(args.cluster).ok_or("cluster ids start at 1")?;
     let server_id = ServerId::new(args.server).ok_or("server ids start at 1")?;
+    let token = if args.coordinator_port.is_some() {
+        let token = args
+            .token
+            .resolve(Path::new(sns_bins::token::DEFAULT_ROOT))?;
+        sns_bins::token::check_bind("tsd", &args.bind, token.is_some(), args.insecure)?;
+        token
+    } else {
+        None
+    };
     let storage: Arc<dyn Storage> = if args.in_memory {
         Arc::new(MemoryStorage::new())
     } else {
@@ -139,7 +159,7 @@ async fn run(args: Args) -> Result<(), String> {
         let mut link = CoordinatorLink::new(coordinator.clone(), args.advertise_host, port);
         link.interval = args.heartbeat.interval();
         link.missed_heartbeats = args.heartbeat.missed_heartbeats;
-        link.cluster_token = args.token.cluster_token;
+        link.cluster_token = token;
         server.join(link, Network::tcp());
         tracing::info!(%coordinator, "joining the deployment");
     }

@@ -12,13 +12,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
 pub use table::{
-    Address, Assignment, Beat, DEFAULT_HEARTBEAT_INTERVAL, NodeView, ReportedLog, RoutingConfig,
-    RoutingTable,
+    Address, Assignment, Beat, DEFAULT_HEARTBEAT_INTERVAL, FORGET_AFTER_TIMEOUTS, NodeView,
+    ReportedLog, RoutingConfig, RoutingTable, SYNCHRONIZERS_PER_CLUSTER,
 };
 
 use crate::error::{Error, Result};
 use crate::server::SHUTDOWN_GRACE;
 use crate::transport::Listener;
+
+/// The largest `sns.v1.Admin` status reply a status client should accept: a full table (1,000
+/// clusters of 9 servers and 4 synchronizers each, every host name 253 bytes long, the most the
+/// binaries allow) encodes to less (checked by a test), above gRPC's default 4 MiB.
+pub const MAX_STATUS_REPLY: usize = 16 << 20;
 
 /// Settings of a [`Coordinator`].
 #[derive(Debug, Clone, Default)]
@@ -111,7 +116,7 @@ mod tests {
                 clusters: 1,
                 heartbeat_interval: Duration::from_secs(5),
                 missed_heartbeats: 2,
-                allow_unclean_promotion: false,
+                ..RoutingConfig::default()
             },
             cluster_token: None,
         });
@@ -136,6 +141,47 @@ mod tests {
             coordinator.table().route(1, now()).is_err(),
             "dead after 2 x 5 s"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_server_leaves_the_table_after_ten_failure_timeouts() {
+        let coordinator = Coordinator::new(CoordinatorConfig::default());
+        let now = tokio::time::Instant::now;
+        let timeout = RoutingConfig::default().failure_timeout();
+        coordinator
+            .table()
+            .heartbeat(beat(10000), now())
+            .expect("registered");
+        let other = Beat {
+            server: ServerId::new(2).expect("server"),
+            ..beat(10001)
+        };
+        coordinator
+            .table()
+            .heartbeat(other.clone(), now())
+            .expect("registered");
+        // Server 2 beats on; server 1 is silent.
+        let mut silent = Duration::ZERO;
+        while silent <= timeout * 10 {
+            assert_eq!(
+                coordinator.table().nodes(now()).len(),
+                2,
+                "after {silent:?}"
+            );
+            tokio::time::advance(timeout / 2).await;
+            silent += timeout / 2;
+            coordinator
+                .table()
+                .heartbeat(other.clone(), now())
+                .expect("beats on");
+        }
+        let left: Vec<u32> = coordinator
+            .table()
+            .nodes(now())
+            .iter()
+            .map(|n| n.id)
+            .collect();
+        assert_eq!(left, [2]);
     }
 
     #[test]

@@ -19,7 +19,14 @@
 //!   up with them has spoken), after which only the one with the most recent log (highest
 //!   epoch, then longest durable log, then lowest server id) may become master. So servers
 //!   started together with no data elect server 1, whichever spoke first. Servers report
-//!   the epoch of their own log, not the epoch they were told.
+//!   the epoch of their own log, not the epoch they were told;
+//! - the table is bounded: servers register only in a configured slot (cluster
+//!   `1..=clusters`, server `1..=servers`), at most [`SYNCHRONIZERS_PER_CLUSTER`]
+//!   synchronizers per cluster, and a node dead for [`FORGET_AFTER_TIMEOUTS`] failure timeouts
+//!   is forgotten. Forgetting drops only the node's entry (its address and last report), never
+//!   its cluster's roles: the epoch, the master's id and the in-sync set stay, so a forgotten
+//!   master is treated exactly as a dead one (only an in-sync slave may replace it, and it is
+//!   master again if it returns first).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -35,11 +42,23 @@ use crate::server::Role;
 /// beat is a few hundred bytes, so even many nodes cost the coordinator little.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 
+/// A node dead for this many failure timeouts is forgotten (10 s with the default timing; 100 s
+/// with the course's 5 s × 2): long enough that `sns status` shows a crashed node for a while,
+/// short enough that entries left by departed or bogus nodes do not pile up.
+pub const FORGET_AFTER_TIMEOUTS: u32 = 10;
+
+/// Most synchronizers registered per cluster. A deployment runs one per cluster; a few more
+/// are harmless (events apply idempotently); a registration beyond that is refused unless a
+/// dead one can make room.
+pub const SYNCHRONIZERS_PER_CLUSTER: usize = 4;
+
 /// Timing and size of a deployment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoutingConfig {
     /// Number of clusters (users are spread over `1..=clusters`).
     pub clusters: u32,
+    /// Server slots per cluster: servers register as `1..=servers`.
+    pub servers: u32,
     /// Expected time between two heartbeats of a node.
     pub heartbeat_interval: Duration,
     /// A node that missed this many consecutive intervals is dead.
@@ -53,6 +72,7 @@ impl Default for RoutingConfig {
     fn default() -> Self {
         Self {
             clusters: 3,
+            servers: 2,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             missed_heartbeats: 2,
             allow_unclean_promotion: false,
@@ -64,6 +84,11 @@ impl RoutingConfig {
     /// How long after its last heartbeat a node counts as dead.
     pub fn failure_timeout(&self) -> Duration {
         self.heartbeat_interval * self.missed_heartbeats.max(1)
+    }
+
+    /// How long after its last heartbeat a node is forgotten.
+    pub fn forget_after(&self) -> Duration {
+        self.failure_timeout() * FORGET_AFTER_TIMEOUTS
     }
 }
 
@@ -223,6 +248,8 @@ pub struct RoutingTable {
     servers: BTreeMap<(ClusterId, ServerId), Node>,
     syncs: BTreeMap<u32, Node>,
     roles: BTreeMap<ClusterId, ClusterRoles>,
+    /// When nodes dead too long were last forgotten.
+    last_forgotten: Instant,
 }
 
 impl RoutingTable {
@@ -231,6 +258,7 @@ impl RoutingTable {
         Self {
             config: RoutingConfig {
                 clusters: config.clusters.max(1),
+                servers: config.servers.max(1),
                 ..config
             },
             started: now,
@@ -238,6 +266,7 @@ impl RoutingTable {
             servers: BTreeMap::new(),
             syncs: BTreeMap::new(),
             roles: BTreeMap::new(),
+            last_forgotten: now,
         }
     }
 
@@ -271,9 +300,49 @@ impl RoutingTable {
             })
     }
 
+    /// Drops the entries of nodes dead for [`RoutingConfig::forget_after`] (at most once per
+    /// heartbeat interval, so a busy coordinator does not scan its table on every beat).
+    /// Cluster roles and epochs are kept.
+    fn forget_the_long_dead(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.last_forgotten) < self.config.heartbeat_interval {
+            return;
+        }
+        self.last_forgotten = now;
+        let horizon = self.config.forget_after();
+        let keep = |node: &Node| now.saturating_duration_since(node.last_beat) <= horizon;
+        self.servers.retain(|(cluster, server), node| {
+            let kept = keep(node);
+            if !kept {
+                tracing::info!(%cluster, %server, addr = %node.addr, "dead server forgotten");
+            }
+            kept
+        });
+        self.syncs.retain(|id, node| {
+            let kept = keep(node);
+            if !kept {
+                tracing::info!(sync = id, addr = %node.addr, "dead synchronizer forgotten");
+            }
+            kept
+        });
+    }
+
+    /// Checks that `server` is a server slot of this deployment.
+    fn check_server(&self, server: ServerId) -> Result<()> {
+        if server.get() > self.config.servers {
+            return Err(Error::invalid(format!(
+                "server id {server} is outside 1..={} (the servers per cluster this coordinator \
+                 was configured with)",
+                self.config.servers
+            )));
+        }
+        Ok(())
+    }
+
     /// Records a server's heartbeat (the first one registers it) and returns its role.
     pub fn heartbeat(&mut self, beat: Beat, now: Instant) -> Result<Assignment> {
         self.check_cluster(i64::from(beat.cluster.get()))?;
+        self.check_server(beat.server)?;
+        self.forget_the_long_dead(now);
         let key = (beat.cluster, beat.server);
         if let Some(node) = self.servers.get(&key)
             && node.addr != beat.addr
@@ -375,11 +444,20 @@ impl RoutingTable {
     /// The live server of `cluster` whose log is the most recent: highest epoch, then longest
     /// durable log, then lowest server id.
     fn most_recent_log(&self, cluster: ClusterId, now: Instant) -> Option<ServerId> {
-        self.servers
-            .iter()
-            .filter(|((c, _), n)| *c == cluster && self.alive(n, now))
-            .max_by_key(|((_, s), n)| (n.epoch, n.log.durable, std::cmp::Reverse(*s)))
-            .map(|((_, s), _)| *s)
+        self.servers_of(cluster)
+            .filter(|(_, n)| self.alive(n, now))
+            .max_by_key(|(s, n)| (n.epoch, n.log.durable, std::cmp::Reverse(*s)))
+            .map(|(s, _)| s)
+    }
+
+    /// The registered servers of `cluster`, by id.
+    fn servers_of(&self, cluster: ClusterId) -> impl Iterator<Item = (ServerId, &Node)> {
+        ServerId::new(1)
+            .map(|first| self.servers.range((cluster, first)..))
+            .into_iter()
+            .flatten()
+            .take_while(move |((c, _), _)| *c == cluster)
+            .map(|((_, s), node)| (*s, node))
     }
 
     /// The live master of `cluster` and its address, for a slave to mirror.
@@ -391,14 +469,16 @@ impl RoutingTable {
     /// Records a synchronizer's registration or heartbeat.
     pub fn register_sync(&mut self, id: i64, addr: Address, now: Instant) -> Result<ClusterId> {
         let id = positive(id, "synchronizer id")?;
-        if let Some(node) = self.syncs.get(&id)
-            && node.addr != addr
-            && self.alive(node, now)
-        {
-            return Err(Error::Conflict(format!(
-                "synchronizer {id} is alive at {}; {addr} cannot take its place",
-                node.addr
-            )));
+        self.forget_the_long_dead(now);
+        match self.syncs.get(&id) {
+            Some(node) if node.addr != addr && self.alive(node, now) => {
+                return Err(Error::Conflict(format!(
+                    "synchronizer {id} is alive at {}; {addr} cannot take its place",
+                    node.addr
+                )));
+            }
+            Some(_) => {}
+            None => self.make_room_for_sync(id, now)?,
         }
         self.syncs.insert(
             id,
@@ -411,6 +491,41 @@ impl RoutingTable {
             },
         );
         Ok(self.cluster_of_sync(id))
+    }
+
+    /// Before a new synchronizer `id` registers: if its cluster already has
+    /// [`SYNCHRONIZERS_PER_CLUSTER`], forgets the one dead longest, or refuses when all live.
+    fn make_room_for_sync(&mut self, id: u32, now: Instant) -> Result<()> {
+        let cluster = self.cluster_of_sync(id);
+        let same_cluster: Vec<(u32, &Node)> = self
+            .syncs
+            .iter()
+            .filter(|(other, _)| self.cluster_of_sync(**other) == cluster)
+            .map(|(other, node)| (*other, node))
+            .collect();
+        if same_cluster.len() < SYNCHRONIZERS_PER_CLUSTER {
+            return Ok(());
+        }
+        let longest_dead = same_cluster
+            .iter()
+            .filter(|(_, node)| !self.alive(node, now))
+            .min_by_key(|(_, node)| node.last_beat)
+            .map(|(other, _)| *other);
+        match longest_dead {
+            Some(dead) => {
+                self.syncs.remove(&dead);
+                tracing::info!(
+                    sync = dead,
+                    replaced_by = id,
+                    "dead synchronizer forgotten to make room"
+                );
+                Ok(())
+            }
+            None => Err(Error::Full(format!(
+                "cluster {cluster} already has {SYNCHRONIZERS_PER_CLUSTER} live synchronizers; \
+                 synchronizer {id} is not registered"
+            ))),
+        }
     }
 
     fn cluster_of_sync(&self, id: u32) -> ClusterId {
@@ -451,11 +566,9 @@ impl RoutingTable {
         now: Instant,
     ) -> Result<(ClusterId, ServerId, Address)> {
         let master = self.roles.get(&cluster).and_then(|r| r.master);
-        self.servers
-            .iter()
-            .filter(|((c, s), node)| *c == cluster && Some(*s) != master && self.alive(node, now))
-            .map(|((c, s), node)| (*c, *s, node.addr.clone()))
-            .next()
+        self.servers_of(cluster)
+            .find(|(s, node)| Some(*s) != master && self.alive(node, now))
+            .map(|(s, node)| (cluster, s, node.addr.clone()))
             .ok_or_else(|| Error::Unavailable(format!("no live slave in cluster {cluster}")))
     }
 

@@ -303,3 +303,63 @@ impl Admin for CoordAdapter {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::{
+        CoordinatorConfig, MAX_STATUS_REPLY, RoutingConfig, SYNCHRONIZERS_PER_CLUSTER,
+    };
+    use crate::ids::ClusterId;
+
+    #[tokio::test]
+    async fn a_full_table_fits_one_status_reply() {
+        let (clusters, servers) = (1000u32, 9u32);
+        let coordinator = Coordinator::new(CoordinatorConfig {
+            routing: RoutingConfig {
+                clusters,
+                servers,
+                ..RoutingConfig::default()
+            },
+            cluster_token: None,
+        });
+        let addr = Address::parse(&"h".repeat(253), "65535").expect("longest address");
+        let now = tokio::time::Instant::now();
+        {
+            let mut table = coordinator.table();
+            for cluster in (1..=clusters).filter_map(ClusterId::new) {
+                for server in (1..=servers).filter_map(ServerId::new) {
+                    let beat = Beat {
+                        cluster,
+                        server,
+                        addr: addr.clone(),
+                        claims_master: false,
+                        epoch: Epoch(u64::MAX - 1),
+                        log: ReportedLog {
+                            role: Some(Role::Slave),
+                            durable: LogIndex(u64::MAX),
+                            commit: LogIndex(u64::MAX),
+                            slave_acked: Some(LogIndex(u64::MAX)),
+                        },
+                        in_sync: Vec::new(),
+                        failure: Some("f".repeat(MAX_FAILURE_CHARS)),
+                    };
+                    table.heartbeat(beat, now).expect("registered");
+                }
+            }
+            // Many more synchronizers try; four per cluster are kept.
+            for id in 1..=i64::from(clusters) * 5 {
+                let _ = table.register_sync(id, addr.clone(), now);
+            }
+        }
+        let reply = CoordAdapter { coordinator }
+            .status(Request::new(StatusRequest {}))
+            .await
+            .expect("status")
+            .into_inner();
+        let nodes = (clusters * servers) as usize + clusters as usize * SYNCHRONIZERS_PER_CLUSTER;
+        assert_eq!(reply.nodes.len(), nodes);
+        let size = prost::Message::encoded_len(&reply);
+        assert!(size < MAX_STATUS_REPLY, "{size} bytes");
+    }
+}

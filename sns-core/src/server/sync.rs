@@ -17,7 +17,7 @@ use std::sync::Arc;
 use super::pipeline::Pending;
 use super::{CommittedEntries, Server};
 use crate::error::{Error, Result};
-use crate::event::{Event, EventKind, LogEntry, MAX_POST_BYTES};
+use crate::event::{Event, EventKind, LogEntry, check_post_text};
 use crate::ids::{ClusterId, EventId, LogIndex};
 use crate::storage::Storage;
 
@@ -355,12 +355,11 @@ fn check_remote(own: ClusterId, event: &Event) -> Result<()> {
     if event.id.seq == 0 {
         return Err(Error::invalid("sequence numbers start at 1"));
     }
-    let bad = |text: &str| text.len() > MAX_POST_BYTES || text.contains(['\n', '\r']);
+    let check = |id: &EventId, text: &str| {
+        check_post_text(text).map_err(|e| Error::invalid(format!("post {id}: {e}")))
+    };
     match &event.kind {
-        EventKind::Posted { text, .. } if bad(text) => Err(Error::invalid(format!(
-            "post {} is not one line of at most {MAX_POST_BYTES} bytes",
-            event.id
-        ))),
+        EventKind::Posted { text, .. } => check(&event.id, text),
         EventKind::Image(image) => {
             for post in &image.posts {
                 if post.id.origin != event.id.origin || post.id.seq > event.id.seq {
@@ -369,12 +368,7 @@ fn check_remote(own: ClusterId, event: &Event) -> Result<()> {
                         event.id, post.id
                     )));
                 }
-                if bad(&post.text) {
-                    return Err(Error::invalid(format!(
-                        "post {} is not one line of at most {MAX_POST_BYTES} bytes",
-                        post.id
-                    )));
-                }
+                check(&post.id, &post.text)?;
             }
             Ok(())
         }

@@ -480,3 +480,146 @@ fn a_master_reporting_a_failure_is_made_slave_shown_with_why_and_its_in_sync_sla
     assert_eq!(t.heartbeat(failing, t0).expect("ok").role, Role::Slave);
     assert_eq!(t.route(1, t0).map(|(_, s, _)| s).ok(), Some(s(2)));
 }
+
+#[test]
+fn servers_register_only_in_configured_slots_so_a_flood_cannot_grow_the_table() {
+    let t0 = Instant::now();
+    let mut t = table(2, t0);
+    assert_eq!(t.config().servers, 2, "the default: a master and a slave");
+    for (cluster, server) in [(1, 3), (2, 1000), (3, 1)] {
+        let refused = t.heartbeat(beat(cluster, server, 10000), t0);
+        assert!(
+            matches!(refused, Err(Error::InvalidInput(_))),
+            "{cluster}/{server}: {refused:?}"
+        );
+    }
+    assert!(t.nodes(t0).is_empty(), "nothing registered");
+    // A flood of registrations under every id lands in the four configured slots at most.
+    for server in 1..=10_000 {
+        for cluster in 1..=3 {
+            let _ = t.heartbeat(beat(cluster, server, 10000 + server as u16), t0);
+        }
+    }
+    let nodes = t.nodes(t0);
+    assert_eq!(nodes.len(), 4, "{nodes:?}");
+    assert!(nodes.iter().all(|n| n.cluster.get() <= 2 && n.id <= 2));
+
+    let wider = RoutingTable::new(
+        RoutingConfig {
+            clusters: 1,
+            servers: 3,
+            ..RoutingConfig::default()
+        },
+        t0,
+    );
+    let mut wider = wider;
+    assert!(wider.heartbeat(beat(1, 3, 10002), t0).is_ok());
+    assert!(wider.heartbeat(beat(1, 4, 10003), t0).is_err());
+}
+
+#[test]
+fn a_cluster_keeps_at_most_four_synchronizers_and_a_dead_one_makes_room() {
+    let t0 = Instant::now();
+    let mut t = table(3, t0);
+    // Cluster 1's synchronizers are 1, 4, 7, 10, 13...
+    for id in [1, 4, 7, 10] {
+        t.register_sync(id, addr(9000 + id as u16), t0)
+            .expect("registered");
+    }
+    let full = t.register_sync(13, addr(9013), t0);
+    assert!(matches!(full, Err(Error::Full(_))), "{full:?}");
+    // Other clusters are not affected, and a known one beats on.
+    t.register_sync(2, addr(9002), t0).expect("cluster 2");
+    t.register_sync(10, addr(9010), t0).expect("a known one");
+    // Once 10 is dead (the others beat on), 13 takes its place.
+    let later = t0 + RoutingConfig::default().failure_timeout() + Duration::from_millis(1);
+    for id in [1, 4, 7] {
+        t.register_sync(id, addr(9000 + id as u16), later)
+            .expect("beats on");
+    }
+    t.register_sync(13, addr(9013), later).expect("room made");
+    let ids: Vec<u32> = t.nodes(later).iter().map(|n| n.id).collect();
+    assert_eq!(ids, [1, 2, 4, 7, 13]);
+    // A flood of ids stays within the caps: four per cluster.
+    for id in 100..10_100 {
+        let _ = t.register_sync(id, addr(9999), later);
+    }
+    assert_eq!(t.nodes(later).len(), 3 * SYNCHRONIZERS_PER_CLUSTER);
+}
+
+#[test]
+fn dead_nodes_are_forgotten_after_ten_failure_timeouts_but_their_clusters_epoch_and_master_stay() {
+    let t0 = Instant::now();
+    let config = RoutingConfig::default();
+    assert_eq!(config.forget_after(), config.failure_timeout() * 10);
+    let mut t = table(2, t0);
+    let epoch = master_and_slave(&mut t, t0, false);
+    t.register_sync(1, addr(9001), t0).expect("sync");
+    // Cluster 2's server beats on; cluster 1's master, slave and synchronizer fall silent.
+    let mut now = t0;
+    while now <= t0 + config.forget_after() {
+        t.heartbeat(beat(2, 1, 20000), now).expect("beats on");
+        let shown: Vec<_> = t.nodes(now).iter().map(|n| (n.cluster, n.id)).collect();
+        assert_eq!(shown.len(), 4, "not forgotten before the bound: {shown:?}");
+        now += config.heartbeat_interval;
+    }
+    t.heartbeat(beat(2, 1, 20000), now).expect("beats on");
+    let shown: Vec<_> = t.nodes(now).iter().map(|n| (n.cluster, n.id)).collect();
+    assert_eq!(shown, [(c(2), 1)], "the dead are forgotten");
+
+    // A server with an empty log coming up in the forgotten master's cluster is not made
+    // master: the cluster still knows its master and epoch, and waits for it (or an in-sync
+    // slave).
+    let empty = t.heartbeat(beat(1, 2, 10001), now).expect("ok");
+    assert_eq!(empty.role, Role::Slave);
+    assert_eq!(empty.epoch, epoch);
+    let later = now + 3 * SEC;
+    assert_eq!(
+        t.heartbeat(beat(1, 2, 10001), later).expect("ok").role,
+        Role::Slave
+    );
+    assert!(matches!(t.route(1, later), Err(Error::Unavailable(_))));
+    // The old master returns claiming its epoch: it is master again, under the same epoch.
+    let back = t
+        .heartbeat(
+            Beat {
+                claims_master: true,
+                epoch,
+                ..beat(1, 1, 10000)
+            },
+            later,
+        )
+        .expect("ok");
+    assert_eq!(
+        back,
+        Assignment {
+            role: Role::Master,
+            epoch
+        }
+    );
+    assert_eq!(t.route(1, later).expect("routed").1, s(1));
+}
+
+#[test]
+fn an_in_sync_slave_replaces_a_forgotten_master_under_a_new_epoch() {
+    let t0 = Instant::now();
+    let config = RoutingConfig::default();
+    let mut t = table(1, t0);
+    let epoch = master_and_slave(&mut t, t0, true);
+    // The whole cluster was down past the bound; the slave returns first.
+    let later = t0 + config.forget_after() + 2 * config.heartbeat_interval;
+    let promoted = t.heartbeat(beat(1, 2, 10001), later).expect("ok");
+    assert_eq!(promoted.role, Role::Master);
+    assert_eq!(promoted.epoch, Epoch(epoch.0 + 1));
+    assert!(
+        t.nodes(later).iter().all(|n| n.id == 2),
+        "the old master's entry is forgotten"
+    );
+    // The old master, back with its stale claim, is a slave of its successor.
+    let stale = Beat {
+        claims_master: true,
+        epoch,
+        ..beat(1, 1, 10000)
+    };
+    assert_eq!(t.heartbeat(stale, later).expect("ok").role, Role::Slave);
+}
