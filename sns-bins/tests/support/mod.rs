@@ -245,11 +245,33 @@ impl Tsd {
 
     /// Starts `tsd` on `port` with data in `dir`, and waits until it serves.
     pub fn start(port: u16, dir: &Path) -> Self {
+        Self::start_with(port, dir, &[])
+    }
+
+    /// Starts `tsd` on `port` with data in `dir` and the `extra` arguments, and waits until it
+    /// serves.
+    pub fn start_with(port: u16, dir: &Path, extra: &[&str]) -> Self {
+        Self::start_command(Command::new(env!("CARGO_BIN_EXE_tsd")), port, dir, extra)
+    }
+
+    /// Starts `tsd` through `command` (a wrapper such as `prlimit`, or `tsd` itself, with any
+    /// arguments it needs) on `port` with data in `dir` and the `extra` arguments, and waits
+    /// until it serves.
+    pub fn start_command(mut command: Command, port: u16, dir: &Path, extra: &[&str]) -> Self {
         let mut args = strings(&["-p", &port.to_string(), "--bind", "127.0.0.1", "--data-dir"]);
         args.push(dir.display().to_string());
-        let (child, log) = spawn_logged(env!("CARGO_BIN_EXE_tsd"), &args, "tsd", |l| {
-            l.contains("serving clients")
-        });
+        args.extend(strings(extra));
+        let mut child = command
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .env_remove("SNS_CLUSTER_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start tsd: {e}"));
+        let log = Lines::new(child.stderr.take().expect("stderr"), "tsd");
+        log.until(|l| l.contains("serving clients"));
         Self {
             child,
             log,

@@ -21,9 +21,10 @@
 //!
 //! What it does not do: no TLS, no name resolution of its own (TCP uses the system resolver,
 //! the memory network its own registry), no retries (tonic reconnects a channel on its next
-//! call; callers decide when to try again), and no connection limits (servers bound their own
-//! streams).
+//! call; callers decide when to try again). Connection limits are opt-in per listener
+//! ([`Listener::limited`]); servers bound their own streams.
 
+pub mod limits;
 pub mod memory;
 pub mod tcp;
 
@@ -41,6 +42,7 @@ use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub use limits::ConnectionLimits;
 pub use memory::MemoryNetwork;
 
 use crate::error::{Error, Result};
