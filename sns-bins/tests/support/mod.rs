@@ -64,6 +64,21 @@ impl Lines {
         self.rx.try_iter().collect()
     }
 
+    /// Every line until the stream ends (the child closed it, e.g. by exiting); fails after
+    /// [`WAIT`].
+    pub fn to_end(&self) -> Vec<String> {
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return lines,
+                Err(e) => panic!("{}: the stream did not end: {e}", self.name),
+            }
+        }
+    }
+
     /// Reads lines until one satisfies `matches`; fails after [`WAIT`].
     pub fn until(&self, matches: impl Fn(&str) -> bool) -> String {
         let deadline = std::time::Instant::now() + WAIT;
@@ -606,6 +621,21 @@ impl Tsc {
         for line in sns_bins::cli::BANNER.lines() {
             self.expect_line(line);
         }
+    }
+
+    /// Types `input` (any number of lines) from a thread of its own, then closes stdin: the
+    /// input may be far larger than the pipe holds.
+    pub fn type_all_and_close(&mut self, input: Vec<u8>) -> std::thread::JoinHandle<()> {
+        let mut stdin = self.stdin.take().expect("stdin open");
+        std::thread::spawn(move || {
+            stdin.write_all(&input).expect("write to tsc");
+        })
+    }
+
+    /// Waits for the exit code (stdin must be closed, or the input end the client).
+    pub fn wait_for_exit(&mut self) -> Option<i32> {
+        self.stdin.take();
+        self.child.wait().ok().and_then(|s| s.code())
     }
 
     /// Closes stdin and waits for the exit code.

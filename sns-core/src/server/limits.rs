@@ -1,7 +1,7 @@
-//! Bounds on what clients hold and how fast they post: timeline streams open on this server
-//! and per user (so one client cannot take every stream and lock other users out), and one
-//! post rate per user across all of that user's streams (a user with many streams posts no
-//! faster than with one).
+//! Bounds on what clients hold and how fast they post: connections (as many as the file
+//! descriptors allow), timeline streams open on this server and per user (so one client cannot
+//! take every stream and lock other users out), and one post rate per user across all of that
+//! user's streams (a user with many streams posts no faster than with one).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -11,6 +11,26 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::ids::{UserId, UserMap};
+
+/// The default of [`ServerConfig::max_connections`](super::ServerConfig::max_connections).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// File descriptors a server keeps for itself (its log, snapshots, listener, outgoing
+/// connections) beyond its client connections: see [`connection_cap`].
+pub const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// The most client connections a server can hold when the process may open `descriptors` file
+/// descriptors (`None`: no known limit), if `wanted` are configured: `wanted`, lowered if need
+/// be to leave [`RESERVED_DESCRIPTORS`] (or a quarter of a small limit) for everything else, so
+/// connections never take the descriptors the log needs. At least 1.
+pub fn connection_cap(wanted: usize, descriptors: Option<u64>) -> usize {
+    let Some(limit) = descriptors else {
+        return wanted.max(1);
+    };
+    let reserve = RESERVED_DESCRIPTORS.min(limit / 4);
+    let available = usize::try_from(limit.saturating_sub(reserve)).unwrap_or(usize::MAX);
+    wanted.min(available).max(1)
+}
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section here is a counter update that cannot panic half-way.
@@ -170,6 +190,17 @@ mod tests {
 
     fn u(id: u32) -> UserId {
         UserId::new(id).expect("valid user")
+    }
+
+    #[test]
+    fn connections_leave_descriptors_for_the_rest_of_the_server() {
+        assert_eq!(connection_cap(10_000, None), 10_000);
+        assert_eq!(connection_cap(10_000, Some(20_000)), 10_000);
+        assert_eq!(connection_cap(10_000, Some(1024)), 1024 - 64);
+        // A small limit keeps a quarter.
+        assert_eq!(connection_cap(10_000, Some(40)), 30);
+        assert_eq!(connection_cap(10_000, Some(0)), 1);
+        assert_eq!(connection_cap(0, None), 1);
     }
 
     #[test]

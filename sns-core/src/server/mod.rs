@@ -38,6 +38,7 @@ use tokio_util::task::TaskTracker;
 
 pub use committed::CommittedEntries;
 pub use heartbeat::CoordinatorLink;
+pub use limits::{DEFAULT_MAX_CONNECTIONS, RESERVED_DESCRIPTORS, connection_cap};
 pub use sync::{MAX_APPLY_BATCH, OwnEvents, check_reader};
 pub use timeline::TimelineFeed;
 
@@ -59,26 +60,6 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// How many posts a timeline shows when it is opened.
 pub const RECENT_POSTS: usize = 20;
-
-/// The default of [`ServerConfig::max_connections`].
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-
-/// File descriptors a server keeps for itself (its log, snapshots, listener, outgoing
-/// connections) beyond its client connections: see [`connection_cap`].
-pub const RESERVED_DESCRIPTORS: u64 = 64;
-
-/// The most client connections a server can hold when the process may open `descriptors` file
-/// descriptors (`None`: no known limit), if `wanted` are configured: `wanted`, lowered if need
-/// be to leave [`RESERVED_DESCRIPTORS`] (or a quarter of a small limit) for everything else, so
-/// connections never take the descriptors the log needs. At least 1.
-pub fn connection_cap(wanted: usize, descriptors: Option<u64>) -> usize {
-    let Some(limit) = descriptors else {
-        return wanted.max(1);
-    };
-    let reserve = RESERVED_DESCRIPTORS.min(limit / 4);
-    let available = usize::try_from(limit.saturating_sub(reserve)).unwrap_or(usize::MAX);
-    wanted.min(available).max(1)
-}
 
 /// Settings of a [`Server`]; every field has a sensible default.
 #[derive(Debug, Clone)]

@@ -45,7 +45,7 @@ impl Listener {
             inner: self,
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             limits,
-            refused: Refusals::new("connections beyond the limit"),
+            refused: Refusals::new(),
         };
         Listener::new(addr, incoming)
     }
@@ -80,7 +80,7 @@ impl Stream for Limited {
                 }
                 Err(_) => {
                     this.refused.note(&format!(
-                        "{} connections open (the limit)",
+                        "{} connections are open, the limit",
                         this.limits.max_connections
                     ));
                     // Dropped: closed at once.
@@ -93,7 +93,6 @@ impl Stream for Limited {
 /// Counts refused connections and logs them at most once every [`Refusals::EVERY`], so a
 /// flood of connections cannot flood the log.
 pub(crate) struct Refusals {
-    what: &'static str,
     count: u64,
     last_log: Option<Instant>,
 }
@@ -101,9 +100,8 @@ pub(crate) struct Refusals {
 impl Refusals {
     const EVERY: Duration = Duration::from_secs(10);
 
-    pub(crate) fn new(what: &'static str) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
-            what,
             count: 0,
             last_log: None,
         }
@@ -118,9 +116,8 @@ impl Refusals {
             .is_none_or(|last| now.saturating_duration_since(last) >= Self::EVERY)
         {
             tracing::warn!(
-                refused = self.count,
                 "refusing new connections: {why} ({} refused since the last warning)",
-                self.what
+                self.count
             );
             self.count = 0;
             self.last_log = Some(now);

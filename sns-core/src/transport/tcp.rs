@@ -49,7 +49,7 @@ pub fn listen(listener: TcpListener) -> Result<Listener> {
         local: local.clone(),
         spare: spare_descriptor(),
         pause: None,
-        refused: Refusals::new("out of file descriptors"),
+        refused: Refusals::new(),
     };
     Ok(Listener::new(local, incoming))
 }
@@ -98,12 +98,14 @@ impl Stream for Accepting {
                     drop(spare);
                     if let Poll::Ready(Ok((stream, _))) = this.listener.poll_accept(cx) {
                         drop(stream);
-                        this.refused.note(&format!("accepting failed: {error}"));
+                        this.refused
+                            .note(&format!("out of file descriptors ({error})"));
                     }
                     this.spare = spare_descriptor();
                 }
                 None => {
-                    this.refused.note(&format!("accepting failed: {error}"));
+                    this.refused
+                        .note(&format!("out of file descriptors ({error})"));
                     this.spare = spare_descriptor();
                     this.pause = Some(Box::pin(tokio::time::sleep(OUT_OF_DESCRIPTORS_PAUSE)));
                 }
