@@ -310,6 +310,14 @@ fn at_the_connection_limit_new_connections_are_refused_and_open_ones_keep_workin
         let (mut open, refused) = connect_until_refused(&tsd.addr(), 10).await;
         assert_eq!(open.len(), 3, "connections served");
         assert_closed_at_once(&refused);
+        // `tsc` says so in one line.
+        let (code, _, stderr) = support::run(
+            env!("CARGO_BIN_EXE_tsc"),
+            &["-h", "127.0.0.1", "-p", &port.to_string(), "-u", "9"],
+        );
+        assert_eq!(code, Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("connection limit"), "{stderr}");
         all_served(&mut open).await;
         open.pop();
         connects_again(&tsd.addr()).await;

@@ -337,7 +337,9 @@ pub(crate) fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
     {
         "it does not speak the Tiny SNS protocol (is that the right port?)".to_string()
     } else if texts.contains("connection closed") || texts.contains("connection reset") {
-        "it closed the connection without answering (is that the right port?)".to_string()
+        "it closed the connection without answering (a server at its connection limit does \
+         that; otherwise, is that the right port?)"
+            .to_string()
     } else if texts.contains("lookup") || texts.contains("resolve") || texts.contains("dns") {
         "its host name could not be resolved".to_string()
     } else {
