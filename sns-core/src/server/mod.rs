@@ -452,10 +452,12 @@ impl Server {
             max_connections: config.max_connections.max(1),
             handshake_timeout: config.handshake_timeout,
         });
+        // HTTP/2 windows are at most 2^31 - 1 bytes (the library asserts it).
+        let window = |bytes: u32| bytes.clamp(1, (1 << 31) - 1);
         let serving = crate::transport::server_builder()
             .max_concurrent_streams(Some(config.max_concurrent_streams))
-            .initial_stream_window_size(Some(config.stream_window))
-            .initial_connection_window_size(Some(config.connection_window))
+            .initial_stream_window_size(Some(window(config.stream_window)))
+            .initial_connection_window_size(Some(window(config.connection_window)))
             .add_routes(routes)
             .serve_with_incoming_shutdown(listener, stop);
         // A peer that neither reads nor closes must not hold the shutdown forever.
