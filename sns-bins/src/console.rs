@@ -123,7 +123,15 @@ impl Console {
                         {
                             Input::NotText
                         }
-                        Err(_) => Input::End,
+                        // Ctrl-D and Ctrl-C end the session as end of input does.
+                        Err(
+                            rustyline::error::ReadlineError::Eof
+                            | rustyline::error::ReadlineError::Interrupted,
+                        ) => Input::End,
+                        Err(e) => {
+                            eprintln!("tsc: cannot read the terminal ({e}); logging out");
+                            Input::End
+                        }
                     };
                     let end = matches!(input, Input::End);
                     if line_tx.blocking_send(input).is_err() || end {

@@ -183,3 +183,65 @@ fn mp2_2_resilience_case() {
         assert_eq!(tsc.reconnects(), Vec::<String>::new());
     }
 }
+
+#[test]
+fn servers_started_together_make_server_1_master_even_if_server_2_spoke_first() {
+    // Three-second heartbeats: server 1 starts well within the election window that server 2's
+    // first heartbeat opened, even on a loaded machine.
+    let heartbeat = Heartbeat {
+        interval_ms: 3000,
+        missed: 2,
+    };
+    let coordinator = Coordinator::start_with(2, heartbeat);
+    let data = [(); 3].map(|()| tempfile::tempdir().expect("temp dir"));
+    // The coordinator has been up for longer than one interval: cluster 2's master was named.
+    let _other = Tsd::joined(
+        &coordinator,
+        2,
+        1,
+        free_port(),
+        data[2].path(),
+        Expect::Master,
+    );
+    let two = Tsd::joined(
+        &coordinator,
+        1,
+        2,
+        free_port(),
+        data[1].path(),
+        Expect::Serving,
+    );
+    let one = Tsd::joined(
+        &coordinator,
+        1,
+        1,
+        free_port(),
+        data[0].path(),
+        Expect::Master,
+    );
+    coordinator.wait_for_role(&one, NodeRole::Master);
+    coordinator.wait_for_role(&two, NodeRole::Slave);
+}
+
+#[test]
+fn sns_up_makes_server_1_of_every_cluster_master_every_time() {
+    for run in 0..20 {
+        let data = tempfile::tempdir().expect("temp dir");
+        let up = support::SnsUp::start(data.path(), &[]);
+        let masters: Vec<(String, String)> = up
+            .printed
+            .iter()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|cells| cells.get(2) == Some(&"master"))
+            .map(|cells| (cells[0].to_string(), cells[1].to_string()))
+            .collect();
+        assert_eq!(masters.len(), 3, "run {run}: {:?}", up.printed);
+        for (cluster, server) in &masters {
+            assert_eq!(
+                server, "1",
+                "run {run}: cluster {cluster}: {:?}",
+                up.printed
+            );
+        }
+    }
+}

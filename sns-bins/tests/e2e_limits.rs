@@ -305,7 +305,7 @@ async fn connects_again(addr: &str) {
 fn at_the_connection_limit_new_connections_are_refused_and_open_ones_keep_working() {
     let data = tempfile::tempdir().expect("temp dir");
     let port = free_port();
-    let tsd = Tsd::start_with(port, data.path(), &["--max-connections", "3"]);
+    let tsd = Tsd::start_with(port, data.path(), &["--max-connections", "3"], serving).0;
     runtime().block_on(async {
         let (mut open, refused) = connect_until_refused(&tsd.addr(), 10).await;
         assert_eq!(open.len(), 3, "connections served");
@@ -326,6 +326,11 @@ fn at_the_connection_limit_new_connections_are_refused_and_open_ones_keep_workin
         .until(|l| l.contains("refusing new connections: 3 connections are open"));
 }
 
+/// Whether a `tsd` log line says it serves.
+fn serving(line: &str) -> bool {
+    line.contains("serving clients")
+}
+
 fn prlimit(descriptors: u32) -> std::process::Command {
     let mut command = std::process::Command::new("prlimit");
     command.arg(format!("--nofile={descriptors}:{descriptors}"));
@@ -338,7 +343,7 @@ fn under_a_low_descriptor_limit_connections_stop_short_of_it() {
     let data = tempfile::tempdir().expect("temp dir");
     let port = free_port();
     // 64 descriptors: a quarter stays for the server itself, 48 are for connections.
-    let tsd = Tsd::start_command(prlimit(64), port, data.path(), &[]);
+    let tsd = Tsd::start_command(prlimit(64), port, data.path(), &[], serving).0;
     runtime().block_on(async {
         let (mut open, refused) = connect_until_refused(&tsd.addr(), 100).await;
         assert_eq!(open.len(), 48, "connections served");
@@ -365,7 +370,9 @@ fn out_of_descriptors_new_connections_are_refused_and_open_ones_keep_working() {
         port,
         data.path(),
         &["--max-connections", "1000"],
-    );
+        serving,
+    )
+    .0;
     runtime().block_on(async {
         let (mut open, refused) = connect_until_refused(&tsd.addr(), 100).await;
         assert!(open.len() >= 20, "only {} connections served", open.len());
@@ -393,7 +400,9 @@ fn a_socket_that_says_nothing_is_closed_at_the_handshake_deadline() {
         port,
         data.path(),
         &["--max-connections", "1", "--handshake-timeout-secs", "1"],
-    );
+        serving,
+    )
+    .0;
     let started = std::time::Instant::now();
     let mut silent = std::net::TcpStream::connect(tsd.addr()).expect("connect");
     silent

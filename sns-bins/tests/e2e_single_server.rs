@@ -135,6 +135,50 @@ fn piped_lines_that_are_not_utf8_are_reported_and_the_client_carries_on() {
 }
 
 #[test]
+fn a_typed_line_that_is_not_utf8_is_reported_on_a_terminal_too() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let _tsd = Tsd::start(port, data.path());
+
+    // User 4 on a pseudo-terminal (util-linux `script`), so the line editor reads the bytes.
+    // Bytes typed before the editor switched the terminal to raw mode are echoed back as they
+    // are, so the screen may show the invalid byte (the reader shows it as U+FFFD).
+    let command = format!("{} -h 127.0.0.1 -p {port} -u 4", env!("CARGO_BIN_EXE_tsc"));
+    let mut terminal = std::process::Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("script(1) runs tsc on a pseudo-terminal");
+    let mut keys = terminal.stdin.take().expect("stdin");
+    let screen = support::Lines::new(terminal.stdout.take().expect("stdout"), "tsc on a pty");
+    let mut type_line = |bytes: &[u8]| {
+        use std::io::Write;
+        keys.write_all(bytes).expect("type");
+        keys.flush().expect("flush");
+    };
+    screen.until(|l| l.contains("TIMELINE"));
+
+    // User 1 follows 4 (known now) and reads its timeline through pipes.
+    let mut one = Tsc::start(port, 1);
+    one.expect_banner();
+    one.send("FOLLOW 4");
+    one.expect_line("Command completed successfully");
+    one.enter_timeline();
+
+    type_line(b"TIMELINE\r");
+    screen.until(|l| l.contains("Now you are in the timeline"));
+    type_line(b"caf\xe9\r");
+    screen.until(|l| l.contains(NOT_TEXT));
+    type_line(b"typed after it\r");
+    let line = one.next_line();
+    assert!(line.ends_with(") >> typed after it"), "{line:?}");
+    let _ = terminal.kill();
+    let _ = terminal.wait();
+}
+
+#[test]
 fn sigterm_and_sighup_log_out_so_the_user_logs_in_again_at_once() {
     let data = tempfile::tempdir().expect("temp dir");
     let port = free_port();

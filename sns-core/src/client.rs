@@ -48,7 +48,11 @@ fn from_status(status: &Status, command: Command, user: UserId) -> Error {
         (Code::InvalidArgument, Command::Follow(t) | Command::Unfollow(t)) => {
             Error::InvalidUsername(t.to_string())
         }
-        (Code::InvalidArgument, Command::Login) => Error::InvalidUsername(user.to_string()),
+        (Code::InvalidArgument, Command::Login) if status.message() == "invalid username" => {
+            Error::InvalidUsername(user.to_string())
+        }
+        // Another refusal (a user of another cluster): the server's own words.
+        (Code::InvalidArgument, Command::Login) => Error::InvalidInput(status.message().into()),
         (Code::InvalidArgument, Command::Other) => Error::InvalidInput(status.message().into()),
         (Code::Unauthenticated, _) => Error::NotLoggedIn(user),
         (Code::PermissionDenied, _) => Error::PermissionDenied(status.message().into()),

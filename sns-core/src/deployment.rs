@@ -22,7 +22,7 @@ use crate::coordinator::{Coordinator, CoordinatorConfig, RoutingConfig};
 use crate::error::{Error, Result};
 use crate::ids::{ClusterId, ServerId};
 use crate::server::{CoordinatorLink, Server, ServerConfig};
-use crate::storage::{CrashDisk, FileStorage, MemoryStorage, Storage};
+use crate::storage::{CrashDisk, FileStorage, FileStorageOptions, MemoryStorage, Storage};
 use crate::sync::{
     AmqpBus, AmqpOptions, CursorStore, GrpcBus, GrpcBusOptions, LocalBus, SyncTransport,
     Synchronizer, SynchronizerConfig,
@@ -138,6 +138,9 @@ pub struct DeploymentConfig {
     pub advertise_host: String,
     /// Storage of the servers.
     pub data: Data,
+    /// Open damaged data directories anyway, cutting each log at its first damage (see
+    /// [`FileStorageOptions::repair`]); without it a damaged directory fails the start.
+    pub repair: bool,
     /// Heartbeat interval.
     pub heartbeat_interval: Duration,
     /// Missed heartbeats before a node is dead.
@@ -166,6 +169,7 @@ impl Default for DeploymentConfig {
             bind_host: "127.0.0.1".to_string(),
             advertise_host: "127.0.0.1".to_string(),
             data: Data::Dir(PathBuf::from("./sns-data")),
+            repair: false,
             heartbeat_interval: crate::coordinator::DEFAULT_HEARTBEAT_INTERVAL,
             missed_heartbeats: 2,
             cluster_token: None,
@@ -564,6 +568,20 @@ impl Deployment {
         Ok(())
     }
 
+    /// Makes every write of a server's simulated disk fail from now on, as on a full disk (for
+    /// tests; needs [`Data::Simulated`]).
+    pub fn fail_disk(&self, cluster: ClusterId, server: ServerId) -> Result<()> {
+        if self.config.data != Data::Simulated {
+            return Err(Error::invalid("failing disks need simulated disks"));
+        }
+        let slot = self
+            .slots
+            .get(&(cluster, server))
+            .ok_or_else(|| Error::invalid(format!("no server {server} in cluster {cluster}")))?;
+        slot.disk.fail_writes();
+        Ok(())
+    }
+
     /// Stops a server gracefully: its tasks end after open connections are closed, its
     /// storage is closed with everything it acknowledged.
     pub async fn stop(&mut self, cluster: ClusterId, server: ServerId) -> Result<()> {
@@ -590,9 +608,21 @@ impl Deployment {
         let storage: Arc<dyn Storage> = match data_dir {
             None if self.config.data == Data::Simulated => Arc::new(slot.disk.open()?),
             None => Arc::new(slot.memory.clone()),
-            Some(dir) => Arc::new(FileStorage::open(&dir).map_err(|e| {
-                Error::Unavailable(format!("cannot open data directory {}: {e}", dir.display()))
-            })?),
+            Some(dir) => {
+                let options = FileStorageOptions {
+                    repair: self.config.repair,
+                    ..FileStorageOptions::default()
+                };
+                Arc::new(FileStorage::open_with(&dir, options).map_err(|e| match e {
+                    Error::Corrupt(why) => {
+                        Error::Corrupt(format!("data directory {}: {why}", dir.display()))
+                    }
+                    e => Error::Unavailable(format!(
+                        "cannot open data directory {}: {e}",
+                        dir.display()
+                    )),
+                })?)
+            }
         };
         let node = server_node(cluster, server);
         let listener = bind(&self.config, &node, slot.port).await?;

@@ -307,6 +307,13 @@ impl TestCluster {
         self.deployment.restart_synchronizer(c).await
     }
 
+    /// Makes every write of a server's disk fail from now on, as on a full disk (needs
+    /// `simulated_disks`).
+    pub fn fail_disk(&self, cluster: u32, server: u32) -> Result<()> {
+        let (c, s) = ids(cluster, server)?;
+        self.deployment.fail_disk(c, s)
+    }
+
     /// Partitions a server from the coordinator in both directions (`cut = true`) or heals the
     /// partition (`false`). Needs the memory transport.
     pub fn partition(&self, cluster: u32, server: u32, cut: bool) -> Result<()> {

@@ -343,6 +343,12 @@ async fn a_course_mode_stream_gets_no_acknowledgements() {
 
     let channel = server.channel().await.expect("connect");
     let mut rpc = SnsServiceClient::new(channel);
+    rpc.login(sns_proto::csce438::Request {
+        username: "1".into(),
+        arguments: Vec::new(),
+    })
+    .await
+    .expect("the course client's login");
     let (tx, rx) = tokio::sync::mpsc::channel::<Message>(4);
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     request

@@ -407,3 +407,24 @@ async fn bad_registrations_are_invalid_arguments_and_change_nothing() {
     assert_eq!(before, after);
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_clustered_server_refuses_logins_of_other_clusters_users() {
+    let cluster = TestCluster::start(3).await.expect("start");
+    let coordinator =
+        CoordinatorClient::new(cluster.network(), cluster.coordinator_addr()).expect("handle");
+    let first = coordinator.locate(u(1)).await.expect("cluster 1's master");
+    // User 2 is cluster 2's: cluster 1's master refuses it and creates nobody.
+    match Client::login(cluster.network(), &first, u(2)).await {
+        Err(Error::InvalidInput(why)) => assert!(
+            why.contains("user 2 belongs to cluster 2; this server serves cluster 1"),
+            "{why}"
+        ),
+        other => panic!("user 2 logged in on cluster 1: {other:?}"),
+    }
+    let one = Client::login(cluster.network(), &first, u(1))
+        .await
+        .expect("its own user");
+    assert_eq!(one.list().await.expect("list").all_users, vec![u(1)]);
+    cluster.shutdown().await;
+}

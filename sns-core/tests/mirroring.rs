@@ -153,6 +153,64 @@ fn holds_every_acknowledged_change(server: &Server, acked: &Acknowledged) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_whose_disk_fails_refuses_everything_reports_why_and_its_slave_takes_over() {
+    let cluster = TestCluster::start_with(config()).await.expect("start");
+    let old = master(&cluster).await;
+    let slave = 3 - old;
+    in_sync(&cluster, slave).await;
+    let one = cluster.client(1).await.expect("login 1");
+    let two = cluster.client(2).await.expect("login 2");
+    one.follow(u(2))
+        .await
+        .expect("acknowledged before the failure");
+
+    // The disk fills up: the next change cannot be made durable here and is refused (it may
+    // still take effect: it reached the slave, which may commit it once promoted).
+    cluster.fail_disk(1, old).expect("fail the disk");
+    assert!(two.follow(u(1)).await.is_err(), "a change on a full disk");
+    let failed = server(&cluster, old);
+    let why = failed.failed().expect("the server gave up");
+    assert!(why.contains("no space left on device"), "{why}");
+    // It serves nothing from memory any more, reads included.
+    assert!(matches!(one.list().await, Err(Error::Unavailable(_))));
+
+    // Its heartbeat reports the failure: the coordinator shows why and promotes the slave.
+    let reported = eventually(WAIT, || {
+        let nodes = cluster
+            .deployment()
+            .coordinator()
+            .table()
+            .nodes(tokio::time::Instant::now());
+        let ok = nodes.iter().any(|n| {
+            n.id == old && !n.alive && n.failure.as_deref().is_some_and(|f| f.contains("no space"))
+        });
+        async move { ok }
+    })
+    .await;
+    assert!(reported, "the coordinator shows the failure");
+    let promoted = eventually(WAIT, || {
+        let role = server(&cluster, slave).role();
+        async move { role == Role::Master }
+    })
+    .await;
+    assert!(promoted, "the slave took over");
+    assert_eq!(
+        failed.role(),
+        Role::Slave,
+        "the failed server is master no more"
+    );
+    // The acknowledged change is there, and the cluster serves again.
+    let three = cluster.client(3).await.expect("login on the new master");
+    three
+        .follow(u(1))
+        .await
+        .expect("a change on the new master");
+    let (_, state) = server(&cluster, slave).committed_state();
+    assert!(state.follows(u(1), u(2)));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_crash_promotes_the_slave_and_the_old_master_rejoins_as_slave() {
     let mut cluster = TestCluster::start_with(config()).await.expect("start");
     let old = master(&cluster).await;

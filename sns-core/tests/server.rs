@@ -250,6 +250,64 @@ async fn terminated_unfollow_logs_out_at_once() {
     server.stop().await.expect("stop");
 }
 
+#[tokio::test]
+async fn nobody_can_squat_a_session_by_heartbeating_or_streaming_as_a_user_not_logged_in() {
+    let server = start().await;
+    // User 3 exists but is logged out.
+    login(&server, 3).await.logout().await.expect("logout");
+    let mut rpc = raw(&server).await;
+
+    let beat = rpc.client_heartbeat(request("3", &[])).await;
+    assert_eq!(
+        beat.expect_err("a heartbeat without a session").code(),
+        Code::Unauthenticated
+    );
+    // A course-style stream naming user 3, holding its side open.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Message {
+        username: "3".into(),
+        msg: b"Set Stream".to_vec(),
+        ..Message::default()
+    })
+    .await
+    .expect("send");
+    let stream = rpc
+        .timeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    let refused = match stream {
+        Err(status) => status,
+        Ok(response) => {
+            let mut inbound = response.into_inner();
+            match inbound.message().await {
+                Err(status) => status,
+                Ok(message) => panic!("the stream of a user not logged in was served: {message:?}"),
+            }
+        }
+    };
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    // Both were answered, and user 3 was not locked out by them.
+    let three = Client::login(&server.network, &server.addr, u(3))
+        .await
+        .expect("user 3 logs in");
+    drop(tx);
+    // A logged-in user's heartbeat is fine.
+    three
+        .heartbeat()
+        .await
+        .expect("heartbeat of a live session");
+
+    // Logging out a user nobody ever created is an error, and creates nobody.
+    let mut logout = tonic::Request::new(request("77", &[]));
+    logout
+        .metadata_mut()
+        .insert("terminated", "true".parse().expect("metadata"));
+    let status = rpc.un_follow(logout).await.expect_err("unknown user");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let listed = three.list().await.expect("list");
+    assert_eq!(listed.all_users, vec![u(3)]);
+    server.stop().await.expect("stop");
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_open_timeline_keeps_the_session_alive() {
     let server = open_paused(standalone()).await;

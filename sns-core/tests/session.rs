@@ -389,6 +389,13 @@ async fn course_mode_timeline_messages_carry_the_post_id_too() {
         .await
         .expect("connect");
     let mut rpc = SnsServiceClient::new(channel);
+    // The course client logs in, then opens its timeline.
+    rpc.login(sns_proto::csce438::Request {
+        username: "1".into(),
+        arguments: Vec::new(),
+    })
+    .await
+    .expect("login");
     let (tx, rx) = tokio::sync::mpsc::channel::<Message>(1);
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     request

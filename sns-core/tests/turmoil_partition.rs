@@ -40,6 +40,8 @@ const COORDINATOR: &str = "coordinator";
 const SERVER: &str = "server";
 const COORDINATOR_PORT: u16 = 9090;
 const SERVER_PORT: u16 = 10000;
+/// Users the partitioned master's client may follow, one per write, before the promotion.
+const FOLLOWEES: u32 = 200;
 
 /// Dials turmoil addresses (`host:port`, resolved by the simulation).
 struct TurmoilConnector;
@@ -282,7 +284,15 @@ fn a_master_cut_off_from_the_coordinator_is_replaced_and_acknowledges_nothing_af
         };
         let addr = format!("{}:{SERVER_PORT}", names[old]);
         let one = Client::login(&network, &addr, u(1)).await?;
-        let _two = Client::login(&network, &addr, u(2)).await?;
+        // Each write follows a new user, so the new master's state tells exactly which
+        // acknowledged writes it holds. (Toggling one follow could not: a write that failed
+        // may still commit on the new master, as any unacknowledged write may.)
+        for user in 2..=FOLLOWEES + 1 {
+            Client::login(&network, &addr, u(user))
+                .await?
+                .logout()
+                .await?;
+        }
         let in_sync = until(Duration::from_secs(10), || async {
             let nodes = coordinator.table().nodes(Instant::now());
             nodes.iter().any(|n| n.id == slave as u32 + 1 && n.in_sync)
@@ -292,24 +302,23 @@ fn a_master_cut_off_from_the_coordinator_is_replaced_and_acknowledges_nothing_af
 
         // The master loses the coordinator but keeps its clients and its slave.
         turmoil::partition(names[old], COORDINATOR);
-        let mut following = false;
+        let mut next = 2;
         let mut acknowledged = Vec::new();
         let mut refused_after_promotion = 0;
         while refused_after_promotion < 5 {
+            assert!(
+                next <= FOLLOWEES + 1,
+                "no promotion after {FOLLOWEES} writes; raise FOLLOWEES"
+            );
             let promoted = role(slave) == Some(Role::Master);
-            let result = if following {
-                one.unfollow(u(2)).await
-            } else {
-                one.follow(u(2)).await
-            };
-            match result {
+            match one.follow(u(next)).await {
                 Ok(()) => {
                     assert!(
                         !promoted,
                         "the old master acknowledged a write after the promotion"
                     );
-                    following = !following;
-                    acknowledged.push(following);
+                    acknowledged.push(next);
+                    next += 1;
                 }
                 Err(_) if promoted => refused_after_promotion += 1,
                 Err(_) => tokio::time::sleep(INTERVAL / 10).await,
@@ -319,9 +328,18 @@ fn a_master_cut_off_from_the_coordinator_is_replaced_and_acknowledges_nothing_af
             !acknowledged.is_empty(),
             "writes went through before the promotion"
         );
-        // Every write the old master acknowledged is on the new master.
-        let (_, promoted_state) = state(slave).expect("running");
-        assert_eq!(promoted_state.follows(u(1), u(2)), following);
+        // Every write the old master acknowledged is on the new master (which commits what
+        // it inherited once promoted).
+        let holds_all = || async {
+            let (_, promoted) = state(slave).expect("running");
+            acknowledged
+                .iter()
+                .all(|&user| promoted.follows(u(1), u(user)))
+        };
+        assert!(
+            until(INTERVAL * MISSED, holds_all).await.is_some(),
+            "the new master lacks an acknowledged write of {acknowledged:?}"
+        );
         let stepped_down = until(INTERVAL * MISSED * 3, || async {
             role(old) == Some(Role::Slave)
         })

@@ -4,7 +4,8 @@
 //!   durable storage under `--data-dir` (default `./sns-data/cluster<c>/server<s>/`), on the
 //!   course's ports (coordinator 9090, server s of cluster c on `c*10000 + s - 1`) or on
 //!   ephemeral ports (`--ports auto`). Prints where everything runs; Ctrl-C or SIGTERM stops
-//!   every component and exits 0.
+//!   every component and exits 0. A damaged data directory stops it with a message naming the
+//!   damage; `--repair` cuts each damaged log at its first damage instead.
 //!   Every slave mirrors its cluster's master and is promoted when the master dies (only an
 //!   in-sync one, unless `--allow-unclean-promotion`). One synchronizer per cluster carries
 //!   users, follows and posts between clusters over `--bus`: `local` (default: it reads the
@@ -70,6 +71,10 @@ enum Command {
         /// Keep everything in memory instead.
         #[arg(long, conflicts_with = "data_dir")]
         in_memory: bool,
+        /// Start every server even if its data directory is damaged: cut its log at the first
+        /// damage, dropping every record after it, and log at WARN what was dropped.
+        #[arg(long, conflicts_with = "in_memory")]
+        repair: bool,
         /// The coordinator's port [default: 9090 with the course's port plan; chosen by the
         /// system with `--ports auto`, unless given].
         #[arg(long)]
@@ -122,6 +127,7 @@ fn main() -> ExitCode {
             servers,
             data_dir,
             in_memory,
+            repair,
             port,
             ports,
             bind,
@@ -164,6 +170,7 @@ fn main() -> ExitCode {
                 } else {
                     Data::Dir(data_dir)
                 },
+                repair,
                 heartbeat_interval: heartbeat.interval(),
                 missed_heartbeats: heartbeat.missed_heartbeats,
                 cluster_token: token.cluster_token,
@@ -203,20 +210,32 @@ async fn bench(args: sns_bins::bench::BenchArgs) -> Result<(), String> {
 }
 
 async fn up(config: DeploymentConfig) -> Result<(), String> {
+    // Installed first: a signal arriving while the deployment starts (or just after the table
+    // is printed) stops it gracefully too.
+    let mut signals = sns_bins::signals::ExitSignals::install();
     if config.allow_unclean_promotion {
         tracing::warn!(
             "unclean promotion allowed: a slave that is not in sync may be promoted and committed changes may be lost"
         );
     }
-    let deployment = Deployment::start(config).await.map_err(|e| e.to_string())?;
-    let patience = deployment.config().heartbeat_interval * 10;
+    let repair = config.repair;
+    let deployment = Deployment::start(config).await.map_err(|e| match e {
+        sns_core::Error::Corrupt(why) if !repair => format!(
+            "{why}; to start anyway, dropping the damage and everything after it, run \
+             sns up --repair"
+        ),
+        e => e.to_string(),
+    })?;
+    // Masters are named one heartbeat interval after their cluster's first beat; a loaded
+    // machine may need several more, so short intervals still get 10 s.
+    let patience =
+        (deployment.config().heartbeat_interval * 10).max(std::time::Duration::from_secs(10));
     if let Err(e) = deployment.wait_for_masters(patience).await {
         deployment.shutdown().await;
         return Err(e.to_string());
     }
     print_places(&deployment);
-    let signal = sns_bins::signals::wait_for_signal();
-    signal.await;
+    signals.recv().await;
     eprintln!("stopping...");
     deployment.shutdown().await;
     eprintln!("stopped");
@@ -419,6 +438,12 @@ fn status_table(reply: &StatusReply) -> String {
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
+    for node in reply.nodes.iter().filter(|n| !n.failure.is_empty()) {
+        out.push_str(&format!(
+            "cluster {} server {} cannot serve: {}\n",
+            node.cluster, node.server, node.failure
+        ));
+    }
     out
 }
 
@@ -447,6 +472,7 @@ mod tests {
             commit_index: durable,
             slave_acked_index: None,
             in_sync: false,
+            failure: String::new(),
         }
     }
 
@@ -533,6 +559,30 @@ mod tests {
                 .lines()
                 .skip(2)
                 .all(|line| line.len() == lag_column + 3),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn status_says_why_a_server_cannot_serve() {
+        let failed = NodeStatus {
+            alive: false,
+            failure: "storage failed, refusing requests: no space left on device".to_string(),
+            ..node(1, 1, NodeRole::Slave, 42)
+        };
+        let table = status_table(&StatusReply {
+            clusters: 1,
+            nodes: vec![failed, node(1, 2, NodeRole::Master, 42)],
+            heartbeat_interval_ms: 1000,
+            failure_timeout_ms: 2000,
+        });
+        assert_eq!(row(&table, 1, 1)[4], "no");
+        assert_eq!(
+            table.lines().last(),
+            Some(
+                "cluster 1 server 1 cannot serve: storage failed, refusing requests: no space \
+                 left on device"
+            ),
             "{table}"
         );
     }

@@ -7,6 +7,8 @@
 //! timelines here. Without `-k` it runs standalone (always master, the course's MP1 form) and
 //! every user is its own. Its log and snapshots live in
 //! DIR (default `./sns-data/cluster<c>/server<s>/`), fsynced before anything is acknowledged.
+//! A damaged DIR stops it with a one-line message naming the damage; `--repair` cuts the log
+//! at the first damage instead, logging what it dropped.
 //! SIGINT or SIGTERM stops it cleanly (exit 0).
 //!
 //! Limits (see `docs/operations.md`): `--max-connections` (default 10,000, lowered to leave
@@ -22,7 +24,8 @@ use clap::{ArgAction, Parser};
 use sns_core::server::{DEFAULT_MAX_CONNECTIONS, connection_cap};
 use sns_core::transport::{self, Network};
 use sns_core::{
-    ClusterId, CoordinatorLink, FileStorage, MemoryStorage, Server, ServerConfig, ServerId, Storage,
+    ClusterId, CoordinatorLink, FileStorage, FileStorageOptions, MemoryStorage, Server,
+    ServerConfig, ServerId, Storage,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +51,11 @@ struct Args {
     /// Keep everything in memory (nothing survives a restart).
     #[arg(long, conflicts_with = "data_dir")]
     in_memory: bool,
+    /// Start even if the data directory is damaged: cut the log at the first damage, dropping
+    /// every record after it, and log at WARN what was dropped. Without it a damaged
+    /// directory stops the server with a one-line message naming the damage.
+    #[arg(long, conflicts_with = "in_memory")]
+    repair: bool,
     /// Host of the coordinator.
     #[arg(short = 'h', long = "coordinator-host", default_value = "127.0.0.1")]
     coordinator_host: String,
@@ -142,8 +150,21 @@ async fn run(args: Args) -> Result<(), String> {
         let dir = args.data_dir.clone().unwrap_or_else(|| {
             PathBuf::from(format!("./sns-data/cluster{cluster}/server{server_id}"))
         });
-        let storage = FileStorage::open(&dir)
-            .map_err(|e| format!("cannot open data directory {}: {e}", dir.display()))?;
+        let options = FileStorageOptions {
+            repair: args.repair,
+            ..FileStorageOptions::default()
+        };
+        let storage = FileStorage::open_with(&dir, options).map_err(|e| match e {
+            sns_core::Error::Corrupt(why) if !args.repair => format!(
+                "data directory {}: {why}; to start anyway, dropping the damage and \
+                 everything after it, run tsd --repair",
+                dir.display()
+            ),
+            sns_core::Error::Corrupt(why) => {
+                format!("data directory {}: {why}", dir.display())
+            }
+            e => format!("cannot open data directory {}: {e}", dir.display()),
+        })?;
         tracing::info!(dir = %dir.display(), "data directory opened");
         Arc::new(storage)
     };
@@ -198,10 +219,22 @@ async fn run(args: Args) -> Result<(), String> {
     );
     let shutdown = CancellationToken::new();
     sns_bins::signals::cancel_on_signal(shutdown.clone());
+    // A server that cannot go on (its storage failed, or the coordinator refused it) stops,
+    // so a supervisor can restart it and recovery runs from the log.
+    tokio::spawn({
+        let (server, shutdown) = (server.clone(), shutdown.clone());
+        async move {
+            server.failure().await;
+            shutdown.cancel();
+        }
+    });
     server
         .serve(listener, shutdown)
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(why) = server.failed() {
+        return Err(why);
+    }
     tracing::info!("stopped");
     Ok(())
 }

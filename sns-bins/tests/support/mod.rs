@@ -28,7 +28,8 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Lines of a child's stream, read on a thread so reads can time out.
+/// Lines of a child's stream, read on a thread so reads can time out. Bytes that are not UTF-8
+/// (a terminal echoing them back, say) are shown as U+FFFD instead of ending the stream.
 pub struct Lines {
     rx: mpsc::Receiver<String>,
     name: String,
@@ -39,8 +40,17 @@ impl Lines {
         let (tx, rx) = mpsc::channel();
         let label = name.to_string();
         std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
+            let mut reader = BufReader::new(stream);
+            let mut bytes = Vec::new();
+            loop {
+                bytes.clear();
+                match reader.read_until(b'\n', &mut bytes) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let text = String::from_utf8_lossy(&bytes);
+                let line = text.strip_suffix('\n').unwrap_or(&text);
+                let line = line.strip_suffix('\r').unwrap_or(line).to_string();
                 eprintln!("[{label}] {line}");
                 // The reader may be gone; keep draining so the child never blocks on a full pipe.
                 let _ = tx.send(line);
@@ -57,6 +67,15 @@ impl Lines {
         self.rx
             .recv_timeout(WAIT)
             .unwrap_or_else(|e| panic!("{}: no line within {WAIT:?}: {e}", self.name))
+    }
+
+    /// The next line, or `None` once the stream ended; a test failure after [`WAIT`].
+    pub fn next_or_end(&self) -> Option<String> {
+        match self.rx.recv_timeout(WAIT) {
+            Ok(line) => Some(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(e) => panic!("{}: no line within {WAIT:?}: {e}", self.name),
+        }
     }
 
     /// Every line already received, without waiting.
@@ -112,7 +131,17 @@ fn spawn_logged_line(
     name: &str,
     ready: impl Fn(&str) -> bool,
 ) -> (Child, Lines, String) {
-    let mut child = Command::new(program)
+    spawn_command(Command::new(program), args, name, ready)
+}
+
+/// [`spawn_logged_line`] through `command` (a program, or a wrapper that runs one).
+fn spawn_command(
+    mut command: Command,
+    args: &[String],
+    name: &str,
+    ready: impl Fn(&str) -> bool,
+) -> (Child, Lines, String) {
+    let mut child = command
         .args(args)
         .env("RUST_LOG", "info")
         .env_remove("SNS_CLUSTER_TOKEN")
@@ -178,6 +207,8 @@ pub enum Expect {
     Master,
     /// A slave mirroring its master.
     Slave,
+    /// Serving, whatever its role (not waited for).
+    Serving,
 }
 
 impl Tsd {
@@ -248,6 +279,7 @@ impl Tsd {
             spawn_logged(env!("CARGO_BIN_EXE_tsd"), &args, &name, |l| match expect {
                 Expect::Master => l.contains("role assigned") && l.contains("master"),
                 Expect::Slave => l.contains("mirroring the master"),
+                Expect::Serving => l.contains("serving clients"),
             });
         Self {
             child,
@@ -260,40 +292,47 @@ impl Tsd {
 
     /// Starts `tsd` on `port` with data in `dir`, and waits until it serves.
     pub fn start(port: u16, dir: &Path) -> Self {
-        Self::start_with(port, dir, &[])
+        Self::start_with(port, dir, &[], |l| l.contains("serving clients")).0
     }
 
-    /// Starts `tsd` on `port` with data in `dir` and the `extra` arguments, and waits until it
-    /// serves.
-    pub fn start_with(port: u16, dir: &Path, extra: &[&str]) -> Self {
-        Self::start_command(Command::new(env!("CARGO_BIN_EXE_tsd")), port, dir, extra)
+    /// Starts `tsd` on `port` with data in `dir` and the `extra` arguments, and waits for a
+    /// log line that satisfies `ready`, which it returns (later lines are in `log`).
+    pub fn start_with(
+        port: u16,
+        dir: &Path,
+        extra: &[&str],
+        ready: impl Fn(&str) -> bool,
+    ) -> (Self, String) {
+        Self::start_command(
+            Command::new(env!("CARGO_BIN_EXE_tsd")),
+            port,
+            dir,
+            extra,
+            ready,
+        )
     }
 
-    /// Starts `tsd` through `command` (a wrapper such as `prlimit`, or `tsd` itself, with any
-    /// arguments it needs) on `port` with data in `dir` and the `extra` arguments, and waits
-    /// until it serves.
-    pub fn start_command(mut command: Command, port: u16, dir: &Path, extra: &[&str]) -> Self {
+    /// [`Tsd::start_with`] through `command`: a wrapper such as `prlimit` (given `tsd` and any
+    /// arguments of its own), or `tsd` itself.
+    pub fn start_command(
+        command: Command,
+        port: u16,
+        dir: &Path,
+        extra: &[&str],
+        ready: impl Fn(&str) -> bool,
+    ) -> (Self, String) {
         let mut args = strings(&["-p", &port.to_string(), "--bind", "127.0.0.1", "--data-dir"]);
         args.push(dir.display().to_string());
         args.extend(strings(extra));
-        let mut child = command
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .env_remove("SNS_CLUSTER_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start tsd: {e}"));
-        let log = Lines::new(child.stderr.take().expect("stderr"), "tsd");
-        log.until(|l| l.contains("serving clients"));
-        Self {
+        let (child, log, line) = spawn_command(command, &args, "tsd", ready);
+        let tsd = Self {
             child,
             log,
             cluster: 1,
             server: 1,
             port,
-        }
+        };
+        (tsd, line)
     }
 
     /// The address clients reach it at.
@@ -545,6 +584,16 @@ impl Tsc {
         let stdin = self.stdin.as_mut().expect("stdin open");
         writeln!(stdin, "{line}").expect("write to tsc");
         stdin.flush().expect("flush");
+    }
+
+    /// Types a line if `tsc` still reads its input; says whether it did.
+    pub fn try_send(&mut self, line: &str) -> bool {
+        let Some(stdin) = self.stdin.as_mut() else {
+            return false;
+        };
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .is_ok()
     }
 
     /// The reconnect notices printed and not yet read.

@@ -100,6 +100,7 @@ mod tests {
             epoch: Epoch(0),
             log: Default::default(),
             in_sync: Vec::new(),
+            failure: None,
         }
     }
 
@@ -115,12 +116,19 @@ mod tests {
             cluster_token: None,
         });
         let now = tokio::time::Instant::now;
-        // A fresh coordinator names a master once every server had one interval to speak.
+        // A master is named once the cluster's servers had one interval to speak (the
+        // election window opens with the cluster's first beat).
         tokio::time::advance(Duration::from_secs(5)).await;
         coordinator
             .table()
             .heartbeat(beat(10000), now())
             .expect("registered");
+        assert!(coordinator.table().route(1, now()).is_err(), "window open");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        coordinator
+            .table()
+            .heartbeat(beat(10000), now())
+            .expect("named master");
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(coordinator.table().route(1, now()).is_ok());
         tokio::time::advance(Duration::from_secs(2)).await;

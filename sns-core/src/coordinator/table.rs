@@ -14,9 +14,11 @@
 //!   and says so loudly;
 //! - the coordinator's state is soft: after a restart, the first heartbeat of a server that
 //!   claims mastership with the highest epoch seen re-establishes it (never over a live master);
-//!   servers that claim nothing wait one heartbeat interval after the coordinator started (so
-//!   every live server has spoken), after which only the one with the most recent log (highest
-//!   epoch, then longest durable log, then lowest server id) may become master. Servers report
+//!   servers that claim nothing wait one heartbeat interval after the coordinator started and
+//!   after their cluster was first heard from (the election window, so every server that came
+//!   up with them has spoken), after which only the one with the most recent log (highest
+//!   epoch, then longest durable log, then lowest server id) may become master. So servers
+//!   started together with no data elect server 1, whichever spoke first. Servers report
 //!   the epoch of their own log, not the epoch they were told.
 
 use std::collections::BTreeMap;
@@ -141,6 +143,8 @@ pub struct Beat {
     pub log: ReportedLog,
     /// From a master: the slaves it counts as in sync.
     pub in_sync: Vec<ServerId>,
+    /// Why it cannot serve (its storage failed), if it cannot.
+    pub failure: Option<String>,
 }
 
 /// The coordinator's answer to a heartbeat.
@@ -175,6 +179,8 @@ pub struct NodeView {
     pub log: Option<ReportedLog>,
     /// For a slave: whether its master reported it in sync (only such a slave is promoted).
     pub in_sync: bool,
+    /// Why it cannot serve, as it last reported (servers only).
+    pub failure: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -183,6 +189,7 @@ struct Node {
     last_beat: Instant,
     epoch: Epoch,
     log: ReportedLog,
+    failure: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -211,6 +218,8 @@ impl ClusterRoles {
 pub struct RoutingTable {
     config: RoutingConfig,
     started: Instant,
+    /// When each cluster was first heard from (its election window opens then).
+    first_heard: BTreeMap<ClusterId, Instant>,
     servers: BTreeMap<(ClusterId, ServerId), Node>,
     syncs: BTreeMap<u32, Node>,
     roles: BTreeMap<ClusterId, ClusterRoles>,
@@ -225,6 +234,7 @@ impl RoutingTable {
                 ..config
             },
             started: now,
+            first_heard: BTreeMap::new(),
             servers: BTreeMap::new(),
             syncs: BTreeMap::new(),
             roles: BTreeMap::new(),
@@ -236,7 +246,14 @@ impl RoutingTable {
         self.config
     }
 
+    /// Whether `node` has spoken within the failure timeout and reports no failure: only such
+    /// a node is routed to, mirrored or named master.
     fn alive(&self, node: &Node, now: Instant) -> bool {
+        self.speaking(node, now) && node.failure.is_none()
+    }
+
+    /// Whether `node` has spoken within the failure timeout (healthy or not).
+    fn speaking(&self, node: &Node, now: Instant) -> bool {
         now.saturating_duration_since(node.last_beat) <= self.config.failure_timeout()
     }
 
@@ -260,7 +277,7 @@ impl RoutingTable {
         let key = (beat.cluster, beat.server);
         if let Some(node) = self.servers.get(&key)
             && node.addr != beat.addr
-            && self.alive(node, now)
+            && self.speaking(node, now)
         {
             return Err(Error::Conflict(format!(
                 "server {} of cluster {} is alive at {}; {} cannot take its place",
@@ -274,11 +291,31 @@ impl RoutingTable {
                 last_beat: now,
                 epoch: beat.epoch,
                 log: beat.log,
+                failure: beat.failure.clone(),
             },
         );
-        // One interval after the coordinator started, every live server has spoken once.
+        if let Some(why) = &beat.failure {
+            // A server that cannot serve is a slave, whatever it claims; if it was master, the
+            // next beat of an in-sync slave promotes that slave (the master counts as dead).
+            tracing::warn!(cluster = %beat.cluster, server = %beat.server, "server reports a failure: {why}");
+            let epoch = self
+                .roles
+                .get(&beat.cluster)
+                .map(|r| r.epoch)
+                .unwrap_or_default();
+            return Ok(Assignment {
+                role: Role::Slave,
+                epoch,
+            });
+        }
+        // The election window: one interval after the coordinator started and after the
+        // cluster's first server was heard, every server that came up with it has spoken once,
+        // so the best of them (the lowest id among equal logs) is chosen, not the first to
+        // speak.
+        let first_heard = *self.first_heard.entry(beat.cluster).or_insert(now);
+        let window_opened = first_heard.max(self.started);
         let heard_all =
-            now.saturating_duration_since(self.started) >= self.config.heartbeat_interval;
+            now.saturating_duration_since(window_opened) >= self.config.heartbeat_interval;
         let best = self.most_recent_log(beat.cluster, now);
         let live_master = self.live_master(beat.cluster, now).map(|(s, _)| s);
         let unclean = self.config.allow_unclean_promotion;
@@ -370,6 +407,7 @@ impl RoutingTable {
                 last_beat: now,
                 epoch: Epoch(0),
                 log: ReportedLog::default(),
+                failure: None,
             },
         );
         Ok(self.cluster_of_sync(id))
@@ -459,6 +497,7 @@ impl RoutingTable {
                 log_epoch: node.epoch,
                 log: Some(node.log),
                 in_sync: self.roles.get(c).is_some_and(|r| r.in_sync.contains(s)),
+                failure: node.failure.clone(),
             }
         });
         let syncs = self.syncs.iter().map(|(id, node)| {
@@ -474,6 +513,7 @@ impl RoutingTable {
                 log_epoch: Epoch(0),
                 log: None,
                 in_sync: false,
+                failure: None,
             }
         });
         servers.chain(syncs).collect()

@@ -14,6 +14,9 @@ use crate::error::Error;
 use crate::ids::{Epoch, LogIndex, ServerId};
 use crate::server::Role;
 
+/// Longest failure reason a heartbeat may carry (longer ones are cut).
+const MAX_FAILURE_CHARS: usize = 300;
+
 /// Metadata key carrying the cluster token on internal calls.
 pub(crate) const TOKEN_METADATA: &str = "sns-cluster-token";
 
@@ -129,6 +132,8 @@ impl CoordService for CoordAdapter {
             addr,
             claims_master: info.is_master,
             epoch: Epoch(info.epoch),
+            failure: (!info.failure.is_empty())
+                .then(|| info.failure.chars().take(MAX_FAILURE_CHARS).collect()),
             log: ReportedLog {
                 role: role_from_wire(info.node_role),
                 durable: LogIndex(info.durable_index),
@@ -287,6 +292,7 @@ impl Admin for CoordAdapter {
                 commit_index: n.log.map_or(0, |l| l.commit.0),
                 slave_acked_index: n.log.and_then(|l| l.slave_acked).map(|i| i.0),
                 in_sync: n.in_sync,
+                failure: n.failure.unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(StatusReply {

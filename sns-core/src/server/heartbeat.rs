@@ -16,6 +16,7 @@ use sns_proto::csce438::coord_service_client::CoordServiceClient;
 use sns_proto::csce438::{Confirmation, ServerInfo};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tonic::Code;
 use tonic::metadata::MetadataValue;
 
 use super::replication::{MirrorTarget, run_mirror};
@@ -134,8 +135,14 @@ impl Server {
     /// The heartbeat message and its number; `claiming` is whether this server holds
     /// mastership.
     fn beat(&self, link: &CoordinatorLink, claiming: bool) -> (ServerInfo, u64) {
-        let (number, in_sync) = self.lock().replicas.announce();
+        let (number, in_sync, failure) = {
+            let mut core = self.lock();
+            let (number, in_sync) = core.replicas.announce();
+            (number, in_sync, core.failed.clone())
+        };
         let log = self.positions();
+        // A server that cannot serve claims nothing.
+        let claiming = claiming && failure.is_none();
         let info = ServerInfo {
             server_id: self.shared.config.server_id.get() as i32,
             hostname: link.advertise_host.clone(),
@@ -149,6 +156,7 @@ impl Server {
             commit_index: log.commit.0,
             slave_acked_index: in_sync.iter().map(|(_, acked)| acked.0).min(),
             in_sync_slaves: in_sync.iter().map(|(s, _)| s.get()).collect(),
+            failure: failure.unwrap_or_default(),
         };
         (info, number)
     }
@@ -239,6 +247,20 @@ async fn run(
             answer = call => answer,
         } {
             Ok(Ok(reply)) => Ok(reply.into_inner()),
+            // A refusal no retry can change: this server is misconfigured.
+            Ok(Err(status))
+                if matches!(
+                    status.code(),
+                    Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied
+                ) =>
+            {
+                server.give_up(format!(
+                    "the coordinator at {} refused this server: {}",
+                    link.coordinator,
+                    status.message()
+                ));
+                return;
+            }
             Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
             Err(_) => Err("heartbeat timed out".to_string()),
         };

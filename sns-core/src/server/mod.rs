@@ -265,6 +265,9 @@ struct Shared {
     beat_now: Arc<Notify>,
     /// Signalled when a truncation after a discard is done.
     truncated: Notify,
+    /// Why this server cannot go on (its storage failed, or the coordinator refused it), once
+    /// it cannot; see [`Server::failure`].
+    fatal: watch::Sender<Option<String>>,
     /// The deployment this server joined: its network and cluster token.
     joined: OnceLock<Joined>,
     streams: limits::StreamSlots,
@@ -396,6 +399,7 @@ impl Server {
             mirror_target: watch::channel(None).0,
             beat_now: Arc::new(Notify::new()),
             truncated: Notify::new(),
+            fatal: watch::channel(None).0,
             joined: OnceLock::new(),
             core: Mutex::new(core),
             tasks: TaskTracker::new(),
@@ -489,6 +493,30 @@ impl Server {
     /// This server's configuration.
     pub fn config(&self) -> &ServerConfig {
         &self.shared.config
+    }
+
+    /// Waits until this server cannot go on, and says why: its storage failed (it then refuses
+    /// every request and reports the failure in its heartbeats, so the coordinator routes
+    /// elsewhere; its memory may be ahead of its disk, so only a restart, recovering from the
+    /// log, makes it usable again), or the coordinator refused it (a cluster id out of range, a
+    /// wrong cluster token). A process running one server should stop with this reason.
+    pub async fn failure(&self) -> String {
+        let mut fatal = self.shared.fatal.subscribe();
+        match fatal.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            Err(_) => "the server stopped".to_string(),
+        }
+    }
+
+    /// Why this server cannot go on, if it cannot (see [`Server::failure`]).
+    pub fn failed(&self) -> Option<String> {
+        self.shared.fatal.borrow().clone()
+    }
+
+    /// Records that this server cannot go on (see [`Server::failure`]).
+    pub(crate) fn give_up(&self, why: String) {
+        tracing::error!("{why}");
+        set_fatal(&self.shared, why);
     }
 
     /// The current role.
@@ -604,9 +632,11 @@ impl Server {
             let mut core = lock_core(&shared.core);
             core.truncating = false;
             if let Err(e) = result {
-                let why = format!("cannot discard uncommitted entries, refusing requests: {e}");
-                tracing::error!("{why}");
-                core.failed = Some(why);
+                storage_failed(
+                    &shared,
+                    &mut core,
+                    format!("cannot discard uncommitted entries: {e}"),
+                );
             }
             drop(core);
             shared.truncated.notify_waiters();
@@ -639,6 +669,16 @@ impl Server {
         let slot = self.slot().await?;
         let wait = {
             let mut core = self.writable()?;
+            // In a deployment a server serves its own cluster's users only (a standalone
+            // server is the only cluster: it serves everyone).
+            if !core.state.is_local(user) {
+                let config = &self.shared.config;
+                return Err(Error::invalid(format!(
+                    "user {user} belongs to cluster {}; this server serves cluster {}",
+                    crate::ids::ClusterId::of_user(user, config.clusters),
+                    config.cluster
+                )));
+            }
             core.sessions.login(user, tokio::time::Instant::now())?;
             if core.uncommitted.has_user(&core.state, user) {
                 None
@@ -652,17 +692,23 @@ impl Server {
         }
     }
 
-    /// Keeps `user`'s session alive.
+    /// Keeps `user`'s live session alive. A heartbeat never starts a session: for a user who
+    /// is not logged in here it fails with [`Error::NotLoggedIn`], so nobody can keep a user
+    /// locked out by heartbeating as them.
     pub fn heartbeat(&self, user: UserId) -> Result<()> {
         let mut core = self.readable()?;
         known(&core.state, user)?;
-        core.sessions.touch(user, tokio::time::Instant::now());
-        Ok(())
+        if core.sessions.refresh(user, tokio::time::Instant::now()) {
+            Ok(())
+        } else {
+            Err(Error::NotLoggedIn(user))
+        }
     }
 
-    /// Ends `user`'s session at once.
+    /// Ends `user`'s session at once (nothing to end is fine; an unknown user is an error).
     pub fn logout(&self, user: UserId) -> Result<()> {
         let mut core = self.readable()?;
+        known(&core.state, user)?;
         core.sessions.logout(user);
         Ok(())
     }
@@ -814,6 +860,10 @@ impl Server {
         let slot = self.shared.streams.acquire(user)?;
         let mut core = self.writable()?;
         known(&core.state, user)?;
+        // Only a logged-in user's stream opens (and then keeps the session alive).
+        if !core.sessions.is_alive(user, tokio::time::Instant::now()) {
+            return Err(Error::NotLoggedIn(user));
+        }
         let recent: Vec<Arc<Post>> = first(&core.state);
         let subscription =
             core.subscribers
@@ -978,6 +1028,30 @@ impl Core {
             Err(Error::InvalidUsername(user.to_string()))
         }
     }
+}
+
+/// The storage failed: the state may be ahead of the disk, so the server refuses every request
+/// from now on, reports the failure in its heartbeats (at once) and gives up.
+fn storage_failed(shared: &Shared, core: &mut Core, why: String) {
+    let why = format!("storage failed, refusing requests: {why}");
+    tracing::error!("{why}");
+    if core.failed.is_none() {
+        core.failed = Some(why.clone());
+    }
+    set_fatal(shared, why);
+    shared.beat_now.notify_one();
+}
+
+/// Records the first reason this server cannot go on.
+fn set_fatal(shared: &Shared, why: String) {
+    shared.fatal.send_if_modified(|fatal| {
+        if fatal.is_none() {
+            *fatal = Some(why);
+            true
+        } else {
+            false
+        }
+    });
 }
 
 fn lock_core(core: &Mutex<Core>) -> MutexGuard<'_, Core> {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Weak};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Core, Shared, lock_core};
+use super::{Core, Shared, lock_core, storage_failed};
 use crate::error::{Error, Result};
 use crate::event::{LogEntry, Post};
 use crate::ids::{Epoch, LogIndex, UserId};
@@ -80,9 +80,7 @@ pub(super) async fn run_durability(
                 continue;
             }
             if let Err(e) = result {
-                let why = format!("storage failed, refusing requests: {e}");
-                tracing::error!("{why}");
-                core.failed = Some(why);
+                storage_failed(&shared, &mut core, e.to_string());
                 drop(core);
                 answer(pending.reply, Err(e));
                 continue;

@@ -1,7 +1,9 @@
 //! Client sessions: who is logged in, driven by explicit times (no clock, no I/O).
 //!
 //! A session is alive while its user holds a timeline stream or was last seen (login, command,
-//! heartbeat, stream closed) less than the session timeout ago. Expiry is evaluated lazily when
+//! heartbeat, stream closed) less than the session timeout ago. Only a login starts a session
+//! for a user who has none, or a command (so a server restarted under a connected client
+//! serves it on): a heartbeat or a timeline stream never does. Expiry is evaluated lazily when
 //! someone tries to log in, so nothing polls.
 
 use std::collections::HashMap;
@@ -64,6 +66,22 @@ impl Sessions {
                 last_seen: now,
                 streams: 0,
             });
+    }
+
+    /// Records a heartbeat of `user`: prolongs a live session and says whether there was one.
+    /// An expired or missing session is not brought back.
+    pub(crate) fn refresh(&mut self, user: UserId, now: Instant) -> bool {
+        let timeout = self.timeout;
+        match self.sessions.get_mut(&user) {
+            Some(session)
+                if session.streams > 0
+                    || now.saturating_duration_since(session.last_seen) < timeout =>
+            {
+                session.last_seen = now;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Ends `user`'s session at once.
@@ -130,6 +148,19 @@ mod tests {
         s.stream_closed(u(1), t0 + Duration::from_secs(600));
         assert!(s.is_alive(u(1), t0 + Duration::from_secs(605)));
         assert!(!s.is_alive(u(1), t0 + Duration::from_secs(606)));
+    }
+
+    #[test]
+    fn a_heartbeat_prolongs_a_live_session_but_never_starts_or_revives_one() {
+        let t0 = Instant::now();
+        let mut s = Sessions::new(Duration::from_secs(6));
+        assert!(!s.refresh(u(3), t0), "no session: nothing to prolong");
+        assert!(s.login(u(3), t0).is_ok(), "and the user can log in");
+        assert!(s.refresh(u(3), t0 + Duration::from_secs(5)));
+        assert!(s.is_alive(u(3), t0 + Duration::from_secs(10)));
+        assert!(!s.refresh(u(3), t0 + Duration::from_secs(11)), "expired");
+        assert!(!s.is_alive(u(3), t0 + Duration::from_secs(11)));
+        assert!(s.login(u(3), t0 + Duration::from_secs(11)).is_ok());
     }
 
     #[test]

@@ -65,6 +65,8 @@ struct Disk {
     open: Option<Cache>,
     /// Syncs that moved something to the image.
     syncs: u64,
+    /// Every write fails from now on, as on a full disk (see [`CrashDisk::fail_writes`]).
+    failing: bool,
 }
 
 /// The volatile side of an open storage instance.
@@ -91,6 +93,13 @@ enum Change {
     Barrier { done: Reply },
 }
 
+fn disk_full() -> Error {
+    Error::Io(std::io::Error::new(
+        std::io::ErrorKind::StorageFull,
+        "no space left on device (simulated)",
+    ))
+}
+
 fn power_lost() -> Error {
     Error::Unavailable("power lost".to_string())
 }
@@ -99,12 +108,30 @@ impl Disk {
     /// Moves every cached change to the image, answering the waiters (a sync).
     fn sync(&mut self, retention: u64) {
         let Self {
-            image, open, syncs, ..
+            image,
+            open,
+            syncs,
+            failing,
+            ..
         } = self;
         let Some(cache) = open else {
             return;
         };
         if cache.queue.is_empty() {
+            return;
+        }
+        if *failing {
+            for change in cache.queue.drain(..) {
+                match change {
+                    Change::Append { done, .. }
+                    | Change::Truncate { done, .. }
+                    | Change::Snapshot { done, .. }
+                    | Change::Barrier { done } => {
+                        let _ = done.send(Err(disk_full()));
+                    }
+                    Change::Commit(_) => {}
+                }
+            }
             return;
         }
         *syncs += 1;
@@ -197,6 +224,16 @@ impl CrashDisk {
                     Change::Commit(_) => {}
                 }
             }
+            cache.flusher.notify_one();
+        }
+    }
+
+    /// Makes every write fail from now on, as on a full disk: each change waiting for a sync,
+    /// and each later one, fails with an I/O error and reaches nothing durable. Reads go on.
+    pub fn fail_writes(&self) {
+        let mut disk = self.lock();
+        disk.failing = true;
+        if let Some(cache) = &disk.open {
             cache.flusher.notify_one();
         }
     }

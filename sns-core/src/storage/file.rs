@@ -1,11 +1,14 @@
 //! File storage: an append-only, checksummed, length-prefixed record log in segments, plus
-//! snapshots for compaction and a small commit-index file.
+//! snapshots for compaction, a small commit-index file and a marker naming the newest segment.
 //!
 //! Layout of a data directory:
 //! - `LOCK`: held (advisory lock) while a server uses the directory;
 //! - `log-<first index>.seg`: records `[len: u32 LE][crc32 of payload: u32 LE][payload]`, each
 //!   payload one encoded [`LogEntry`]; a segment holds contiguous indexes from its first index up
 //!   to the next segment's first index;
+//! - `last-segment`: `SNSLAST1`, the newest segment's first index (u64 LE), its crc32; replaced
+//!   atomically (temporary file, sync, rename, directory sync) whenever the newest segment
+//!   changes, so a missing newest segment is noticed;
 //! - `snapshot-<index>.snap`: `SNSSNAP1`, index, epoch, state length, crc32, encoded state;
 //! - `commit`: two 16-byte slots `[commit index: u64 LE][crc32 of it: u32 LE][0u32]`, written
 //!   alternately, so a torn write leaves the other slot's (older) value; the highest valid one
@@ -17,15 +20,36 @@
 //! commit index is written when the writer's queue runs empty, and at least every
 //! [`COMMIT_EVERY_BATCHES`] batches, never beyond the last synced entry. It is synced only when
 //! the writer stops: a crash may leave an older value, which the commit index is allowed to be
-//! (it may lag, never lead), and no append waits behind a second `fdatasync`.
+//! (it may lag, never lead).
 //!
-//! On open, the first record that is torn, fails its checksum, does not decode or breaks index
-//! continuity ends the log if it is in the last segment (the segment is truncated there); in an
-//! earlier segment it fails the open, since later segments hold synced records. Segments covered
-//! by the snapshot are kept (readers may need them); the next compaction decides. Snapshots are
-//! written to a temporary file, synced, renamed and the directory synced before any log segment
-//! they cover is deleted. Compaction deletes segments oldest first, truncation newest first,
-//! syncing the directory after each deletion, so a crash in the middle leaves a contiguous log.
+//! Files change in an order that keeps every crash state recognisable. A new segment is created
+//! and the directory synced before the marker names it; truncation rewrites the marker before
+//! it deletes later segments (newest first); compaction deletes segments oldest first and never
+//! the newest; a snapshot is written to a temporary file, synced, renamed and the directory
+//! synced before any segment it covers is deleted, and a snapshot ahead of the log gets its new
+//! segment (and marker) before the old segments go. So, after any crash: the segments hold one
+//! contiguous run of indexes (or old ones wholly covered by the snapshot, then a gap, then the
+//! segment right after the snapshot); the marker names a segment that exists; there is a
+//! segment; the log reaches the commit index.
+//!
+//! Opening checks all of that (`recovery`) before it changes anything. Only a **torn tail** is
+//! repaired on its own, with a WARN: in the newest segment, a first bad record (the file ends
+//! inside it, its length is 0 or runs past the end of the file, or its checksum fails) after
+//! which no byte offset starts a whole record that passes its checksum and continues the log;
+//! and cutting it keeps every entry the snapshot and commit index say existed. That is what an
+//! interrupted append leaves: a prefix of its bytes, maybe followed by zeros or garbage.
+//! Anything else is **damage**, and the open fails with [`Error::Corrupt`], naming the file and
+//! byte offset or what is missing, and changes no file: a record followed by a valid one (a bit
+//! flip, not a torn write), a whole checksummed record that does not decode or breaks index
+//! continuity, any bad record in an earlier segment (synced before the next one began), a
+//! missing segment (the newest: per the marker; between others: by the indexes in the names;
+//! right after the snapshot), no segment beside a snapshot, a log that ends before the commit
+//! index, a damaged snapshot or marker. With [`FileStorageOptions::repair`] the open cuts the
+//! log at the first damage instead (damage only in segments the snapshot covers costs just those
+//! segments; a damaged snapshot is dropped only while the log still starts at index 1), and
+//! logs at WARN what it dropped. One limit: a filesystem that writes the pages of one append out
+//! of order can, on a power cut, leave a hole followed by valid records of that same
+//! (unacknowledged) append; that is refused too, and a repair is then safe.
 //!
 //! Reads do not rescan the log: an in-memory index, built by the open scan and extended after
 //! each synced batch, keeps per segment the byte offset of every [`SPARSE_EVERY`]th record and
@@ -51,6 +75,10 @@ use crate::error::{Error, Result};
 use crate::event::LogEntry;
 use crate::ids::{Epoch, EventId, LogIndex};
 
+mod recovery;
+
+use recovery::write_last_segment;
+
 const SNAPSHOT_MAGIC: &[u8; 8] = b"SNSSNAP1";
 const RECORD_HEADER: usize = 8;
 /// No single record may claim more than this (a post is at most 4 KiB; this bounds damage).
@@ -75,6 +103,11 @@ pub struct FileStorageOptions {
     /// Entries kept, at most, behind the latest snapshot for registered readers (rounded up
     /// to whole segments).
     pub retention: u64,
+    /// What the open does with a damaged directory (see the module documentation): `false`
+    /// (the default) refuses with [`Error::Corrupt`] naming the damage and changes nothing;
+    /// `true` cuts the log at the first damage, removing everything after it, and opens what
+    /// is left, logging at WARN what it dropped. `tsd --repair` and `sns up --repair`.
+    pub repair: bool,
 }
 
 impl Default for FileStorageOptions {
@@ -84,6 +117,7 @@ impl Default for FileStorageOptions {
             max_batch_bytes: 8 << 20,
             queue_capacity: 1024,
             retention: DEFAULT_RETENTION,
+            repair: false,
         }
     }
 }
@@ -228,12 +262,13 @@ impl Piece {
         file.seek(SeekFrom::Start(self.start))?;
         let mut bytes = vec![0; (self.end - self.start) as usize];
         file.read_exact(&mut bytes)?;
-        let (found, _, damage) = parse_segment(&bytes, self.at);
+        let (found, valid, damage) = parse_segment(&bytes, self.at);
         if found.len() < self.skip + self.take {
             return Err(Error::Corrupt(format!(
-                "segment {} no longer holds index {}: {}",
+                "segment {} no longer holds index {} (at byte {}: {})",
                 self.path.display(),
                 self.at.0 + found.len() as u64,
+                self.start + valid as u64,
                 damage.unwrap_or_default()
             )));
         }
@@ -367,7 +402,7 @@ impl FileStorage {
             )),
             fs::TryLockError::Error(e) => Error::Io(e),
         })?;
-        let opened = open_log(&dir)?;
+        let opened = recovery::open_log(&dir, options.repair)?;
         let shared = Arc::new(Shared {
             map: Mutex::new(opened.map),
             readers: Mutex::default(),
@@ -575,8 +610,9 @@ pub(super) fn frame(buf: &mut Vec<u8>, entry: &LogEntry) {
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Parses the records of one segment. Returns the entries and the byte length of the valid
-/// prefix; stops at the first damaged record or index discontinuity.
+/// Parses the records of one segment. Returns the entries, the byte length of the valid
+/// prefix, and why the record after it is bad, if there is one; stops at the first damaged
+/// record or index discontinuity.
 pub(super) fn parse_segment(
     bytes: &[u8],
     mut expected: LogIndex,
@@ -584,29 +620,43 @@ pub(super) fn parse_segment(
     let mut entries = Vec::new();
     let mut offset = 0;
     while offset < bytes.len() {
-        let damage = |why: String| Some(format!("at byte {offset}: {why}"));
         let Some(header) = bytes.get(offset..offset + RECORD_HEADER) else {
-            return (entries, offset, damage("torn record header".into()));
+            return (
+                entries,
+                offset,
+                Some("the file ends inside a record header".into()),
+            );
         };
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len == 0 {
+            return (entries, offset, Some("empty record".into()));
+        }
         if len > MAX_RECORD_BYTES {
-            return (entries, offset, damage(format!("record length {len}")));
+            return (
+                entries,
+                offset,
+                Some(format!("record length {len} over the maximum")),
+            );
         }
         let body = offset + RECORD_HEADER;
         let Some(payload) = bytes.get(body..body + len as usize) else {
-            return (entries, offset, damage("torn record".into()));
+            return (
+                entries,
+                offset,
+                Some("record runs past the end of the file".into()),
+            );
         };
         if crc32fast::hash(payload) != crc {
-            return (entries, offset, damage("checksum mismatch".into()));
+            return (entries, offset, Some("checksum mismatch".into()));
         }
         let entry = match LogEntry::from_bytes(payload) {
             Ok(entry) => entry,
-            Err(e) => return (entries, offset, damage(e.to_string())),
+            Err(e) => return (entries, offset, Some(e.to_string())),
         };
         if entry.index != expected {
             let why = format!("index {} where {} was expected", entry.index, expected);
-            return (entries, offset, damage(why));
+            return (entries, offset, Some(why));
         }
         expected = expected.next();
         entries.push(entry);
@@ -667,20 +717,21 @@ pub(super) fn list(dir: &Path) -> Result<Listing> {
 fn read_snapshot(path: &Path) -> Result<Snapshot> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
-    let corrupt = |why: &str| Error::Corrupt(format!("snapshot {}: {why}", path.display()));
-    let mut dec = Decoder::new(&bytes);
-    let mut magic = [0u8; 8];
-    for b in &mut magic {
-        *b = dec.u8().map_err(|_| corrupt("too short"))?;
+    let corrupt =
+        |why: &str| Error::Corrupt(format!("snapshot {} is damaged: {why}", path.display()));
+    let header = 8 + 8 + 8 + 8 + 4;
+    if bytes.len() < header {
+        return Err(corrupt("too short"));
     }
-    if &magic != SNAPSHOT_MAGIC {
+    if &bytes[..8] != SNAPSHOT_MAGIC {
         return Err(corrupt("bad magic"));
     }
-    let index = LogIndex(dec.u64()?);
-    let epoch = Epoch(dec.u64()?);
-    let len = dec.u64()? as usize;
-    let crc = dec.u32()?;
-    let header = 8 + 8 + 8 + 8 + 4;
+    let mut dec = Decoder::new(&bytes[8..header]);
+    let (Ok(index), Ok(epoch), Ok(len), Ok(crc)) = (dec.u64(), dec.u64(), dec.u64(), dec.u32())
+    else {
+        return Err(corrupt("too short"));
+    };
+    let (index, epoch, len) = (LogIndex(index), Epoch(epoch), len as usize);
     let state = bytes
         .get(header..)
         .filter(|s| s.len() == len)
@@ -735,21 +786,7 @@ impl CommitFile {
             .open(dir.join(COMMIT_FILE))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
-        let mut best: Option<(usize, LogIndex)> = None;
-        for slot in 0..2 {
-            let Some(raw) = bytes.get(slot * COMMIT_SLOT_BYTES..(slot + 1) * COMMIT_SLOT_BYTES)
-            else {
-                continue;
-            };
-            let mut dec = Decoder::new(raw);
-            let (Ok(index), Ok(crc)) = (dec.u64(), dec.u32()) else {
-                continue;
-            };
-            if crc32fast::hash(&raw[..8]) == crc && best.is_none_or(|(_, b)| index > b.0) {
-                best = Some((slot, LogIndex(index)));
-            }
-        }
-        let (slot, persisted) = match best {
+        let (slot, persisted) = match newest_commit_slot(&bytes) {
             Some((slot, index)) => (1 - slot, index),
             None => (0, LogIndex(0)),
         };
@@ -759,6 +796,13 @@ impl CommitFile {
             persisted,
             unsynced: false,
         })
+    }
+
+    /// Writes `index` to both slots and syncs: the commit index, lowered (a repair cut the
+    /// log below it).
+    fn reset(&mut self, index: LogIndex) -> io::Result<()> {
+        self.write(index, false)?;
+        self.write(index, true)
     }
 
     /// Writes `index` to the next slot; `sync`: and waits until it is on disk.
@@ -789,6 +833,34 @@ impl CommitFile {
     }
 }
 
+/// The slot holding the highest valid commit index in the commit file's `bytes`, and that
+/// index.
+fn newest_commit_slot(bytes: &[u8]) -> Option<(usize, LogIndex)> {
+    let mut best: Option<(usize, LogIndex)> = None;
+    for slot in 0..2 {
+        let Some(raw) = bytes.get(slot * COMMIT_SLOT_BYTES..(slot + 1) * COMMIT_SLOT_BYTES) else {
+            continue;
+        };
+        let mut dec = Decoder::new(raw);
+        let (Ok(index), Ok(crc)) = (dec.u64(), dec.u32()) else {
+            continue;
+        };
+        if crc32fast::hash(&raw[..8]) == crc && best.is_none_or(|(_, b)| index > b.0) {
+            best = Some((slot, LogIndex(index)));
+        }
+    }
+    best
+}
+
+/// The persisted commit index of `dir` (0 without a commit file), read without changing it.
+fn read_commit(dir: &Path) -> io::Result<LogIndex> {
+    match fs::read(dir.join(COMMIT_FILE)) {
+        Ok(bytes) => Ok(newest_commit_slot(&bytes).map_or(LogIndex(0), |(_, index)| index)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(LogIndex(0)),
+        Err(e) => Err(e),
+    }
+}
+
 /// What opening a data directory found and set up.
 struct Opened {
     recovered: Recovered,
@@ -798,129 +870,6 @@ struct Opened {
     file_len: u64,
     next: LogIndex,
     commit: CommitFile,
-}
-
-/// Opens the directory's contents: the latest snapshot, every segment (repairing a torn tail
-/// of the last one), the commit index; builds the in-memory index.
-fn open_log(dir: &Path) -> Result<Opened> {
-    let listing = list(dir)?;
-    for tmp in &listing.temporaries {
-        fs::remove_file(tmp)?;
-    }
-    let snapshot = match listing.snapshots.last() {
-        Some((_, path)) => Some(read_snapshot(path)?),
-        None => None,
-    };
-    for (_, path) in listing.snapshots.iter().rev().skip(1) {
-        fs::remove_file(path)?;
-    }
-    let base = snapshot.as_ref().map(|s| s.index).unwrap_or_default();
-    let mut segments: Vec<SegmentMap> = Vec::new();
-    let mut entries = Vec::new();
-    let mut positions = Positions::default();
-    let mut end: Option<LogIndex> = None;
-    let count = listing.segments.len();
-    for (position, (first, path)) in listing.segments.into_iter().enumerate() {
-        let is_last = position + 1 == count;
-        if let Some(end) = end
-            && first != end
-        {
-            return Err(Error::Corrupt(format!(
-                "segment {} starts at index {first} where {end} was expected",
-                path.display()
-            )));
-        }
-        let bytes = fs::read(&path)?;
-        let (found, valid, damage) = parse_segment(&bytes, first);
-        if let Some(why) = damage {
-            if !is_last {
-                return Err(Error::Corrupt(format!(
-                    "segment {} is damaged {why}, and later segments hold durable records; \
-                     refusing to truncate",
-                    path.display()
-                )));
-            }
-            tracing::warn!(segment = %path.display(), %why, "truncating damaged log tail");
-            let file = OpenOptions::new().write(true).open(&path)?;
-            file.set_len(valid as u64)?;
-            file.sync_all()?;
-        }
-        let mut segment = SegmentMap::new(first, path);
-        segment.note_records(&bytes[..valid], first, 0);
-        segment.len = valid as u64;
-        end = Some(LogIndex(first.0 + found.len() as u64));
-        for entry in found {
-            positions.push(entry.event.id, entry.index);
-            if entry.index > base {
-                entries.push(entry);
-            }
-        }
-        segments.push(segment);
-    }
-    if let Some(first) = segments.first().map(|s| s.first)
-        && first > base.next()
-    {
-        return Err(Error::Corrupt(format!(
-            "log starts at index {first} but the snapshot ends at {base}: entries missing"
-        )));
-    }
-    let mut last = end.map_or(base, |end| LogIndex(end.0 - 1));
-    if last < base {
-        // The snapshot is ahead of the log (installed from elsewhere, or the restart of the
-        // log after it was interrupted): the log restarts after the snapshot.
-        for segment in segments.drain(..) {
-            fs::remove_file(&segment.path)?;
-        }
-        positions.clear();
-        last = base;
-    }
-    let next = last.next();
-    let (file, file_len) = match segments.last() {
-        Some(active) => (
-            OpenOptions::new().append(true).open(&active.path)?,
-            active.len,
-        ),
-        None => {
-            let path = segment_path(dir, next);
-            let file = create_segment(&path)?;
-            segments.push(SegmentMap::new(next, path));
-            (file, 0)
-        }
-    };
-    let commit_file = CommitFile::open(dir)?;
-    sync_dir(dir)?;
-    let commit = if commit_file.persisted > last {
-        tracing::warn!(
-            commit = %commit_file.persisted,
-            %last,
-            "the commit index is beyond the log; using the log's end"
-        );
-        last
-    } else {
-        commit_file.persisted
-    };
-    let snapshot_file = snapshot
-        .as_ref()
-        .map(|s| (s.index, snapshot_path(dir, s.index)));
-    Ok(Opened {
-        recovered: Recovered {
-            snapshot,
-            entries,
-            commit,
-        },
-        map: LogMap {
-            segments,
-            last,
-            snapshot: snapshot_file,
-            commit,
-            positions,
-            generation: 0,
-        },
-        file,
-        file_len,
-        next,
-        commit: commit_file,
-    })
 }
 
 /// Creates an empty segment file, synced (the directory is synced by the caller).
@@ -1134,11 +1083,12 @@ impl Writer {
         }
     }
 
-    /// Starts a new segment whose first entry will be `first`.
+    /// Starts a new segment whose first entry will be `first`, and records it as the newest.
     fn rotate(&mut self, first: LogIndex) -> io::Result<()> {
         let path = segment_path(&self.dir, first);
         let file = create_segment(&path)?;
         sync_dir(&self.dir)?;
+        write_last_segment(&self.dir, first)?;
         self.file = file;
         self.file_len = 0;
         self.shared
@@ -1162,22 +1112,25 @@ impl Writer {
 
     fn compact_log(&mut self, index: LogIndex, written: &Path) -> Result<()> {
         if index >= self.next {
-            // A snapshot ahead of the log: the log restarts after it.
+            // A snapshot ahead of the log: the log restarts after it. The new segment is made
+            // and recorded before the old ones go, so the log never has no segment.
+            let next = index.next();
+            let path = segment_path(&self.dir, next);
+            let file = create_segment(&path)?;
+            sync_dir(&self.dir)?;
+            write_last_segment(&self.dir, next)?;
             let gone = {
                 let mut map = self.shared.map();
                 map.generation += 1;
                 map.last = index;
                 map.positions.clear();
                 map.snapshot = Some((index, written.to_path_buf()));
-                std::mem::take(&mut map.segments)
+                std::mem::replace(&mut map.segments, vec![SegmentMap::new(next, path)])
             };
-            remove_segments(&self.dir, gone.iter().map(|s| &s.path))?;
-            let next = index.next();
-            let path = segment_path(&self.dir, next);
-            self.file = create_segment(&path)?;
+            self.file = file;
             self.file_len = 0;
             self.next = next;
-            self.shared.map().segments.push(SegmentMap::new(next, path));
+            remove_segments(&self.dir, gone.iter().map(|s| &s.path))?;
         } else {
             let keep_from = self
                 .shared
@@ -1271,7 +1224,14 @@ impl Writer {
             map.positions.truncate_after(last);
             later
         };
-        // Newest first, and before the cut, so a crash leaves a contiguous log.
+        // The marker first (so it never names a segment gone), then the segments newest
+        // first, and before the cut, so a crash leaves a contiguous log.
+        if !later.is_empty() {
+            let first = self.shared.map().segments.last().map(|s| s.first);
+            if let Some(first) = first {
+                write_last_segment(&self.dir, first)?;
+            }
+        }
         remove_segments(&self.dir, later.iter().rev())?;
         let file = OpenOptions::new().write(true).open(&path)?;
         file.set_len(offset)?;

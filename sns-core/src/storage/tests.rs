@@ -17,6 +17,8 @@ use crate::event::{Event, EventKind, LogEntry};
 use crate::ids::{ClusterId, EventId, PostKey, Timestamp, UserId};
 use crate::state::State;
 
+mod damage;
+
 /// Entries kept behind a snapshot for readers, in every harness.
 const RETENTION: u64 = 10;
 
@@ -994,12 +996,17 @@ impl DamageFixture {
     }
 
     /// Opens the damaged directory. On success checks that exactly the entries up to `kept`
-    /// are back (and that the log continues after them); returns whether the open succeeded.
-    fn open_expecting(&self, runtime: &tokio::runtime::Runtime, kept: u64, what: &str) -> bool {
+    /// are back (and that the log continues after them); a refusal gives its message.
+    fn open_expecting(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        kept: u64,
+        what: &str,
+    ) -> Result<(), String> {
         let opened = FileStorage::open_with(self.path(), fixture_options());
         let storage = match opened {
             Ok(storage) => storage,
-            Err(Error::Corrupt(_)) => return false,
+            Err(Error::Corrupt(message)) => return Err(message),
             Err(e) => panic!("{what}: unexpected error {e}"),
         };
         runtime.block_on(async {
@@ -1024,7 +1031,7 @@ impl DamageFixture {
                 "{what}"
             );
         });
-        true
+        Ok(())
     }
 }
 
@@ -1063,9 +1070,10 @@ fn truncation_at_every_byte_keeps_every_complete_record() {
             let complete = ends.iter().filter(|end| **end <= cut).count() as u64;
             let opened = fixture.open_expecting(&runtime, first + complete - 1, &what);
             if position == last {
-                assert!(opened, "{what}: the open must repair the tail");
+                assert_eq!(opened, Ok(()), "{what}: the open must repair the tail");
             } else {
-                assert!(!opened, "{what}: the open must refuse");
+                let message = opened.expect_err("the open must refuse");
+                assert!(message.contains(&name), "{what}: {message}");
                 assert_eq!(
                     files_of(fixture.path()),
                     fixture.pristine_with(&name, bytes)
@@ -1076,10 +1084,12 @@ fn truncation_at_every_byte_keeps_every_complete_record() {
     }
 }
 
-/// Flipping a bit in every byte of every segment: in the last segment, every record before
-/// the damaged one is kept; in an earlier one the open fails and changes no file.
+/// Flipping a bit in every byte of every segment. In the newest segment's last record that
+/// looks like a torn tail: every record before it is kept. Anywhere else, valid records (or
+/// later segments) follow the damaged record: the open refuses, naming the segment and the
+/// damaged record's byte offset, and changes no file.
 #[test]
-fn bit_flips_at_every_byte_keep_every_record_before_the_damage() {
+fn bit_flips_at_every_byte_are_refused_unless_they_hit_the_last_record() {
     let runtime = runtime();
     let fixture = DamageFixture::new(&runtime);
     let last = fixture.segments.len() - 1;
@@ -1092,16 +1102,23 @@ fn bit_flips_at_every_byte_keep_every_record_before_the_damage() {
             bytes[at] ^= 1 << (at % 8);
             std::fs::write(path, &bytes).expect("flip");
             let what = format!("segment {first} flipped at byte {at}");
-            let before = ends.iter().filter(|end| **end <= at).count() as u64;
-            let opened = fixture.open_expecting(&runtime, first + before - 1, &what);
-            if position == last {
-                assert!(opened, "{what}: the open must repair the tail");
-            } else {
-                assert!(!opened, "{what}: the open must refuse");
-                assert_eq!(
-                    files_of(fixture.path()),
-                    fixture.pristine_with(&name, &bytes)
-                );
+            let before = ends.iter().filter(|end| **end <= at).count();
+            let record_start = before.checked_sub(1).map_or(0, |k| ends[k]);
+            let torn = position == last && before + 1 == ends.len();
+            match fixture.open_expecting(&runtime, first + before as u64 - 1, &what) {
+                Ok(()) => assert!(torn, "{what}: the open must refuse"),
+                Err(message) => {
+                    assert!(!torn, "{what}: the open must cut the torn tail: {message}");
+                    assert!(
+                        message.contains(&name)
+                            && message.contains(&format!("at byte {record_start} ")),
+                        "{what}: {message}"
+                    );
+                    assert_eq!(
+                        files_of(fixture.path()),
+                        fixture.pristine_with(&name, &bytes)
+                    );
+                }
             }
             fixture.restore();
         }
@@ -1118,8 +1135,8 @@ impl DamageFixture {
 }
 
 /// A crash in the middle of a compaction leaves the newest of the segments it was deleting
-/// (it deletes oldest first, each deletion synced): the open keeps a contiguous log, or
-/// removes segments that end before a snapshot ahead of them.
+/// (it deletes oldest first, each deletion synced, after the new segment exists): the open
+/// keeps a contiguous log, or removes segments that end before a snapshot ahead of them.
 #[test]
 fn segments_left_by_an_interrupted_compaction() {
     let runtime = runtime();
@@ -1138,9 +1155,18 @@ fn segments_left_by_an_interrupted_compaction() {
         .collect();
     assert!(old.len() >= 4, "{old:?}");
     let old_files = files_of(dir.path());
-    // A snapshot ahead of the log (the log restarts at 41), then one covering 1..=30 (a new
+    let restore = |name: &str| {
+        std::fs::write(dir.path().join(name), &old_files[name]).expect("restore");
+    };
+    // A snapshot ahead of the log (the log restarts at 41: the crash came before the new
+    // segment was made, or after it and two deletions), then one covering 1..=30 (a new
     // segment at 31): after each, put back the newest segments it deleted.
-    for (snapshot, left, first) in [(40, 2, 41), (30, 1, old[1].0), (30, 3, old[3].0)] {
+    for (snapshot, left, new_made, first) in [
+        (40, 0, false, 41),
+        (40, 2, true, 41),
+        (30, 1, true, old[1].0),
+        (30, 3, true, old[3].0),
+    ] {
         runtime.block_on(async {
             let storage = FileStorage::open_with(dir.path(), small_segments()).expect("open");
             storage
@@ -1148,14 +1174,14 @@ fn segments_left_by_an_interrupted_compaction() {
                 .await
                 .expect("snapshot");
         });
-        if snapshot == 40 {
-            // The crash came before the new segment was created.
+        if !new_made {
             for (_, path) in list(dir.path()).expect("list").segments {
                 std::fs::remove_file(path).expect("remove");
             }
+            restore("last-segment");
         }
         for (_, path) in &old[left..] {
-            std::fs::write(path, &old_files[&name_of(path)]).expect("write");
+            restore(&name_of(path));
         }
         runtime.block_on(async {
             let storage = FileStorage::open_with(dir.path(), small_segments()).expect("open");
@@ -1174,10 +1200,60 @@ fn segments_left_by_an_interrupted_compaction() {
         for (_, path) in listing.segments.into_iter().chain(listing.snapshots) {
             std::fs::remove_file(path).expect("clean up");
         }
-        for (_, path) in &old {
-            std::fs::write(path, &old_files[&name_of(path)]).expect("write");
+        for name in old_files.keys() {
+            restore(name);
         }
     }
+}
+
+/// The marker may name a segment older than the newest: a crash between creating a segment and
+/// recording it, or between a truncation rewriting the marker and deleting the segments after
+/// it. Both open as they are (the truncation did not happen), and the marker is brought up to
+/// date.
+#[test]
+fn a_marker_behind_the_newest_segment_is_a_crash_not_damage() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let marker = dir.path().join("last-segment");
+    let early_marker = runtime.block_on(async {
+        let storage = FileStorage::open_with(dir.path(), small_segments()).expect("open");
+        storage.append(entries(1..=3)).await.expect("append");
+        let early = std::fs::read(&marker).expect("marker");
+        for i in 4..=30 {
+            storage.append(entries(i..=i)).await.expect("append");
+        }
+        early
+    });
+    assert!(list(dir.path()).expect("list").segments.len() >= 4);
+    let whole = files_of(dir.path());
+    let reopen_holds_everything = |what: &str| {
+        runtime.block_on(async {
+            let storage = FileStorage::open_with(dir.path(), small_segments())
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(read_all(&storage).await, entries(1..=30), "{what}");
+        });
+        assert_eq!(
+            files_of(dir.path()),
+            whole,
+            "{what}: the marker is up to date"
+        );
+    };
+    // A rotation interrupted before the marker named the new segment.
+    std::fs::write(&marker, &early_marker).expect("write");
+    reopen_holds_everything("rotation");
+    // A truncation interrupted after the marker, before any segment went.
+    runtime.block_on(async {
+        let storage = FileStorage::open_with(dir.path(), small_segments()).expect("open");
+        storage.truncate_after(LogIndex(2)).await.expect("truncate");
+        assert_eq!(read_all(&storage).await, entries(1..=2));
+    });
+    assert_eq!(std::fs::read(&marker).expect("marker"), early_marker);
+    for (name, bytes) in &whole {
+        if name != "last-segment" {
+            std::fs::write(dir.path().join(name), bytes).expect("put back");
+        }
+    }
+    reopen_holds_everything("truncation");
 }
 
 #[test]

@@ -23,11 +23,22 @@ fn beat(cluster: u32, server: u32, port: u16) -> Beat {
         epoch: Epoch(0),
         log: Default::default(),
         in_sync: Vec::new(),
+        failure: None,
     }
 }
 
-/// A table whose coordinator started one heartbeat interval before `t0`.
+/// A table whose coordinator started, and whose clusters' election windows opened, one
+/// heartbeat interval before `t0`: the first server to speak at `t0` is named master at once.
 fn table(clusters: u32, t0: Instant) -> RoutingTable {
+    let mut t = fresh(clusters, t0);
+    for k in 1..=clusters {
+        t.first_heard.insert(c(k), t0 - SEC);
+    }
+    t
+}
+
+/// A table whose coordinator started one interval before `t0` and has heard no server yet.
+fn fresh(clusters: u32, t0: Instant) -> RoutingTable {
     RoutingTable::new(
         RoutingConfig {
             clusters,
@@ -69,25 +80,63 @@ fn users_route_to_their_cluster_for_1_3_and_5_clusters() {
 }
 
 #[test]
-fn the_first_server_of_a_cluster_is_master_and_later_ones_slaves() {
+fn a_lone_server_is_master_after_the_election_window_and_later_ones_slaves() {
     let t0 = Instant::now();
-    let mut t = table(3, t0);
+    let mut t = fresh(3, t0);
+    // Server 2 alone: it waits out the window (one interval from the cluster's first beat).
     let first = t.heartbeat(beat(2, 2, 20001), t0).expect("ok");
+    assert_eq!(first.role, Role::Slave);
+    let first = t.heartbeat(beat(2, 2, 20001), t0 + SEC).expect("ok");
     assert_eq!(first.role, Role::Master);
     assert_eq!(first.epoch, Epoch(1));
-    let second = t.heartbeat(beat(2, 1, 20000), t0).expect("ok");
+    // Server 1 comes later: a live master is never replaced because a lower id appears.
+    let second = t.heartbeat(beat(2, 1, 20000), t0 + SEC).expect("ok");
     assert_eq!(second.role, Role::Slave);
     // Roles are stable across heartbeats.
     assert_eq!(
-        t.heartbeat(beat(2, 2, 20001), t0 + SEC).expect("ok").role,
+        t.heartbeat(beat(2, 2, 20001), t0 + 2 * SEC)
+            .expect("ok")
+            .role,
         Role::Master
     );
     assert_eq!(
-        t.heartbeat(beat(2, 1, 20000), t0 + SEC).expect("ok").role,
+        t.heartbeat(beat(2, 1, 20000), t0 + 2 * SEC)
+            .expect("ok")
+            .role,
         Role::Slave
     );
-    assert_eq!(t.master(c(2), t0).expect("master").1, s(2));
-    assert_eq!(t.slave(c(2), t0).expect("slave").1, s(1));
+    assert_eq!(t.master(c(2), t0 + 2 * SEC).expect("master").1, s(2));
+    assert_eq!(t.slave(c(2), t0 + 2 * SEC).expect("slave").1, s(1));
+}
+
+#[test]
+fn servers_coming_up_together_long_after_the_coordinator_elect_the_lowest_id() {
+    let t0 = Instant::now();
+    // The coordinator has run for a long time before the cluster's servers come up.
+    let mut t = fresh(1, t0);
+    let later = t0 + 60 * SEC;
+    // Server 2 speaks first, server 1 within the window.
+    let two = t.heartbeat(beat(1, 2, 10001), later).expect("ok");
+    assert_eq!(two.role, Role::Slave, "no master before the window closes");
+    let one = t.heartbeat(beat(1, 1, 10000), later + SEC / 4).expect("ok");
+    assert_eq!(one.role, Role::Slave);
+    // Once the window closed, server 2's beat names nobody; server 1's names it.
+    let closed = later + SEC;
+    assert_eq!(
+        t.heartbeat(beat(1, 2, 10001), closed).expect("ok").role,
+        Role::Slave
+    );
+    assert_eq!(
+        t.heartbeat(beat(1, 1, 10000), closed).expect("ok").role,
+        Role::Master
+    );
+    // And it stays so.
+    assert_eq!(
+        t.heartbeat(beat(1, 2, 10001), closed + SEC / 2)
+            .expect("ok")
+            .role,
+        Role::Slave
+    );
 }
 
 #[test]
@@ -348,6 +397,7 @@ fn a_slave_not_in_sync_is_not_promoted_unless_unclean_promotion_is_allowed() {
         },
         t0 - SEC,
     );
+    unclean.first_heard.insert(c(1), t0 - SEC);
     master_and_slave(&mut unclean, t0, false);
     assert_eq!(
         unclean
@@ -397,4 +447,36 @@ fn among_equal_fresh_logs_the_lowest_server_id_becomes_master() {
         t.heartbeat(beat(1, 1, 10000), window).expect("ok").role,
         Role::Master
     );
+}
+
+#[test]
+fn a_master_reporting_a_failure_is_made_slave_shown_with_why_and_its_in_sync_slave_promoted() {
+    let t0 = Instant::now();
+    let mut t = table(1, t0);
+    let epoch = master_and_slave(&mut t, t0, true);
+    let failing = Beat {
+        claims_master: false,
+        epoch,
+        failure: Some("storage failed: no space left on device".to_string()),
+        ..beat(1, 1, 10000)
+    };
+    assert_eq!(
+        t.heartbeat(failing.clone(), t0).expect("ok").role,
+        Role::Slave
+    );
+    assert!(t.route(1, t0).is_err(), "nobody is routed to it");
+    let view = t.nodes(t0);
+    let one = view.iter().find(|n| n.id == 1).expect("listed");
+    assert!(!one.alive);
+    assert_eq!(
+        one.failure.as_deref(),
+        Some("storage failed: no space left on device")
+    );
+    // Its in-sync slave is promoted at its next beat, well before any failure timeout.
+    let promoted = t.heartbeat(beat(1, 2, 10001), t0).expect("ok");
+    assert_eq!(promoted.role, Role::Master);
+    assert!(promoted.epoch > epoch);
+    // The failed server keeps being a slave while it reports the failure.
+    assert_eq!(t.heartbeat(failing, t0).expect("ok").role, Role::Slave);
+    assert_eq!(t.route(1, t0).map(|(_, s, _)| s).ok(), Some(s(2)));
 }

@@ -17,6 +17,18 @@ use crate::ids::{Epoch, LogIndex, ServerId};
 use crate::server::{Role, Server};
 use crate::storage::Snapshot;
 
+/// One shipping session: the slave, its session with [`Replicas`](super::Replicas), and the
+/// discard generation the session serves. A master that stepped down discarded its
+/// uncommitted tail (a new generation), which this slave may hold: even if the server is made
+/// master again before the session notices, nothing more is shipped in it, so the slave dials
+/// again and its `Hello` finds where its log diverged.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    server: ServerId,
+    session: u64,
+    generation: u64,
+}
+
 /// Where a slave continues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Plan {
@@ -37,8 +49,8 @@ impl Server {
         S: Stream<Item = Result<FromSlave>> + Send + Unpin,
     {
         let server = hello.server;
-        let session = match self.attach_slave(&hello) {
-            Ok(session) => session,
+        let link = match self.attach_slave(&hello) {
+            Ok(link) => link,
             Err(e) => {
                 tracing::info!(slave = %server, "mirroring refused: {e}");
                 return;
@@ -55,12 +67,14 @@ impl Server {
             biased;
             // A stopping master leaves its slave counted: the coordinator may promote it.
             () = self.shared.shutdown.cancelled() => return,
-            result = self.ship(&hello, session, &out) => result.err(),
-            result = self.read_acks(server, session, inbound) => result.err(),
+            result = self.ship(&hello, link, &out) => result.err(),
+            result = self.read_acks(server, link.session, inbound) => result.err(),
         };
         let leaving = {
             let mut core = self.lock();
-            let leaving = core.replicas.detach(server, session, &*self.shared.storage);
+            let leaving = core
+                .replicas
+                .detach(server, link.session, &*self.shared.storage);
             if core.role == Role::Master {
                 self.open_gate(&core);
             }
@@ -79,7 +93,7 @@ impl Server {
         }
     }
 
-    fn attach_slave(&self, hello: &Hello) -> Result<u64> {
+    fn attach_slave(&self, hello: &Hello) -> Result<Link> {
         let mut core = self.readable()?;
         if hello.cluster != self.shared.config.cluster
             || hello.server == self.shared.config.server_id
@@ -98,7 +112,11 @@ impl Server {
             ));
         }
         let commit = core.commit;
-        Ok(core.replicas.attach(hello.server, commit))
+        Ok(Link {
+            server: hello.server,
+            session: core.replicas.attach(hello.server, commit),
+            generation: core.generation,
+        })
     }
 
     /// This server learned of a newer epoch: if it is master, it has been replaced.
@@ -116,43 +134,44 @@ impl Server {
         }
     }
 
-    /// The header of a message to slave `server` in stream `session`.
-    fn header(&self, server: ServerId, session: u64, body: Shipment) -> Result<ToSlave> {
+    /// The header of a message in `link`'s session, unless the session is over: the server
+    /// is no longer master, or it discarded entries since the session began.
+    fn header(&self, link: Link, body: Shipment) -> Result<ToSlave> {
         let core = self.lock();
         if core.role != Role::Master || self.shared.shutdown.is_cancelled() {
             return Err(Error::Unavailable("no longer master".to_string()));
         }
+        if core.generation != link.generation {
+            return Err(Error::Unavailable(
+                "this master discarded entries the slave may hold; it must dial again".to_string(),
+            ));
+        }
         Ok(ToSlave {
             epoch: core.epoch,
             commit: core.commit,
-            in_sync: core.replicas.is_counted(server, session),
+            in_sync: core.replicas.is_counted(link.server, link.session),
             body,
         })
     }
 
-    async fn send(
-        &self,
-        out: &mpsc::Sender<ToSlave>,
-        server: ServerId,
-        session: u64,
-        body: Shipment,
-    ) -> Result<()> {
-        let message = self.header(server, session, body)?;
+    async fn send(&self, out: &mpsc::Sender<ToSlave>, link: Link, body: Shipment) -> Result<()> {
+        let message = self.header(link, body)?;
         out.send(message)
             .await
             .map_err(|_| Error::Unavailable("the slave went away".to_string()))
     }
 
-    async fn ship(&self, hello: &Hello, session: u64, out: &mpsc::Sender<ToSlave>) -> Result<()> {
-        let server = hello.server;
+    async fn ship(&self, hello: &Hello, link: Link, out: &mpsc::Sender<ToSlave>) -> Result<()> {
+        let Link {
+            server, session, ..
+        } = link;
         let plan = self.plan(hello).await?;
         if let Some(index) = plan.truncate_after {
-            self.send(out, server, session, Shipment::TruncateAfter(index))
-                .await?;
+            self.send(out, link, Shipment::TruncateAfter(index)).await?;
         }
         let mut next = plan.start;
         if plan.snapshot {
-            next = self.send_snapshot(out, server, session).await?;
+            next = self.send_snapshot(out, link).await?;
         }
         let mut sequenced = self.shared.sequenced_index.subscribe();
         let mut commits = self.shared.commit_index.subscribe();
@@ -165,13 +184,12 @@ impl Server {
                 match self.entries(next, last).await {
                     Ok(batch) if !batch.is_empty() => {
                         next = batch.last().map_or(next, |e| e.index.next());
-                        self.send(out, server, session, Shipment::Entries(batch))
-                            .await?;
+                        self.send(out, link, Shipment::Entries(batch)).await?;
                         continue;
                     }
                     Ok(_) => {}
                     Err(Error::Compacted { .. }) => {
-                        next = self.send_snapshot(out, server, session).await?;
+                        next = self.send_snapshot(out, link).await?;
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -189,10 +207,10 @@ impl Server {
                 changed = commits.changed() => {
                     if changed.is_err() { return Ok(()); }
                     commits.borrow_and_update();
-                    self.send(out, server, session, Shipment::KeepAlive).await?;
+                    self.send(out, link, Shipment::KeepAlive).await?;
                 }
                 _ = ticks.tick() => {
-                    self.send(out, server, session, Shipment::KeepAlive).await?;
+                    self.send(out, link, Shipment::KeepAlive).await?;
                 }
             }
         }
@@ -288,18 +306,13 @@ impl Server {
     }
 
     /// Ships the latest snapshot in pieces; returns the index after it.
-    async fn send_snapshot(
-        &self,
-        out: &mpsc::Sender<ToSlave>,
-        server: ServerId,
-        session: u64,
-    ) -> Result<LogIndex> {
+    async fn send_snapshot(&self, out: &mpsc::Sender<ToSlave>, link: Link) -> Result<LogIndex> {
         let Some(snapshot) = self.shared.storage.snapshot().await? else {
             return Err(Error::Corrupt(
                 "the log was compacted but no snapshot exists".to_string(),
             ));
         };
-        tracing::info!(slave = %server, index = %snapshot.index, bytes = snapshot.state.len(), "shipping a snapshot");
+        tracing::info!(slave = %link.server, index = %snapshot.index, bytes = snapshot.state.len(), "shipping a snapshot");
         let mut chunks = snapshot.state.chunks(SNAPSHOT_CHUNK).peekable();
         let mut offset = 0u64;
         loop {
@@ -313,8 +326,7 @@ impl Server {
                 data,
                 last,
             };
-            self.send(out, server, session, Shipment::Snapshot(chunk))
-                .await?;
+            self.send(out, link, Shipment::Snapshot(chunk)).await?;
             offset += len;
             if last {
                 break;

@@ -103,3 +103,118 @@ fn a_counted_slave_that_reconnects_stays_counted_and_old_sessions_are_ignored() 
         "ending the old stream leaves the new one alone"
     );
 }
+
+mod sessions {
+    //! A master's shipping session, driven by hand: the test plays the slave.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use super::super::{FromSlave, Hello, Shipment, ToSlave};
+    use crate::error::Result;
+    use crate::ids::{LogIndex, ServerId, UserId};
+    use crate::server::{Role, Server, ServerConfig};
+    use crate::storage::MemoryStorage;
+
+    fn u(id: u32) -> UserId {
+        UserId::new(id).expect("user")
+    }
+
+    /// The next entries shipped (or `None` once the session is over), answering keep-alives
+    /// with `acked`.
+    async fn next_entries(
+        shipped: &mut mpsc::Receiver<ToSlave>,
+        acks: &mpsc::Sender<Result<FromSlave>>,
+        acked: LogIndex,
+    ) -> Option<Vec<crate::event::LogEntry>> {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), shipped.recv())
+                .await
+                .expect("the master ships or ends the session within 10 s")?;
+            match message.body {
+                Shipment::Entries(entries) => return Some(entries),
+                Shipment::KeepAlive => {
+                    let _ = acks.send(Ok(FromSlave::Durable(acked))).await;
+                }
+                other => panic!("unexpected shipment {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_master_that_stepped_down_and_is_master_again_ships_nothing_more_in_an_old_session() {
+        let server = Server::open(ServerConfig::default(), Arc::new(MemoryStorage::new()))
+            .await
+            .expect("open");
+        server.login(u(1)).await.expect("login 1");
+        server.login(u(2)).await.expect("login 2");
+        let before = server.positions();
+
+        let (acks, inbound) = mpsc::channel(16);
+        let (out, mut shipped) = mpsc::channel(16);
+        let hello = Hello {
+            cluster: server.config().cluster,
+            server: ServerId::new(2).expect("server"),
+            known_epoch: before.known_epoch,
+            last_index: LogIndex(0),
+            last_epoch: before.epoch,
+            commit: LogIndex(0),
+        };
+        let session = tokio::spawn({
+            let server = server.clone();
+            async move {
+                server
+                    .ship_to_slave(hello, ReceiverStream::new(inbound), out)
+                    .await;
+            }
+        });
+        // The slave catches up and acknowledges: from now on commits wait for it.
+        let mut held = LogIndex(0);
+        while held < before.sequenced {
+            let entries = next_entries(&mut shipped, &acks, held)
+                .await
+                .expect("entries");
+            held = entries.last().expect("an entry").index;
+        }
+        acks.send(Ok(FromSlave::Durable(held))).await.expect("ack");
+
+        // A change reaches the slave, which does not acknowledge it: it stays uncommitted.
+        let pending = tokio::spawn({
+            let server = server.clone();
+            async move { server.follow(u(1), "2").await }
+        });
+        let uncommitted = next_entries(&mut shipped, &acks, held)
+            .await
+            .expect("entries");
+        assert_eq!(uncommitted[0].index, held.next());
+
+        // The master steps down (discarding that change) and is made master again before the
+        // session noticed.
+        server.set_role(Role::Slave);
+        server.set_role(Role::Master);
+        assert!(
+            pending.await.expect("task").is_err(),
+            "the change was discarded"
+        );
+        // New changes take the discarded one's index and the next.
+        server.follow(u(2), "1").await.expect("follow 2 -> 1");
+        server.follow(u(1), "2").await.expect("follow 1 -> 2");
+        assert_eq!(server.positions().commit, LogIndex(held.0 + 2));
+
+        // The slave holds the discarded change at `held + 1`: shipping `held + 2` after it
+        // would make it commit a change the master dropped. The session must end instead, so
+        // the slave dials again and its log is repaired.
+        let more = next_entries(&mut shipped, &acks, held).await;
+        assert!(
+            more.is_none(),
+            "the old session shipped {more:?} after the master discarded entries"
+        );
+        tokio::time::timeout(Duration::from_secs(10), session)
+            .await
+            .expect("the session ends")
+            .expect("task");
+    }
+}
