@@ -144,6 +144,10 @@ pub struct TestClusterConfig {
     pub simulated_disks: bool,
     /// Heartbeat interval (short, so failures are detected quickly).
     pub heartbeat_interval: Duration,
+    /// Missed heartbeats after which a node counts as dead (and a master that reached no
+    /// coordinator for as long steps down). 4 × 100 ms: quick, yet a loaded 2-core machine
+    /// running many such tests at once does not miss that many by accident.
+    pub missed_heartbeats: u32,
     /// Cluster token for internal calls.
     pub cluster_token: Option<String>,
     /// Loopback TCP on ports chosen by the OS (`true`) or in-memory pipes, no sockets.
@@ -163,6 +167,7 @@ impl Default for TestClusterConfig {
             files: false,
             simulated_disks: false,
             heartbeat_interval: Duration::from_millis(100),
+            missed_heartbeats: 4,
             cluster_token: None,
             bus: crate::deployment::Bus::default(),
             clock_offsets_micros: Vec::new(),
@@ -218,6 +223,7 @@ impl TestCluster {
                 },
                 data,
                 heartbeat_interval: config.heartbeat_interval,
+                missed_heartbeats: config.missed_heartbeats,
                 cluster_token: config.cluster_token,
                 bus: config.bus,
                 clock_offsets_micros: config.clock_offsets_micros,

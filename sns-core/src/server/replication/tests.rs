@@ -146,7 +146,11 @@ mod sessions {
 
     #[tokio::test]
     async fn a_master_that_stepped_down_and_is_master_again_ships_nothing_more_in_an_old_session() {
-        let server = Server::open(ServerConfig::default(), Arc::new(MemoryStorage::new()))
+        let config = ServerConfig {
+            clusters: 1,
+            ..ServerConfig::default()
+        };
+        let server = Server::open(config, Arc::new(MemoryStorage::new()))
             .await
             .expect("open");
         server.login(u(1)).await.expect("login 1");
