@@ -2,7 +2,8 @@
 //! `cargo bench -p sns-benches --bench <fanout|storage|recovery|commit_path>`; results in
 //! `docs/benchmarks.md`). Two measurements are plain binaries instead: `failover` (time from
 //! SIGKILL of a master to the first successful client call, with the real binaries as
-//! processes) and `mirroring` (posts/s and commit latency with and without a slave).
+//! processes), `mirroring` (posts/s and commit latency with and without a slave) and `hold`
+//! (connections and timeline streams one running `tsd` holds, and its memory per each).
 //!
 //! Everything here builds events the way one cluster's master would: origin cluster 1,
 //! gap-free sequence numbers from 1, strictly increasing timestamps, so [`State::apply`] never

@@ -40,6 +40,7 @@ pub use deployment::{
 };
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
+pub use grpc::sns::MAX_ARGUMENTS;
 pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, PostKey, ServerId, Timestamp, UserId};
 pub use server::{
     CommittedEntries, CoordinatorLink, Listing, LogPositions, Role, Server, ServerConfig,

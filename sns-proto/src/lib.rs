@@ -1,4 +1,5 @@
-//! Generated gRPC code for Tiny SNS, and nothing else.
+//! Generated gRPC code for Tiny SNS, and the codec it uses (prost's, with undecodable
+//! messages answered `INVALID_ARGUMENT`; see [`codec`]).
 //!
 //! `csce438` holds the course-compatible client service (`SNSService`) and coordinator service
 //! (`CoordService`). Domain types, validation and conversions live in `sns-core`; this crate has
@@ -36,5 +37,7 @@ pub mod sns {
 }
 
 pub use sns::v1 as sns_v1;
+
+pub mod codec;
 
 pub use prost_types::Timestamp;

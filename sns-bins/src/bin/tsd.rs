@@ -16,12 +16,18 @@
 //! (where `sns up` keeps it); without one it listens on loopback only (`--bind`, default
 //! 127.0.0.1) unless `--insecure`. A standalone server serves no internal calls, so it may
 //! bind any address.
+//!
+//! Limits (see `docs/operations.md`): `--max-connections` (default 10,000, lowered to leave
+//! file descriptors for the log when `ulimit -n` is lower), `--handshake-timeout-secs`,
+//! `--max-timeline-streams`, `--max-streams-per-user` and `--max-posts-per-second` (per user).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{ArgAction, Parser};
+use sns_core::server::{DEFAULT_MAX_CONNECTIONS, connection_cap};
 use sns_core::transport::{self, Network};
 use sns_core::{
     ClusterId, CoordinatorLink, FileStorage, FileStorageOptions, MemoryStorage, Server,
@@ -81,9 +87,63 @@ struct Args {
     /// Posts kept per timeline.
     #[arg(long, default_value_t = 400)]
     timeline_cap: usize,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     help: Option<bool>,
+}
+
+/// Bounds on what clients may hold and send.
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// Most client connections open at once; more are refused as they come [default: 10000,
+    /// lowered to fit the file descriptor limit, `ulimit -n`].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
+    /// Seconds a new connection may take to start speaking HTTP/2 before it is closed.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    handshake_timeout_secs: u64,
+    /// Most timeline streams open at once on this server.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_timeline_streams: u64,
+    /// Most timeline streams one user may hold open at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    max_streams_per_user: u64,
+    /// Most posts per second from one user, across all of that user's streams (excess posts
+    /// wait).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_posts_per_second: u32,
+}
+
+impl LimitArgs {
+    /// The connection limit: as given, or the default lowered to what the file descriptor
+    /// limit allows. A given limit above that is kept, with a warning: connections beyond
+    /// what the descriptors allow are refused as they come.
+    fn max_connections(&self) -> usize {
+        let descriptors = transport::tcp::descriptor_limit();
+        let wanted = self.max_connections.map_or(DEFAULT_MAX_CONNECTIONS, |n| {
+            usize::try_from(n).unwrap_or(usize::MAX)
+        });
+        let fits = connection_cap(wanted, descriptors);
+        if fits == wanted {
+            return wanted;
+        }
+        let limit = descriptors.unwrap_or_default();
+        if self.max_connections.is_some() {
+            tracing::warn!(
+                "--max-connections {wanted} is more than {limit} file descriptors allow \
+                 (ulimit -n); at most about {fits} connections will be served"
+            );
+            wanted
+        } else {
+            tracing::warn!(
+                "serving at most {fits} connections: the file descriptor limit is {limit} \
+                 (raise it with ulimit -n, or set --max-connections)"
+            );
+            fits
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -137,9 +197,17 @@ async fn run(args: Args) -> Result<(), String> {
             1
         },
         timeline_cap: args.timeline_cap,
+        max_connections: args.limits.max_connections(),
+        handshake_timeout: Duration::from_secs(args.limits.handshake_timeout_secs),
+        max_timeline_streams: usize::try_from(args.limits.max_timeline_streams)
+            .unwrap_or(usize::MAX),
+        max_timeline_streams_per_user: usize::try_from(args.limits.max_streams_per_user)
+            .unwrap_or(usize::MAX),
+        max_posts_per_second: args.limits.max_posts_per_second,
         mirror_timeout: args.heartbeat.interval() * args.heartbeat.missed_heartbeats.max(1),
         ..ServerConfig::default()
     };
+    let config_limits = (config.max_connections, config.max_timeline_streams);
     // In a deployment the server starts as slave and mirrors until the coordinator names it
     // master; alone it is master at once.
     let server = if args.coordinator_port.is_some() {
@@ -163,7 +231,12 @@ async fn run(args: Args) -> Result<(), String> {
         server.join(link, Network::tcp());
         tracing::info!(%coordinator, "joining the deployment");
     }
-    tracing::info!(addr = %listener.addr(), "serving clients");
+    tracing::info!(
+        addr = %listener.addr(),
+        max_connections = config_limits.0,
+        max_timeline_streams = config_limits.1,
+        "serving clients"
+    );
     let shutdown = CancellationToken::new();
     sns_bins::signals::cancel_on_signal(shutdown.clone());
     // A server that cannot go on (its storage failed, or the coordinator refused it) stops,

@@ -83,6 +83,21 @@ impl Lines {
         self.rx.try_iter().collect()
     }
 
+    /// Every line until the stream ends (the child closed it, e.g. by exiting); fails after
+    /// [`WAIT`].
+    pub fn to_end(&self) -> Vec<String> {
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return lines,
+                Err(e) => panic!("{}: the stream did not end: {e}", self.name),
+            }
+        }
+    }
+
     /// Reads lines until one satisfies `matches`; fails after [`WAIT`].
     pub fn until(&self, matches: impl Fn(&str) -> bool) -> String {
         let deadline = std::time::Instant::now() + WAIT;
@@ -116,7 +131,17 @@ fn spawn_logged_line(
     name: &str,
     ready: impl Fn(&str) -> bool,
 ) -> (Child, Lines, String) {
-    let mut child = Command::new(program)
+    spawn_command(Command::new(program), args, name, ready)
+}
+
+/// [`spawn_logged_line`] through `command` (a program, or a wrapper that runs one).
+fn spawn_command(
+    mut command: Command,
+    args: &[String],
+    name: &str,
+    ready: impl Fn(&str) -> bool,
+) -> (Child, Lines, String) {
+    let mut child = command
         .args(args)
         .env("RUST_LOG", "info")
         .env_remove("SNS_CLUSTER_TOKEN")
@@ -278,10 +303,28 @@ impl Tsd {
         extra: &[&str],
         ready: impl Fn(&str) -> bool,
     ) -> (Self, String) {
+        Self::start_command(
+            Command::new(env!("CARGO_BIN_EXE_tsd")),
+            port,
+            dir,
+            extra,
+            ready,
+        )
+    }
+
+    /// [`Tsd::start_with`] through `command`: a wrapper such as `prlimit` (given `tsd` and any
+    /// arguments of its own), or `tsd` itself.
+    pub fn start_command(
+        command: Command,
+        port: u16,
+        dir: &Path,
+        extra: &[&str],
+        ready: impl Fn(&str) -> bool,
+    ) -> (Self, String) {
         let mut args = strings(&["-p", &port.to_string(), "--bind", "127.0.0.1", "--data-dir"]);
         args.push(dir.display().to_string());
         args.extend(strings(extra));
-        let (child, log, line) = spawn_logged_line(env!("CARGO_BIN_EXE_tsd"), &args, "tsd", ready);
+        let (child, log, line) = spawn_command(command, &args, "tsd", ready);
         let tsd = Self {
             child,
             log,
@@ -627,6 +670,21 @@ impl Tsc {
         for line in sns_bins::cli::BANNER.lines() {
             self.expect_line(line);
         }
+    }
+
+    /// Types `input` (any number of lines) from a thread of its own, then closes stdin: the
+    /// input may be far larger than the pipe holds.
+    pub fn type_all_and_close(&mut self, input: Vec<u8>) -> std::thread::JoinHandle<()> {
+        let mut stdin = self.stdin.take().expect("stdin open");
+        std::thread::spawn(move || {
+            stdin.write_all(&input).expect("write to tsc");
+        })
+    }
+
+    /// Waits for the exit code (stdin must be closed, or the input end the client).
+    pub fn wait_for_exit(&mut self) -> Option<i32> {
+        self.stdin.take();
+        self.child.wait().ok().and_then(|s| s.code())
     }
 
     /// Closes stdin and waits for the exit code.

@@ -6,6 +6,14 @@
 //! client asked for `sns-timeline: structured`. A structured stream also carries an
 //! acknowledgement (`Message.ack`) for each post sent with an idempotency key, once it is
 //! committed, in the order the posts were sent; a course-mode stream never does.
+//!
+//! Limits: a message larger than [`ServerConfig::max_message_bytes`] is refused as soon as
+//! its length is read, a request with more than [`MAX_ARGUMENTS`] arguments is refused, and
+//! a timeline stream that brings a message that is too large or does not decode ends with
+//! `INVALID_ARGUMENT` (never OK), storing nothing of that message. Posts wait their turn under
+//! the user's post rate limit.
+//!
+//! [`ServerConfig::max_message_bytes`]: crate::ServerConfig::max_message_bytes
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -15,7 +23,7 @@ use sns_proto::csce438::sns_service_server::{SnsService, SnsServiceServer};
 use sns_proto::csce438::{ListReply, Message, Reply, Request};
 use tokio::sync::mpsc;
 use tonic::service::Routes;
-use tonic::{Response, Status, Streaming};
+use tonic::{Code, Response, Status, Streaming};
 
 use super::alias::{Csce662Sns, Renamed};
 use super::status;
@@ -51,9 +59,14 @@ pub(crate) const TIMELINE_RESUME_METADATA: &str = "sns-timeline-resume";
 /// stream has in flight are bounded by its sender anyway).
 const ACK_QUEUE: usize = 64;
 
+/// Most arguments a request may carry (the course's commands take at most one).
+pub const MAX_ARGUMENTS: usize = 8;
+
 /// The routes serving `server` as `csce438.SNSService` and `csce662.SNSService`.
 pub(crate) fn routes(server: Server) -> Routes {
-    let service = SnsServiceServer::new(SnsAdapter { server });
+    let max_message_bytes = server.config().max_message_bytes;
+    let service =
+        SnsServiceServer::new(SnsAdapter { server }).max_decoding_message_size(max_message_bytes);
     Routes::new(service.clone()).add_service(Renamed::<_, Csce662Sns>::new(service))
 }
 
@@ -61,8 +74,35 @@ struct SnsAdapter {
     server: Server,
 }
 
+/// The user making `request`, once its size is checked: at most [`MAX_ARGUMENTS`] arguments
+/// (each argument, like the username, is a user id, so one too long for that is an invalid
+/// username).
 fn caller(request: &Request) -> Result<UserId, Status> {
+    let count = request.arguments.len();
+    if count > MAX_ARGUMENTS {
+        return Err(Status::invalid_argument(format!(
+            "too many arguments: {count} (at most {MAX_ARGUMENTS})"
+        )));
+    }
     UserId::parse(&request.username).map_err(status)
+}
+
+/// The status a timeline stream ends with when its incoming half fails: a message that is
+/// too large or does not decode is the client's mistake, said as `INVALID_ARGUMENT`. Other
+/// failures (the client went away) keep their status; nobody may be listening anyway.
+fn bad_stream(error: Status) -> Status {
+    match error.code() {
+        Code::InvalidArgument => error,
+        Code::OutOfRange | Code::ResourceExhausted | Code::Internal
+            if std::error::Error::source(&error).is_none() =>
+        {
+            Status::invalid_argument(format!(
+                "bad message on the timeline stream: {}",
+                error.message()
+            ))
+        }
+        _ => error,
+    }
 }
 
 fn reply(msg: &str) -> Response<Reply> {
@@ -207,9 +247,8 @@ impl SnsService for SnsAdapter {
                     first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message()) => first,
                 };
                 let first = first
-                    .map_err(|_| {
-                        Status::invalid_argument("timeline stream named no user in time")
-                    })??
+                    .map_err(|_| Status::invalid_argument("timeline stream named no user in time"))?
+                    .map_err(bad_stream)?
                     .ok_or_else(|| Status::invalid_argument("timeline stream named no user"))?;
                 (UserId::parse(&first.username).map_err(status)?, Some(first))
             }
@@ -300,14 +339,13 @@ struct Poster {
 
 impl Poster {
     async fn run(self, first: Option<Message>, mut inbound: Streaming<Message>) {
-        let mut bucket = TokenBucket::new(self.server.max_posts_per_second());
         let mut opening = true;
         if let Some(first) = first {
             opening = false;
             if self.quits(&first) {
                 return;
             }
-            if let Err(e) = self.handle(first, true, &mut bucket).await {
+            if let Err(e) = self.handle(first, true).await {
                 let _ = self.errors.send(e).await;
                 return;
             }
@@ -319,14 +357,22 @@ impl Poster {
             };
             let message = match next {
                 Ok(Some(message)) => message,
-                // The client closed its side or went away: end the stream.
-                Ok(None) | Err(_) => return,
+                // The client closed its side (or reset the stream): end the stream.
+                Ok(None) => return,
+                // A message too large or undecodable, or a broken connection: end the stream
+                // with an error, never OK.
+                Err(e) => {
+                    let e = bad_stream(e);
+                    tracing::info!(user = %self.user, error = %e.message(), "timeline stream failed");
+                    let _ = self.errors.send(e).await;
+                    return;
+                }
             };
             if self.quits(&message) {
                 return;
             }
             let first = std::mem::replace(&mut opening, false);
-            if let Err(e) = self.handle(message, first, &mut bucket).await {
+            if let Err(e) = self.handle(message, first).await {
                 let _ = self.errors.send(e).await;
                 return;
             }
@@ -349,12 +395,7 @@ impl Poster {
 
     /// Posts one message of the stream; `first` tells whether it opens the stream (where the
     /// course client's `Set Stream` is a greeting, not a post).
-    async fn handle(
-        &self,
-        message: Message,
-        first: bool,
-        bucket: &mut TokenBucket,
-    ) -> Result<(), Status> {
+    async fn handle(&self, message: Message, first: bool) -> Result<(), Status> {
         if !message.username.is_empty() && message.username != self.user.to_string() {
             return Err(status(Error::PermissionDenied(format!(
                 "this timeline stream belongs to user {}",
@@ -364,7 +405,7 @@ impl Poster {
         if first && message.msg.strip_suffix(b"\n").unwrap_or(&message.msg) == SET_STREAM {
             return Ok(());
         }
-        if let Some(wait) = bucket.take(tokio::time::Instant::now()) {
+        if let Some(wait) = self.server.post_delay(self.user) {
             tokio::select! {
                 () = self.shutdown.cancelled() => return Ok(()),
                 () = tokio::time::sleep(wait) => {},
@@ -381,32 +422,6 @@ impl Poster {
             let _ = acks.send(ack_message(self.user, key, id)).await;
         }
         Ok(())
-    }
-}
-
-/// A token bucket: `rate` tokens per second, bursts of up to `rate`.
-struct TokenBucket {
-    rate: f64,
-    tokens: f64,
-    last: tokio::time::Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32) -> Self {
-        let rate = f64::from(rate.max(1));
-        Self {
-            rate,
-            tokens: rate,
-            last: tokio::time::Instant::now(),
-        }
-    }
-
-    /// Takes a token; returns how long to wait first if none is left.
-    fn take(&mut self, now: tokio::time::Instant) -> Option<Duration> {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate) - 1.0;
-        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
     }
 }
 
@@ -465,25 +480,5 @@ impl tokio_stream::Stream for Outbound {
             }
             None => Poll::Pending,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_bucket_allows_bursts_then_paces() {
-        let t0 = tokio::time::Instant::now();
-        let mut bucket = TokenBucket {
-            rate: 10.0,
-            tokens: 10.0,
-            last: t0,
-        };
-        for _ in 0..10 {
-            assert_eq!(bucket.take(t0), None);
-        }
-        let wait = bucket.take(t0).expect("must wait");
-        assert!((wait.as_secs_f64() - 0.1).abs() < 1e-9);
     }
 }

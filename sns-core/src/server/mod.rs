@@ -21,6 +21,7 @@
 
 mod committed;
 mod heartbeat;
+mod limits;
 mod pipeline;
 pub(crate) mod replication;
 mod sessions;
@@ -37,6 +38,7 @@ use tokio_util::task::TaskTracker;
 
 pub use committed::CommittedEntries;
 pub use heartbeat::CoordinatorLink;
+pub use limits::{DEFAULT_MAX_CONNECTIONS, RESERVED_DESCRIPTORS, connection_cap};
 pub use sync::{MAX_APPLY_BATCH, OwnEvents, check_reader};
 pub use timeline::TimelineFeed;
 
@@ -45,7 +47,7 @@ use crate::event::{Event, EventKind, LogEntry, Post, normalize_post_text};
 use crate::ids::{ClusterId, Epoch, EventId, LogIndex, PostKey, ServerId, Timestamp, UserId};
 use crate::state::{DEFAULT_TIMELINE_CAP, State, StateConfig};
 use crate::storage::Storage;
-use crate::transport::{Listener, Network};
+use crate::transport::{ConnectionLimits, Listener, Network};
 use committed::RecentEntries;
 use pipeline::{Gate, Pending};
 use replication::{MirrorTarget, Replicas};
@@ -75,14 +77,37 @@ pub struct ServerConfig {
     pub session_timeout: Duration,
     /// Take a snapshot (and compact the log) after this many committed entries.
     pub snapshot_every: u64,
+    /// Most client connections open at once; a connection accepted beyond it is closed at
+    /// once, and open connections carry on.
+    pub max_connections: usize,
+    /// How long a new connection may take to send its HTTP/2 preface and settings before it
+    /// is closed (a socket that connects and says nothing holds no slot for long).
+    pub handshake_timeout: Duration,
     /// Most timeline streams open at once on this server.
     pub max_timeline_streams: usize,
+    /// Most timeline streams one user may hold open at once, so that one client cannot take
+    /// every stream of the server.
+    pub max_timeline_streams_per_user: usize,
     /// Posts queued per timeline stream before the reader counts as fallen behind.
     pub stream_queue: usize,
-    /// Most posts per second accepted on one timeline stream (excess is slowed down).
+    /// Most posts per second accepted from one user, across all of that user's timeline
+    /// streams (bursts of as many); excess posts wait (the stream is slowed down, not cut).
     pub max_posts_per_second: u32,
     /// Most concurrent HTTP/2 streams per client connection.
     pub max_concurrent_streams: u32,
+    /// Largest message a client may send on the client-facing service, in bytes (a post of
+    /// [`MAX_POST_BYTES`](crate::MAX_POST_BYTES) fits with room to spare); a larger one is
+    /// refused as soon as its length is read.
+    pub max_message_bytes: usize,
+    /// HTTP/2 receive window of each stream: bytes a client may send on one stream before
+    /// the server has read them. Small, so that a client sending many tiny messages faster
+    /// than they are handled is held back by flow control: the frames queued per stream
+    /// stay within what HTTP/2's guard against floods of small frames allows.
+    pub stream_window: u32,
+    /// HTTP/2 receive window of each connection (at least 65,535). The HTTP/2 library allows a
+    /// connection half of it in queued small frames (counted at 256 bytes each, less their
+    /// payload) before it closes the connection with `ENHANCE_YOUR_CALM`.
+    pub connection_window: u32,
     /// Most entries sequenced but not yet committed; writers beyond that wait for a slot.
     pub max_inflight: usize,
     /// Committed entries kept in memory for the committed-entry stream's live readers (older
@@ -106,10 +131,16 @@ impl Default for ServerConfig {
             timeline_cap: DEFAULT_TIMELINE_CAP,
             session_timeout: Duration::from_secs(6),
             snapshot_every: 100_000,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: Duration::from_secs(10),
             max_timeline_streams: 10_000,
+            max_timeline_streams_per_user: 4,
             stream_queue: 1024,
             max_posts_per_second: 1000,
-            max_concurrent_streams: 256,
+            max_concurrent_streams: 100,
+            max_message_bytes: 16 * 1024,
+            stream_window: 8 * 1024,
+            connection_window: 4 * 1024 * 1024,
             max_inflight: 4096,
             recent_entries: 8192,
             mirror_timeout: Duration::from_secs(1),
@@ -239,7 +270,9 @@ struct Shared {
     fatal: watch::Sender<Option<String>>,
     /// The deployment this server joined: its network and cluster token.
     joined: OnceLock<Joined>,
-    streams: Arc<Semaphore>,
+    streams: limits::StreamSlots,
+    /// The post rate limit, per user.
+    pacing: limits::PostPacing,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -350,7 +383,11 @@ impl Server {
         };
         let (gate, gate_rx) = watch::channel(gate);
         let shared = Arc::new(Shared {
-            streams: Arc::new(Semaphore::new(config.max_timeline_streams)),
+            streams: limits::StreamSlots::new(
+                config.max_timeline_streams,
+                config.max_timeline_streams_per_user.max(1),
+            ),
+            pacing: limits::PostPacing::new(config.max_posts_per_second),
             inflight: Arc::new(Semaphore::new(inflight)),
             config,
             storage,
@@ -414,8 +451,17 @@ impl Server {
                 own.cancel();
             }
         };
+        let config = &self.shared.config;
+        let listener = listener.limited(ConnectionLimits {
+            max_connections: config.max_connections.max(1),
+            handshake_timeout: config.handshake_timeout,
+        });
+        // HTTP/2 windows are at most 2^31 - 1 bytes (the library asserts it).
+        let window = |bytes: u32| bytes.clamp(1, (1 << 31) - 1);
         let serving = crate::transport::server_builder()
-            .max_concurrent_streams(Some(self.shared.config.max_concurrent_streams))
+            .max_concurrent_streams(Some(config.max_concurrent_streams))
+            .initial_stream_window_size(Some(window(config.stream_window)))
+            .initial_connection_window_size(Some(window(config.connection_window)))
             .add_routes(routes)
             .serve_with_incoming_shutdown(listener, stop);
         // A peer that neither reads nor closes must not hold the shutdown forever.
@@ -811,9 +857,7 @@ impl Server {
         user: UserId,
         first: impl FnOnce(&State) -> Vec<Arc<Post>>,
     ) -> Result<TimelineFeed> {
-        let permit = Arc::clone(&self.shared.streams)
-            .try_acquire_owned()
-            .map_err(|_| Error::Unavailable("too many timeline streams open".to_string()))?;
+        let slot = self.shared.streams.acquire(user)?;
         let mut core = self.writable()?;
         known(&core.state, user)?;
         // Only a logged-in user's stream opens (and then keeps the session alive).
@@ -829,7 +873,7 @@ impl Server {
         drop(core);
         let owner = Box::new(FeedHandle {
             shared: Arc::downgrade(&self.shared),
-            _permit: permit,
+            _slot: slot,
         });
         Ok(TimelineFeed::new(user, subscription, owner))
     }
@@ -839,9 +883,10 @@ impl Server {
         (&self.shared.tasks, &self.shared.shutdown)
     }
 
-    /// The per-stream post rate limit.
-    pub(crate) fn max_posts_per_second(&self) -> u32 {
-        self.shared.config.max_posts_per_second
+    /// How long a post of `user` must wait to keep the user within the post rate limit
+    /// (`None`: it may go at once); the post's turn is reserved.
+    pub(crate) fn post_delay(&self, user: UserId) -> Option<std::time::Duration> {
+        self.shared.pacing.delay(user, tokio::time::Instant::now())
     }
 
     /// The user known by `target`, for a command of `user`.
@@ -944,7 +989,7 @@ impl Server {
 /// Keeps the server informed when a feed closes, and holds the stream's slot.
 struct FeedHandle {
     shared: Weak<Shared>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: limits::StreamSlot,
 }
 
 impl FeedOwner for FeedHandle {

@@ -21,9 +21,10 @@
 //!
 //! What it does not do: no TLS, no name resolution of its own (TCP uses the system resolver,
 //! the memory network its own registry), no retries (tonic reconnects a channel on its next
-//! call; callers decide when to try again), and no connection limits (servers bound their own
-//! streams).
+//! call; callers decide when to try again). Connection limits are opt-in per listener
+//! ([`Listener::limited`]); servers bound their own streams.
 
+pub mod limits;
 pub mod memory;
 pub mod tcp;
 
@@ -41,6 +42,7 @@ use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub use limits::ConnectionLimits;
 pub use memory::MemoryNetwork;
 
 use crate::error::{Error, Result};
@@ -335,7 +337,9 @@ pub(crate) fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
     {
         "it does not speak the Tiny SNS protocol (is that the right port?)".to_string()
     } else if texts.contains("connection closed") || texts.contains("connection reset") {
-        "it closed the connection without answering (is that the right port?)".to_string()
+        "it closed the connection without answering (a server at its connection limit does \
+         that; otherwise, is that the right port?)"
+            .to_string()
     } else if texts.contains("lookup") || texts.contains("resolve") || texts.contains("dns") {
         "its host name could not be resolved".to_string()
     } else {
