@@ -23,6 +23,20 @@ impl Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+
+    /// Its exit code, once it exits by itself; fails the test if it runs on past the deadline.
+    fn exit_code(&mut self) -> Option<i32> {
+        let mut code = None;
+        let exited = support::wait_until(|| match self.0.try_wait() {
+            Ok(Some(status)) => {
+                code = status.code();
+                true
+            }
+            _ => false,
+        });
+        assert!(exited, "still running");
+        code
+    }
 }
 
 impl Drop for Running {
@@ -349,8 +363,9 @@ fn the_coordinator_and_tsd_read_the_kept_token_and_a_server_without_it_is_refuse
     );
     assert_eq!(heartbeat(port, None), tonic::Code::Unauthenticated);
     assert_eq!(heartbeat(port, Some("kept-token")), tonic::Code::Ok);
-    // A server started elsewhere has no token: its heartbeats are refused, it is never named.
-    let (_stranger, stranger_log, _) = spawn(
+    // A server started elsewhere has no token: its heartbeat is refused, and it exits with one
+    // line saying so.
+    let (mut stranger, stranger_log, _) = spawn(
         env!("CARGO_BIN_EXE_tsd"),
         &[
             "-c",
@@ -366,9 +381,11 @@ fn the_coordinator_and_tsd_read_the_kept_token_and_a_server_without_it_is_refuse
             "200",
         ],
         elsewhere.path(),
-        "serving clients",
+        "joining the deployment",
     );
-    stranger_log.until(|l| l.contains("heartbeat failed") && l.contains("Unauthenticated"));
+    assert_eq!(stranger.exit_code(), Some(1));
+    let said = stranger_log.until(|l| l.contains("refused this server"));
+    assert!(said.contains("cluster token"), "{said}");
     // A server started beside the token file finds it and is made master, and `sns status`
     // there shows it.
     let (_tsd, _tsd_log, _) = spawn(
