@@ -320,6 +320,9 @@ pub(crate) fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
                 io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
                     return "the network cannot reach it".to_string();
                 }
+                io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted => return CLOSED.to_string(),
                 _ => {}
             }
         }
@@ -336,16 +339,27 @@ pub(crate) fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
         .any(|word| texts.contains(word))
     {
         "it does not speak the Tiny SNS protocol (is that the right port?)".to_string()
-    } else if texts.contains("connection closed") || texts.contains("connection reset") {
-        "it closed the connection without answering (a server at its connection limit does \
-         that; otherwise, is that the right port?)"
-            .to_string()
+    } else if [
+        "connection closed",
+        "connection reset",
+        "broken pipe",
+        "stream closed",
+    ]
+    .iter()
+    .any(|words| texts.contains(words))
+    {
+        CLOSED.to_string()
     } else if texts.contains("lookup") || texts.contains("resolve") || texts.contains("dns") {
         "its host name could not be resolved".to_string()
     } else {
         reason
     }
 }
+
+/// A peer that closed the connection without an answer (the client may have sent part of its
+/// request: a broken pipe or a reset say the same).
+const CLOSED: &str = "it closed the connection without answering (a server at its connection \
+                      limit does that; otherwise, is that the right port?)";
 
 /// A peer that accepted the connection and never answered.
 const NO_ANSWER: &str = "it accepted the connection but did not answer in time";
@@ -380,5 +394,43 @@ impl tower_service::Service<Uri> for Dialer {
         let connector = Arc::clone(&self.connector);
         let addr = Arc::clone(&self.addr);
         Box::pin(async move { Ok(TokioIo::new(connector.dial(&addr).await?)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Words(&'static str);
+
+    impl std::fmt::Display for Words {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Words {}
+
+    #[test]
+    fn a_closed_connection_is_said_plainly_however_the_transport_words_it() {
+        for kind in [
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::ConnectionAborted,
+        ] {
+            assert_eq!(innermost(&io::Error::from(kind)), CLOSED, "{kind:?}");
+        }
+        for words in [
+            "stream closed because of a broken pipe",
+            "connection closed before message completed",
+            "connection reset by peer",
+        ] {
+            assert_eq!(innermost(&Words(words)), CLOSED, "{words}");
+        }
+        assert_eq!(
+            innermost(&io::Error::from(io::ErrorKind::ConnectionRefused)),
+            "nothing is listening there (connection refused)"
+        );
     }
 }
