@@ -6,12 +6,11 @@
 mod support;
 
 use std::process::{Command, Output, Stdio};
-use std::time::Instant;
 
-use support::{SnsUp, Tsc, Tsd, WAIT, free_port};
+use support::{SnsUp, Tsc, Tsd, free_port};
 
 /// Runs `program` with `args` (logging at `RUST_LOG=log`) until it exits, which it must do
-/// within [`WAIT`] (it is killed and the test fails otherwise).
+/// within [`support::WAIT`] (it is killed and the test fails otherwise).
 fn run_to_exit(program: &str, args: &[&str], log: &str) -> Output {
     let mut child = Command::new(program)
         .args(args)
@@ -22,13 +21,9 @@ fn run_to_exit(program: &str, args: &[&str], log: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start");
-    let deadline = Instant::now() + WAIT;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{program} {args:?} did not stop on a damaged data directory");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    if !support::wait_until(|| child.try_wait().expect("wait").is_some()) {
+        let _ = child.kill();
+        panic!("{program} {args:?} did not stop on a damaged data directory");
     }
     child.wait_with_output().expect("output")
 }

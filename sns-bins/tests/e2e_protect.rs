@@ -26,16 +26,7 @@ impl Running {
 
     /// Its exit code, once it exits by itself; fails the test if it runs on past the deadline.
     fn exit_code(&mut self) -> Option<i32> {
-        let mut code = None;
-        let exited = support::wait_until(|| match self.0.try_wait() {
-            Ok(Some(status)) => {
-                code = status.code();
-                true
-            }
-            _ => false,
-        });
-        assert!(exited, "still running");
-        code
+        support::exit_code(&mut self.0)
     }
 }
 

@@ -6,38 +6,12 @@ mod support;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use support::{Coordinator, Lines, Tsc, WAIT, free_port};
-
-/// Waits (at most [`WAIT`]) for `child` to exit; returns its exit code.
-fn exit_code(child: &mut Child) -> Option<i32> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status.code();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the process did not exit within {WAIT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use support::{Coordinator, Lines, Tsc, exit_code, free_port, spawn_unwaited};
 
 /// Starts `program` with `args`, its log read line by line.
 fn spawn(program: &str, args: &[String], name: &str) -> (Child, Lines) {
-    let mut child = Command::new(program)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env_remove("SNS_CLUSTER_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {name}: {e}"));
-    let log = Lines::new(child.stderr.take().expect("stderr"), name);
-    (child, log)
+    spawn_unwaited(Command::new(program), args, name)
 }
 
 /// The arguments of a `tsd` joining the coordinator on `coordinator`.

@@ -136,11 +136,19 @@ fn spawn_logged_line(
 
 /// [`spawn_logged_line`] through `command` (a program, or a wrapper that runs one).
 fn spawn_command(
-    mut command: Command,
+    command: Command,
     args: &[String],
     name: &str,
     ready: impl Fn(&str) -> bool,
 ) -> (Child, Lines, String) {
+    let (child, log) = spawn_unwaited(command, args, name);
+    let line = log.until(ready);
+    (child, log, line)
+}
+
+/// Starts `command` with `args` (info logging, no token from the environment) and reads its
+/// log, without waiting for anything: for a process expected to stop on its own.
+pub fn spawn_unwaited(mut command: Command, args: &[String], name: &str) -> (Child, Lines) {
     let mut child = command
         .args(args)
         .env("RUST_LOG", "info")
@@ -151,8 +159,18 @@ fn spawn_command(
         .spawn()
         .unwrap_or_else(|e| panic!("start {name}: {e}"));
     let log = Lines::new(child.stderr.take().expect("stderr"), name);
-    let line = log.until(ready);
-    (child, log, line)
+    (child, log)
+}
+
+/// Waits (at most [`WAIT`]) for `child` to exit; returns its exit code.
+pub fn exit_code(child: &mut Child) -> Option<i32> {
+    let mut status = None;
+    let exited = wait_until(|| {
+        status = child.try_wait().expect("wait");
+        status.is_some()
+    });
+    assert!(exited, "the process did not exit within {WAIT:?}");
+    status.and_then(|s| s.code())
 }
 
 fn strings(args: &[&str]) -> Vec<String> {

@@ -71,17 +71,11 @@ impl Sessions {
     /// Records a heartbeat of `user`: prolongs a live session and says whether there was one.
     /// An expired or missing session is not brought back.
     pub(crate) fn refresh(&mut self, user: UserId, now: Instant) -> bool {
-        let timeout = self.timeout;
-        match self.sessions.get_mut(&user) {
-            Some(session)
-                if session.streams > 0
-                    || now.saturating_duration_since(session.last_seen) < timeout =>
-            {
-                session.last_seen = now;
-                true
-            }
-            _ => false,
+        if !self.is_alive(user, now) {
+            return false;
         }
+        self.touch(user, now);
+        true
     }
 
     /// Ends `user`'s session at once.
