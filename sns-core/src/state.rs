@@ -44,6 +44,12 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, Post};
 use crate::ids::{ClusterId, EventId, PostId, PostKey, Timestamp, UserId, UserMap};
 
+pub mod authority;
+
+pub use authority::{
+    DEFAULT_MAX_CLOCK_SKEW, EARLIEST_EVENT_TIME, Refusal, check_authority, check_clock,
+};
+
 /// Default number of posts a materialized timeline keeps (as Mastodon does).
 pub const DEFAULT_TIMELINE_CAP: usize = 400;
 
@@ -100,6 +106,10 @@ pub enum Applied {
     Posted(Arc<Post>),
     /// A state transfer replaced an origin's contribution.
     Imaged,
+    /// The event spoke for what its origin may not (see [`authority`]): its place in the
+    /// origin's sequence is taken, its content is not believed. Only a log written before the
+    /// rule existed can hold such an event; a master refuses one before it is logged.
+    Refused(Refusal),
 }
 
 /// One user's relations, own recent posts and (if local) materialized timeline.
@@ -150,7 +160,9 @@ pub struct State {
     users: BTreeSet<UserId>,
     accounts: UserMap<Account>,
     high_water: BTreeMap<ClusterId, u64>,
-    /// The latest event time applied (so a restarted server never stamps an earlier time).
+    /// The latest time of this cluster's own events applied (so a restarted server never
+    /// stamps an earlier time). Other clusters' times never move it: a cluster stamps its
+    /// events with its own clock.
     latest: Timestamp,
 }
 
@@ -177,8 +189,16 @@ impl State {
 
     /// Applies one event. Pure and deterministic: the same events in the same per-origin order
     /// give the same state, and re-applying an event changes nothing. Timelines do not depend
-    /// on how events of different origins interleave (see the module documentation).
+    /// on how events of different origins interleave (see the module documentation). An event
+    /// of another origin that speaks for what that origin may not ([`check_authority`]) takes
+    /// its place in the sequence and changes nothing else.
     pub fn apply(&mut self, event: &Event) -> Applied {
+        let own = event.id.origin == self.config.cluster;
+        let refusal = if own {
+            None
+        } else {
+            check_authority(event, self.config.clusters).err()
+        };
         let hw = self.high_water.entry(event.id.origin).or_insert(0);
         if event.id.seq <= *hw {
             return Applied::Duplicate;
@@ -187,7 +207,12 @@ impl State {
             return Applied::Gap { expected: *hw + 1 };
         }
         let before = std::mem::replace(hw, event.id.seq);
-        self.latest = self.latest.max(event.at);
+        if let Some(refusal) = refusal {
+            return Applied::Refused(refusal);
+        }
+        if own {
+            self.latest = self.latest.max(event.at);
+        }
         match &event.kind {
             EventKind::UserJoined { user } => {
                 self.users.insert(*user);
@@ -457,7 +482,8 @@ impl State {
         self.high_water.get(&origin).copied().unwrap_or(0)
     }
 
-    /// The latest time of any applied event.
+    /// The latest time of this cluster's own applied events (other clusters' clocks never
+    /// move it).
     pub fn latest_time(&self) -> Timestamp {
         self.latest
     }
@@ -539,6 +565,9 @@ impl State {
                 enc.u64(post.seq);
             }
         }
+        // The own clock, last: its presence says the time above counts only this cluster's
+        // own events (see `decode`).
+        enc.i64(self.latest.0);
     }
 
     /// Reads a state written by [`State::encode`], for the cluster and cap of `config`.
@@ -594,6 +623,7 @@ impl State {
             }
             state.accounts.insert(id, account);
         }
+        let stored_latest = state.latest;
         // The post keys: absent from snapshots written before keys existed.
         if !dec.at_end() {
             for _ in 0..dec.len(12)? {
@@ -618,6 +648,14 @@ impl State {
                 }
             }
         }
+        state.latest = if dec.at_end() {
+            // Written before remote times were kept out of the clock: the stored time may be
+            // another cluster's. Keep it only as far as this cluster's own posts and follows
+            // vouch for it.
+            Timestamp(stored_latest.0.min(state.own_times().max().unwrap_or_default().0))
+        } else {
+            Timestamp(dec.i64()?)
+        };
         let edges: Vec<(UserId, UserId, Timestamp)> = state
             .accounts
             .iter()
@@ -632,6 +670,27 @@ impl State {
                 .add_follower(follower, local, since);
         }
         Ok(state)
+    }
+}
+
+impl State {
+    /// The times of this cluster's own events that the state still holds: its posts, and the
+    /// start of each follow by one of its users.
+    fn own_times(&self) -> impl Iterator<Item = Timestamp> + '_ {
+        let own = self.config.cluster;
+        self.accounts.iter().flat_map(move |(user, account)| {
+            let posts = account
+                .posts
+                .iter()
+                .filter(move |post| post.id.origin == own)
+                .map(|post| post.at);
+            let follows = account
+                .following
+                .values()
+                .copied()
+                .filter(move |_| self.config.is_local(*user));
+            posts.chain(follows)
+        })
     }
 }
 

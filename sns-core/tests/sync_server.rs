@@ -27,7 +27,7 @@ fn event(origin: u32, seq: u64, kind: EventKind) -> Event {
             origin: c(origin),
             seq,
         },
-        at: Timestamp(1_000 + seq as i64),
+        at: Timestamp(sns_core::state::EARLIEST_EVENT_TIME.0 + 1_000 + seq as i64),
         kind,
     }
 }
@@ -410,4 +410,155 @@ async fn a_state_transfer_brings_a_far_behind_cluster_to_the_same_view() {
     for server in [origin, all, late] {
         server.close().await;
     }
+}
+
+/// The state of `server` that another cluster's refused events must not change.
+fn view(server: &Server) -> (sns_core::LogIndex, Vec<UserId>, Vec<UserId>, Vec<String>) {
+    let listing = server.list(u(1)).expect("list");
+    let timeline = server
+        .recent_posts(u(1))
+        .expect("timeline")
+        .iter()
+        .map(|p| p.text.to_string())
+        .collect();
+    (
+        server.positions().commit,
+        listing.all_users,
+        listing.followers,
+        timeline,
+    )
+}
+
+#[tokio::test]
+async fn another_clusters_events_beyond_its_authority_or_clock_are_refused_and_counted() {
+    let server = cluster_one(Arc::new(MemoryStorage::new()), 100_000).await;
+    server.login(u(1)).await.expect("login");
+    server.login(u(4)).await.expect("login");
+    server
+        .apply_remote(vec![joined(2, 1, 2)])
+        .await
+        .expect("applied");
+    server
+        .apply_remote(vec![joined(3, 1, 3)])
+        .await
+        .expect("applied");
+    server.follow(u(1), "4").await.expect("follow");
+    server.follow(u(4), "1").await.expect("follow");
+    server.follow(u(1), "2").await.expect("follow");
+    let before = view(&server);
+    let now = Timestamp::now();
+    let dated = |mut e: Event, at: i64| {
+        e.at = Timestamp(at);
+        e
+    };
+    let image = |origin: u32, seq: u64, users: Vec<u32>| {
+        event(
+            origin,
+            seq,
+            EventKind::Image(Arc::new(sns_core::event::OriginImage {
+                users: users.into_iter().map(u).collect(),
+                ..Default::default()
+            })),
+        )
+    };
+    let forged = [
+        // An origin the deployment does not have.
+        joined(99, 1, 99),
+        // A post by this cluster's own user, said by cluster 2.
+        posted(2, 2, 1, "I never wrote this"),
+        // A follow change of this cluster's own users, said by cluster 2.
+        event(
+            2,
+            2,
+            EventKind::Unfollowed {
+                follower: u(1),
+                followee: u(4),
+            },
+        ),
+        event(
+            2,
+            2,
+            EventKind::Followed {
+                follower: u(4),
+                followee: u(2),
+            },
+        ),
+        // A state transfer listing this cluster's own user (it would wipe 1's follows).
+        image(2, 9, vec![2, 1]),
+        // A state transfer far beyond anything an origin reaches.
+        image(3, u64::MAX - 1, vec![3]),
+    ];
+    for event in forged {
+        let id = event.id;
+        let refused = server.apply_remote(vec![event]).await;
+        assert!(
+            matches!(refused, Err(Error::InvalidInput(_))),
+            "{id}: {refused:?}"
+        );
+        assert_eq!(view(&server), before, "{id} changed nothing");
+    }
+    let clock = [
+        dated(posted(2, 2, 2, "from 2100"), 4_102_444_800_000_000),
+        dated(posted(2, 2, 2, "from before time"), i64::MIN),
+        dated(
+            posted(2, 2, 2, "eleven minutes ahead"),
+            now.0 + 11 * 60 * 1_000_000,
+        ),
+    ];
+    for event in clock {
+        let refused = server.apply_remote(vec![event]).await;
+        assert!(matches!(refused, Err(Error::InvalidInput(ref m)) if m.contains("clock")));
+        assert_eq!(view(&server), before);
+    }
+    // One bad event refuses its whole batch.
+    let mixed = vec![posted(2, 2, 2, "fine"), posted(2, 3, 1, "forged")];
+    assert!(server.apply_remote(mixed).await.is_err());
+    assert_eq!(view(&server), before);
+    let refused = server.refused_remote();
+    assert_eq!(refused[&c(99)].forged, 1);
+    assert_eq!(refused[&c(2)].forged, 5, "{refused:?}");
+    assert_eq!(refused[&c(2)].clock, 3);
+    assert_eq!(refused[&c(3)].forged, 1);
+    // The origins' next legitimate events still apply.
+    let live = dated(posted(2, 2, 2, "real"), Timestamp::now().0);
+    server.apply_remote(vec![live]).await.expect("applied");
+    assert_eq!(server.recent_posts(u(1)).expect("timeline")[0].text.as_ref(), "real");
+    server
+        .apply_remote(vec![joined(3, 2, 6)])
+        .await
+        .expect("applied");
+    assert_eq!(server.high_water().expect("marks")[&c(3)], 2);
+    server.close().await;
+}
+
+#[tokio::test]
+async fn another_clusters_clock_never_moves_the_local_one_not_even_across_a_restart() {
+    let storage = Arc::new(MemoryStorage::new());
+    let server = cluster_one(Arc::clone(&storage), 100_000).await;
+    server.login(u(1)).await.expect("login");
+    server.login(u(4)).await.expect("login");
+    server.follow(u(4), "1").await.expect("follow");
+    // Nine minutes ahead: within the allowed skew, so believed, but only as that post's time.
+    let ahead = Timestamp::now().0 + 9 * 60 * 1_000_000;
+    let mut remote = posted(2, 2, 2, "ahead");
+    remote.at = Timestamp(ahead);
+    server
+        .apply_remote(vec![joined(2, 1, 2), remote])
+        .await
+        .expect("applied");
+    server.post(u(1), b"local before").await.expect("post");
+    server.close().await;
+    let server = cluster_one(storage, 100_000).await;
+    server.login(u(1)).await.expect("login");
+    server.post(u(1), b"local after").await.expect("post");
+    let posts = server.recent_posts(u(4)).expect("timeline");
+    assert_eq!(posts.len(), 2);
+    for post in posts {
+        assert!(
+            post.at.0 < ahead - 8 * 60 * 1_000_000,
+            "{} is stamped with the local clock",
+            post.text
+        );
+    }
+    server.close().await;
 }

@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 pub use committed::CommittedEntries;
 pub use heartbeat::CoordinatorLink;
 pub use limits::{DEFAULT_MAX_CONNECTIONS, RESERVED_DESCRIPTORS, connection_cap};
-pub use sync::{MAX_APPLY_BATCH, OwnEvents, check_reader};
+pub use sync::{MAX_APPLY_BATCH, OwnEvents, RefusalCounts, check_reader};
 pub use timeline::TimelineFeed;
 
 use crate::error::{Error, Result};
@@ -120,6 +120,10 @@ pub struct ServerConfig {
     /// Added to the wall clock when stamping events, in microseconds (may be negative): for
     /// simulating clock skew between clusters. 0 in production.
     pub clock_offset_micros: i64,
+    /// How far another cluster's clock may run ahead of this server's: an event of another
+    /// cluster dated later than now plus this is refused (the origin's clock is wrong), as is
+    /// one dated before 2000.
+    pub max_clock_skew: Duration,
 }
 
 impl Default for ServerConfig {
@@ -145,6 +149,7 @@ impl Default for ServerConfig {
             recent_entries: 8192,
             mirror_timeout: Duration::from_secs(1),
             clock_offset_micros: 0,
+            max_clock_skew: crate::state::DEFAULT_MAX_CLOCK_SKEW,
         }
     }
 }
@@ -271,6 +276,8 @@ struct Shared {
     /// The deployment this server joined: its network and cluster token.
     joined: OnceLock<Joined>,
     streams: limits::StreamSlots,
+    /// Other clusters' events refused, per origin.
+    refused: sync::RemoteRefusals,
     /// The post rate limit, per user.
     pacing: limits::PostPacing,
     tasks: TaskTracker,
@@ -388,6 +395,7 @@ impl Server {
                 config.max_timeline_streams_per_user.max(1),
             ),
             pacing: limits::PostPacing::new(config.max_posts_per_second),
+            refused: sync::RemoteRefusals::default(),
             inflight: Arc::new(Semaphore::new(inflight)),
             config,
             storage,

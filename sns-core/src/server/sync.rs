@@ -10,19 +10,54 @@
 //!   on the master and on the slaves it counts; a consumer may acknowledge its source then.
 //! - Remote events go through the same pipeline as local ones: sequenced into the log, mirrored
 //!   to the slave, committed, fanned out to the live timelines of local followers.
+//! - Nothing another cluster says is believed for its shape alone: every event of a batch must
+//!   pass the origin-authority rule ([`check_authority`]: an origin speaks only for its own
+//!   users) and the clock bounds ([`check_clock`]), or the whole batch is refused, changing
+//!   nothing, and the refusal is logged and counted against the origin
+//!   ([`Server::refused_remote`]).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::pipeline::Pending;
 use super::{CommittedEntries, Server};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, LogEntry, check_post_text};
-use crate::ids::{ClusterId, EventId, LogIndex};
+use crate::ids::{ClusterId, EventId, LogIndex, Timestamp};
+use crate::state::{Refusal, check_authority, check_clock};
 use crate::storage::Storage;
 
 /// Most events [`Server::apply_remote`] takes in one call.
 pub const MAX_APPLY_BATCH: usize = 1024;
+
+/// Other clusters' events a server refused, for one origin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RefusalCounts {
+    /// Events that spoke for what the origin may not (another cluster's user, a post of
+    /// another origin in a state transfer, an origin outside the deployment).
+    pub forged: u64,
+    /// Events dated before 2000 or beyond this server's clock plus the allowed skew: the
+    /// origin's clock is wrong.
+    pub clock: u64,
+    /// Events otherwise malformed (a post that is not terminal-safe, sequence number 0, this
+    /// cluster's own origin).
+    pub invalid: u64,
+}
+
+/// Refusals per origin (see [`Server::refused_remote`]).
+#[derive(Debug, Default)]
+pub(super) struct RemoteRefusals(Mutex<BTreeMap<ClusterId, RefusalCounts>>);
+
+impl RemoteRefusals {
+    fn count(&self, origin: ClusterId, bump: impl FnOnce(&mut RefusalCounts)) {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        bump(counts.entry(origin).or_default());
+    }
+
+    fn snapshot(&self) -> BTreeMap<ClusterId, RefusalCounts> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
 
 /// This cluster's own committed events after a sequence number, in order: those already
 /// committed, then new ones as they commit. Made by [`Server::own_events_after`].
@@ -223,15 +258,19 @@ impl Server {
     /// a batch over [`MAX_APPLY_BATCH`], an event of this cluster's own origin or an invalid
     /// one, and a batch that skips a sequence number (`Conflict`).
     pub async fn apply_remote(&self, events: Vec<Event>) -> Result<()> {
-        let own = self.shared.config.cluster;
         if events.len() > MAX_APPLY_BATCH {
             return Err(Error::invalid(format!(
                 "a batch holds at most {MAX_APPLY_BATCH} events, not {}",
                 events.len()
             )));
         }
+        let now = Timestamp(
+            Timestamp::now()
+                .0
+                .saturating_add(self.shared.config.clock_offset_micros),
+        );
         for event in &events {
-            check_remote(own, event)?;
+            self.believe(event, now)?;
         }
         let slots = u32::try_from(
             events
@@ -302,6 +341,43 @@ impl Server {
         }
     }
 
+    /// Other clusters' events this server refused so far, per origin (an origin the
+    /// deployment does not have included).
+    pub fn refused_remote(&self) -> BTreeMap<ClusterId, RefusalCounts> {
+        self.shared.refused.snapshot()
+    }
+
+    /// Checks an event offered by another cluster (as of this server's clock `now`); a
+    /// refusal is logged and counted against the event's origin.
+    fn believe(&self, event: &Event, now: Timestamp) -> Result<()> {
+        let config = &self.shared.config;
+        let origin = event.id.origin;
+        let refusal = match check_authority(event, config.clusters)
+            .and_then(|()| check_clock(event, now, config.max_clock_skew))
+        {
+            Ok(()) => match check_remote(config.cluster, event) {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    self.shared.refused.count(origin, |c| c.invalid += 1);
+                    tracing::error!(
+                        cluster = %config.cluster,
+                        %origin,
+                        "refused an invalid event of cluster {origin}: {error}"
+                    );
+                    return Err(error);
+                }
+            },
+            Err(refusal) => refusal,
+        };
+        if refusal.is_clock() {
+            self.shared.refused.count(origin, |c| c.clock += 1);
+        } else {
+            self.shared.refused.count(origin, |c| c.forged += 1);
+        }
+        log_refusal(config.cluster, &refusal);
+        Err(refusal.into())
+    }
+
     /// Waits until the commit index reaches `upto` with no discard since `generation`.
     async fn committed_through(&self, generation: u64, upto: LogIndex) -> Result<()> {
         let mut commit = self.shared.commit_index.subscribe();
@@ -344,7 +420,25 @@ pub fn check_reader(name: &str) -> Result<()> {
     }
 }
 
-/// Checks an event offered by another cluster.
+/// Logs a refused event loudly: an origin's clock that is wrong, or an event it may not say.
+fn log_refusal(cluster: ClusterId, refusal: &Refusal) {
+    let origin = refusal.event().origin;
+    if refusal.is_clock() {
+        tracing::error!(
+            %cluster,
+            %origin,
+            "the clock of cluster {origin} is wrong; its event was refused: {refusal}"
+        );
+    } else {
+        tracing::error!(
+            %cluster,
+            %origin,
+            "refused an event cluster {origin} may not send (forged?): {refusal}"
+        );
+    }
+}
+
+/// Checks an event offered by another cluster for what the authority rule does not cover.
 fn check_remote(own: ClusterId, event: &Event) -> Result<()> {
     if event.id.origin == own {
         return Err(Error::invalid(format!(

@@ -152,10 +152,10 @@ fn recent_timeline_is_newest_first_and_capped() {
 #[test]
 fn duplicates_and_gaps_change_nothing() {
     let mut o = Origin::new(2);
-    let first = o.join(5);
-    let _skipped = o.join(6);
-    let third = o.join(7);
-    let mut s = State::default();
+    let first = o.join(2);
+    let _skipped = o.join(5);
+    let third = o.join(8);
+    let mut s = cluster_state(1, 3);
     assert_eq!(s.apply(&first), Applied::UserJoined);
     let before = s.clone();
     assert_eq!(s.apply(&first), Applied::Duplicate);
@@ -166,7 +166,7 @@ fn duplicates_and_gaps_change_nothing() {
 
 #[test]
 fn late_posts_are_inserted_in_time_order() {
-    let mut s = State::default();
+    let mut s = cluster_state(1, 3);
     let mut local = Origin::new(1);
     s.apply(&local.join(1));
     s.apply(&local.join(2));
@@ -220,14 +220,16 @@ fn corrupt_snapshots_are_errors_not_panics() {
     s.apply(&o.keyed_post(2, 7));
     let mut enc = Encoder::default();
     s.encode(&mut enc);
-    // The post keys are the last section: one user with one key.
+    // The own clock is the last section, the post keys (one user with one key) come before.
+    let clock_section = 8;
     let keys_section = 8 + 4 + 8 + 20;
-    let without_keys = enc.buf.len() - keys_section;
+    let without_clock = enc.buf.len() - clock_section;
+    let without_keys = without_clock - keys_section;
     for cut in 0..enc.buf.len() {
         let mut dec = Decoder::new(&enc.buf[..cut]);
         let result = State::decode(&mut dec, &capped(10)).and_then(|_| dec.finish());
-        if cut == without_keys {
-            // Exactly a snapshot written before keys existed: it decodes, with no keys.
+        if cut == without_keys || cut == without_clock {
+            // Exactly a snapshot written before keys, or the own clock, existed: it decodes.
             assert!(result.is_ok(), "{result:?}");
             continue;
         }
@@ -432,7 +434,10 @@ fn a_follow_applied_after_newer_posts_backfills_them_in_either_order() {
 
 #[test]
 fn backfill_and_cap_keep_the_newest_posts() {
-    let mut s = State::new(capped(3));
+    let mut s = State::new(StateConfig {
+        clusters: 3,
+        ..capped(3)
+    });
     let mut o1 = Origin::new(1);
     let mut o2 = Origin::new(2);
     let mut o3 = Origin::new(3);
@@ -933,4 +938,75 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_remote_event_beyond_its_origins_authority_takes_its_place_and_changes_nothing_else() {
+    // Cluster 1 of 3: users 1, 4 are local; 2, 5 belong to cluster 2.
+    let mut s = cluster_state(1, 3);
+    let mut local = Origin::new(1);
+    let mut two = Origin::new(2);
+    s.apply(&local.join(1));
+    s.apply(&local.join(4));
+    s.apply(&two.join(2));
+    s.apply(&local.follow(1, 2));
+    s.apply(&local.follow(1, 4));
+    let before = s.clone();
+    let forged = [
+        two.post(4, "a post of a local user, said by cluster 2"),
+        two.unfollow(1, 2),
+        two.join(3),
+    ];
+    for (n, event) in forged.iter().enumerate() {
+        let applied = s.apply(event);
+        assert!(
+            matches!(applied, Applied::Refused(Refusal::NotItsUser { .. })),
+            "{applied:?}"
+        );
+        assert_eq!(s.high_water(c(2)), 2 + n as u64, "the place is taken");
+    }
+    assert!(s.follows(u(1), u(2)), "the forged unfollow changed nothing");
+    assert!(!s.has_user(u(3)));
+    assert_eq!(s.recent_timeline(u(1), 10), before.recent_timeline(u(1), 10));
+    // The next legitimate event of the origin applies as usual.
+    assert!(matches!(s.apply(&two.post(2, "real")), Applied::Posted(_)));
+    assert_eq!(texts(&s, 1), ["real"]);
+}
+
+#[test]
+fn other_clusters_times_never_move_the_local_clock() {
+    let mut s = cluster_state(1, 3);
+    let mut local = Origin::new(1);
+    let mut two = Origin::new(2);
+    s.apply(&at(local.join(1), 100));
+    s.apply(&at(two.join(2), 5_000));
+    s.apply(&at(two.post(2, "from the future"), i64::MAX));
+    assert_eq!(s.latest_time(), Timestamp(100));
+    s.apply(&at(local.follow(1, 2), 200));
+    assert_eq!(s.latest_time(), Timestamp(200));
+    // Through a snapshot too.
+    let mut enc = Encoder::default();
+    s.encode(&mut enc);
+    let mut dec = Decoder::new(&enc.buf);
+    let back = State::decode(&mut dec, s.config()).expect("decodes");
+    assert_eq!(back.latest_time(), Timestamp(200));
+}
+
+#[test]
+fn a_snapshot_written_before_the_own_clock_keeps_only_the_times_its_own_events_vouch_for() {
+    let mut s = cluster_state(1, 3);
+    let mut local = Origin::new(1);
+    let mut two = Origin::new(2);
+    s.apply(&at(local.join(1), 100));
+    s.apply(&at(local.post(1, "mine"), 300));
+    s.apply(&at(two.join(2), 400));
+    // What an earlier version kept: the latest time of any origin.
+    s.latest = Timestamp(i64::MAX);
+    let mut enc = Encoder::default();
+    s.encode(&mut enc);
+    let old_format = &enc.buf[..enc.buf.len() - 8];
+    let mut dec = Decoder::new(old_format);
+    let back = State::decode(&mut dec, s.config()).expect("decodes");
+    dec.finish().expect("nothing left over");
+    assert_eq!(back.latest_time(), Timestamp(300));
 }
