@@ -206,7 +206,10 @@ impl State {
         if !event.continues(*hw) {
             return Applied::Gap { expected: *hw + 1 };
         }
-        let before = std::mem::replace(hw, event.id.seq);
+        let before = *hw;
+        if event.completes() {
+            *hw = event.id.seq;
+        }
         if let Some(refusal) = refusal {
             return Applied::Refused(refusal);
         }
@@ -247,10 +250,10 @@ impl State {
         }
     }
 
-    /// Replaces `origin`'s contribution with `image` (events of `origin` up to `before` were
-    /// applied already): its users are known, each of its users follows exactly whom the image
-    /// says (since when it says, unless already following), and its posts after `before` are
-    /// added.
+    /// Replaces `origin`'s contribution with `image`, or one piece of it (events of `origin`
+    /// up to `before` were applied already): its users are known, each of its users follows
+    /// exactly whom the image says (since when it says, unless already following; a list
+    /// continued from an earlier piece only adds), and its posts after `before` are added.
     fn apply_image(&mut self, origin: ClusterId, before: u64, image: &crate::event::OriginImage) {
         for user in &image.users {
             self.users.insert(*user);
@@ -267,6 +270,11 @@ impl State {
                 }
             }
             for (followee, since) in wanted.into_iter().flat_map(|list| list.iter()) {
+                self.follow(*follower, *followee, *since);
+            }
+        }
+        for (follower, followees) in &image.continued_follows {
+            for (followee, since) in followees {
                 self.follow(*follower, *followee, *since);
             }
         }
@@ -652,7 +660,11 @@ impl State {
             // Written before remote times were kept out of the clock: the stored time may be
             // another cluster's. Keep it only as far as this cluster's own posts and follows
             // vouch for it.
-            Timestamp(stored_latest.0.min(state.own_times().max().unwrap_or_default().0))
+            Timestamp(
+                stored_latest
+                    .0
+                    .min(state.own_times().max().unwrap_or_default().0),
+            )
         } else {
             Timestamp(dec.i64()?)
         };

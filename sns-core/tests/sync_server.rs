@@ -522,7 +522,12 @@ async fn another_clusters_events_beyond_its_authority_or_clock_are_refused_and_c
     // The origins' next legitimate events still apply.
     let live = dated(posted(2, 2, 2, "real"), Timestamp::now().0);
     server.apply_remote(vec![live]).await.expect("applied");
-    assert_eq!(server.recent_posts(u(1)).expect("timeline")[0].text.as_ref(), "real");
+    assert_eq!(
+        server.recent_posts(u(1)).expect("timeline")[0]
+            .text
+            .as_ref(),
+        "real"
+    );
     server
         .apply_remote(vec![joined(3, 2, 6)])
         .await

@@ -392,20 +392,9 @@ pub(crate) fn event_to_wire(event: &Event) -> SyncEvent {
         }),
         EventKind::Image(image) => Kind::Image(WireImage {
             users: image.users.iter().map(|u| u.get()).collect(),
-            follows: image
-                .follows
-                .iter()
-                .map(|(follower, followees)| FollowList {
-                    follower: follower.get(),
-                    followees: followees
-                        .iter()
-                        .map(|(followee, since)| Followee {
-                            followee: followee.get(),
-                            since_micros: since.0,
-                        })
-                        .collect(),
-                })
-                .collect(),
+            follows: follows_to_wire(&image.follows),
+            continued_follows: follows_to_wire(&image.continued_follows),
+            more: image.more,
             posts: image
                 .posts
                 .iter()
@@ -424,6 +413,41 @@ pub(crate) fn event_to_wire(event: &Event) -> SyncEvent {
         at_micros: event.at.0,
         kind: Some(kind),
     }
+}
+
+type FollowLists = Vec<(UserId, Vec<(UserId, Timestamp)>)>;
+
+fn follows_to_wire(lists: &FollowLists) -> Vec<FollowList> {
+    lists
+        .iter()
+        .map(|(follower, followees)| FollowList {
+            follower: follower.get(),
+            followees: followees
+                .iter()
+                .map(|(followee, since)| Followee {
+                    followee: followee.get(),
+                    since_micros: since.0,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn follows_from_wire(lists: Vec<FollowList>) -> Result<FollowLists> {
+    let user = |raw: u32| {
+        UserId::new(raw).ok_or_else(|| Error::invalid(format!("user id {raw} is out of range")))
+    };
+    lists
+        .into_iter()
+        .map(|list| {
+            let followees = list
+                .followees
+                .into_iter()
+                .map(|f| Ok((user(f.followee)?, Timestamp(f.since_micros))))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((user(list.follower)?, followees))
+        })
+        .collect()
 }
 
 /// One event from its wire form, checked.
@@ -456,13 +480,9 @@ pub(crate) fn event_from_wire(event: SyncEvent) -> Result<Event> {
             for u in image.users {
                 out.users.push(user(u)?);
             }
-            for list in image.follows {
-                let mut followees = Vec::with_capacity(list.followees.len());
-                for f in list.followees {
-                    followees.push((user(f.followee)?, Timestamp(f.since_micros)));
-                }
-                out.follows.push((user(list.follower)?, followees));
-            }
+            out.follows = follows_from_wire(image.follows)?;
+            out.continued_follows = follows_from_wire(image.continued_follows)?;
+            out.more = image.more;
             for post in image.posts {
                 if post.seq == 0 || post.seq > event.seq {
                     return Err(Error::invalid(format!(
@@ -517,7 +537,7 @@ pub(crate) fn batch_from_wire(batch: SyncBatch) -> Result<Vec<Event>> {
         .map(event_from_wire)
         .collect::<Result<Vec<_>>>()?;
     for pair in events.windows(2) {
-        if !pair[1].continues(pair[0].id.seq) {
+        if !pair[1].follows_event(&pair[0]) {
             return Err(Error::invalid(format!(
                 "a batch's events must be consecutive: {} follows {}",
                 pair[1].id, pair[0].id
@@ -651,6 +671,7 @@ mod tests {
                 users: vec![u(2), u(5)],
                 follows: vec![(u(2), vec![(u(1), Timestamp(7)), (u(5), Timestamp(-3))])],
                 posts: vec![post(12, 2), post(39, 5)],
+                ..OriginImage::default()
             })),
         );
         let next = event(41, EventKind::UserJoined { user: u(8) });

@@ -16,19 +16,25 @@
 //!   nothing, and the refusal is logged and counted against the origin
 //!   ([`Server::refused_remote`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use super::pipeline::Pending;
 use super::{CommittedEntries, Server};
 use crate::error::{Error, Result};
-use crate::event::{Event, EventKind, LogEntry, check_post_text};
+use crate::event::{
+    Event, EventKind, IMAGE_PIECE_BYTES, LogEntry, check_post_text, check_record_len,
+};
 use crate::ids::{ClusterId, EventId, LogIndex, Timestamp};
 use crate::state::{Refusal, check_authority, check_clock};
 use crate::storage::Storage;
 
 /// Most events [`Server::apply_remote`] takes in one call.
 pub const MAX_APPLY_BATCH: usize = 1024;
+
+/// Pieces of a state transfer yielded in one batch of [`OwnEvents`] (each at most
+/// [`IMAGE_PIECE_BYTES`] of content, so one batch stays a few MiB on any transport).
+const IMAGE_PIECES_PER_BATCH: usize = 4;
 
 /// Other clusters' events a server refused, for one origin.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -70,8 +76,8 @@ pub struct OwnEvents {
     reader: Option<(String, Arc<dyn Storage>)>,
     /// The first log index of the previous batch read.
     previous: Option<LogIndex>,
-    /// A state transfer to yield first.
-    image: Option<Event>,
+    /// The pieces of a state transfer to yield first.
+    image: VecDeque<Event>,
 }
 
 impl std::fmt::Debug for OwnEvents {
@@ -93,9 +99,15 @@ impl OwnEvents {
     /// The next own events (at least one, at most `max`, consecutive sequence numbers), waiting
     /// until there is one. `Ok(None)` once the server has stopped.
     pub async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Event>>> {
-        if let Some(image) = self.image.take() {
-            self.last = image.id.seq;
-            return Ok(Some(vec![image]));
+        if !self.image.is_empty() {
+            let take = self.image.len().min(IMAGE_PIECES_PER_BATCH.min(max).max(1));
+            let pieces: Vec<Event> = self.image.drain(..take).collect();
+            if self.image.is_empty()
+                && let Some(last) = pieces.last()
+            {
+                self.last = last.id.seq;
+            }
+            return Ok(Some(pieces));
         }
         loop {
             let Some(entries) = self.entries.next_batch(max).await? else {
@@ -183,7 +195,7 @@ impl Server {
                 }
             }
         };
-        Ok(self.own_stream(after, start, reader, None))
+        Ok(self.own_stream(after, start, reader, VecDeque::new()))
     }
 
     /// The stream of own events after `after`, from the committed entries after `start`,
@@ -193,7 +205,7 @@ impl Server {
         after: u64,
         start: LogIndex,
         reader: Option<&str>,
-        image: Option<Event>,
+        image: VecDeque<Event>,
     ) -> OwnEvents {
         let reader = reader.map(|name| {
             let name = format!("sync-{name}");
@@ -224,24 +236,32 @@ impl Server {
         let (commit, image) = {
             let core = self.readable()?;
             let seq = core.state.high_water(cluster);
-            let image = Event {
-                id: EventId {
-                    origin: cluster,
-                    seq,
-                },
-                at: core.state.latest_time(),
-                kind: EventKind::Image(Arc::new(core.state.image())),
-            };
-            (core.commit, image)
+            let at = core.state.latest_time();
+            let pieces: VecDeque<Event> = core
+                .state
+                .image()
+                .into_pieces(IMAGE_PIECE_BYTES)
+                .into_iter()
+                .map(|piece| Event {
+                    id: EventId {
+                        origin: cluster,
+                        seq,
+                    },
+                    at,
+                    kind: EventKind::Image(Arc::new(piece)),
+                })
+                .collect();
+            (core.commit, pieces)
         };
         tracing::info!(
             %cluster,
             after,
-            upto = image.id.seq,
+            upto = image.front().map_or(0, |piece| piece.id.seq),
+            pieces = image.len(),
             first_held = %first,
             "a reader fell behind the log; sending a state transfer"
         );
-        Ok(self.own_stream(after, commit, reader, Some(image)))
+        Ok(self.own_stream(after, commit, reader, image))
     }
 
     /// The first log index still held (for a [`Error::Compacted`] answer).
@@ -302,7 +322,9 @@ impl Server {
                         *last + 1
                     )));
                 }
-                *last = event.id.seq;
+                if event.completes() {
+                    *last = event.id.seq;
+                }
                 fresh.push(event);
             }
             if fresh.is_empty() {
@@ -455,6 +477,7 @@ fn check_remote(own: ClusterId, event: &Event) -> Result<()> {
     match &event.kind {
         EventKind::Posted { text, .. } => check(&event.id, text),
         EventKind::Image(image) => {
+            check_record_len(event.record_len())?;
             for post in &image.posts {
                 if post.id.origin != event.id.origin || post.id.seq > event.id.seq {
                     return Err(Error::invalid(format!(

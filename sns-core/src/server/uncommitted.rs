@@ -96,8 +96,10 @@ impl Uncommitted {
     /// Records the effect of a newly sequenced entry.
     pub(crate) fn record(&mut self, entry: &LogEntry) {
         let id = entry.event.id;
-        let seq = self.origins.entry(id.origin).or_insert(0);
-        *seq = (*seq).max(id.seq);
+        if entry.event.completes() {
+            let seq = self.origins.entry(id.origin).or_insert(0);
+            *seq = (*seq).max(id.seq);
+        }
         match &entry.event.kind {
             EventKind::UserJoined { user } => {
                 self.users.insert(*user, entry.index);
@@ -135,7 +137,7 @@ impl Uncommitted {
     /// uncommitted entry changed the same thing again).
     pub(crate) fn committed(&mut self, entry: &LogEntry) {
         let id = entry.event.id;
-        if self.origins.get(&id.origin) == Some(&id.seq) {
+        if entry.event.completes() && self.origins.get(&id.origin) == Some(&id.seq) {
             self.origins.remove(&id.origin);
         }
         match &entry.event.kind {

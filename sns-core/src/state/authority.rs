@@ -195,7 +195,7 @@ pub fn check_authority(event: &Event, clusters: u32) -> Result<(), Refusal> {
             for user in &image.users {
                 owned(*user)?;
             }
-            for (follower, _) in &image.follows {
+            for (follower, _) in image.follows.iter().chain(&image.continued_follows) {
                 owned(*follower)?;
             }
             for post in &image.posts {
@@ -248,6 +248,7 @@ fn image_times(image: &OriginImage) -> impl Iterator<Item = Timestamp> + '_ {
     let since = image
         .follows
         .iter()
+        .chain(&image.continued_follows)
         .flat_map(|(_, followees)| followees.iter().map(|(_, since)| *since));
     since.chain(image.posts.iter().map(|post| post.at))
 }
@@ -349,7 +350,10 @@ mod tests {
     fn origins_outside_the_deployment_are_refused() {
         let refusal = check_authority(&event(99, 1, EventKind::UserJoined { user: u(99) }), 3)
             .expect_err("refused");
-        assert!(matches!(refusal, Refusal::UnknownOrigin { clusters: 3, .. }));
+        assert!(matches!(
+            refusal,
+            Refusal::UnknownOrigin { clusters: 3, .. }
+        ));
         assert!(refusal.to_string().contains("not one of clusters 1..=3"));
     }
 
@@ -369,6 +373,7 @@ mod tests {
             users: vec![u(2), u(5)],
             follows: vec![(u(2), vec![(u(1), NOW), (u(3), NOW)])],
             posts: vec![own_post.clone()],
+            ..OriginImage::default()
         };
         assert_eq!(check_authority(&image(good.clone()), 3), Ok(()));
         let local_user = OriginImage {
@@ -438,6 +443,7 @@ mod tests {
                 at: Timestamp(0),
                 text: Arc::from("1970"),
             }],
+            ..OriginImage::default()
         };
         let transfer = event(2, 5, EventKind::Image(Arc::new(image)));
         assert!(check_clock(&transfer, NOW, skew).is_err());
@@ -459,6 +465,7 @@ mod tests {
             users: vec![u(2)],
             follows: vec![(u(2), vec![(u(1), Timestamp(i64::MAX))])],
             posts: vec![],
+            ..OriginImage::default()
         };
         let transfer = event(2, 5, EventKind::Image(Arc::new(image)));
         assert!(check_clock(&transfer, NOW, skew).is_err());

@@ -3,6 +3,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::event::LogEntry;
 
 fn u(id: u32) -> UserId {
     UserId::new(id).expect("valid test user id")
@@ -967,7 +968,10 @@ fn a_remote_event_beyond_its_origins_authority_takes_its_place_and_changes_nothi
     }
     assert!(s.follows(u(1), u(2)), "the forged unfollow changed nothing");
     assert!(!s.has_user(u(3)));
-    assert_eq!(s.recent_timeline(u(1), 10), before.recent_timeline(u(1), 10));
+    assert_eq!(
+        s.recent_timeline(u(1), 10),
+        before.recent_timeline(u(1), 10)
+    );
     // The next legitimate event of the origin applies as usual.
     assert!(matches!(s.apply(&two.post(2, "real")), Applied::Posted(_)));
     assert_eq!(texts(&s, 1), ["real"]);
@@ -1009,4 +1013,104 @@ fn a_snapshot_written_before_the_own_clock_keeps_only_the_times_its_own_events_v
     let back = State::decode(&mut dec, s.config()).expect("decodes");
     dec.finish().expect("nothing left over");
     assert_eq!(back.latest_time(), Timestamp(300));
+}
+
+/// The state of cluster 2 of 2 after `events` of cluster 1, and its image as of the last.
+fn origin_with(events: &[Event]) -> (State, crate::event::OriginImage) {
+    let mut origin = cluster_state(1, 2);
+    for e in events {
+        origin.apply(e);
+    }
+    let image = origin.image();
+    (origin, image)
+}
+
+/// An image event of cluster 1 at `seq` holding `image`.
+fn image_event(seq: u64, image: crate::event::OriginImage) -> Event {
+    Event {
+        id: EventId { origin: c(1), seq },
+        at: Timestamp(1),
+        kind: EventKind::Image(Arc::new(image)),
+    }
+}
+
+#[test]
+fn a_state_transfer_in_pieces_has_the_effect_of_the_whole_and_each_piece_fits_a_record() {
+    // Cluster 1 of 2: users 1, 3, 5, ...; user 1 follows 30,000 users (a list too long for
+    // one piece), six authors have 400 posts of 700 bytes each (1.7 MB of posts).
+    let mut o = Origin::new(1);
+    let mut events = Vec::new();
+    for user in (1..60_000).step_by(2) {
+        events.push(o.join(user));
+    }
+    for followee in (2..60_002).step_by(2) {
+        events.push(o.follow(1, followee));
+    }
+    for author in [3, 5, 7, 9, 11, 13] {
+        for n in 0..400 {
+            events.push(o.post(author, &format!("{author}/{n} {}", "x".repeat(690))));
+        }
+    }
+    events.push(o.follow(3, 2));
+    let (_, image) = origin_with(&events);
+    let seq = o.seq;
+    let whole = image_event(seq, image.clone());
+    assert!(whole.record_len() > crate::event::MAX_RECORD_BYTES);
+    let pieces = image.into_pieces(crate::event::IMAGE_PIECE_BYTES);
+    assert!(pieces.len() > 4, "{} pieces", pieces.len());
+    let pieces: Vec<Event> = pieces.into_iter().map(|p| image_event(seq, p)).collect();
+    for (n, piece) in pieces.iter().enumerate() {
+        assert!(piece.record_len() <= crate::event::MAX_RECORD_BYTES);
+        assert_eq!(piece.completes(), n + 1 == pieces.len());
+        if n > 0 {
+            assert!(piece.follows_event(&pieces[n - 1]));
+        }
+    }
+    // The receiver (cluster 2) knew something of cluster 1 already, some of it stale.
+    let mut prior = Origin::new(1);
+    let stale = [prior.join(1), prior.join(3), prior.follow(3, 4), prior.follow(1, 9)];
+    let mut by_whole = cluster_state(2, 2);
+    for e in &stale {
+        by_whole.apply(e);
+    }
+    let mut by_pieces = by_whole.clone();
+    assert_eq!(by_whole.apply(&whole), Applied::Imaged);
+    for (n, piece) in pieces.iter().enumerate() {
+        by_pieces.apply(piece);
+        let expected = if piece.completes() { seq } else { stale.len() as u64 };
+        assert_eq!(by_pieces.high_water(c(1)), expected, "after piece {n}");
+    }
+    assert_eq!(by_pieces, by_whole);
+    assert!(!by_pieces.follows(u(3), u(4)), "the stale follow is gone");
+    assert!(by_pieces.follows(u(3), u(2)));
+    assert_eq!(by_pieces.following(u(1)).count(), 30_000);
+    // A piece delivered again changes nothing.
+    let again = by_pieces.clone();
+    assert_eq!(by_pieces.apply(&pieces[1]), Applied::Duplicate);
+    assert_eq!(by_pieces, again);
+}
+
+#[test]
+fn state_transfer_pieces_round_trip_through_the_log_and_whole_ones_keep_their_old_form() {
+    let mut o = Origin::new(1);
+    let events = [o.join(1), o.join(3), o.follow(1, 2), o.follow(1, 4)];
+    let (_, image) = origin_with(&events);
+    let whole = LogEntry {
+        index: crate::ids::LogIndex(7),
+        epoch: crate::ids::Epoch(2),
+        event: image_event(4, image.clone()),
+    };
+    let bytes = whole.to_bytes();
+    assert_eq!(bytes[16 + 4 + 8 + 8], 6, "a whole transfer keeps the original tag");
+    assert_eq!(LogEntry::from_bytes(&bytes).expect("decodes"), whole);
+    for piece in image.into_pieces(40) {
+        let entry = LogEntry {
+            event: image_event(4, piece),
+            ..whole.clone()
+        };
+        assert_eq!(
+            LogEntry::from_bytes(&entry.to_bytes()).expect("decodes"),
+            entry
+        );
+    }
 }

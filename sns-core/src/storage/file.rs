@@ -81,8 +81,10 @@ use recovery::write_last_segment;
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"SNSSNAP1";
 const RECORD_HEADER: usize = 8;
-/// No single record may claim more than this (a post is at most 4 KiB; this bounds damage).
-const MAX_RECORD_BYTES: u32 = 1 << 20;
+/// No record read may claim more than this (this bounds damage). Records are written only up
+/// to [`MAX_RECORD_BYTES`](crate::event::MAX_RECORD_BYTES); earlier versions wrote longer
+/// ones, which still read.
+const MAX_READ_RECORD_BYTES: u32 = crate::event::MAX_LEGACY_RECORD_BYTES as u32;
 /// The in-memory index notes the byte offset of every this many records of a segment.
 const SPARSE_EVERY: u64 = 32;
 /// Under a steady load the writer persists an advanced commit index at least this often.
@@ -518,11 +520,16 @@ impl Storage for FileStorage {
         if let Err(e) = check_contiguous(first, &entries) {
             return Box::pin(std::future::ready(Err(e)));
         }
-        self.changed();
         let mut bytes = Vec::with_capacity(entries.len() * 64);
         for entry in &entries {
+            let start = bytes.len();
             frame(&mut bytes, entry);
+            // Nothing is written that recovery could not read back.
+            if let Err(e) = crate::event::check_record_len(bytes.len() - start - RECORD_HEADER) {
+                return Box::pin(std::future::ready(Err(e)));
+            }
         }
+        self.changed();
         let ids = entries.iter().map(|e| e.event.id).collect();
         let (done, wait) = oneshot::channel();
         let sent = self.send(Request::Append {
@@ -632,7 +639,7 @@ pub(super) fn parse_segment(
         if len == 0 {
             return (entries, offset, Some("empty record".into()));
         }
-        if len > MAX_RECORD_BYTES {
+        if len > MAX_READ_RECORD_BYTES {
             return (
                 entries,
                 offset,

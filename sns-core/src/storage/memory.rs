@@ -58,6 +58,9 @@ impl MemLog {
     /// Appends `entries`, which must continue the log.
     pub(crate) fn append(&mut self, entries: Vec<LogEntry>) -> Result<()> {
         check_contiguous(self.last().next(), &entries)?;
+        for entry in &entries {
+            crate::event::check_entry_fits(entry)?;
+        }
         for entry in entries {
             self.positions.push(entry.event.id, entry.index);
             self.entries.push_back(entry);

@@ -302,7 +302,8 @@ impl EventFeed {
         }
     }
 
-    /// Keeps the events after the last one yielded; a hole means the stream is not what was
+    /// Keeps the events after the last one completed (the pieces of a state transfer share
+    /// one sequence number, completed by the last); a hole means the stream is not what was
     /// asked for.
     fn accept(&mut self, events: Vec<Event>) -> Result<Option<Vec<Event>>> {
         let fresh: Vec<Event> = events
@@ -318,7 +319,10 @@ impl EventFeed {
                 self.origin, first.id
             )));
         }
-        self.last = fresh.last().map_or(self.last, |e| e.id.seq);
+        // A state transfer piece that says more follow does not complete its sequence number.
+        if let Some(done) = fresh.iter().rev().find(|e| e.completes()) {
+            self.last = done.id.seq;
+        }
         Ok(Some(fresh))
     }
 }

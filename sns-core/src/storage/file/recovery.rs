@@ -27,8 +27,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use super::{
-    CommitFile, LogMap, MAX_RECORD_BYTES, Opened, RECORD_HEADER, SegmentMap, create_segment, list,
-    parse_segment, read_commit, read_snapshot, segment_path, sync_dir,
+    CommitFile, LogMap, MAX_READ_RECORD_BYTES, Opened, RECORD_HEADER, SegmentMap, create_segment,
+    list, parse_segment, read_commit, read_snapshot, segment_path, sync_dir,
 };
 use crate::error::{Error, Result};
 use crate::event::LogEntry;
@@ -132,7 +132,7 @@ fn whole_record(bytes: &[u8], offset: usize) -> Option<&[u8]> {
     let header = bytes.get(offset..offset.checked_add(RECORD_HEADER)?)?;
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if len == 0 || len > MAX_RECORD_BYTES {
+    if len == 0 || len > MAX_READ_RECORD_BYTES {
         return None;
     }
     let body = offset + RECORD_HEADER;

@@ -140,7 +140,10 @@ async fn send(
                         properties(origin, first.id.seq, last.id.seq),
                     )
                     .await?;
-                in_flight.push_back((last.id.seq, confirm));
+                // A state transfer piece that says more follow completes nothing: the cursor
+                // moves only past the last piece.
+                let done = events.iter().rev().find(|e| e.completes()).map_or(0, |e| e.id.seq);
+                in_flight.push_back((done, confirm));
             }
             (seq, confirmation) = first_confirmation(&mut in_flight) => {
                 match confirmation? {
