@@ -1068,7 +1068,12 @@ fn a_state_transfer_in_pieces_has_the_effect_of_the_whole_and_each_piece_fits_a_
     }
     // The receiver (cluster 2) knew something of cluster 1 already, some of it stale.
     let mut prior = Origin::new(1);
-    let stale = [prior.join(1), prior.join(3), prior.follow(3, 4), prior.follow(1, 9)];
+    let stale = [
+        prior.join(1),
+        prior.join(3),
+        prior.follow(3, 4),
+        prior.follow(1, 9),
+    ];
     let mut by_whole = cluster_state(2, 2);
     for e in &stale {
         by_whole.apply(e);
@@ -1077,7 +1082,11 @@ fn a_state_transfer_in_pieces_has_the_effect_of_the_whole_and_each_piece_fits_a_
     assert_eq!(by_whole.apply(&whole), Applied::Imaged);
     for (n, piece) in pieces.iter().enumerate() {
         by_pieces.apply(piece);
-        let expected = if piece.completes() { seq } else { stale.len() as u64 };
+        let expected = if piece.completes() {
+            seq
+        } else {
+            stale.len() as u64
+        };
         assert_eq!(by_pieces.high_water(c(1)), expected, "after piece {n}");
     }
     assert_eq!(by_pieces, by_whole);
@@ -1101,7 +1110,11 @@ fn state_transfer_pieces_round_trip_through_the_log_and_whole_ones_keep_their_ol
         event: image_event(4, image.clone()),
     };
     let bytes = whole.to_bytes();
-    assert_eq!(bytes[16 + 4 + 8 + 8], 6, "a whole transfer keeps the original tag");
+    assert_eq!(
+        bytes[16 + 4 + 8 + 8],
+        6,
+        "a whole transfer keeps the original tag"
+    );
     assert_eq!(LogEntry::from_bytes(&bytes).expect("decodes"), whole);
     for piece in image.into_pieces(40) {
         let entry = LogEntry {

@@ -350,6 +350,9 @@ impl Storage for CrashStorage {
         let (done, wait) = oneshot::channel();
         let queued = self.with(|_, cache| {
             check_contiguous(cache.next, &entries)?;
+            for entry in &entries {
+                crate::event::check_entry_fits(entry)?;
+            }
             cache.next = LogIndex(cache.next.0 + entries.len() as u64);
             cache.queue.push(Change::Append { entries, done });
             cache.flusher.notify_one();

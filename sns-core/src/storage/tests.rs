@@ -583,7 +583,41 @@ macro_rules! storage_suite {
     };
 }
 
+/// A record over the limit is refused before anything is written, and the storage goes on.
+async fn oversized_records(mut harness: impl Harness) {
+    let storage = harness.open();
+    storage.append(entries(1..=2)).await.expect("append");
+    let mut huge = entry_of(3, 1, 1, 3);
+    huge.event.kind = EventKind::Image(Arc::new(crate::event::OriginImage {
+        posts: (1..=400)
+            .map(|seq| crate::event::Post {
+                id: EventId {
+                    origin: cluster(1),
+                    seq,
+                },
+                author: UserId::new(1).expect("valid user"),
+                at: Timestamp(1),
+                text: Arc::from("y".repeat(4000)),
+            })
+            .collect(),
+        ..crate::event::OriginImage::default()
+    }));
+    let refused = storage.append(vec![huge]).await;
+    assert!(
+        matches!(&refused, Err(Error::InvalidInput(m)) if m.contains("over the limit")),
+        "{refused:?}"
+    );
+    storage.append(entries(3..=4)).await.expect("append");
+    drop(storage);
+    let storage = harness.open();
+    assert_eq!(
+        storage.recover().await.expect("recover").entries,
+        entries(1..=4)
+    );
+}
+
 storage_suite!(
+    oversized_records,
     append_recover_and_snapshot,
     reads,
     truncation,
@@ -1338,4 +1372,42 @@ proptest! {
         prop_assert_eq!(valid, framed.len());
         prop_assert!(damage.is_none());
     }
+}
+
+#[test]
+fn a_record_longer_than_the_limit_written_by_an_earlier_version_still_reads() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().expect("temp dir");
+    runtime.block_on(async {
+        let storage = FileStorage::open(dir.path()).expect("open");
+        storage.append(entries(1..=2)).await.expect("append");
+    });
+    // What an earlier version wrote for a large state transfer: one record of about 2.9 MB.
+    let mut legacy = entry_of(3, 1, 1, 3);
+    legacy.event.kind = EventKind::Image(Arc::new(crate::event::OriginImage {
+        users: (1..=700_000)
+            .filter_map(|u| UserId::new(u * 2 - 1))
+            .collect(),
+        ..crate::event::OriginImage::default()
+    }));
+    let mut framed = Vec::new();
+    frame(&mut framed, &legacy);
+    assert!(framed.len() > 2 * crate::event::MAX_RECORD_BYTES);
+    let segment = list(dir.path())
+        .expect("list")
+        .segments
+        .last()
+        .expect("a segment")
+        .1
+        .clone();
+    let mut bytes = std::fs::read(&segment).expect("read");
+    bytes.extend_from_slice(&framed);
+    std::fs::write(&segment, bytes).expect("write");
+    runtime.block_on(async {
+        let storage = FileStorage::open(dir.path()).expect("an earlier version's data opens");
+        let mut expected = entries(1..=2);
+        expected.push(legacy);
+        assert_eq!(read_all(&storage).await, expected);
+        storage.append(entries(4..=4)).await.expect("appends go on");
+    });
 }
