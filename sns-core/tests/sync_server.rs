@@ -567,3 +567,110 @@ async fn another_clusters_clock_never_moves_the_local_one_not_even_across_a_rest
     }
     server.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_cluster_stores_a_large_state_transfer_in_pieces_and_restarts_with_it() {
+    let config = |cluster: u32, snapshot_every: u64| ServerConfig {
+        cluster: c(cluster),
+        clusters: 2,
+        snapshot_every,
+        ..ServerConfig::default()
+    };
+    let files = |dir: &std::path::Path| {
+        let options = sns_core::FileStorageOptions {
+            retention: 16,
+            segment_bytes: 256 << 10,
+            ..sns_core::FileStorageOptions::default()
+        };
+        Arc::new(sns_core::FileStorage::open_with(dir, options).expect("open storage"))
+    };
+    let origin_dir = tempfile::tempdir().expect("temp dir");
+    let late_dir = tempfile::tempdir().expect("temp dir");
+    let origin_storage = files(origin_dir.path());
+    let origin = Server::open(
+        config(1, 1_000),
+        Arc::clone(&origin_storage) as Arc<dyn Storage>,
+    )
+    .await
+    .expect("origin");
+    // Eight authors of cluster 1, each with a full author list of 400 posts of ~700 bytes:
+    // a state transfer of about 2.3 MB, over twice what one log record may hold.
+    let authors: Vec<u32> = (0..8).map(|n| 2 * n + 1).collect();
+    for author in &authors {
+        origin.login(u(*author)).await.expect("login");
+    }
+    origin.follow(u(1), "3").await.expect("follow");
+    let posting = authors.iter().map(|author| {
+        let origin = origin.clone();
+        let author = *author;
+        async move {
+            for n in 0..400 {
+                let text = format!("{author}/{n} {}", "p".repeat(690));
+                origin.post(u(author), text.as_bytes()).await.expect("post");
+            }
+        }
+    });
+    futures_join_all(posting).await;
+    let compacted = eventually(WAIT, || async {
+        matches!(
+            origin_storage
+                .read(sns_core::LogIndex(1), sns_core::LogIndex(8))
+                .await,
+            Err(Error::Compacted { .. })
+        )
+    })
+    .await;
+    assert!(
+        compacted,
+        "the origin took a snapshot and compacted its log"
+    );
+
+    let late = Server::open(config(2, 100_000), files(late_dir.path()))
+        .await
+        .expect("late cluster");
+    late.login(u(2)).await.expect("login");
+    let upto = origin.high_water().expect("marks")[&c(1)];
+    let mut feed = origin.own_events_after(0, None).await.expect("feed");
+    let mut pieces = 0;
+    while feed.position() < upto {
+        let batch = feed.next_batch(64).await.expect("read").expect("running");
+        for event in &batch {
+            if matches!(&event.kind, EventKind::Image(_)) {
+                pieces += 1;
+                assert!(event.record_len() <= sns_core::event::MAX_RECORD_BYTES);
+            }
+        }
+        late.apply_remote(batch).await.expect("apply");
+    }
+    assert!(pieces >= 3, "the transfer came in {pieces} pieces");
+    late.follow(u(2), "3")
+        .await
+        .expect("cluster 1's users are known");
+    let (_, before) = late.committed_state();
+    assert_eq!(before.high_water(c(1)), upto);
+    assert_eq!(before.user_count(), authors.len() + 1);
+    assert!(before.follows(u(1), u(3)));
+    assert_eq!(before.follower_count(u(3)), 2);
+    late.close().await;
+    drop(late);
+    let late = Server::open(config(2, 100_000), files(late_dir.path()))
+        .await
+        .expect("the late cluster restarts with what it stored");
+    let (_, after) = late.committed_state();
+    assert_eq!(after, before);
+    late.close().await;
+    origin.close().await;
+}
+
+/// Runs every future to completion, concurrently.
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for future in futures {
+        tasks.spawn(future);
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("task");
+    }
+}
