@@ -20,6 +20,8 @@
 //! Limits (see `docs/operations.md`): `--max-connections` (default 10,000, lowered to leave
 //! file descriptors for the log when `ulimit -n` is lower), `--handshake-timeout-secs`,
 //! `--max-timeline-streams`, `--max-streams-per-user` and `--max-posts-per-second` (per user).
+//! Another cluster's events dated beyond this server's clock plus `--max-clock-skew` (default
+//! 10 minutes) are refused.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -114,6 +116,32 @@ struct LimitArgs {
     /// wait).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     max_posts_per_second: u32,
+    /// How far another cluster's clock may run ahead of this server's: its events dated later
+    /// than now plus this are refused, logged and counted (`600`, `600s`, `10m`, `1h`).
+    #[arg(long, default_value = "10m", value_parser = parse_skew)]
+    max_clock_skew: Duration,
+}
+
+/// A clock skew bound: whole seconds, or a number with `s`, `m` or `h`; at most a day.
+fn parse_skew(text: &str) -> Result<Duration, String> {
+    let (digits, unit) = match text.strip_suffix(['s', 'm', 'h']) {
+        Some(digits) => (digits, &text[digits.len()..]),
+        None => (text, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 600, 600s, 10m or 1h"))?;
+    let secs = match unit {
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        _ => n,
+    };
+    if secs > 86_400 {
+        return Err(format!(
+            "{text} is more than a day; a clock that far off is wrong"
+        ));
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 impl LimitArgs {
@@ -204,6 +232,7 @@ async fn run(args: Args) -> Result<(), String> {
         max_timeline_streams_per_user: usize::try_from(args.limits.max_streams_per_user)
             .unwrap_or(usize::MAX),
         max_posts_per_second: args.limits.max_posts_per_second,
+        max_clock_skew: args.limits.max_clock_skew,
         mirror_timeout: args.heartbeat.interval() * args.heartbeat.missed_heartbeats.max(1),
         ..ServerConfig::default()
     };
@@ -257,4 +286,20 @@ async fn run(args: Args) -> Result<(), String> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_skew_bounds_parse_in_seconds_minutes_and_hours() {
+        assert_eq!(parse_skew("600"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_skew("45s"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_skew("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_skew("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "m", "-5", "10 m", "1.5m", "10d", "25h"] {
+            assert!(parse_skew(bad).is_err(), "{bad:?}");
+        }
+    }
 }
