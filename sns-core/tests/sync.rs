@@ -5,8 +5,13 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
+use sns_core::event::OriginImage;
 use sns_core::testing::{TestCluster, TestClusterConfig, amqp_broker, eventually};
-use sns_core::{Bus, ClusterId, Error, QueueType, Role, Server, State, UserId};
+use sns_core::{
+    Bus, ClusterId, Error, Event, EventId, EventKind, QueueType, Role, Server, State, Timestamp,
+    UserId,
+};
+use std::sync::Arc;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -240,6 +245,66 @@ enum Op {
     Unfollow(u32, u32),
     Post(u32),
     RestartSynchronizer(u32),
+    /// Another cluster's event that its origin may not send, offered to `target`'s master as
+    /// if `origin` had sent it, with `origin`'s next sequence number there.
+    Hostile {
+        target: u32,
+        origin: u32,
+        kind: u8,
+    },
+}
+
+/// The forged event `kind` (0 to 4) of `origin`, offered to `target` as `origin`'s event `seq`.
+fn hostile(target: u32, origin: u32, kind: u8, seq: u64) -> Event {
+    let local = u(target);
+    let (at, kind) = match kind {
+        0 => (
+            Timestamp::now(),
+            EventKind::Posted {
+                author: local,
+                text: Arc::from("a post its author never wrote"),
+                key: None,
+            },
+        ),
+        1 => (
+            Timestamp::now(),
+            EventKind::Unfollowed {
+                follower: local,
+                followee: u(origin),
+            },
+        ),
+        2 => (
+            Timestamp::now(),
+            EventKind::Followed {
+                follower: local,
+                followee: u(origin),
+            },
+        ),
+        3 => (
+            Timestamp::now(),
+            EventKind::Image(Arc::new(OriginImage {
+                users: vec![u(origin), local],
+                ..OriginImage::default()
+            })),
+        ),
+        // Its own user's post, from a clock a day ahead.
+        _ => (
+            Timestamp(Timestamp::now().0 + 86_400_000_000),
+            EventKind::Posted {
+                author: u(origin),
+                text: Arc::from("from tomorrow"),
+                key: None,
+            },
+        ),
+    };
+    Event {
+        id: EventId {
+            origin: c(origin),
+            seq,
+        },
+        at,
+        kind,
+    }
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -248,6 +313,11 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1..=USERS, 1..=USERS).prop_map(|(a, b)| Op::Unfollow(a, b)),
         5 => (1..=USERS).prop_map(Op::Post),
         1 => (1..=CLUSTERS).prop_map(Op::RestartSynchronizer),
+        2 => (1..=CLUSTERS, 1..CLUSTERS, 0u8..5).prop_map(|(target, d, kind)| Op::Hostile {
+            target,
+            origin: (target - 1 + d) % CLUSTERS + 1,
+            kind,
+        }),
     ]
 }
 
@@ -353,6 +423,26 @@ async fn converges(bus: Bus, ops: Vec<Op>, offsets: Vec<i64>) {
                     .restart_synchronizer(k)
                     .await
                     .expect("restart synchronizer");
+            }
+            Op::Hostile {
+                target,
+                origin,
+                kind,
+            } => {
+                let server = master(&cluster, target).expect("master");
+                let next = server
+                    .high_water()
+                    .expect("marks")
+                    .get(&c(origin))
+                    .copied()
+                    .unwrap_or(0)
+                    + 1;
+                let forged = hostile(target, origin, kind, next);
+                let refused = server.apply_remote(vec![forged.clone()]).await;
+                assert!(
+                    matches!(refused, Err(Error::InvalidInput(_))),
+                    "{forged:?}: {refused:?}"
+                );
             }
         }
     }
