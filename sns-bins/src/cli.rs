@@ -109,23 +109,48 @@ pub fn failure_message(command: &Command, error: &Error) -> String {
     }
 }
 
-/// A post as our client shows it: the course's line, `<author> (<time>) >> <text>`, with the
-/// time in the reader's local time zone and its offset from UTC (`Sun Nov 22 06:30:00 2026
-/// +0100`). The server's pre-formatted text for course clients stays in UTC, as the course's
-/// servers wrote it.
+/// A post as our client shows it: exactly the course's line, `<author> (<Www Mmm dd hh:mm:ss
+/// yyyy>) >> <text>`, with the time in the reader's local time zone, so that output compares
+/// line by line with the course's test sheets. Any control character in the text (whatever the
+/// server let through) is shown escaped (`\u{1b}`), never sent to the terminal. The server's
+/// pre-formatted text for course clients stays in UTC, as the course's servers wrote it.
 pub fn local_post_line(post: &ReceivedPost) -> String {
     let time = chrono::DateTime::from_timestamp_micros(post.at.0)
         .map(|utc| local_time(&utc.with_timezone(&chrono::Local)))
-        .unwrap_or_else(|| format!("{} UTC", post.at.ctime()));
-    format!("{} ({time}) >> {}", post.author, post.text)
+        .unwrap_or_else(|| post.at.ctime());
+    format!("{} ({time}) >> {}", post.author, terminal_safe(&post.text))
 }
 
-/// `time` as C's `ctime` lays it out, followed by its offset from UTC.
+/// `time` as C's `ctime` lays it out: `Www Mmm dd hh:mm:ss yyyy`, the day padded with a space.
 fn local_time<Tz: chrono::TimeZone>(time: &chrono::DateTime<Tz>) -> String
 where
     Tz::Offset: std::fmt::Display,
 {
-    time.format("%a %b %e %H:%M:%S %Y %z").to_string()
+    time.format("%a %b %e %H:%M:%S %Y").to_string()
+}
+
+/// `text` with every character a terminal would act on (see
+/// [`sns_core::event::is_terminal_control`]) written as a `\u{..}` escape, and backslashes
+/// doubled so that an escape in the text cannot pass for one.
+pub fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    use std::fmt::Write as _;
+    if !text
+        .chars()
+        .any(|c| c == '\\' || sns_core::event::is_terminal_control(c))
+    {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut safe = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c == '\\' {
+            safe.push_str("\\\\");
+        } else if sns_core::event::is_terminal_control(c) {
+            let _ = write!(safe, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            safe.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(safe)
 }
 
 /// A list of users as the course prints it: each id followed by `, `.
@@ -213,18 +238,39 @@ mod tests {
     }
 
     #[test]
-    fn post_times_are_shown_like_ctime_with_the_offset_from_utc() {
+    fn post_times_are_shown_exactly_like_ctime_in_the_readers_zone() {
         let utc = chrono::DateTime::from_timestamp_micros(1_763_794_800_000_000).expect("a time");
         let india = chrono::FixedOffset::east_opt(5 * 3600 + 1800).expect("an offset");
         assert_eq!(
             local_time(&utc.with_timezone(&india)),
-            "Sat Nov 22 12:30:00 2025 +0530"
+            "Sat Nov 22 12:30:00 2025"
         );
         let utc_zone = chrono::FixedOffset::east_opt(0).expect("an offset");
+        let shown = local_time(&utc.with_timezone(&utc_zone));
+        assert_eq!(shown, "Sat Nov 22 07:00:00 2025");
+        // The same as the server's own rendering of C's ctime.
+        assert_eq!(shown, sns_core::Timestamp(1_763_794_800_000_000).ctime());
+        let early = chrono::DateTime::from_timestamp_micros(1_765_090_074_000_000).expect("a time");
         assert_eq!(
-            local_time(&utc.with_timezone(&utc_zone)),
-            "Sat Nov 22 07:00:00 2025 +0000"
+            local_time(&early.with_timezone(&utc_zone)),
+            "Sun Dec  7 06:47:54 2025"
         );
+    }
+
+    #[test]
+    fn control_characters_in_posts_are_shown_escaped() {
+        assert_eq!(
+            terminal_safe("plain text\tand a tab"),
+            "plain text\tand a tab"
+        );
+        assert_eq!(terminal_safe("\u{1b}[2Jgone"), "\\u{1b}[2Jgone");
+        assert_eq!(terminal_safe("csi\u{9b}31m"), "csi\\u{9b}31m");
+        assert_eq!(
+            terminal_safe("\u{202e}txt.exe\u{2066}"),
+            "\\u{202e}txt.exe\\u{2066}"
+        );
+        assert_eq!(terminal_safe("a\\u{1b}b"), "a\\\\u{1b}b");
+        assert_eq!(terminal_safe("bell\u{7}"), "bell\\u{7}");
     }
 
     #[test]

@@ -262,8 +262,8 @@ pub fn normalize_post_text(raw: &[u8]) -> Result<Option<&str>> {
 }
 
 /// Checks the text of a post as stored: at most [`MAX_POST_BYTES`], one line, and no terminal
-/// control character (below U+0020 except tab, and DEL U+007F), since clients print posts
-/// verbatim and an escape sequence in a post would be run by every follower's terminal.
+/// control character (see [`is_terminal_control`]), since clients print posts verbatim and an
+/// escape sequence in a post would be run by every follower's terminal.
 pub fn check_post_text(text: &str) -> Result<()> {
     if text.len() > MAX_POST_BYTES {
         return Err(Error::invalid(format!(
@@ -277,16 +277,21 @@ pub fn check_post_text(text: &str) -> Result<()> {
     if let Some(control) = text.chars().find(|c| is_terminal_control(*c)) {
         return Err(Error::invalid(format!(
             "post text contains the control character U+{:04X}; posts may not carry terminal \
-             control characters (only tab is allowed)",
+             control characters or bidirectional overrides (only tab is allowed)",
             u32::from(control)
         )));
     }
     Ok(())
 }
 
-/// Whether `c` is a control character a terminal acts on: C0 controls except tab, and DEL.
-fn is_terminal_control(c: char) -> bool {
-    (c < ' ' && c != '\t') || c == '\u{7f}'
+/// Whether `c` is a character a terminal acts on or that reorders what it shows: C0 controls
+/// except tab, DEL, C1 controls (U+0080 to U+009F; U+009B is a CSI on many terminals), and the
+/// bidirectional embeddings, overrides and isolates (U+202A to U+202E, U+2066 to U+2069: the
+/// "Trojan Source" trick, CVE-2021-42574).
+pub fn is_terminal_control(c: char) -> bool {
+    (c.is_control() && c != '\t')
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
 }
 
 /// An event at a position of one server's log.

@@ -518,6 +518,12 @@ async fn posts_with_terminal_control_characters_are_refused_and_not_stored() {
         "nul\x00byte\n",
         "del\x7f\n",
         "carriage\rreturn\n",
+        // C1 controls: U+009B is a CSI on many terminals.
+        "\u{9b}31mred\n",
+        "\u{85}next line\n",
+        // Bidirectional overrides and isolates ("Trojan Source").
+        "invoice\u{202e}fdp.exe\n",
+        "\u{2066}isolated\u{2069}\n",
     ] {
         let (_tx, mut inbound) = course_stream(&server, "1", &[bad]).await;
         let end = tokio::time::timeout(WAIT, inbound.message())

@@ -136,13 +136,20 @@ async fn own_and_invalid_events_are_refused() {
         matches!(two_lines, Err(Error::InvalidInput(_))),
         "{two_lines:?}"
     );
-    let escape = server
-        .apply_remote(vec![joined(2, 1, 2), posted(2, 2, 2, "\x1b[2Jgotcha")])
-        .await;
-    assert!(
-        matches!(&escape, Err(Error::InvalidInput(m)) if m.contains("control character")),
-        "{escape:?}"
-    );
+    for text in [
+        "\x1b[2Jgotcha",
+        "\u{9b}2Jgotcha",
+        "admin\u{202e}txt",
+        "\u{2067}x",
+    ] {
+        let escape = server
+            .apply_remote(vec![joined(2, 1, 2), posted(2, 2, 2, text)])
+            .await;
+        assert!(
+            matches!(&escape, Err(Error::InvalidInput(m)) if m.contains("control character")),
+            "{text:?}: {escape:?}"
+        );
+    }
     assert!(
         server.high_water().expect("marks").is_empty(),
         "nothing applied"

@@ -816,24 +816,14 @@ pub fn send_signal(child: &Child, signal: &str) {
     assert!(sent.success(), "kill -{signal} failed");
 }
 
-/// A post as a client prints it: `<author> (<Www Mmm dd hh:mm:ss yyyy>[ +hhmm]) >> <text>`, with a
-/// well-formed time; `None` for any other line.
+/// A post as a client prints it, exactly the course's line: `<author> (<Www Mmm dd hh:mm:ss
+/// yyyy>) >> <text>`, with a well-formed time and nothing after the year; `None` for any other
+/// line.
 pub fn parse_post(line: &str) -> Option<(u32, String)> {
     let (author, rest) = line.split_once(" (")?;
     let author = author.parse().ok()?;
     let (time, text) = rest.split_once(") >> ")?;
-    // Our `tsc` adds the reader's offset from UTC (` +0100`) after the course's time.
-    let time = match time.rsplit_once(' ') {
-        Some((course, offset)) if is_utc_offset(offset) => course,
-        _ => time,
-    };
     is_course_time(time).then(|| (author, text.to_string()))
-}
-
-/// Whether `text` reads like an offset from UTC: `+0530`, `-0800`.
-fn is_utc_offset(text: &str) -> bool {
-    let b = text.as_bytes();
-    b.len() == 5 && (b[0] == b'+' || b[0] == b'-') && b[1..].iter().all(u8::is_ascii_digit)
 }
 
 /// Whether `time` reads like `Mon Jan  5 09:03:07 2026` (`ctime`'s format, day padded with a
