@@ -105,6 +105,7 @@ pub fn failure_message(command: &Command, error: &Error) -> String {
         (_, Error::Unreachable { addr, reason }) => {
             format!("{UNKNOWN_REASON} (cannot reach {addr}: {reason})")
         }
+        (_, Error::Rpc(reason)) => format!("{UNKNOWN_REASON} ({reason})"),
         _ => UNKNOWN_REASON.into(),
     }
 }
@@ -232,7 +233,11 @@ mod tests {
             NOT_A_FOLLOWER
         );
         assert_eq!(
-            failure_message(&unfollow, &Error::Rpc("?".into())),
+            failure_message(&unfollow, &Error::Rpc("the reply is too large".into())),
+            format!("{UNKNOWN_REASON} (the reply is too large)")
+        );
+        assert_eq!(
+            failure_message(&unfollow, &Error::Corrupt("?".into())),
             UNKNOWN_REASON
         );
     }

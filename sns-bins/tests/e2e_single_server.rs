@@ -89,6 +89,26 @@ fn an_unreachable_server_is_one_line_and_exit_code_1() {
 }
 
 #[test]
+fn a_port_that_is_not_a_tiny_sns_server_is_said_plainly_in_one_line() {
+    let coordinator = support::Coordinator::start(3);
+    let port = coordinator.port.to_string();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tsc"))
+        .args(["-h", "127.0.0.1", "-p", &port, "-u", "1"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run tsc");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("tsc: cannot use 127.0.0.1:{port}: "))
+            && stderr.contains("not a Tiny SNS server"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Unimplemented"), "{stderr}");
+}
+
+#[test]
 fn help_is_long_only_and_h_means_host() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_tsc"))
         .arg("--help")
@@ -132,6 +152,11 @@ fn piped_lines_that_are_not_utf8_are_reported_and_the_client_carries_on() {
     four.send("the line after");
     let line = one.next_line();
     assert!(line.ends_with(") >> the line after"), "{line:?}");
+    assert_eq!(
+        support::parse_post(&line),
+        Some((4, "the line after".to_string())),
+        "exactly the course's post line: {line:?}"
+    );
 }
 
 #[test]
@@ -240,11 +265,32 @@ fn post_times_are_shown_in_the_readers_time_zone() {
     one.expect_line("Command completed successfully");
     one.enter_timeline();
     four.enter_timeline();
+    let before = chrono::Utc::now();
     four.send("what time is it");
     let line = one.next_line();
-    assert!(
-        line.starts_with("4 (") && line.ends_with(" +0530) >> what time is it"),
+    let after = chrono::Utc::now();
+    // Exactly the course's line, nothing after the year, in the reader's zone.
+    assert_eq!(
+        support::parse_post(&line),
+        Some((4, "what time is it".to_string())),
         "{line:?}"
+    );
+    let india = chrono::FixedOffset::east_opt(5 * 3600 + 1800).expect("an offset");
+    let shown = |t: chrono::DateTime<chrono::Utc>| {
+        format!(
+            "4 ({}) >> what time is it",
+            t.with_timezone(&india).format("%a %b %e %H:%M:%S %Y")
+        )
+    };
+    let mut t = before - chrono::Duration::seconds(1);
+    let mut candidates = Vec::new();
+    while t <= after + chrono::Duration::seconds(1) {
+        candidates.push(shown(t));
+        t += chrono::Duration::seconds(1);
+    }
+    assert!(
+        candidates.contains(&line),
+        "{line:?} is not one of {candidates:?}"
     );
 }
 

@@ -22,6 +22,15 @@ use crate::ids::{ClusterId, PostId, PostKey, Timestamp, UserId};
 use crate::server::Listing;
 use crate::transport::Network;
 
+/// Largest reply the client accepts, in bytes: a LIST of about 25 million users. Larger
+/// replies are refused with an error that says so.
+pub const MAX_REPLY_BYTES: usize = 256 << 20;
+
+/// The client-facing service's stub on `channel`, accepting replies up to [`MAX_REPLY_BYTES`].
+fn sns_service(channel: Channel) -> SnsServiceClient<Channel> {
+    SnsServiceClient::new(channel).max_decoding_message_size(MAX_REPLY_BYTES)
+}
+
 /// Which command a status answered, to give its code a meaning.
 #[derive(Debug, Clone, Copy)]
 enum Command {
@@ -59,6 +68,16 @@ fn from_status(status: &Status, command: Command, user: UserId) -> Error {
         (Code::Unavailable | Code::ResourceExhausted | Code::Cancelled, _) => {
             Error::Unavailable(status.message().into())
         }
+        (Code::Unimplemented, _) => Error::Rpc(
+            "it does not serve the Tiny SNS client service (csce438.SNSService): not a Tiny SNS \
+             server (a coordinator's port, or another program's?)"
+                .into(),
+        ),
+        (Code::OutOfRange, _) if status.message().contains("too large") => Error::Rpc(format!(
+            "the reply is larger than this client accepts ({} MiB): {}",
+            MAX_REPLY_BYTES >> 20,
+            status.message()
+        )),
         _ => Error::Rpc(format!("{:?}: {}", status.code(), status.message())),
     }
 }
@@ -154,7 +173,7 @@ impl Client {
     pub async fn login(network: &Network, addr: &str, user: UserId) -> Result<Self> {
         let channel = network.connect(addr).await?;
         let client = Self {
-            rpc: SnsServiceClient::new(channel),
+            rpc: sns_service(channel),
             user,
             addr: addr.to_string(),
         };
@@ -171,7 +190,7 @@ impl Client {
     /// session after a reconnect (the server refuses a second login while the session lives).
     pub async fn attach(network: &Network, addr: &str, user: UserId) -> Result<Self> {
         Ok(Self {
-            rpc: SnsServiceClient::new(network.connect(addr).await?),
+            rpc: sns_service(network.connect(addr).await?),
             user,
             addr: addr.to_string(),
         })

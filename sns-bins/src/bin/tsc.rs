@@ -99,6 +99,9 @@ fn first_login_failure(error: Error, target: &Target, user: UserId) -> String {
                 None => format!("tsc: the server at {addr} is unavailable: {reason}"),
             }
         }
+        (Error::Rpc(reason), Target::Direct(addr)) => {
+            format!("tsc: cannot use {addr}: {reason}")
+        }
         (other, _) => format!("tsc: login failed: {other}"),
     }
 }
