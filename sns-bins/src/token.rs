@@ -33,7 +33,7 @@ pub struct TokenArgs {
     /// token file].
     #[arg(
         long = "cluster-token",
-        env = "SNS_CLUSTER_TOKEN",
+        env = TOKEN_VARIABLE,
         hide_env_values = true
     )]
     pub cluster_token: Option<String>,
@@ -45,14 +45,19 @@ pub struct TokenArgs {
 }
 
 impl TokenArgs {
-    /// The token given by flag or environment, checked.
+    /// The token given by flag or environment, checked. A token given on the command line,
+    /// where every local user can read it (`ps`), or one shorter than [`MIN_TOKEN_CHARS`], is
+    /// warned about.
     pub fn given(&self) -> Result<Option<String>, String> {
-        match &self.cluster_token {
-            Some(token) => check(token)
-                .map(|()| Some(token.clone()))
-                .map_err(|why| format!("--cluster-token: {why}")),
-            None => Ok(None),
+        let Some(token) = &self.cluster_token else {
+            return Ok(None);
+        };
+        check(token).map_err(|why| format!("--cluster-token: {why}"))?;
+        let from_environment = std::env::var(TOKEN_VARIABLE).is_ok_and(|v| v == *token);
+        for warning in hygiene(token, from_environment) {
+            tracing::warn!("{warning}");
         }
+        Ok(Some(token.clone()))
     }
 
     /// The token this command uses: the one given, else the one in `--cluster-token-file`
@@ -71,6 +76,33 @@ impl TokenArgs {
             _ => read_token_file(&file).map(Some),
         }
     }
+}
+
+/// The environment variable that may hold the token.
+const TOKEN_VARIABLE: &str = "SNS_CLUSTER_TOKEN";
+
+/// Tokens shorter than this are warned about: easy to guess.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+/// What is worth a warning about a token given `from_environment` or on the command line.
+fn hygiene(token: &str, from_environment: bool) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if !from_environment {
+        warnings.push(
+            "the cluster token was given on the command line, where every local user can read \
+             it (ps); keep it in a file of mode 0600 (--cluster-token-file, or cluster-token in \
+             the data directory) or in SNS_CLUSTER_TOKEN instead"
+                .to_string(),
+        );
+    }
+    if token.chars().count() < MIN_TOKEN_CHARS {
+        warnings.push(format!(
+            "the cluster token is {} characters long; one of fewer than {MIN_TOKEN_CHARS} is \
+             easy to guess (sns up makes 64 random hex characters)",
+            token.chars().count()
+        ));
+    }
+    warnings
 }
 
 /// Checks a token: one line of printable ASCII, at most 1024 bytes.
@@ -154,7 +186,7 @@ fn write_token_file(path: &Path, token: &str) -> std::io::Result<()> {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    std::fs::create_dir_all(dir)?;
+    sns_core::storage::create_private_dir(dir)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -224,6 +256,30 @@ pub fn check_bind(what: &str, bind: &str, has_token: bool, insecure: bool) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_on_the_command_line_or_short_are_warned_about() {
+        let long = "0123456789abcdef0123";
+        assert!(hygiene(long, true).is_empty());
+        let warnings = hygiene(long, false);
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("command line"), "{warnings:?}");
+        let warnings = hygiene("short", true);
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("5 characters"), "{warnings:?}");
+        assert_eq!(hygiene("short", false).len(), 2);
+    }
+
+    #[test]
+    fn data_directories_are_made_for_their_owner_only_whatever_the_umask() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let dir = root.path().join("sns-data/cluster1/server1");
+        sns_core::storage::create_private_dir(&dir).expect("create");
+        for made in [root.path().join("sns-data"), dir] {
+            let mode = std::fs::metadata(&made).expect("made").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", made.display());
+        }
+    }
 
     #[test]
     fn loopback_hosts_are_told_from_the_others() {

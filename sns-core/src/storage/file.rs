@@ -391,7 +391,7 @@ impl FileStorage {
     /// in-memory index), truncates any damaged tail, and starts the writer thread.
     pub fn open_with(dir: impl AsRef<Path>, options: FileStorageOptions) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir)?;
+        super::create_private_dir(&dir)?;
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)

@@ -21,6 +21,17 @@ pub use crash::{CrashDisk, CrashDiskOptions, CrashStorage};
 pub use file::{FileStorage, FileStorageOptions};
 pub use memory::MemoryStorage;
 
+/// Creates `dir` and any missing parents with mode 0700 whatever the umask (a data directory
+/// holds every user's posts, and perhaps the cluster token): only the owner may look inside.
+/// Directories that exist already are left as they are.
+pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 use std::future::Future;
 use std::pin::Pin;
 

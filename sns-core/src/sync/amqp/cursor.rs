@@ -52,7 +52,7 @@ impl CursorStore {
     pub fn file(path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)?;
+            crate::storage::create_private_dir(parent)?;
         }
         let value = match std::fs::read_to_string(&path) {
             Ok(text) => text.trim().parse::<u64>().unwrap_or_else(|_| {
