@@ -50,7 +50,7 @@ use crate::storage::Storage;
 use crate::transport::{ConnectionLimits, Listener, Network};
 use committed::RecentEntries;
 use pipeline::{Gate, Pending};
-use replication::{MirrorTarget, Replicas};
+use replication::{MirrorTarget, Replicas, Roster};
 use sessions::Sessions;
 use timeline::{FeedOwner, Subscribers};
 use uncommitted::{KeyedOriginal, Uncommitted};
@@ -261,6 +261,9 @@ struct Shared {
     gate: watch::Sender<Gate>,
     /// On a slave: the master to mirror, as the coordinator named it.
     mirror_target: watch::Sender<Option<MirrorTarget>>,
+    /// On a master: the slaves the coordinator lists, the only servers it accepts mirroring
+    /// sessions from (as of the last heartbeat answered).
+    listed_slaves: watch::Sender<Roster>,
     /// Wakes the heartbeat loop for an immediate beat.
     beat_now: Arc<Notify>,
     /// Signalled when a truncation after a discard is done.
@@ -397,6 +400,7 @@ impl Server {
             sequenced_index: watch::channel(LogIndex(core.next_index.0 - 1)).0,
             gate,
             mirror_target: watch::channel(None).0,
+            listed_slaves: watch::channel(Roster::default()).0,
             beat_now: Arc::new(Notify::new()),
             truncated: Notify::new(),
             fatal: watch::channel(None).0,
