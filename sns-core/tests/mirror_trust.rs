@@ -141,6 +141,27 @@ fn counted(master: &Server, slave: &Server, s: u32) -> bool {
     master.positions().in_sync.iter().any(|(x, _)| *x == id) && slave.positions().counted_by_master
 }
 
+/// Whether the coordinator has server `s` in sync (so would promote it).
+fn coordinator_counts(cluster: &TestCluster, s: u32) -> bool {
+    let now = tokio::time::Instant::now();
+    let nodes = cluster.deployment().coordinator().table().nodes(now);
+    nodes.iter().any(|n| n.id == s && n.in_sync)
+}
+
+/// The refusal of a fake slave's session, checked: `PERMISSION_DENIED`, with every one of
+/// `words` in its message.
+fn assert_refused(session: Result<(), Status>, words: &[&str]) {
+    let refused = session.expect_err("the fake slave's session was admitted");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    for word in words {
+        assert!(
+            refused.message().contains(word),
+            "the refusal should say {word:?}: {}",
+            refused.message()
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_fake_slave_is_refused_and_a_follow_acknowledged_afterwards_is_on_the_real_slave() {
     let mut cluster = TestCluster::start_with(config()).await.expect("start");
@@ -149,27 +170,23 @@ async fn a_fake_slave_is_refused_and_a_follow_acknowledged_afterwards_is_on_the_
     let one = cluster.client(1).await.expect("client 1");
     let _two = cluster.client(2).await.expect("client 2");
 
-    // A process elsewhere holds the token and says it is the slave.
+    // A process elsewhere holds the token and says it is the slave, or another server the
+    // coordinator does not list.
     let memory = cluster.deployment().memory_network().expect("memory");
     let intruder = memory.node("intruder");
-    let claim = hello_as(&master, s, master.positions().epoch.0);
-    let refused = fake_slave(&intruder, &addr_of(&cluster, m), claim)
-        .await
-        .expect_err("a session from another host than the slave's is refused");
-    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-    let listed = format!("server {s} at {}", addr_of(&cluster, s));
-    assert!(
-        refused.message().contains(&listed) && refused.message().contains("intruder"),
-        "the refusal says whom the coordinator lists and where the session came from: {}",
-        refused.message()
-    );
-    // Nor may it pass for a server the coordinator does not list at all.
-    let claim = hello_as(&master, 2 + s, master.positions().epoch.0);
-    let unknown = fake_slave(&intruder, &addr_of(&cluster, m), claim)
-        .await
-        .expect_err("a server the coordinator does not list is refused");
-    assert_eq!(unknown.code(), Code::PermissionDenied, "{unknown:?}");
-    assert!(unknown.message().contains(&listed), "{}", unknown.message());
+    let epoch = master.positions().epoch.0;
+    let as_the_slave = fake_slave(
+        &intruder,
+        &addr_of(&cluster, m),
+        hello_as(&master, s, epoch),
+    )
+    .await;
+    let as_another = fake_slave(
+        &intruder,
+        &addr_of(&cluster, m),
+        hello_as(&master, 2 + s, epoch),
+    )
+    .await;
 
     // The real slave is still the one counted: what the master acknowledges, it holds.
     one.follow(u(2)).await.expect("acknowledged");
@@ -184,6 +201,9 @@ async fn a_fake_slave_is_refused_and_a_follow_acknowledged_afterwards_is_on_the_
         "acknowledged at {acknowledged} but the real slave holds {:?}",
         slave.positions()
     );
+    let listed = format!("server {s} at {}", addr_of(&cluster, s));
+    assert_refused(as_the_slave, &[&listed, "intruder"]);
+    assert_refused(as_another, &[&listed, "is not a slave"]);
 
     // The master dies: the slave takes over with the follow.
     cluster.crash(1, m).await.expect("crash the master");
@@ -197,6 +217,55 @@ async fn a_fake_slave_is_refused_and_a_follow_acknowledged_afterwards_is_on_the_
     assert!(
         state.follows(u(1), u(2)),
         "the acknowledged follow was lost"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_its_slave_cut_off_a_master_acknowledges_nothing_on_a_fake_slaves_word() {
+    let cluster = TestCluster::start_with(config()).await.expect("start");
+    let (m, s) = master_and_slave_in_sync(&cluster).await;
+    let master = server(&cluster, m);
+    let slave = server(&cluster, s);
+    let one = cluster.client(1).await.expect("client 1");
+    let _two = cluster.client(2).await.expect("client 2");
+
+    // The fake would acknowledge everything; then the real slave is cut off from the master.
+    let memory = cluster.deployment().memory_network().expect("memory");
+    let intruder = memory.node("intruder");
+    let epoch = master.positions().epoch.0;
+    let session = fake_slave(
+        &intruder,
+        &addr_of(&cluster, m),
+        hello_as(&master, s, epoch),
+    )
+    .await;
+    cluster.isolate(1, m, s, true).expect("cut");
+
+    // The follow is acknowledged only once the coordinator no longer counts the slave, which
+    // therefore cannot be promoted without it.
+    one.follow(u(2)).await.expect("acknowledged, eventually");
+    let acknowledged = master.positions().commit;
+    assert!(
+        slave.positions().durable >= acknowledged || !coordinator_counts(&cluster, s),
+        "acknowledged at {acknowledged} while the coordinator counts slave {s}, which holds {:?}",
+        slave.positions()
+    );
+    assert_refused(
+        session,
+        &[&format!("server {s} at {}", addr_of(&cluster, s))],
+    );
+
+    // Healed, the real slave catches up and is counted again.
+    cluster.isolate(1, m, s, false).expect("heal");
+    master_and_slave_in_sync(&cluster).await;
+    assert!(
+        eventually(WAIT, || {
+            let ok = counted(&master, &slave, s) && slave.positions().durable >= acknowledged;
+            async move { ok }
+        })
+        .await,
+        "the real slave is counted again"
     );
     cluster.shutdown().await;
 }
@@ -227,15 +296,7 @@ async fn a_hello_claiming_epoch_u64_max_is_refused_and_the_master_keeps_its_role
         ServerId::new(s).expect("server"),
     ));
     let claim = hello_as(&master, s, u64::MAX);
-    let refused = fake_slave(&slave_host, &addr_of(&cluster, m), claim)
-        .await
-        .expect_err("a hello claiming epoch u64::MAX is refused");
-    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-    assert!(
-        refused.message().contains(&u64::MAX.to_string()),
-        "the refusal names the claimed epoch: {}",
-        refused.message()
-    );
+    let session = fake_slave(&slave_host, &addr_of(&cluster, m), claim).await;
 
     // Same role, same epoch, same slave counted, and the coordinator still has it in sync.
     assert_eq!(master.role(), Role::Master, "the master stepped down");
@@ -265,6 +326,10 @@ async fn a_hello_claiming_epoch_u64_max_is_refused_and_the_master_keeps_its_role
             .any(|n| n.id == s && n.in_sync && n.epoch == epoch),
         "the coordinator still has the slave in sync at epoch {epoch:?}: {nodes:?}"
     );
+    assert_refused(
+        session,
+        &[&u64::MAX.to_string(), "only the coordinator names epochs"],
+    );
     cluster.shutdown().await;
 }
 
@@ -280,12 +345,11 @@ async fn over_tcp_the_slave_mirrors_from_its_registered_ip_and_an_unlisted_serve
     let (m, s) = master_and_slave_in_sync(&cluster).await;
     let master = server(&cluster, m);
     let claim = hello_as(&master, 2 + s, master.positions().epoch.0);
-    let refused = fake_slave(cluster.network(), &addr_of(&cluster, m), claim)
-        .await
-        .expect_err("a server the coordinator does not list is refused");
-    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-    let listed = format!("server {s} at {}", addr_of(&cluster, s));
-    assert!(refused.message().contains(&listed), "{}", refused.message());
+    let session = fake_slave(cluster.network(), &addr_of(&cluster, m), claim).await;
+    assert_refused(
+        session,
+        &[&format!("server {s} at {}", addr_of(&cluster, s))],
+    );
     let slave = server(&cluster, s);
     assert!(counted(&master, &slave, s), "the real slave stays counted");
     cluster.shutdown().await;
