@@ -28,6 +28,9 @@
 //! touches the bookkeeping of the slaves already mirroring.
 
 use std::net::IpAddr;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::ids::{Epoch, ServerId};
 use crate::transport::{address, split_addr};
@@ -89,11 +92,44 @@ impl Caller {
         Some(unbracket(host))
     }
 
-    /// The peer, for messages.
+    /// The peer (with its port, for logs).
     pub(crate) fn describe(&self) -> &str {
-        self.peer
-            .as_deref()
-            .unwrap_or("an address the transport did not report")
+        self.peer.as_deref().unwrap_or(UNREPORTED)
+    }
+
+    /// The peer's host (without its ephemeral port, so that a slave dialling again is told
+    /// the same words).
+    pub(crate) fn describe_host(&self) -> &str {
+        self.host().unwrap_or(UNREPORTED)
+    }
+}
+
+const UNREPORTED: &str = "an address the transport did not report";
+
+/// Refused sessions are logged at most once every [`RefusalLog::EVERY`], so that a slave that
+/// keeps dialling, or a flood of fake ones, cannot flood the log; each line counts the
+/// refusals left out since the previous one.
+#[derive(Debug, Default)]
+pub(crate) struct RefusalLog {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    pub(crate) const EVERY: Duration = Duration::from_secs(10);
+
+    /// Counts a refusal at `now`: `Some(n)` when it is to be logged, `n` being the refusals
+    /// left out of the log since the previous line.
+    pub(crate) fn note(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < Self::EVERY)
+        {
+            self.unlogged += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
     }
 }
 
@@ -253,6 +289,17 @@ mod tests {
             identify(&listed, s(2), &Caller::default()),
             Identity::Unverifiable(listed.slaves[0].clone())
         );
+    }
+
+    #[test]
+    fn refusals_are_logged_at_most_once_every_ten_seconds_with_a_count_of_the_others() {
+        let t0 = Instant::now();
+        let mut log = RefusalLog::default();
+        assert_eq!(log.note(t0), Some(0));
+        assert_eq!(log.note(t0 + Duration::from_secs(1)), None);
+        assert_eq!(log.note(t0 + Duration::from_secs(9)), None);
+        assert_eq!(log.note(t0 + RefusalLog::EVERY), Some(2));
+        assert_eq!(log.note(t0 + RefusalLog::EVERY * 3), Some(0));
     }
 
     #[test]

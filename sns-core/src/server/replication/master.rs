@@ -78,7 +78,7 @@ impl Server {
             tracing::warn!(
                 cluster = %hello.cluster,
                 slave = %slave.server,
-                from = caller.describe(),
+                from = %caller.describe(),
                 "the transport cannot tell where this mirroring session comes from: \
                  admitted on the server id alone"
             );
@@ -131,7 +131,7 @@ impl Server {
                 "server {} registered at {}, and this session comes from {}",
                 slave.server,
                 address(&slave.host, slave.port),
-                caller.describe()
+                caller.describe_host()
             ),
             Refusal::EpochAhead { ours } => format!(
                 "the hello claims epoch {}, newer than this master's epoch {ours}; only the \
@@ -139,14 +139,18 @@ impl Server {
                 hello.known_epoch
             ),
         };
-        tracing::warn!(
-            cluster = %hello.cluster,
-            claimed_server = %hello.server,
-            from = caller.describe(),
-            claimed_epoch = %hello.known_epoch,
-            coordinator_lists = %listed,
-            "mirroring session refused: {why}"
-        );
+        let now = tokio::time::Instant::now();
+        if let Some(unlogged) = self.shared.refusals().note(now) {
+            tracing::warn!(
+                cluster = %hello.cluster,
+                claimed_server = %hello.server,
+                from = %caller.describe(),
+                claimed_epoch = %hello.known_epoch,
+                coordinator_lists = %listed,
+                "mirroring session refused: {why} ({unlogged} more refused since the last \
+                 warning)"
+            );
+        }
         Error::PermissionDenied(format!(
             "mirroring refused: {why} (the coordinator lists {listed} for this master)"
         ))

@@ -43,7 +43,7 @@ use crate::event::LogEntry;
 use crate::ids::{ClusterId, Epoch, LogIndex, ServerId};
 use crate::storage::Storage;
 
-pub(crate) use admission::{Caller, ListedSlave, Roster};
+pub(crate) use admission::{Caller, ListedSlave, RefusalLog, Roster};
 pub(super) use slave::run_mirror;
 
 /// Most entries in one shipment.
