@@ -466,6 +466,17 @@ impl RoutingTable {
             .map(|(s, addr)| (s, addr.clone()))
     }
 
+    /// The servers of `cluster` other than its master, each at the address it registered
+    /// with, by id: the servers the master accepts mirroring sessions from. A registered slave
+    /// is listed until it is forgotten, dead or not (it may still reach the master).
+    pub fn slaves_of(&self, cluster: ClusterId) -> Vec<(ServerId, Address)> {
+        let master = self.roles.get(&cluster).and_then(|r| r.master);
+        self.servers_of(cluster)
+            .filter(|(s, _)| Some(*s) != master)
+            .map(|(s, node)| (s, node.addr.clone()))
+            .collect()
+    }
+
     /// Records a synchronizer's registration or heartbeat.
     pub fn register_sync(&mut self, id: i64, addr: Address, now: Instant) -> Result<ClusterId> {
         let id = positive(id, "synchronizer id")?;

@@ -149,6 +149,15 @@ impl CoordService for CoordAdapter {
         let now = tokio::time::Instant::now();
         let assignment = table.heartbeat(beat, now).map_err(status)?;
         let master = table.mirror_source(cluster, now);
+        // Only a master mirrors to anyone: it accepts mirroring from these servers alone.
+        let slaves = match assignment.role {
+            Role::Master => table
+                .slaves_of(cluster)
+                .into_iter()
+                .map(|(s, addr)| self::info(cluster.get(), s.get(), &addr, NodeRole::Slave))
+                .collect(),
+            Role::Slave => Vec::new(),
+        };
         Ok(Response::new(Confirmation {
             status: true,
             role: role_name(assignment.role).to_string(),
@@ -161,6 +170,7 @@ impl CoordService for CoordAdapter {
             master_port: master
                 .as_ref()
                 .map_or_else(String::new, |(_, a)| a.port.to_string()),
+            slaves,
         }))
     }
 

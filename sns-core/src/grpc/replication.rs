@@ -23,8 +23,8 @@ use crate::error::{Error, Result};
 use crate::event::LogEntry;
 use crate::ids::{ClusterId, Epoch, LogIndex, ServerId};
 use crate::server::Server;
-use crate::server::replication::{FromSlave, Hello, Shipment, SnapshotChunk, ToSlave};
-use crate::transport::Network;
+use crate::server::replication::{Caller, FromSlave, Hello, Shipment, SnapshotChunk, ToSlave};
+use crate::transport::{ConnectionInfo, Network};
 
 /// How long a slave may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,6 +58,12 @@ impl Replication for ReplicationAdapter {
             .get(TOKEN_METADATA)
             .and_then(|v| v.to_str().ok());
         self.server.authorize_peer(presented).map_err(status)?;
+        let caller = Caller {
+            peer: request
+                .extensions()
+                .get::<ConnectionInfo>()
+                .map(|info| info.peer.clone()),
+        };
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -71,6 +77,12 @@ impl Replication for ReplicationAdapter {
                 ));
             }
         };
+        // Refused sessions end here, before anything is counted or shipped.
+        let admitted = self
+            .server
+            .admit_slave(hello, &caller)
+            .await
+            .map_err(status)?;
         let (out, rx) = mpsc::channel(8);
         let inbound = inbound.map(|m| {
             m.map_err(|s| Error::Unavailable(format!("slave stream failed: {}", s.message())))
@@ -79,7 +91,7 @@ impl Replication for ReplicationAdapter {
         let server = self.server.clone();
         let (tasks, _) = self.server.tasks();
         tasks.spawn(async move {
-            server.ship_to_slave(hello, Box::pin(inbound), out).await;
+            server.ship_to_slave(admitted, Box::pin(inbound), out).await;
         });
         let outbound = ReceiverStream::new(rx).map(|m| Ok(to_wire_master(m)));
         Ok(Response::new(Box::pin(outbound)))

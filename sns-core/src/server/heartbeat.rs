@@ -1,13 +1,14 @@
 //! The server's link to the coordinator: a heartbeat every interval, from the first second.
 //!
 //! The first heartbeat registers the server; each reply assigns its role, tells the cluster's
-//! epoch and names the master a slave must mirror. A master's beat names the slaves it counts
-//! as in sync; an answered beat confirms that slaves left out of it are no longer counted. A
-//! master that has not reached the coordinator for a whole failure timeout steps down (it may
-//! already have been replaced) and stops claiming mastership, so it comes back, if at all,
-//! under a new epoch. Beats go out early when something changed (a slave lost or in sync, a
-//! newer epoch), and four times as often while a slave has no stream to its master, so a
-//! promotion reaches it quickly.
+//! epoch, names the master a slave must mirror and lists the slaves a master may accept
+//! mirroring sessions from. A master's beat names the slaves it counts as in sync; an answered
+//! beat confirms that slaves left out of it are no longer counted. A master that has not
+//! reached the coordinator for a whole failure timeout steps down (it may already have been
+//! replaced) and stops claiming mastership, so it comes back, if at all, under a new epoch.
+//! Beats go out early when something changed (a slave lost or in sync, a newer epoch, a
+//! mirroring session the last answer does not vouch for), and four times as often while a
+//! slave has no stream to its master, so a promotion reaches it quickly.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 
-use super::replication::{MirrorTarget, run_mirror};
+use super::replication::{ListedSlave, MirrorTarget, Roster, run_mirror};
 use super::{Joined, Role, Server, Shared};
 use crate::error::{Error, Result};
 use crate::grpc::coord::{TOKEN_METADATA, node_role, role_from_wire, role_name};
@@ -90,8 +91,16 @@ impl Server {
         }
     }
 
-    /// Applies the coordinator's answer to heartbeat number `beat`.
-    fn assign(&self, role: Role, epoch: Epoch, master: Option<MirrorTarget>, beat: u64) {
+    /// Applies the coordinator's answer to heartbeat number `beat`: the role, the epoch, the
+    /// master to mirror (to a slave) and the slaves to accept mirroring from (to a master).
+    fn assign(
+        &self,
+        role: Role,
+        epoch: Epoch,
+        master: Option<MirrorTarget>,
+        slaves: Vec<ListedSlave>,
+        beat: u64,
+    ) {
         let mut core = self.lock();
         core.known_epoch = core.known_epoch.max(epoch);
         // Only a master writes under the cluster's epoch; a slave keeps reporting the epoch of
@@ -130,6 +139,14 @@ impl Server {
                 });
             }
         }
+        let slaves = if core.role == Role::Master {
+            slaves
+        } else {
+            Vec::new()
+        };
+        self.shared
+            .listed_slaves
+            .send_replace(Roster { beat, slaves });
     }
 
     /// The heartbeat message and its number; `claiming` is whether this server holds
@@ -166,6 +183,24 @@ impl Server {
         let core = self.lock();
         core.role == Role::Slave && !core.mirroring
     }
+}
+
+/// The slaves a heartbeat answer lists (to a master); malformed entries are left out, so
+/// nobody is admitted on them.
+fn slaves_of(confirmation: &Confirmation) -> Vec<ListedSlave> {
+    confirmation
+        .slaves
+        .iter()
+        .filter_map(|info| {
+            let server = u32::try_from(info.server_id).ok().and_then(ServerId::new)?;
+            let port = info.port.parse::<u16>().ok()?;
+            (!info.hostname.is_empty()).then(|| ListedSlave {
+                server,
+                host: info.hostname.clone(),
+                port,
+            })
+        })
+        .collect()
 }
 
 /// The master named in a heartbeat answer, if any.
@@ -280,7 +315,8 @@ async fn run(
                 );
                 claiming = role == Role::Master;
                 let master = master_of(&confirmation);
-                server.assign(role, Epoch(confirmation.epoch), master, number);
+                let slaves = slaves_of(&confirmation);
+                server.assign(role, Epoch(confirmation.epoch), master, slaves, number);
             }
             Err(why) => {
                 if reachable {

@@ -50,7 +50,7 @@ use crate::storage::Storage;
 use crate::transport::{ConnectionLimits, Listener, Network};
 use committed::RecentEntries;
 use pipeline::{Gate, Pending};
-use replication::{MirrorTarget, Replicas};
+use replication::{MirrorTarget, RefusalLog, Replicas, Roster};
 use sessions::Sessions;
 use timeline::{FeedOwner, Subscribers};
 use uncommitted::{KeyedOriginal, Uncommitted};
@@ -266,6 +266,11 @@ struct Shared {
     gate: watch::Sender<Gate>,
     /// On a slave: the master to mirror, as the coordinator named it.
     mirror_target: watch::Sender<Option<MirrorTarget>>,
+    /// On a master: the slaves the coordinator lists, the only servers it accepts mirroring
+    /// sessions from (as of the last heartbeat answered).
+    listed_slaves: watch::Sender<Roster>,
+    /// On a master: when a refused mirroring session was last logged.
+    refusals: Mutex<RefusalLog>,
     /// Wakes the heartbeat loop for an immediate beat.
     beat_now: Arc<Notify>,
     /// Signalled when a truncation after a discard is done.
@@ -405,6 +410,8 @@ impl Server {
             sequenced_index: watch::channel(LogIndex(core.next_index.0 - 1)).0,
             gate,
             mirror_target: watch::channel(None).0,
+            listed_slaves: watch::channel(Roster::default()).0,
+            refusals: Mutex::new(RefusalLog::default()),
             beat_now: Arc::new(Notify::new()),
             truncated: Notify::new(),
             fatal: watch::channel(None).0,
@@ -1060,6 +1067,14 @@ fn set_fatal(shared: &Shared, why: String) {
             false
         }
     });
+}
+
+impl Shared {
+    /// The log of refused mirroring sessions, locked.
+    fn refusals(&self) -> MutexGuard<'_, RefusalLog> {
+        // Updates complete before anything that could panic: a poisoned lock is usable.
+        self.refusals.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 fn lock_core(core: &Mutex<Core>) -> MutexGuard<'_, Core> {

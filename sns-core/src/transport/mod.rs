@@ -31,6 +31,7 @@ pub mod tcp;
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -225,6 +226,15 @@ pub trait Connector: Send + Sync + 'static {
     /// Opens a connection to `addr` (`host:port`). It may take as long as the network needs;
     /// callers bound it with their connect timeout.
     async fn dial(&self, addr: &str) -> io::Result<Connection>;
+
+    /// The IP addresses `host` (a name) stands for on this network, to compare with the IP a
+    /// connection came from: `Ok(None)` when this network cannot tell (the default, for a
+    /// network that names its hosts in its own way). A master uses it to check that a
+    /// mirroring session comes from its slave's registered host.
+    async fn resolve(&self, host: &str) -> io::Result<Option<Vec<IpAddr>>> {
+        let _ = host;
+        Ok(None)
+    }
 }
 
 /// A cloneable handle on a [`Connector`]: how a component reaches its peers.
@@ -255,6 +265,11 @@ impl Network {
     /// Opens a raw connection to `addr`.
     pub async fn dial(&self, addr: &str) -> io::Result<Connection> {
         self.connector.dial(addr).await
+    }
+
+    /// The IP addresses `host` stands for on this network (see [`Connector::resolve`]).
+    pub async fn resolve(&self, host: &str) -> io::Result<Option<Vec<IpAddr>>> {
+        self.connector.resolve(host).await
     }
 
     /// Connects to the gRPC endpoint at `addr` (`host:port`) now, failing after

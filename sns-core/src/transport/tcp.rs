@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -166,6 +167,13 @@ impl Connector for TcpConnector {
             .map_or_else(|_| "unknown".to_string(), |a| a.to_string());
         Ok(connection(stream, &local))
     }
+
+    /// Through the system resolver, as [`TcpConnector::dial`] resolves names.
+    async fn resolve(&self, host: &str) -> io::Result<Option<Vec<IpAddr>>> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let found = tokio::net::lookup_host((host, 0)).await?;
+        Ok(Some(found.map(|a| a.ip().to_canonical()).collect()))
+    }
 }
 
 #[cfg(test)]
@@ -187,6 +195,22 @@ mod tests {
         assert_eq!(dialled.info().nodelay, Some(true), "dialled");
         assert_eq!(accepted.info().nodelay, Some(true), "accepted");
         assert_eq!(accepted.info().local, addr);
+    }
+
+    #[tokio::test]
+    async fn names_resolve_through_the_system_resolver_and_addresses_to_themselves() {
+        let loopback = TcpConnector
+            .resolve("localhost")
+            .await
+            .expect("localhost resolves")
+            .expect("a TCP network resolves names");
+        assert!(loopback.iter().all(IpAddr::is_loopback), "{loopback:?}");
+        assert!(!loopback.is_empty());
+        let literal = TcpConnector
+            .resolve("[::ffff:10.0.0.2]")
+            .await
+            .expect("an address");
+        assert_eq!(literal, Some(vec![IpAddr::from([10, 0, 0, 2])]));
     }
 
     #[test]

@@ -378,6 +378,23 @@ fn a_dead_master_is_replaced_by_its_in_sync_slave_under_a_new_epoch() {
 }
 
 #[test]
+fn a_master_is_told_its_slaves_at_their_registered_addresses_and_the_list_follows_a_promotion() {
+    let t0 = Instant::now();
+    let mut t = table(2, t0);
+    master_and_slave(&mut t, t0, true);
+    t.heartbeat(beat(2, 1, 20000), t0).expect("another cluster");
+    assert_eq!(t.slaves_of(c(1)), vec![(s(2), addr(10001))]);
+    assert!(t.slaves_of(c(2)).is_empty(), "cluster 2 has no slave");
+    // The slave is promoted: the old master, back, is the slave now.
+    let later = t0 + RoutingConfig::default().failure_timeout() + Duration::from_millis(1);
+    assert_eq!(
+        t.heartbeat(beat(1, 2, 10001), later).expect("ok").role,
+        Role::Master
+    );
+    assert_eq!(t.slaves_of(c(1)), vec![(s(1), addr(10000))]);
+}
+
+#[test]
 fn a_slave_not_in_sync_is_not_promoted_unless_unclean_promotion_is_allowed() {
     let t0 = Instant::now();
     let later = t0 + RoutingConfig::default().failure_timeout() + Duration::from_millis(1);

@@ -1,21 +1,26 @@
 //! The master's side of mirroring: one shipping session per connected slave.
 //!
-//! A session plans where the slave continues (see the parent module), then ships entries from
+//! A session is admitted first (module `admission`: the slave the coordinator lists, from its
+//! registered host, with no claim of a newer epoch). It plans where the slave continues (see the parent module), then ships entries from
 //! the window of recent entries or, for older ones, from the log, and forwards the commit index.
 //! A second loop reads the slave's acknowledgements; a slave silent for the mirror timeout is
 //! dropped. Leaving the session detaches the slave (through the coordinator if it was
 //! announced in sync).
 
+use std::net::IpAddr;
+use std::sync::MutexGuard;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 
+use super::admission::{self, Caller, Identity, ListedSlave, Refusal};
 use super::{FromSlave, Hello, MAX_BATCH, SNAPSHOT_CHUNK, Shipment, SnapshotChunk, ToSlave};
 use crate::error::{Error, Result};
 use crate::ids::{Epoch, LogIndex, ServerId};
-use crate::server::{Role, Server};
+use crate::server::{Core, Role, Server};
 use crate::storage::Snapshot;
+use crate::transport::address;
 
 /// One shipping session: the slave, its session with [`Replicas`](super::Replicas), and the
 /// discard generation the session serves. A master that stepped down discarded its
@@ -37,25 +42,132 @@ struct Plan {
     start: LogIndex,
 }
 
+/// A mirroring session the master admitted, counted in with [`Replicas`](super::Replicas):
+/// [`Server::ship_to_slave`] serves it.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    hello: Hello,
+    link: Link,
+}
+
 impl Server {
-    /// Serves one slave's mirroring stream until it ends, this server stops being master, or
-    /// the slave falls silent.
+    /// Decides whether the session that opens with `hello`, coming from `caller`, may mirror
+    /// this master (see module `admission`), and if so counts it in. A session the
+    /// coordinator's last answer does not vouch for gets one more look, on the answer to a
+    /// heartbeat sent at once: the slave may have registered, or the cluster's epoch moved,
+    /// since. A refusal is `PermissionDenied`, logged at WARN, and changes nothing for the
+    /// slaves already mirroring.
+    pub(crate) async fn admit_slave(&self, hello: Hello, caller: &Caller) -> Result<Admitted> {
+        let mut asked = false;
+        while let Some(refusal) = self.vet(&hello, caller).await? {
+            if asked {
+                return Err(self.refuse(&hello, caller, refusal));
+            }
+            self.hear_coordinator().await;
+            asked = true;
+        }
+        self.attach_slave(hello)
+    }
+
+    /// Why the session of `hello` may not mirror this master, if it may not; an error if
+    /// this server cannot be mirrored at all.
+    async fn vet(&self, hello: &Hello, caller: &Caller) -> Result<Option<Refusal>> {
+        let epoch = self.check_mirrorable(hello)?.epoch;
+        let roster = self.shared.listed_slaves.borrow().clone();
+        let unverifiable = |slave: &ListedSlave| {
+            tracing::warn!(
+                cluster = %hello.cluster,
+                slave = %slave.server,
+                from = %caller.describe(),
+                "the transport cannot tell where this mirroring session comes from: \
+                 admitted on the server id alone"
+            );
+        };
+        match admission::identify(&roster, hello.server, caller) {
+            Identity::Confirmed => {}
+            Identity::Refused(refusal) => return Ok(Some(refusal)),
+            Identity::Unverifiable(slave) => unverifiable(&slave),
+            Identity::Resolve { slave, ip } => match self.resolve(&slave.host).await {
+                Some(resolved) if admission::resolves_to(&resolved, ip) => {}
+                Some(_) => return Ok(Some(Refusal::WrongHost(slave))),
+                None => unverifiable(&slave),
+            },
+        }
+        Ok(admission::check_epoch(hello.known_epoch, epoch).err())
+    }
+
+    /// The addresses `host` stands for on this server's network (`None`: it cannot tell; a
+    /// name that does not resolve stands for none).
+    async fn resolve(&self, host: &str) -> Option<Vec<IpAddr>> {
+        let network = &self.shared.joined.get()?.network;
+        match network.resolve(host).await {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                tracing::warn!(%host, "cannot resolve a slave's registered host: {e}");
+                Some(Vec::new())
+            }
+        }
+    }
+
+    /// Beats at once and waits, at most a mirror timeout, for the coordinator's answer to that
+    /// beat (or a later one).
+    async fn hear_coordinator(&self) {
+        let built = self.lock().replicas.beats();
+        let mut roster = self.shared.listed_slaves.subscribe();
+        self.shared.beat_now.notify_one();
+        let answered = roster.wait_for(|r| r.beat > built);
+        let _ = tokio::time::timeout(self.shared.config.mirror_timeout, answered).await;
+    }
+
+    /// The refusal of the session of `hello`, logged.
+    fn refuse(&self, hello: &Hello, caller: &Caller, refusal: Refusal) -> Error {
+        let listed = self.shared.listed_slaves.borrow().describe();
+        let why = match refusal {
+            Refusal::NotListed => format!(
+                "server {} is not a slave of cluster {}",
+                hello.server, hello.cluster
+            ),
+            Refusal::WrongHost(slave) => format!(
+                "server {} registered at {}, and this session comes from {}",
+                slave.server,
+                address(&slave.host, slave.port),
+                caller.describe_host()
+            ),
+            Refusal::EpochAhead { ours } => format!(
+                "the hello claims epoch {}, newer than this master's epoch {ours}; only the \
+                 coordinator names epochs",
+                hello.known_epoch
+            ),
+        };
+        let now = tokio::time::Instant::now();
+        if let Some(unlogged) = self.shared.refusals().note(now) {
+            tracing::warn!(
+                cluster = %hello.cluster,
+                claimed_server = %hello.server,
+                from = %caller.describe(),
+                claimed_epoch = %hello.known_epoch,
+                coordinator_lists = %listed,
+                "mirroring session refused: {why} ({unlogged} more refused since the last \
+                 warning)"
+            );
+        }
+        Error::PermissionDenied(format!(
+            "mirroring refused: {why} (the coordinator lists {listed} for this master)"
+        ))
+    }
+
+    /// Serves one admitted slave's mirroring stream until it ends, this server stops being
+    /// master, or the slave falls silent.
     pub(crate) async fn ship_to_slave<S>(
         &self,
-        hello: Hello,
+        admitted: Admitted,
         inbound: S,
         out: mpsc::Sender<ToSlave>,
     ) where
         S: Stream<Item = Result<FromSlave>> + Send + Unpin,
     {
+        let Admitted { hello, link } = admitted;
         let server = hello.server;
-        let link = match self.attach_slave(&hello) {
-            Ok(link) => link,
-            Err(e) => {
-                tracing::info!(slave = %server, "mirroring refused: {e}");
-                return;
-            }
-        };
         tracing::info!(
             cluster = %self.shared.config.cluster,
             slave = %server,
@@ -93,8 +205,10 @@ impl Server {
         }
     }
 
-    fn attach_slave(&self, hello: &Hello) -> Result<Link> {
-        let mut core = self.readable()?;
+    /// The core, if `hello` names another server of this cluster and this server is a master
+    /// that can be mirrored.
+    fn check_mirrorable(&self, hello: &Hello) -> Result<MutexGuard<'_, Core>> {
+        let core = self.readable()?;
         if hello.cluster != self.shared.config.cluster
             || hello.server == self.shared.config.server_id
         {
@@ -103,24 +217,31 @@ impl Server {
                 hello.server, hello.cluster
             )));
         }
-        if hello.known_epoch > core.epoch {
-            self.learn_epoch(&mut core, hello.known_epoch);
-        }
         if core.role != Role::Master {
             return Err(Error::Unavailable(
                 "this server is not the master of its cluster".to_string(),
             ));
         }
+        Ok(core)
+    }
+
+    /// Counts the session of `hello` in, without asking who it comes from ([`admit_slave`]
+    /// does, before).
+    ///
+    /// [`admit_slave`]: Server::admit_slave
+    pub(in crate::server) fn attach_slave(&self, hello: Hello) -> Result<Admitted> {
+        let mut core = self.check_mirrorable(&hello)?;
         let commit = core.commit;
-        Ok(Link {
+        let link = Link {
             server: hello.server,
             session: core.replicas.attach(hello.server, commit),
             generation: core.generation,
-        })
+        };
+        Ok(Admitted { hello, link })
     }
 
     /// This server learned of a newer epoch: if it is master, it has been replaced.
-    pub(in crate::server) fn learn_epoch(&self, core: &mut super::super::Core, epoch: Epoch) {
+    pub(in crate::server) fn learn_epoch(&self, core: &mut Core, epoch: Epoch) {
         core.known_epoch = core.known_epoch.max(epoch);
         if core.role == Role::Master && epoch > core.epoch {
             tracing::warn!(

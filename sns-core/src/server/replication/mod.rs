@@ -33,6 +33,7 @@
 //!   on, not a lease; the master also stops accepting writes when it has not reached the
 //!   coordinator for a whole failure timeout, which bounds how long its clients wait.
 
+mod admission;
 mod master;
 mod slave;
 
@@ -42,6 +43,7 @@ use crate::event::LogEntry;
 use crate::ids::{ClusterId, Epoch, LogIndex, ServerId};
 use crate::storage::Storage;
 
+pub(crate) use admission::{Caller, ListedSlave, RefusalLog, Roster};
 pub(super) use slave::run_mirror;
 
 /// Most entries in one shipment.
@@ -260,6 +262,11 @@ impl Replicas {
             .filter(|(_, r)| matches!(r.standing, Standing::InSync { .. }))
             .map(|(s, r)| (*s, r.acked))
             .collect()
+    }
+
+    /// The number of the last heartbeat built (see [`Replicas::announce`]).
+    pub(crate) fn beats(&self) -> u64 {
+        self.beats
     }
 
     /// Builds heartbeat number `n`: the slaves it names as in sync (now announced).

@@ -167,11 +167,12 @@ mod sessions {
             last_epoch: before.epoch,
             commit: LogIndex(0),
         };
+        let admitted = server.attach_slave(hello).expect("attached");
         let session = tokio::spawn({
             let server = server.clone();
             async move {
                 server
-                    .ship_to_slave(hello, ReceiverStream::new(inbound), out)
+                    .ship_to_slave(admitted, ReceiverStream::new(inbound), out)
                     .await;
             }
         });
