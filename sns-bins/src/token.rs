@@ -174,13 +174,23 @@ pub fn keep_or_create(path: &Path) -> Result<(String, bool), String> {
         _ => return read_token_file(path).map(|token| (token, false)),
     }
     let token = generate()?;
-    write_token_file(path, &token)
-        .map_err(|e| format!("cannot keep the cluster token in {}: {e}", path.display()))?;
-    Ok((token, true))
+    match write_token_file(path, &token) {
+        Ok(()) => Ok((token, true)),
+        // Another process made one first: everyone uses that one.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            read_token_file(path).map(|token| (token, false))
+        }
+        Err(e) => Err(format!(
+            "cannot keep the cluster token in {}: {e}",
+            path.display()
+        )),
+    }
 }
 
-/// Writes `token` to `path` crash-safely: into a temporary file beside it (mode 0600), fsynced,
-/// renamed over `path`, and the directory fsynced, so `path` holds the whole token or nothing.
+/// Writes `token` to `path` crash-safely and only if `path` does not exist: into a temporary
+/// file beside it (mode 0600), fsynced, linked as `path` (which fails with `AlreadyExists` if
+/// another process made it first, so two first starts never end with two tokens), and the
+/// directory fsynced, so `path` holds the whole token or nothing.
 fn write_token_file(path: &Path, token: &str) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -191,7 +201,10 @@ fn write_token_file(path: &Path, token: &str) -> std::io::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| TOKEN_FILE.to_string());
-    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    // Unique to this writer: its process and a few random characters (not the token's).
+    let random = generate().unwrap_or_default();
+    let unique = random.get(..8).unwrap_or_default();
+    let temp = dir.join(format!(".{name}.{}.{unique}.tmp", std::process::id()));
     // A leftover of a crashed run with the same process id is replaced; `create_new` never
     // follows a link planted there.
     match std::fs::remove_file(&temp) {
@@ -207,12 +220,10 @@ fn write_token_file(path: &Path, token: &str) -> std::io::Result<()> {
         file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         file.write_all(format!("{token}\n").as_bytes())?;
         file.sync_all()?;
-        std::fs::rename(&temp, path)?;
+        std::fs::hard_link(&temp, path)?;
         std::fs::File::open(dir)?.sync_all()
     })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
+    let _ = std::fs::remove_file(&temp);
     written
 }
 
@@ -256,6 +267,32 @@ pub fn check_bind(what: &str, bind: &str, has_token: bool, insecure: bool) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_starts_racing_on_one_directory_end_with_one_token() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let path = root.path().join("sns-data").join(TOKEN_FILE);
+        let racers: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || keep_or_create(&path).expect("a token"))
+            })
+            .collect();
+        let results: Vec<(String, bool)> = racers
+            .into_iter()
+            .map(|r| r.join().expect("racer"))
+            .collect();
+        let kept = read_token_file(&path).expect("kept");
+        assert!(
+            results.iter().all(|(token, _)| *token == kept),
+            "{results:?}"
+        );
+        assert_eq!(results.iter().filter(|(_, made)| *made).count(), 1);
+        let leftovers = std::fs::read_dir(path.parent().expect("dir"))
+            .expect("list")
+            .count();
+        assert_eq!(leftovers, 1, "no temporary file is left behind");
+    }
 
     #[test]
     fn tokens_on_the_command_line_or_short_are_warned_about() {
