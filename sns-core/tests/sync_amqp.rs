@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sns_core::sync::{AmqpBus, CursorStore, SyncTransport, decode_batch, encode_batch};
+use sns_core::sync::seal::{open_bytes, seal_bytes};
+use sns_core::sync::{AmqpBus, CursorStore, SyncTransport, encode_batch};
 use tokio_util::sync::CancellationToken;
 
 use sns_core::testing::{TestCluster, TestClusterConfig, amqp_broker, eventually};
@@ -357,7 +358,7 @@ async fn a_message_delivered_twice_is_applied_once() {
         "the post crosses"
     );
     // Every event of cluster 2 so far, published again twice: as a broker redelivers.
-    let body = encode_batch(c(2), &own_events(&cluster, 2).await);
+    let body = seal_bytes(None, c(2), &own_events(&cluster, 2).await).expect("seal");
     for _ in 0..2 {
         broker
             .publish_raw("origin.2", &body)
@@ -391,14 +392,21 @@ async fn garbage_in_a_queue_is_rejected_and_the_consumer_carries_on() {
         .publish_raw("origin.2", &garbage)
         .await
         .expect("publish");
+    // A plain `SyncBatch`, as bodies were before they were signed batches.
+    let plain = encode_batch(c(2), &own_events(&cluster, 2).await);
+    broker
+        .publish_raw("origin.2", &plain)
+        .await
+        .expect("publish");
     // A well-formed batch of cluster 1's own events, routed to cluster 1's queue.
-    let own_batch = encode_batch(c(1), &own_events(&cluster, 1).await);
+    let own_batch = seal_bytes(None, c(1), &own_events(&cluster, 1).await).expect("seal");
     broker
         .publish_raw("origin.2", &own_batch)
         .await
         .expect("publish");
     // A well-formed batch of a cluster the deployment does not have.
-    let foreign = encode_batch(
+    let foreign = seal_bytes(
+        None,
         c(7),
         &[Event {
             id: EventId {
@@ -408,7 +416,8 @@ async fn garbage_in_a_queue_is_rejected_and_the_consumer_carries_on() {
             at: Timestamp(0),
             kind: EventKind::UserJoined { user: u(7) },
         }],
-    );
+    )
+    .expect("seal");
     broker
         .publish_raw("origin.2", &foreign)
         .await
@@ -421,11 +430,16 @@ async fn garbage_in_a_queue_is_rejected_and_the_consumer_carries_on() {
         .await,
         "the consumer carries on past the garbage"
     );
-    // Neither message went back to the queue.
+    let refused = cluster.refusals(1).expect("a synchronizer").invalid;
+    assert_eq!(refused, 4, "every invalid message is counted");
+    // None of the messages went back to the queue.
     promptly(cluster.stop_synchronizer(1)).await;
     let left = broker.take_ready(c(1)).await.expect("read the queue");
     assert!(
-        !left.contains(&garbage) && !left.contains(&own_batch) && !left.contains(&foreign),
+        !left.contains(&garbage)
+            && !left.contains(&plain)
+            && !left.contains(&own_batch)
+            && !left.contains(&foreign),
         "rejected messages are not requeued"
     );
     let (_, state) = master(&cluster, 1).await.committed_state();
@@ -595,7 +609,7 @@ async fn a_restarted_publisher_resumes_after_its_cursor_file() {
     let queued = broker.take_ready(c(1)).await.expect("read the queue");
     assert!(!queued.is_empty(), "the new post was published");
     for body in &queued {
-        let (origin, events) = decode_batch(body).expect("a batch");
+        let (origin, events) = open_bytes(None, body).expect("a batch");
         assert_eq!(origin, c(2));
         assert!(
             events.iter().all(|e| e.id.seq > published),

@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
+use prost::Message as _;
 use sns_core::session::{SessionConfig, Target};
+use sns_core::sync::SyncKey;
+use sns_core::sync::seal::open;
 use sns_core::sync::{ClusterLink, GrpcBus, GrpcBusOptions, SyncTransport};
 use sns_core::testing::{TestCluster, TestClusterConfig, eventually};
 use sns_core::{
@@ -14,9 +17,9 @@ use sns_core::{
 };
 use sns_proto::csce438::Id;
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
-use sns_proto::sns_v1::SubscribeRequest;
 use sns_proto::sns_v1::sync_client::SyncClient;
 use sns_proto::sns_v1::sync_event::Kind;
+use sns_proto::sns_v1::{SubscribeRequest, SyncBatch};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
@@ -301,15 +304,24 @@ async fn a_subscription_for_another_cluster_or_without_the_token_is_refused() {
         .await
         .expect("own cluster, with the token")
         .into_inner();
-    let batch = tokio::time::timeout(WAIT, stream.message())
+    let signed = tokio::time::timeout(WAIT, stream.message())
         .await
         .expect("in time")
         .expect("a batch")
         .expect("not the end");
+    assert_eq!((signed.origin, signed.first), (2, 1));
+    assert_eq!(signed.mac.len(), 32, "signed with the deployment's key");
+    let batch = SyncBatch::decode(signed.batch.as_slice()).expect("a sync batch");
     assert_eq!(batch.origin, 2);
     let first = batch.events.first().expect("an event");
     assert_eq!((first.origin, first.seq), (2, 1));
     assert_eq!(first.kind, Some(Kind::UserJoined(2)));
+    let (_, events) = open(Some(&SyncKey::from_token(TOKEN)), signed.clone()).expect("opens");
+    assert_eq!(events.len() as u64, signed.last - signed.first + 1);
+    assert!(
+        open(Some(&SyncKey::from_token("guess")), signed).is_err(),
+        "another deployment's key does not open it"
+    );
     cluster.shutdown().await;
 }
 

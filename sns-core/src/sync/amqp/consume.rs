@@ -31,7 +31,8 @@ use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::ids::ClusterId;
 use crate::server::MAX_APPLY_BATCH;
-use crate::sync::{ClusterLink, decode_batch};
+use crate::sync::ClusterLink;
+use crate::sync::seal::{Refusal, open_bytes};
 
 /// Consumes `link`'s cluster's queue until `stop` is cancelled (or the broker refuses the
 /// layout).
@@ -169,7 +170,25 @@ async fn handle(
     let mut last_tag = None;
     for delivery in deliveries {
         let tag = delivery.delivery_tag;
-        let decoded = decode_batch(&delivery.data).and_then(|(origin, events)| {
+        let opened = match open_bytes(link.sync_key(), &delivery.data) {
+            Ok(opened) => opened,
+            Err(refusal) => {
+                link.refusals().refused(&refusal);
+                match refusal {
+                    Refusal::BadMac(reason) => {
+                        tracing::error!(
+                            cluster = %link.cluster(),
+                            "dropping a RabbitMQ message that is not signed with the \
+                             deployment's key: {reason}"
+                        );
+                        last_tag = Some(tag);
+                    }
+                    Refusal::Invalid(error) => reject(link, channel, tag, &error).await?,
+                }
+                continue;
+            }
+        };
+        let decoded = Ok(opened).and_then(|(origin, events)| {
             if origin == link.cluster() {
                 Err(Error::invalid(format!(
                     "a batch of this cluster's own events (cluster {origin})"
@@ -184,7 +203,10 @@ async fn handle(
             }
         });
         match decoded {
-            Err(error) => reject(link, channel, tag, &error).await?,
+            Err(error) => {
+                link.refusals().invalid();
+                reject(link, channel, tag, &error).await?
+            }
             Ok((origin, events)) => {
                 last_tag = Some(tag);
                 if events.is_empty() {
