@@ -47,6 +47,11 @@ impl SyncRefusals {
         };
     }
 
+    /// Counts a message that claimed events its origin does not have.
+    pub(crate) fn forged_gap(&self) {
+        self.forged_gap.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a batch that was not valid.
     pub(crate) fn invalid(&self) {
         self.invalid.fetch_add(1, Ordering::Relaxed);

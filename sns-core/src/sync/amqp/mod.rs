@@ -16,10 +16,14 @@
 //! - **Nothing applied twice.** Redeliveries and republished events are dropped by the master
 //!   (idempotent by origin and sequence number).
 //! - **Only what the origin sent.** With a key, a message without a valid MAC is dropped
-//!   before it is decoded, logged and counted ([`SyncRefusals`](super::SyncRefusals)).
-//! - **No hole.** A message that does not follow the cluster's high-water mark for its origin
-//!   (a gap: a queue that was purged, recreated or lost) is preceded by the missing events,
-//!   read straight from the origin's master.
+//!   before it is decoded; a message claiming events beyond its origin's own committed
+//!   high-water mark is dropped before any repair. Both are logged and counted
+//!   ([`SyncRefusals`](super::SyncRefusals)).
+//! - **No hole, no stall.** A message that does not follow the cluster's high-water mark for
+//!   its origin (a gap: a queue that was purged, recreated or lost) is preceded by the missing
+//!   events, read straight from the origin's master, waiting [`REPAIR_PATIENCE`] at most for
+//!   it; what cannot be read then is read later. Each origin's messages are handled on their
+//!   own, so one origin's repair never holds up another's messages.
 //! - **Never gives up** while not stopped: after a broker or connection fault each side
 //!   reconnects with backoff (at most [`MAX_RETRY`] apart), declares the layout again and
 //!   resumes. Only a layout the broker refuses ends [`AmqpBus::run`] with an error.
@@ -36,6 +40,7 @@ use async_trait::async_trait;
 use lapin::{Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
 
+pub use consume::REPAIR_PATIENCE;
 pub use cursor::{CursorStore, WRITE_EVERY};
 pub use publish::{APP_ID, CONTENT_TYPE, MAX_IN_FLIGHT, MESSAGE_TYPE};
 pub use topology::delete_topology;
