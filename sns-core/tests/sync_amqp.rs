@@ -13,10 +13,11 @@ use sns_core::sync::seal::{open_bytes, seal_bytes};
 use sns_core::sync::{AmqpBus, CursorStore, RefusalCounts, SyncKey, SyncTransport, encode_batch};
 use tokio_util::sync::CancellationToken;
 
+use sns_core::deployment::{server_node, synchronizer_node};
 use sns_core::testing::{TestCluster, TestClusterConfig, amqp_broker, eventually};
 use sns_core::{
     Bus, ClusterId, Data, Error, Event, EventId, EventKind, PostKey, QueueType, Role, Server,
-    Synchronizer, SynchronizerConfig, Timestamp, UserId,
+    ServerId, Synchronizer, SynchronizerConfig, Timestamp, UserId,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -604,6 +605,76 @@ async fn a_gap_is_filled_from_the_origin_master_while_its_publisher_is_off() {
         );
     }
     assert_eq!(refusals(&cluster, 1), RefusalCounts::default());
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_origin_holds_up_only_its_own_events() {
+    let Some(broker) = amqp_broker("an_unreachable_origin_holds_up_only_its_own_events").await
+    else {
+        return;
+    };
+    let mut cluster = start(broker.bus(QueueType::Quorum)).await;
+    users_and_follows(&cluster, &[(1, 2), (1, 3)]).await;
+    // Cluster 2 publishes nothing while its synchronizer is off; the queue will get only its
+    // last event, so cluster 1 must read the one before from cluster 2's master...
+    promptly(cluster.stop_synchronizer(2)).await;
+    let two = servers(&cluster, 2);
+    post(&two, 2, 1, "missing").await;
+    post(&two, 2, 2, "published").await;
+    let last = own_events(&cluster, 2)
+        .await
+        .last()
+        .cloned()
+        .expect("events");
+    // ... which cluster 1's synchronizer cannot reach.
+    let network = cluster
+        .deployment()
+        .memory_network()
+        .expect("the memory transport")
+        .clone();
+    let sync_one = synchronizer_node(c(1));
+    let masters_of_two: Vec<String> = (1..=2)
+        .map(|s| server_node(c(2), ServerId::new(s).expect("server")))
+        .collect();
+    for node in &masters_of_two {
+        network.partition(&sync_one, node);
+    }
+    let body = seal_bytes(None, c(2), &[last]).expect("seal");
+    broker
+        .publish_raw("origin.2", &body)
+        .await
+        .expect("publish");
+    let since = tokio::time::Instant::now();
+    post(&servers(&cluster, 3), 3, 1, "from 3").await;
+    assert!(
+        eventually(WAIT, || async {
+            timeline(&cluster, 1).contains(&"from 3".to_string())
+        })
+        .await,
+        "cluster 3's post crosses while cluster 2's events wait"
+    );
+    assert!(
+        since.elapsed() < REPAIR_PATIENCE,
+        "cluster 3's post was not held up by the repair of cluster 2's events ({:?})",
+        since.elapsed()
+    );
+    assert!(!timeline(&cluster, 1).contains(&"published".to_string()));
+    // Once cluster 2 is reachable again, its events are read from its master, though the
+    // message was dropped meanwhile and cluster 2 still publishes nothing.
+    for node in &masters_of_two {
+        network.repair(&sync_one, node);
+    }
+    let wanted: BTreeSet<String> = ["missing", "published", "from 3"].map(String::from).into();
+    assert!(
+        eventually(WAIT, || async {
+            timeline(&cluster, 1).into_iter().collect::<BTreeSet<_>>() == wanted
+        })
+        .await,
+        "cluster 2's events arrive once its master is reachable: {:?}",
+        timeline(&cluster, 1)
+    );
+    assert_eq!(timeline(&cluster, 1).len(), 3, "no post twice");
     cluster.shutdown().await;
 }
 
