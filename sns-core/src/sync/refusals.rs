@@ -1,5 +1,6 @@
 //! What a synchronizer refused to apply, counted: forged or altered batches (bad MAC), messages
-//! claiming events their origin does not have (forged gaps), and batches that are not valid.
+//! claiming events their origin does not have (forged gaps), batches that are not valid, and
+//! messages dropped for now because the events before them could not be read in time.
 //! Each refusal is also logged at error level where it happens; the counts are for tests and,
 //! later, metrics.
 
@@ -14,6 +15,7 @@ pub struct SyncRefusals {
     bad_mac: AtomicU64,
     forged_gap: AtomicU64,
     invalid: AtomicU64,
+    postponed: AtomicU64,
 }
 
 /// The counts of a [`SyncRefusals`] at one moment.
@@ -27,6 +29,9 @@ pub struct RefusalCounts {
     /// Batches that were not valid: undecodable, signed for another origin or range, of this
     /// cluster or of a cluster the deployment does not have, or refused by the master.
     pub invalid: u64,
+    /// RabbitMQ messages dropped because the events missing before them could not be read from
+    /// their origin's master in time; those events are read from there later.
+    pub postponed: u64,
 }
 
 impl SyncRefusals {
@@ -36,6 +41,7 @@ impl SyncRefusals {
             bad_mac: self.bad_mac.load(Ordering::Relaxed),
             forged_gap: self.forged_gap.load(Ordering::Relaxed),
             invalid: self.invalid.load(Ordering::Relaxed),
+            postponed: self.postponed.load(Ordering::Relaxed),
         }
     }
 
@@ -50,6 +56,11 @@ impl SyncRefusals {
     /// Counts a message that claimed events its origin does not have.
     pub(crate) fn forged_gap(&self) {
         self.forged_gap.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a message dropped until its origin's master can be read.
+    pub(crate) fn postponed(&self) {
+        self.postponed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a batch that was not valid.

@@ -367,6 +367,7 @@ impl OriginWorker {
              cluster {origin} ({why}); dropping the message: its events will be read from \
              cluster {origin}'s master later"
         );
+        self.link.refusals().postponed();
         self.owe();
         ack(&self.channel, tag).await
     }
