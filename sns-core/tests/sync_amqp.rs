@@ -458,7 +458,8 @@ async fn garbage_in_a_queue_is_rejected_and_the_consumer_carries_on() {
 fn forged_post(seq: u64, text: &str) -> Event {
     Event {
         id: EventId { origin: c(2), seq },
-        at: Timestamp(0),
+        // A plausible time: only the MAC, or the origin's mark, tells it from a real post.
+        at: Timestamp::now(),
         kind: EventKind::Posted {
             author: u(2),
             text: text.into(),

@@ -588,7 +588,8 @@ async fn a_batch_with_a_bad_mac_from_a_synchronizer_is_refused_and_counted() {
             origin: ClusterId::new(2).expect("cluster 2"),
             seq: next,
         },
-        at: Timestamp(0),
+        // A plausible time: only the MAC tells it from a real post.
+        at: Timestamp::now(),
         kind: EventKind::Posted {
             author: u(2),
             text: "forged".into(),
