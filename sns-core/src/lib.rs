@@ -51,7 +51,7 @@ pub use state::{Applied, State, StateConfig};
 pub use storage::{CrashDisk, CrashDiskOptions, CrashStorage};
 pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};
 pub use sync::{
-    AmqpBus, AmqpOptions, CursorStore, GrpcBus, GrpcBusOptions, LocalBus, QueueType, SyncTransport,
-    Synchronizer, SynchronizerConfig,
+    AmqpBus, AmqpOptions, CursorStore, GrpcBus, GrpcBusOptions, LocalBus, QueueType, RefusalCounts,
+    SyncKey, SyncRefusals, SyncTransport, Synchronizer, SynchronizerConfig,
 };
 pub use transport::{Listener, MemoryNetwork, Network};

@@ -313,6 +313,14 @@ impl TestCluster {
         self.deployment.restart_synchronizer(c).await
     }
 
+    /// What the running synchronizer of `cluster` refused so far (forged, altered or invalid
+    /// batches), if one runs.
+    pub fn refusals(&self, cluster: u32) -> Option<crate::sync::RefusalCounts> {
+        let (c, _) = ids(cluster, 1).ok()?;
+        let synchronizer = self.deployment.synchronizer(c)?;
+        Some(synchronizer.refusals().counts())
+    }
+
     /// Makes every write of a server's disk fail from now on, as on a full disk (needs
     /// `simulated_disks`).
     pub fn fail_disk(&self, cluster: u32, server: u32) -> Result<()> {

@@ -1,22 +1,27 @@
 //! The RabbitMQ transport against a real broker (`SNS_AMQP_URL`; skipped without it): broker
 //! connections closed and a synchronizer restarted while posts flow, redelivered and garbage
-//! messages, a purged queue, and both queue types.
+//! messages, forged messages (unsigned, badly signed, far ahead), a purged queue, a gap, and
+//! both queue types.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sns_core::sync::{AmqpBus, CursorStore, SyncTransport, decode_batch, encode_batch};
+use sns_core::sync::amqp::REPAIR_PATIENCE;
+use sns_core::sync::seal::{open_bytes, seal_bytes};
+use sns_core::sync::{AmqpBus, CursorStore, RefusalCounts, SyncKey, SyncTransport, encode_batch};
 use tokio_util::sync::CancellationToken;
 
+use sns_core::deployment::{server_node, synchronizer_node};
 use sns_core::testing::{TestCluster, TestClusterConfig, amqp_broker, eventually};
 use sns_core::{
     Bus, ClusterId, Data, Error, Event, EventId, EventKind, PostKey, QueueType, Role, Server,
-    Synchronizer, SynchronizerConfig, Timestamp, UserId,
+    ServerId, Synchronizer, SynchronizerConfig, Timestamp, UserId,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
+const TOKEN: &str = "s3cret";
 /// Longest wait for one call to a master before asking again (it may have lost its role).
 const CALL: Duration = Duration::from_secs(2);
 
@@ -357,7 +362,7 @@ async fn a_message_delivered_twice_is_applied_once() {
         "the post crosses"
     );
     // Every event of cluster 2 so far, published again twice: as a broker redelivers.
-    let body = encode_batch(c(2), &own_events(&cluster, 2).await);
+    let body = seal_bytes(None, c(2), &own_events(&cluster, 2).await).expect("seal");
     for _ in 0..2 {
         broker
             .publish_raw("origin.2", &body)
@@ -391,14 +396,21 @@ async fn garbage_in_a_queue_is_rejected_and_the_consumer_carries_on() {
         .publish_raw("origin.2", &garbage)
         .await
         .expect("publish");
+    // A plain `SyncBatch`, as bodies were before they were signed batches.
+    let plain = encode_batch(c(2), &own_events(&cluster, 2).await);
+    broker
+        .publish_raw("origin.2", &plain)
+        .await
+        .expect("publish");
     // A well-formed batch of cluster 1's own events, routed to cluster 1's queue.
-    let own_batch = encode_batch(c(1), &own_events(&cluster, 1).await);
+    let own_batch = seal_bytes(None, c(1), &own_events(&cluster, 1).await).expect("seal");
     broker
         .publish_raw("origin.2", &own_batch)
         .await
         .expect("publish");
     // A well-formed batch of a cluster the deployment does not have.
-    let foreign = encode_batch(
+    let foreign = seal_bytes(
+        None,
         c(7),
         &[Event {
             id: EventId {
@@ -408,7 +420,8 @@ async fn garbage_in_a_queue_is_rejected_and_the_consumer_carries_on() {
             at: Timestamp(0),
             kind: EventKind::UserJoined { user: u(7) },
         }],
-    );
+    )
+    .expect("seal");
     broker
         .publish_raw("origin.2", &foreign)
         .await
@@ -421,11 +434,16 @@ async fn garbage_in_a_queue_is_rejected_and_the_consumer_carries_on() {
         .await,
         "the consumer carries on past the garbage"
     );
-    // Neither message went back to the queue.
+    let refused = cluster.refusals(1).expect("a synchronizer").invalid;
+    assert_eq!(refused, 4, "every invalid message is counted");
+    // None of the messages went back to the queue.
     promptly(cluster.stop_synchronizer(1)).await;
     let left = broker.take_ready(c(1)).await.expect("read the queue");
     assert!(
-        !left.contains(&garbage) && !left.contains(&own_batch) && !left.contains(&foreign),
+        !left.contains(&garbage)
+            && !left.contains(&plain)
+            && !left.contains(&own_batch)
+            && !left.contains(&foreign),
         "rejected messages are not requeued"
     );
     let (_, state) = master(&cluster, 1).await.committed_state();
@@ -433,6 +451,241 @@ async fn garbage_in_a_queue_is_rejected_and_the_consumer_carries_on() {
         !state.has_user(u(7)),
         "nothing of the foreign batch was applied"
     );
+    cluster.shutdown().await;
+}
+
+/// A post by user 2 with cluster 2's sequence number `seq`, as a forger would make it.
+fn forged_post(seq: u64, text: &str) -> Event {
+    Event {
+        id: EventId { origin: c(2), seq },
+        // A plausible time: only the MAC, or the origin's mark, tells it from a real post.
+        at: Timestamp::now(),
+        kind: EventKind::Posted {
+            author: u(2),
+            text: text.into(),
+            key: None,
+        },
+    }
+}
+
+/// Cluster 2's committed high-water mark.
+async fn mark_of_two(cluster: &TestCluster) -> u64 {
+    let master = master(cluster, 2).await;
+    master.high_water().expect("high water")[&c(2)]
+}
+
+/// What the synchronizer of cluster `id` refused so far.
+fn refusals(cluster: &TestCluster, id: u32) -> RefusalCounts {
+    cluster.refusals(id).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_forged_post_never_reaches_a_follower_and_the_real_one_does() {
+    let Some(broker) = amqp_broker("a_forged_post_never_reaches_a_follower").await else {
+        return;
+    };
+    let cluster = TestCluster::start_with(TestClusterConfig {
+        bus: broker.bus(QueueType::Quorum),
+        cluster_token: Some(TOKEN.to_string()),
+        ..TestClusterConfig::default()
+    })
+    .await
+    .expect("start");
+    users_and_follows(&cluster, &[(1, 2), (3, 2)]).await;
+    // The next post of user 2 will have this sequence number: a forger takes it first,
+    // publishing straight to the exchange, unsigned and signed with a guessed token.
+    let next = mark_of_two(&cluster).await + 1;
+    let forged = [forged_post(next, "forged")];
+    let unsigned = seal_bytes(None, c(2), &forged).expect("seal");
+    let guessed = seal_bytes(Some(&SyncKey::from_token("guess")), c(2), &forged).expect("seal");
+    for body in [&unsigned, &guessed] {
+        broker.publish_raw("origin.2", body).await.expect("publish");
+    }
+    assert!(
+        eventually(WAIT, || async {
+            refusals(&cluster, 1).bad_mac == 2 && refusals(&cluster, 3).bad_mac == 2
+        })
+        .await,
+        "both forgeries are refused and counted by clusters 1 and 3: {:?}, {:?}",
+        refusals(&cluster, 1),
+        refusals(&cluster, 3)
+    );
+    post(&servers(&cluster, 2), 2, 1, "real").await;
+    for user in [1, 3] {
+        assert!(
+            eventually(WAIT, || async { timeline(&cluster, user) == ["real"] }).await,
+            "user {user} sees the real post, not the forged one: {:?}",
+            timeline(&cluster, user)
+        );
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_forged_message_far_ahead_is_counted_and_stalls_no_origin() {
+    let Some(broker) = amqp_broker("a_forged_message_far_ahead_is_counted").await else {
+        return;
+    };
+    // No cluster token, so no MAC: the forged gap is caught by asking the origin.
+    let cluster = start(broker.bus(QueueType::Quorum)).await;
+    let everyone = [(1, 2), (1, 3), (2, 1), (2, 3), (3, 1), (3, 2)];
+    users_and_follows(&cluster, &everyone).await;
+    let ahead = mark_of_two(&cluster).await + 1_000;
+    let body = seal_bytes(None, c(2), &[forged_post(ahead, "from the future")]).expect("seal");
+    broker
+        .publish_raw("origin.2", &body)
+        .await
+        .expect("publish");
+    // Cluster 2's master answers at once, so no repair and no timeout is involved.
+    assert!(
+        eventually(REPAIR_PATIENCE, || async {
+            refusals(&cluster, 1).forged_gap == 1 && refusals(&cluster, 3).forged_gap == 1
+        })
+        .await,
+        "clusters 1 and 3 count a forged gap: {:?}, {:?}",
+        refusals(&cluster, 1),
+        refusals(&cluster, 3)
+    );
+    for author in 1..=3 {
+        post(
+            &servers(&cluster, author),
+            author,
+            1,
+            &format!("next of {author}"),
+        )
+        .await;
+    }
+    for user in 1..=3u32 {
+        let wanted: BTreeSet<String> = (1..=3u32)
+            .filter(|author| *author != user)
+            .map(|author| format!("next of {author}"))
+            .collect();
+        assert!(
+            eventually(WAIT, || async {
+                timeline(&cluster, user)
+                    .into_iter()
+                    .collect::<BTreeSet<_>>()
+                    == wanted
+            })
+            .await,
+            "user {user} gets the next post of every origin: {:?}",
+            timeline(&cluster, user)
+        );
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_gap_is_filled_from_the_origin_master_while_its_publisher_is_off() {
+    let Some(broker) = amqp_broker("a_gap_is_filled_from_the_origin_master").await else {
+        return;
+    };
+    let mut cluster = start(broker.bus(QueueType::Quorum)).await;
+    users_and_follows(&cluster, &[(1, 2), (3, 2)]).await;
+    // Cluster 2 publishes nothing while its synchronizer is off.
+    promptly(cluster.stop_synchronizer(2)).await;
+    let two = servers(&cluster, 2);
+    post(&two, 2, 1, "missing").await;
+    post(&two, 2, 2, "published").await;
+    // Only the last event reaches the queues: the one before it is missing there.
+    let events = own_events(&cluster, 2).await;
+    let last = events.last().cloned().expect("events");
+    let body = seal_bytes(None, c(2), &[last]).expect("seal");
+    broker
+        .publish_raw("origin.2", &body)
+        .await
+        .expect("publish");
+    for user in [1, 3] {
+        assert!(
+            eventually(WAIT, || async {
+                timeline(&cluster, user) == ["missing", "published"]
+            })
+            .await,
+            "user {user} gets the missing post from cluster 2's master: {:?}",
+            timeline(&cluster, user)
+        );
+    }
+    assert_eq!(refusals(&cluster, 1), RefusalCounts::default());
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_origin_holds_up_only_its_own_events() {
+    let Some(broker) = amqp_broker("an_unreachable_origin_holds_up_only_its_own_events").await
+    else {
+        return;
+    };
+    let mut cluster = start(broker.bus(QueueType::Quorum)).await;
+    users_and_follows(&cluster, &[(1, 2), (1, 3)]).await;
+    // Cluster 2 publishes nothing while its synchronizer is off; the queue will get only its
+    // last event, so cluster 1 must read the one before from cluster 2's master...
+    promptly(cluster.stop_synchronizer(2)).await;
+    let two = servers(&cluster, 2);
+    post(&two, 2, 1, "missing").await;
+    post(&two, 2, 2, "published").await;
+    let last = own_events(&cluster, 2)
+        .await
+        .last()
+        .cloned()
+        .expect("events");
+    // ... which cluster 1's synchronizer cannot reach.
+    let network = cluster
+        .deployment()
+        .memory_network()
+        .expect("the memory transport")
+        .clone();
+    let sync_one = synchronizer_node(c(1));
+    let masters_of_two: Vec<String> = (1..=2)
+        .map(|s| server_node(c(2), ServerId::new(s).expect("server")))
+        .collect();
+    for node in &masters_of_two {
+        network.partition(&sync_one, node);
+    }
+    let body = seal_bytes(None, c(2), &[last]).expect("seal");
+    broker
+        .publish_raw("origin.2", &body)
+        .await
+        .expect("publish");
+    let since = tokio::time::Instant::now();
+    post(&servers(&cluster, 3), 3, 1, "from 3").await;
+    assert!(
+        eventually(WAIT, || async {
+            timeline(&cluster, 1).contains(&"from 3".to_string())
+        })
+        .await,
+        "cluster 3's post crosses while cluster 2's events wait"
+    );
+    assert!(
+        since.elapsed() < REPAIR_PATIENCE,
+        "cluster 3's post was not held up by the repair of cluster 2's events ({:?})",
+        since.elapsed()
+    );
+    // The repair gives up after REPAIR_PATIENCE: the message leaves the queue (acknowledged)
+    // rather than holding up cluster 2's later messages.
+    assert!(
+        eventually(WAIT, || async { refusals(&cluster, 1).postponed == 1 }).await,
+        "the message whose gap cannot be repaired is dropped for now"
+    );
+    assert!(
+        since.elapsed() >= REPAIR_PATIENCE,
+        "dropped only after waiting for cluster 2's master"
+    );
+    assert!(!timeline(&cluster, 1).contains(&"published".to_string()));
+    // Once cluster 2 is reachable again, its events are read from its master, though the
+    // message was dropped meanwhile and cluster 2 still publishes nothing.
+    for node in &masters_of_two {
+        network.repair(&sync_one, node);
+    }
+    let wanted: BTreeSet<String> = ["missing", "published", "from 3"].map(String::from).into();
+    assert!(
+        eventually(WAIT, || async {
+            timeline(&cluster, 1).into_iter().collect::<BTreeSet<_>>() == wanted
+        })
+        .await,
+        "cluster 2's events arrive once its master is reachable: {:?}",
+        timeline(&cluster, 1)
+    );
+    assert_eq!(timeline(&cluster, 1).len(), 3, "no post twice");
     cluster.shutdown().await;
 }
 
@@ -595,7 +848,7 @@ async fn a_restarted_publisher_resumes_after_its_cursor_file() {
     let queued = broker.take_ready(c(1)).await.expect("read the queue");
     assert!(!queued.is_empty(), "the new post was published");
     for body in &queued {
-        let (origin, events) = decode_batch(body).expect("a batch");
+        let (origin, events) = open_bytes(None, body).expect("a batch");
         assert_eq!(origin, c(2));
         assert!(
             events.iter().all(|e| e.id.seq > published),

@@ -5,18 +5,23 @@
 
 use std::time::Duration;
 
+use prost::Message as _;
 use sns_core::session::{SessionConfig, Target};
+use sns_core::sync::SyncKey;
+use sns_core::sync::seal::{open, seal};
 use sns_core::sync::{ClusterLink, GrpcBus, GrpcBusOptions, SyncTransport};
 use sns_core::testing::{TestCluster, TestClusterConfig, eventually};
 use sns_core::{
-    Bus, ClusterId, Data, Deployment, DeploymentConfig, Error, MemoryNetwork, Ports, Role, Session,
-    Transport, UserId,
+    Bus, ClusterId, Data, Deployment, DeploymentConfig, Error, Event, EventId, EventKind,
+    MemoryNetwork, Ports, PostKey, Role, Session, Timestamp, Transport, UserId,
 };
-use sns_proto::csce438::Id;
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
-use sns_proto::sns_v1::SubscribeRequest;
+use sns_proto::csce438::{Id, NodeRole, ServerInfo};
 use sns_proto::sns_v1::sync_client::SyncClient;
 use sns_proto::sns_v1::sync_event::Kind;
+use sns_proto::sns_v1::sync_server::{Sync as SyncService, SyncServer};
+use sns_proto::sns_v1::{SignedBatch, SubscribeRequest, SyncBatch};
+use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
@@ -301,15 +306,24 @@ async fn a_subscription_for_another_cluster_or_without_the_token_is_refused() {
         .await
         .expect("own cluster, with the token")
         .into_inner();
-    let batch = tokio::time::timeout(WAIT, stream.message())
+    let signed = tokio::time::timeout(WAIT, stream.message())
         .await
         .expect("in time")
         .expect("a batch")
         .expect("not the end");
+    assert_eq!((signed.origin, signed.first), (2, 1));
+    assert_eq!(signed.mac.len(), 32, "signed with the deployment's key");
+    let batch = SyncBatch::decode(signed.batch.as_slice()).expect("a sync batch");
     assert_eq!(batch.origin, 2);
     let first = batch.events.first().expect("an event");
     assert_eq!((first.origin, first.seq), (2, 1));
     assert_eq!(first.kind, Some(Kind::UserJoined(2)));
+    let (_, events) = open(Some(&SyncKey::from_token(TOKEN)), signed.clone()).expect("opens");
+    assert_eq!(events.len() as u64, signed.last - signed.first + 1);
+    assert!(
+        open(Some(&SyncKey::from_token("guess")), signed).is_err(),
+        "another deployment's key does not open it"
+    );
     cluster.shutdown().await;
 }
 
@@ -513,4 +527,170 @@ async fn a_grpc_bus_runs_once_and_only_for_its_own_cluster() {
         matches!(&refused, Error::InvalidInput(m) if m.contains("already ran")),
         "{refused}"
     );
+}
+
+/// A synchronizer that serves `Sync.Subscribe` with the same forged batches to every
+/// subscriber, then holds the stream open.
+struct ForgingSynchronizer {
+    batches: Vec<SignedBatch>,
+}
+
+#[tonic::async_trait]
+impl SyncService for ForgingSynchronizer {
+    type SubscribeStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<SignedBatch, tonic::Status>> + Send>,
+    >;
+
+    async fn subscribe(
+        &self,
+        _request: tonic::Request<SubscribeRequest>,
+    ) -> Result<tonic::Response<Self::SubscribeStream>, tonic::Status> {
+        let forged = tokio_stream::iter(self.batches.clone().into_iter().map(Ok));
+        let open = tokio_stream::pending();
+        Ok(tonic::Response::new(Box::pin(forged.chain(open))))
+    }
+}
+
+/// The texts on `user`'s timeline on the master of `c`, oldest first.
+fn timeline_of(cluster: &TestCluster, c: u32, user: u32) -> Vec<String> {
+    let Some(server) = (1..=2)
+        .filter_map(|s| cluster.server(c, s))
+        .find(|server| server.role() == Role::Master)
+    else {
+        return Vec::new();
+    };
+    let (_, state) = server.committed_state();
+    let mut texts: Vec<String> = state
+        .recent_timeline(u(user), usize::MAX)
+        .iter()
+        .map(|p| p.text.to_string())
+        .collect();
+    texts.reverse();
+    texts
+}
+
+#[tokio::test]
+async fn a_batch_with_a_bad_mac_from_a_synchronizer_is_refused_and_counted() {
+    let mut cluster = TestCluster::start_with(TestClusterConfig {
+        cluster_token: Some(TOKEN.into()),
+        ..grpc()
+    })
+    .await
+    .expect("start");
+    follow_user_two(&cluster).await;
+    let two = cluster
+        .server(2, master_of(&cluster, 2))
+        .expect("master of 2")
+        .clone();
+    let next = two.high_water().expect("marks")[&ClusterId::new(2).expect("cluster 2")] + 1;
+    let forged_post = Event {
+        id: EventId {
+            origin: ClusterId::new(2).expect("cluster 2"),
+            seq: next,
+        },
+        // A plausible time: only the MAC tells it from a real post.
+        at: Timestamp::now(),
+        kind: EventKind::Posted {
+            author: u(2),
+            text: "forged".into(),
+            key: None,
+        },
+    };
+    let two_id = ClusterId::new(2).expect("cluster 2");
+    let unsigned = seal(None, two_id, std::slice::from_ref(&forged_post)).expect("seal");
+    let other_key = SyncKey::from_token("guess");
+    let wrong_key =
+        seal(Some(&other_key), two_id, std::slice::from_ref(&forged_post)).expect("seal");
+
+    // Cluster 2's only live synchronizer serves forged batches: one with a MAC of another
+    // key, and an unsigned one.
+    cluster.stop_synchronizer(2).await.expect("stop");
+    let network = cluster
+        .deployment()
+        .memory_network()
+        .expect("memory transport")
+        .clone();
+    let listener = network.bind("forger:0").expect("bind");
+    let port = listener.port().expect("a port");
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(
+        sns_core::transport::server_builder()
+            .add_service(SyncServer::new(ForgingSynchronizer {
+                batches: vec![wrong_key, unsigned],
+            }))
+            .serve_with_incoming_shutdown(listener, stop.clone().cancelled_owned()),
+    );
+    let coordinator = CoordServiceClient::new(
+        cluster
+            .channel(cluster.coordinator_addr())
+            .await
+            .expect("coordinator"),
+    );
+    let info = ServerInfo {
+        server_id: 5, // serves cluster ((5 - 1) % 3) + 1 = 2
+        hostname: "forger".to_string(),
+        port: port.to_string(),
+        r#type: "synchronizer".to_string(),
+        cluster_id: 2,
+        node_role: NodeRole::Synchronizer.into(),
+        ..ServerInfo::default()
+    };
+    let with_token = |info: ServerInfo| {
+        let mut request = tonic::Request::new(info);
+        request
+            .metadata_mut()
+            .insert("sns-cluster-token", TOKEN.parse().expect("ascii"));
+        request
+    };
+    coordinator
+        .clone()
+        .register_sync_server(with_token(info.clone()))
+        .await
+        .expect("the forger registers");
+    let beating = tokio::spawn({
+        let (stop, mut coordinator) = (stop.clone(), coordinator.clone());
+        async move {
+            let mut beats = tokio::time::interval(Duration::from_millis(100));
+            while !stop.is_cancelled() {
+                beats.tick().await;
+                let _ = coordinator.heartbeat(with_token(info.clone())).await;
+            }
+        }
+    });
+
+    let refused = |c: u32| cluster.refusals(c).map_or(0, |r| r.bad_mac);
+    assert!(
+        eventually(WAIT, || std::future::ready(
+            refused(1) >= 2 && refused(3) >= 2
+        ))
+        .await,
+        "clusters 1 and 3 refuse the forged batches: {:?}, {:?}",
+        cluster.refusals(1),
+        cluster.refusals(3)
+    );
+    stop.cancel();
+    let _ = serving.await;
+    let _ = beating.await;
+
+    // The real synchronizer is back; the post with that sequence number is the real one.
+    cluster.restart_synchronizer(2).await.expect("restart");
+    let master = cluster
+        .server(2, master_of(&cluster, 2))
+        .expect("master of 2")
+        .clone();
+    master
+        .post_keyed(u(2), b"real", PostKey::new(1))
+        .await
+        .expect("post");
+    for (c, user) in [(1, 1), (1, 4), (3, 3), (3, 6)] {
+        assert!(
+            eventually(WAIT, || std::future::ready(
+                timeline_of(&cluster, c, user) == ["real"]
+            ))
+            .await,
+            "user {user} on cluster {c} sees the real post only: {:?}",
+            timeline_of(&cluster, c, user)
+        );
+    }
+    cluster.shutdown().await;
 }

@@ -1,6 +1,7 @@
 //! `sns.v1.Log` adapter (a server's side of synchronization), `sns.v1.Sync` adapter and client
-//! (synchronizer to synchronizer, the gRPC transport), and the wire form of events as they
-//! cross clusters (`SyncBatch`, also the body of a RabbitMQ message).
+//! (synchronizer to synchronizer, the gRPC transport, streaming `SignedBatch`es: see
+//! `sync::seal`), and the wire form of events as they cross clusters (`SyncBatch`, also what a
+//! `SignedBatch` carries).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -14,8 +15,8 @@ use sns_proto::sns_v1::sync_event::Kind;
 use sns_proto::sns_v1::sync_server::{Sync as SyncService, SyncServer};
 use sns_proto::sns_v1::{
     FollowChange, FollowList, Followee, HighWaterReply, HighWaterRequest, ImagePost,
-    OriginImage as WireImage, OriginMark, OwnEventsRequest, PostBody, SubscribeRequest, SyncBatch,
-    SyncEvent,
+    OriginImage as WireImage, OriginMark, OwnEventsRequest, PostBody, SignedBatch,
+    SubscribeRequest, SyncBatch, SyncEvent,
 };
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::task::TaskTracker;
@@ -73,6 +74,7 @@ impl LogAdapter {
 }
 
 type BatchStream = Pin<Box<dyn Stream<Item = Result<SyncBatch, Status>> + Send>>;
+type SignedStream = Pin<Box<dyn Stream<Item = Result<SignedBatch, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Log for LogAdapter {
@@ -240,7 +242,7 @@ impl SyncAdapter {
 
 #[tonic::async_trait]
 impl SyncService for SyncAdapter {
-    type SubscribeStream = BatchStream;
+    type SubscribeStream = SignedStream;
 
     async fn subscribe(
         &self,
@@ -265,6 +267,7 @@ impl SyncService for SyncAdapter {
         };
         let mut feed = self.link.own_events(after, &reader);
         let shutdown = self.link.shutdown().clone();
+        let key = self.link.sync_key().cloned();
         let (out, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
         self.streams.spawn(async move {
             loop {
@@ -287,10 +290,14 @@ impl SyncService for SyncAdapter {
                     }
                 };
                 for chunk in events.chunks(STREAM_BATCH) {
+                    // Chunks are never empty, so sealing cannot fail; the stream ends if it did.
+                    let signed =
+                        crate::sync::seal::seal(key.as_ref(), origin, chunk).map_err(status);
+                    let failed = signed.is_err();
                     // A subscriber that does not read holds only its own stream, and not a
                     // stopping synchronizer.
                     let sent = tokio::select! {
-                        sent = out.send(Ok(batch_to_wire(origin, chunk))) => sent.is_ok(),
+                        sent = out.send(signed) => sent.is_ok() && !failed,
                         () = shutdown.cancelled() => false,
                     };
                     if !sent {
@@ -321,13 +328,14 @@ impl SyncPeer {
         Ok(Self { client, token })
     }
 
-    /// `origin`'s committed events after `after`, for a subscriber in cluster `subscriber`.
+    /// `origin`'s committed events after `after`, for a subscriber in cluster `subscriber`, in
+    /// signed batches (to be opened with [`open`](crate::sync::seal::open)).
     pub(crate) async fn subscribe(
         &self,
         origin: ClusterId,
         after: u64,
         subscriber: ClusterId,
-    ) -> Result<tonic::Streaming<SyncBatch>> {
+    ) -> Result<tonic::Streaming<SignedBatch>> {
         let request = with_token(
             Request::new(SubscribeRequest {
                 origin: origin.get(),

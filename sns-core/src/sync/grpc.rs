@@ -7,6 +7,10 @@
 //! - **Only committed events leave a cluster.** A `Subscribe` stream is the cluster's
 //!   `Log.OwnEvents` stream passed on: committed events with consecutive sequence numbers,
 //!   read from the current master and riding out its failovers.
+//! - **Signed.** With a cluster token every message of a `Subscribe` stream is a batch signed
+//!   with the deployment's key ([`seal`](super::seal)); a subscriber checks it before decoding,
+//!   and a missing or bad MAC ends the subscription (logged at error level and counted in
+//!   [`SyncRefusals`](super::SyncRefusals)) before anything of it is applied.
 //! - **Resume, never skip.** A subscriber subscribes after its cluster's committed high-water
 //!   mark for the origin, applies what arrives (the master drops duplicates and refuses holes),
 //!   and after any fault (a synchronizer restart, a failover on either side, a dropped
@@ -31,7 +35,7 @@ use super::pull::{Source, Subscription, pull};
 use super::{ClusterLink, SyncTransport, cluster_of_synchronizer};
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::grpc::sync::{SyncPeer, from_status, next_batch, sync_service, with_token};
+use crate::grpc::sync::{SyncPeer, from_status, sync_service, with_token};
 use crate::ids::ClusterId;
 use crate::transport::{Listener, address, split_addr};
 
@@ -411,25 +415,49 @@ impl Source for PeerSource {
         let peer = SyncPeer::new(self.link.network(), &addr, token)?;
         let stream = peer.subscribe(origin, after, self.link.cluster()).await?;
         tracing::debug!(cluster = %self.link.cluster(), %origin, %addr, after, "subscribed to synchronizer");
-        Ok(Box::new(PeerSubscription { stream, addr }))
+        Ok(Box::new(PeerSubscription {
+            link: self.link.clone(),
+            stream,
+            addr,
+        }))
     }
 }
 
 /// A `Subscribe` stream from another synchronizer.
 struct PeerSubscription {
-    stream: tonic::Streaming<sns_proto::sns_v1::SyncBatch>,
+    link: ClusterLink,
+    stream: tonic::Streaming<sns_proto::sns_v1::SignedBatch>,
     addr: String,
 }
 
 #[async_trait]
 impl Subscription for PeerSubscription {
+    /// The next batch's events, once its MAC is checked (with a key) and it decodes. A batch
+    /// that does not pass is refused, logged and counted, and ends the subscription: nothing
+    /// of it is applied, and the next subscription resumes from the high-water mark.
     async fn next(&mut self) -> Result<Vec<Event>> {
-        match next_batch(&mut self.stream).await {
-            Some(events) => events,
-            None => Err(Error::Unavailable(format!(
-                "the synchronizer at {} ended the stream",
-                self.addr
-            ))),
+        let signed = match self.stream.message().await {
+            Ok(Some(signed)) => signed,
+            Ok(None) => {
+                return Err(Error::Unavailable(format!(
+                    "the synchronizer at {} ended the stream",
+                    self.addr
+                )));
+            }
+            Err(status) => return Err(from_status(status)),
+        };
+        match super::seal::open(self.link.sync_key(), signed) {
+            Ok((_, events)) => Ok(events),
+            Err(refusal) => {
+                self.link.refusals().refused(&refusal);
+                tracing::error!(
+                    cluster = %self.link.cluster(),
+                    peer = %self.addr,
+                    "refusing a batch from the synchronizer at {}: {refusal}",
+                    self.addr
+                );
+                Err(Error::Corrupt(refusal.to_string()))
+            }
         }
     }
 }

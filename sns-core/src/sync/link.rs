@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::refusals::SyncRefusals;
+use super::seal::SyncKey;
 use crate::client::CoordinatorClient;
 use crate::error::{Error, Result};
 use crate::event::Event;
@@ -31,6 +33,9 @@ struct Inner {
     network: Network,
     coordinator: CoordinatorClient,
     token: Option<Arc<str>>,
+    /// Signs and checks batches; derived from `token`.
+    key: Option<SyncKey>,
+    refusals: SyncRefusals,
     shutdown: CancellationToken,
     /// The master of each cluster as last located.
     masters: Mutex<BTreeMap<ClusterId, (String, LogPeer)>>,
@@ -69,6 +74,8 @@ impl ClusterLink {
                 network: network.clone(),
                 coordinator: CoordinatorClient::new(network, coordinator)?,
                 token: cluster_token.map(Arc::from),
+                key: cluster_token.map(SyncKey::from_token),
+                refusals: SyncRefusals::default(),
                 shutdown,
                 masters: Mutex::new(BTreeMap::new()),
             }),
@@ -108,6 +115,17 @@ impl ClusterLink {
         self.inner.token.as_deref()
     }
 
+    /// The key that signs this cluster's batches and checks the others' (derived from the
+    /// cluster token; none without one: batches go unsigned).
+    pub fn sync_key(&self) -> Option<&SyncKey> {
+        self.inner.key.as_ref()
+    }
+
+    /// What this synchronizer refused, counted.
+    pub fn refusals(&self) -> &SyncRefusals {
+        &self.inner.refusals
+    }
+
     /// Cancelled when the synchronizer stops.
     pub fn shutdown(&self) -> &CancellationToken {
         &self.inner.shutdown
@@ -120,6 +138,16 @@ impl ClusterLink {
             |peer| async move { peer.high_water().await },
         )
         .await
+    }
+
+    /// `origin`'s own committed high-water mark, as its master says (0 before its first
+    /// event), asking the coordinator for the master again after a failover. Waits as long as
+    /// it takes: bound it with a timeout where the origin may be gone.
+    pub async fn origin_high_water(&self, origin: ClusterId) -> Result<u64> {
+        let marks = self
+            .retrying(origin, |peer| async move { peer.high_water().await })
+            .await?;
+        Ok(marks.get(&origin).copied().unwrap_or(0))
     }
 
     /// Applies a batch of `origin`'s events to this cluster's master and returns once they

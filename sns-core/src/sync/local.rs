@@ -30,6 +30,10 @@ impl SyncTransport for LocalBus {
         "local"
     }
 
+    fn carries_batches(&self) -> bool {
+        false
+    }
+
     async fn run(&self, link: ClusterLink) -> Result<()> {
         let tasks = TaskTracker::new();
         for origin in link.others() {

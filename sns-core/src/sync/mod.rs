@@ -17,6 +17,10 @@
 //!   committed (RabbitMQ).
 //! - **Remote events are ordinary log entries**: mirrored to the slave, committed, fanned out to
 //!   the live timelines of local followers, snapshotted.
+//! - **Signed between synchronizers.** With a cluster token, every batch one synchronizer hands
+//!   another (over RabbitMQ or `Sync.Subscribe`) carries a MAC keyed from the token, checked
+//!   before the batch is decoded ([`seal`]); refusals are logged and counted
+//!   ([`SyncRefusals`]).
 //!
 //! Transports: [`LocalBus`] (in-process), [`GrpcBus`] (synchronizers subscribe to each
 //! other) and [`AmqpBus`] (RabbitMQ).
@@ -26,6 +30,8 @@ mod grpc;
 mod link;
 mod local;
 mod pull;
+mod refusals;
+pub mod seal;
 
 use std::sync::Arc;
 
@@ -38,6 +44,8 @@ pub use grpc::{GrpcBus, GrpcBusOptions};
 pub use link::{ClusterLink, EventFeed};
 pub use local::LocalBus;
 pub use pull::{Source, Subscription, pull};
+pub use refusals::{RefusalCounts, SyncRefusals};
+pub use seal::{Refusal, SyncKey};
 
 use crate::error::{Error, Result};
 use crate::ids::ClusterId;
@@ -48,6 +56,12 @@ use crate::transport::Network;
 pub trait SyncTransport: Send + Sync + 'static {
     /// A short name for logs and status (`local`, `grpc`, `amqp`).
     fn name(&self) -> &'static str;
+
+    /// Whether batches leave the process (and so are signed, when there is a key). Only the
+    /// in-process transport says no.
+    fn carries_batches(&self) -> bool {
+        true
+    }
 
     /// Carries `link`'s cluster's own events to the other clusters and their events into
     /// `link`'s cluster until `link.shutdown()` is cancelled, riding out failovers, peer
@@ -128,13 +142,27 @@ impl Synchronizer {
         &self.link
     }
 
+    /// What it refused to apply (forged, altered or invalid batches), counted since it
+    /// started.
+    pub fn refusals(&self) -> &SyncRefusals {
+        self.link.refusals()
+    }
+
     /// Runs until [`stop`](Self::stop) is called (or the transport fails for good).
     pub async fn run(&self) -> Result<()> {
         tracing::info!(
             cluster = %self.link.cluster(),
             transport = self.transport.name(),
+            signed = self.link.sync_key().is_some(),
             "synchronizer running"
         );
+        if self.link.sync_key().is_none() && self.transport.carries_batches() {
+            tracing::warn!(
+                cluster = %self.link.cluster(),
+                "sync batches are not signed (no cluster token); anyone who can publish to \
+                 the broker, or serve as a synchronizer, can forge events"
+            );
+        }
         let result = self.transport.run(self.link.clone()).await;
         if let Err(e) = &result {
             tracing::error!(cluster = %self.link.cluster(), "synchronizer failed: {e}");

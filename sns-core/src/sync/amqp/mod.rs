@@ -4,8 +4,8 @@
 //! Layout (see `docs/sync-rabbitmq.md`): a durable topic exchange `<prefix>.events`; a durable
 //! queue `<prefix>.cluster.<c>` per consuming cluster (quorum by default, single active
 //! consumer), bound to `origin.<o>` for every other cluster `o`. A message is one
-//! [`SyncBatch`](sns_proto::sns_v1::SyncBatch) ([`encode_batch`](super::encode_batch)): one
-//! origin's consecutive events.
+//! [`SignedBatch`](sns_proto::sns_v1::SignedBatch) ([`seal_bytes`](super::seal::seal_bytes)):
+//! one origin's consecutive events, signed with the key derived from the cluster token.
 //!
 //! Invariants:
 //! - **Nothing lost on the way out.** The publisher sends persistent messages with publisher
@@ -15,9 +15,15 @@
 //!   answered that its events are committed; unacknowledged messages are redelivered.
 //! - **Nothing applied twice.** Redeliveries and republished events are dropped by the master
 //!   (idempotent by origin and sequence number).
-//! - **No hole.** A message that does not follow the cluster's high-water mark for its origin
-//!   (a gap: a queue that was purged, recreated or lost) is preceded by the missing events,
-//!   read straight from the origin's master.
+//! - **Only what the origin sent.** With a key, a message without a valid MAC is dropped
+//!   before it is decoded; a message claiming events beyond its origin's own committed
+//!   high-water mark is dropped before any repair. Both are logged and counted
+//!   ([`SyncRefusals`](super::SyncRefusals)).
+//! - **No hole, no stall.** A message that does not follow the cluster's high-water mark for
+//!   its origin (a gap: a queue that was purged, recreated or lost) is preceded by the missing
+//!   events, read straight from the origin's master, waiting [`REPAIR_PATIENCE`] at most for
+//!   it; what cannot be read then is read later. Each origin's messages are handled on their
+//!   own, so one origin's repair never holds up another's messages.
 //! - **Never gives up** while not stopped: after a broker or connection fault each side
 //!   reconnects with backoff (at most [`MAX_RETRY`] apart), declares the layout again and
 //!   resumes. Only a layout the broker refuses ends [`AmqpBus::run`] with an error.
@@ -34,6 +40,7 @@ use async_trait::async_trait;
 use lapin::{Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
 
+pub use consume::REPAIR_PATIENCE;
 pub use cursor::{CursorStore, WRITE_EVERY};
 pub use publish::{APP_ID, CONTENT_TYPE, MAX_IN_FLIGHT, MESSAGE_TYPE};
 pub use topology::delete_topology;
@@ -179,6 +186,14 @@ impl AmqpOptions {
     pub fn connection_name(&self, cluster: ClusterId, role: &str) -> String {
         format!("{} cluster {cluster} {role}", self.prefix)
     }
+
+    /// Whether the URL logs in as RabbitMQ's default user `guest` (also when it names no
+    /// user): fine on a laptop, not for a deployment.
+    pub fn uses_guest(&self) -> bool {
+        self.url
+            .parse::<lapin::uri::AMQPUri>()
+            .is_ok_and(|uri| uri.authority.userinfo.username == "guest")
+    }
 }
 
 /// `url` with its password replaced by `***`.
@@ -229,6 +244,14 @@ impl SyncTransport for AmqpBus {
 
     async fn run(&self, link: ClusterLink) -> Result<()> {
         self.options.validate()?;
+        if self.options.uses_guest() {
+            tracing::warn!(
+                cluster = %link.cluster(),
+                "the RabbitMQ URL logs in as guest: give the deployment a user of its own, \
+                 allowed only the {}.* exchange and queues (see docs/sync-rabbitmq.md)",
+                self.options.prefix
+            );
+        }
         // Cancelled when the synchronizer stops, or when one side fails for good.
         let stop = link.shutdown().child_token();
         let give_up = |result: Result<()>| {
@@ -445,6 +468,13 @@ mod tests {
                 .validate()
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn the_guest_user_is_told_apart() {
+        assert!(AmqpOptions::default().uses_guest());
+        assert!(AmqpOptions::new("amqp://broker:5672/%2f").uses_guest());
+        assert!(!AmqpOptions::new("amqp://sns-user:pw@broker:5672/%2f").uses_guest());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The publishing side: this cluster's own committed events, after the cursor, each batch one
-//! persistent message on the exchange with routing key `origin.<cluster>`. Up to
+//! persistent message on the exchange with routing key `origin.<cluster>`, its body a
+//! `SignedBatch` (signed when the deployment has a cluster token, see [`seal`](crate::sync::seal)). Up to
 //! [`MAX_IN_FLIGHT`] messages await their publisher confirm at once; the cursor advances past
 //! a message only once it and every message before it were confirmed. A message the broker
 //! refuses (nack) or cannot route (returned: a queue is missing) ends the session, and the next
@@ -18,7 +19,8 @@ use super::{AmqpOptions, CursorStore, Ended, Outage, close, connect_or_stop, sup
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::ids::ClusterId;
-use crate::sync::{ClusterLink, encode_batch};
+use crate::sync::ClusterLink;
+use crate::sync::seal::seal_bytes;
 
 /// Most messages awaiting their publisher confirm.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -26,7 +28,7 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// The `content-type` of every message.
 pub const CONTENT_TYPE: &str = "application/x-protobuf";
 /// The `type` of every message: the protobuf message of the body.
-pub const MESSAGE_TYPE: &str = "sns.v1.SyncBatch";
+pub const MESSAGE_TYPE: &str = "sns.v1.SignedBatch";
 /// The `app-id` of every message.
 pub const APP_ID: &str = "sns-synchronizer";
 
@@ -128,6 +130,7 @@ async fn send(
                 let (Some(first), Some(last)) = (events.first(), events.last()) else {
                     continue;
                 };
+                let body = seal_bytes(link.sync_key(), origin, &events).map_err(Ended::Broken)?;
                 let confirm = channel
                     .basic_publish(
                         exchange.as_str().into(),
@@ -136,7 +139,7 @@ async fn send(
                             mandatory: true,
                             ..BasicPublishOptions::default()
                         },
-                        &encode_batch(origin, &events),
+                        &body,
                         properties(origin, first.id.seq, last.id.seq),
                     )
                     .await?;
