@@ -517,6 +517,21 @@ async fn another_clusters_events_beyond_its_authority_or_clock_are_refused_and_c
         assert!(matches!(refused, Err(Error::InvalidInput(ref m)) if m.contains("clock")));
         assert_eq!(view(&server), before);
     }
+    // A state transfer too large for one log record (it should have come in pieces).
+    let huge = event(
+        2,
+        9,
+        EventKind::Image(Arc::new(sns_core::event::OriginImage {
+            users: (0..200_000).map(|n| u(3 * n + 2)).collect(),
+            ..Default::default()
+        })),
+    );
+    let refused = server.apply_remote(vec![huge]).await;
+    assert!(
+        matches!(&refused, Err(Error::InvalidInput(m)) if m.contains("over the limit")),
+        "{refused:?}"
+    );
+    assert_eq!(view(&server), before);
     // One bad event refuses its whole batch.
     let mixed = vec![posted(2, 2, 2, "fine"), posted(2, 3, 1, "forged")];
     assert!(server.apply_remote(mixed).await.is_err());
@@ -524,6 +539,7 @@ async fn another_clusters_events_beyond_its_authority_or_clock_are_refused_and_c
     let refused = server.refused_remote();
     assert_eq!(refused[&c(99)].forged, 1);
     assert_eq!(refused[&c(2)].forged, 5, "{refused:?}");
+    assert_eq!(refused[&c(2)].invalid, 1, "the oversized transfer: {refused:?}");
     assert_eq!(refused[&c(2)].clock, 3);
     assert_eq!(refused[&c(3)].forged, 1);
     // The origins' next legitimate events still apply.
