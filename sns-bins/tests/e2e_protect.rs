@@ -421,7 +421,7 @@ fn without_a_token_coordinator_and_tsd_listen_beyond_loopback_only_when_told_ins
     let port = free_port().to_string();
     refused(
         env!("CARGO_BIN_EXE_coordinator"),
-        &["-p", &port, "--bind", "0.0.0.0"],
+        &["-p", &port, "--bind", "0.0.0.0", "--no-cluster-token"],
     );
     refused(
         env!("CARGO_BIN_EXE_tsd"),
@@ -431,7 +431,14 @@ fn without_a_token_coordinator_and_tsd_listen_beyond_loopback_only_when_told_ins
     // With --insecure they start, and say so loudly.
     let (mut coordinator, _, seen) = spawn(
         env!("CARGO_BIN_EXE_coordinator"),
-        &["-p", "0", "--bind", "0.0.0.0", "--insecure"],
+        &[
+            "-p",
+            "0",
+            "--bind",
+            "0.0.0.0",
+            "--no-cluster-token",
+            "--insecure",
+        ],
         home.path(),
         "coordinator serving",
     );
@@ -482,4 +489,83 @@ fn without_a_token_coordinator_and_tsd_listen_beyond_loopback_only_when_told_ins
     tsd.kill();
     let serving = seen.last().expect("a line");
     assert!(serving.contains("addr=127.0.0.1:"), "{serving}");
+}
+
+#[test]
+fn separate_processes_started_from_one_directory_are_protected_without_a_token_typed() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let port_arg = port.to_string();
+    let coordinator_args = [
+        "-p",
+        port_arg.as_str(),
+        "--clusters",
+        "1",
+        "--heartbeat-ms",
+        "200",
+    ];
+    // The course's commands, no token anywhere: the coordinator makes one and says where.
+    let (mut coordinator, _log, seen) = spawn(
+        env!("CARGO_BIN_EXE_coordinator"),
+        &coordinator_args,
+        home.path(),
+        "coordinator serving",
+    );
+    let file = home.path().join("sns-data/cluster-token");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("made a cluster token") && l.contains("sns-data/cluster-token")),
+        "{seen:?}"
+    );
+    let mode = std::fs::metadata(&file).expect("kept").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let token = std::fs::read_to_string(&file).expect("read");
+    let token = token.trim();
+    assert_eq!(token.len(), 64, "{token:?}");
+    // Nobody without it gets in: a forged heartbeat rerouting the cluster is refused.
+    assert_eq!(heartbeat(port, None), tonic::Code::Unauthenticated);
+    // A server started from the same directory finds it and is made master.
+    let tsd_args = [
+        "-c",
+        "1",
+        "-s",
+        "1",
+        "-k",
+        port_arg.as_str(),
+        "-p",
+        "0",
+        "--in-memory",
+        "--heartbeat-ms",
+        "200",
+    ];
+    let (_tsd, _tsd_log, _) = spawn(
+        env!("CARGO_BIN_EXE_tsd"),
+        &tsd_args,
+        home.path(),
+        "role assigned",
+    );
+    // A coordinator started again there keeps the same token, and makes none.
+    coordinator.kill();
+    let (_coordinator, _log, seen) = spawn(
+        env!("CARGO_BIN_EXE_coordinator"),
+        &coordinator_args,
+        home.path(),
+        "coordinator serving",
+    );
+    assert!(
+        !seen.iter().any(|l| l.contains("made a cluster token")),
+        "{seen:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).expect("read").trim(), token);
+    assert_eq!(heartbeat(port, Some(token)), tonic::Code::Ok);
+    // `sns status` there needs no token typed.
+    let mut last = String::new();
+    let named = support::wait_until(|| {
+        let shown = status(port, home.path(), &[]);
+        last = format!("{}{}", text(&shown.stdout), text(&shown.stderr));
+        last.lines()
+            .any(|l| l.split_whitespace().take(3).eq(["1", "1", "master"]))
+    });
+    assert!(named, "{last}");
 }

@@ -375,6 +375,7 @@ fn a_port_that_is_not_tiny_sns_a_silent_one_and_a_closed_one_each_get_a_plain_se
 fn listeners_on_port_0_log_the_port_they_got_and_advertise_it() {
     // A coordinator and a server of its cluster 1, both on ports the system chooses.
     let mut coordinator = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .current_dir(support::sandbox())
         .args(["-p", "0", "--bind", "127.0.0.1", "--clusters", "1"])
         .env("RUST_LOG", "info")
         .stdin(std::process::Stdio::null())
@@ -388,6 +389,7 @@ fn listeners_on_port_0_log_the_port_they_got_and_advertise_it() {
 
     let data = tempfile::tempdir().expect("temp dir");
     let mut tsd = std::process::Command::new(env!("CARGO_BIN_EXE_tsd"))
+        .current_dir(support::sandbox())
         .args([
             "-c",
             "1",

@@ -522,7 +522,7 @@ async fn another_clusters_events_beyond_its_authority_or_clock_are_refused_and_c
         2,
         9,
         EventKind::Image(Arc::new(sns_core::event::OriginImage {
-            users: (0..200_000).map(|n| u(3 * n + 2)).collect(),
+            users: (0..400_000).map(|n| u(3 * n + 2)).collect(),
             ..Default::default()
         })),
     );
@@ -539,7 +539,11 @@ async fn another_clusters_events_beyond_its_authority_or_clock_are_refused_and_c
     let refused = server.refused_remote();
     assert_eq!(refused[&c(99)].forged, 1);
     assert_eq!(refused[&c(2)].forged, 5, "{refused:?}");
-    assert_eq!(refused[&c(2)].invalid, 1, "the oversized transfer: {refused:?}");
+    assert_eq!(
+        refused[&c(2)].invalid,
+        1,
+        "the oversized transfer: {refused:?}"
+    );
     assert_eq!(refused[&c(2)].clock, 3);
     assert_eq!(refused[&c(3)].forged, 1);
     // The origins' next legitimate events still apply.

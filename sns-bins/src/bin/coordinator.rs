@@ -1,15 +1,18 @@
 //! `coordinator`: the Tiny SNS routing table.
 //!
 //! `coordinator -p PORT` serves `csce438.CoordService` (and its `csce662` alias) and
-//! `sns.v1.Admin` on `--bind`:PORT (default 127.0.0.1). It keeps no state on disk: its table
+//! `sns.v1.Admin` on `--bind`:PORT (default 127.0.0.1). It keeps no routing state on disk: its table
 //! is rebuilt from the next round of heartbeats after a restart. It accepts servers
 //! `1..=--servers` of clusters `1..=--clusters` only, at most four synchronizers per cluster,
 //! and forgets nodes dead for ten failure timeouts.
 //!
 //! Its cluster token is `--cluster-token` (or `SNS_CLUSTER_TOKEN`), else the one in
-//! `--cluster-token-file`, else the one `sns up` keeps in `--data-dir`/cluster-token (default
-//! `./sns-data/cluster-token`) if that file exists. Without a token it listens on loopback
-//! only, unless `--insecure`. SIGINT or SIGTERM stops it (exit 0).
+//! `--cluster-token-file`, else the one kept in `--data-dir`/cluster-token (default
+//! `./sns-data/cluster-token`), which it makes there (random, mode 0600) when the file does not
+//! exist, as `sns up` does: `tsd`, `synchronizer` and `sns status` started from the same
+//! directory find it there. `--no-cluster-token` runs it open (the course's way: anyone who
+//! can reach it may register servers); then it listens on loopback only, unless `--insecure`.
+//! SIGINT or SIGTERM stops it (exit 0).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,10 +38,14 @@ struct Args {
     /// Servers per cluster: only servers 1..=N may register.
     #[arg(long = "servers", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=9))]
     servers: u32,
-    /// The deployment's data directory, where the cluster token is read from
-    /// (DIR/cluster-token) when none is given.
+    /// The deployment's data directory, where the cluster token is kept (DIR/cluster-token,
+    /// made there on the first start) when none is given.
     #[arg(long, default_value = sns_bins::token::DEFAULT_ROOT)]
     data_dir: PathBuf,
+    /// Run without a cluster token, as the course's coordinator does: anyone who can reach it
+    /// may register servers and read its status (loopback only, unless --insecure).
+    #[arg(long, conflicts_with_all = ["cluster_token", "cluster_token_file"])]
+    no_cluster_token: bool,
     #[command(flatten)]
     heartbeat: HeartbeatArgs,
     #[command(flatten)]
@@ -63,7 +70,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let token = args.token.resolve(&args.data_dir)?;
+    let token = if args.no_cluster_token {
+        None
+    } else {
+        Some(cluster_token(&args)?)
+    };
     sns_bins::token::check_bind(
         "the coordinator",
         &args.bind,
@@ -71,6 +82,12 @@ async fn run(args: Args) -> Result<(), String> {
         args.insecure,
     )?;
     let protected = token.is_some();
+    if !protected {
+        tracing::warn!(
+            "running without a cluster token (--no-cluster-token): anyone who can reach this \
+             coordinator may register servers, reroute clients and read its status"
+        );
+    }
     let coordinator = Coordinator::new(CoordinatorConfig {
         routing: RoutingConfig {
             clusters: args.clusters,
@@ -106,4 +123,23 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The token given, else the one kept in the data directory, made there if there is none.
+fn cluster_token(args: &Args) -> Result<String, String> {
+    if let Some(token) = args.token.resolve(&args.data_dir)? {
+        return Ok(token);
+    }
+    let path = args.data_dir.join(sns_bins::token::TOKEN_FILE);
+    let (token, made) = sns_bins::token::keep_or_create(&path).map_err(|e| {
+        format!("{e}; give --cluster-token-file, another --data-dir, or --no-cluster-token")
+    })?;
+    if made {
+        tracing::info!(
+            "made a cluster token and kept it in {} (mode 0600); tsd, synchronizer and sns \
+             status started from this directory find it there",
+            path.display()
+        );
+    }
+    Ok(token)
 }

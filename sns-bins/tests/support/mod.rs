@@ -20,6 +20,28 @@ use sns_proto::sns_v1::{NodeStatus, StatusReply, StatusRequest};
 /// How long any expected line or condition may take.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// The directory every process of this test binary runs in, unless its test says otherwise:
+/// a deployment's directory, as an operator starts the separate processes from one. The first
+/// coordinator keeps the cluster token in its `./sns-data/cluster-token`, where every `tsd`,
+/// `synchronizer` and `sns status` started here finds it, and the source tree stays clean.
+pub fn sandbox() -> &'static Path {
+    static SANDBOX: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    SANDBOX.get_or_init(|| {
+        tempfile::Builder::new()
+            .prefix("sns-e2e-")
+            .tempdir()
+            .expect("a temporary directory")
+            .keep()
+    })
+}
+
+/// The cluster token the sandbox's coordinators keep, once one was started.
+pub fn sandbox_token() -> Option<String> {
+    std::fs::read_to_string(sandbox().join("sns-data/cluster-token"))
+        .ok()
+        .map(|t| t.trim().to_string())
+}
+
 /// A port that was free a moment ago (bind to 0, read, release).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -149,6 +171,9 @@ fn spawn_command(
 /// Starts `command` with `args` (info logging, no token from the environment) and reads its
 /// log, without waiting for anything: for a process expected to stop on its own.
 pub fn spawn_unwaited(mut command: Command, args: &[String], name: &str) -> (Child, Lines) {
+    if command.get_current_dir().is_none() {
+        command.current_dir(sandbox());
+    }
     let mut child = command
         .args(args)
         .env("RUST_LOG", "info")
@@ -428,8 +453,15 @@ impl Coordinator {
                 .connect(&addr)
                 .await
                 .expect("reach the coordinator");
+            let mut request = tonic::Request::new(StatusRequest {});
+            if let Some(token) = sandbox_token() {
+                request.metadata_mut().insert(
+                    "sns-cluster-token",
+                    token.parse().expect("a token is printable ASCII"),
+                );
+            }
             AdminClient::new(channel)
-                .status(StatusRequest {})
+                .status(request)
                 .await
                 .expect("admin status")
                 .into_inner()
@@ -527,6 +559,7 @@ pub fn wait_until(mut check: impl FnMut() -> bool) -> bool {
 pub fn run(program: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let output = Command::new(program)
         .args(args)
+        .current_dir(sandbox())
         .stdin(Stdio::null())
         .output()
         .expect("run");
@@ -580,6 +613,7 @@ impl Tsc {
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tsc"))
             .args(args)
+            .current_dir(sandbox())
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
