@@ -840,3 +840,37 @@ async fn a_course_clients_quit_ends_its_stream_and_session_and_is_not_posted() {
     drop(tx);
     server.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_of_600000_users_reaches_the_client_whole() {
+    // Cluster 1 of 2; cluster 2 announced 600,000 users: a LIST reply of about 5.4 MB, over
+    // the 4 MiB a gRPC client accepts by default.
+    let config = ServerConfig {
+        clusters: 2,
+        ..ServerConfig::default()
+    };
+    let server = start_with(config, Arc::new(MemoryStorage::new())).await;
+    let origin = sns_core::ClusterId::new(2).expect("cluster");
+    let at = sns_core::Timestamp::now();
+    let joined: Vec<sns_core::Event> = (1..=600_000u32)
+        .map(|n| sns_core::Event {
+            id: sns_core::EventId {
+                origin,
+                seq: u64::from(n),
+            },
+            at,
+            kind: sns_core::EventKind::UserJoined { user: u(2 * n) },
+        })
+        .collect();
+    for batch in joined.chunks(sns_core::server::MAX_APPLY_BATCH) {
+        server
+            .server
+            .apply_remote(batch.to_vec())
+            .await
+            .expect("apply");
+    }
+    let one = login(&server, 1).await;
+    let listing = one.list().await.expect("a large LIST arrives");
+    assert_eq!(listing.all_users.len(), 600_001);
+    assert_eq!(listing.all_users.last().copied(), Some(u(1_200_000)));
+}
