@@ -106,6 +106,7 @@ pub fn failure_message(command: &Command, error: &Error) -> String {
             format!("{UNKNOWN_REASON} (cannot reach {addr}: {reason})")
         }
         (_, Error::Rpc(reason)) => format!("{UNKNOWN_REASON} ({reason})"),
+        (_, Error::OverLimit(limit)) => format!("Command failed: {limit}"),
         _ => UNKNOWN_REASON.into(),
     }
 }

@@ -427,3 +427,44 @@ fn a_socket_that_says_nothing_is_closed_at_the_handshake_deadline() {
     );
     runtime().block_on(connects_again(&tsd.addr()));
 }
+
+#[test]
+fn a_user_over_the_stream_limit_gets_one_line_naming_it_and_stays_in_command_mode() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let (_tsd, _) = Tsd::start_with(port, data.path(), &["--max-streams-per-user", "1"], |l| {
+        l.contains("serving clients")
+    });
+    let mut one = Tsc::start(port, 1);
+    one.expect_banner();
+    // Another stream of user 1, opened while its session lives, holds the one slot.
+    let runtime = runtime();
+    let _held = runtime.block_on(async {
+        let channel = sns_core::Network::tcp()
+            .connect(&format!("127.0.0.1:{port}"))
+            .await
+            .expect("connect");
+        let mut rpc = SnsServiceClient::new(channel);
+        let (keep, idle) = tokio::sync::mpsc::channel::<Message>(1);
+        let stream = rpc
+            .timeline(timeline_request(
+                "1",
+                true,
+                tokio_stream::wrappers::ReceiverStream::new(idle),
+            ))
+            .await
+            .expect("the first stream")
+            .into_inner();
+        (rpc, keep, stream)
+    });
+    one.send("TIMELINE");
+    one.expect_line("Command failed: too many timeline streams open for user 1 (at most 1)");
+    // Still in command mode, and no failover was tried.
+    let (all, _) = one.list();
+    assert_eq!(all, [1]);
+    let notices = one.notices.drain();
+    assert!(
+        !notices.iter().any(|n| n.contains("server lost")),
+        "{notices:?}"
+    );
+}

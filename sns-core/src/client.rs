@@ -65,9 +65,9 @@ fn from_status(status: &Status, command: Command, user: UserId) -> Error {
         (Code::InvalidArgument, Command::Other) => Error::InvalidInput(status.message().into()),
         (Code::Unauthenticated, _) => Error::NotLoggedIn(user),
         (Code::PermissionDenied, _) => Error::PermissionDenied(status.message().into()),
-        (Code::Unavailable | Code::ResourceExhausted | Code::Cancelled, _) => {
-            Error::Unavailable(status.message().into())
-        }
+        (Code::Unavailable | Code::Cancelled, _) => Error::Unavailable(status.message().into()),
+        // The server is there and says a limit was reached: nothing to fail over from.
+        (Code::ResourceExhausted, _) => Error::OverLimit(status.message().into()),
         (Code::Unimplemented, _) => Error::Rpc(
             "it does not serve the Tiny SNS client service (csce438.SNSService): not a Tiny SNS \
              server (a coordinator's port, or another program's?)"

@@ -35,6 +35,11 @@ pub enum Error {
     /// The request conflicts with what exists (e.g. a server slot alive at another address).
     #[error("{0}")]
     Conflict(String),
+    /// One of this server's limits for a user or for everyone was reached (e.g. timeline
+    /// streams per user); the message names the limit and its value. The server is fine:
+    /// failing over to another one does not help. Close something, or wait, then retry.
+    #[error("{0}")]
+    OverLimit(String),
     /// A bounded table is full (e.g. the coordinator's synchronizers of a cluster). Retry later,
     /// once an entry has gone.
     #[error("{0}")]
@@ -87,6 +92,7 @@ impl Error {
                 | Self::InvalidInput(_)
                 | Self::PermissionDenied(_)
                 | Self::Unauthorized
+                | Self::OverLimit(_)
         )
     }
 

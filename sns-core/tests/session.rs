@@ -761,3 +761,41 @@ async fn a_resumed_timeline_replays_every_recent_post_oldest_first_then_goes_liv
     assert_eq!(next_texts(&mut short, 5).await, expected);
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_user_over_the_stream_limit_is_told_the_limit_and_no_failover_starts() {
+    let cluster = one_server().await;
+    let session = routed(&cluster, 1).await;
+    let mut events = session.subscribe();
+    // The default limit: 4 timeline streams per user.
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(session.timeline().await.expect("a stream within the limit"));
+    }
+    let refused = tokio::time::timeout(WAIT, session.timeline())
+        .await
+        .expect("answered at once");
+    match refused {
+        Err(Error::OverLimit(limit)) => {
+            assert!(limit.contains("at most 4"), "{limit}");
+        }
+        Err(other) => panic!("expected the limit, got {other:?}"),
+        Ok(_) => panic!("a fifth stream was opened"),
+    }
+    // The refusal came back as the call's answer: had the session taken it for a lost
+    // server, it would have announced a failover before that answer.
+    assert!(
+        matches!(
+            events.try_recv(),
+            Err(broadcast::error::TryRecvError::Empty)
+        ),
+        "no failover for a limit"
+    );
+    // The session goes on: commands work, and a stream closed frees a slot.
+    session.list().await.expect("list");
+    drop(open.pop());
+    assert!(
+        eventually(WAIT, || async { session.timeline().await.is_ok() }).await,
+        "a slot freed by a closed stream is usable"
+    );
+}

@@ -24,7 +24,7 @@ pub(crate) fn status(error: Error) -> Status {
         Error::InvalidInput(message) => Status::invalid_argument(message),
         e @ Error::PermissionDenied(_) => Status::permission_denied(e.to_string()),
         Error::Conflict(message) => Status::already_exists(message),
-        Error::Full(message) => Status::resource_exhausted(message),
+        Error::Full(message) | Error::OverLimit(message) => Status::resource_exhausted(message),
         e @ Error::Unauthorized => Status::unauthenticated(e.to_string()),
         Error::Unavailable(message) => Status::unavailable(message),
         e @ Error::Unreachable { .. } => Status::unavailable(e.to_string()),

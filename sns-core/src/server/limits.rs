@@ -64,19 +64,19 @@ impl StreamSlots {
         }
     }
 
-    /// A slot for a new stream of `user`; refused (`Unavailable`, so a client may retry later)
-    /// when the user or the server holds as many streams as allowed.
+    /// A slot for a new stream of `user`; refused ([`Error::OverLimit`], naming the limit) when
+    /// the user or the server holds as many streams as allowed.
     pub(crate) fn acquire(&self, user: UserId) -> Result<StreamSlot> {
         let mut per_user = lock(&self.per_user);
         let held = per_user.get(&user).copied().unwrap_or(0);
         if held >= self.max_per_user {
-            return Err(Error::Unavailable(format!(
+            return Err(Error::OverLimit(format!(
                 "too many timeline streams open for user {user} (at most {})",
                 self.max_per_user
             )));
         }
         let total = Arc::clone(&self.total).try_acquire_owned().map_err(|_| {
-            Error::Unavailable(format!(
+            Error::OverLimit(format!(
                 "too many timeline streams open on this server (at most {})",
                 self.max_total
             ))
