@@ -99,12 +99,7 @@ pub fn failure_message(command: &Command, error: &Error) -> String {
         (_, Error::InvalidUsername(_)) => INVALID_USERNAME.into(),
         (_, Error::NotFollowing) => NOT_A_FOLLOWER.into(),
         (_, Error::InvalidInput(_)) => INVALID_COMMAND.into(),
-        (_, Error::Unavailable(reason)) => {
-            format!("{UNKNOWN_REASON} (server unavailable: {reason})")
-        }
-        (_, Error::Unreachable { addr, reason }) => {
-            format!("{UNKNOWN_REASON} (cannot reach {addr}: {reason})")
-        }
+        (_, e) if e.calls_for_reconnect() => format!("{UNKNOWN_REASON} ({e})"),
         (_, Error::Rpc(reason)) => format!("{UNKNOWN_REASON} ({reason})"),
         (_, Error::OverLimit(limit)) => format!("Command failed: {limit}"),
         _ => UNKNOWN_REASON.into(),

@@ -9,15 +9,16 @@ use sns_proto::csce438::coord_service_client::CoordServiceClient;
 use sns_proto::csce438::sns_service_client::SnsServiceClient;
 use sns_proto::csce438::{Id, Message, Request};
 use tokio::sync::mpsc;
+use tonic::Streaming;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
-use tonic::{Code, Status, Streaming};
 
 use crate::error::{Error, Result};
 use crate::event::normalize_post_text;
 use crate::grpc::sns::{
     TERMINATED_METADATA, TIMELINE_MODE_METADATA, TIMELINE_RESUME_METADATA, USERNAME_METADATA,
 };
+use crate::grpc::{self, Asked};
 use crate::ids::{ClusterId, PostId, PostKey, Timestamp, UserId};
 use crate::server::Listing;
 use crate::transport::Network;
@@ -29,57 +30,6 @@ pub const MAX_REPLY_BYTES: usize = 256 << 20;
 /// The client-facing service's stub on `channel`, accepting replies up to [`MAX_REPLY_BYTES`].
 fn sns_service(channel: Channel) -> SnsServiceClient<Channel> {
     SnsServiceClient::new(channel).max_decoding_message_size(MAX_REPLY_BYTES)
-}
-
-/// Which command a status answered, to give its code a meaning.
-#[derive(Debug, Clone, Copy)]
-enum Command {
-    Login,
-    Follow(UserId),
-    Unfollow(UserId),
-    Other,
-}
-
-fn from_status(status: &Status, command: Command, user: UserId) -> Error {
-    // A status with a source was made on this side from a broken connection, not sent by the
-    // server: the server is unreachable, whatever code the transport chose.
-    if let Some(source) = std::error::Error::source(status) {
-        return Error::Unavailable(format!(
-            "connection lost: {}",
-            crate::transport::innermost(source)
-        ));
-    }
-    match (status.code(), command) {
-        (Code::AlreadyExists, Command::Login) => Error::AlreadyLoggedIn(user),
-        (Code::AlreadyExists, Command::Follow(_)) => Error::AlreadyFollowing,
-        (Code::AlreadyExists, Command::Unfollow(_)) => Error::SameClient,
-        (Code::FailedPrecondition, Command::Unfollow(_)) => Error::NotFollowing,
-        (Code::InvalidArgument, Command::Follow(t) | Command::Unfollow(t)) => {
-            Error::InvalidUsername(t.to_string())
-        }
-        (Code::InvalidArgument, Command::Login) if status.message() == "invalid username" => {
-            Error::InvalidUsername(user.to_string())
-        }
-        // Another refusal (a user of another cluster): the server's own words.
-        (Code::InvalidArgument, Command::Login) => Error::InvalidInput(status.message().into()),
-        (Code::InvalidArgument, Command::Other) => Error::InvalidInput(status.message().into()),
-        (Code::Unauthenticated, _) => Error::NotLoggedIn(user),
-        (Code::PermissionDenied, _) => Error::PermissionDenied(status.message().into()),
-        (Code::Unavailable | Code::Cancelled, _) => Error::Unavailable(status.message().into()),
-        // The server is there and says a limit was reached: nothing to fail over from.
-        (Code::ResourceExhausted, _) => Error::OverLimit(status.message().into()),
-        (Code::Unimplemented, _) => Error::Rpc(
-            "it does not serve the Tiny SNS client service (csce438.SNSService): not a Tiny SNS \
-             server (a coordinator's port, or another program's?)"
-                .into(),
-        ),
-        (Code::OutOfRange, _) if status.message().contains("too large") => Error::Rpc(format!(
-            "the reply is larger than this client accepts ({} MiB): {}",
-            MAX_REPLY_BYTES >> 20,
-            status.message()
-        )),
-        _ => Error::Rpc(format!("{:?}: {}", status.code(), status.message())),
-    }
 }
 
 /// A handle on the coordinator: one channel, reused for every question (and re-established
@@ -133,11 +83,7 @@ impl CoordinatorClient {
                         reason: crate::transport::innermost(source),
                     };
                 }
-                match s.code() {
-                    Code::Unavailable => Error::Unavailable(s.message().to_string()),
-                    Code::InvalidArgument => Error::InvalidInput(s.message().to_string()),
-                    _ => Error::Rpc(format!("{:?}: {}", s.code(), s.message())),
-                }
+                grpc::error(&s, Asked::Command(user))
             })?
             .into_inner();
         Ok(format!("{}:{}", reply.hostname, reply.port))
@@ -182,7 +128,7 @@ impl Client {
             .clone()
             .login(client.request(None))
             .await
-            .map_err(|s| from_status(&s, Command::Login, user))?;
+            .map_err(|s| grpc::error(&s, Asked::Login(user)))?;
         Ok(client)
     }
 
@@ -228,7 +174,7 @@ impl Client {
             .clone()
             .follow(self.request(Some(target)))
             .await
-            .map_err(|s| from_status(&s, Command::Follow(target), self.user))?;
+            .map_err(|s| grpc::error(&s, Asked::Follow(self.user, target)))?;
         Ok(())
     }
 
@@ -241,7 +187,7 @@ impl Client {
             .clone()
             .un_follow(self.request(Some(target)))
             .await
-            .map_err(|s| from_status(&s, Command::Unfollow(target), self.user))?;
+            .map_err(|s| grpc::error(&s, Asked::Unfollow(self.user, target)))?;
         Ok(())
     }
 
@@ -252,7 +198,7 @@ impl Client {
             .clone()
             .list(self.request(None))
             .await
-            .map_err(|s| from_status(&s, Command::Other, self.user))?
+            .map_err(|s| grpc::error(&s, Asked::Command(self.user)))?
             .into_inner();
         let parse = |names: Vec<String>| -> Result<Vec<UserId>> {
             names
@@ -272,7 +218,7 @@ impl Client {
             .clone()
             .client_heartbeat(self.request(None))
             .await
-            .map_err(|s| from_status(&s, Command::Other, self.user))?;
+            .map_err(|s| grpc::error(&s, Asked::Command(self.user)))?;
         Ok(())
     }
 
@@ -286,7 +232,7 @@ impl Client {
             .clone()
             .un_follow(request)
             .await
-            .map_err(|s| from_status(&s, Command::Other, self.user))?;
+            .map_err(|s| grpc::error(&s, Asked::Command(self.user)))?;
         Ok(())
     }
 
@@ -328,7 +274,7 @@ impl Client {
             .clone()
             .timeline(request)
             .await
-            .map_err(|s| from_status(&s, Command::Other, self.user))?
+            .map_err(|s| grpc::error(&s, Asked::Command(self.user)))?
             .into_inner();
         Ok((
             TimelineSender {
@@ -417,7 +363,7 @@ impl TimelineSender {
         self.outbound
             .send(message)
             .await
-            .map_err(|_| Error::Unavailable("the timeline stream is closed".to_string()))
+            .map_err(|_| Error::ConnectionLost("the timeline stream is closed".to_string()))
     }
 }
 
@@ -448,7 +394,7 @@ impl TimelineStream {
             }
             Ok(Some(message)) => Some(received(message).map(TimelineMessage::Post)),
             Ok(None) => None,
-            Err(status) => Some(Err(from_status(&status, Command::Other, self.user))),
+            Err(status) => Some(Err(grpc::error(&status, Asked::Command(self.user)))),
         }
     }
 }

@@ -47,8 +47,30 @@ pub enum Error {
     /// The caller lacks the cluster token required for internal calls.
     #[error("missing or wrong cluster token")]
     Unauthorized,
-    /// This server cannot serve the request now (not master, shutting down, storage failed).
-    /// Retry, possibly after asking the coordinator again.
+    /// This server is not the master of its cluster: a slave, or a master that stepped down
+    /// (its change may or may not have been committed). Ask the coordinator who the master is
+    /// and retry there.
+    #[error("not master: {0}")]
+    NotMaster(String),
+    /// The process that was asked (named in the message: a server, a synchronizer) is shutting
+    /// down. Retry on the server that takes over, or once it is back.
+    #[error("{0} is shutting down")]
+    ShuttingDown(String),
+    /// This server's storage failed; it takes no more writes until it is restarted. Its durable
+    /// state is unchanged beyond the last successful fsync. Retry on the server that takes over.
+    #[error("storage failed: {0}")]
+    StorageFailed(String),
+    /// A connection broke in the middle of a call or stream, or a peer stopped answering in
+    /// time. Retry, on the same server or after asking the coordinator again.
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+    /// The server could not keep up with this caller: a timeline reader fell behind its queue
+    /// and was cut off. The server itself is fine; reopen and go on (posts missed meanwhile
+    /// are on the timeline's history).
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// Nothing can serve the request now (e.g. no live server in a cluster, a port already
+    /// taken). Retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),
     /// The server could not be reached or the connection broke. Retry later.
@@ -96,8 +118,30 @@ impl Error {
         )
     }
 
+    /// Whether the caller should find the server that serves it now and retry there: the one
+    /// that answered is not master, shutting down, lost its storage or its connection, could
+    /// not keep up, or nothing serves yet. Every other error is an answer to give the user;
+    /// failing over would not change it.
+    pub fn calls_for_reconnect(&self) -> bool {
+        matches!(
+            self,
+            Self::NotMaster(_)
+                | Self::ShuttingDown(_)
+                | Self::StorageFailed(_)
+                | Self::ConnectionLost(_)
+                | Self::Overloaded(_)
+                | Self::Unavailable(_)
+                | Self::Unreachable { .. }
+        )
+    }
+
     /// Shorthand for [`Error::InvalidInput`].
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::InvalidInput(message.into())
+    }
+
+    /// Shorthand for [`Error::ShuttingDown`] of this server.
+    pub fn server_shutting_down() -> Self {
+        Self::ShuttingDown("server".to_string())
     }
 }

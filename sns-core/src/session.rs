@@ -137,7 +137,7 @@ pub enum SessionEvent {
 
 /// Whether `error` says the server is lost (rather than answering the request).
 fn is_server_lost(error: &Error) -> bool {
-    matches!(error, Error::Unavailable(_) | Error::Unreachable { .. })
+    error.calls_for_reconnect()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -633,7 +633,7 @@ impl Outbound {
 }
 
 fn closed_for_posting() -> Error {
-    Error::Unavailable("the timeline is closed for posting".to_string())
+    Error::ConnectionLost("the timeline is closed for posting".to_string())
 }
 
 /// Posts on a [`SessionTimeline`]; cloneable, for posting from another task than the reader.
@@ -773,7 +773,7 @@ impl Reader {
                 // A stream that ends while posts wait for their acknowledgement (e.g. a server
                 // shutting down) is as good as broken.
                 None => {
-                    return Some(Error::Unavailable(
+                    return Some(Error::ConnectionLost(
                         "the server ended the timeline stream".to_string(),
                     ));
                 }

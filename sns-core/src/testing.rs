@@ -126,7 +126,7 @@ impl TestServer {
         self.shutdown.cancel();
         self.serving
             .await
-            .map_err(|e| crate::Error::Unavailable(format!("server task failed: {e}")))?
+            .map_err(|e| crate::Error::ConnectionLost(format!("server task failed: {e}")))?
     }
 }
 
@@ -266,9 +266,7 @@ impl TestCluster {
         loop {
             match coordinator.login(user).await {
                 Ok(client) => return Ok(client),
-                Err(crate::Error::Unavailable(_) | crate::Error::Unreachable { .. })
-                    if tokio::time::Instant::now() < deadline =>
-                {
+                Err(e) if e.calls_for_reconnect() && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(self.deployment.config().heartbeat_interval / 4).await;
                 }
                 Err(e) => return Err(e),

@@ -163,7 +163,7 @@ async fn a_retry_of_a_discarded_original_fails_with_it_and_the_next_try_stores_i
     for attempt in [original, retry] {
         assert!(matches!(
             attempt.await.expect("task"),
-            Err(Error::Unavailable(_))
+            Err(Error::NotMaster(_))
         ));
     }
 
@@ -174,7 +174,7 @@ async fn a_retry_of_a_discarded_original_fails_with_it_and_the_next_try_stores_i
         async move {
             loop {
                 match server.post_keyed(u(1), b"again", key(4)).await {
-                    Err(Error::Unavailable(_)) => tokio::time::sleep(SYNC).await,
+                    Err(Error::NotMaster(_)) => tokio::time::sleep(SYNC).await,
                     other => return other,
                 }
             }

@@ -99,7 +99,7 @@ async fn a_slave_refuses_clients_with_unavailable() {
         .expect("slave")
         .addr;
     let refused = Client::login(cluster.network(), slave_addr, u(1)).await;
-    assert!(matches!(refused, Err(Error::Unavailable(_))), "{refused:?}");
+    assert!(matches!(refused, Err(Error::NotMaster(_))), "{refused:?}");
     cluster.shutdown().await;
 }
 
@@ -205,7 +205,7 @@ async fn a_partitioned_master_steps_down_and_is_no_longer_routed() {
     );
     // The client is not cut off from the server: the refusal comes from the server itself.
     assert!(
-        matches!(client.follow(u(4)).await, Err(Error::Unavailable(_))),
+        matches!(client.follow(u(4)).await, Err(Error::NotMaster(_))),
         "writes are refused"
     );
     assert!(

@@ -204,11 +204,11 @@ async fn a_master_that_loses_its_role_discards_what_it_had_not_committed() {
     server.set_role(Role::Slave);
     assert!(matches!(
         follow.await.expect("task"),
-        Err(Error::Unavailable(_))
+        Err(Error::NotMaster(_))
     ));
     assert!(matches!(
         post.await.expect("task"),
-        Err(Error::Unavailable(_))
+        Err(Error::NotMaster(_))
     ));
     let positions = server.positions();
     assert_eq!(

@@ -74,7 +74,7 @@ async fn client(server: Server, user: u32, ops: Vec<Op>, observed: Arc<Mutex<Obs
         match result {
             Ok(()) => *slot = (Some(effect), None),
             // Refused as bad input (yourself, already following...): nothing changed.
-            Err(e) if !matches!(e, sns_core::Error::Unavailable(_)) => {}
+            Err(e) if !e.calls_for_reconnect() => {}
             // The crash: this one may or may not have become durable.
             Err(_) => {
                 slot.1 = Some(effect);

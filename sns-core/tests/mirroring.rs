@@ -172,7 +172,7 @@ async fn a_master_whose_disk_fails_refuses_everything_reports_why_and_its_slave_
     let why = failed.failed().expect("the server gave up");
     assert!(why.contains("no space left on device"), "{why}");
     // It serves nothing from memory any more, reads included.
-    assert!(matches!(one.list().await, Err(Error::Unavailable(_))));
+    assert!(matches!(one.list().await, Err(Error::StorageFailed(_))));
 
     // Its heartbeat reports the failure: the coordinator shows why and promotes the slave.
     let reported = eventually(WAIT, || {

@@ -274,10 +274,7 @@ async fn a_direct_session_reports_a_lost_server_instead_of_failing_over() {
 
     let failed = session.follow(u(2)).await;
     assert!(
-        matches!(
-            failed,
-            Err(Error::Unavailable(_) | Error::Unreachable { .. })
-        ),
+        matches!(&failed, Err(e) if e.calls_for_reconnect()),
         "{failed:?}"
     );
     let broken = tokio::time::timeout(WAIT, feed.next())
@@ -286,7 +283,7 @@ async fn a_direct_session_reports_a_lost_server_instead_of_failing_over() {
     assert!(
         matches!(
             broken,
-            Some(Err(Error::Unavailable(_) | Error::Unreachable { .. }))
+            Some(Err(ref e)) if e.calls_for_reconnect()
         ),
         "{broken:?}"
     );
@@ -429,10 +426,7 @@ async fn a_session_gives_up_after_its_patience_with_the_last_error() {
     let failed = session.follow(u(2)).await;
     let waited = started.elapsed();
     assert!(
-        matches!(
-            failed,
-            Err(Error::Unavailable(_) | Error::Unreachable { .. })
-        ),
+        matches!(&failed, Err(e) if e.calls_for_reconnect()),
         "{failed:?}"
     );
     let patience = SessionConfig::default().patience;
@@ -458,7 +452,7 @@ async fn a_session_gives_up_after_its_patience_with_the_last_error() {
     assert!(
         matches!(
             ended,
-            Some(Err(Error::Unavailable(_) | Error::Unreachable { .. }))
+            Some(Err(ref e)) if e.calls_for_reconnect()
         ),
         "{ended:?}"
     );
@@ -700,7 +694,7 @@ async fn a_direct_session_timeline_refuses_posts_once_it_has_ended() {
     // The timeline has ended: posting fails instead of waiting for a stream that never comes.
     assert!(matches!(
         poster.post("too late").await,
-        Err(Error::Unavailable(_))
+        Err(Error::ConnectionLost(_))
     ));
     assert_eq!(poster.unacknowledged(), 0);
     cluster.shutdown().await;

@@ -156,10 +156,7 @@ async fn own_and_invalid_events_are_refused() {
     );
     server.set_role(sns_core::Role::Slave);
     let on_slave = server.apply_remote(vec![joined(2, 1, 2)]).await;
-    assert!(
-        matches!(on_slave, Err(Error::Unavailable(_))),
-        "{on_slave:?}"
-    );
+    assert!(matches!(on_slave, Err(Error::NotMaster(_))), "{on_slave:?}");
     server.close().await;
 }
 

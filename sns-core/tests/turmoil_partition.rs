@@ -168,7 +168,7 @@ fn a_partitioned_master_steps_down_within_the_failure_timeout_and_rejoins_after_
             "stepped down after {stepped_down:?}, failure timeout {failure_timeout:?}"
         );
         assert!(
-            matches!(two.follow(u(1)).await, Err(Error::Unavailable(_))),
+            matches!(two.follow(u(1)).await, Err(Error::NotMaster(_))),
             "a stepped-down master refuses writes"
         );
 

@@ -85,6 +85,9 @@ fn first_login_failure(error: Error, target: &Target, user: UserId) -> String {
         (Error::Unavailable(reason), Target::Coordinator(_)) => {
             format!("tsc: no server is available for user {user}: {reason}")
         }
+        (e @ (Error::NotMaster(_) | Error::ShuttingDown(_)), Target::Direct(addr)) => {
+            format!("tsc: the server at {addr} cannot take user {user} now: {e}")
+        }
         (Error::Unreachable { addr, reason }, Target::Coordinator(coordinator))
             if addr == *coordinator =>
         {
@@ -93,11 +96,11 @@ fn first_login_failure(error: Error, target: &Target, user: UserId) -> String {
         (Error::Unreachable { addr, reason }, _) => {
             format!("tsc: cannot reach the server at {addr}: {reason}")
         }
-        (Error::Unavailable(reason), Target::Direct(addr)) => {
-            match reason.strip_prefix("connection lost: ") {
-                Some(why) => format!("tsc: cannot use the server at {addr}: {why}"),
-                None => format!("tsc: the server at {addr} is unavailable: {reason}"),
-            }
+        (Error::ConnectionLost(why), Target::Direct(addr)) => {
+            format!("tsc: cannot use the server at {addr}: {why}")
+        }
+        (e, Target::Direct(addr)) if e.calls_for_reconnect() => {
+            format!("tsc: the server at {addr} is unavailable: {e}")
         }
         (Error::Rpc(reason), Target::Direct(addr)) => {
             format!("tsc: cannot use {addr}: {reason}")

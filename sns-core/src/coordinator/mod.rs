@@ -85,7 +85,7 @@ impl Coordinator {
                 Ok(())
             }
         };
-        result.map_err(|e| Error::Unavailable(format!("coordinator transport failed: {e}")))
+        result.map_err(|e| Error::ConnectionLost(format!("coordinator transport failed: {e}")))
     }
 }
 

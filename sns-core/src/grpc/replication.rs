@@ -85,7 +85,7 @@ impl Replication for ReplicationAdapter {
             .map_err(status)?;
         let (out, rx) = mpsc::channel(8);
         let inbound = inbound.map(|m| {
-            m.map_err(|s| Error::Unavailable(format!("slave stream failed: {}", s.message())))
+            m.map_err(|s| Error::ConnectionLost(format!("slave stream failed: {}", s.message())))
                 .and_then(from_slave)
         });
         let server = self.server.clone();
@@ -109,7 +109,7 @@ impl MasterStream {
         match self.inner.message().await {
             Ok(Some(message)) => Some(from_master(message)),
             Ok(None) => None,
-            Err(s) => Some(Err(Error::Unavailable(format!(
+            Err(s) => Some(Err(Error::ConnectionLost(format!(
                 "mirroring stream failed: {}",
                 s.message()
             )))),

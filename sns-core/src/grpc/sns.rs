@@ -242,7 +242,7 @@ impl SnsService for SnsAdapter {
                 let (_, shutdown) = self.server.tasks();
                 let first = tokio::select! {
                     () = shutdown.cancelled() => {
-                        return Err(status(Error::Unavailable("server is shutting down".into())));
+                        return Err(status(Error::server_shutting_down()));
                     }
                     first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message()) => first,
                 };

@@ -362,24 +362,9 @@ pub(crate) fn with_token<T>(mut request: Request<T>, token: Option<&str>) -> Req
     request
 }
 
-/// The error a peer's status stands for, as far as a synchronizer cares: whether to retry
-/// elsewhere (`Unavailable`), catch up another way (`Compacted`), or report.
+/// The error a peer's status stands for.
 pub(crate) fn from_status(s: Status) -> Error {
-    use tonic::Code;
-    let message = s.message().to_string();
-    match s.code() {
-        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown => {
-            Error::Unavailable(message)
-        }
-        Code::OutOfRange => Error::Compacted {
-            first: crate::ids::LogIndex(0),
-        },
-        Code::InvalidArgument => Error::InvalidInput(message),
-        Code::AlreadyExists | Code::FailedPrecondition => Error::Conflict(message),
-        Code::Unauthenticated => Error::Unauthorized,
-        Code::DataLoss => Error::Corrupt(message),
-        _ => Error::Rpc(message),
-    }
+    super::error(&s, super::Asked::Peer)
 }
 
 /// One event in its wire form (a post's idempotency key stays in its cluster).

@@ -492,7 +492,7 @@ impl Server {
             }
         };
         self.close().await;
-        result.map_err(|e| Error::Unavailable(format!("server transport failed: {e}")))
+        result.map_err(|e| Error::ConnectionLost(format!("server transport failed: {e}")))
     }
 
     /// Stops the commit pipeline, mirroring and every timeline stream, and waits for them to
@@ -618,7 +618,7 @@ impl Server {
         self.set_gate(core, upto);
     }
 
-    /// Drops every sequenced entry that has not committed: their callers get `Unavailable`,
+    /// Drops every sequenced entry that has not committed: their callers get [`Error::NotMaster`],
     /// the state never saw them, and the log is truncated after the commit index. The
     /// truncation is queued after the entries' appends (storage serves calls in order), and
     /// writes (and mirroring) wait until it is done.
@@ -798,7 +798,7 @@ impl Server {
     /// `key` (committed and among the user's last
     /// [`REMEMBERED_POST_KEYS`](crate::state::REMEMBERED_POST_KEYS) keyed posts, or sequenced
     /// and not yet committed) is not stored again; the answer is that post's id, once it is
-    /// committed (`Unavailable` if it is discarded instead, as it would be for the original).
+    /// committed ([`Error::NotMaster`] if it is discarded instead, as it would be for the original).
     pub async fn post_keyed(
         &self,
         user: UserId,
@@ -836,7 +836,7 @@ impl Server {
         tokio::select! {
             result = finish(wait) => result?,
             () = self.shared.shutdown.cancelled() => {
-                return Err(Error::Unavailable("server is shutting down".to_string()));
+                return Err(Error::server_shutting_down());
             }
         }
         Ok(Some(id))
@@ -918,19 +918,19 @@ impl Server {
         Arc::clone(&self.shared.inflight)
             .acquire_owned()
             .await
-            .map_err(|_| Error::Unavailable("server is shutting down".to_string()))
+            .map_err(|_| Error::server_shutting_down())
     }
 
     /// The core, if this server accepts client writes.
     fn writable(&self) -> Result<MutexGuard<'_, Core>> {
         let core = self.readable()?;
         if core.role != Role::Master {
-            return Err(Error::Unavailable(
+            return Err(Error::NotMaster(
                 "this server is not the master of its cluster".to_string(),
             ));
         }
         if core.truncating {
-            return Err(Error::Unavailable(
+            return Err(Error::NotMaster(
                 "this server is discarding uncommitted entries".to_string(),
             ));
         }
@@ -941,10 +941,10 @@ impl Server {
     fn readable(&self) -> Result<MutexGuard<'_, Core>> {
         let core = self.lock();
         if let Some(why) = &core.failed {
-            return Err(Error::Unavailable(why.clone()));
+            return Err(Error::StorageFailed(why.clone()));
         }
         if self.shared.shutdown.is_cancelled() {
-            return Err(Error::Unavailable("server is shutting down".to_string()));
+            return Err(Error::server_shutting_down());
         }
         Ok(core)
     }
@@ -995,7 +995,7 @@ impl Server {
                 mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p,
             };
             if let Some(reply) = pending.reply {
-                let _ = reply.send(Err(Error::Unavailable("server is shutting down".into())));
+                let _ = reply.send(Err(Error::server_shutting_down()));
             }
         }
     }
@@ -1048,11 +1048,11 @@ impl Core {
 /// The storage failed: the state may be ahead of the disk, so the server refuses every request
 /// from now on, reports the failure in its heartbeats (at once) and gives up.
 fn storage_failed(shared: &Shared, core: &mut Core, why: String) {
+    if core.failed.is_none() {
+        core.failed = Some(format!("{why}; refusing requests"));
+    }
     let why = format!("storage failed, refusing requests: {why}");
     tracing::error!("{why}");
-    if core.failed.is_none() {
-        core.failed = Some(why.clone());
-    }
     set_fatal(shared, why);
     shared.beat_now.notify_one();
 }
@@ -1092,6 +1092,5 @@ fn known(state: &State, user: UserId) -> Result<()> {
 }
 
 async fn finish(wait: oneshot::Receiver<Result<()>>) -> Result<()> {
-    wait.await
-        .map_err(|_| Error::Unavailable("server is shutting down".to_string()))?
+    wait.await.map_err(|_| Error::server_shutting_down())?
 }

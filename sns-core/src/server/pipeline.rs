@@ -169,7 +169,7 @@ fn answer(reply: Option<oneshot::Sender<Result<()>>>, result: Result<()>) {
 }
 
 fn voided() -> Error {
-    Error::Unavailable("this server lost its role before the change was committed".to_string())
+    Error::NotMaster("this server lost its role before the change was committed".to_string())
 }
 
 /// Commits `entry`, which is durable and passed the gate: the state applies it, readers of the
@@ -258,7 +258,7 @@ async fn build_snapshot(shared: &Shared, upto: LogIndex, epoch: Epoch) -> Result
     drop(batches);
     let snapshot = builder
         .await
-        .map_err(|e| Error::Unavailable(format!("snapshot task failed: {e}")))??;
+        .map_err(|e| Error::StorageFailed(format!("snapshot task failed: {e}")))??;
     shared.storage.save_snapshot(snapshot).await
 }
 

@@ -301,7 +301,7 @@ impl Server {
         let slots = Arc::clone(&self.shared.inflight)
             .acquire_many_owned(slots)
             .await
-            .map_err(|_| Error::Unavailable("server is shutting down".to_string()))?;
+            .map_err(|_| Error::server_shutting_down())?;
         let (wait, generation, upto) = {
             let mut guard = self.writable()?;
             let core = &mut *guard;
@@ -403,7 +403,7 @@ impl Server {
     /// Waits until the commit index reaches `upto` with no discard since `generation`.
     async fn committed_through(&self, generation: u64, upto: LogIndex) -> Result<()> {
         let mut commit = self.shared.commit_index.subscribe();
-        let lost = || Error::Unavailable("this server lost its role before the commit".into());
+        let lost = || Error::NotMaster("this server lost its role before the commit".into());
         loop {
             if *commit.borrow_and_update() >= upto {
                 return if self.lock().generation == generation {
@@ -418,11 +418,11 @@ impl Server {
             tokio::select! {
                 changed = commit.changed() => {
                     if changed.is_err() {
-                        return Err(Error::Unavailable("server is shutting down".into()));
+                        return Err(Error::server_shutting_down());
                     }
                 }
                 () = self.shared.shutdown.cancelled() => {
-                    return Err(Error::Unavailable("server is shutting down".into()));
+                    return Err(Error::server_shutting_down());
                 }
             }
         }

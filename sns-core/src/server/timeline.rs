@@ -169,7 +169,7 @@ impl TimelineFeed {
                 if self.subscription.lagged.load(Ordering::Acquire) =>
             {
                 self.failed = true;
-                Poll::Ready(Some(Err(Error::Unavailable(
+                Poll::Ready(Some(Err(Error::Overloaded(
                     "timeline reader fell behind; reopen the timeline".to_string(),
                 ))))
             }

@@ -193,7 +193,7 @@ impl Uncommitted {
         self.follows.clear();
         for (_, original) in self.keyed_posts.drain() {
             for retry in original.retries {
-                let _ = retry.send(Err(Error::Unavailable(
+                let _ = retry.send(Err(Error::NotMaster(
                     "this server lost its role before the post was committed".to_string(),
                 )));
             }
@@ -330,7 +330,7 @@ mod tests {
             panic!("the original is uncommitted");
         };
         pending.clear();
-        assert!(matches!(outcome.try_recv(), Ok(Err(Error::Unavailable(_)))));
+        assert!(matches!(outcome.try_recv(), Ok(Err(Error::NotMaster(_)))));
         assert!(pending.post_with_key(&state, u(1), key(9)).is_none());
     }
 }

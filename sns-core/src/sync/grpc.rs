@@ -193,7 +193,7 @@ impl SyncTransport for GrpcBus {
         tasks.close();
         let result = match serving.await {
             Ok(result) => result,
-            Err(e) => Err(Error::Unavailable(format!(
+            Err(e) => Err(Error::ConnectionLost(format!(
                 "the Sync service task failed: {e}"
             ))),
         };
@@ -234,7 +234,7 @@ async fn serve(link: ClusterLink, listener: Listener, streams: TaskTracker) -> R
     // hold the stop forever.
     tokio::select! {
         result = serving => {
-            result.map_err(|e| Error::Unavailable(format!("the Sync service failed: {e}")))
+            result.map_err(|e| Error::ConnectionLost(format!("the Sync service failed: {e}")))
         }
         () = async {
             shutdown.cancelled().await;
@@ -399,7 +399,7 @@ impl PeerSource {
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 () = self.link.shutdown().cancelled() => {
-                    return Err(Error::Unavailable("the synchronizer is stopping".to_string()));
+                    return Err(Error::ShuttingDown("the synchronizer".to_string()));
                 }
             }
             pause = (pause * 2).min(self.max_pause);
@@ -439,7 +439,7 @@ impl Subscription for PeerSubscription {
         let signed = match self.stream.message().await {
             Ok(Some(signed)) => signed,
             Ok(None) => {
-                return Err(Error::Unavailable(format!(
+                return Err(Error::ConnectionLost(format!(
                     "the synchronizer at {} ended the stream",
                     self.addr
                 )));

@@ -297,7 +297,7 @@ impl EventFeed {
                             Err(e) => e,
                         },
                         Some(Err(e)) => e,
-                        None => Error::Unavailable("the master ended the stream".to_string()),
+                        None => Error::ConnectionLost("the master ended the stream".to_string()),
                     }
                 }
                 None => {
@@ -342,7 +342,7 @@ impl EventFeed {
             return Ok(None);
         };
         if first.id.origin != self.origin || !first.continues(self.last) {
-            return Err(Error::Unavailable(format!(
+            return Err(Error::ConnectionLost(format!(
                 "the stream of cluster {} skipped to {}",
                 self.origin, first.id
             )));
@@ -357,12 +357,9 @@ impl EventFeed {
 
 /// Whether a failed call is worth repeating on the (possibly new) master.
 pub(crate) fn retriable(error: &Error) -> bool {
-    matches!(
-        error,
-        Error::Unavailable(_) | Error::Unreachable { .. } | Error::Io(_) | Error::Rpc(_)
-    )
+    error.calls_for_reconnect() || matches!(error, Error::Io(_) | Error::Rpc(_))
 }
 
 fn stopping() -> Error {
-    Error::Unavailable("the synchronizer is stopping".to_string())
+    Error::ShuttingDown("the synchronizer".to_string())
 }

@@ -218,7 +218,7 @@ impl Server {
             )));
         }
         if core.role != Role::Master {
-            return Err(Error::Unavailable(
+            return Err(Error::NotMaster(
                 "this server is not the master of its cluster".to_string(),
             ));
         }
@@ -260,10 +260,10 @@ impl Server {
     fn header(&self, link: Link, body: Shipment) -> Result<ToSlave> {
         let core = self.lock();
         if core.role != Role::Master || self.shared.shutdown.is_cancelled() {
-            return Err(Error::Unavailable("no longer master".to_string()));
+            return Err(Error::NotMaster("no longer master".to_string()));
         }
         if core.generation != link.generation {
-            return Err(Error::Unavailable(
+            return Err(Error::ConnectionLost(
                 "this master discarded entries the slave may hold; it must dial again".to_string(),
             ));
         }
@@ -279,7 +279,7 @@ impl Server {
         let message = self.header(link, body)?;
         out.send(message)
             .await
-            .map_err(|_| Error::Unavailable("the slave went away".to_string()))
+            .map_err(|_| Error::ConnectionLost("the slave went away".to_string()))
     }
 
     async fn ship(&self, hello: &Hello, link: Link, out: &mpsc::Sender<ToSlave>) -> Result<()> {
@@ -464,7 +464,7 @@ impl Server {
         loop {
             let message = match tokio::time::timeout(timeout, inbound.next()).await {
                 Err(_) => {
-                    return Err(Error::Unavailable(format!(
+                    return Err(Error::ConnectionLost(format!(
                         "the slave said nothing for {timeout:?}"
                     )));
                 }

@@ -140,10 +140,10 @@ async fn consume(
             Some(ended) = workers.join_next() => {
                 return Err(match ended {
                     Ok(Err(ended)) => ended,
-                    Ok(Ok(())) => Ended::Broken(Error::Unavailable(
+                    Ok(Ok(())) => Ended::Broken(Error::ConnectionLost(
                         "an origin's worker ended".to_string(),
                     )),
-                    Err(e) => Ended::Broken(Error::Unavailable(format!(
+                    Err(e) => Ended::Broken(Error::ConnectionLost(format!(
                         "an origin's worker failed: {e}"
                     ))),
                 });
@@ -156,7 +156,7 @@ async fn consume(
 async fn next_delivery(consumer: &mut Consumer) -> std::result::Result<Delivery, Ended> {
     match std::future::poll_fn(|cx| Pin::new(&mut *consumer).poll_next(cx)).await {
         Some(delivery) => Ok(delivery?),
-        None => Err(Ended::Broken(Error::Unavailable(
+        None => Err(Ended::Broken(Error::ConnectionLost(
             "RabbitMQ cancelled the consumer (was the queue deleted?)".to_string(),
         ))),
     }
@@ -217,10 +217,11 @@ async fn dispatch(
         link.refusals().invalid();
         return reject(link, channel, tag, &error).await;
     };
-    inbox
-        .send(Message { tag, events })
-        .await
-        .map_err(|_| Ended::Broken(Error::Unavailable("an origin's worker is gone".to_string())))
+    inbox.send(Message { tag, events }).await.map_err(|_| {
+        Ended::Broken(Error::ConnectionLost(
+            "an origin's worker is gone".to_string(),
+        ))
+    })
 }
 
 /// Applies and settles one origin's messages, in delivery order.

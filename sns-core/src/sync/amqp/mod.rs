@@ -286,7 +286,7 @@ pub(crate) async fn connect(options: &AmqpOptions, name: &str) -> Result<Connect
     .await
     {
         Ok(connection) => connection.map_err(topology::unavailable),
-        Err(_) => Err(Error::Unavailable(format!(
+        Err(_) => Err(Error::ConnectionLost(format!(
             "RabbitMQ at {} did not answer within {CONNECT_TIMEOUT:?}",
             redacted(&options.url)
         ))),

@@ -123,7 +123,7 @@ async fn send(
                 let events = match batch {
                     Some(Ok(events)) => events,
                     Some(Err(error)) => return Err(feed_failed(link, cursor, error).await),
-                    None => return Err(Ended::Broken(Error::Unavailable(
+                    None => return Err(Ended::Broken(Error::ConnectionLost(
                         "the own-event feed ended".to_string(),
                     ))),
                 };

@@ -101,9 +101,9 @@ pub async fn delete_topology(options: &AmqpOptions, clusters: u32) -> Result<()>
     Ok(())
 }
 
-/// A broker error as an outage.
+/// A broker error as a lost connection: connect again and go on.
 pub(crate) fn unavailable(error: lapin::Error) -> Error {
-    Error::Unavailable(format!("RabbitMQ: {error}"))
+    Error::ConnectionLost(format!("RabbitMQ: {error}"))
 }
 
 /// A failed declaration: a configuration error when the broker refused it, else an outage.
