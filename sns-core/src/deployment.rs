@@ -712,7 +712,7 @@ impl Deployment {
                     // has heard it (its reply arrived).
                     !master.is_ok_and(|(_, s, _)| {
                         self.server(*c, s)
-                            .is_some_and(|server| server.role() == crate::server::Role::Master)
+                            .is_some_and(|server| server.role() == crate::ids::Role::Master)
                     })
                 });
             match missing {

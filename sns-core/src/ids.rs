@@ -8,6 +8,16 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
+/// Whether a server may accept client writes: the master of its cluster does, a slave
+/// mirrors the master and refuses clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Serves clients.
+    Master,
+    /// Mirrors the master; refuses clients with [`Error::NotMaster`].
+    Slave,
+}
+
 /// A user, identified by a positive integer in `1..=2^31-1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct UserId(u32);

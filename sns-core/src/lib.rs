@@ -13,7 +13,7 @@
 //! own (callers pass listeners, networks and storage in; [`Deployment`] creates them from its
 //! explicit config), and it does not install signal handlers or logging.
 
-pub mod client;
+mod auth;
 mod codec;
 pub mod coordinator;
 pub mod deployment;
@@ -30,6 +30,8 @@ pub mod sync;
 pub mod testing;
 pub mod transport;
 
+pub use grpc::client;
+
 pub use client::{
     Client, CoordinatorClient, PostAck, ReceivedPost, TimelineMessage, TimelineSender,
     TimelineStream,
@@ -40,14 +42,16 @@ pub use deployment::{
 };
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
+pub use grpc::SHUTDOWN_GRACE;
 pub use grpc::sns::MAX_ARGUMENTS;
-pub use ids::{ClusterId, Epoch, EventId, LogIndex, PostId, PostKey, ServerId, Timestamp, UserId};
+pub use ids::{
+    ClusterId, Epoch, EventId, LogIndex, PostId, PostKey, Role, ServerId, Timestamp, UserId,
+};
 pub use server::{
-    CommittedEntries, CoordinatorLink, Listing, LogPositions, Role, Server, ServerConfig,
-    TimelineFeed,
+    CommittedEntries, CoordinatorLink, LogPositions, Server, ServerConfig, TimelineFeed,
 };
 pub use session::{Session, SessionConfig, SessionEvent, SessionTimeline, TimelinePoster};
-pub use state::{Applied, State, StateConfig};
+pub use state::{Applied, Listing, State, StateConfig};
 pub use storage::{CrashDisk, CrashDiskOptions, CrashStorage};
 pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};
 pub use sync::{

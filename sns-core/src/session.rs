@@ -59,8 +59,8 @@ use crate::client::{
 use crate::error::{Error, Result};
 use crate::event::normalize_post_text;
 use crate::ids::{PostId, PostKey, Timestamp, UserId};
-use crate::server::{Listing, RECENT_POSTS};
 use crate::state::REMEMBERED_POST_KEYS;
+use crate::state::{Listing, RECENT_POSTS};
 use crate::transport::Network;
 
 /// Session events kept for a slow subscriber before it misses some.

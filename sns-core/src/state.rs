@@ -58,6 +58,18 @@ pub const DEFAULT_TIMELINE_CAP: usize = 400;
 /// re-sent post is recognised. 64 keys cost about 1.5 KiB per author who uses them.
 pub const REMEMBERED_POST_KEYS: usize = 64;
 
+/// How many posts a timeline shows when it is opened.
+pub const RECENT_POSTS: usize = 20;
+
+/// The answer to `LIST`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// Every known user, ascending.
+    pub all_users: Vec<UserId>,
+    /// The caller's followers, ascending.
+    pub followers: Vec<UserId>,
+}
+
 /// What a [`State`] needs to know about where it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StateConfig {

@@ -755,7 +755,7 @@ async fn a_silent_timeline_stream_does_not_hold_up_shutdown() {
         .expect("login on the same connection");
     // Well within the grace given to connections that never finish: the waiting handler
     // itself gives up when the server stops.
-    let within = sns_core::server::SHUTDOWN_GRACE / 2;
+    let within = sns_core::SHUTDOWN_GRACE / 2;
     tokio::time::timeout(within, server.stop())
         .await
         .expect("stops without waiting out the grace period")

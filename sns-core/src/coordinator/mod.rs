@@ -9,16 +9,12 @@ mod table;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio_util::sync::CancellationToken;
-
 pub use table::{
     Address, Assignment, Beat, DEFAULT_HEARTBEAT_INTERVAL, FORGET_AFTER_TIMEOUTS, NodeView,
     ReportedLog, RoutingConfig, RoutingTable, SYNCHRONIZERS_PER_CLUSTER,
 };
 
-use crate::error::{Error, Result};
-use crate::server::SHUTDOWN_GRACE;
-use crate::transport::Listener;
+use crate::error::Result;
 
 /// The largest `sns.v1.Admin` status reply a status client should accept: a full table (1,000
 /// clusters of 9 servers and 4 synchronizers each, every host name 253 bytes long, the most the
@@ -61,31 +57,7 @@ impl Coordinator {
 
     /// Checks the token presented by an internal call.
     pub fn authorize(&self, presented: Option<&str>) -> Result<()> {
-        match &self.token {
-            Some(token) if presented != Some(token.as_ref()) => Err(Error::Unauthorized),
-            _ => Ok(()),
-        }
-    }
-
-    /// Serves the coordinator on `listener` until `shutdown` is cancelled.
-    ///
-    /// Open connections get [`SHUTDOWN_GRACE`] to finish; a peer that neither reads nor closes
-    /// (or sits behind a partition) does not hold the stop longer.
-    pub async fn serve(&self, listener: Listener, shutdown: CancellationToken) -> Result<()> {
-        let serving = crate::transport::server_builder()
-            .add_routes(crate::grpc::coord::routes(self.clone()))
-            .serve_with_incoming_shutdown(listener, shutdown.clone().cancelled_owned());
-        let result = tokio::select! {
-            result = serving => result,
-            () = async {
-                shutdown.cancelled().await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } => {
-                tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
-                Ok(())
-            }
-        };
-        result.map_err(|e| Error::ConnectionLost(format!("coordinator transport failed: {e}")))
+        crate::auth::check_token(self.token.as_deref(), presented)
     }
 }
 

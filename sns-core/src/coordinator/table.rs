@@ -34,8 +34,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::ids::Role;
 use crate::ids::{ClusterId, Epoch, LogIndex, ServerId, UserId};
-use crate::server::Role;
 
 /// Default time between two heartbeats. With 2 missed beats a dead node is noticed after 1 s,
 /// which leaves room for the promotion and the client's reconnection within a 2 s failover; a

@@ -8,17 +8,15 @@ use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
 use super::alias::{Csce662Coord, Renamed};
+use super::metadata::presented_token;
 use super::status;
 use crate::coordinator::{Address, Beat, Coordinator, ReportedLog};
 use crate::error::Error;
+use crate::ids::Role;
 use crate::ids::{Epoch, LogIndex, ServerId};
-use crate::server::Role;
 
 /// Longest failure reason a heartbeat may carry (longer ones are cut).
 const MAX_FAILURE_CHARS: usize = 300;
-
-/// Metadata key carrying the cluster token on internal calls.
-pub(crate) const TOKEN_METADATA: &str = "sns-cluster-token";
 
 /// The routes serving `coordinator` as `csce438.CoordService`, `csce662.CoordService` and
 /// `sns.v1.Admin`.
@@ -37,10 +35,7 @@ struct CoordAdapter {
 
 impl CoordAdapter {
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let presented = request
-            .metadata()
-            .get(TOKEN_METADATA)
-            .and_then(|v| v.to_str().ok());
+        let presented = presented_token(request.metadata());
         self.coordinator.authorize(presented).map_err(status)
     }
 }

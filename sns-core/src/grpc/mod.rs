@@ -2,11 +2,17 @@
 //! back. Errors cross the wire in exactly one place, [`status`] (both ways).
 
 pub(crate) mod alias;
+pub mod client;
 pub(crate) mod coord;
 pub(crate) mod replication;
 pub(crate) mod sns;
 pub(crate) mod sync;
 
+pub(crate) mod metadata;
+mod serve;
 mod status;
+
+pub use serve::SHUTDOWN_GRACE;
+pub(crate) use serve::until_stopped;
 
 pub(crate) use status::{Asked, error, status};

@@ -14,10 +14,9 @@ use sns_proto::sns_v1::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
-use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::coord::TOKEN_METADATA;
+use super::metadata::{presented_token, with_token};
 use super::status;
 use crate::error::{Error, Result};
 use crate::event::LogEntry;
@@ -53,10 +52,7 @@ impl Replication for ReplicationAdapter {
         &self,
         request: Request<Streaming<SlaveMessage>>,
     ) -> Result<Response<Self::MirrorStream>, Status> {
-        let presented = request
-            .metadata()
-            .get(TOKEN_METADATA)
-            .and_then(|v| v.to_str().ok());
+        let presented = presented_token(request.metadata());
         self.server.authorize_peer(presented).map_err(status)?;
         let caller = Caller {
             peer: request
@@ -128,10 +124,10 @@ pub(crate) async fn open(
     let mut client = ReplicationClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    let mut request = Request::new(ReceiverStream::new(outbound).map(to_wire_slave));
-    if let Some(token) = token.and_then(|t| MetadataValue::try_from(t).ok()) {
-        request.metadata_mut().insert(TOKEN_METADATA, token);
-    }
+    let request = with_token(
+        Request::new(ReceiverStream::new(outbound).map(to_wire_slave)),
+        token,
+    );
     let response = client.mirror(request).await.map_err(|s| {
         Error::Unavailable(format!("the master refused mirroring: {}", s.message()))
     })?;

@@ -26,7 +26,7 @@ use tonic::service::Routes;
 use tonic::{Code, Response, Status, Streaming};
 
 use super::alias::{Csce662Sns, Renamed};
-use super::status;
+use super::{metadata, status};
 use crate::error::{Error, Result};
 use crate::event::Post;
 use crate::ids::{PostId, PostKey, UserId};
@@ -41,19 +41,6 @@ const SET_STREAM: &[u8] = b"Set Stream";
 /// Ctrl-C (then it exits without logging out): on a course-style stream it ends the stream and
 /// the session instead of being posted.
 const QUIT: &[u8] = b"quit";
-
-/// Metadata key carrying the timeline's user.
-pub(crate) const USERNAME_METADATA: &str = "username";
-/// Metadata key (with value `true`) that turns an argument-less `UnFollow` into a logout.
-pub(crate) const TERMINATED_METADATA: &str = "terminated";
-/// Metadata key (with value `structured`) asking for bare post text in `Message.msg`, and for
-/// acknowledgements of keyed posts.
-pub(crate) const TIMELINE_MODE_METADATA: &str = "sns-timeline";
-/// Metadata key (with a count, on structured streams) asking to resume a timeline: the stream
-/// starts with up to that many of the newest posts (at most the timeline's cap), oldest first,
-/// instead of the last 20 newest first. A client reopening after a failover asks for as many as
-/// it remembers having delivered, so it can pass on every post it missed, in order.
-pub(crate) const TIMELINE_RESUME_METADATA: &str = "sns-timeline-resume";
 
 /// Acknowledgements queued for the stream's reader; beyond it the poster waits (the posts a
 /// stream has in flight are bounded by its sender anyway).
@@ -185,7 +172,7 @@ impl SnsService for SnsAdapter {
         let user = caller(request.get_ref())?;
         let terminated = request
             .metadata()
-            .get(TERMINATED_METADATA)
+            .get(metadata::TERMINATED)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
         if terminated && request.get_ref().arguments.is_empty() {
             logged("logout", user, self.server.logout(user))?;
@@ -205,9 +192,9 @@ impl SnsService for SnsAdapter {
     ) -> Result<Response<Self::TimelineStream>, Status> {
         let structured = request
             .metadata()
-            .get(TIMELINE_MODE_METADATA)
+            .get(metadata::TIMELINE_MODE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"structured"));
-        let resume = match request.metadata().get(TIMELINE_RESUME_METADATA) {
+        let resume = match request.metadata().get(metadata::TIMELINE_RESUME) {
             Some(_) if !structured => {
                 return Err(Status::invalid_argument(
                     "resuming a timeline needs a structured stream",
@@ -220,13 +207,14 @@ impl SnsService for SnsAdapter {
                     .and_then(|v| v.trim().parse::<usize>().ok())
                     .ok_or_else(|| {
                         Status::invalid_argument(format!(
-                            "{TIMELINE_RESUME_METADATA} must be a count of posts"
+                            "{} must be a count of posts",
+                            metadata::TIMELINE_RESUME
                         ))
                     })?,
             ),
             None => None,
         };
-        let named = match request.metadata().get(USERNAME_METADATA) {
+        let named = match request.metadata().get(metadata::USERNAME) {
             Some(value) => {
                 let text = value
                     .to_str()

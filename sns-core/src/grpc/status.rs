@@ -15,11 +15,9 @@
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
+use super::metadata::ERROR_KIND as ERROR_KIND_METADATA;
 use crate::error::Error;
 use crate::ids::{LogIndex, UserId};
-
-/// Metadata entry naming the kind of error a status stands for.
-pub(crate) const ERROR_KIND_METADATA: &str = "sns-error";
 
 /// What was asked, which gives a status code shared by several errors its meaning.
 #[derive(Debug, Clone, Copy)]
@@ -191,7 +189,7 @@ fn from_code(status: &Status, asked: Asked) -> Error {
         ),
         (Code::OutOfRange, _) if status.message().contains("too large") => Error::Rpc(format!(
             "the reply is larger than this client accepts ({} MiB): {}",
-            crate::client::MAX_REPLY_BYTES >> 20,
+            super::client::MAX_REPLY_BYTES >> 20,
             status.message()
         )),
         (Code::OutOfRange, Asked::Peer) => Error::Compacted { first: LogIndex(0) },

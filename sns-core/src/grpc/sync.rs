@@ -20,11 +20,11 @@ use sns_proto::sns_v1::{
 };
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::task::TaskTracker;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use super::coord::TOKEN_METADATA;
+use super::metadata::presented_token;
+pub(crate) use super::metadata::with_token;
 use super::status;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, OriginImage, Post};
@@ -57,10 +57,7 @@ pub(crate) struct LogAdapter {
 
 impl LogAdapter {
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let presented = request
-            .metadata()
-            .get(TOKEN_METADATA)
-            .and_then(|v| v.to_str().ok());
+        let presented = presented_token(request.metadata());
         self.server.authorize_peer(presented).map_err(status)
     }
 
@@ -213,14 +210,8 @@ pub(crate) struct SyncAdapter {
 
 impl SyncAdapter {
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let presented = request
-            .metadata()
-            .get(TOKEN_METADATA)
-            .and_then(|v| v.to_str().ok());
-        match self.link.cluster_token() {
-            Some(token) if presented != Some(token) => Err(status(Error::Unauthorized)),
-            _ => Ok(()),
-        }
+        let presented = presented_token(request.metadata());
+        crate::auth::check_token(self.link.cluster_token(), presented).map_err(status)
     }
 
     /// The origin asked for, which must be this synchronizer's own cluster.
@@ -352,14 +343,6 @@ impl SyncPeer {
             .map_err(from_status)?;
         Ok(reply.into_inner())
     }
-}
-
-/// Attaches the cluster token, if any, to an internal call.
-pub(crate) fn with_token<T>(mut request: Request<T>, token: Option<&str>) -> Request<T> {
-    if let Some(token) = token.and_then(|t| MetadataValue::try_from(t).ok()) {
-        request.metadata_mut().insert(TOKEN_METADATA, token);
-    }
-    request
 }
 
 /// The error a peer's status stands for.

@@ -23,7 +23,8 @@ use tonic::metadata::MetadataValue;
 use super::replication::{ListedSlave, MirrorTarget, Roster, run_mirror};
 use super::{Joined, Role, Server, Shared};
 use crate::error::{Error, Result};
-use crate::grpc::coord::{TOKEN_METADATA, node_role, role_from_wire, role_name};
+use crate::grpc::coord::{node_role, role_from_wire, role_name};
+use crate::grpc::metadata::TOKEN as TOKEN_METADATA;
 use crate::ids::{Epoch, ServerId};
 use crate::transport::{Network, address};
 
@@ -85,10 +86,7 @@ impl Server {
                 "this server is standalone and has no slaves".to_string(),
             ));
         };
-        match &joined.cluster_token {
-            Some(token) if presented != Some(token.as_str()) => Err(Error::Unauthorized),
-            _ => Ok(()),
-        }
+        crate::auth::check_token(joined.cluster_token.as_deref(), presented)
     }
 
     /// Applies the coordinator's answer to heartbeat number `beat`: the role, the epoch, the

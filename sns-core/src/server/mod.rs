@@ -47,7 +47,7 @@ use crate::event::{Event, EventKind, LogEntry, Post, normalize_post_text};
 use crate::ids::{ClusterId, Epoch, EventId, LogIndex, PostKey, ServerId, Timestamp, UserId};
 use crate::state::{DEFAULT_TIMELINE_CAP, State, StateConfig};
 use crate::storage::Storage;
-use crate::transport::{ConnectionLimits, Listener, Network};
+use crate::transport::Network;
 use committed::RecentEntries;
 use pipeline::{Gate, Pending};
 use replication::{MirrorTarget, RefusalLog, Replicas, Roster};
@@ -55,11 +55,8 @@ use sessions::Sessions;
 use timeline::{FeedOwner, Subscribers};
 use uncommitted::{KeyedOriginal, Uncommitted};
 
-/// How long a stopping server waits for open connections to finish.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// How many posts a timeline shows when it is opened.
-pub const RECENT_POSTS: usize = 20;
+pub use crate::ids::Role;
+pub use crate::state::{Listing, RECENT_POSTS};
 
 /// Settings of a [`Server`]; every field has a sensible default.
 #[derive(Debug, Clone)]
@@ -163,24 +160,6 @@ impl ServerConfig {
             timeline_cap: self.timeline_cap,
         }
     }
-}
-
-/// The answer to `LIST`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listing {
-    /// Every known user, ascending.
-    pub all_users: Vec<UserId>,
-    /// The caller's followers, ascending.
-    pub followers: Vec<UserId>,
-}
-
-/// Whether this server may accept client writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Serves clients.
-    Master,
-    /// Mirrors the master; refuses clients with `UNAVAILABLE`.
-    Slave,
 }
 
 /// Where a server's log stands, as its heartbeats report it.
@@ -444,55 +423,6 @@ impl Server {
             let _ = shared.commits.send(pending).await;
         }
         Ok(Self { shared })
-    }
-
-    /// Serves the client-facing gRPC services (`csce438.SNSService` and its `csce662` alias)
-    /// and the replication service on `listener` until `shutdown` is cancelled, then stops
-    /// every task of this server and returns once they have all finished.
-    pub async fn serve(&self, listener: Listener, shutdown: CancellationToken) -> Result<()> {
-        let routes = crate::grpc::sns::routes(self.clone())
-            .add_service(crate::grpc::replication::service(self.clone()))
-            .add_service(crate::grpc::sync::service(self.clone()));
-        let stop = {
-            let shutdown = shutdown.clone();
-            let own = self.shared.shutdown.clone();
-            async move {
-                tokio::select! {
-                    () = shutdown.cancelled() => {},
-                    () = own.cancelled() => {},
-                }
-                // Timeline and mirroring streams are endless: end them so the graceful stop
-                // can complete.
-                own.cancel();
-            }
-        };
-        let config = &self.shared.config;
-        let listener = listener.limited(ConnectionLimits {
-            max_connections: config.max_connections.max(1),
-            handshake_timeout: config.handshake_timeout,
-        });
-        // HTTP/2 windows are at most 2^31 - 1 bytes (the library asserts it).
-        let window = |bytes: u32| bytes.clamp(1, (1 << 31) - 1);
-        let serving = crate::transport::server_builder()
-            .max_concurrent_streams(Some(config.max_concurrent_streams))
-            .initial_stream_window_size(Some(window(config.stream_window)))
-            .initial_connection_window_size(Some(window(config.connection_window)))
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(listener, stop);
-        // A peer that neither reads nor closes must not hold the shutdown forever.
-        let own = self.shared.shutdown.clone();
-        let result = tokio::select! {
-            result = serving => result,
-            () = async {
-                own.cancelled().await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } => {
-                tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
-                Ok(())
-            }
-        };
-        self.close().await;
-        result.map_err(|e| Error::ConnectionLost(format!("server transport failed: {e}")))
     }
 
     /// Stops the commit pipeline, mirroring and every timeline stream, and waits for them to

@@ -230,23 +230,8 @@ async fn serve(link: ClusterLink, listener: Listener, streams: TaskTracker) -> R
     let serving = crate::transport::server_builder()
         .add_service(service)
         .serve_with_incoming_shutdown(listener, shutdown.clone().cancelled_owned());
-    // Streams end when the synchronizer stops; a peer that neither reads nor closes must not
-    // hold the stop forever.
-    tokio::select! {
-        result = serving => {
-            result.map_err(|e| Error::ConnectionLost(format!("the Sync service failed: {e}")))
-        }
-        () = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(crate::server::SHUTDOWN_GRACE).await;
-        } => {
-            tracing::warn!(
-                "subscriber connections still open after {:?}; closing them",
-                crate::server::SHUTDOWN_GRACE
-            );
-            Ok(())
-        }
-    }
+    // Streams end when the synchronizer stops.
+    crate::grpc::until_stopped(serving, &shutdown, "the Sync service").await
 }
 
 /// Registers with the coordinator (`RegisterSyncServer`), then heartbeats as a synchronizer

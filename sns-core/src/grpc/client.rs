@@ -13,14 +13,12 @@ use tonic::Streaming;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
+use super::metadata;
+use super::{self as grpc, Asked};
 use crate::error::{Error, Result};
 use crate::event::normalize_post_text;
-use crate::grpc::sns::{
-    TERMINATED_METADATA, TIMELINE_MODE_METADATA, TIMELINE_RESUME_METADATA, USERNAME_METADATA,
-};
-use crate::grpc::{self, Asked};
 use crate::ids::{ClusterId, PostId, PostKey, Timestamp, UserId};
-use crate::server::Listing;
+use crate::state::Listing;
 use crate::transport::Network;
 
 /// Largest reply the client accepts, in bytes: a LIST of about 25 million users. Larger
@@ -227,7 +225,7 @@ impl Client {
         let mut request = tonic::Request::new(self.request(None));
         request
             .metadata_mut()
-            .insert(TERMINATED_METADATA, MetadataValue::from_static("true"));
+            .insert(metadata::TERMINATED, MetadataValue::from_static("true"));
         self.rpc
             .clone()
             .un_follow(request)
@@ -259,15 +257,16 @@ impl Client {
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         let user = MetadataValue::try_from(self.user.to_string())
             .map_err(|e| Error::invalid(e.to_string()))?;
-        request.metadata_mut().insert(USERNAME_METADATA, user);
+        request.metadata_mut().insert(metadata::USERNAME, user);
         request.metadata_mut().insert(
-            TIMELINE_MODE_METADATA,
+            metadata::TIMELINE_MODE,
             MetadataValue::from_static("structured"),
         );
         if let Some(replay) = resume {
-            request
-                .metadata_mut()
-                .insert(TIMELINE_RESUME_METADATA, MetadataValue::from(replay as u64));
+            request.metadata_mut().insert(
+                metadata::TIMELINE_RESUME,
+                MetadataValue::from(replay as u64),
+            );
         }
         let inbound = self
             .rpc
