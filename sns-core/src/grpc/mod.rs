@@ -4,9 +4,10 @@
 pub(crate) mod alias;
 pub mod client;
 pub(crate) mod coord;
+pub(crate) mod events;
+pub(crate) mod log;
 pub(crate) mod replication;
 pub(crate) mod sns;
-pub(crate) mod sync;
 
 pub(crate) mod metadata;
 mod serve;

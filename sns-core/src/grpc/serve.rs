@@ -45,7 +45,7 @@ impl Server {
     pub async fn serve(&self, listener: Listener, shutdown: CancellationToken) -> Result<()> {
         let routes = super::sns::routes(self.clone())
             .add_service(super::replication::service(self.clone()))
-            .add_service(super::sync::service(self.clone()));
+            .add_service(super::log::service(self.clone()));
         let (_, own) = self.tasks();
         let own = own.clone();
         let stop = {

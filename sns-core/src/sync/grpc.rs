@@ -32,10 +32,12 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
 
 use super::pull::{Source, Subscription, pull};
+use super::service::{SyncPeer, sync_service};
 use super::{ClusterLink, SyncTransport, cluster_of_synchronizer};
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::grpc::sync::{SyncPeer, from_status, sync_service, with_token};
+use crate::grpc::log::from_status;
+use crate::grpc::metadata::with_token;
 use crate::ids::ClusterId;
 use crate::transport::{Listener, address, split_addr};
 

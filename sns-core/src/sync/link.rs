@@ -12,7 +12,7 @@ use super::seal::SyncKey;
 use crate::client::CoordinatorClient;
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::grpc::sync::{LogPeer, next_batch};
+use crate::grpc::log::{LogPeer, next_batch};
 use crate::ids::{ClusterId, UserId};
 use crate::transport::Network;
 

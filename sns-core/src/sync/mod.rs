@@ -32,13 +32,14 @@ mod local;
 mod pull;
 mod refusals;
 pub mod seal;
+mod service;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::grpc::sync::{decode_batch, encode_batch};
+pub use crate::grpc::events::{decode_batch, encode_batch};
 pub use amqp::{AmqpBus, AmqpOptions, CursorStore, QueueType};
 pub use grpc::{GrpcBus, GrpcBusOptions};
 pub use link::{ClusterLink, EventFeed};
