@@ -22,7 +22,7 @@ use crate::coordinator::{Coordinator, CoordinatorConfig, RoutingConfig};
 use crate::error::{Error, Result};
 use crate::ids::{ClusterId, ServerId};
 use crate::server::{CoordinatorLink, Server, ServerConfig};
-use crate::storage::{CrashDisk, FileStorage, FileStorageOptions, MemoryStorage, Storage};
+use crate::storage::{CrashDisk, MemoryStorage, Storage};
 use crate::sync::{
     AmqpBus, AmqpOptions, CursorStore, GrpcBus, GrpcBusOptions, LocalBus, SyncTransport,
     Synchronizer, SynchronizerConfig,
@@ -609,21 +609,7 @@ impl Deployment {
         let storage: Arc<dyn Storage> = match data_dir {
             None if self.config.data == Data::Simulated => Arc::new(slot.disk.open()?),
             None => Arc::new(slot.memory.clone()),
-            Some(dir) => {
-                let options = FileStorageOptions {
-                    repair: self.config.repair,
-                    ..FileStorageOptions::default()
-                };
-                Arc::new(FileStorage::open_with(&dir, options).map_err(|e| match e {
-                    Error::Corrupt(why) => {
-                        Error::Corrupt(format!("data directory {}: {why}", dir.display()))
-                    }
-                    e => Error::Unavailable(format!(
-                        "cannot open data directory {}: {e}",
-                        dir.display()
-                    )),
-                })?)
-            }
+            Some(dir) => Arc::new(crate::node::open_data_dir(&dir, self.config.repair)?),
         };
         let node = server_node(cluster, server);
         let listener = bind(&self.config, &node, slot.port).await?;
@@ -632,8 +618,10 @@ impl Deployment {
             cluster,
             server_id: server,
             clusters: self.config.clusters,
-            // A mirroring stream is dead when a heartbeat would be.
-            mirror_timeout: self.config.heartbeat_interval * self.config.missed_heartbeats.max(1),
+            mirror_timeout: crate::node::mirror_timeout(
+                self.config.heartbeat_interval,
+                self.config.missed_heartbeats,
+            ),
             clock_offset_micros: self
                 .config
                 .clock_offsets_micros
@@ -642,13 +630,13 @@ impl Deployment {
                 .unwrap_or(self.config.server.clock_offset_micros),
             ..self.config.server.clone()
         };
-        let instance = Server::open_replica(config, storage).await?;
         let mut link =
             CoordinatorLink::new(self.coordinator_addr.clone(), slot.host.clone(), slot.port);
         link.interval = self.config.heartbeat_interval;
         link.missed_heartbeats = self.config.missed_heartbeats;
         link.cluster_token = self.config.cluster_token.clone();
-        instance.join(link, network_of(&self.config, &node));
+        let network = network_of(&self.config, &node);
+        let instance = crate::node::start_server(config, storage, Some((link, network))).await?;
         let shutdown = CancellationToken::new();
         let serving = tokio::spawn({
             let instance = instance.clone();

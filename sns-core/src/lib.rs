@@ -21,6 +21,7 @@ pub mod error;
 pub mod event;
 pub(crate) mod grpc;
 pub mod ids;
+pub mod node;
 pub mod server;
 pub mod session;
 pub mod state;

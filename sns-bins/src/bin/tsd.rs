@@ -29,12 +29,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
+use sns_core::node;
 use sns_core::server::{DEFAULT_MAX_CONNECTIONS, connection_cap};
 use sns_core::transport::{self, Network};
-use sns_core::{
-    ClusterId, CoordinatorLink, FileStorage, FileStorageOptions, MemoryStorage, Server,
-    ServerConfig, ServerId, Storage,
-};
+use sns_core::{ClusterId, CoordinatorLink, MemoryStorage, ServerConfig, ServerId, Storage};
 use tokio_util::sync::CancellationToken;
 
 /// Tiny SNS server.
@@ -198,20 +196,13 @@ async fn run(args: Args) -> Result<(), String> {
         let dir = args.data_dir.clone().unwrap_or_else(|| {
             PathBuf::from(format!("./sns-data/cluster{cluster}/server{server_id}"))
         });
-        let options = FileStorageOptions {
-            repair: args.repair,
-            ..FileStorageOptions::default()
-        };
-        let storage = FileStorage::open_with(&dir, options).map_err(|e| match e {
+        let storage = node::open_data_dir(&dir, args.repair).map_err(|e| match e {
             sns_core::Error::Corrupt(why) if !args.repair => format!(
-                "data directory {}: {why}; to start anyway, dropping the damage and \
-                 everything after it, run tsd --repair",
-                dir.display()
+                "{why}; to start anyway, dropping the damage and everything after it, run \
+                 tsd --repair"
             ),
-            sns_core::Error::Corrupt(why) => {
-                format!("data directory {}: {why}", dir.display())
-            }
-            e => format!("cannot open data directory {}: {e}", dir.display()),
+            sns_core::Error::Corrupt(why) | sns_core::Error::StorageFailed(why) => why,
+            e => e.to_string(),
         })?;
         tracing::info!(dir = %dir.display(), "data directory opened");
         Arc::new(storage)
@@ -233,23 +224,18 @@ async fn run(args: Args) -> Result<(), String> {
             .unwrap_or(usize::MAX),
         max_posts_per_second: args.limits.max_posts_per_second,
         max_clock_skew: args.limits.max_clock_skew,
-        mirror_timeout: args.heartbeat.interval() * args.heartbeat.missed_heartbeats.max(1),
+        mirror_timeout: node::mirror_timeout(
+            args.heartbeat.interval(),
+            args.heartbeat.missed_heartbeats,
+        ),
         ..ServerConfig::default()
     };
     let config_limits = (config.max_connections, config.max_timeline_streams);
-    // In a deployment the server starts as slave and mirrors until the coordinator names it
-    // master; alone it is master at once.
-    let server = if args.coordinator_port.is_some() {
-        Server::open_replica(config, storage).await
-    } else {
-        Server::open(config, storage).await
-    }
-    .map_err(|e| format!("cannot recover: {e}"))?;
     let addr = transport::address(&args.bind, args.port);
     let listener = transport::tcp::bind(&addr)
         .await
         .map_err(|e| e.to_string())?;
-    if let Some(port) = args.coordinator_port {
+    let link = args.coordinator_port.map(|port| {
         let coordinator = transport::address(&args.coordinator_host, port);
         // Advertise the port actually bound (`-p 0` lets the system choose it).
         let port = listener.port().unwrap_or(args.port);
@@ -257,9 +243,12 @@ async fn run(args: Args) -> Result<(), String> {
         link.interval = args.heartbeat.interval();
         link.missed_heartbeats = args.heartbeat.missed_heartbeats;
         link.cluster_token = token;
-        server.join(link, Network::tcp());
         tracing::info!(%coordinator, "joining the deployment");
-    }
+        (link, Network::tcp())
+    });
+    let server = node::start_server(config, storage, link)
+        .await
+        .map_err(|e| format!("cannot recover: {e}"))?;
     tracing::info!(
         addr = %listener.addr(),
         max_connections = config_limits.0,
