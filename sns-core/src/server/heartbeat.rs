@@ -9,6 +9,10 @@
 //! Beats go out early when something changed (a slave lost or in sync, a newer epoch, a
 //! mirroring session the last answer does not vouch for), and four times as often while a
 //! slave has no stream to its master, so a promotion reaches it quickly.
+//!
+//! Those decisions are plain values in module `policy` (stepped by each beat's fate, with the
+//! time passed in, and tested without sockets or clocks); this file sends the beats and
+//! carries the decisions out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +31,9 @@ use crate::grpc::coord::{node_role, role_from_wire, role_name};
 use crate::grpc::metadata::TOKEN as TOKEN_METADATA;
 use crate::ids::{Epoch, ServerId};
 use crate::transport::{Network, address};
+use policy::{Answer, Decision, Heartbeats, Held};
+
+mod policy;
 
 /// How a server reaches and reports to its coordinator.
 #[derive(Debug, Clone)]
@@ -100,12 +107,14 @@ impl Server {
         beat: u64,
     ) {
         let mut core = self.lock();
-        core.known_epoch = core.known_epoch.max(epoch);
-        // Only a master writes under the cluster's epoch; a slave keeps reporting the epoch of
-        // its own log, so a coordinator that lost its state can tell whose log is the newest.
-        if role == Role::Master && epoch > core.epoch {
-            core.epoch = epoch;
+        let held = Held {
+            role: core.role,
+            epoch: core.epoch,
+            known_epoch: core.known_epoch,
         }
+        .assigned(role, epoch);
+        core.known_epoch = held.known_epoch;
+        core.epoch = held.epoch;
         if core.role != role {
             tracing::info!(
                 cluster = %self.shared.config.cluster,
@@ -117,7 +126,7 @@ impl Server {
             self.change_role(&mut core, role);
         }
         match role {
-            Role::Master if epoch == core.epoch => {
+            Role::Master if held.vouched_by(epoch) => {
                 if core.replicas.confirmed(beat, &*self.shared.storage) {
                     tracing::info!("the coordinator knows the lost slave is out of sync");
                 }
@@ -216,6 +225,8 @@ fn master_of(confirmation: &Confirmation) -> Option<MirrorTarget> {
     })
 }
 
+/// Heartbeats until shutdown: sends each beat, feeds its fate to [`Heartbeats`] and carries
+/// out the decision.
 async fn run(
     shared: std::sync::Weak<Shared>,
     link: CoordinatorLink,
@@ -236,24 +247,16 @@ async fn run(
         .cluster_token
         .as_deref()
         .and_then(|t| MetadataValue::try_from(t).ok());
-    let failure_timeout = link.interval * link.missed_heartbeats.max(1);
-    let mut last_ok = Instant::now();
-    let mut reachable = true;
-    let mut claiming = false;
-    let mut last_beat: Option<Instant> = None;
+    let start = Instant::now();
+    let mut heartbeats = Heartbeats::new(link.interval, link.missed_heartbeats);
     loop {
-        let Some((period, early)) = shared.upgrade().map(|shared| {
+        let Some((lost_master, early)) = shared.upgrade().map(|shared| {
             let server = Server { shared };
-            let period = if server.lost_master() {
-                link.interval / 4
-            } else {
-                link.interval
-            };
-            (period, Arc::clone(&server.shared.beat_now))
+            (server.lost_master(), Arc::clone(&server.shared.beat_now))
         }) else {
             return;
         };
-        let due = last_beat.map_or_else(Instant::now, |t| t + period);
+        let due = start + heartbeats.next_beat(lost_master);
         tokio::select! {
             biased;
             () = shutdown.cancelled() => return,
@@ -263,73 +266,103 @@ async fn run(
         if shutdown.is_cancelled() {
             return;
         }
-        last_beat = Some(Instant::now());
+        heartbeats.sent(start.elapsed());
         let Some(server) = shared.upgrade().map(|shared| Server { shared }) else {
             return;
         };
-        let (info, number) = server.beat(&link, claiming);
+        let (info, number) = server.beat(&link, heartbeats.claiming());
         let mut request = tonic::Request::new(info);
         if let Some(token) = &token {
             request.metadata_mut().insert(TOKEN_METADATA, token.clone());
         }
         let call = tokio::time::timeout(link.interval, rpc.heartbeat(request));
         // A stopping server says nothing more: in particular not that its slave left.
-        let answer = match tokio::select! {
+        let answer = tokio::select! {
             biased;
             () = shutdown.cancelled() => return,
-            answer = call => answer,
-        } {
-            Ok(Ok(reply)) => Ok(reply.into_inner()),
-            // A refusal no retry can change: this server is misconfigured.
-            Ok(Err(status))
-                if matches!(
-                    status.code(),
-                    Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied
-                ) =>
-            {
-                server.give_up(format!(
-                    "the coordinator at {} refused this server: {}",
-                    link.coordinator,
-                    status.message()
-                ));
-                return;
-            }
-            Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
-            Err(_) => Err("heartbeat timed out".to_string()),
+            answer = call => answer_of(answer, &link.coordinator),
         };
-        match answer {
-            Ok(confirmation) => {
-                if !reachable {
-                    tracing::info!(coordinator = %link.coordinator, "coordinator reachable again");
+        let decision = heartbeats.step(start.elapsed(), answer, server.role());
+        if !server.carry_out(decision, number, &link.coordinator) {
+            return;
+        }
+    }
+}
+
+/// What became of a heartbeat call.
+fn answer_of(
+    call: std::result::Result<
+        std::result::Result<tonic::Response<Confirmation>, tonic::Status>,
+        tokio::time::error::Elapsed,
+    >,
+    coordinator: &str,
+) -> Answer<Confirmation> {
+    match call {
+        Ok(Ok(reply)) => {
+            let confirmation = reply.into_inner();
+            let role = role_from_wire(confirmation.assigned_role).unwrap_or(
+                if confirmation.role == "master" {
+                    Role::Master
+                } else {
+                    Role::Slave
+                },
+            );
+            Answer::Assigned(role, confirmation)
+        }
+        // A refusal no retry can change: this server is misconfigured.
+        Ok(Err(status))
+            if matches!(
+                status.code(),
+                Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied
+            ) =>
+        {
+            Answer::Refused(format!(
+                "the coordinator at {coordinator} refused this server: {}",
+                status.message()
+            ))
+        }
+        Ok(Err(status)) => Answer::Failed(format!("{:?}: {}", status.code(), status.message())),
+        Err(_) => Answer::Failed("heartbeat timed out".to_string()),
+    }
+}
+
+impl Server {
+    /// Carries out what the heartbeat policy decided about the answer to beat `beat`.
+    /// Returns whether heartbeats go on.
+    fn carry_out(&self, decision: Decision<Confirmation>, beat: u64, coordinator: &str) -> bool {
+        match decision {
+            Decision::Assign {
+                role,
+                answer,
+                regained,
+            } => {
+                if regained {
+                    tracing::info!(coordinator, "coordinator reachable again");
                 }
-                reachable = true;
-                last_ok = Instant::now();
-                let role = role_from_wire(confirmation.assigned_role).unwrap_or(
-                    if confirmation.role == "master" {
-                        Role::Master
-                    } else {
-                        Role::Slave
-                    },
-                );
-                claiming = role == Role::Master;
-                let master = master_of(&confirmation);
-                let slaves = slaves_of(&confirmation);
-                server.assign(role, Epoch(confirmation.epoch), master, slaves, number);
+                let master = master_of(&answer);
+                let slaves = slaves_of(&answer);
+                self.assign(role, Epoch(answer.epoch), master, slaves, beat);
             }
-            Err(why) => {
-                if reachable {
-                    tracing::warn!(coordinator = %link.coordinator, "heartbeat failed: {why}");
+            Decision::Unanswered { why, first } => {
+                if first {
+                    tracing::warn!(coordinator, "heartbeat failed: {why}");
                 }
-                reachable = false;
-                if server.role() == Role::Master && last_ok.elapsed() > failure_timeout {
-                    tracing::warn!(
-                        "coordinator unreachable for a whole failure timeout: stepping down"
-                    );
-                    server.set_role(Role::Slave);
-                    // It may come back as master, but only under a new epoch.
-                    claiming = false;
+            }
+            Decision::StepDown { why, first } => {
+                if first {
+                    tracing::warn!(coordinator, "heartbeat failed: {why}");
                 }
+                tracing::warn!(
+                    "coordinator unreachable for a whole failure timeout: stepping down"
+                );
+                // It may come back as master, but only under a new epoch.
+                self.set_role(Role::Slave);
+            }
+            Decision::GiveUp(why) => {
+                self.give_up(why);
+                return false;
             }
         }
+        true
     }
 }

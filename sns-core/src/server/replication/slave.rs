@@ -4,20 +4,28 @@
 //! The slave refuses a master whose epoch is older than the newest it knows and tells it so
 //! (the old master then steps down). When the stream breaks, the slave dials again with a short
 //! backoff and heartbeats more often, so a promotion reaches it quickly.
+//!
+//! Which messages it takes, up to where it commits and how long the master may stay silent
+//! are decided by a plain value, `session::MirrorSession` (tested without sockets or clocks);
+//! this file opens the stream, feeds it and carries out its verdicts.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{FromSlave, Hello, MirrorTarget, Shipment, SnapshotChunk};
+use super::{FromSlave, Hello, MirrorTarget, Shipment, SnapshotChunk, ToSlave};
 use crate::error::{Error, Result};
 use crate::event::LogEntry;
 use crate::ids::LogIndex;
 use crate::server::pipeline::Pending;
 use crate::server::{Role, Server, Shared};
 use crate::storage::Snapshot;
+use session::{MirrorSession, Verdict};
+
+mod session;
 
 /// Largest snapshot a slave accepts.
 const MAX_SNAPSHOT_BYTES: u64 = 4 << 30;
@@ -89,21 +97,8 @@ impl Server {
         let Some(joined) = self.shared.joined.get() else {
             return Err(Error::Unavailable("not part of a deployment".to_string()));
         };
-        let hello = {
-            let core = self.readable()?;
-            if core.role != Role::Slave {
-                return Ok(());
-            }
-            // Nothing more commits until this master says so.
-            self.set_gate(&core, core.commit);
-            Hello {
-                cluster: self.shared.config.cluster,
-                server: self.shared.config.server_id,
-                known_epoch: core.known_epoch,
-                last_index: LogIndex(core.next_index.0 - 1),
-                last_epoch: core.last_epoch,
-                commit: core.commit,
-            }
+        let Some((hello, mut session)) = self.greet()? else {
+            return Ok(());
         };
         let (out, outbound) = mpsc::channel(16);
         let _ = out.send(FromSlave::Hello(hello)).await;
@@ -119,11 +114,13 @@ impl Server {
         let _ = out.send(FromSlave::Durable(ack)).await;
         tracing::info!(master = %target.addr, last_index = %hello.last_index, "mirroring the master");
         let mut assembly: Option<Assembly> = None;
-        let timeout = self.shared.config.mirror_timeout;
+        let opened = Instant::now();
         loop {
+            session.waiting(opened.elapsed());
+            let deadline = opened + session.deadline();
             let message = tokio::select! {
-                message = tokio::time::timeout(timeout, inbound.recv()) => match message {
-                    Err(_) => return Err(Error::Unavailable(format!("the master said nothing for {timeout:?}"))),
+                message = tokio::time::timeout_at(deadline, inbound.recv()) => match message {
+                    Err(_) => return Err(session.silence()),
                     Ok(None) => return Err(Error::Unavailable("the master ended the stream".to_string())),
                     Ok(Some(message)) => message?,
                 },
@@ -136,49 +133,86 @@ impl Server {
                     continue;
                 }
             };
-            let refused = {
-                let mut core = self.lock();
-                if message.epoch < core.known_epoch {
-                    Some(core.known_epoch)
-                } else {
-                    core.known_epoch = message.epoch;
-                    if core.role != Role::Slave {
-                        return Ok(());
-                    }
-                    core.counted_by_master = message.in_sync;
-                    core.mirroring = true;
-                    None
+            match self.judge(&session, &message) {
+                Verdict::Refuse { newer } => {
+                    let _ = out.send(FromSlave::NewerEpoch(newer)).await;
+                    return Err(Error::Unavailable(format!(
+                        "refused a master of epoch {} (epoch {newer} exists)",
+                        message.epoch
+                    )));
                 }
-            };
-            if let Some(newer) = refused {
-                let _ = out.send(FromSlave::NewerEpoch(newer)).await;
-                return Err(Error::Unavailable(format!(
-                    "refused a master of epoch {} (epoch {newer} exists)",
-                    message.epoch
-                )));
+                Verdict::Leave { .. } => return Ok(()),
+                Verdict::Mirror { .. } => {}
             }
-            match message.body {
-                Shipment::TruncateAfter(index) => self.truncate_tail(index).await?,
-                Shipment::Snapshot(chunk) => {
-                    if let Some(snapshot) = assemble(&mut assembly, chunk)? {
-                        self.install_snapshot(snapshot).await?;
-                    }
-                }
-                Shipment::Entries(entries) => self.append_shipped(entries).await?,
-                Shipment::KeepAlive => {
-                    let ack = *durable.borrow();
-                    if out.send(FromSlave::Durable(ack)).await.is_err() {
-                        return Err(Error::Unavailable("the master went away".to_string()));
-                    }
-                }
-            }
+            self.handle(message.body, &mut assembly, &durable, &out)
+                .await?;
             let core = self.lock();
-            if core.role == Role::Slave {
-                let upto = core
-                    .commit
-                    .max(message.commit)
-                    .max(self.shared.gate.borrow().upto);
+            if let Some(upto) = session.committed(message.commit, core.commit, core.role) {
                 self.set_gate(&core, upto);
+            }
+        }
+    }
+
+    /// Where this slave's log stands, for a new master, and the session that starts with it;
+    /// `None` when this server is no longer slave.
+    fn greet(&self) -> Result<Option<(Hello, MirrorSession)>> {
+        let core = self.readable()?;
+        if core.role != Role::Slave {
+            return Ok(None);
+        }
+        let session = MirrorSession::new(self.shared.config.mirror_timeout, core.commit);
+        // Nothing more commits until this master says so.
+        self.set_gate(&core, session.gate());
+        let hello = Hello {
+            cluster: self.shared.config.cluster,
+            server: self.shared.config.server_id,
+            known_epoch: core.known_epoch,
+            last_index: LogIndex(core.next_index.0 - 1),
+            last_epoch: core.last_epoch,
+            commit: core.commit,
+        };
+        Ok(Some((hello, session)))
+    }
+
+    /// Judges a master's message under the lock and records what a taken one says.
+    fn judge(&self, session: &MirrorSession, message: &ToSlave) -> Verdict {
+        let mut core = self.lock();
+        let verdict = session.receive(message, core.known_epoch, core.role);
+        match verdict {
+            Verdict::Refuse { .. } => {}
+            Verdict::Leave { known_epoch } => core.known_epoch = known_epoch,
+            Verdict::Mirror {
+                known_epoch,
+                counted,
+            } => {
+                core.known_epoch = known_epoch;
+                core.counted_by_master = counted;
+                core.mirroring = true;
+            }
+        }
+        verdict
+    }
+
+    /// Carries out what a master shipped.
+    async fn handle(
+        &self,
+        body: Shipment,
+        assembly: &mut Option<Assembly>,
+        durable: &watch::Receiver<LogIndex>,
+        out: &mpsc::Sender<FromSlave>,
+    ) -> Result<()> {
+        match body {
+            Shipment::TruncateAfter(index) => self.truncate_tail(index).await,
+            Shipment::Snapshot(chunk) => match assemble(assembly, chunk)? {
+                Some(snapshot) => self.install_snapshot(snapshot).await,
+                None => Ok(()),
+            },
+            Shipment::Entries(entries) => self.append_shipped(entries).await,
+            Shipment::KeepAlive => {
+                let ack = *durable.borrow();
+                out.send(FromSlave::Durable(ack))
+                    .await
+                    .map_err(|_| Error::Unavailable("the master went away".to_string()))
             }
         }
     }
