@@ -42,10 +42,7 @@ impl CoordAdapter {
 
 /// The role's name on the wire (the course's string fields).
 pub(crate) fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Master => "master",
-        Role::Slave => "slave",
-    }
+    role.name()
 }
 
 /// The role as the typed wire enum.

@@ -10,6 +10,7 @@ pub(crate) mod replication;
 pub(crate) mod sns;
 
 pub(crate) mod metadata;
+mod peers;
 mod serve;
 mod status;
 

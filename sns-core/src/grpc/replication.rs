@@ -21,8 +21,8 @@ use super::status;
 use crate::error::{Error, Result};
 use crate::event::LogEntry;
 use crate::ids::{ClusterId, Epoch, LogIndex, ServerId};
-use crate::server::Server;
 use crate::server::replication::{Caller, FromSlave, Hello, Shipment, SnapshotChunk, ToSlave};
+use crate::server::{MasterFeed, Server};
 use crate::transport::{ConnectionInfo, Network};
 
 /// How long a slave may take to say hello.
@@ -99,9 +99,9 @@ pub(crate) struct MasterStream {
     inner: Streaming<MasterMessage>,
 }
 
-impl MasterStream {
-    /// The next message; `None` when the master ended the stream.
-    pub(crate) async fn recv(&mut self) -> Option<Result<ToSlave>> {
+#[tonic::async_trait]
+impl MasterFeed for MasterStream {
+    async fn recv(&mut self) -> Option<Result<ToSlave>> {
         match self.inner.message().await {
             Ok(Some(message)) => Some(from_master(message)),
             Ok(None) => None,
@@ -128,9 +128,10 @@ pub(crate) async fn open(
         Request::new(ReceiverStream::new(outbound).map(to_wire_slave)),
         token,
     );
-    let response = client.mirror(request).await.map_err(|s| {
-        Error::Unavailable(format!("the master refused mirroring: {}", s.message()))
-    })?;
+    let response = client
+        .mirror(request)
+        .await
+        .map_err(|s| super::error(&s, super::Asked::Peer))?;
     Ok(MasterStream {
         inner: response.into_inner(),
     })

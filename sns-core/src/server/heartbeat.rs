@@ -17,21 +17,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sns_proto::csce438::coord_service_client::CoordServiceClient;
-use sns_proto::csce438::{Confirmation, ServerInfo};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
-use tonic::metadata::MetadataValue;
 
-use super::replication::{ListedSlave, MirrorTarget, Roster, run_mirror};
+use super::replication::{FromSlave, ListedSlave, MirrorTarget, Roster, ToSlave, run_mirror};
 use super::{Joined, Role, Server, Shared};
 use crate::error::{Error, Result};
-use crate::grpc::coord::{node_role, role_from_wire, role_name};
-use crate::grpc::metadata::TOKEN as TOKEN_METADATA;
-use crate::ids::{Epoch, ServerId};
-use crate::transport::{Network, address};
-use policy::{Answer, Decision, Heartbeats, Held};
+use crate::ids::{ClusterId, Epoch, LogIndex, ServerId};
+use crate::transport::Network;
+pub(crate) use policy::Answer;
+use policy::{Decision, Heartbeats, Held};
 
 mod policy;
 
@@ -70,26 +66,89 @@ impl CoordinatorLink {
     }
 }
 
+/// A heartbeat as this server reports it to the coordinator.
+#[derive(Debug, Clone)]
+pub(crate) struct Beat {
+    /// The reporting server.
+    pub(crate) cluster: ClusterId,
+    /// Its id in its cluster.
+    pub(crate) server: ServerId,
+    /// Where clients reach it.
+    pub(crate) host: String,
+    /// Its port for clients.
+    pub(crate) port: u16,
+    /// Its role.
+    pub(crate) role: Role,
+    /// Whether it holds mastership (a master that stepped down, or failed, does not).
+    pub(crate) claiming: bool,
+    /// The epoch of its log.
+    pub(crate) epoch: Epoch,
+    /// The last entry durable in its storage.
+    pub(crate) durable: LogIndex,
+    /// The last committed entry.
+    pub(crate) commit: LogIndex,
+    /// On a master: the slaves counted as in sync, with what each acknowledged as durable.
+    pub(crate) in_sync: Vec<(ServerId, LogIndex)>,
+    /// Why it cannot serve, if it cannot.
+    pub(crate) failure: Option<String>,
+}
+
+/// The coordinator's answer to a heartbeat, beyond the role: the cluster's epoch, the master
+/// a slave must mirror, and the slaves a master may accept mirroring from.
+#[derive(Debug, Clone)]
+pub(crate) struct Assigned {
+    /// The cluster's epoch.
+    pub(crate) epoch: Epoch,
+    /// The master to mirror (to a slave).
+    pub(crate) master: Option<MirrorTarget>,
+    /// The slaves the coordinator lists for the cluster (to a master).
+    pub(crate) slaves: Vec<ListedSlave>,
+}
+
+/// A slave's stream of messages from its master.
+#[async_trait::async_trait]
+pub(crate) trait MasterFeed: Send {
+    /// The next message; `None` when the master ended the stream.
+    async fn recv(&mut self) -> Option<Result<ToSlave>>;
+}
+
+/// What a server of a deployment needs from the network, provided by the wire layer when it
+/// joins: its heartbeat to the coordinator, and a mirroring stream to its master.
+#[async_trait::async_trait]
+pub(crate) trait Peers: Send + Sync {
+    /// Sends one heartbeat and waits at most `timeout` for the answer.
+    async fn heartbeat(&self, beat: Beat, timeout: Duration) -> Answer<Assigned>;
+
+    /// Opens a mirroring stream to the master at `addr`, sending what `outbound` yields.
+    async fn mirror(
+        &self,
+        addr: &str,
+        outbound: mpsc::Receiver<FromSlave>,
+    ) -> Result<Box<dyn MasterFeed>>;
+}
+
 impl Server {
-    /// Joins a deployment: the server refuses client writes until the coordinator makes it
-    /// master, mirrors the master the coordinator names while it is slave, and heartbeats
-    /// through `network` until it shuts down. Open it with [`Server::open_replica`].
-    pub fn join(&self, link: CoordinatorLink, network: Network) {
+    /// Joins a deployment through `peers`: the server refuses client writes until the
+    /// coordinator makes it master, mirrors the master the coordinator names while it is
+    /// slave, and heartbeats until it shuts down. (The public `join` that reaches peers over
+    /// gRPC is the wire layer's.)
+    pub(crate) fn join_with(&self, link: CoordinatorLink, network: Network, peers: Arc<dyn Peers>) {
         self.set_role(Role::Slave);
         let _ = self.shared.joined.set(Joined {
-            network: network.clone(),
+            network,
             cluster_token: link.cluster_token.clone(),
+            peers: Arc::clone(&peers),
         });
         let (tasks, shutdown) = self.tasks();
         let shared = Arc::downgrade(&self.shared);
         tasks.spawn(run_mirror(shared.clone(), shutdown.clone()));
-        tasks.spawn(run(shared, link, network, shutdown.clone()));
+        tasks.spawn(run(shared, link, peers, shutdown.clone()));
     }
 
     /// Checks the cluster token presented by a peer server (mirroring).
     pub(crate) fn authorize_peer(&self, presented: Option<&str>) -> Result<()> {
         let Some(joined) = self.shared.joined.get() else {
-            return Err(Error::Unavailable(
+            return Err(Error::PermissionDenied(
                 "this server is standalone and has no slaves".to_string(),
             ));
         };
@@ -119,7 +178,7 @@ impl Server {
             tracing::info!(
                 cluster = %self.shared.config.cluster,
                 server = %self.shared.config.server_id,
-                role = role_name(role),
+                role = role.name(),
                 %epoch,
                 "role assigned by the coordinator"
             );
@@ -158,7 +217,7 @@ impl Server {
 
     /// The heartbeat message and its number; `claiming` is whether this server holds
     /// mastership.
-    fn beat(&self, link: &CoordinatorLink, claiming: bool) -> (ServerInfo, u64) {
+    fn beat(&self, link: &CoordinatorLink, claiming: bool) -> (Beat, u64) {
         let (number, in_sync, failure) = {
             let mut core = self.lock();
             let (number, in_sync) = core.replicas.announce();
@@ -167,22 +226,20 @@ impl Server {
         let log = self.positions();
         // A server that cannot serve claims nothing.
         let claiming = claiming && failure.is_none();
-        let info = ServerInfo {
-            server_id: self.shared.config.server_id.get() as i32,
-            hostname: link.advertise_host.clone(),
-            port: link.advertise_port.to_string(),
-            r#type: role_name(log.role).to_string(),
-            cluster_id: self.shared.config.cluster.get() as i32,
-            is_master: claiming,
-            epoch: log.epoch.0,
-            node_role: node_role(log.role).into(),
-            durable_index: log.durable.0,
-            commit_index: log.commit.0,
-            slave_acked_index: in_sync.iter().map(|(_, acked)| acked.0).min(),
-            in_sync_slaves: in_sync.iter().map(|(s, _)| s.get()).collect(),
-            failure: failure.unwrap_or_default(),
+        let beat = Beat {
+            cluster: self.shared.config.cluster,
+            server: self.shared.config.server_id,
+            host: link.advertise_host.clone(),
+            port: link.advertise_port,
+            role: log.role,
+            claiming,
+            epoch: log.epoch,
+            durable: log.durable,
+            commit: log.commit,
+            in_sync,
+            failure,
         };
-        (info, number)
+        (beat, number)
     }
 
     /// Whether this server is a slave without a stream to its master.
@@ -192,61 +249,14 @@ impl Server {
     }
 }
 
-/// The slaves a heartbeat answer lists (to a master); malformed entries are left out, so
-/// nobody is admitted on them.
-fn slaves_of(confirmation: &Confirmation) -> Vec<ListedSlave> {
-    confirmation
-        .slaves
-        .iter()
-        .filter_map(|info| {
-            let server = u32::try_from(info.server_id).ok().and_then(ServerId::new)?;
-            let port = info.port.parse::<u16>().ok()?;
-            (!info.hostname.is_empty()).then(|| ListedSlave {
-                server,
-                host: info.hostname.clone(),
-                port,
-            })
-        })
-        .collect()
-}
-
-/// The master named in a heartbeat answer, if any.
-fn master_of(confirmation: &Confirmation) -> Option<MirrorTarget> {
-    let server = u32::try_from(confirmation.master_server_id)
-        .ok()
-        .and_then(ServerId::new)?;
-    let port = confirmation.master_port.parse::<u16>().ok()?;
-    if confirmation.master_hostname.is_empty() {
-        return None;
-    }
-    Some(MirrorTarget {
-        server,
-        addr: address(&confirmation.master_hostname, port),
-    })
-}
-
 /// Heartbeats until shutdown: sends each beat, feeds its fate to [`Heartbeats`] and carries
 /// out the decision.
 async fn run(
     shared: std::sync::Weak<Shared>,
     link: CoordinatorLink,
-    network: Network,
+    peers: Arc<dyn Peers>,
     shutdown: CancellationToken,
 ) {
-    // One connection, re-established by the channel when it breaks; an attempt may take no
-    // longer than a beat.
-    let channel = match network.channel_with_timeout(&link.coordinator, link.interval) {
-        Ok(channel) => channel,
-        Err(e) => {
-            tracing::error!(coordinator = %link.coordinator, "bad coordinator address: {e}");
-            return;
-        }
-    };
-    let mut rpc = CoordServiceClient::new(channel);
-    let token = link
-        .cluster_token
-        .as_deref()
-        .and_then(|t| MetadataValue::try_from(t).ok());
     let start = Instant::now();
     let mut heartbeats = Heartbeats::new(link.interval, link.missed_heartbeats);
     loop {
@@ -270,17 +280,13 @@ async fn run(
         let Some(server) = shared.upgrade().map(|shared| Server { shared }) else {
             return;
         };
-        let (info, number) = server.beat(&link, heartbeats.claiming());
-        let mut request = tonic::Request::new(info);
-        if let Some(token) = &token {
-            request.metadata_mut().insert(TOKEN_METADATA, token.clone());
-        }
-        let call = tokio::time::timeout(link.interval, rpc.heartbeat(request));
+        let (beat, number) = server.beat(&link, heartbeats.claiming());
+        let call = peers.heartbeat(beat, link.interval);
         // A stopping server says nothing more: in particular not that its slave left.
         let answer = tokio::select! {
             biased;
             () = shutdown.cancelled() => return,
-            answer = call => answer_of(answer, &link.coordinator),
+            answer = call => answer,
         };
         let decision = heartbeats.step(start.elapsed(), answer, server.role());
         if !server.carry_out(decision, number, &link.coordinator) {
@@ -289,47 +295,10 @@ async fn run(
     }
 }
 
-/// What became of a heartbeat call.
-fn answer_of(
-    call: std::result::Result<
-        std::result::Result<tonic::Response<Confirmation>, tonic::Status>,
-        tokio::time::error::Elapsed,
-    >,
-    coordinator: &str,
-) -> Answer<Confirmation> {
-    match call {
-        Ok(Ok(reply)) => {
-            let confirmation = reply.into_inner();
-            let role = role_from_wire(confirmation.assigned_role).unwrap_or(
-                if confirmation.role == "master" {
-                    Role::Master
-                } else {
-                    Role::Slave
-                },
-            );
-            Answer::Assigned(role, confirmation)
-        }
-        // A refusal no retry can change: this server is misconfigured.
-        Ok(Err(status))
-            if matches!(
-                status.code(),
-                Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied
-            ) =>
-        {
-            Answer::Refused(format!(
-                "the coordinator at {coordinator} refused this server: {}",
-                status.message()
-            ))
-        }
-        Ok(Err(status)) => Answer::Failed(format!("{:?}: {}", status.code(), status.message())),
-        Err(_) => Answer::Failed("heartbeat timed out".to_string()),
-    }
-}
-
 impl Server {
     /// Carries out what the heartbeat policy decided about the answer to beat `beat`.
     /// Returns whether heartbeats go on.
-    fn carry_out(&self, decision: Decision<Confirmation>, beat: u64, coordinator: &str) -> bool {
+    fn carry_out(&self, decision: Decision<Assigned>, beat: u64, coordinator: &str) -> bool {
         match decision {
             Decision::Assign {
                 role,
@@ -339,9 +308,7 @@ impl Server {
                 if regained {
                     tracing::info!(coordinator, "coordinator reachable again");
                 }
-                let master = master_of(&answer);
-                let slaves = slaves_of(&answer);
-                self.assign(role, Epoch(answer.epoch), master, slaves, beat);
+                self.assign(role, answer.epoch, answer.master, answer.slaves, beat);
             }
             Decision::Unanswered { why, first } => {
                 if first {

@@ -42,6 +42,7 @@ use tokio_util::task::TaskTracker;
 pub use committed::CommittedEntries;
 pub use config::ServerConfig;
 pub use heartbeat::CoordinatorLink;
+pub(crate) use heartbeat::{Answer, Assigned, Beat, MasterFeed, Peers};
 pub use limits::{DEFAULT_MAX_CONNECTIONS, RESERVED_DESCRIPTORS, connection_cap};
 pub use sync::{MAX_APPLY_BATCH, OwnEvents, RefusalCounts, check_reader};
 pub use timeline::TimelineFeed;
@@ -172,6 +173,7 @@ struct Shared {
 struct Joined {
     network: Network,
     cluster_token: Option<String>,
+    peers: Arc<dyn heartbeat::Peers>,
 }
 
 /// A Tiny SNS server. Cheap to clone; all clones are the same server.

@@ -48,7 +48,7 @@ pub(super) struct Heartbeats {
 /// What became of one heartbeat; `A` is the rest of an answer (epoch, master, slaves), which
 /// the policy hands back untouched.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Answer<A> {
+pub(crate) enum Answer<A> {
     /// The coordinator answered and assigned `role`.
     Assigned(Role, A),
     /// No answer: the call failed or timed out; a later beat may get one.

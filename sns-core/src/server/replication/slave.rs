@@ -95,20 +95,14 @@ impl Server {
     async fn mirror(&self, target: &MirrorTarget) -> Result<()> {
         self.wait_truncated().await;
         let Some(joined) = self.shared.joined.get() else {
-            return Err(Error::Unavailable("not part of a deployment".to_string()));
+            return Err(Error::invalid("this server is not part of a deployment"));
         };
         let Some((hello, mut session)) = self.greet()? else {
             return Ok(());
         };
         let (out, outbound) = mpsc::channel(16);
         let _ = out.send(FromSlave::Hello(hello)).await;
-        let mut inbound = crate::grpc::replication::open(
-            &joined.network,
-            &target.addr,
-            joined.cluster_token.as_deref(),
-            outbound,
-        )
-        .await?;
+        let mut inbound = joined.peers.mirror(&target.addr, outbound).await?;
         let mut durable = self.shared.durable_index.subscribe();
         let ack = *durable.borrow_and_update();
         let _ = out.send(FromSlave::Durable(ack)).await;
@@ -121,14 +115,14 @@ impl Server {
             let message = tokio::select! {
                 message = tokio::time::timeout_at(deadline, inbound.recv()) => match message {
                     Err(_) => return Err(session.silence()),
-                    Ok(None) => return Err(Error::Unavailable("the master ended the stream".to_string())),
+                    Ok(None) => return Err(Error::ConnectionLost("the master ended the stream".to_string())),
                     Ok(Some(message)) => message?,
                 },
                 changed = durable.changed() => {
                     if changed.is_err() { return Ok(()); }
                     let ack = *durable.borrow_and_update();
                     if out.send(FromSlave::Durable(ack)).await.is_err() {
-                        return Err(Error::Unavailable("the master went away".to_string()));
+                        return Err(Error::ConnectionLost("the master went away".to_string()));
                     }
                     continue;
                 }
@@ -136,7 +130,7 @@ impl Server {
             match self.judge(&session, &message) {
                 Verdict::Refuse { newer } => {
                     let _ = out.send(FromSlave::NewerEpoch(newer)).await;
-                    return Err(Error::Unavailable(format!(
+                    return Err(Error::NotMaster(format!(
                         "refused a master of epoch {} (epoch {newer} exists)",
                         message.epoch
                     )));
@@ -212,7 +206,7 @@ impl Server {
                 let ack = *durable.borrow();
                 out.send(FromSlave::Durable(ack))
                     .await
-                    .map_err(|_| Error::Unavailable("the master went away".to_string()))
+                    .map_err(|_| Error::ConnectionLost("the master went away".to_string()))
             }
         }
     }
@@ -264,7 +258,7 @@ impl Server {
             snapshot.restore(&config).map(|state| (state, snapshot))
         })
         .await
-        .map_err(|e| Error::Unavailable(format!("snapshot task failed: {e}")))??;
+        .map_err(|e| Error::StorageFailed(format!("snapshot task failed: {e}")))??;
         let index = snapshot.index;
         let epoch = snapshot.epoch;
         tracing::info!(%index, "installing the master's snapshot");
@@ -307,10 +301,10 @@ impl Server {
         let slots = Arc::clone(&self.shared.inflight)
             .acquire_many_owned(u32::try_from(wanted).unwrap_or(u32::MAX))
             .await
-            .map_err(|_| Error::Unavailable("server is shutting down".to_string()))?;
+            .map_err(|_| Error::server_shutting_down())?;
         let mut core = self.readable()?;
         if core.role != Role::Slave || core.truncating {
-            return Err(Error::Unavailable("no longer mirroring".to_string()));
+            return Err(Error::NotMaster("no longer mirroring".to_string()));
         }
         crate::storage::check_contiguous(core.next_index, &entries)?;
         for entry in &entries {

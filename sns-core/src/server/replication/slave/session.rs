@@ -79,7 +79,7 @@ impl MirrorSession {
 
     /// Why the stream ended when the deadline passed.
     pub(super) fn silence(&self) -> Error {
-        Error::Unavailable(format!("the master said nothing for {:?}", self.timeout))
+        Error::ConnectionLost(format!("the master said nothing for {:?}", self.timeout))
     }
 
     /// Judges `message` on a server that holds `role` and knows `known_epoch` as the newest.
