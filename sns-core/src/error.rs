@@ -1,6 +1,8 @@
 //! The crate's one error type. Variants say what the caller can do: fix the input, retry
-//! elsewhere, or give up. gRPC adapters map it to a `tonic::Status` in one place
-//! (`grpc::status`), and the client maps statuses back.
+//! elsewhere, or give up. [`Error::calls_for_reconnect`] tells the errors after which a client
+//! finds its server again (not master, shutting down, storage failed, connection lost) from
+//! the answers it passes to its user (a bad command, a limit reached). On the wire an error
+//! crosses as itself, in one mapping both ways (the gRPC layer's `status` module).
 
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
