@@ -326,7 +326,7 @@ async fn one_user_cannot_take_every_timeline_stream() {
     let _second = one.timeline().await.expect("1's second stream");
     let refused = one.timeline().await.expect_err("1's third stream");
     assert!(
-        matches!(&refused, Error::Unavailable(why) if why.contains("user 1")),
+        matches!(&refused, Error::OverLimit(why) if why.contains("user 1")),
         "{refused:?}"
     );
     // Another user still gets the server's last stream.
