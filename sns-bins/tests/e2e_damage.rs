@@ -21,7 +21,7 @@ fn run_to_exit(program: &str, args: &[&str], log: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start");
-    if !support::wait_until(|| child.try_wait().expect("wait").is_some()) {
+    if !support::eventually(support::WAIT, || child.try_wait().expect("wait").is_some()) {
         let _ = child.kill();
         panic!("{program} {args:?} did not stop on a damaged data directory");
     }

@@ -163,7 +163,7 @@ fn sns_up_runs_a_whole_deployment_and_stops_cleanly_on_ctrl_c() {
         stdout
     };
     let mut stdout = String::new();
-    let mirrored = support::wait_until(|| {
+    let mirrored = support::eventually(support::WAIT, || {
         stdout = status();
         let rows: Vec<Vec<&str>> = stdout
             .lines()

@@ -6,7 +6,9 @@
 mod support;
 
 use sns_proto::csce438::NodeRole;
-use support::{Coordinator, Expect, Heartbeat, Tsc, Tsd, free_port, three_clusters};
+use support::{
+    Coordinator, Expect, Heartbeat, Tsc, Tsd, WAIT, eventually, free_port, three_clusters,
+};
 
 /// Starts `tsc` for `user` through the coordinator and reads its banner.
 fn login(coordinator: &Coordinator, user: u32) -> Tsc {
@@ -210,6 +212,28 @@ fn servers_started_together_make_server_1_master_even_if_server_2_spoke_first() 
         free_port(),
         data[1].path(),
         Expect::Serving,
+    );
+    // Server 2 has spoken: the coordinator lists it, has heard nothing of server 1 and named
+    // no master of cluster 1 yet.
+    let mut cluster_1 = Vec::new();
+    let heard_two = eventually(WAIT, || {
+        cluster_1 = coordinator
+            .status()
+            .nodes
+            .into_iter()
+            .filter(|n| n.cluster == 1)
+            .collect();
+        cluster_1.iter().any(|n| n.server == 2 && n.alive)
+    });
+    assert!(
+        heard_two,
+        "the coordinator never heard server 2: {cluster_1:?}"
+    );
+    assert!(
+        cluster_1
+            .iter()
+            .all(|n| n.server == 2 && n.node_role != i32::from(NodeRole::Master)),
+        "server 2 was not first, or was named master alone: {cluster_1:?}"
     );
     let one = Tsd::joined(
         &coordinator,

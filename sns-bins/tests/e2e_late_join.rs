@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use sns_core::{Client, Network, PostKey, TimelineMessage, UserId};
 use sns_proto::csce438::NodeRole;
-use support::{Coordinator, Expect, Heartbeat, Synchronizer, Tsc, Tsd, free_port, wait_until};
+use support::{
+    Coordinator, Expect, Heartbeat, Synchronizer, Tsc, Tsd, WAIT, eventually, free_port,
+};
 
 /// Cluster 1's posting users (ids 1, 4, 7, ...: cluster 1 of 3) and the posts each makes.
 const AUTHORS: u32 = 100;
@@ -96,7 +98,7 @@ fn commit_indexes(coordinator: &Coordinator, cluster: u32) -> Vec<(i32, u64)> {
 /// Waits until `cluster`'s master and in-sync slave report the same commit index.
 fn master_and_slave_agree(coordinator: &Coordinator, cluster: u32) -> u64 {
     let mut last = Vec::new();
-    let agreed = wait_until(|| {
+    let agreed = eventually(WAIT, || {
         let status = coordinator.status();
         let slave_in_sync = status.nodes.iter().any(|n| {
             n.cluster == cluster && n.node_role == i32::from(NodeRole::Slave) && n.in_sync
@@ -129,7 +131,7 @@ fn a_cluster_joining_late_gets_a_large_state_transfer_and_restarts_with_it() {
         started.elapsed()
     );
     assert!(
-        wait_until(|| compacted(&dir(1, 1))),
+        eventually(WAIT, || compacted(&dir(1, 1))),
         "cluster 1's master took a snapshot and dropped the start of its log"
     );
 
@@ -147,7 +149,7 @@ fn a_cluster_joining_late_gets_a_large_state_transfer_and_restarts_with_it() {
     two.expect_banner();
     let mut last = Vec::new();
     assert!(
-        wait_until(|| {
+        eventually(WAIT, || {
             last = two.list().0;
             last == everyone
         }),
@@ -181,7 +183,7 @@ fn a_cluster_joining_late_gets_a_large_state_transfer_and_restarts_with_it() {
     one.expect_banner();
     let mut known = Vec::new();
     assert!(
-        wait_until(|| {
+        eventually(WAIT, || {
             known = two.list().0;
             known.contains(&newcomer)
         }),
@@ -190,7 +192,7 @@ fn a_cluster_joining_late_gets_a_large_state_transfer_and_restarts_with_it() {
     two.follow(newcomer);
     let mut followers = Vec::new();
     assert!(
-        wait_until(|| {
+        eventually(WAIT, || {
             followers = one.list().1;
             followers == [2]
         }),

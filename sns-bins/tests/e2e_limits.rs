@@ -289,16 +289,25 @@ async fn all_served(open: &mut [SnsServiceClient<Channel>]) {
 /// Waits until a new connection to `addr` is served (a slot was freed); fails after the
 /// support module's wait.
 async fn connects_again(addr: &str) {
-    let deadline = tokio::time::Instant::now() + support::WAIT;
-    loop {
-        match connect(addr).await {
-            Ok(_) => return,
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                panic!("no new connection served after a slot was freed: {e}")
+    let last = std::cell::RefCell::new(String::new());
+    let served = sns_core::testing::eventually(support::WAIT, || {
+        let last = &last;
+        async move {
+            match connect(addr).await {
+                Ok(_) => true,
+                Err(e) => {
+                    *last.borrow_mut() = e;
+                    false
+                }
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
-    }
+    })
+    .await;
+    assert!(
+        served,
+        "no new connection served after a slot was freed: {}",
+        last.borrow()
+    );
 }
 
 #[test]

@@ -398,7 +398,7 @@ fn the_coordinator_and_tsd_read_the_kept_token_and_a_server_without_it_is_refuse
         "role assigned",
     );
     let mut last = String::new();
-    let named = support::wait_until(|| {
+    let named = support::eventually(support::WAIT, || {
         let shown = status(port, home.path(), &[]);
         last = format!("{}{}", text(&shown.stdout), text(&shown.stderr));
         last.lines()
@@ -561,7 +561,7 @@ fn separate_processes_started_from_one_directory_are_protected_without_a_token_t
     assert_eq!(heartbeat(port, Some(token)), tonic::Code::Ok);
     // `sns status` there needs no token typed.
     let mut last = String::new();
-    let named = support::wait_until(|| {
+    let named = support::eventually(support::WAIT, || {
         let shown = status(port, home.path(), &[]);
         last = format!("{}{}", text(&shown.stdout), text(&shown.stderr));
         last.lines()

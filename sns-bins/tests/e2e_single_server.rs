@@ -415,7 +415,7 @@ fn listeners_on_port_0_log_the_port_they_got_and_advertise_it() {
     let serving = tsd_log.until(|l| l.contains("serving clients"));
     let tsd_port = bound_port(&serving);
     // Once the coordinator named it master, it routes a client to the port the server has.
-    let named = support::wait_until(|| {
+    let named = support::eventually(support::WAIT, || {
         let (_, status, _) = support::run(
             env!("CARGO_BIN_EXE_sns"),
             &["status", "-h", "127.0.0.1", "-k", &port.to_string()],

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use sns_proto::csce438::NodeRole;
 use support::{
-    Coordinator, Heartbeat, SnsUp, Synchronizer, Tsc, Tsd, free_port, parse_post, run,
+    Coordinator, Heartbeat, SnsUp, Synchronizer, Tsc, Tsd, eventually, free_port, parse_post, run,
     three_clusters,
 };
 
@@ -81,19 +81,17 @@ fn list_until(
     holds: impl Fn(&[u32], &[u32]) -> bool,
 ) -> Duration {
     let start = Instant::now();
-    let mut pause = Duration::from_millis(5);
-    loop {
-        let (all, followers) = tsc.list();
-        if holds(&all, &followers) {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < deadline,
-            "not within {deadline:?}: all users {all:?}, followers {followers:?}"
-        );
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(100));
-    }
+    let mut last = (Vec::new(), Vec::new());
+    let held = eventually(deadline, || {
+        last = tsc.list();
+        holds(&last.0, &last.1)
+    });
+    let (all, followers) = last;
+    assert!(
+        held,
+        "not within {deadline:?}: all users {all:?}, followers {followers:?}"
+    );
+    start.elapsed()
 }
 
 /// The next `n` lines of `tsc`, each a well-formed post, as (author, text).
@@ -412,7 +410,7 @@ fn sns_up_with_bus(bus: &str) {
     if bus == "grpc" {
         // The coordinator lists each synchronizer alive at the address the table printed.
         let mut stdout = String::new();
-        let listed = support::wait_until(|| {
+        let listed = support::eventually(support::WAIT, || {
             let (code, out, stderr) = run(
                 env!("CARGO_BIN_EXE_sns"),
                 &[
@@ -464,7 +462,7 @@ fn a_synchronizer_serves_its_cluster_and_stops_cleanly_on_a_signal() {
             synchronizer.port
         );
         assert!(serving.contains(&says), "{serving}");
-        let listed = support::wait_until(|| {
+        let listed = support::eventually(support::WAIT, || {
             coordinator.status().nodes.iter().any(|n| {
                 n.node_role == i32::from(NodeRole::Synchronizer)
                     && n.server == id

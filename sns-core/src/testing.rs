@@ -57,6 +57,15 @@ where
     }
 }
 
+/// Lets every task that is ready run. On a paused clock no timer fires meanwhile, so a test
+/// sees what has happened by this instant; it is no way to wait for a condition (that is
+/// [`eventually`]).
+pub async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// A standalone server, on in-memory pipes or a loopback TCP port.
 #[derive(Debug)]
 pub struct TestServer {

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sns_core::testing::{TestServer, eventually};
+use sns_core::testing::{TestServer, eventually, settle};
 use sns_core::{
     Client, CrashDisk, CrashDiskOptions, Error, EventKind, LogEntry, LogIndex, MemoryStorage,
     PostKey, Role, Server, ServerConfig, Storage, TimelineMessage, UserId,
@@ -38,13 +38,6 @@ fn standalone() -> ServerConfig {
 
 async fn open(config: ServerConfig, storage: Arc<dyn Storage>) -> Server {
     Server::open(config, storage).await.expect("server opens")
-}
-
-/// Lets every task that is ready run (the clock is paused, so no timer fires meanwhile).
-async fn settle() {
-    for _ in 0..20 {
-        tokio::task::yield_now().await;
-    }
 }
 
 /// The texts of the posts in the log, in log order.

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sns_core::testing::eventually;
+use sns_core::testing::{eventually, settle};
 use sns_core::{
     CrashDisk, CrashDiskOptions, Error, EventKind, LogIndex, MemoryStorage, Role, Server,
     ServerConfig, Storage, UserId,
@@ -36,13 +36,6 @@ fn standalone() -> ServerConfig {
     ServerConfig {
         clusters: 1,
         ..ServerConfig::default()
-    }
-}
-
-/// Lets every task that is ready run (the clock is paused, so no timer fires meanwhile).
-async fn settle() {
-    for _ in 0..20 {
-        tokio::task::yield_now().await;
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prost::Message as _;
 use prost::bytes::BufMut;
@@ -15,6 +15,7 @@ use sns_core::testing::{TestServer, eventually};
 use sns_core::{Error, MAX_ARGUMENTS, MemoryStorage, ServerConfig, UserId};
 use sns_proto::csce438::sns_service_client::SnsServiceClient;
 use sns_proto::csce438::{Message, Reply, Request};
+use tokio::time::Instant;
 use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::MetadataValue;
@@ -344,9 +345,14 @@ async fn one_user_cannot_take_every_timeline_stream() {
     server.stop().await.expect("stop");
 }
 
-#[tokio::test]
+/// On tokio's paused clock: time moves only when every task waits for a timer, so the moment
+/// each post arrives is exact.
+#[tokio::test(start_paused = true)]
 async fn the_post_rate_limit_is_one_per_user_across_streams() {
+    // The timer's resolution: a post's turn, in seconds as a float, is rounded to it.
+    const TICK: Duration = Duration::from_millis(1);
     let rate = 20;
+    let spacing = Duration::from_secs(1) / rate;
     let server = start(ServerConfig {
         max_posts_per_second: rate,
         ..standalone()
@@ -359,19 +365,36 @@ async fn the_post_rate_limit_is_one_per_user_across_streams() {
     let (a, _fa) = one.timeline().await.expect("1's first stream");
     let (b, _fb) = one.timeline().await.expect("1's second stream");
     let started = Instant::now();
-    // Twice the rate, half on each stream: the first second's burst covers half of them
-    // (a limit per stream would let all of them through at once).
+    // Twice the rate, half on each stream: the burst covers only half of them (a limit per
+    // stream would let all of them through at once).
     for i in 0..rate {
         a.post(&format!("a{i}")).await.expect("post");
         b.post(&format!("b{i}")).await.expect("post");
     }
-    let delivered = sns_core::testing::next_texts(&mut feed2, 2 * rate as usize, WAIT).await;
-    let elapsed = started.elapsed();
-    assert_eq!(delivered.len(), 2 * rate as usize);
-    assert!(
-        elapsed >= Duration::from_millis(900),
-        "{} posts of one user in {elapsed:?} at {rate} a second",
-        2 * rate
+    let burst = sns_core::testing::next_texts(&mut feed2, rate as usize, WAIT).await;
+    assert_eq!(burst.len(), rate as usize);
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "the burst waits for nothing"
     );
+    // Then one post per `spacing`, from both streams together: none comes early.
+    for turn in 1..=rate {
+        let early = tokio::time::timeout(spacing - TICK, feed2.next()).await;
+        assert!(
+            early.is_err(),
+            "post {} of user 1 came {:?} after the start, before its turn at {:?}",
+            rate + turn,
+            started.elapsed(),
+            spacing * turn
+        );
+        sns_core::testing::next_texts(&mut feed2, 1, spacing).await;
+        let (at, due) = (started.elapsed(), spacing * turn);
+        assert!(
+            at + TICK >= due && at <= due + TICK,
+            "post {} came {at:?} after the start, due at {due:?}",
+            rate + turn
+        );
+    }
     server.stop().await.expect("stop");
 }

@@ -681,8 +681,16 @@ async fn snapshots_compact_the_log_and_restarts_still_recover_everything() {
 #[tokio::test]
 async fn shutdown_ends_open_timelines_and_leaves_no_task_behind() {
     let server = start().await;
+    let handle = server.server.clone();
     let c1 = login(&server, 1).await;
+    let before = handle.running_tasks();
     let (_tx, mut feed) = c1.timeline().await.expect("timeline");
+    assert_eq!(handle.open_timelines(), 1, "the stream holds its slot");
+    assert_eq!(
+        handle.running_tasks(),
+        before + 1,
+        "the stream's poster runs"
+    );
     tokio::time::timeout(WAIT, server.stop())
         .await
         .expect("stops in time")
@@ -691,6 +699,14 @@ async fn shutdown_ends_open_timelines_and_leaves_no_task_behind() {
         .await
         .expect("in time");
     assert!(!matches!(end, Some(Ok(_))), "{end:?}");
+    // The stream's poster was tracked and has finished; its outbound half (which holds the
+    // slot) was dropped with the connection.
+    assert_eq!(handle.running_tasks(), 0, "a task outlived the server");
+    assert!(
+        eventually(WAIT, || async { handle.open_timelines() == 0 }).await,
+        "the timeline stream is still open on the stopped server: {} open",
+        handle.open_timelines()
+    );
 }
 
 /// A course-style timeline stream (no metadata: the first message names the user) of `user`

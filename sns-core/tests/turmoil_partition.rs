@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use sns_core::testing::eventually;
 use sns_core::transport::{
     Connection, ConnectionInfo, Connector, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Listener, Network,
 };
@@ -108,22 +109,6 @@ fn u(id: u32) -> UserId {
     UserId::new(id).expect("valid user")
 }
 
-/// Polls `check` on simulated time until it holds; returns how long that took.
-async fn until<F, Fut>(limit: Duration, mut check: F) -> Option<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() <= limit {
-        if check().await {
-            return Some(start.elapsed());
-        }
-        tokio::time::sleep(INTERVAL / 10).await;
-    }
-    None
-}
-
 #[test]
 fn a_partitioned_master_steps_down_within_the_failure_timeout_and_rejoins_after_repair()
 -> turmoil::Result {
@@ -143,12 +128,11 @@ fn a_partitioned_master_steps_down_within_the_failure_timeout_and_rejoins_after_
         let role = || running.lock().expect("lock").as_ref().map(Server::role);
         let network = Network::new(TurmoilConnector);
         let addr = format!("{SERVER}:{SERVER_PORT}");
-        let became_master = until(Duration::from_secs(10), || async {
-            role() == Some(Role::Master)
-        })
-        .await;
         assert!(
-            became_master.is_some(),
+            eventually(Duration::from_secs(10), || async {
+                role() == Some(Role::Master)
+            })
+            .await,
             "the coordinator makes the server master"
         );
         let one = Client::login(&network, &addr, u(1)).await?;
@@ -156,11 +140,15 @@ fn a_partitioned_master_steps_down_within_the_failure_timeout_and_rejoins_after_
         one.follow(u(2)).await?;
 
         turmoil::partition(SERVER, COORDINATOR);
-        let stepped_down = until(failure_timeout * 3, || async {
-            role() == Some(Role::Slave)
-        })
-        .await
-        .expect("a master cut off from the coordinator steps down");
+        let cut = Instant::now();
+        assert!(
+            eventually(failure_timeout * 3, || async {
+                role() == Some(Role::Slave)
+            })
+            .await,
+            "a master cut off from the coordinator steps down"
+        );
+        let stepped_down = cut.elapsed();
         // The last beat answered came at most one interval before the cut; the step-down
         // check runs on the next beat after the timeout (each beat may wait an interval).
         assert!(
@@ -174,9 +162,8 @@ fn a_partitioned_master_steps_down_within_the_failure_timeout_and_rejoins_after_
 
         turmoil::repair(SERVER, COORDINATOR);
         let patience = KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT + failure_timeout * 4;
-        let rejoined = until(patience, || async { role() == Some(Role::Master) }).await;
         assert!(
-            rejoined.is_some(),
+            eventually(patience, || async { role() == Some(Role::Master) }).await,
             "a member again within {patience:?} of the repair"
         );
         two.follow(u(1)).await?;
@@ -272,11 +259,13 @@ fn a_master_cut_off_from_the_coordinator_is_replaced_and_acknowledges_nothing_af
                 .map(Server::committed_state)
         };
         let network = Network::new(TurmoilConnector);
-        let master = until(Duration::from_secs(10), || async {
-            role(0) == Some(Role::Master) || role(1) == Some(Role::Master)
-        })
-        .await;
-        assert!(master.is_some(), "a master is named");
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                role(0) == Some(Role::Master) || role(1) == Some(Role::Master)
+            })
+            .await,
+            "a master is named"
+        );
         let (old, slave) = if role(0) == Some(Role::Master) {
             (0, 1)
         } else {
@@ -293,12 +282,14 @@ fn a_master_cut_off_from_the_coordinator_is_replaced_and_acknowledges_nothing_af
                 .logout()
                 .await?;
         }
-        let in_sync = until(Duration::from_secs(10), || async {
-            let nodes = coordinator.table().nodes(Instant::now());
-            nodes.iter().any(|n| n.id == slave as u32 + 1 && n.in_sync)
-        })
-        .await;
-        assert!(in_sync.is_some(), "the slave is in sync");
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                let nodes = coordinator.table().nodes(Instant::now());
+                nodes.iter().any(|n| n.id == slave as u32 + 1 && n.in_sync)
+            })
+            .await,
+            "the slave is in sync"
+        );
 
         // The master loses the coordinator but keeps its clients and its slave.
         turmoil::partition(names[old], COORDINATOR);
@@ -337,14 +328,16 @@ fn a_master_cut_off_from_the_coordinator_is_replaced_and_acknowledges_nothing_af
                 .all(|&user| promoted.follows(u(1), u(user)))
         };
         assert!(
-            until(INTERVAL * MISSED, holds_all).await.is_some(),
+            eventually(INTERVAL * MISSED, holds_all).await,
             "the new master lacks an acknowledged write of {acknowledged:?}"
         );
-        let stepped_down = until(INTERVAL * MISSED * 3, || async {
-            role(old) == Some(Role::Slave)
-        })
-        .await;
-        assert!(stepped_down.is_some(), "the old master steps down");
+        assert!(
+            eventually(INTERVAL * MISSED * 3, || async {
+                role(old) == Some(Role::Slave)
+            })
+            .await,
+            "the old master steps down"
+        );
         Ok(())
     });
 

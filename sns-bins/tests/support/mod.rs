@@ -190,7 +190,7 @@ pub fn spawn_unwaited(mut command: Command, args: &[String], name: &str) -> (Chi
 /// Waits (at most [`WAIT`]) for `child` to exit; returns its exit code.
 pub fn exit_code(child: &mut Child) -> Option<i32> {
     let mut status = None;
-    let exited = wait_until(|| {
+    let exited = eventually(WAIT, || {
         status = child.try_wait().expect("wait");
         status.is_some()
     });
@@ -472,7 +472,7 @@ impl Coordinator {
     /// its master with nothing left to mirror; returns that node's status. Fails after [`WAIT`].
     pub fn wait_for_role(&self, tsd: &Tsd, role: NodeRole) -> NodeStatus {
         let mut last = None;
-        let held = wait_until(|| {
+        let held = eventually(WAIT, || {
             let reply = self.status();
             let master_durable = reply
                 .nodes
@@ -539,9 +539,10 @@ pub fn three_clusters(coordinator: &Coordinator, data: &Path) -> (Vec<Tsd>, Vec<
 }
 
 /// Polls `check` until it holds, pausing a little longer each time (at most 100 ms), for at
-/// most [`WAIT`]; returns whether it held.
-pub fn wait_until(mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + WAIT;
+/// most `timeout` (usually [`WAIT`]); returns whether it held. The blocking counterpart of
+/// `sns_core::testing::eventually`, for tests that drive processes from plain threads.
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(5);
     loop {
         if check() {

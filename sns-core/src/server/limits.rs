@@ -64,6 +64,11 @@ impl StreamSlots {
         }
     }
 
+    /// How many slots are held (streams open).
+    pub(crate) fn held(&self) -> usize {
+        self.max_total - self.total.available_permits()
+    }
+
     /// A slot for a new stream of `user`; refused ([`Error::OverLimit`], naming the limit) when
     /// the user or the server holds as many streams as allowed.
     pub(crate) fn acquire(&self, user: UserId) -> Result<StreamSlot> {

@@ -207,6 +207,18 @@ impl Server {
         &self.shared.config
     }
 
+    /// How many timeline streams are open: each holds its slot until the stream has ended and
+    /// been dropped.
+    pub fn open_timelines(&self) -> usize {
+        self.shared.streams.held()
+    }
+
+    /// How many tasks of this server (per-stream posters, mirroring, the commit pipeline) are
+    /// still running; none once [`Server::close`] has returned.
+    pub fn running_tasks(&self) -> usize {
+        self.shared.tasks.len()
+    }
+
     /// Waits until this server cannot go on, and says why: its storage failed (it then refuses
     /// every request and reports the failure in its heartbeats, so the coordinator routes
     /// elsewhere; its memory may be ahead of its disk, so only a restart, recovering from the

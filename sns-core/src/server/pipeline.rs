@@ -80,7 +80,11 @@ pub(super) async fn run_durability(
                 continue;
             }
             if let Err(e) = result {
-                storage_failed(&shared, &mut core, e.to_string());
+                let why = match &e {
+                    Error::StorageFailed(why) => why.clone(),
+                    e => e.to_string(),
+                };
+                storage_failed(&shared, &mut core, why);
                 drop(core);
                 answer(pending.reply, Err(e));
                 continue;

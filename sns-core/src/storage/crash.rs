@@ -101,7 +101,7 @@ fn disk_full() -> Error {
 }
 
 fn power_lost() -> Error {
-    Error::Unavailable("power lost".to_string())
+    Error::StorageFailed("power lost".to_string())
 }
 
 impl Disk {
@@ -182,7 +182,7 @@ impl CrashDisk {
     /// is open on the disk (not dropped, plug not pulled).
     pub fn open(&self) -> Result<CrashStorage> {
         let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| Error::Unavailable("CrashDisk::open needs a Tokio runtime".into()))?;
+            .map_err(|_| Error::invalid("CrashDisk::open needs a Tokio runtime"))?;
         let mut disk = self.lock();
         if disk.open.is_some() {
             return Err(Error::Unavailable("the disk is in use".to_string()));

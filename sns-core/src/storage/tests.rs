@@ -664,7 +664,7 @@ async fn a_crash_loses_exactly_the_unsynced_appends() {
         assert!(
             results[acked as usize..]
                 .iter()
-                .all(|r| matches!(r, Err(Error::Unavailable(_)))),
+                .all(|r| matches!(r, Err(Error::StorageFailed(_)))),
             "after the first lost append, every later one is lost too (plug at {plug_at})"
         );
         assert!(
@@ -721,11 +721,11 @@ async fn a_crash_keeps_only_synced_truncations_snapshots_and_commits() {
     disk.pull_plug();
     assert!(matches!(
         truncation.await.expect("join"),
-        Err(Error::Unavailable(_))
+        Err(Error::StorageFailed(_))
     ));
     assert!(matches!(
         snapshot.await.expect("join"),
-        Err(Error::Unavailable(_))
+        Err(Error::StorageFailed(_))
     ));
     drop(storage);
 

@@ -22,75 +22,21 @@
 //! segments: they are removed and the log after the snapshot is kept. A damaged snapshot is
 //! dropped only when the log still starts at index 1, so replaying it loses nothing.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use super::{
-    CommitFile, LogMap, MAX_READ_RECORD_BYTES, Opened, RECORD_HEADER, SegmentMap, create_segment,
-    list, parse_segment, read_commit, read_snapshot, segment_path, sync_dir,
+use super::Opened;
+use super::format::{
+    CommitFile, MAX_READ_RECORD_BYTES, RECORD_HEADER, parse_segment, read_commit, read_snapshot,
 };
+use super::index::{LogMap, SegmentMap};
+use super::layout::{create_segment, list, remove_segments, segment_path, sync_dir};
+use super::marker::{LAST_SEGMENT_FILE, Marker, read_last_segment, write_last_segment};
 use crate::error::{Error, Result};
 use crate::event::LogEntry;
 use crate::ids::LogIndex;
 use crate::storage::positions::Positions;
 use crate::storage::{Recovered, Snapshot};
-
-/// The file naming the newest segment (by its first index).
-pub(super) const LAST_SEGMENT_FILE: &str = "last-segment";
-const LAST_SEGMENT_MAGIC: &[u8; 8] = b"SNSLAST1";
-const LAST_SEGMENT_BYTES: usize = 8 + 8 + 4;
-
-/// Records `first` as the newest segment's first index: written to a temporary file, synced,
-/// renamed over the marker and the directory synced, so a crash leaves the old or the new one.
-pub(super) fn write_last_segment(dir: &Path, first: LogIndex) -> io::Result<()> {
-    let mut bytes = Vec::with_capacity(LAST_SEGMENT_BYTES);
-    bytes.extend_from_slice(LAST_SEGMENT_MAGIC);
-    bytes.extend_from_slice(&first.0.to_le_bytes());
-    bytes.extend_from_slice(&crc32fast::hash(&first.0.to_le_bytes()).to_le_bytes());
-    let tmp = dir.join(format!("{LAST_SEGMENT_FILE}.tmp"));
-    let mut file = File::create(&tmp)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, dir.join(LAST_SEGMENT_FILE))?;
-    sync_dir(dir)
-}
-
-/// What the last-segment marker says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Marker {
-    /// No marker: a new directory, or one written before markers existed.
-    Absent,
-    /// The newest segment starts at this index.
-    Names(LogIndex),
-    /// The marker cannot be read; why.
-    Damaged(String),
-}
-
-fn read_last_segment(dir: &Path) -> io::Result<Marker> {
-    let bytes = match fs::read(dir.join(LAST_SEGMENT_FILE)) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Marker::Absent),
-        Err(e) => return Err(e),
-    };
-    if bytes.len() != LAST_SEGMENT_BYTES {
-        return Ok(Marker::Damaged(format!(
-            "{} bytes where {LAST_SEGMENT_BYTES} were expected",
-            bytes.len()
-        )));
-    }
-    if &bytes[..8] != LAST_SEGMENT_MAGIC {
-        return Ok(Marker::Damaged("bad magic".to_string()));
-    }
-    let mut index = [0u8; 8];
-    index.copy_from_slice(&bytes[8..16]);
-    let crc = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
-    if crc32fast::hash(&index) != crc {
-        return Ok(Marker::Damaged("checksum mismatch".to_string()));
-    }
-    Ok(Marker::Names(LogIndex(u64::from_le_bytes(index))))
-}
 
 /// What follows the first bad record of a segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -405,94 +351,18 @@ impl Scan<'_> {
             self.later.push(path);
             return Ok(());
         }
-        // Where it starts, against where the log so far ends.
-        loop {
-            let (index, message) = match self.end {
-                None if first > self.base.next() => (
-                    self.base.next(),
-                    format!(
-                        "entries {}..={} are missing: the log starts at {}{}",
-                        self.base.next(),
-                        first.0 - 1,
-                        path.display(),
-                        match self.base {
-                            LogIndex(0) => " and there is no snapshot".to_string(),
-                            base => format!(" but the snapshot ends at {base}"),
-                        }
-                    ),
-                ),
-                None => break,
-                Some(end) if first == end => break,
-                Some(end) if first == self.base.next() && end < first => {
-                    // What a compaction to a snapshot ahead of the log leaves when it is
-                    // interrupted: old segments before the new one (all covered).
-                    self.warnings.push(format!(
-                        "removing {} segment(s) left by an interrupted compaction (they end at \
-                         index {}, before the snapshot at {})",
-                        self.kept.len(),
-                        end.0 - 1,
-                        self.base
-                    ));
-                    self.covered.extend(self.kept.drain(..).map(|s| s.path));
-                    self.entries.clear();
-                    self.positions.clear();
-                    self.end = None;
-                    break;
-                }
-                Some(end) if first > end => (
-                    end,
-                    format!(
-                        "entries {end}..={} are missing: {}, and the next segment is {}",
-                        first.0 - 1,
-                        match self.kept.last() {
-                            Some(prev) if prev.first == end => {
-                                format!("segment {} holds no record", prev.path.display())
-                            }
-                            Some(prev) => format!(
-                                "segment {} stops at index {}",
-                                prev.path.display(),
-                                end.0 - 1
-                            ),
-                            None => "no segment holds them".to_string(),
-                        },
-                        path.display()
-                    ),
-                ),
-                Some(end) => (
-                    end,
-                    format!(
-                        "segment {} starts at index {first}, inside the previous segment (which \
-                         ends at {})",
-                        path.display(),
-                        end.0 - 1
-                    ),
-                ),
+        let records = found.len() as u64;
+        while let Some((index, message)) = self.gap(first, &path) {
+            let at = Location::Before {
+                path: path.clone(),
+                records,
             };
-            let records = found.len() as u64;
-            self.damage(
-                index,
-                message,
-                Location::Before {
-                    path: path.clone(),
-                    records,
-                },
-            )?;
+            self.damage(index, message, at)?;
             if self.stopped {
                 return Ok(());
             }
         }
-        let mut segment = SegmentMap::new(first, path.clone());
-        segment.note_records(&bytes[..valid], first, 0);
-        segment.len = valid as u64;
-        let end = LogIndex(first.0 + found.len() as u64);
-        self.end = Some(end);
-        for entry in found {
-            self.positions.push(entry.event.id, entry.index);
-            if entry.index > self.base {
-                self.entries.push(entry);
-            }
-        }
-        self.kept.push(segment);
+        let end = self.keep(first, path.clone(), &bytes[..valid], found);
         let Some(why) = damage else {
             return Ok(());
         };
@@ -551,6 +421,98 @@ impl Scan<'_> {
         )
     }
 
+    /// Where a segment starting at `first` (at `path`) starts, against where the log so far
+    /// ends: the first missing or doubled index and what is wrong there, if anything is.
+    /// Clears what an interrupted compaction to a snapshot ahead of the log left, which is
+    /// not damage.
+    fn gap(&mut self, first: LogIndex, path: &Path) -> Option<(LogIndex, String)> {
+        match self.end {
+            None if first > self.base.next() => Some((
+                self.base.next(),
+                format!(
+                    "entries {}..={} are missing: the log starts at {}{}",
+                    self.base.next(),
+                    first.0 - 1,
+                    path.display(),
+                    match self.base {
+                        LogIndex(0) => " and there is no snapshot".to_string(),
+                        base => format!(" but the snapshot ends at {base}"),
+                    }
+                ),
+            )),
+            None => None,
+            Some(end) if first == end => None,
+            Some(end) if first == self.base.next() && end < first => {
+                // What a compaction to a snapshot ahead of the log leaves when it is
+                // interrupted: old segments before the new one (all covered).
+                self.warnings.push(format!(
+                    "removing {} segment(s) left by an interrupted compaction (they end at \
+                     index {}, before the snapshot at {})",
+                    self.kept.len(),
+                    end.0 - 1,
+                    self.base
+                ));
+                self.covered.extend(self.kept.drain(..).map(|s| s.path));
+                self.entries.clear();
+                self.positions.clear();
+                self.end = None;
+                None
+            }
+            Some(end) if first > end => Some((
+                end,
+                format!(
+                    "entries {end}..={} are missing: {}, and the next segment is {}",
+                    first.0 - 1,
+                    match self.kept.last() {
+                        Some(prev) if prev.first == end => {
+                            format!("segment {} holds no record", prev.path.display())
+                        }
+                        Some(prev) => format!(
+                            "segment {} stops at index {}",
+                            prev.path.display(),
+                            end.0 - 1
+                        ),
+                        None => "no segment holds them".to_string(),
+                    },
+                    path.display()
+                ),
+            )),
+            Some(end) => Some((
+                end,
+                format!(
+                    "segment {} starts at index {first}, inside the previous segment (which \
+                     ends at {})",
+                    path.display(),
+                    end.0 - 1
+                ),
+            )),
+        }
+    }
+
+    /// Keeps the segment starting at `first` whose valid records are `valid`, holding
+    /// `found`; returns the index after its last entry.
+    fn keep(
+        &mut self,
+        first: LogIndex,
+        path: PathBuf,
+        valid: &[u8],
+        found: Vec<LogEntry>,
+    ) -> LogIndex {
+        let mut segment = SegmentMap::new(first, path);
+        segment.note_records(valid, first, 0);
+        segment.len = valid.len() as u64;
+        let end = LogIndex(first.0 + found.len() as u64);
+        self.end = Some(end);
+        for entry in found {
+            self.positions.push(entry.event.id, entry.index);
+            if entry.index > self.base {
+                self.entries.push(entry);
+            }
+        }
+        self.kept.push(segment);
+        end
+    }
+
     /// After the walk: a log that ends before the snapshot restarts after it (what an
     /// interrupted compaction to a snapshot ahead of the log leaves). Returns the last index.
     fn settle(&mut self) -> LogIndex {
@@ -604,14 +566,14 @@ impl Scan<'_> {
             write_last_segment(dir, newest)?;
         }
         // Newest first, so a crash leaves a contiguous log.
-        super::remove_segments(dir, self.later.iter().rev())?;
+        remove_segments(dir, self.later.iter().rev())?;
         if let Some(cut) = &self.cut {
             let file = OpenOptions::new().write(true).open(&cut.path)?;
             file.set_len(cut.offset)?;
             file.sync_all()?;
         }
         // Oldest first, as compaction does.
-        super::remove_segments(dir, self.covered.iter())?;
+        remove_segments(dir, self.covered.iter())?;
         for path in &self.stale_snapshots {
             fs::remove_file(path)?;
         }
