@@ -7,13 +7,13 @@
 
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
 use sns_proto::csce438::sns_service_client::SnsServiceClient;
-use sns_proto::csce438::{Id, Message, Request};
+use sns_proto::csce438::{Id, Message, Request, ServerInfo, ServerList};
 use tokio::sync::mpsc;
 use tonic::Streaming;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-use super::metadata;
+use super::metadata::{self, with_token};
 use super::{self as grpc, Asked};
 use crate::error::{Error, Result};
 use crate::event::normalize_post_text;
@@ -85,6 +85,40 @@ impl CoordinatorClient {
             })?
             .into_inner();
         Ok(format!("{}:{}", reply.hostname, reply.port))
+    }
+
+    /// A synchronizer's heartbeat (`RegisterSyncServer` for its first, `Heartbeat` after),
+    /// with the cluster token if any.
+    pub(crate) async fn synchronizer_beat(
+        &self,
+        info: ServerInfo,
+        first: bool,
+        token: Option<&str>,
+    ) -> Result<()> {
+        let request = with_token(tonic::Request::new(info), token);
+        let mut rpc = self.rpc.clone();
+        let answer = if first {
+            rpc.register_sync_server(request).await
+        } else {
+            rpc.heartbeat(request).await
+        };
+        answer.map(drop).map_err(|s| grpc::error(&s, Asked::Peer))
+    }
+
+    /// The synchronizers the coordinator lists as live, as asked by synchronizer `asking`.
+    pub(crate) async fn sync_servers(
+        &self,
+        asking: i32,
+        token: Option<&str>,
+    ) -> Result<ServerList> {
+        let request = with_token(tonic::Request::new(Id { id: asking }), token);
+        Ok(self
+            .rpc
+            .clone()
+            .get_sync_servers(request)
+            .await
+            .map_err(|s| grpc::error(&s, Asked::Peer))?
+            .into_inner())
     }
 
     /// Finds `user`'s server and logs in there, on the same network.

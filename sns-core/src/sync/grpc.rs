@@ -26,10 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sns_proto::csce438::coord_service_client::CoordServiceClient;
-use sns_proto::csce438::{Id, NodeRole, ServerInfo};
+use sns_proto::csce438::{NodeRole, ServerInfo};
 use tokio_util::task::TaskTracker;
-use tonic::transport::Channel;
 
 use super::pull::{Source, Subscription, pull};
 use super::service::{SyncPeer, sync_service};
@@ -37,7 +35,6 @@ use super::{ClusterLink, SyncTransport, cluster_of_synchronizer};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::grpc::log::from_status;
-use crate::grpc::metadata::with_token;
 use crate::ids::ClusterId;
 use crate::transport::{Listener, address, split_addr};
 
@@ -166,7 +163,6 @@ impl SyncTransport for GrpcBus {
 
     async fn run(&self, link: ClusterLink) -> Result<()> {
         let (listener, registration) = self.prepare(&link)?;
-        let coordinator = coordinator_rpc(&link, registration.interval)?;
         tracing::info!(
             cluster = %link.cluster(),
             sync = registration.id,
@@ -176,15 +172,10 @@ impl SyncTransport for GrpcBus {
         );
         let tasks = TaskTracker::new();
         let serving = tasks.spawn(serve(link.clone(), listener, tasks.clone()));
-        tasks.spawn(heartbeat(
-            link.clone(),
-            coordinator.clone(),
-            registration.clone(),
-        ));
+        tasks.spawn(heartbeat(link.clone(), registration.clone()));
         for origin in link.others() {
             let source = PeerSource {
                 link: link.clone(),
-                coordinator: coordinator.clone(),
                 sync_id: registration.id,
                 max_pause: registration.interval,
                 turn: AtomicUsize::new(0),
@@ -217,14 +208,6 @@ struct Registration {
     interval: Duration,
 }
 
-/// A channel to the coordinator on which an attempt to connect takes no longer than a beat.
-fn coordinator_rpc(link: &ClusterLink, interval: Duration) -> Result<CoordServiceClient<Channel>> {
-    let channel = link
-        .network()
-        .channel_with_timeout(link.coordinator().addr(), interval)?;
-    Ok(CoordServiceClient::new(channel))
-}
-
 /// Serves `Sync` on `listener` until the synchronizer stops.
 async fn serve(link: ClusterLink, listener: Listener, streams: TaskTracker) -> Result<()> {
     let shutdown = link.shutdown().clone();
@@ -239,11 +222,7 @@ async fn serve(link: ClusterLink, listener: Listener, streams: TaskTracker) -> R
 /// Registers with the coordinator (`RegisterSyncServer`), then heartbeats as a synchronizer
 /// every interval until the synchronizer stops. A stopping synchronizer just goes quiet: the
 /// coordinator drops it after the failure timeout.
-async fn heartbeat(
-    link: ClusterLink,
-    mut rpc: CoordServiceClient<Channel>,
-    registration: Registration,
-) {
+async fn heartbeat(link: ClusterLink, registration: Registration) {
     let shutdown = link.shutdown().clone();
     let mut ticks = tokio::time::interval(registration.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -255,17 +234,11 @@ async fn heartbeat(
             () = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let request = with_token(
-            tonic::Request::new(registration.info.clone()),
+        let call = link.coordinator().synchronizer_beat(
+            registration.info.clone(),
+            !registered,
             link.cluster_token(),
         );
-        let call = async {
-            if registered {
-                rpc.heartbeat(request).await
-            } else {
-                rpc.register_sync_server(request).await
-            }
-        };
         let answer = tokio::select! {
             biased;
             () = shutdown.cancelled() => return,
@@ -285,13 +258,11 @@ async fn heartbeat(
                 registered = true;
                 failing = false;
             }
-            Ok(Err(status)) => {
+            Ok(Err(error)) => {
                 if !failing {
                     tracing::warn!(
                         sync = registration.id,
-                        "synchronizer heartbeat refused or failed: {:?}: {}",
-                        status.code(),
-                        status.message()
+                        "synchronizer heartbeat refused or failed: {error}"
                     );
                 }
                 failing = true;
@@ -309,7 +280,6 @@ async fn heartbeat(
 /// Subscribes to a live synchronizer of the origin, as the coordinator lists them.
 struct PeerSource {
     link: ClusterLink,
-    coordinator: CoordServiceClient<Channel>,
     sync_id: i32,
     max_pause: Duration,
     /// Rotates among several synchronizers of a cluster, so one that is listed but gone does
@@ -320,17 +290,11 @@ struct PeerSource {
 impl PeerSource {
     /// The addresses of the live synchronizers of `origin`, as the coordinator lists them now.
     async fn synchronizers_of(&self, origin: ClusterId) -> Result<Vec<String>> {
-        let request = with_token(
-            tonic::Request::new(Id { id: self.sync_id }),
-            self.link.cluster_token(),
-        );
         let list = self
-            .coordinator
-            .clone()
-            .get_sync_servers(request)
-            .await
-            .map_err(from_status)?
-            .into_inner();
+            .link
+            .coordinator()
+            .sync_servers(self.sync_id, self.link.cluster_token())
+            .await?;
         let clusters = self.link.clusters();
         let mut found = Vec::new();
         for (i, id) in list.server_id.iter().enumerate() {
