@@ -150,6 +150,13 @@ async fn own_and_invalid_events_are_refused() {
             "{text:?}: {escape:?}"
         );
     }
+    let over = sns_core::server::MAX_APPLY_BATCH as u64 + 1;
+    let oversized: Vec<Event> = (1..=over).map(|seq| joined(2, seq, 2)).collect();
+    let oversized = server.apply_remote(oversized).await;
+    assert!(
+        matches!(&oversized, Err(Error::InvalidInput(m)) if m.contains("at most")),
+        "{oversized:?}"
+    );
     assert!(
         server.high_water().expect("marks").is_empty(),
         "nothing applied"

@@ -15,7 +15,6 @@ use sns_proto::sns_v1::{
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, OriginImage, Post};
 use crate::ids::{ClusterId, EventId, Timestamp, UserId};
-use crate::server::MAX_APPLY_BATCH;
 
 /// One event in its wire form (a post's idempotency key stays in its cluster).
 pub(crate) fn event_to_wire(event: &Event) -> SyncEvent {
@@ -166,14 +165,10 @@ pub(crate) fn batch_to_wire(origin: ClusterId, events: &[Event]) -> SyncBatch {
 }
 
 /// A batch from its wire form: every event of the batch's origin, with consecutive sequence
-/// numbers, at most [`MAX_APPLY_BATCH`] of them.
+/// numbers. Its shape only: how many events a server applies at once, and whether they continue
+/// what it holds, are the receiving server's to check, once
+/// ([`Server::apply_remote`](crate::server::Server::apply_remote)).
 pub(crate) fn batch_from_wire(batch: SyncBatch) -> Result<Vec<Event>> {
-    if batch.events.len() > MAX_APPLY_BATCH {
-        return Err(Error::invalid(format!(
-            "a batch holds at most {MAX_APPLY_BATCH} events, not {}",
-            batch.events.len()
-        )));
-    }
     let events = batch
         .events
         .into_iter()
