@@ -20,23 +20,20 @@
 //! cargo run --release -p sns-benches --bin failover -- --runs 10 [--interval-ms 5000 --missed 2]
 //! ```
 
-use std::fs::File;
+mod processes;
+mod writers;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use sns_core::client::CoordinatorClient;
-use sns_core::session::Target;
-use sns_core::{Client, Error, Network, RoutingConfig, Session, SessionConfig, UserId};
-use sns_proto::csce438::NodeRole;
-use sns_proto::sns_v1::admin_client::AdminClient;
-use sns_proto::sns_v1::{NodeStatus, StatusRequest};
-use tokio::sync::mpsc;
+use sns_core::RoutingConfig;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use processes::Deployment;
+use writers::{Writer, first_success_after, port_of, successes_since};
 
 /// Measure the time from SIGKILL of a master to the first successful client call.
 #[derive(Debug, Parser)]
@@ -86,352 +83,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// The processes of the deployment and how to restart them.
-struct Deployment {
-    bin_dir: PathBuf,
-    root: PathBuf,
-    interval: Duration,
-    missed: u32,
-    coordinator_port: u16,
-    coordinator: Option<Child>,
-    /// Server id, client port and process of each server (`None` while killed).
-    servers: Vec<(u32, u16, Option<Child>)>,
-}
-
-impl Deployment {
-    fn coordinator_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.coordinator_port)
-    }
-
-    fn heartbeat_args(&self) -> Vec<String> {
-        vec![
-            "--heartbeat-ms".to_string(),
-            self.interval.as_millis().to_string(),
-            "--missed-heartbeats".to_string(),
-            self.missed.to_string(),
-        ]
-    }
-
-    fn log(&self, name: &str) -> Result<File, Failure> {
-        let path = self.root.join("logs").join(format!("{name}.log"));
-        Ok(File::options().create(true).append(true).open(path)?)
-    }
-
-    fn start_coordinator(&mut self) -> Result<(), Failure> {
-        let mut command = Command::new(self.bin_dir.join("coordinator"));
-        // Run in the deployment's own directory, so a cluster token kept in the caller's
-        // ./sns-data is not picked up (the bench's status calls carry none).
-        command
-            .current_dir(&self.root)
-            .args(["-p", &self.coordinator_port.to_string()])
-            .args(["--bind", "127.0.0.1", "--clusters", "1"])
-            .args(self.heartbeat_args());
-        self.coordinator = Some(spawn(command, self.log("coordinator")?)?);
-        Ok(())
-    }
-
-    fn start_server(&mut self, server: u32) -> Result<(), Failure> {
-        let index = self
-            .servers
-            .iter()
-            .position(|(s, _, _)| *s == server)
-            .ok_or("no such server")?;
-        let port = self.servers[index].1;
-        let mut command = Command::new(self.bin_dir.join("tsd"));
-        command
-            .current_dir(&self.root)
-            .args(["-c", "1", "-s", &server.to_string(), "--clusters", "1"])
-            .args(["-h", "127.0.0.1", "-k", &self.coordinator_port.to_string()])
-            .args(["-p", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(self.heartbeat_args())
-            .arg("--data-dir")
-            .arg(self.root.join(format!("server{server}")));
-        let child = spawn(command, self.log(&format!("tsd{server}"))?)?;
-        self.servers[index].2 = Some(child);
-        Ok(())
-    }
-
-    /// SIGKILLs `server` and waits until the process is gone.
-    fn kill(&mut self, server: u32) -> Result<(), Failure> {
-        let (_, _, child) = self
-            .servers
-            .iter_mut()
-            .find(|(s, _, _)| *s == server)
-            .ok_or("no such server")?;
-        if let Some(mut child) = child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
-    }
-
-    fn addr_of(&self, server: u32) -> String {
-        let port = self
-            .servers
-            .iter()
-            .find(|(s, _, _)| *s == server)
-            .map_or(0, |(_, port, _)| *port);
-        format!("127.0.0.1:{port}")
-    }
-
-    /// The coordinator's view of the servers.
-    async fn status(&self) -> Result<Vec<NodeStatus>, Failure> {
-        let channel = Network::tcp().connect(&self.coordinator_addr()).await?;
-        let reply = AdminClient::new(channel)
-            .status(StatusRequest {})
-            .await?
-            .into_inner();
-        Ok(reply.nodes)
-    }
-
-    /// Waits until a live master has a live, in-sync slave; returns (master, slave).
-    async fn wait_for_mirrored_pair(&self) -> Result<(u32, u32), Failure> {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Ok(nodes) = self.status().await {
-                let role = |r: NodeRole| {
-                    nodes
-                        .iter()
-                        .find(|n| n.alive && n.node_role == i32::from(r))
-                        .cloned()
-                };
-                // In sync: the master counts it, so it holds every committed entry (the writers
-                // keep the logs moving, so their reported ends rarely match).
-                if let (Some(master), Some(slave)) = (role(NodeRole::Master), role(NodeRole::Slave))
-                    && slave.in_sync
-                {
-                    return Ok((master.server, slave.server));
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("no master with an in-sync slave after {PATIENCE:?}").into());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Deployment {
-    fn drop(&mut self) {
-        for (_, _, child) in &mut self.servers {
-            if let Some(child) = child {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        if let Some(coordinator) = &mut self.coordinator {
-            let _ = coordinator.kill();
-            let _ = coordinator.wait();
-        }
-    }
-}
-
-fn spawn(mut command: Command, log: File) -> Result<Child, Failure> {
-    let program = command.get_program().to_string_lossy().into_owned();
-    command
-        .env("RUST_LOG", "info")
-        .env_remove("SNS_CLUSTER_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("cannot start {program} (build it first?): {e}").into())
-}
-
-fn free_port() -> Result<u16, Failure> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// A successful call: when it started and ended.
-#[derive(Debug, Clone, Copy)]
-struct Success {
-    started: Instant,
-    ended: Instant,
-    /// The port of the server that answered.
-    addr: u16,
-}
-
-/// What a writer reports while it runs.
-struct Writer {
-    name: &'static str,
-    successes: mpsc::UnboundedReceiver<Success>,
-    lost: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// The follow state a writer expects, and the check that acknowledged changes stay.
-struct Expectation {
-    following: Option<bool>,
-    lost: Arc<AtomicU64>,
-    /// Calls that ended in an error other than the two answers above (a bare client's call
-    /// that met the dead master; a session's call when the session gave up).
-    failed: Arc<AtomicU64>,
-}
-
-impl Expectation {
-    /// The next change to make: `true` to follow.
-    fn next_is_follow(&self) -> bool {
-        self.following != Some(true)
-    }
-
-    /// Records the answer to a follow (`follow`) or unfollow; returns whether the server
-    /// answered (rather than being lost).
-    fn answered(&mut self, follow: bool, result: &sns_core::Result<()>) -> bool {
-        let now = match result {
-            Ok(()) => follow,
-            Err(Error::AlreadyFollowing) => true,
-            Err(Error::NotFollowing) => false,
-            Err(_) => {
-                // The change may or may not have been made.
-                self.following = None;
-                self.failed.fetch_add(1, Ordering::SeqCst);
-                return false;
-            }
-        };
-        // "Already following" after an acknowledged unfollow (or the reverse): lost.
-        if result.is_err() && self.following == Some(!now) {
-            self.lost.fetch_add(1, Ordering::SeqCst);
-        }
-        self.following = Some(now);
-        true
-    }
-}
-
-fn port_of(addr: &str) -> u16 {
-    addr.rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0)
-}
-
-/// A bare client: on an error it asks the coordinator again after `retry`, and logs in anew.
-async fn bare_writer(
-    coordinator: CoordinatorClient,
-    user: UserId,
-    target: UserId,
-    retry: Duration,
-    report: mpsc::UnboundedSender<Success>,
-    mut expect: Expectation,
-    stop: CancellationToken,
-) {
-    let mut client: Option<Client> = None;
-    while !stop.is_cancelled() {
-        let started = Instant::now();
-        let current = match &client {
-            Some(client) => client.clone(),
-            None => {
-                let login = match coordinator.locate(user).await {
-                    Ok(addr) => match Client::login(&Network::tcp(), &addr, user).await {
-                        Err(Error::AlreadyLoggedIn(_)) => {
-                            Client::attach(&Network::tcp(), &addr, user).await
-                        }
-                        other => other,
-                    },
-                    Err(e) => Err(e),
-                };
-                match login {
-                    Ok(fresh) => {
-                        client = Some(fresh.clone());
-                        fresh
-                    }
-                    Err(_) => {
-                        tokio::time::sleep(retry).await;
-                        continue;
-                    }
-                }
-            }
-        };
-        let follow = expect.next_is_follow();
-        let result = if follow {
-            current.follow(target).await
-        } else {
-            current.unfollow(target).await
-        };
-        if expect.answered(follow, &result) {
-            let _ = report.send(Success {
-                started,
-                ended: Instant::now(),
-                addr: port_of(current.addr()),
-            });
-        } else {
-            client = None;
-            tokio::time::sleep(retry).await;
-        }
-    }
-}
-
-/// A session with its default settings, as `tsc` has it.
-async fn session_writer(
-    session: Session,
-    target: UserId,
-    report: mpsc::UnboundedSender<Success>,
-    mut expect: Expectation,
-    stop: CancellationToken,
-) {
-    while !stop.is_cancelled() {
-        let started = Instant::now();
-        let follow = expect.next_is_follow();
-        let result = if follow {
-            session.follow(target).await
-        } else {
-            session.unfollow(target).await
-        };
-        if expect.answered(follow, &result) {
-            let _ = report.send(Success {
-                started,
-                ended: Instant::now(),
-                addr: port_of(&session.addr()),
-            });
-        }
-    }
-    let _ = session.logout().await;
-    session.close().await;
-}
-
-/// The first success of `writer` that started at `dead` or later, on the server at `port`.
-async fn first_success_after(
-    writer: &mut Writer,
-    dead: Instant,
-    port: u16,
-) -> Result<Success, Failure> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let next = tokio::time::timeout_at(deadline, writer.successes.recv())
-            .await
-            .map_err(|_| format!("{}: no successful call after {PATIENCE:?}", writer.name))?
-            .ok_or_else(|| format!("{}: the writer stopped", writer.name))?;
-        if next.started >= dead {
-            if next.addr != port {
-                return Err(format!(
-                    "{}: first call after the kill served by port {}, not the promoted server's {port}",
-                    writer.name, next.addr
-                )
-                .into());
-            }
-            return Ok(next);
-        }
-    }
-}
-
-/// Reads successes until `count` more started at `since` or later.
-async fn successes_since(writer: &mut Writer, since: Instant, count: u32) -> Result<(), Failure> {
-    let deadline = Instant::now() + PATIENCE;
-    let mut seen = 0;
-    while seen < count {
-        let next = tokio::time::timeout_at(deadline, writer.successes.recv())
-            .await
-            .map_err(|_| format!("{}: stalled", writer.name))?
-            .ok_or_else(|| format!("{}: the writer stopped", writer.name))?;
-        if next.started >= since {
-            seen += 1;
-        }
-    }
-    Ok(())
-}
-
 /// A pseudo-random fraction in [0, 1) (xorshift seeded from the clock; no need for quality).
 fn fraction(state: &mut u64) -> f64 {
     *state ^= *state << 13;
@@ -458,23 +109,7 @@ fn summary(name: &str, times: &mut [Duration]) -> String {
 }
 
 async fn run(args: Args) -> Result<(), Failure> {
-    let bin_dir = match &args.bin_dir {
-        // Absolute: the binaries run in the deployment's directory.
-        Some(dir) => std::path::absolute(dir)?,
-        None => std::env::current_exe()?
-            .parent()
-            .map(Path::to_path_buf)
-            .ok_or("no directory for this binary")?,
-    };
-    for binary in ["coordinator", "tsd"] {
-        if !bin_dir.join(binary).exists() {
-            return Err(format!(
-                "no {binary} in {}: build it first (cargo build --release -p sns-bins --bins) or pass --bin-dir",
-                bin_dir.display()
-            )
-            .into());
-        }
-    }
+    let bin_dir = bin_dir(&args)?;
     let temp = tempfile::Builder::new().prefix("sns-failover").tempdir()?;
     std::fs::create_dir_all(temp.path().join("logs"))?;
     let defaults = RoutingConfig::default();
@@ -491,119 +126,22 @@ async fn run(args: Args) -> Result<(), Failure> {
     );
     println!("data and logs in {}", temp.path().display());
     let retry = Duration::from_millis(args.retry_ms);
-    let runs = args.runs;
-    let keep = args.keep;
-    let mut deployment = Deployment {
-        bin_dir,
-        root: temp.path().to_path_buf(),
-        interval,
-        missed,
-        coordinator_port: free_port()?,
-        coordinator: None,
-        servers: vec![(1, free_port()?, None), (2, free_port()?, None)],
-    };
-    deployment.start_coordinator()?;
-    deployment.start_server(1)?;
-    deployment.start_server(2)?;
-    deployment.wait_for_mirrored_pair().await?;
-
-    let user = |id| UserId::new(id).ok_or("bad user id");
-    // User 2 is the one followed; it only has to exist.
-    Client::login_via(&Network::tcp(), &deployment.coordinator_addr(), user(2)?)
-        .await?
-        .logout()
-        .await?;
+    let mut deployment = Deployment::start(bin_dir, temp.path(), interval, missed).await?;
     let stop = CancellationToken::new();
-    let mut writers = Vec::new();
-    for name in ["bare", "session"] {
-        let (report, successes) = mpsc::unbounded_channel();
-        let lost = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let expect = Expectation {
-            following: None,
-            lost: Arc::clone(&lost),
-            failed: Arc::clone(&failed),
-        };
-        let task = if name == "bare" {
-            let coordinator =
-                CoordinatorClient::new(&Network::tcp(), &deployment.coordinator_addr())?;
-            tokio::spawn(bare_writer(
-                coordinator,
-                user(1)?,
-                user(2)?,
-                retry,
-                report,
-                expect,
-                stop.clone(),
-            ))
-        } else {
-            let session = Session::connect(
-                &Network::tcp(),
-                Target::Coordinator(deployment.coordinator_addr()),
-                user(3)?,
-                SessionConfig::default(),
-            )
-            .await?;
-            tokio::spawn(session_writer(
-                session,
-                user(2)?,
-                report,
-                expect,
-                stop.clone(),
-            ))
-        };
-        writers.push(Writer {
-            name,
-            successes,
-            lost,
-            failed,
-            task,
-        });
-    }
+    let mut writers = writers::start_writers(&deployment.coordinator_addr(), retry, &stop).await?;
 
     let mut seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64)
         | 1;
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); writers.len()];
-    for run in 1..=runs {
-        let (master, slave) = deployment.wait_for_mirrored_pair().await?;
-        let settled = Instant::now();
-        for writer in &mut writers {
-            successes_since(writer, settled, 20).await?;
-        }
-        // Kill at a random point of the heartbeat period.
-        tokio::time::sleep(interval.mul_f64(fraction(&mut seed))).await;
-        let killed_at = Instant::now();
-        deployment.kill(master)?;
-        let dead = Instant::now();
-        let promoted = port_of(&deployment.addr_of(slave));
-        let mut line = format!("run {run:>2}: killed server {master}");
-        for (writer, times) in writers.iter_mut().zip(&mut times) {
-            let first = first_success_after(writer, dead, promoted).await?;
-            let took = first.ended - killed_at;
-            times.push(took);
-            line.push_str(&format!(
-                "  {} {:>6.0} ms",
-                writer.name,
-                took.as_secs_f64() * 1000.0
-            ));
-        }
-        println!("{line}");
-        deployment.start_server(master)?;
+    for run in 1..=args.runs {
+        let pause = interval.mul_f64(fraction(&mut seed));
+        kill_master(run, pause, &mut deployment, &mut writers, &mut times).await?;
     }
     deployment.wait_for_mirrored_pair().await?;
     stop.cancel();
-    let mut lost = 0;
-    let mut failed = Vec::new();
-    for writer in writers {
-        lost += writer.lost.load(Ordering::SeqCst);
-        failed.push((writer.name, writer.failed.load(Ordering::SeqCst)));
-        let mut successes = writer.successes;
-        // Drain so the writer never blocks, then wait for it.
-        successes.close();
-        let _ = writer.task.await;
-    }
+    let (failed, lost) = writers::finish(writers).await;
     for (name, times) in ["bare", "session"].iter().zip(&mut times) {
         println!("{}", summary(name, times));
     }
@@ -612,11 +150,69 @@ async fn run(args: Args) -> Result<(), Failure> {
     }
     println!("acknowledged changes lost: {lost}");
     drop(deployment);
-    if keep {
+    if args.keep {
         println!("kept {}", temp.keep().display());
     }
     if lost > 0 {
         return Err(format!("{lost} acknowledged changes were lost").into());
     }
     Ok(())
+}
+
+/// Where `coordinator` and `tsd` are (absolute: the binaries run in the deployment's
+/// directory), checked to hold both.
+fn bin_dir(args: &Args) -> Result<PathBuf, Failure> {
+    let bin_dir = match &args.bin_dir {
+        Some(dir) => std::path::absolute(dir)?,
+        None => std::env::current_exe()?
+            .parent()
+            .map(Path::to_path_buf)
+            .ok_or("no directory for this binary")?,
+    };
+    for binary in ["coordinator", "tsd"] {
+        if !bin_dir.join(binary).exists() {
+            return Err(format!(
+                "no {binary} in {}: build it first (cargo build --release -p sns-bins --bins) or pass --bin-dir",
+                bin_dir.display()
+            )
+            .into());
+        }
+    }
+    Ok(bin_dir)
+}
+
+/// Run `run`: once the master has an in-sync slave and both writers are going, SIGKILLs the
+/// master `pause` into the heartbeat period, times each writer's first success on the promoted
+/// server, prints the run's line, and restarts the killed server.
+async fn kill_master(
+    run: u32,
+    pause: Duration,
+    deployment: &mut Deployment,
+    writers: &mut [Writer],
+    times: &mut [Vec<Duration>],
+) -> Result<(), Failure> {
+    let (master, slave) = deployment.wait_for_mirrored_pair().await?;
+    let settled = Instant::now();
+    for writer in writers.iter_mut() {
+        successes_since(writer, settled, 20).await?;
+    }
+    // Kill at a random point of the heartbeat period.
+    tokio::time::sleep(pause).await;
+    let killed_at = Instant::now();
+    deployment.kill(master)?;
+    let dead = Instant::now();
+    let promoted = port_of(&deployment.addr_of(slave));
+    let mut line = format!("run {run:>2}: killed server {master}");
+    for (writer, times) in writers.iter_mut().zip(times) {
+        let first = first_success_after(writer, dead, promoted).await?;
+        let took = first.ended - killed_at;
+        times.push(took);
+        line.push_str(&format!(
+            "  {} {:>6.0} ms",
+            writer.name,
+            took.as_secs_f64() * 1000.0
+        ));
+    }
+    println!("{line}");
+    deployment.start_server(master)
 }
