@@ -1,5 +1,6 @@
 //! Shared pieces of the Tiny SNS binaries: the client's command language and console, the
-//! `--bus` flag, the cluster token and protected mode, logging setup, and shutdown signals.
+//! `--bus` flag, the cluster token and protected mode, logging setup, and shutdown signals;
+//! and the commands of `sns` itself (`up`, `status`, `bench`) with the tables they print.
 //! Everything that is not about a terminal, a flag or a file of the operator's lives in
 //! `sns-core`.
 
@@ -8,7 +9,10 @@ pub mod bus;
 pub mod cli;
 pub mod console;
 pub mod signals;
+pub mod status;
+mod tables;
 pub mod token;
+pub mod up;
 
 pub use token::TokenArgs;
 

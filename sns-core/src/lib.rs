@@ -31,6 +31,7 @@ pub mod sync;
 pub mod testing;
 pub mod transport;
 
+pub use grpc::admin;
 pub use grpc::client;
 
 pub use client::{

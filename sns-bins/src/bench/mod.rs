@@ -15,54 +15,32 @@
 //! Scenarios add a disruption a third into the timed window: `failover` aborts cluster 1's
 //! master, `broker-restart` restarts the RabbitMQ application (`rabbitmqctl stop_app` and
 //! `start_app`).
+//!
+//! The steps, by module: `setup` builds the population (logins, follows, their
+//! synchronization, timelines), `load` runs the timed window, `scenario` disrupts it, `tally`
+//! counts every post and delivery, and `report` says what was measured.
 
 mod graph;
+mod load;
 mod member;
 mod report;
+mod scenario;
+mod setup;
 mod tally;
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use sns_core::{
-    Bus, ClusterId, Data, Deployment, DeploymentConfig, Network, Ports, Role, ServerId, UserId,
-};
+use sns_core::{Bus, Data, Deployment, DeploymentConfig, Ports, UserId};
 use tokio::sync::Mutex;
-use tokio::task::JoinSet;
 
 pub use graph::{Graph, Rng, Shape};
 pub use report::Report;
+pub use scenario::Scenario;
 pub use tally::{Percentiles, Tally, Verdict};
 
-use member::{Inbox, Member, Poster};
-
-/// What happens during the run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Scenario {
-    /// Steady load, nothing else.
-    Steady,
-    /// Abort cluster 1's master a third into the timed window (in-process only); reports the
-    /// time until posts of cluster 1's authors are delivered again.
-    Failover,
-    /// Restart the RabbitMQ application a third into the timed window (`rabbitmqctl stop_app`,
-    /// then `start_app`); reports the time from the broker being down (`stop_app` returned)
-    /// until a post due after that reaches another cluster.
-    BrokerRestart,
-}
-
-impl Scenario {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Steady => "steady",
-            Self::Failover => "failover",
-            Self::BrokerRestart => "broker-restart",
-        }
-    }
-}
+use scenario::SharedDeployment;
 
 /// Where the servers keep their logs (in-process runs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -286,496 +264,33 @@ fn check(args: &BenchArgs, bus: &Bus) -> Result<(), Failure> {
     Ok(())
 }
 
-/// A progress bar on stderr when it is a terminal and no JSON is asked for.
-fn progress(args: &BenchArgs, length: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(
-        Some(length),
-        if args.json {
-            ProgressDrawTarget::hidden()
-        } else {
-            ProgressDrawTarget::stderr()
-        },
-    );
-    if let Ok(style) = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg}") {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_prefix(what.to_string());
-    bar
-}
-
-/// Runs `work(index)` for every index in `0..count` on `lanes` tasks; the first error wins.
-async fn on_lanes<T, F, Fut>(
-    count: u32,
-    lanes: u32,
-    bar: &ProgressBar,
-    work: F,
-) -> Result<Vec<T>, Failure>
-where
-    T: Send + 'static,
-    F: Fn(u32) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<T, Failure>> + Send,
-{
-    let work = Arc::new(work);
-    let mut tasks = JoinSet::new();
-    let lanes = lanes.clamp(1, count.max(1));
-    for lane in 0..lanes {
-        let work = Arc::clone(&work);
-        let bar = bar.clone();
-        tasks.spawn(async move {
-            let mut done = Vec::new();
-            let mut index = lane;
-            while index < count {
-                done.push((index, work(index).await?));
-                bar.inc(1);
-                index += lanes;
-            }
-            Ok::<_, Failure>(done)
-        });
-    }
-    let mut all: Vec<Option<T>> = (0..count).map(|_| None).collect();
-    while let Some(joined) = tasks.join_next().await {
-        let done = joined.map_err(|e| format!("a setup task failed: {e}"))??;
-        for (index, value) in done {
-            all[index as usize] = Some(value);
-        }
-    }
-    bar.finish_and_clear();
-    Ok(all.into_iter().flatten().collect())
-}
-
-/// The user id of population index `index` (the range was checked by [`check`]).
-fn user_id(first: u32, index: u32) -> UserId {
-    UserId::new(first + index).unwrap_or_else(|| unreachable!("user ids checked before the run"))
-}
-
-/// Tasks used for setting up the population.
-const SETUP_LANES: u32 = 32;
-
+/// Logs the population in through the coordinator at `coordinator`, runs it, and logs it out
+/// again whatever the outcome.
 async fn drive(
     args: &BenchArgs,
     graph: &Graph,
     coordinator: &str,
-    deployment: Option<Arc<Mutex<Option<Deployment>>>>,
+    deployment: Option<SharedDeployment>,
 ) -> Result<Report, Failure> {
-    let network = Network::tcp();
-    let users = args.users;
-    let first = args.first_user;
-    let id = move |index: u32| user_id(first, index);
-
-    let bar = progress(args, u64::from(users), "logging in");
-    let members = {
-        let network = network.clone();
-        let coordinator = coordinator.to_string();
-        let course = args.course;
-        on_lanes(users, SETUP_LANES, &bar, move |index| {
-            let network = network.clone();
-            let coordinator = coordinator.clone();
-            async move {
-                Member::connect(&network, &coordinator, id(index), course)
-                    .await
-                    .map(Arc::new)
-                    .map_err(|e| format!("logging in user {}: {e}", id(index)))
-            }
-        })
-        .await?
-    };
-    let members: Arc<Vec<Arc<Member>>> = Arc::new(members);
+    let members = setup::log_in(args, coordinator).await?;
     let result = drive_population(args, graph, &members, deployment).await;
-    // Log everyone out, so a rerun can log in at once; errors do not matter any more.
-    let bar = progress(args, u64::from(users), "logging out");
-    let _ = on_lanes(users, SETUP_LANES, &bar, {
-        let members = Arc::clone(&members);
-        move |index| {
-            let members = Arc::clone(&members);
-            async move {
-                let _ = members[index as usize].logout().await;
-                Ok(())
-            }
-        }
-    })
-    .await;
+    setup::log_out(args, &members).await;
     result
 }
 
+/// Sets up the logged-in population (users known everywhere, follows made and synchronized,
+/// timelines open), then runs the timed window.
 async fn drive_population(
     args: &BenchArgs,
     graph: &Graph,
-    members: &Arc<Vec<Arc<Member>>>,
-    deployment: Option<Arc<Mutex<Option<Deployment>>>>,
+    members: &setup::Members,
+    deployment: Option<SharedDeployment>,
 ) -> Result<Report, Failure> {
-    let users = args.users;
-    let first = args.first_user;
-    let id = move |index: u32| user_id(first, index);
     let graph = Arc::new(graph.clone());
-
-    // A follow names a user its cluster must know: wait until every cluster lists the whole
-    // population (logins on other clusters arrive through the synchronizers).
     let deadline = tokio::time::Instant::now() + args.setup_timeout;
-    let clusters = args.clusters.min(users);
-    let bar = progress(args, u64::from(clusters), "users known");
-    on_lanes(clusters, clusters, &bar, {
-        let members = Arc::clone(members);
-        move |index| {
-            let members = Arc::clone(&members);
-            async move {
-                let member = &members[index as usize];
-                let mut pause = Duration::from_millis(20);
-                loop {
-                    let known = member
-                        .all_users()
-                        .await
-                        .map_err(|e| format!("LIST for user {}: {e}", id(index)))?
-                        .iter()
-                        .filter(|u| u.get() >= first && u.get() - first < users)
-                        .count() as u32;
-                    if known == users {
-                        return Ok(());
-                    }
-                    if tokio::time::Instant::now() + pause > deadline {
-                        return Err(format!(
-                            "the cluster of user {} knows {known} of the {users} users after --setup-timeout; are the synchronizers running?",
-                            id(index)
-                        ));
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
-                }
-            }
-        }
-    })
-    .await?;
-
-    let bar = progress(args, u64::from(users), "following");
-    on_lanes(users, SETUP_LANES, &bar, {
-        let members = Arc::clone(members);
-        let graph = Arc::clone(&graph);
-        move |index| {
-            let members = Arc::clone(&members);
-            let graph = Arc::clone(&graph);
-            async move {
-                for target in graph.follows(index) {
-                    members[index as usize]
-                        .follow(id(*target))
-                        .await
-                        .map_err(|e| {
-                            format!("user {} following {}: {e}", id(index), id(*target))
-                        })?;
-                }
-                Ok(())
-            }
-        }
-    })
-    .await?;
-
-    // Every author's cluster must know its followers (follows made on other clusters arrive
-    // through the synchronizers) before posts count. What LIST then shows is what each post
-    // must reach: the followers inside the population, who all read their timelines.
-    let wanted = Arc::new(graph.follower_counts());
-    let bar = progress(args, u64::from(users), "syncing");
-    let followers = on_lanes(users, SETUP_LANES, &bar, {
-        let members = Arc::clone(members);
-        let wanted = Arc::clone(&wanted);
-        move |index| {
-            let members = Arc::clone(&members);
-            let wanted = Arc::clone(&wanted);
-            async move {
-                let mut pause = Duration::from_millis(20);
-                loop {
-                    let listed = members[index as usize]
-                        .followers()
-                        .await
-                        .map_err(|e| format!("LIST for user {}: {e}", id(index)))?;
-                    let inside = listed
-                        .iter()
-                        .filter(|u| u.get() >= first && u.get() - first < users)
-                        .count() as u32;
-                    if inside >= wanted[index as usize] {
-                        return Ok(inside);
-                    }
-                    if tokio::time::Instant::now() + pause > deadline {
-                        return Err(format!(
-                            "user {} has {inside} of its {} followers after --setup-timeout; are the synchronizers running?",
-                            id(index),
-                            wanted[index as usize]
-                        ));
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
-                }
-            }
-        }
-    })
-    .await?;
-
-    let bar = progress(args, u64::from(users), "timelines");
-    let timelines = on_lanes(users, SETUP_LANES, &bar, {
-        let members = Arc::clone(members);
-        move |index| {
-            let members = Arc::clone(&members);
-            async move {
-                members[index as usize]
-                    .timeline()
-                    .await
-                    .map_err(|e| format!("opening the timeline of user {}: {e}", id(index)))
-            }
-        }
-    })
-    .await?;
-
-    let run_id = Rng::new(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-            ^ u64::from(std::process::id()),
-    )
-    .next_u64();
-    let base = Instant::now();
-    let window = (args.warm_up, args.warm_up + args.duration);
-    let tally = Arc::new(Tally::new(
-        run_id,
-        base,
-        window,
-        followers,
-        args.clusters,
-        first,
-    ));
-    let reader_errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let mut posters = Vec::with_capacity(timelines.len());
-    let mut readers = JoinSet::new();
-    for (index, (poster, inbox)) in timelines.into_iter().enumerate() {
-        posters.push(poster);
-        readers.spawn(read(
-            index as u32,
-            inbox,
-            Arc::clone(&tally),
-            Arc::clone(&reader_errors),
-        ));
-    }
-    let posters = Arc::new(posters);
-
-    let disruption = tokio::spawn(disrupt(
-        args.clone(),
-        Arc::clone(&tally),
-        deployment,
-        window.0 + args.duration / 3,
-    ));
-    let bar = progress(args, window.1.as_secs(), "posting");
-    let ticker = tokio::spawn(tick(bar.clone(), Arc::clone(&tally)));
-    let post_errors = Arc::new(AtomicU64::new(0));
-    post(args, &posters, &tally, window.1, &post_errors).await;
-
-    // The disruption may still be under way (a restarting broker); the drain waits for it.
-    let disruption = disruption
-        .await
-        .map_err(|e| format!("the scenario's task failed: {e}"))??;
-    bar.set_prefix("draining");
-    let drained_by = tokio::time::Instant::now() + args.drain;
-    while tally.delivered() < tally.expected() && tokio::time::Instant::now() < drained_by {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    ticker.abort();
-    bar.finish_and_clear();
-    readers.abort_all();
-    drop(posters);
-
-    let verdict = tally.verdict();
-    let (same, cross, all) = tally.percentiles();
-    let errors = std::mem::take(&mut *reader_errors.lock().unwrap_or_else(|p| p.into_inner()));
-    if let Some(first) = errors.first() {
-        return Err(format!(
-            "{} timeline stream(s) failed, the first: {first}",
-            errors.len()
-        ));
-    }
-    let failed_posts = post_errors.load(Ordering::Relaxed);
-    if failed_posts > 0 {
-        return Err(format!("{failed_posts} post(s) were refused"));
-    }
-    let seconds = args.duration.as_secs_f64();
-    Ok(Report {
-        scenario: args.scenario.name().to_string(),
-        target: match &args.host {
-            Some(host) => sns_core::transport::address(host, args.port),
-            None => "in-process".to_string(),
-        },
-        clusters: args.clusters,
-        servers_per_cluster: None,
-        bus: None,
-        storage: None,
-        users,
-        follows_per_user: args.follows_per_user,
-        graph: match args.graph {
-            Shape::Uniform => "uniform",
-            Shape::PowerLaw => "power-law",
-        }
-        .to_string(),
-        rate: (args.rate > 0).then_some(args.rate),
-        duration_s: seconds,
-        warm_up_s: args.warm_up.as_secs_f64(),
-        posts_per_s: tally.issued_in_window() as f64 / seconds,
-        deliveries_per_s: tally.delivered_in_window() as f64 / seconds,
-        same_cluster_ms: same,
-        cross_cluster_ms: cross,
-        all_ms: all,
-        ok: verdict.exactly_once(),
-        exactly_once: verdict,
-        disruption_at_s: disruption.map(|d| d.as_secs_f64()),
-        recovery_ms: tally.recovery().map(|d| d.as_secs_f64() * 1000.0),
-        peak_memory_bytes: report::peak_memory(),
-    })
-}
-
-/// Reads one user's timeline into the tally until the stream ends.
-async fn read(
-    index: u32,
-    mut inbox: Inbox,
-    tally: Arc<Tally>,
-    errors: Arc<std::sync::Mutex<Vec<String>>>,
-) {
-    let mut state = tally::ReaderState::default();
-    while let Some(next) = inbox.next().await {
-        match next {
-            Ok(post) => tally.received(index, &mut state, &post.text),
-            Err(e) => {
-                errors
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(format!("reader {index}: {e}"));
-                return;
-            }
-        }
-    }
-}
-
-/// Updates the progress bar every 200 ms.
-async fn tick(bar: ProgressBar, tally: Arc<Tally>) {
-    let mut last = (Instant::now(), tally.delivered());
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = (Instant::now(), tally.delivered());
-        let rate = (now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64();
-        last = now;
-        bar.set_position(tally.now().as_secs());
-        bar.set_message(format!(
-            "{} posts, {} deliveries ({rate:.0}/s), {} pending",
-            tally.issued(),
-            now.1,
-            tally.expected().saturating_sub(now.1)
-        ));
-    }
-}
-
-/// Posts until `until` (since the tally's base): paced at `--rate`, or as fast as possible.
-async fn post(
-    args: &BenchArgs,
-    posters: &Arc<Vec<Poster>>,
-    tally: &Arc<Tally>,
-    until: Duration,
-    errors: &Arc<AtomicU64>,
-) {
-    let users = posters.len() as u32;
-    if args.rate > 0 {
-        let mut rng = Rng::new(args.seed.wrapping_add(0x5eed));
-        let period = Duration::from_secs_f64(1.0 / f64::from(args.rate));
-        let mut sent = 0u64;
-        loop {
-            let due = period.mul_f64(sent as f64);
-            if due >= until {
-                return;
-            }
-            let now = tally.now();
-            if due > now {
-                tokio::time::sleep(due - now).await;
-            }
-            let author = rng.below(users);
-            let Some(text) = tally.issue(author, due) else {
-                return;
-            };
-            if posters[author as usize].post(&text).await.is_err() {
-                errors.fetch_add(1, Ordering::Relaxed);
-            }
-            sent += 1;
-        }
-    }
-    let mut tasks = JoinSet::new();
-    for author in 0..users {
-        let posters = Arc::clone(posters);
-        let tally = Arc::clone(tally);
-        let errors = Arc::clone(errors);
-        tasks.spawn(async move {
-            loop {
-                let due = tally.now();
-                if due >= until {
-                    return;
-                }
-                let Some(text) = tally.issue(author, due) else {
-                    return;
-                };
-                if posters[author as usize].post(&text).await.is_err() {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-            }
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-}
-
-/// The scenario's disruption, at `at` (since the tally's base); returns when it happened.
-async fn disrupt(
-    args: BenchArgs,
-    tally: Arc<Tally>,
-    deployment: Option<Arc<Mutex<Option<Deployment>>>>,
-    at: Duration,
-) -> Result<Option<Duration>, Failure> {
-    if args.scenario == Scenario::Steady {
-        return Ok(None);
-    }
-    let now = tally.now();
-    if at > now {
-        tokio::time::sleep(at - now).await;
-    }
-    match args.scenario {
-        Scenario::Steady => Ok(None),
-        Scenario::Failover => {
-            let deployment =
-                deployment.ok_or("the failover scenario needs an in-process deployment")?;
-            let mut guard = deployment.lock().await;
-            let deployment = guard.as_mut().ok_or("the deployment is gone")?;
-            let cluster = ClusterId::new(1).ok_or("cluster 1")?;
-            let master = (1..=args.servers)
-                .filter_map(ServerId::new)
-                .find(|s| {
-                    deployment
-                        .server(cluster, *s)
-                        .is_some_and(|server| server.role() == Role::Master)
-                })
-                .ok_or("cluster 1 has no master to abort")?;
-            let when = tally.disrupt(Some(1));
-            deployment
-                .crash(cluster, master)
-                .await
-                .map_err(|e| format!("aborting cluster 1's master: {e}"))?;
-            Ok(Some(when))
-        }
-        Scenario::BrokerRestart => {
-            let mut when = None;
-            for step in ["stop_app", "start_app"] {
-                let status = tokio::process::Command::new(&args.rabbitmqctl)
-                    .arg(step)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .status()
-                    .await
-                    .map_err(|e| format!("running {} {step}: {e}", args.rabbitmqctl))?;
-                if !status.success() {
-                    return Err(format!("{} {step} failed: {status}", args.rabbitmqctl));
-                }
-                // The disruption is the moment the broker is down: posts due from then on
-                // can cross clusters only once it is back and the synchronizers reconnected.
-                when.get_or_insert_with(|| tally.disrupt(None));
-            }
-            Ok(when)
-        }
-    }
+    setup::wait_until_users_known(args, members, deadline).await?;
+    setup::follow(args, &graph, members).await?;
+    let followers = setup::wait_for_followers(args, &graph, members, deadline).await?;
+    let timelines = setup::open_timelines(args, members).await?;
+    load::measure(args, followers, timelines, deployment).await
 }

@@ -54,13 +54,19 @@ pub struct Report {
 }
 
 impl Report {
-    /// The summary table.
+    /// The summary table: the run's settings and throughput, its latencies, and its verdict.
     pub fn table(&self) -> String {
         let mut out = String::new();
-        let line = |out: &mut String, key: &str, value: String| {
-            out.push_str(&format!("{key:<22} {value}\n"));
-        };
-        line(&mut out, "scenario", self.scenario.clone());
+        self.settings(&mut out);
+        self.latencies(&mut out);
+        out.push('\n');
+        self.verdict(&mut out);
+        out
+    }
+
+    /// What ran, under which load, and the throughput it reached.
+    fn settings(&self, out: &mut String) {
+        line(out, "scenario", self.scenario.clone());
         let mut target = self.target.clone();
         if let (Some(servers), Some(bus), Some(storage)) =
             (self.servers_per_cluster, &self.bus, &self.storage)
@@ -75,9 +81,9 @@ impl Report {
                 plural(u64::from(self.clusters), "cluster")
             ));
         }
-        line(&mut out, "deployment", target);
+        line(out, "deployment", target);
         line(
-            &mut out,
+            out,
             "population",
             format!(
                 "{} users, {} follows each ({})",
@@ -85,7 +91,7 @@ impl Report {
             ),
         );
         line(
-            &mut out,
+            out,
             "load",
             format!(
                 "{} for {:.0} s after {:.0} s of warm-up",
@@ -98,13 +104,17 @@ impl Report {
             ),
         );
         line(
-            &mut out,
+            out,
             "throughput",
             format!(
                 "{:.0} posts/s, {:.0} deliveries/s",
                 self.posts_per_s, self.deliveries_per_s
             ),
         );
+    }
+
+    /// The latency percentiles: same cluster, other cluster, all.
+    fn latencies(&self, out: &mut String) {
         out.push_str(&format!(
             "\n{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
             "latency (ms)", "deliveries", "p50", "p90", "p99", "p99.9", "max"
@@ -119,10 +129,13 @@ impl Report {
                 p.count, p.p50, p.p90, p.p99, p.p99_9, p.max
             ));
         }
-        out.push('\n');
+    }
+
+    /// Exactly once or not, the disruption and the recovery from it, and the peak memory.
+    fn verdict(&self, out: &mut String) {
         let v = &self.exactly_once;
         line(
-            &mut out,
+            out,
             "exactly once",
             format!(
                 "{}: {} posts, {} of {} deliveries, {} missing, {} duplicate, {} unexpected",
@@ -137,7 +150,7 @@ impl Report {
         );
         if let Some(at) = self.disruption_at_s {
             line(
-                &mut out,
+                out,
                 "disruption",
                 format!(
                     "at {at:.1} s; recovered {}",
@@ -148,13 +161,17 @@ impl Report {
         }
         if let Some(bytes) = self.peak_memory_bytes {
             line(
-                &mut out,
+                out,
                 "peak memory",
                 format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0)),
             );
         }
-        out
     }
+}
+
+/// One `key  value` line of the summary.
+fn line(out: &mut String, key: &str, value: String) {
+    out.push_str(&format!("{key:<22} {value}\n"));
 }
 
 /// `1 cluster`, `3 clusters`.

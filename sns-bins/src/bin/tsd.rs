@@ -181,71 +181,16 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> Result<(), String> {
     let cluster = ClusterId::new(args.cluster).ok_or("cluster ids start at 1")?;
     let server_id = ServerId::new(args.server).ok_or("server ids start at 1")?;
-    let token = if args.coordinator_port.is_some() {
-        let token = args
-            .token
-            .resolve(Path::new(sns_bins::token::DEFAULT_ROOT))?;
-        sns_bins::token::check_bind("tsd", &args.bind, token.is_some(), args.insecure)?;
-        token
-    } else {
-        None
-    };
-    let storage: Arc<dyn Storage> = if args.in_memory {
-        Arc::new(MemoryStorage::new())
-    } else {
-        let dir = args.data_dir.clone().unwrap_or_else(|| {
-            PathBuf::from(format!("./sns-data/cluster{cluster}/server{server_id}"))
-        });
-        let storage = node::open_data_dir(&dir, args.repair).map_err(|e| match e {
-            sns_core::Error::Corrupt(why) if !args.repair => format!(
-                "{why}; to start anyway, dropping the damage and everything after it, run \
-                 tsd --repair"
-            ),
-            sns_core::Error::Corrupt(why) | sns_core::Error::StorageFailed(why) => why,
-            e => e.to_string(),
-        })?;
-        tracing::info!(dir = %dir.display(), "data directory opened");
-        Arc::new(storage)
-    };
-    let config = ServerConfig {
-        cluster,
-        server_id,
-        clusters: if args.coordinator_port.is_some() {
-            args.clusters
-        } else {
-            1
-        },
-        timeline_cap: args.timeline_cap,
-        max_connections: args.limits.max_connections(),
-        handshake_timeout: Duration::from_secs(args.limits.handshake_timeout_secs),
-        max_timeline_streams: usize::try_from(args.limits.max_timeline_streams)
-            .unwrap_or(usize::MAX),
-        max_timeline_streams_per_user: usize::try_from(args.limits.max_streams_per_user)
-            .unwrap_or(usize::MAX),
-        max_posts_per_second: args.limits.max_posts_per_second,
-        max_clock_skew: args.limits.max_clock_skew,
-        mirror_timeout: node::mirror_timeout(
-            args.heartbeat.interval(),
-            args.heartbeat.missed_heartbeats,
-        ),
-        ..ServerConfig::default()
-    };
+    let token = cluster_token(&args)?;
+    let storage = open_storage(&args, cluster, server_id)?;
+    let config = server_config(&args, cluster, server_id);
     let config_limits = (config.max_connections, config.max_timeline_streams);
     let addr = transport::address(&args.bind, args.port);
     let listener = transport::tcp::bind(&addr)
         .await
         .map_err(|e| e.to_string())?;
-    let link = args.coordinator_port.map(|port| {
-        let coordinator = transport::address(&args.coordinator_host, port);
-        // Advertise the port actually bound (`-p 0` lets the system choose it).
-        let port = listener.port().unwrap_or(args.port);
-        let mut link = CoordinatorLink::new(coordinator.clone(), args.advertise_host, port);
-        link.interval = args.heartbeat.interval();
-        link.missed_heartbeats = args.heartbeat.missed_heartbeats;
-        link.cluster_token = token;
-        tracing::info!(%coordinator, "joining the deployment");
-        (link, Network::tcp())
-    });
+    // Advertise the port actually bound (`-p 0` lets the system choose it).
+    let link = coordinator_link(&args, listener.port().unwrap_or(args.port), token);
     let server = node::start_server(config, storage, link)
         .await
         .map_err(|e| format!("cannot recover: {e}"))?;
@@ -275,6 +220,87 @@ async fn run(args: Args) -> Result<(), String> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Joined to a coordinator, the cluster token (given, or kept where `sns up` keeps it), after
+/// checking that `--bind` may be used with it; standalone, none.
+fn cluster_token(args: &Args) -> Result<Option<String>, String> {
+    if args.coordinator_port.is_none() {
+        return Ok(None);
+    }
+    let token = args
+        .token
+        .resolve(Path::new(sns_bins::token::DEFAULT_ROOT))?;
+    sns_bins::token::check_bind("tsd", &args.bind, token.is_some(), args.insecure)?;
+    Ok(token)
+}
+
+/// The server's log: in memory, or in its data directory (a damaged one refused unless
+/// `--repair`, with a message saying so).
+fn open_storage(
+    args: &Args,
+    cluster: ClusterId,
+    server_id: ServerId,
+) -> Result<Arc<dyn Storage>, String> {
+    if args.in_memory {
+        return Ok(Arc::new(MemoryStorage::new()));
+    }
+    let dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("./sns-data/cluster{cluster}/server{server_id}")));
+    let storage = node::open_data_dir(&dir, args.repair).map_err(|e| match e {
+        sns_core::Error::Corrupt(why) if !args.repair => format!(
+            "{why}; to start anyway, dropping the damage and everything after it, run \
+             tsd --repair"
+        ),
+        sns_core::Error::Corrupt(why) | sns_core::Error::StorageFailed(why) => why,
+        e => e.to_string(),
+    })?;
+    tracing::info!(dir = %dir.display(), "data directory opened");
+    Ok(Arc::new(storage))
+}
+
+/// The server's settings from its flags (a standalone server is the only cluster).
+fn server_config(args: &Args, cluster: ClusterId, server_id: ServerId) -> ServerConfig {
+    ServerConfig {
+        cluster,
+        server_id,
+        clusters: if args.coordinator_port.is_some() {
+            args.clusters
+        } else {
+            1
+        },
+        timeline_cap: args.timeline_cap,
+        max_connections: args.limits.max_connections(),
+        handshake_timeout: Duration::from_secs(args.limits.handshake_timeout_secs),
+        max_timeline_streams: usize::try_from(args.limits.max_timeline_streams)
+            .unwrap_or(usize::MAX),
+        max_timeline_streams_per_user: usize::try_from(args.limits.max_streams_per_user)
+            .unwrap_or(usize::MAX),
+        max_posts_per_second: args.limits.max_posts_per_second,
+        max_clock_skew: args.limits.max_clock_skew,
+        mirror_timeout: node::mirror_timeout(
+            args.heartbeat.interval(),
+            args.heartbeat.missed_heartbeats,
+        ),
+        ..ServerConfig::default()
+    }
+}
+
+/// Joined to a coordinator, the link that heartbeats it, advertising `port`; standalone, none.
+fn coordinator_link(
+    args: &Args,
+    port: u16,
+    token: Option<String>,
+) -> Option<(CoordinatorLink, Network)> {
+    let coordinator = transport::address(&args.coordinator_host, args.coordinator_port?);
+    let mut link = CoordinatorLink::new(coordinator.clone(), args.advertise_host.clone(), port);
+    link.interval = args.heartbeat.interval();
+    link.missed_heartbeats = args.heartbeat.missed_heartbeats;
+    link.cluster_token = token;
+    tracing::info!(%coordinator, "joining the deployment");
+    Some((link, Network::tcp()))
 }
 
 #[cfg(test)]

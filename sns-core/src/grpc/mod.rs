@@ -1,6 +1,7 @@
 //! gRPC adapters: each converts wire messages to domain types, calls the core, and converts
 //! back. Errors cross the wire in exactly one place, [`status`] (both ways).
 
+pub mod admin;
 pub(crate) mod alias;
 pub mod client;
 pub(crate) mod coord;
