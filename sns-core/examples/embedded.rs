@@ -25,7 +25,12 @@ async fn main() -> Result<()> {
     let (alice_id, bob_id) = (user(1)?, user(2)?);
     let coordinator = Target::Coordinator(deployment.coordinator_addr().to_string());
     let connect = |user| {
-        Session::connect(deployment.network(), coordinator.clone(), user, SessionConfig::default())
+        Session::connect(
+            deployment.network(),
+            coordinator.clone(),
+            user,
+            SessionConfig::default(),
+        )
     };
     let alice = connect(alice_id).await?;
     let bob = connect(bob_id).await?;
@@ -49,7 +54,10 @@ async fn main() -> Result<()> {
         .await
         .map_err(|_| Error::Unavailable("no post within 10 s".into()))?
         .ok_or_else(|| Error::ConnectionLost("the timeline ended".into()))??;
-    println!("user {} received from user {}: {}", alice_id, post.author, post.text);
+    println!(
+        "user {} received from user {}: {}",
+        alice_id, post.author, post.text
+    );
 
     drop((timeline, bobs));
     alice.close().await;

@@ -139,7 +139,7 @@ pub struct DeploymentConfig {
     /// Storage of the servers.
     pub data: Data,
     /// Open damaged data directories anyway, cutting each log at its first damage (see
-    /// [`FileStorageOptions::repair`]); without it a damaged directory fails the start.
+    /// [`FileStorageOptions::repair`](crate::storage::FileStorageOptions::repair)); without it a damaged directory fails the start.
     pub repair: bool,
     /// Heartbeat interval.
     pub heartbeat_interval: Duration,

@@ -1,9 +1,13 @@
 //! The deployment `failover` measures, as real processes: a `coordinator` and two `tsd` of
 //! cluster 1, each logging to `<dir>/logs/<name>.log`. Servers are killed with SIGKILL and
 //! restarted on the same port and data directory; every process is killed when the
-//! deployment is dropped.
+//! deployment is dropped. Internal calls carry a cluster token the bench makes for the run
+//! (`<dir>/cluster-token`, mode 0600), as an operator's deployment would.
 
 use std::fs::File;
+use std::hash::{BuildHasher, Hasher};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -22,6 +26,9 @@ pub(super) struct Deployment {
     interval: Duration,
     missed: u32,
     coordinator_port: u16,
+    /// The run's cluster token and the file that holds it.
+    token: String,
+    token_file: PathBuf,
     coordinator: Option<Child>,
     /// Server id, client port and process of each server (`None` while killed).
     servers: Vec<(u32, u16, Option<Child>)>,
@@ -37,9 +44,12 @@ impl Deployment {
         interval: Duration,
         missed: u32,
     ) -> Result<Self, Failure> {
+        let (token, token_file) = make_token(root)?;
         let mut deployment = Self {
             bin_dir,
             root: root.to_path_buf(),
+            token,
+            token_file,
             interval,
             missed,
             coordinator_port: free_port()?,
@@ -79,6 +89,8 @@ impl Deployment {
             .current_dir(&self.root)
             .args(["-p", &self.coordinator_port.to_string()])
             .args(["--bind", "127.0.0.1", "--clusters", "1"])
+            .arg("--cluster-token-file")
+            .arg(&self.token_file)
             .args(self.heartbeat_args());
         self.coordinator = Some(spawn(command, self.log("coordinator")?)?);
         Ok(())
@@ -98,6 +110,8 @@ impl Deployment {
             .args(["-h", "127.0.0.1", "-k", &self.coordinator_port.to_string()])
             .args(["-p", &port.to_string(), "--bind", "127.0.0.1"])
             .args(self.heartbeat_args())
+            .arg("--cluster-token-file")
+            .arg(&self.token_file)
             .arg("--data-dir")
             .arg(self.root.join(format!("server{server}")));
         let child = spawn(command, self.log(&format!("tsd{server}"))?)?;
@@ -130,7 +144,12 @@ impl Deployment {
 
     /// The coordinator's view of the servers.
     async fn status(&self) -> Result<Vec<NodeStatus>, Failure> {
-        let admin = AdminClient::connect(&Network::tcp(), &self.coordinator_addr(), None).await?;
+        let admin = AdminClient::connect(
+            &Network::tcp(),
+            &self.coordinator_addr(),
+            Some(self.token.clone()),
+        )
+        .await?;
         Ok(admin.status().await?.nodes)
     }
 
@@ -187,4 +206,31 @@ fn free_port() -> Result<u16, Failure> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// A fresh cluster token (64 hex digits from the process's random hash keys, the clock and the
+/// process id), kept in `<root>/cluster-token`, readable by this user only.
+fn make_token(root: &Path) -> Result<(String, PathBuf), Failure> {
+    let mut token = String::new();
+    for part in 0..4u32 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(part);
+        hasher.write_u32(std::process::id());
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        token.push_str(&format!("{:016x}", hasher.finish()));
+    }
+    let file = root.join("cluster-token");
+    let mut out = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&file)?;
+    out.write_all(token.as_bytes())?;
+    out.sync_all()?;
+    Ok((token, file))
 }
