@@ -5,6 +5,49 @@
 //! [`Client`], and the [`Session`] that carries a client over the loss of its server (failover).
 //! Binaries in `sns-bins` only parse flags and call into this crate.
 //!
+//! # Quick start
+//!
+//! A whole deployment in one process (a coordinator and 3 clusters of a master and a slave, in
+//! memory); user 1 (cluster 1) follows user 2 (cluster 2) and receives user 2's post:
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! use sns_core::deployment::{Data, Deployment, DeploymentConfig, Ports, Transport};
+//! use sns_core::session::{Session, SessionConfig, Target};
+//! use sns_core::{Error, MemoryNetwork, UserId};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> sns_core::Result<()> {
+//! let deployment = Deployment::start(DeploymentConfig {
+//!     transport: Transport::Memory(MemoryNetwork::new()),
+//!     ports: Ports::Auto,
+//!     data: Data::Memory,
+//!     ..DeploymentConfig::default()
+//! })
+//! .await?;
+//! deployment.wait_for_masters(Duration::from_secs(10)).await?;
+//! let coordinator = Target::Coordinator(deployment.coordinator_addr().to_string());
+//! let (one, two) = (UserId::new(1).unwrap(), UserId::new(2).unwrap());
+//! let alice = Session::connect(deployment.network(), coordinator.clone(), one, SessionConfig::default()).await?;
+//! let bob = Session::connect(deployment.network(), coordinator, two, SessionConfig::default()).await?;
+//! // Cluster 1 hears of user 2 within milliseconds; until then user 2 is unknown there.
+//! while let Err(Error::InvalidUsername(_)) = alice.follow(two).await {
+//!     tokio::time::sleep(Duration::from_millis(20)).await;
+//! }
+//! let mut timeline = alice.timeline().await?;
+//! bob.timeline().await?.post("hello from cluster 2").await?;
+//! let post = timeline.next().await.expect("a post")?;
+//! assert_eq!((post.author, post.text.as_str()), (two, "hello from cluster 2"));
+//! # deployment.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The same program with comments is `examples/embedded.rs`; `examples/failover_test.rs` shows
+//! how a downstream crate tests against a [`TestCluster`](crate::testing::TestCluster) (feature
+//! `test-util`) on tokio's paused clock.
+//!
 //! Networking is injected ([`transport`]): components serve on a [`Listener`] and reach their
 //! peers through a [`Network`], so the same code runs on TCP, on in-memory pipes
 //! ([`MemoryNetwork`]) or on a simulated network.
