@@ -1,12 +1,15 @@
-//! A real slave against a master played by hand: the test holds the master's end of the
-//! mirroring stream (through a scripted `Peers`), ships what a master would, decides when the
-//! slave's disk syncs, and reads every acknowledgement the slave sends. The clock is paused:
-//! the slave has said all it will once it stays silent while nothing else can run.
+//! A real slave against a master played by hand, and against a real master wired to it in
+//! process (no sockets): the test holds the master's end of the mirroring stream (through a
+//! scripted `Peers`), ships what a master would, decides when the slave's disk syncs, and reads
+//! every acknowledgement the slave sends. The clock is paused: the slave has said all it will
+//! once it stays silent while nothing else can run.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::Result;
 use crate::event::{Event, EventKind, LogEntry};
@@ -135,10 +138,28 @@ impl MasterFeed for Feed {
     }
 }
 
-/// A coordinator that keeps the server slave of the scripted master, and the master's
-/// mirroring endpoint, which hands each stream the slave opens to the test.
+/// What a master ships, as a slave reads it.
+struct Shipped(mpsc::Receiver<ToSlave>);
+
+#[async_trait::async_trait]
+impl MasterFeed for Shipped {
+    async fn recv(&mut self) -> Option<Result<ToSlave>> {
+        self.0.recv().await.map(Ok)
+    }
+}
+
+/// The master a slave mirrors.
+enum Master {
+    /// Played by the test: each stream the slave opens is handed to it.
+    Scripted(mpsc::UnboundedSender<Stream>),
+    /// A real master, serving each stream the slave opens.
+    Wired(Server),
+}
+
+/// A coordinator that keeps the server slave of `master`, and the master's mirroring
+/// endpoint.
 struct Scripted {
-    streams: mpsc::UnboundedSender<Stream>,
+    master: Master,
 }
 
 #[async_trait::async_trait]
@@ -160,14 +181,31 @@ impl Peers for Scripted {
     async fn mirror(
         &self,
         _addr: &str,
-        outbound: mpsc::Receiver<FromSlave>,
+        mut outbound: mpsc::Receiver<FromSlave>,
     ) -> Result<Box<dyn MasterFeed>> {
-        let (to_slave, feed) = mpsc::channel(16);
-        let _ = self.streams.send(Stream {
-            from_slave: outbound,
-            to_slave,
-        });
-        Ok(Box::new(Feed(feed)))
+        match &self.master {
+            Master::Scripted(streams) => {
+                let (to_slave, feed) = mpsc::channel(16);
+                let _ = streams.send(Stream {
+                    from_slave: outbound,
+                    to_slave,
+                });
+                Ok(Box::new(Feed(feed)))
+            }
+            Master::Wired(master) => {
+                let Some(FromSlave::Hello(hello)) = outbound.recv().await else {
+                    return Err(crate::Error::invalid("a stream must open with a hello"));
+                };
+                let admitted = master.attach_slave(hello)?;
+                let (out, shipped) = mpsc::channel(16);
+                let master = master.clone();
+                tokio::spawn(async move {
+                    let inbound = ReceiverStream::new(outbound).map(Ok);
+                    master.ship_to_slave(admitted, inbound, out).await;
+                });
+                Ok(Box::new(Shipped(shipped)))
+            }
+        }
     }
 }
 
@@ -193,28 +231,38 @@ fn joined(index: u64, epoch: Epoch, user: u32) -> LogEntry {
     }
 }
 
+/// The server configuration of `server`; nobody's silence ends a stream here (the test's
+/// pauses are shorter).
+fn config(server: u32) -> ServerConfig {
+    ServerConfig {
+        cluster: cluster(),
+        server_id: ServerId::new(server).expect("id"),
+        clusters: 1,
+        mirror_timeout: Duration::from_secs(600),
+        ..ServerConfig::default()
+    }
+}
+
 /// A slave whose log holds entries 1–10 of epoch 1, committed up to 5: 6–10 are a tail an
-/// old master never committed. It is mirroring the scripted master; returns the stream.
-async fn slave_with_a_divergent_tail() -> (Server, Arc<HeldDisk>, Stream) {
+/// old master never committed. It joins, mirroring `master`.
+async fn slave_with_a_divergent_tail(master: Master) -> (Server, Arc<HeldDisk>) {
     let storage = Arc::new(HeldDisk::new());
     let old: Vec<LogEntry> = (1..=10).map(|i| joined(i, Epoch(1), i as u32)).collect();
     storage.append(old).await.expect("append");
     storage.set_commit(LogIndex(5));
-    let config = ServerConfig {
-        cluster: cluster(),
-        server_id: ServerId::new(2).expect("id"),
-        clusters: 1,
-        // The scripted master answers at its own pace: silence never ends a stream here.
-        mirror_timeout: Duration::from_secs(600),
-        ..ServerConfig::default()
-    };
-    let server = Server::open_replica(config, Arc::clone(&storage) as Arc<dyn Storage>)
+    let server = Server::open_replica(config(2), Arc::clone(&storage) as Arc<dyn Storage>)
         .await
         .expect("opens");
-    let (streams, mut opened) = mpsc::unbounded_channel();
     let link = CoordinatorLink::new("coordinator:1", "slave", 2);
     let network = MemoryNetwork::new().node("slave");
-    server.join_with(link, network, Arc::new(Scripted { streams }));
+    server.join_with(link, network, Arc::new(Scripted { master }));
+    (server, storage)
+}
+
+/// A slave with a divergent tail, mirroring the test; returns the master's end of its stream.
+async fn scripted_slave_with_a_divergent_tail() -> (Server, Arc<HeldDisk>, Stream) {
+    let (streams, mut opened) = mpsc::unbounded_channel();
+    let (server, storage) = slave_with_a_divergent_tail(Master::Scripted(streams)).await;
     let mut stream = tokio::time::timeout(WAIT, opened.recv())
         .await
         .expect("the slave dials")
@@ -244,7 +292,7 @@ async fn slave_with_a_divergent_tail() -> (Server, Arc<HeldDisk>, Stream) {
 /// would count it for entries the slave does not hold, and commit them on its word.
 #[tokio::test(start_paused = true)]
 async fn a_slave_acknowledges_only_what_it_holds_in_agreement_with_the_master() {
-    let (server, disk, mut stream) = slave_with_a_divergent_tail().await;
+    let (server, disk, mut stream) = scripted_slave_with_a_divergent_tail().await;
     let held = |acks: &[LogIndex], upto: u64, when: &str| {
         if let Some(ack) = acks.iter().find(|a| **a > LogIndex(upto)) {
             panic!("{when}, the slave acknowledged {ack} (all: {acks:?}) but holds {upto}");
@@ -286,4 +334,69 @@ async fn a_slave_acknowledges_only_what_it_holds_in_agreement_with_the_master() 
         assert_eq!(state.has_user(user), holds, "{user}");
     }
     server.close().await;
+}
+
+/// The same, end to end: the new master (epoch 2) holds entries 1–5 and its own 6–7, all
+/// committed; the slave holding the old master's tail 6–10 joins it, catches up and is counted.
+/// Had the slave acknowledged 10 for its old tail, the master would acknowledge a new write
+/// (entry 8) on its own disk alone, counting the slave for it: if the master then died, the
+/// promoted slave would lack an acknowledged write.
+#[tokio::test(start_paused = true)]
+async fn a_master_acknowledges_no_write_its_slave_with_an_old_tail_has_not_made_durable() {
+    let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let ours: Vec<LogEntry> = (1..=5)
+        .map(|i| joined(i, Epoch(1), i as u32))
+        .chain([joined(6, MASTER_EPOCH, 106), joined(7, MASTER_EPOCH, 107)])
+        .collect();
+    storage.append(ours).await.expect("append");
+    let master = Server::open(config(1), storage).await.expect("opens");
+    let (slave, disk) = slave_with_a_divergent_tail(Master::Wired(master.clone())).await;
+    let slave_id = ServerId::new(2).expect("id");
+    let counted = eventually(WAIT, || {
+        let in_sync = master.positions().in_sync;
+        let slave = slave.positions();
+        async move {
+            in_sync.iter().any(|(s, _)| *s == slave_id)
+                && slave.durable == LogIndex(7)
+                && slave.commit == LogIndex(7)
+        }
+    })
+    .await;
+    assert!(
+        counted,
+        "the slave never caught up: {:?} / {:?}",
+        master.positions(),
+        slave.positions()
+    );
+
+    // The slave's disk stops syncing: a write on the master waits for it.
+    disk.syncing.send_replace(false);
+    let mut write = tokio::spawn({
+        let master = master.clone();
+        async move { master.login(UserId::new(108).expect("user")).await }
+    });
+    let shipped = eventually(WAIT, || {
+        let sequenced = slave.positions().sequenced;
+        async move { sequenced == LogIndex(8) }
+    })
+    .await;
+    assert!(shipped, "entry 8 reached the slave");
+    let early = tokio::time::timeout(QUIET, &mut write).await;
+    assert!(
+        early.is_err(),
+        "the master acknowledged entry 8, which its slave has not made durable ({:?}; the \
+         master counts the slave at {:?})",
+        slave.positions(),
+        master.positions().in_sync
+    );
+
+    disk.syncing.send_replace(true);
+    tokio::time::timeout(WAIT, write)
+        .await
+        .expect("the write completes once the slave holds it")
+        .expect("task")
+        .expect("login");
+    assert!(slave.positions().durable >= LogIndex(8));
+    slave.close().await;
+    master.close().await;
 }
