@@ -21,7 +21,9 @@
 //!   durable index, but never past the point up to which its log is known to agree with this
 //!   master's: its commit index until the master's first message settles where it continues
 //!   (after a truncation, only up to the truncation point; with a snapshot, nothing more until
-//!   it is installed), then each batch it appends. A truncation rewinds the durable index the
+//!   it is installed; any other first message means the master continues right after the
+//!   slave's last entry, so a master sends a truncation only first), then each batch it
+//!   appends. A truncation rewinds the durable index the
 //!   slave acknowledges from. So a master that keeps the highest index a slave acknowledged
 //!   never counts it for an entry it does not hold, such as an old master's uncommitted tail
 //!   (see `slave/session.rs`).

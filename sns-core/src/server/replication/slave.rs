@@ -6,8 +6,9 @@
 //! backoff and heartbeats more often, so a promotion reaches it quickly.
 //!
 //! Which messages it takes, up to where it commits, how much it may acknowledge and how long
-//! the master may stay silent are decided by a plain value, `session::MirrorSession` (tested without sockets or clocks);
-//! this file opens the stream, feeds it and carries out its verdicts.
+//! the master may stay silent are decided by a plain value, `session::MirrorSession` (tested
+//! without sockets or clocks); this file opens the stream, feeds it and carries out its
+//! verdicts.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
