@@ -92,7 +92,8 @@ impl Server {
     }
 
     /// The in-memory part of a discard: voids the pending entries (new generation) and
-    /// rewinds the sequence to the commit index.
+    /// rewinds the sequence to the commit index. The durable index rewinds with it, watch
+    /// included: a slave acknowledges from that watch, and must never name an entry it dropped.
     pub(super) fn forget_uncommitted(&self, core: &mut Core) {
         core.generation += 1;
         core.uncommitted.clear();
@@ -100,6 +101,7 @@ impl Server {
         core.next_index = core.commit.next();
         core.next_seq = core.state.high_water(self.shared.config.cluster) + 1;
         core.durable = core.durable.min(core.commit);
+        self.shared.durable_index.send_replace(core.durable);
         core.last_at = core.state.latest_time();
         core.last_epoch = core.recent.last_epoch().unwrap_or(core.last_epoch);
         self.shared.sequenced_index.send_replace(core.commit);

@@ -282,6 +282,9 @@ impl Server {
             .map_err(|_| Error::ConnectionLost("the slave went away".to_string()))
     }
 
+    /// Ships the session: first the truncation or the snapshot the plan calls for, then
+    /// entries as they are sequenced. The slave takes any other first message as this master
+    /// continuing right after its last entry, its whole log agreeing (see the parent module).
     async fn ship(&self, hello: &Hello, link: Link, out: &mpsc::Sender<ToSlave>) -> Result<()> {
         let Link {
             server, session, ..

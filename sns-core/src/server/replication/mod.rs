@@ -17,6 +17,16 @@
 //! - **Committed entries are never truncated.** A slave's commit index only follows a master's,
 //!   and every committed entry is in every later master's log (see promotion below), so a
 //!   divergent tail always lies after the slave's commit index.
+//! - **Acknowledgements name only agreeing entries.** In a session a slave acknowledges its
+//!   durable index, but never past the point up to which its log is known to agree with this
+//!   master's: its commit index until the master's first message settles where it continues
+//!   (after a truncation, only up to the truncation point; with a snapshot, nothing more until
+//!   it is installed; any other first message means the master continues right after the
+//!   slave's last entry, so a master sends a truncation only first), then each batch it
+//!   appends. A truncation rewinds the durable index the
+//!   slave acknowledges from. So a master that keeps the highest index a slave acknowledged
+//!   never counts it for an entry it does not hold, such as an old master's uncommitted tail
+//!   (see `slave/session.rs`).
 //! - **The commit point.** A master commits an entry once it is durable locally and on every
 //!   slave it counts. It counts a slave from the moment the slave has been sent everything
 //!   sequenced (`Required`), and reports it to the coordinator as in sync once the slave has

@@ -5,14 +5,15 @@
 //! (the old master then steps down). When the stream breaks, the slave dials again with a short
 //! backoff and heartbeats more often, so a promotion reaches it quickly.
 //!
-//! Which messages it takes, up to where it commits and how long the master may stay silent
-//! are decided by a plain value, `session::MirrorSession` (tested without sockets or clocks);
-//! this file opens the stream, feeds it and carries out its verdicts.
+//! Which messages it takes, up to where it commits, how much it may acknowledge and how long
+//! the master may stay silent are decided by a plain value, `session::MirrorSession` (tested
+//! without sockets or clocks); this file opens the stream, feeds it and carries out its
+//! verdicts.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -23,9 +24,11 @@ use crate::ids::LogIndex;
 use crate::server::pipeline::Pending;
 use crate::server::{Role, Server, Shared};
 use crate::storage::Snapshot;
-use session::{MirrorSession, Verdict};
+use session::{Handled, MirrorSession, Verdict};
 
 mod session;
+#[cfg(test)]
+mod tests;
 
 /// Largest snapshot a slave accepts.
 const MAX_SNAPSHOT_BYTES: u64 = 4 << 30;
@@ -104,7 +107,7 @@ impl Server {
         let _ = out.send(FromSlave::Hello(hello)).await;
         let mut inbound = joined.peers.mirror(&target.addr, outbound).await?;
         let mut durable = self.shared.durable_index.subscribe();
-        let ack = *durable.borrow_and_update();
+        let ack = session.acknowledge(*durable.borrow_and_update());
         let _ = out.send(FromSlave::Durable(ack)).await;
         tracing::info!(master = %target.addr, last_index = %hello.last_index, "mirroring the master");
         let mut assembly: Option<Assembly> = None;
@@ -120,10 +123,8 @@ impl Server {
                 },
                 changed = durable.changed() => {
                     if changed.is_err() { return Ok(()); }
-                    let ack = *durable.borrow_and_update();
-                    if out.send(FromSlave::Durable(ack)).await.is_err() {
-                        return Err(Error::ConnectionLost("the master went away".to_string()));
-                    }
+                    let ack = session.acknowledge(*durable.borrow_and_update());
+                    acknowledge(&out, ack).await?;
                     continue;
                 }
             };
@@ -138,8 +139,13 @@ impl Server {
                 Verdict::Leave { .. } => return Ok(()),
                 Verdict::Mirror { .. } => {}
             }
-            self.handle(message.body, &mut assembly, &durable, &out)
-                .await?;
+            let asks = message.body == Shipment::KeepAlive;
+            let handled = self.handle(message.body, &mut assembly).await?;
+            session.handled(handled);
+            if asks {
+                let ack = session.acknowledge(*durable.borrow());
+                acknowledge(&out, ack).await?;
+            }
             let core = self.lock();
             if let Some(upto) = session.committed(message.commit, core.commit, core.role) {
                 self.set_gate(&core, upto);
@@ -154,14 +160,16 @@ impl Server {
         if core.role != Role::Slave {
             return Ok(None);
         }
-        let session = MirrorSession::new(self.shared.config.mirror_timeout, core.commit);
+        let last_index = LogIndex(core.next_index.0 - 1);
+        let session =
+            MirrorSession::new(self.shared.config.mirror_timeout, core.commit, last_index);
         // Nothing more commits until this master says so.
         self.set_gate(&core, session.gate());
         let hello = Hello {
             cluster: self.shared.config.cluster,
             server: self.shared.config.server_id,
             known_epoch: core.known_epoch,
-            last_index: LogIndex(core.next_index.0 - 1),
+            last_index,
             last_epoch: core.last_epoch,
             commit: core.commit,
         };
@@ -187,27 +195,27 @@ impl Server {
         verdict
     }
 
-    /// Carries out what a master shipped.
-    async fn handle(
-        &self,
-        body: Shipment,
-        assembly: &mut Option<Assembly>,
-        durable: &watch::Receiver<LogIndex>,
-        out: &mpsc::Sender<FromSlave>,
-    ) -> Result<()> {
+    /// Carries out what a master shipped; says what it did to the log.
+    async fn handle(&self, body: Shipment, assembly: &mut Option<Assembly>) -> Result<Handled> {
         match body {
-            Shipment::TruncateAfter(index) => self.truncate_tail(index).await,
-            Shipment::Snapshot(chunk) => match assemble(assembly, chunk)? {
-                Some(snapshot) => self.install_snapshot(snapshot).await,
-                None => Ok(()),
-            },
-            Shipment::Entries(entries) => self.append_shipped(entries).await,
-            Shipment::KeepAlive => {
-                let ack = *durable.borrow();
-                out.send(FromSlave::Durable(ack))
-                    .await
-                    .map_err(|_| Error::ConnectionLost("the master went away".to_string()))
+            Shipment::TruncateAfter(index) => {
+                self.truncate_tail(index).await?;
+                Ok(Handled::Truncated(index))
             }
+            Shipment::Snapshot(chunk) => match assemble(assembly, chunk)? {
+                Some(snapshot) => {
+                    let index = snapshot.index;
+                    self.install_snapshot(snapshot).await?;
+                    Ok(Handled::Installed(index))
+                }
+                None => Ok(Handled::SnapshotPiece),
+            },
+            Shipment::Entries(entries) => {
+                let last = entries.last().map(|e| e.index);
+                self.append_shipped(entries).await?;
+                Ok(last.map_or(Handled::Nothing, Handled::Appended))
+            }
+            Shipment::KeepAlive => Ok(Handled::Nothing),
         }
     }
 
@@ -325,6 +333,13 @@ impl Server {
         });
         Ok(())
     }
+}
+
+/// Tells the master the slave's durable index (as its session lets it say).
+async fn acknowledge(out: &mpsc::Sender<FromSlave>, durable: LogIndex) -> Result<()> {
+    out.send(FromSlave::Durable(durable))
+        .await
+        .map_err(|_| Error::ConnectionLost("the master went away".to_string()))
 }
 
 /// Adds a piece to the snapshot being assembled; the whole snapshot once the last arrived.
