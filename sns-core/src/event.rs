@@ -7,15 +7,20 @@
 //! Binary form (log records): a tag byte per kind. A post with an idempotency key has its own
 //! tag ([`EventKind::Posted`] with `key: Some`), so a post without one, and every record written
 //! before keys existed, keeps the original `Posted` layout and still decodes.
+//!
+//! The binary form is in `event/record.rs`, the rules a post's text must follow in
+//! `event/text.rs` (re-exported here).
 
 use std::sync::Arc;
 
-use crate::codec::{Decoder, Encoder};
+use crate::codec::Encoder;
 use crate::error::{Error, Result};
-use crate::ids::{ClusterId, Epoch, EventId, LogIndex, PostId, PostKey, Timestamp, UserId};
+use crate::ids::{Epoch, EventId, LogIndex, PostId, PostKey, Timestamp, UserId};
 
-/// Longest post text accepted, in bytes of UTF-8.
-pub const MAX_POST_BYTES: usize = 4096;
+mod record;
+mod text;
+
+pub use text::{MAX_POST_BYTES, check_post_text, is_terminal_control, normalize_post_text};
 
 /// Longest log record, in bytes of its encoded [`LogEntry`]: the one record-size limit. Every
 /// storage refuses to write a longer record ([`check_record_len`]), so nothing is written that
@@ -249,51 +254,6 @@ impl Post {
     }
 }
 
-/// Checks a post's text: strips one trailing newline (and a `\r` before it), rejects text over
-/// [`MAX_POST_BYTES`], with an inner line break or with a terminal control character (see
-/// [`check_post_text`]). Returns `None` for an empty line (ignored).
-pub fn normalize_post_text(raw: &[u8]) -> Result<Option<&str>> {
-    let text =
-        std::str::from_utf8(raw).map_err(|_| Error::invalid("post text is not valid UTF-8"))?;
-    let text = text.strip_suffix('\n').unwrap_or(text);
-    let text = text.strip_suffix('\r').unwrap_or(text);
-    check_post_text(text)?;
-    Ok((!text.is_empty()).then_some(text))
-}
-
-/// Checks the text of a post as stored: at most [`MAX_POST_BYTES`], one line, and no terminal
-/// control character (see [`is_terminal_control`]), since clients print posts verbatim and an
-/// escape sequence in a post would be run by every follower's terminal.
-pub fn check_post_text(text: &str) -> Result<()> {
-    if text.len() > MAX_POST_BYTES {
-        return Err(Error::invalid(format!(
-            "post is {} bytes; the limit is {MAX_POST_BYTES}",
-            text.len()
-        )));
-    }
-    if text.contains(['\n', '\r']) {
-        return Err(Error::invalid("post text must be a single line"));
-    }
-    if let Some(control) = text.chars().find(|c| is_terminal_control(*c)) {
-        return Err(Error::invalid(format!(
-            "post text contains the control character U+{:04X}; posts may not carry terminal \
-             control characters or bidirectional overrides (only tab is allowed)",
-            u32::from(control)
-        )));
-    }
-    Ok(())
-}
-
-/// Whether `c` is a character a terminal acts on or that reorders what it shows: C0 controls
-/// except tab, DEL, C1 controls (U+0080 to U+009F; U+009B is a CSI on many terminals), and the
-/// bidirectional embeddings, overrides and isolates (U+202A to U+202E, U+2066 to U+2069: the
-/// "Trojan Source" trick, CVE-2021-42574).
-pub fn is_terminal_control(c: char) -> bool {
-    (c.is_control() && c != '\t')
-        || ('\u{202a}'..='\u{202e}').contains(&c)
-        || ('\u{2066}'..='\u{2069}').contains(&c)
-}
-
 /// An event at a position of one server's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogEntry {
@@ -303,55 +263,6 @@ pub struct LogEntry {
     pub epoch: Epoch,
     /// The event.
     pub event: Event,
-}
-
-const TAG_USER_JOINED: u8 = 1;
-const TAG_FOLLOWED: u8 = 2;
-const TAG_UNFOLLOWED: u8 = 3;
-const TAG_POSTED: u8 = 4;
-/// A post with an idempotency key: author, key, text.
-const TAG_POSTED_WITH_KEY: u8 = 5;
-/// A state transfer ([`OriginImage`]) in one piece, as earlier versions wrote every one.
-const TAG_IMAGE: u8 = 6;
-/// A piece of a state transfer: the `more` flag, the piece, then its continued follow lists.
-const TAG_IMAGE_PIECE: u8 = 7;
-
-impl LogEntry {
-    /// Appends the entry's binary form to `enc`.
-    pub(crate) fn encode(&self, enc: &mut Encoder) {
-        enc.u64(self.index.0);
-        enc.u64(self.epoch.0);
-        self.event.encode(enc);
-    }
-
-    /// Reads an entry written by [`LogEntry::encode`].
-    pub(crate) fn decode(dec: &mut Decoder<'_>) -> Result<Self> {
-        Ok(Self {
-            index: LogIndex(dec.u64()?),
-            epoch: Epoch(dec.u64()?),
-            event: Event::decode(dec)?,
-        })
-    }
-
-    /// The entry as a standalone byte string.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut enc = Encoder::default();
-        self.encode(&mut enc);
-        enc.buf
-    }
-
-    /// Parses a standalone byte string made by [`LogEntry::to_bytes`].
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let mut dec = Decoder::new(bytes);
-        let entry = Self::decode(&mut dec)?;
-        dec.finish()?;
-        Ok(entry)
-    }
-}
-
-fn user(dec: &mut Decoder<'_>) -> Result<UserId> {
-    let raw = dec.u32()?;
-    UserId::new(raw).ok_or_else(|| Error::Corrupt(format!("user id {raw} out of range")))
 }
 
 impl Event {
@@ -387,264 +298,5 @@ impl Event {
     /// every event but a state transfer piece that says more pieces follow.
     pub fn completes(&self) -> bool {
         !matches!(&self.kind, EventKind::Image(image) if image.more)
-    }
-}
-
-type FollowLists = Vec<(UserId, Vec<(UserId, Timestamp)>)>;
-
-fn encode_follows(enc: &mut Encoder, lists: &FollowLists) {
-    enc.len(lists.len());
-    for (follower, followees) in lists {
-        enc.u32(follower.get());
-        enc.len(followees.len());
-        for (followee, since) in followees {
-            enc.u32(followee.get());
-            enc.i64(since.0);
-        }
-    }
-}
-
-fn decode_follows(dec: &mut Decoder<'_>) -> Result<FollowLists> {
-    let mut lists = Vec::new();
-    for _ in 0..dec.len(8)? {
-        let follower = user(dec)?;
-        let mut followees = Vec::new();
-        for _ in 0..dec.len(12)? {
-            followees.push((user(dec)?, Timestamp(dec.i64()?)));
-        }
-        lists.push((follower, followees));
-    }
-    Ok(lists)
-}
-
-fn decode_image(dec: &mut Decoder<'_>) -> Result<OriginImage> {
-    let mut image = OriginImage::default();
-    for _ in 0..dec.len(4)? {
-        image.users.push(user(dec)?);
-    }
-    image.follows = decode_follows(dec)?;
-    for _ in 0..dec.len(28)? {
-        let origin =
-            ClusterId::new(dec.u32()?).ok_or_else(|| Error::Corrupt("cluster id 0".to_string()))?;
-        let seq = dec.u64()?;
-        image.posts.push(Post {
-            id: EventId { origin, seq },
-            author: user(dec)?,
-            at: Timestamp(dec.i64()?),
-            text: Arc::from(dec.str()?),
-        });
-    }
-    Ok(image)
-}
-
-impl Event {
-    pub(crate) fn encode(&self, enc: &mut Encoder) {
-        enc.u32(self.id.origin.get());
-        enc.u64(self.id.seq);
-        enc.i64(self.at.0);
-        match &self.kind {
-            EventKind::UserJoined { user } => {
-                enc.u8(TAG_USER_JOINED);
-                enc.u32(user.get());
-            }
-            EventKind::Followed { follower, followee } => {
-                enc.u8(TAG_FOLLOWED);
-                enc.u32(follower.get());
-                enc.u32(followee.get());
-            }
-            EventKind::Unfollowed { follower, followee } => {
-                enc.u8(TAG_UNFOLLOWED);
-                enc.u32(follower.get());
-                enc.u32(followee.get());
-            }
-            EventKind::Posted {
-                author,
-                text,
-                key: None,
-            } => {
-                enc.u8(TAG_POSTED);
-                enc.u32(author.get());
-                enc.str(text);
-            }
-            EventKind::Posted {
-                author,
-                text,
-                key: Some(key),
-            } => {
-                enc.u8(TAG_POSTED_WITH_KEY);
-                enc.u32(author.get());
-                enc.u64(key.get());
-                enc.str(text);
-            }
-            EventKind::Image(image) => {
-                let whole = !image.more && image.continued_follows.is_empty();
-                if whole {
-                    enc.u8(TAG_IMAGE);
-                } else {
-                    enc.u8(TAG_IMAGE_PIECE);
-                    enc.u8(u8::from(image.more));
-                    encode_follows(enc, &image.continued_follows);
-                }
-                enc.len(image.users.len());
-                for user in &image.users {
-                    enc.u32(user.get());
-                }
-                encode_follows(enc, &image.follows);
-                enc.len(image.posts.len());
-                for post in &image.posts {
-                    enc.u32(post.id.origin.get());
-                    enc.u64(post.id.seq);
-                    enc.u32(post.author.get());
-                    enc.i64(post.at.0);
-                    enc.str(&post.text);
-                }
-            }
-        }
-    }
-
-    pub(crate) fn decode(dec: &mut Decoder<'_>) -> Result<Self> {
-        let origin = dec.u32()?;
-        let origin =
-            ClusterId::new(origin).ok_or_else(|| Error::Corrupt("cluster id 0".to_string()))?;
-        let seq = dec.u64()?;
-        let at = Timestamp(dec.i64()?);
-        let kind = match dec.u8()? {
-            TAG_USER_JOINED => EventKind::UserJoined { user: user(dec)? },
-            TAG_FOLLOWED => EventKind::Followed {
-                follower: user(dec)?,
-                followee: user(dec)?,
-            },
-            TAG_UNFOLLOWED => EventKind::Unfollowed {
-                follower: user(dec)?,
-                followee: user(dec)?,
-            },
-            TAG_POSTED => EventKind::Posted {
-                author: user(dec)?,
-                text: Arc::from(dec.str()?),
-                key: None,
-            },
-            TAG_POSTED_WITH_KEY => EventKind::Posted {
-                author: user(dec)?,
-                key: Some(
-                    PostKey::new(dec.u64()?)
-                        .ok_or_else(|| Error::Corrupt("post key 0".to_string()))?,
-                ),
-                text: Arc::from(dec.str()?),
-            },
-            TAG_IMAGE => EventKind::Image(Arc::new(decode_image(dec)?)),
-            TAG_IMAGE_PIECE => {
-                let more = match dec.u8()? {
-                    0 => false,
-                    1 => true,
-                    flag => return Err(Error::Corrupt(format!("image piece flag {flag}"))),
-                };
-                let continued_follows = decode_follows(dec)?;
-                EventKind::Image(Arc::new(OriginImage {
-                    more,
-                    continued_follows,
-                    ..decode_image(dec)?
-                }))
-            }
-            tag => return Err(Error::Corrupt(format!("unknown event tag {tag}"))),
-        };
-        Ok(Self {
-            id: EventId { origin, seq },
-            at,
-            kind,
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn post_text_is_normalized() {
-        assert_eq!(normalize_post_text(b"hi\n").ok().flatten(), Some("hi"));
-        assert_eq!(normalize_post_text(b"hi\r\n").ok().flatten(), Some("hi"));
-        assert_eq!(normalize_post_text(b"hi").ok().flatten(), Some("hi"));
-        assert!(matches!(normalize_post_text(b"\n"), Ok(None)));
-        assert!(matches!(normalize_post_text(b""), Ok(None)));
-        assert!(normalize_post_text(b"a\nb").is_err());
-        assert!(normalize_post_text(&[0xff, 0xfe]).is_err());
-        assert!(normalize_post_text(&[b'x'; MAX_POST_BYTES]).is_ok());
-        assert!(normalize_post_text(&[b'x'; MAX_POST_BYTES + 1]).is_err());
-        // Terminal control characters are refused, wherever they are; tab and the trailing
-        // newline are not.
-        assert_eq!(normalize_post_text(b"a\tb\n").ok().flatten(), Some("a\tb"));
-        for bad in [
-            &b"\x1b[2J"[..],
-            b"ring\x07",
-            b"nul\x00",
-            b"del\x7f",
-            b"\x1b]0;title\x07\n",
-            b"back\x08space",
-        ] {
-            let refused = normalize_post_text(bad);
-            assert!(
-                matches!(&refused, Err(Error::InvalidInput(m)) if m.contains("control character")),
-                "{bad:?}: {refused:?}"
-            );
-        }
-        // Other text, accents and emoji included, passes.
-        assert!(normalize_post_text("café 🙂".as_bytes()).is_ok());
-    }
-
-    fn posted(key: Option<PostKey>) -> LogEntry {
-        LogEntry {
-            index: LogIndex(7),
-            epoch: Epoch(2),
-            event: Event {
-                id: EventId {
-                    origin: ClusterId::new(3).expect("cluster"),
-                    seq: 5,
-                },
-                at: Timestamp(1_000),
-                kind: EventKind::Posted {
-                    author: UserId::new(9).expect("user"),
-                    text: Arc::from("hello"),
-                    key,
-                },
-            },
-        }
-    }
-
-    #[test]
-    fn posts_with_and_without_a_key_round_trip() {
-        for key in [None, PostKey::new(1), PostKey::new(u64::MAX)] {
-            let entry = posted(key);
-            assert_eq!(LogEntry::from_bytes(&entry.to_bytes()).ok(), Some(entry));
-        }
-    }
-
-    /// A post without a key is written exactly as before keys existed: index, epoch, origin,
-    /// seq, time, tag 4, author, text. Old logs decode unchanged.
-    #[test]
-    fn a_post_without_a_key_keeps_the_original_layout() {
-        let mut old = Vec::new();
-        old.extend_from_slice(&7u64.to_le_bytes());
-        old.extend_from_slice(&2u64.to_le_bytes());
-        old.extend_from_slice(&3u32.to_le_bytes());
-        old.extend_from_slice(&5u64.to_le_bytes());
-        old.extend_from_slice(&1_000i64.to_le_bytes());
-        old.push(TAG_POSTED);
-        old.extend_from_slice(&9u32.to_le_bytes());
-        old.extend_from_slice(&5u32.to_le_bytes());
-        old.extend_from_slice(b"hello");
-        assert_eq!(posted(None).to_bytes(), old);
-        assert_eq!(LogEntry::from_bytes(&old).ok(), Some(posted(None)));
-    }
-
-    #[test]
-    fn a_keyed_post_with_key_zero_is_corrupt() {
-        let mut bytes = posted(PostKey::new(1)).to_bytes();
-        // index, epoch, origin, seq, time, tag, author: then the key.
-        let at = 8 + 8 + 4 + 8 + 8 + 1 + 4;
-        bytes[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
-        assert!(matches!(
-            LogEntry::from_bytes(&bytes),
-            Err(Error::Corrupt(_))
-        ));
     }
 }

@@ -34,17 +34,18 @@
 //! ([`State::post_with_key`]), so a master (or a slave promoted in its place, which folded the
 //! same log) recognises a post re-sent after a lost acknowledgement. The keys are part of the
 //! snapshot. Only posts of local authors are originated here, so only their keys are kept.
+//!
+//! The snapshot form of the state, and how older snapshots are read, is in `state/snapshot.rs`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::iter::Peekable;
 use std::sync::Arc;
 
-use crate::codec::{Decoder, Encoder};
-use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, Post};
-use crate::ids::{ClusterId, EventId, PostId, PostKey, Timestamp, UserId, UserMap};
+use crate::ids::{ClusterId, PostId, PostKey, Timestamp, UserId, UserMap};
 
 pub mod authority;
+mod snapshot;
 
 pub use authority::{
     DEFAULT_MAX_CLOCK_SKEW, EARLIEST_EVENT_TIME, Refusal, check_authority, check_clock,
@@ -516,205 +517,6 @@ impl State {
     /// The maximum number of posts a timeline keeps.
     pub fn timeline_cap(&self) -> usize {
         self.config.timeline_cap
-    }
-
-    /// Serializes the state for a snapshot. Posts shared by several timelines and author
-    /// lists are written once. Post keys come last, as a section that snapshots written before
-    /// keys existed lack (they decode with no keys).
-    pub(crate) fn encode(&self, enc: &mut Encoder) {
-        enc.len(self.users.len());
-        for user in &self.users {
-            enc.u32(user.get());
-        }
-        enc.len(self.high_water.len());
-        for (origin, seq) in &self.high_water {
-            enc.u32(origin.get());
-            enc.u64(*seq);
-        }
-        enc.i64(self.latest.0);
-        // Post table: every post held by some author list or timeline, once.
-        let mut table: HashMap<EventId, u64> = HashMap::new();
-        let mut posts: Vec<&Arc<Post>> = Vec::new();
-        let mut ids: Vec<&UserId> = self.accounts.keys().collect();
-        ids.sort();
-        for id in &ids {
-            let account = &self.accounts[*id];
-            for post in account.posts.iter().chain(&account.timeline) {
-                table.entry(post.id).or_insert_with(|| {
-                    posts.push(post);
-                    (posts.len() - 1) as u64
-                });
-            }
-        }
-        enc.len(posts.len());
-        for post in &posts {
-            enc.u32(post.id.origin.get());
-            enc.u64(post.id.seq);
-            enc.u32(post.author.get());
-            enc.i64(post.at.0);
-            enc.str(&post.text);
-        }
-        enc.len(ids.len());
-        for id in &ids {
-            let account = &self.accounts[*id];
-            enc.u32(id.get());
-            enc.len(account.following.len());
-            for (followee, since) in &account.following {
-                enc.u32(followee.get());
-                enc.i64(since.0);
-            }
-            for list in [&account.posts, &account.timeline] {
-                enc.len(list.len());
-                for post in list {
-                    enc.u64(table[&post.id]);
-                }
-            }
-        }
-        let keyed: Vec<(&UserId, &Account)> = ids
-            .iter()
-            .map(|id| (*id, &self.accounts[*id]))
-            .filter(|(_, account)| !account.post_keys.is_empty())
-            .collect();
-        enc.len(keyed.len());
-        for (id, account) in keyed {
-            enc.u32(id.get());
-            enc.len(account.post_keys.len());
-            for (key, post) in &account.post_keys {
-                enc.u64(key.get());
-                enc.u32(post.origin.get());
-                enc.u64(post.seq);
-            }
-        }
-        // The own clock, last: its presence says the time above counts only this cluster's
-        // own events (see `decode`).
-        enc.i64(self.latest.0);
-    }
-
-    /// Reads a state written by [`State::encode`], for the cluster and cap of `config`.
-    /// Followers are rebuilt from `following`; timelines of users not local under `config`
-    /// are dropped.
-    pub(crate) fn decode(dec: &mut Decoder<'_>, config: &StateConfig) -> Result<Self> {
-        let corrupt = |what: &str| Error::Corrupt(format!("snapshot: {what}"));
-        let user = |raw: u32| UserId::new(raw).ok_or_else(|| corrupt("user id out of range"));
-        let mut state = Self::new(*config);
-        let cap = state.config.timeline_cap;
-        for _ in 0..dec.len(4)? {
-            state.users.insert(user(dec.u32()?)?);
-        }
-        for _ in 0..dec.len(12)? {
-            let origin = ClusterId::new(dec.u32()?).ok_or_else(|| corrupt("cluster 0"))?;
-            state.high_water.insert(origin, dec.u64()?);
-        }
-        state.latest = Timestamp(dec.i64()?);
-        let n_posts = dec.len(28)?;
-        let mut posts = Vec::with_capacity(n_posts);
-        for _ in 0..n_posts {
-            let origin = ClusterId::new(dec.u32()?).ok_or_else(|| corrupt("cluster 0"))?;
-            let seq = dec.u64()?;
-            let author = user(dec.u32()?)?;
-            let at = Timestamp(dec.i64()?);
-            let text = Arc::from(dec.str()?);
-            posts.push(Arc::new(Post {
-                id: EventId { origin, seq },
-                author,
-                at,
-                text,
-            }));
-        }
-        for _ in 0..dec.len(28)? {
-            let id = user(dec.u32()?)?;
-            let mut account = Account::default();
-            for _ in 0..dec.len(12)? {
-                let followee = user(dec.u32()?)?;
-                account.following.insert(followee, Timestamp(dec.i64()?));
-            }
-            let keep_timeline = state.config.is_local(id);
-            for (list, keep) in [
-                (&mut account.posts, true),
-                (&mut account.timeline, keep_timeline),
-            ] {
-                for _ in 0..dec.len(8)? {
-                    let index = usize::try_from(dec.u64()?).map_err(|_| corrupt("post index"))?;
-                    let post = posts.get(index).ok_or_else(|| corrupt("post index"))?;
-                    if keep {
-                        insert_capped(list, post, cap);
-                    }
-                }
-            }
-            state.accounts.insert(id, account);
-        }
-        let stored_latest = state.latest;
-        // The post keys: absent from snapshots written before keys existed.
-        if !dec.at_end() {
-            for _ in 0..dec.len(12)? {
-                let id = user(dec.u32()?)?;
-                let mut keys = VecDeque::new();
-                for _ in 0..dec.len(20)? {
-                    let key = PostKey::new(dec.u64()?).ok_or_else(|| corrupt("post key 0"))?;
-                    let origin = ClusterId::new(dec.u32()?).ok_or_else(|| corrupt("cluster 0"))?;
-                    keys.push_back((
-                        key,
-                        EventId {
-                            origin,
-                            seq: dec.u64()?,
-                        },
-                    ));
-                }
-                if state.config.is_local(id) {
-                    while keys.len() > REMEMBERED_POST_KEYS {
-                        keys.pop_front();
-                    }
-                    state.accounts.entry(id).or_default().post_keys = keys;
-                }
-            }
-        }
-        state.latest = if dec.at_end() {
-            // Written before remote times were kept out of the clock: the stored time may be
-            // another cluster's. Keep it only as far as this cluster's own posts and follows
-            // vouch for it.
-            Timestamp(
-                stored_latest
-                    .0
-                    .min(state.own_times().max().unwrap_or_default().0),
-            )
-        } else {
-            Timestamp(dec.i64()?)
-        };
-        let edges: Vec<(UserId, UserId, Timestamp)> = state
-            .accounts
-            .iter()
-            .flat_map(|(f, a)| a.following.iter().map(move |(g, since)| (*f, *g, *since)))
-            .collect();
-        for (follower, followee, since) in edges {
-            let local = state.config.is_local(follower);
-            state
-                .accounts
-                .entry(followee)
-                .or_default()
-                .add_follower(follower, local, since);
-        }
-        Ok(state)
-    }
-}
-
-impl State {
-    /// The times of this cluster's own events that the state still holds: its posts, and the
-    /// start of each follow by one of its users.
-    fn own_times(&self) -> impl Iterator<Item = Timestamp> + '_ {
-        let own = self.config.cluster;
-        self.accounts.iter().flat_map(move |(user, account)| {
-            let posts = account
-                .posts
-                .iter()
-                .filter(move |post| post.id.origin == own)
-                .map(|post| post.at);
-            let follows = account
-                .following
-                .values()
-                .copied()
-                .filter(move |_| self.config.is_local(*user));
-            posts.chain(follows)
-        })
     }
 }
 

@@ -27,186 +27,26 @@
 //!   its cluster's roles: the epoch, the master's id and the in-sync set stay, so a forgotten
 //!   master is treated exactly as a dead one (only an in-sync slave may replace it, and it is
 //!   master again if it returns first).
+//!
+//! How one heartbeat moves a cluster's roles is in `table/roles.rs`; the configuration and the
+//! types the table takes and reports are in `table/types.rs`.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::ids::Role;
-use crate::ids::{ClusterId, Epoch, LogIndex, ServerId, UserId};
+use crate::ids::{ClusterId, Epoch, ServerId, UserId};
 
-/// Default time between two heartbeats. With 2 missed beats a dead node is noticed after 1 s,
-/// which leaves room for the promotion and the client's reconnection within a 2 s failover; a
-/// beat is a few hundred bytes, so even many nodes cost the coordinator little.
-pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+mod roles;
+mod types;
 
-/// A node dead for this many failure timeouts is forgotten (10 s with the default timing; 100 s
-/// with the course's 5 s × 2): long enough that `sns status` shows a crashed node for a while,
-/// short enough that entries left by departed or bogus nodes do not pile up.
-pub const FORGET_AFTER_TIMEOUTS: u32 = 10;
-
-/// Most synchronizers registered per cluster. A deployment runs one per cluster; a few more
-/// are harmless (events apply idempotently); a registration beyond that is refused unless a
-/// dead one can make room.
-pub const SYNCHRONIZERS_PER_CLUSTER: usize = 4;
-
-/// Timing and size of a deployment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RoutingConfig {
-    /// Number of clusters (users are spread over `1..=clusters`).
-    pub clusters: u32,
-    /// Server slots per cluster: servers register as `1..=servers`.
-    pub servers: u32,
-    /// Expected time between two heartbeats of a node.
-    pub heartbeat_interval: Duration,
-    /// A node that missed this many consecutive intervals is dead.
-    pub missed_heartbeats: u32,
-    /// Promote a slave that is not known to be in sync when the master dies (it may miss
-    /// committed changes). Off by default.
-    pub allow_unclean_promotion: bool,
-}
-
-impl Default for RoutingConfig {
-    fn default() -> Self {
-        Self {
-            clusters: 3,
-            servers: 2,
-            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
-            missed_heartbeats: 2,
-            allow_unclean_promotion: false,
-        }
-    }
-}
-
-impl RoutingConfig {
-    /// How long after its last heartbeat a node counts as dead.
-    pub fn failure_timeout(&self) -> Duration {
-        self.heartbeat_interval * self.missed_heartbeats.max(1)
-    }
-
-    /// How long after its last heartbeat a node is forgotten.
-    pub fn forget_after(&self) -> Duration {
-        self.failure_timeout() * FORGET_AFTER_TIMEOUTS
-    }
-}
-
-/// A `host:port` a node can be reached at, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Address {
-    /// Host name or IP address.
-    pub host: String,
-    /// TCP port, 1..=65535.
-    pub port: u16,
-}
-
-impl Address {
-    /// Validates a hostname and a port given as text (as the course's `ServerInfo` has them).
-    pub fn parse(host: &str, port: &str) -> Result<Self> {
-        let host_ok = !host.is_empty()
-            && host.len() <= 253
-            && host.chars().all(|c| {
-                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']')
-            });
-        if !host_ok {
-            return Err(Error::invalid(format!(
-                "hostname {:?} is not a valid host name or address",
-                host.chars().take(64).collect::<String>()
-            )));
-        }
-        let port = port
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p >= 1)
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "port {:?} is not a number in 1..=65535",
-                    port.chars().take(16).collect::<String>()
-                ))
-            })?;
-        Ok(Self {
-            host: host.to_string(),
-            port,
-        })
-    }
-}
-
-impl std::fmt::Display for Address {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
-    }
-}
-
-/// A server's log positions, as its last heartbeat reported them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ReportedLog {
-    /// The role the server acts in.
-    pub role: Option<Role>,
-    /// The last entry durable on the server.
-    pub durable: LogIndex,
-    /// The last committed entry.
-    pub commit: LogIndex,
-    /// From a master with a slave: the last entry the slave acknowledged as durable.
-    pub slave_acked: Option<LogIndex>,
-}
-
-/// What a server says in a heartbeat.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Beat {
-    /// Its cluster.
-    pub cluster: ClusterId,
-    /// Its id in the cluster.
-    pub server: ServerId,
-    /// Where clients reach it.
-    pub addr: Address,
-    /// Whether it currently acts as master.
-    pub claims_master: bool,
-    /// The latest epoch it knows of its cluster (0: it never served).
-    pub epoch: Epoch,
-    /// Its role and log positions.
-    pub log: ReportedLog,
-    /// From a master: the slaves it counts as in sync.
-    pub in_sync: Vec<ServerId>,
-    /// Why it cannot serve (its storage failed), if it cannot.
-    pub failure: Option<String>,
-}
-
-/// The coordinator's answer to a heartbeat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Assignment {
-    /// The role the server must take.
-    pub role: Role,
-    /// The cluster's current epoch.
-    pub epoch: Epoch,
-}
-
-/// A node as reported by [`RoutingTable::nodes`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeView {
-    /// Its cluster.
-    pub cluster: ClusterId,
-    /// Server id, or synchronizer id for synchronizers.
-    pub id: u32,
-    /// `Some(role)` for servers, `None` for synchronizers.
-    pub role: Option<Role>,
-    /// Where it is reached.
-    pub addr: Address,
-    /// Time since its last heartbeat.
-    pub since_heartbeat: Duration,
-    /// Whether it is alive.
-    pub alive: bool,
-    /// Its cluster's epoch.
-    pub epoch: Epoch,
-    /// The epoch of its own log, as it last reported it.
-    pub log_epoch: Epoch,
-    /// Its role and log positions as it last reported them (servers only).
-    pub log: Option<ReportedLog>,
-    /// For a slave: whether its master reported it in sync (only such a slave is promoted).
-    pub in_sync: bool,
-    /// Why it cannot serve, as it last reported (servers only).
-    pub failure: Option<String>,
-}
+use roles::ClusterRoles;
+pub use types::{
+    Address, Assignment, Beat, DEFAULT_HEARTBEAT_INTERVAL, FORGET_AFTER_TIMEOUTS, NodeView,
+    ReportedLog, RoutingConfig, SYNCHRONIZERS_PER_CLUSTER,
+};
 
 #[derive(Debug, Clone)]
 struct Node {
@@ -215,27 +55,6 @@ struct Node {
     epoch: Epoch,
     log: ReportedLog,
     failure: Option<String>,
-}
-
-#[derive(Debug, Clone, Default)]
-struct ClusterRoles {
-    epoch: Epoch,
-    master: Option<ServerId>,
-    /// The slaves the master last reported in sync.
-    in_sync: std::collections::BTreeSet<ServerId>,
-}
-
-impl ClusterRoles {
-    /// Names `server` master under a new epoch (above `floor` too).
-    fn name_master(&mut self, server: ServerId, floor: Epoch) -> Result<()> {
-        let Some(epoch) = self.epoch.0.max(floor.0).checked_add(1) else {
-            return Err(Error::invalid("epoch out of range"));
-        };
-        self.epoch = Epoch(epoch);
-        self.master = Some(server);
-        self.in_sync.clear();
-        Ok(())
-    }
 }
 
 /// The coordinator's soft state.
@@ -343,6 +162,41 @@ impl RoutingTable {
         self.check_cluster(i64::from(beat.cluster.get()))?;
         self.check_server(beat.server)?;
         self.forget_the_long_dead(now);
+        self.register_server(&beat, now)?;
+        if let Some(why) = &beat.failure {
+            // A server that cannot serve is a slave, whatever it claims; if it was master, the
+            // next beat of an in-sync slave promotes that slave (the master counts as dead).
+            tracing::warn!(cluster = %beat.cluster, server = %beat.server, "server reports a failure: {why}");
+            let epoch = self
+                .roles
+                .get(&beat.cluster)
+                .map(|r| r.epoch)
+                .unwrap_or_default();
+            return Ok(Assignment {
+                role: Role::Slave,
+                epoch,
+            });
+        }
+        let heard_all = self.election_window_closed(beat.cluster, now);
+        let best = self.most_recent_log(beat.cluster, now) == Some(beat.server);
+        let live_master = self.live_master(beat.cluster, now).map(|(s, _)| s);
+        let unclean = self.config.allow_unclean_promotion;
+        let roles = self.roles.entry(beat.cluster).or_default();
+        let role = match roles.master {
+            Some(master) if master == beat.server => roles.master_beat(&beat)?,
+            Some(master) if live_master == Some(master) => Role::Slave,
+            Some(master) => roles.replace_dead_master(&beat, master, unclean && best)?,
+            None => roles.without_master(&beat, heard_all && best)?,
+        };
+        Ok(Assignment {
+            role,
+            epoch: roles.epoch,
+        })
+    }
+
+    /// Records the node that sent `beat`, refusing it while another address holds its slot
+    /// and still speaks.
+    fn register_server(&mut self, beat: &Beat, now: Instant) -> Result<()> {
         let key = (beat.cluster, beat.server);
         if let Some(node) = self.servers.get(&key)
             && node.addr != beat.addr
@@ -363,82 +217,17 @@ impl RoutingTable {
                 failure: beat.failure.clone(),
             },
         );
-        if let Some(why) = &beat.failure {
-            // A server that cannot serve is a slave, whatever it claims; if it was master, the
-            // next beat of an in-sync slave promotes that slave (the master counts as dead).
-            tracing::warn!(cluster = %beat.cluster, server = %beat.server, "server reports a failure: {why}");
-            let epoch = self
-                .roles
-                .get(&beat.cluster)
-                .map(|r| r.epoch)
-                .unwrap_or_default();
-            return Ok(Assignment {
-                role: Role::Slave,
-                epoch,
-            });
-        }
-        // The election window: one interval after the coordinator started and after the
-        // cluster's first server was heard, every server that came up with it has spoken once,
-        // so the best of them (the lowest id among equal logs) is chosen, not the first to
-        // speak.
-        let first_heard = *self.first_heard.entry(beat.cluster).or_insert(now);
+        Ok(())
+    }
+
+    /// Whether `cluster`'s election window has closed (its first beat is recorded now if it
+    /// had none): one interval after the coordinator started and after the cluster's first
+    /// server was heard, every server that came up with it has spoken once, so the best of them
+    /// (the lowest id among equal logs) is chosen, not the first to speak.
+    fn election_window_closed(&mut self, cluster: ClusterId, now: Instant) -> bool {
+        let first_heard = *self.first_heard.entry(cluster).or_insert(now);
         let window_opened = first_heard.max(self.started);
-        let heard_all =
-            now.saturating_duration_since(window_opened) >= self.config.heartbeat_interval;
-        let best = self.most_recent_log(beat.cluster, now);
-        let live_master = self.live_master(beat.cluster, now).map(|(s, _)| s);
-        let unclean = self.config.allow_unclean_promotion;
-        let roles = self.roles.entry(beat.cluster).or_default();
-        let (cluster, server) = (beat.cluster, beat.server);
-        let role = match roles.master {
-            Some(master) if master == server => {
-                if beat.claims_master && beat.epoch <= roles.epoch {
-                    if beat.epoch == roles.epoch {
-                        roles.in_sync = beat.in_sync.iter().copied().collect();
-                    }
-                } else if beat.claims_master {
-                    // Its epoch is newer than this table knows (a restarted coordinator).
-                    roles.epoch = beat.epoch;
-                    roles.in_sync = beat.in_sync.iter().copied().collect();
-                } else {
-                    // The master restarted or stepped down: it writes under a new epoch.
-                    roles.name_master(server, beat.epoch)?;
-                    tracing::info!(%cluster, %server, epoch = %roles.epoch, "master named again under a new epoch");
-                }
-                Role::Master
-            }
-            Some(master) if live_master == Some(master) => Role::Slave,
-            Some(master) => {
-                if roles.in_sync.contains(&server) {
-                    roles.name_master(server, beat.epoch)?;
-                    tracing::info!(%cluster, %server, dead = %master, epoch = %roles.epoch, "master dead: in-sync slave promoted");
-                    Role::Master
-                } else if unclean && best == Some(server) {
-                    roles.name_master(server, beat.epoch)?;
-                    tracing::error!(%cluster, %server, dead = %master, epoch = %roles.epoch, "master dead: promoting a slave NOT known to be in sync (unclean promotion); committed changes may be lost");
-                    Role::Master
-                } else {
-                    Role::Slave
-                }
-            }
-            // No master known (a fresh cluster, or a restarted coordinator).
-            None if beat.claims_master => {
-                roles.epoch = roles.epoch.max(beat.epoch);
-                roles.master = Some(server);
-                roles.in_sync = beat.in_sync.iter().copied().collect();
-                Role::Master
-            }
-            None if heard_all && best == Some(server) => {
-                roles.name_master(server, beat.epoch)?;
-                tracing::info!(%cluster, %server, epoch = %roles.epoch, "master assigned");
-                Role::Master
-            }
-            None => Role::Slave,
-        };
-        Ok(Assignment {
-            role,
-            epoch: roles.epoch,
-        })
+        now.saturating_duration_since(window_opened) >= self.config.heartbeat_interval
     }
 
     /// The live server of `cluster` whose log is the most recent: highest epoch, then longest

@@ -22,6 +22,7 @@ use std::time::Duration;
 use sns_proto::csce438::sns_service_server::{SnsService, SnsServiceServer};
 use sns_proto::csce438::{ListReply, Message, Reply, Request};
 use tokio::sync::mpsc;
+use tonic::metadata::MetadataMap;
 use tonic::service::Routes;
 use tonic::{Code, Response, Status, Streaming};
 
@@ -137,6 +138,95 @@ fn ack_message(user: UserId, key: PostKey, id: Option<PostId>) -> Message {
     }
 }
 
+/// What a timeline stream's metadata asks for.
+struct TimelineOpening {
+    /// Posts go out as structured messages (with acknowledgements), not pre-formatted.
+    structured: bool,
+    /// How many posts the client already holds, when it resumes a stream (structured only).
+    resume: Option<usize>,
+    /// The user named in the metadata; without one, the first message names the user.
+    named: Option<UserId>,
+}
+
+impl TimelineOpening {
+    /// Reads the timeline metadata, refusing a resume on a course-mode stream, a resume that
+    /// is not a count, and a username that is not a user id.
+    fn from_metadata(headers: &MetadataMap) -> Result<Self, Status> {
+        let structured = headers
+            .get(metadata::TIMELINE_MODE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"structured"));
+        let resume = match headers.get(metadata::TIMELINE_RESUME) {
+            Some(_) if !structured => {
+                return Err(Status::invalid_argument(
+                    "resuming a timeline needs a structured stream",
+                ));
+            }
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "{} must be a count of posts",
+                            metadata::TIMELINE_RESUME
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
+        let named = match headers.get(metadata::USERNAME) {
+            Some(value) => {
+                let text = value
+                    .to_str()
+                    .map_err(|_| status(Error::InvalidUsername("<binary>".into())))?;
+                Some(UserId::parse(text).map_err(status)?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            structured,
+            resume,
+            named,
+        })
+    }
+}
+
+impl SnsAdapter {
+    /// Waits (at most [`FIRST_MESSAGE_TIMEOUT`], and not past shutdown) for the first message
+    /// of a timeline stream whose metadata named no user: its username is the stream's user,
+    /// and the message itself is kept for the poster.
+    async fn first_message(
+        &self,
+        inbound: &mut Streaming<Message>,
+    ) -> Result<(UserId, Option<Message>), Status> {
+        let (_, shutdown) = self.server.tasks();
+        let first = tokio::select! {
+            () = shutdown.cancelled() => {
+                return Err(status(Error::server_shutting_down()));
+            }
+            first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message()) => first,
+        };
+        let first = first
+            .map_err(|_| Status::invalid_argument("timeline stream named no user in time"))?
+            .map_err(bad_stream)?
+            .ok_or_else(|| Status::invalid_argument("timeline stream named no user"))?;
+        Ok((UserId::parse(&first.username).map_err(status)?, Some(first)))
+    }
+
+    /// Opens `user`'s timeline feed, or resumes it after the `resume` posts the client holds.
+    fn open_feed(&self, user: UserId, resume: Option<usize>) -> Result<TimelineFeed, Status> {
+        match resume {
+            Some(replay) => self.server.resume_timeline(user, replay),
+            None => self.server.open_timeline(user),
+        }
+        .map_err(|e| {
+            tracing::info!(%user, reason = %e, "timeline refused");
+            status(e)
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl SnsService for SnsAdapter {
     async fn login(&self, request: tonic::Request<Request>) -> Result<Response<Reply>, Status> {
@@ -190,65 +280,14 @@ impl SnsService for SnsAdapter {
         &self,
         request: tonic::Request<Streaming<Message>>,
     ) -> Result<Response<Self::TimelineStream>, Status> {
-        let structured = request
-            .metadata()
-            .get(metadata::TIMELINE_MODE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"structured"));
-        let resume = match request.metadata().get(metadata::TIMELINE_RESUME) {
-            Some(_) if !structured => {
-                return Err(Status::invalid_argument(
-                    "resuming a timeline needs a structured stream",
-                ));
-            }
-            Some(value) => Some(
-                value
-                    .to_str()
-                    .ok()
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .ok_or_else(|| {
-                        Status::invalid_argument(format!(
-                            "{} must be a count of posts",
-                            metadata::TIMELINE_RESUME
-                        ))
-                    })?,
-            ),
-            None => None,
-        };
-        let named = match request.metadata().get(metadata::USERNAME) {
-            Some(value) => {
-                let text = value
-                    .to_str()
-                    .map_err(|_| status(Error::InvalidUsername("<binary>".into())))?;
-                Some(UserId::parse(text).map_err(status)?)
-            }
-            None => None,
-        };
+        let opening = TimelineOpening::from_metadata(request.metadata())?;
+        let structured = opening.structured;
         let mut inbound = request.into_inner();
-        let (user, first) = match named {
+        let (user, first) = match opening.named {
             Some(user) => (user, None),
-            None => {
-                let (_, shutdown) = self.server.tasks();
-                let first = tokio::select! {
-                    () = shutdown.cancelled() => {
-                        return Err(status(Error::server_shutting_down()));
-                    }
-                    first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message()) => first,
-                };
-                let first = first
-                    .map_err(|_| Status::invalid_argument("timeline stream named no user in time"))?
-                    .map_err(bad_stream)?
-                    .ok_or_else(|| Status::invalid_argument("timeline stream named no user"))?;
-                (UserId::parse(&first.username).map_err(status)?, Some(first))
-            }
+            None => self.first_message(&mut inbound).await?,
         };
-        let feed = match resume {
-            Some(replay) => self.server.resume_timeline(user, replay),
-            None => self.server.open_timeline(user),
-        }
-        .map_err(|e| {
-            tracing::info!(%user, reason = %e, "timeline refused");
-            status(e)
-        })?;
+        let feed = self.open_feed(user, opening.resume)?;
         tracing::info!(%user, structured, "timeline stream opened");
         let (errors, failures) = mpsc::channel(1);
         let (acks, acks_out) = if structured {

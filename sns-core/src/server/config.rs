@@ -6,7 +6,7 @@ use super::limits::DEFAULT_MAX_CONNECTIONS;
 use crate::ids::{ClusterId, ServerId};
 use crate::state::{DEFAULT_TIMELINE_CAP, StateConfig};
 
-/// Settings of a [`Server`]; every field has a sensible default.
+/// Settings of a [`Server`](super::Server); every field has a sensible default.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// The cluster this server belongs to (its events carry this origin).
@@ -100,7 +100,7 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    /// The settings of this server's [`State`].
+    /// The settings of this server's [`State`](crate::state::State).
     pub fn state_config(&self) -> StateConfig {
         StateConfig {
             cluster: self.cluster,

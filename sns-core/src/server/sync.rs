@@ -19,8 +19,10 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+
 use super::pipeline::Pending;
-use super::{CommittedEntries, Server};
+use super::{CommittedEntries, Core, Server};
 use crate::error::{Error, Result};
 use crate::event::{
     Event, EventKind, IMAGE_PIECE_BYTES, LogEntry, check_post_text, check_record_len,
@@ -141,6 +143,35 @@ impl OwnEvents {
             }
         }
     }
+}
+
+/// The events of `events` not yet sequenced here, in order: an event at or below its origin's
+/// high-water mark (committed or sequenced, or earlier in the batch) is dropped; one that
+/// skips a sequence number refuses the whole batch (`Conflict`).
+fn fresh_events(core: &Core, events: Vec<Event>) -> Result<Vec<Event>> {
+    let mut next: BTreeMap<ClusterId, u64> = BTreeMap::new();
+    let mut fresh = Vec::new();
+    for event in events {
+        let origin = event.id.origin;
+        let last = next
+            .entry(origin)
+            .or_insert_with(|| core.uncommitted.high_water(&core.state, origin));
+        if event.id.seq <= *last {
+            continue;
+        }
+        if !event.continues(*last) {
+            return Err(Error::Conflict(format!(
+                "event {} skips sequence numbers: {origin}:{} is next",
+                event.id,
+                *last + 1
+            )));
+        }
+        if event.completes() {
+            *last = event.id.seq;
+        }
+        fresh.push(event);
+    }
+    Ok(fresh)
 }
 
 impl Server {
@@ -278,6 +309,31 @@ impl Server {
     /// a batch over [`MAX_APPLY_BATCH`], an event of this cluster's own origin or an invalid
     /// one, and a batch that skips a sequence number (`Conflict`).
     pub async fn apply_remote(&self, events: Vec<Event>) -> Result<()> {
+        self.believe_batch(&events)?;
+        let slots = self.batch_slots(events.len()).await?;
+        let (wait, generation, upto) = {
+            let mut guard = self.writable()?;
+            let core = &mut *guard;
+            let fresh = fresh_events(core, events)?;
+            if fresh.is_empty() {
+                // Nothing new, but a duplicate may still be uncommitted: answer once everything
+                // sequenced so far has committed.
+                let upto = LogIndex(core.next_index.0 - 1);
+                (None, core.generation, upto)
+            } else {
+                let (wait, last) = self.sequence_remote(core, fresh, slots);
+                (Some(wait), core.generation, last)
+            }
+        };
+        match wait {
+            Some(wait) => super::finish(wait).await,
+            None => self.committed_through(generation, upto).await,
+        }
+    }
+
+    /// Refuses a batch over [`MAX_APPLY_BATCH`] or holding an event not to be believed (see
+    /// [`Server::believe`]), as of this server's clock.
+    fn believe_batch(&self, events: &[Event]) -> Result<()> {
         if events.len() > MAX_APPLY_BATCH {
             return Err(Error::invalid(format!(
                 "a batch holds at most {MAX_APPLY_BATCH} events, not {}",
@@ -289,78 +345,54 @@ impl Server {
                 .0
                 .saturating_add(self.shared.config.clock_offset_micros),
         );
-        for event in &events {
+        for event in events {
             self.believe(event, now)?;
         }
-        let slots = u32::try_from(
-            events
-                .len()
-                .clamp(1, self.shared.config.max_inflight.max(1)),
-        )
-        .unwrap_or(u32::MAX);
-        let slots = Arc::clone(&self.shared.inflight)
+        Ok(())
+    }
+
+    /// Waits for the in-flight slots of a batch of `len` events: one per event, at least one,
+    /// at most all there are.
+    async fn batch_slots(&self, len: usize) -> Result<OwnedSemaphorePermit> {
+        let slots =
+            u32::try_from(len.clamp(1, self.shared.config.max_inflight.max(1))).unwrap_or(u32::MAX);
+        Arc::clone(&self.shared.inflight)
             .acquire_many_owned(slots)
             .await
-            .map_err(|_| Error::server_shutting_down())?;
-        let (wait, generation, upto) = {
-            let mut guard = self.writable()?;
-            let core = &mut *guard;
-            let mut next: BTreeMap<ClusterId, u64> = BTreeMap::new();
-            let mut fresh = Vec::new();
-            for event in events {
-                let origin = event.id.origin;
-                let last = next
-                    .entry(origin)
-                    .or_insert_with(|| core.uncommitted.high_water(&core.state, origin));
-                if event.id.seq <= *last {
-                    continue;
-                }
-                if !event.continues(*last) {
-                    return Err(Error::Conflict(format!(
-                        "event {} skips sequence numbers: {origin}:{} is next",
-                        event.id,
-                        *last + 1
-                    )));
-                }
-                if event.completes() {
-                    *last = event.id.seq;
-                }
-                fresh.push(event);
-            }
-            if fresh.is_empty() {
-                // Nothing new, but a duplicate may still be uncommitted: answer once everything
-                // sequenced so far has committed.
-                let upto = LogIndex(core.next_index.0 - 1);
-                (None, core.generation, upto)
-            } else {
-                let mut entries = Vec::with_capacity(fresh.len());
-                for event in fresh {
-                    let entry = LogEntry {
-                        index: core.next_index,
-                        epoch: core.epoch,
-                        event,
-                    };
-                    core.sequenced(entry.clone());
-                    entries.push(entry);
-                }
-                let last = LogIndex(core.next_index.0 - 1);
-                let durable = self.shared.storage.append(entries.clone());
-                self.shared.sequenced_index.send_replace(last);
-                let (reply, wait) = tokio::sync::oneshot::channel();
-                self.enqueue(Pending {
-                    entries,
-                    generation: core.generation,
-                    durable,
-                    reply: Some(reply),
-                    _slots: Some(slots),
-                });
-                (Some(wait), core.generation, last)
-            }
-        };
-        match wait {
-            Some(wait) => super::finish(wait).await,
-            None => self.committed_through(generation, upto).await,
+            .map_err(|_| Error::server_shutting_down())
+    }
+
+    /// Sequences `fresh` events into the log under the current epoch, starts writing them and
+    /// queues them for commit (holding `slots` until then). Returns the wait for their commit
+    /// and the index of the last.
+    fn sequence_remote(
+        &self,
+        core: &mut Core,
+        fresh: Vec<Event>,
+        slots: OwnedSemaphorePermit,
+    ) -> (oneshot::Receiver<Result<()>>, LogIndex) {
+        let mut entries = Vec::with_capacity(fresh.len());
+        for event in fresh {
+            let entry = LogEntry {
+                index: core.next_index,
+                epoch: core.epoch,
+                event,
+            };
+            core.sequenced(entry.clone());
+            entries.push(entry);
         }
+        let last = LogIndex(core.next_index.0 - 1);
+        let durable = self.shared.storage.append(entries.clone());
+        self.shared.sequenced_index.send_replace(last);
+        let (reply, wait) = oneshot::channel();
+        self.enqueue(Pending {
+            entries,
+            generation: core.generation,
+            durable,
+            reply: Some(reply),
+            _slots: Some(slots),
+        });
+        (wait, last)
     }
 
     /// Other clusters' events this server refused so far, per origin (an origin the

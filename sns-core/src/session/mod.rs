@@ -22,7 +22,8 @@
 //!   server sent no id) and suppressed, the others are passed on in order. So the reader never
 //!   sees a post twice and misses none that arrived while it was away (unless more than the
 //!   replay arrived). The memory for this is bounded: the keys of the last
-//!   [`SessionConfig::remembered_posts`] delivered posts (at least [`RECENT_POSTS`]).
+//!   [`SessionConfig::remembered_posts`] delivered posts (at least
+//!   [`RECENT_POSTS`](crate::state::RECENT_POSTS)).
 //! - Nothing posted is lost or stored twice while the session lives. Each post gets the
 //!   session's next idempotency key (a random 64-bit start, then consecutive) and stays in the
 //!   timeline's queue until the server acknowledges it (it is committed). When the stream is
@@ -92,7 +93,7 @@ pub struct SessionConfig {
     /// ...up to this.
     pub max_retry: Duration,
     /// How many delivered posts a timeline remembers to suppress their replay after a
-    /// reconnect (at least [`RECENT_POSTS`]).
+    /// reconnect (at least [`RECENT_POSTS`](crate::state::RECENT_POSTS)).
     pub remembered_posts: usize,
     /// How many posts a timeline keeps unacknowledged (sent, or waiting for a reopened stream)
     /// before [`TimelinePoster::post`] waits for an acknowledgement: from 1 to

@@ -24,8 +24,8 @@ use crate::event::normalize_post_text;
 use crate::ids::{PostId, PostKey, Timestamp, UserId};
 use crate::state::{RECENT_POSTS, REMEMBERED_POST_KEYS};
 
-/// An open timeline of a [`Session`]: post with [`SessionTimeline::post`], read with
-/// [`SessionTimeline::next`]. A reader task (owned; stopped when this is dropped) reads the
+/// An open timeline of a [`Session`](super::Session): post with [`SessionTimeline::post`],
+/// read with [`SessionTimeline::next`]. A reader task (owned; stopped when this is dropped) reads the
 /// stream, takes in acknowledgements, reopens the stream after a failover (re-sending the posts
 /// not acknowledged) and suppresses posts already delivered.
 #[derive(Debug)]
@@ -184,7 +184,8 @@ impl TimelinePoster {
     /// sent); empty lines are ignored. The post gets the session's next key and is kept until
     /// the server acknowledges it; after a failover it is re-sent on the reopened stream, so it
     /// is stored exactly once. Returns once the post is sent, or queued while the timeline
-    /// reconnects; waits first while [`SessionConfig::unacked_posts`] posts are
+    /// reconnects; waits first while
+    /// [`SessionConfig::unacked_posts`](super::SessionConfig::unacked_posts) posts are
     /// unacknowledged. Fails if the timeline has ended or was closed for posting, and (a
     /// session that does not fail over) if the stream is broken.
     pub async fn post(&self, text: &str) -> Result<()> {

@@ -3,7 +3,9 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::codec::{Decoder, Encoder};
 use crate::event::LogEntry;
+use crate::ids::EventId;
 
 fn u(id: u32) -> UserId {
     UserId::new(id).expect("valid test user id")

@@ -1,5 +1,7 @@
 //! Routing table tests with simulated time.
 
+use std::time::Duration;
+
 use super::*;
 
 fn c(id: u32) -> ClusterId {

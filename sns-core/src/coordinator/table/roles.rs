@@ -1,0 +1,99 @@
+//! One cluster's roles (its epoch, master and in-sync set) and how a server's heartbeat moves
+//! them.
+//!
+//! Rules (see the table's invariants): a master stays master while alive and is named again
+//! under a new epoch when it restarted or stepped down; a dead master is replaced only by a
+//! slave it reported in sync, or, with unclean promotion, by the live server with the most
+//! recent log; a cluster with no known master takes the word of a server claiming mastership
+//! (a restarted coordinator), else elects the most recent log once its election window closed.
+
+use std::collections::BTreeSet;
+
+use super::Beat;
+use crate::error::{Error, Result};
+use crate::ids::{Epoch, Role, ServerId};
+
+/// The roles of one cluster.
+#[derive(Debug, Clone, Default)]
+pub(super) struct ClusterRoles {
+    pub(super) epoch: Epoch,
+    pub(super) master: Option<ServerId>,
+    /// The slaves the master last reported in sync.
+    pub(super) in_sync: BTreeSet<ServerId>,
+}
+
+impl ClusterRoles {
+    /// Names `server` master under a new epoch (above `floor` too).
+    fn name_master(&mut self, server: ServerId, floor: Epoch) -> Result<()> {
+        let Some(epoch) = self.epoch.0.max(floor.0).checked_add(1) else {
+            return Err(Error::invalid("epoch out of range"));
+        };
+        self.epoch = Epoch(epoch);
+        self.master = Some(server);
+        self.in_sync.clear();
+        Ok(())
+    }
+
+    /// A beat of the cluster's master: it stays master. Its in-sync set is taken while it
+    /// writes under the current epoch (or a newer one, which a restarted coordinator did not
+    /// know); a master that no longer claims mastership is named again under a new epoch.
+    pub(super) fn master_beat(&mut self, beat: &Beat) -> Result<Role> {
+        let (cluster, server) = (beat.cluster, beat.server);
+        if beat.claims_master && beat.epoch <= self.epoch {
+            if beat.epoch == self.epoch {
+                self.in_sync = beat.in_sync.iter().copied().collect();
+            }
+        } else if beat.claims_master {
+            // Its epoch is newer than this table knows (a restarted coordinator).
+            self.epoch = beat.epoch;
+            self.in_sync = beat.in_sync.iter().copied().collect();
+        } else {
+            // The master restarted or stepped down: it writes under a new epoch.
+            self.name_master(server, beat.epoch)?;
+            tracing::info!(%cluster, %server, epoch = %self.epoch, "master named again under a new epoch");
+        }
+        Ok(Role::Master)
+    }
+
+    /// A beat of a slave while master `dead` is dead: the slave is promoted if the master
+    /// reported it in sync, or if `unclean_choice` (unclean promotion is allowed and this
+    /// slave has the most recent log).
+    pub(super) fn replace_dead_master(
+        &mut self,
+        beat: &Beat,
+        dead: ServerId,
+        unclean_choice: bool,
+    ) -> Result<Role> {
+        let (cluster, server) = (beat.cluster, beat.server);
+        if self.in_sync.contains(&server) {
+            self.name_master(server, beat.epoch)?;
+            tracing::info!(%cluster, %server, %dead, epoch = %self.epoch, "master dead: in-sync slave promoted");
+            Ok(Role::Master)
+        } else if unclean_choice {
+            self.name_master(server, beat.epoch)?;
+            tracing::error!(%cluster, %server, %dead, epoch = %self.epoch, "master dead: promoting a slave NOT known to be in sync (unclean promotion); committed changes may be lost");
+            Ok(Role::Master)
+        } else {
+            Ok(Role::Slave)
+        }
+    }
+
+    /// A beat while no master is known (a fresh cluster, or a restarted coordinator): a server
+    /// claiming mastership keeps it; otherwise the server is elected if `elected` (the
+    /// election window closed and its log is the most recent).
+    pub(super) fn without_master(&mut self, beat: &Beat, elected: bool) -> Result<Role> {
+        let (cluster, server) = (beat.cluster, beat.server);
+        if beat.claims_master {
+            self.epoch = self.epoch.max(beat.epoch);
+            self.master = Some(server);
+            self.in_sync = beat.in_sync.iter().copied().collect();
+            Ok(Role::Master)
+        } else if elected {
+            self.name_master(server, beat.epoch)?;
+            tracing::info!(%cluster, %server, epoch = %self.epoch, "master assigned");
+            Ok(Role::Master)
+        } else {
+            Ok(Role::Slave)
+        }
+    }
+}
