@@ -7,8 +7,10 @@
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can go wrong in Tiny SNS.
+/// Everything that can go wrong in Tiny SNS. New kinds may be added: match the ones you act
+/// on and let the rest fall through (or ask [`Error::calls_for_reconnect`]).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A username is malformed or names no known user. Fix the input.
     #[error("invalid username: {0:?}")]

@@ -88,12 +88,12 @@ pub use deployment::{
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, LogEntry, MAX_POST_BYTES, Post};
 pub use grpc::SHUTDOWN_GRACE;
-pub use grpc::sns::MAX_ARGUMENTS;
 pub use ids::{
     ClusterId, Epoch, EventId, LogIndex, PostId, PostKey, Role, ServerId, Timestamp, UserId,
 };
 pub use server::{
-    CommittedEntries, CoordinatorLink, LogPositions, Server, ServerConfig, TimelineFeed,
+    CommittedEntries, CoordinatorLink, LogPositions, MAX_ARGUMENTS, Server, ServerConfig,
+    TimelineFeed,
 };
 pub use session::{Session, SessionConfig, SessionEvent, SessionTimeline, TimelinePoster};
 pub use state::{Applied, Listing, State, StateConfig};

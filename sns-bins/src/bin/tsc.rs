@@ -168,6 +168,7 @@ fn describe(event: &SessionEvent) -> String {
         }
         SessionEvent::Reconnected { addr } => format!("tsc: reconnected to {addr}"),
         SessionEvent::GaveUp { reason } => format!("tsc: could not reconnect: {reason}"),
+        other => format!("tsc: {other:?}"),
     }
 }
 

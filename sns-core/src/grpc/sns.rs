@@ -31,7 +31,7 @@ use super::{metadata, status};
 use crate::error::{Error, Result};
 use crate::event::Post;
 use crate::ids::{PostId, PostKey, UserId};
-use crate::server::{Server, TimelineFeed};
+use crate::server::{MAX_ARGUMENTS, Server, TimelineFeed};
 
 /// How long a timeline stream without `username` metadata may take to name its user.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,9 +46,6 @@ const QUIT: &[u8] = b"quit";
 /// Acknowledgements queued for the stream's reader; beyond it the poster waits (the posts a
 /// stream has in flight are bounded by its sender anyway).
 const ACK_QUEUE: usize = 64;
-
-/// Most arguments a request may carry (the course's commands take at most one).
-pub const MAX_ARGUMENTS: usize = 8;
 
 /// The routes serving `server` as `csce438.SNSService` and `csce662.SNSService`.
 pub(crate) fn routes(server: Server) -> Routes {

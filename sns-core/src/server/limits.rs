@@ -15,6 +15,10 @@ use crate::ids::{UserId, UserMap};
 /// The default of [`ServerConfig::max_connections`](super::ServerConfig::max_connections).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
+/// Most arguments a request may carry (the course's commands take at most one); a request with
+/// more is refused before anything else is read of it.
+pub const MAX_ARGUMENTS: usize = 8;
+
 /// File descriptors a server keeps for itself (its log, snapshots, listener, outgoing
 /// connections) beyond its client connections: see [`connection_cap`].
 pub const RESERVED_DESCRIPTORS: u64 = 64;

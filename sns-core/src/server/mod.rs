@@ -43,7 +43,7 @@ pub use committed::CommittedEntries;
 pub use config::ServerConfig;
 pub use heartbeat::CoordinatorLink;
 pub(crate) use heartbeat::{Answer, Assigned, Beat, MasterFeed, Peers};
-pub use limits::{DEFAULT_MAX_CONNECTIONS, RESERVED_DESCRIPTORS, connection_cap};
+pub use limits::{DEFAULT_MAX_CONNECTIONS, MAX_ARGUMENTS, RESERVED_DESCRIPTORS, connection_cap};
 pub use sync::{MAX_APPLY_BATCH, OwnEvents, RefusalCounts, check_reader};
 pub use timeline::TimelineFeed;
 

@@ -115,8 +115,10 @@ impl Default for SessionConfig {
     }
 }
 
-/// What a session reports about its connection, for a user interface to show.
+/// What a session reports about its connection, for a user interface to show. New events may
+/// be added.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SessionEvent {
     /// The server was lost; the session is looking for the master. Sent once per failover,
     /// as soon as the loss is noticed.
