@@ -184,13 +184,16 @@ async fn failover_during_sync(bus: Bus) {
     let delivered_count = |cluster: &TestCluster| {
         master(cluster, 1).map_or(0, |m| m.recent_posts(u(1)).map_or(0, |p| p.len()))
     };
-    // Crash the receiving cluster's master once posts flow in, then the origin's.
+    // Crash the receiving cluster's master once posts flow in, then the origin's; each once
+    // the coordinator knows its slave is in sync (a slave not known to be in sync is never
+    // promoted: the cluster would rightly wait for its crashed master).
     assert!(eventually(WAIT, || async { delivered_count(&cluster) >= 10 }).await);
     let receiver = (1..=2).find(|s| {
         cluster
             .server(1, *s)
             .is_some_and(|x| x.role() == Role::Master)
     });
+    slave_in_sync(&cluster, 1).await;
     cluster
         .crash(1, receiver.expect("master of 1"))
         .await
@@ -200,6 +203,7 @@ async fn failover_during_sync(bus: Bus) {
             .server(2, *s)
             .is_some_and(|x| x.role() == Role::Master)
     });
+    slave_in_sync(&cluster, 2).await;
     cluster
         .crash(2, origin.expect("master of 2"))
         .await
@@ -330,6 +334,20 @@ fn skew() -> impl Strategy<Value = Vec<i64>> {
 }
 
 /// The server of cluster `c` that acts as master, if any.
+/// Waits until the coordinator knows a live slave of cluster `c` in sync with its master.
+async fn slave_in_sync(cluster: &TestCluster, c: u32) {
+    let known = eventually(WAIT, || {
+        let now = tokio::time::Instant::now();
+        let nodes = cluster.deployment().coordinator().table().nodes(now);
+        let ok = nodes
+            .iter()
+            .any(|n| n.cluster.get() == c && n.in_sync && n.alive && n.role == Some(Role::Slave));
+        async move { ok }
+    })
+    .await;
+    assert!(known, "cluster {c} has no slave in sync");
+}
+
 fn master(cluster: &TestCluster, c: u32) -> Option<Server> {
     (1..=2)
         .filter_map(|s| cluster.server(c, s))

@@ -12,8 +12,13 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use prost::Message as _;
+use prost::bytes::Bytes;
+use tonic::codegen::http::uri::PathAndQuery;
+
 use super::events::{batch_from_wire, batch_to_wire, marks_from_wire, marks_to_wire};
 use super::metadata::{presented_token, with_token};
+use super::raw::{EncodedBatch, RawCodec};
 use super::status;
 use crate::error::{Error, Result};
 use crate::event::Event;
@@ -124,16 +129,22 @@ impl Log for LogAdapter {
 #[derive(Debug, Clone)]
 pub(crate) struct LogPeer {
     client: LogClient<Channel>,
+    channel: Channel,
     token: Option<Arc<str>>,
 }
 
 impl LogPeer {
     /// A handle on the server at `addr` (connects lazily).
     pub(crate) fn new(network: &Network, addr: &str, token: Option<Arc<str>>) -> Result<Self> {
-        let client = LogClient::new(network.channel(addr)?)
+        let channel = network.channel(addr)?;
+        let client = LogClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        Ok(Self { client, token })
+        Ok(Self {
+            client,
+            channel,
+            token,
+        })
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
@@ -161,24 +172,47 @@ impl LogPeer {
         Ok(())
     }
 
+    /// Applies a batch in the encoding it arrived in (see [`EncodedBatch`]) and waits for its
+    /// commit: the same call as [`apply`](Self::apply), without encoding the events again.
+    pub(crate) async fn apply_encoded(&self, batch: &EncodedBatch) -> Result<()> {
+        let mut rpc = self.raw().await?;
+        let path = PathAndQuery::from_static("/sns.v1.Log/Apply");
+        rpc.unary(self.request(batch.body().clone()), path, RawCodec)
+            .await
+            .map_err(from_status)?;
+        Ok(())
+    }
+
     /// The server's own committed events after `after`, read by `reader` (empty: nobody in
-    /// particular).
+    /// particular), each batch in the encoding the server sent (see [`next_encoded`]).
     pub(crate) async fn own_events(
         &self,
         after: u64,
         reader: &str,
-    ) -> Result<tonic::Streaming<SyncBatch>> {
+    ) -> Result<tonic::Streaming<Bytes>> {
         let request = OwnEventsRequest {
             after,
             reader: reader.to_string(),
         };
-        let reply = self
-            .client
-            .clone()
-            .own_events(self.request(request))
+        let mut rpc = self.raw().await?;
+        let path = PathAndQuery::from_static("/sns.v1.Log/OwnEvents");
+        let request = self.request(Bytes::from(request.encode_to_vec()));
+        let reply = rpc
+            .server_streaming(request, path, RawCodec)
             .await
             .map_err(from_status)?;
         Ok(reply.into_inner())
+    }
+
+    /// A client on the same channel that moves message bodies as bytes.
+    async fn raw(&self) -> Result<tonic::client::Grpc<Channel>> {
+        let mut rpc = tonic::client::Grpc::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        rpc.ready()
+            .await
+            .map_err(|e| Error::ConnectionLost(format!("the log service is not ready: {e}")))?;
+        Ok(rpc)
     }
 }
 
@@ -187,12 +221,12 @@ pub(crate) fn from_status(s: Status) -> Error {
     super::error(&s, super::Asked::Peer)
 }
 
-/// A stream of wire batches as checked events.
-pub(crate) async fn next_batch(
-    stream: &mut tonic::Streaming<SyncBatch>,
-) -> Option<Result<Vec<Event>>> {
+/// The next batch of an `OwnEvents` stream, decoded once and checked, with its encoding.
+pub(crate) async fn next_encoded(
+    stream: &mut tonic::Streaming<Bytes>,
+) -> Option<Result<EncodedBatch>> {
     match stream.next().await? {
-        Ok(batch) => Some(batch_from_wire(batch)),
+        Ok(body) => Some(EncodedBatch::decode(body)),
         Err(s) => Some(Err(from_status(s))),
     }
 }

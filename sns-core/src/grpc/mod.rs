@@ -12,6 +12,7 @@ pub(crate) mod sns;
 
 pub(crate) mod metadata;
 mod peers;
+pub(crate) mod raw;
 mod serve;
 mod status;
 

@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 
 use super::pull::{Source, Subscription, pull};
 use super::service::{SyncPeer, sync_service};
-use super::{ClusterLink, SyncTransport, cluster_of_synchronizer};
+use super::{ClusterLink, EncodedBatch, SyncTransport, cluster_of_synchronizer};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::grpc::log::from_status;
@@ -387,6 +387,17 @@ impl Subscription for PeerSubscription {
     /// that does not pass is refused, logged and counted, and ends the subscription: nothing
     /// of it is applied, and the next subscription resumes from the high-water mark.
     async fn next(&mut self) -> Result<Vec<Event>> {
+        Ok(self.open_next().await?.into_events())
+    }
+
+    async fn next_encoded(&mut self, _origin: ClusterId) -> Result<EncodedBatch> {
+        self.open_next().await
+    }
+}
+
+impl PeerSubscription {
+    /// The next batch, opened: its MAC checked (with a key), decoded once, its encoding kept.
+    async fn open_next(&mut self) -> Result<EncodedBatch> {
         let signed = match self.stream.message().await {
             Ok(Some(signed)) => signed,
             Ok(None) => {
@@ -397,8 +408,8 @@ impl Subscription for PeerSubscription {
             }
             Err(status) => return Err(from_status(status)),
         };
-        match super::seal::open(self.link.sync_key(), signed) {
-            Ok((_, events)) => Ok(events),
+        match super::seal::open_encoded(self.link.sync_key(), signed) {
+            Ok(batch) => Ok(batch),
             Err(refusal) => {
                 self.link.refusals().refused(&refusal);
                 tracing::error!(

@@ -12,7 +12,8 @@ use super::seal::SyncKey;
 use crate::client::CoordinatorClient;
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::grpc::log::{LogPeer, next_batch};
+use crate::grpc::log::{LogPeer, next_encoded};
+use crate::grpc::raw::EncodedBatch;
 use crate::ids::{ClusterId, UserId};
 use crate::transport::Network;
 
@@ -164,6 +165,17 @@ impl ClusterLink {
         .await
     }
 
+    /// [`apply`](Self::apply) for a batch in the encoding it arrived in, passed on as it is.
+    pub async fn apply_encoded(&self, batch: &EncodedBatch) -> Result<()> {
+        if batch.events().is_empty() {
+            return Ok(());
+        }
+        self.retrying(self.inner.cluster, |peer| async move {
+            peer.apply_encoded(batch).await
+        })
+        .await
+    }
+
     /// `origin`'s own committed events after sequence number `after`, read from that
     /// cluster's master (as reader `cluster<this cluster>`, so its compactions keep what this
     /// cluster still needs) and following its failovers.
@@ -254,7 +266,7 @@ pub struct EventFeed {
     origin: ClusterId,
     last: u64,
     reader: String,
-    stream: Option<tonic::Streaming<sns_proto::sns_v1::SyncBatch>>,
+    stream: Option<tonic::Streaming<prost::bytes::Bytes>>,
 }
 
 impl std::fmt::Debug for EventFeed {
@@ -282,16 +294,22 @@ impl EventFeed {
     /// the origin's log no longer holds the next event, and with [`Error::Unavailable`] once
     /// the synchronizer stops.
     pub async fn next(&mut self) -> Result<Vec<Event>> {
+        Ok(self.next_encoded().await?.into_events())
+    }
+
+    /// [`next`](Self::next), with the events' encoding as the master sent it (encoded again
+    /// only when some of a batch was yielded before).
+    pub(crate) async fn next_encoded(&mut self) -> Result<EncodedBatch> {
         let mut pause = FIRST_RETRY;
         loop {
             let error = match self.stream.as_mut() {
                 Some(stream) => {
                     let next = tokio::select! {
-                        next = next_batch(stream) => next,
+                        next = next_encoded(stream) => next,
                         () = self.link.inner.shutdown.cancelled() => return Err(stopping()),
                     };
                     match next {
-                        Some(Ok(events)) => match self.accept(events) {
+                        Some(Ok(batch)) => match self.accept(batch) {
                             Ok(Some(events)) => return Ok(events),
                             Ok(None) => continue,
                             Err(e) => e,
@@ -333,12 +351,19 @@ impl EventFeed {
     /// Keeps the events after the last one completed (the pieces of a state transfer share
     /// one sequence number, completed by the last); a hole means the stream is not what was
     /// asked for.
-    fn accept(&mut self, events: Vec<Event>) -> Result<Option<Vec<Event>>> {
-        let fresh: Vec<Event> = events
-            .into_iter()
-            .filter(|e| e.id.seq > self.last)
-            .collect();
-        let Some(first) = fresh.first() else {
+    fn accept(&mut self, batch: EncodedBatch) -> Result<Option<EncodedBatch>> {
+        let whole = batch.events().iter().all(|e| e.id.seq > self.last);
+        let fresh = if whole {
+            batch
+        } else {
+            let fresh: Vec<Event> = batch
+                .into_events()
+                .into_iter()
+                .filter(|e| e.id.seq > self.last)
+                .collect();
+            EncodedBatch::encode(self.origin, fresh)
+        };
+        let Some(first) = fresh.events().first() else {
             return Ok(None);
         };
         if first.id.origin != self.origin || !first.continues(self.last) {
@@ -348,7 +373,7 @@ impl EventFeed {
             )));
         }
         // A state transfer piece that says more follow does not complete its sequence number.
-        if let Some(done) = fresh.iter().rev().find(|e| e.completes()) {
+        if let Some(done) = fresh.events().iter().rev().find(|e| e.completes()) {
             self.last = done.id.seq;
         }
         Ok(Some(fresh))

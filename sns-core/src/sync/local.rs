@@ -12,6 +12,7 @@ use super::{ClusterLink, SyncTransport};
 use crate::error::Result;
 use crate::event::Event;
 use crate::ids::ClusterId;
+use crate::sync::EncodedBatch;
 
 /// The in-process transport (see the module documentation).
 #[derive(Debug, Clone, Copy, Default)]
@@ -72,5 +73,9 @@ pub(crate) struct FeedSubscription {
 impl Subscription for FeedSubscription {
     async fn next(&mut self) -> Result<Vec<Event>> {
         self.feed.next().await
+    }
+
+    async fn next_encoded(&mut self, _origin: ClusterId) -> Result<EncodedBatch> {
+        self.feed.next_encoded().await
     }
 }

@@ -40,6 +40,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::grpc::events::{decode_batch, encode_batch};
+pub use crate::grpc::raw::EncodedBatch;
 pub use amqp::{AmqpBus, AmqpOptions, CursorStore, QueueType};
 pub use grpc::{GrpcBus, GrpcBusOptions};
 pub use link::{ClusterLink, EventFeed};

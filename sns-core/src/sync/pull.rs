@@ -10,6 +10,7 @@ use super::ClusterLink;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::ids::ClusterId;
+use crate::sync::EncodedBatch;
 
 /// First pause before subscribing again after a fault.
 const FIRST_RETRY: Duration = Duration::from_millis(20);
@@ -21,6 +22,13 @@ const MAX_RETRY: Duration = Duration::from_secs(1);
 pub trait Subscription: Send {
     /// The next events of the origin, in order; `Err` when the subscription broke.
     async fn next(&mut self) -> Result<Vec<Event>>;
+
+    /// [`next`](Self::next) with the events' encoding, so they are applied as they arrived
+    /// (decoded once on the way). A transport that holds the encoding returns it; by default
+    /// the events are encoded here.
+    async fn next_encoded(&mut self, origin: ClusterId) -> Result<EncodedBatch> {
+        Ok(EncodedBatch::encode(origin, self.next().await?))
+    }
 }
 
 /// Where a pull-based transport subscribes to an origin's events.
@@ -69,18 +77,22 @@ async fn pull_once(
     tracing::debug!(cluster = %link.cluster(), %origin, after, "subscribed");
     let shutdown = link.shutdown().clone();
     loop {
-        let events = tokio::select! {
-            events = subscription.next() => events?,
+        let batch = tokio::select! {
+            batch = subscription.next_encoded(origin) => batch?,
             () = shutdown.cancelled() => return Ok(()),
         };
-        if let Some(stranger) = events.iter().find(|e| e.id.origin != origin) {
+        if let Some(stranger) = batch.events().iter().find(|e| e.id.origin != origin) {
             return Err(Error::Corrupt(format!(
                 "a subscription to cluster {origin} delivered event {}",
                 stranger.id
             )));
         }
-        for chunk in events.chunks(crate::server::MAX_APPLY_BATCH) {
-            link.apply(origin, chunk).await?;
+        if batch.events().len() <= crate::server::MAX_APPLY_BATCH {
+            link.apply_encoded(&batch).await?;
+        } else {
+            for chunk in batch.events().chunks(crate::server::MAX_APPLY_BATCH) {
+                link.apply(origin, chunk).await?;
+            }
         }
         *pause = FIRST_RETRY;
     }

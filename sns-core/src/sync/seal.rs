@@ -19,8 +19,9 @@ use sns_proto::sns_v1::SignedBatch;
 
 use crate::error::{Error, Result};
 use crate::event::Event;
+use crate::grpc::raw::EncodedBatch;
 use crate::ids::ClusterId;
-use crate::sync::{decode_batch, encode_batch};
+use crate::sync::encode_batch;
 
 /// The domain-separation label the batch key is derived with from the cluster token.
 pub const KEY_LABEL: &str = "tiny-sns sync batch key v1";
@@ -93,8 +94,35 @@ pub fn seal(key: Option<&SyncKey>, origin: ClusterId, events: &[Event]) -> Resul
     let (Some(first), Some(last)) = (events.first(), events.last()) else {
         return Err(Error::invalid("an empty batch is not sealed"));
     };
-    let (first, last) = (first.id.seq, last.id.seq);
-    let batch = encode_batch(origin, events);
+    Ok(seal_body(
+        key,
+        origin,
+        (first.id.seq, last.id.seq),
+        encode_batch(origin, events),
+    ))
+}
+
+/// [`seal`] for a batch in the encoding it arrived in: the bytes are signed as they are.
+pub fn seal_encoded(key: Option<&SyncKey>, batch: &EncodedBatch) -> Result<SignedBatch> {
+    let events = batch.events();
+    let (Some(first), Some(last)) = (events.first(), events.last()) else {
+        return Err(Error::invalid("an empty batch is not sealed"));
+    };
+    Ok(seal_body(
+        key,
+        batch.origin(),
+        (first.id.seq, last.id.seq),
+        batch.body().to_vec(),
+    ))
+}
+
+/// Signs `batch`, the encoding of `origin`'s events `first..=last`.
+fn seal_body(
+    key: Option<&SyncKey>,
+    origin: ClusterId,
+    (first, last): (u64, u64),
+    batch: Vec<u8>,
+) -> SignedBatch {
     let mac = match key {
         Some(key) => key
             .mac(origin.get(), first, last, &batch)
@@ -103,13 +131,13 @@ pub fn seal(key: Option<&SyncKey>, origin: ClusterId, events: &[Event]) -> Resul
             .to_vec(),
         None => Vec::new(),
     };
-    Ok(SignedBatch {
+    SignedBatch {
         origin: origin.get(),
         first,
         last,
         batch,
         mac,
-    })
+    }
 }
 
 /// [`seal`], encoded: the body of a RabbitMQ message.
@@ -124,6 +152,15 @@ pub fn open(
     key: Option<&SyncKey>,
     signed: SignedBatch,
 ) -> std::result::Result<(ClusterId, Vec<Event>), Refusal> {
+    let batch = open_encoded(key, signed)?;
+    Ok((batch.origin(), batch.into_events()))
+}
+
+/// [`open`], keeping the batch's encoding, to be applied as it arrived.
+pub fn open_encoded(
+    key: Option<&SyncKey>,
+    signed: SignedBatch,
+) -> std::result::Result<EncodedBatch, Refusal> {
     let SignedBatch {
         origin,
         first,
@@ -145,7 +182,9 @@ pub fn open(
                 ))
             })?;
     }
-    let (decoded_origin, events) = decode_batch(&batch).map_err(Refusal::Invalid)?;
+    let decoded = EncodedBatch::decode(batch.into()).map_err(Refusal::Invalid)?;
+    let decoded_origin = decoded.origin();
+    let events = decoded.events();
     let range = events
         .first()
         .zip(events.last())
@@ -159,7 +198,7 @@ pub fn open(
             "a batch signed as {origin}:{first}-{last} holds {held}"
         ))));
     }
-    Ok((decoded_origin, events))
+    Ok(decoded)
 }
 
 /// [`open`] for the bytes of a [`SignedBatch`] (a RabbitMQ message's body).
@@ -167,9 +206,18 @@ pub fn open_bytes(
     key: Option<&SyncKey>,
     bytes: &[u8],
 ) -> std::result::Result<(ClusterId, Vec<Event>), Refusal> {
+    let batch = open_bytes_encoded(key, bytes)?;
+    Ok((batch.origin(), batch.into_events()))
+}
+
+/// [`open_bytes`], keeping the batch's encoding, to be applied as it arrived.
+pub fn open_bytes_encoded(
+    key: Option<&SyncKey>,
+    bytes: &[u8],
+) -> std::result::Result<EncodedBatch, Refusal> {
     let signed = SignedBatch::decode(bytes)
         .map_err(|e| Refusal::Invalid(Error::Corrupt(format!("not a signed sync batch: {e}"))))?;
-    open(key, signed)
+    open_encoded(key, signed)
 }
 
 #[cfg(test)]
@@ -320,5 +368,17 @@ mod tests {
         assert_ne!(SyncKey::from_token("a").key, SyncKey::from_token("b").key);
         assert_eq!(SyncKey::from_token("a").key, SyncKey::from_token("a").key);
         assert_eq!(format!("{:?}", key()), "SyncKey(..)");
+    }
+
+    #[test]
+    fn a_batch_signed_as_it_arrived_is_the_batch_signed_from_its_events() {
+        let events = posts(1..=3);
+        let encoded = EncodedBatch::encode(two(), events.clone());
+        let from_events = seal(Some(&key()), two(), &events).expect("sealed");
+        let as_arrived = seal_encoded(Some(&key()), &encoded).expect("sealed");
+        assert_eq!(as_arrived, from_events);
+        let opened = open_encoded(Some(&key()), from_events).expect("opens");
+        assert_eq!(opened.body(), encoded.body(), "the encoding is kept as it came");
+        assert_eq!(opened.events(), &events[..]);
     }
 }

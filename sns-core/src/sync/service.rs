@@ -92,11 +92,11 @@ impl SyncService for SyncAdapter {
             loop {
                 // The feed ends with an error once the synchronizer stops.
                 let next = tokio::select! {
-                    next = feed.next() => next,
+                    next = feed.next_encoded() => next,
                     () = out.closed() => return,
                 };
-                let events = match next {
-                    Ok(events) => events,
+                let batch = match next {
+                    Ok(batch) => batch,
                     Err(e) => {
                         tracing::debug!(
                             %origin,
@@ -108,10 +108,20 @@ impl SyncService for SyncAdapter {
                         return;
                     }
                 };
-                for chunk in events.chunks(STREAM_BATCH) {
-                    // Chunks are never empty, so sealing cannot fail; the stream ends if it did.
-                    let signed =
-                        crate::sync::seal::seal(key.as_ref(), origin, chunk).map_err(status);
+                // A batch the master sent is signed in the encoding it came in; one longer
+                // than a stream's batch (none is, today) is cut and encoded again.
+                let signed: Vec<_> = if batch.events().len() <= STREAM_BATCH {
+                    vec![crate::sync::seal::seal_encoded(key.as_ref(), &batch)]
+                } else {
+                    batch
+                        .events()
+                        .chunks(STREAM_BATCH)
+                        .map(|chunk| crate::sync::seal::seal(key.as_ref(), origin, chunk))
+                        .collect()
+                };
+                for signed in signed {
+                    // Batches are never empty, so sealing cannot fail; the stream ends if it did.
+                    let signed = signed.map_err(status);
                     let failed = signed.is_err();
                     // A subscriber that does not read holds only its own stream, and not a
                     // stopping synchronizer.

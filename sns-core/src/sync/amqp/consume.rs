@@ -45,7 +45,8 @@ use crate::event::Event;
 use crate::ids::ClusterId;
 use crate::server::MAX_APPLY_BATCH;
 use crate::sync::ClusterLink;
-use crate::sync::seal::{Refusal, open_bytes};
+use crate::sync::EncodedBatch;
+use crate::sync::seal::{Refusal, open_bytes_encoded};
 
 /// Longest wait for an origin's master, at each step of reading events from it (its
 /// high-water mark, the next events); past that, the events are read later.
@@ -162,18 +163,23 @@ async fn next_delivery(consumer: &mut Consumer) -> std::result::Result<Delivery,
     }
 }
 
-/// One message, opened: its delivery tag and its origin's events (at least one).
+/// One message, opened: its delivery tag and its origin's events (at least one), with their
+/// encoding as they arrived.
 struct Message {
     tag: u64,
-    events: Vec<Event>,
+    batch: EncodedBatch,
 }
 
 impl Message {
     /// `origin:first-last`, for logs.
     fn range(&self, origin: ClusterId) -> String {
-        let first = self.events.first().map_or(0, |e| e.id.seq);
-        let last = self.events.last().map_or(0, |e| e.id.seq);
+        let first = self.events().first().map_or(0, |e| e.id.seq);
+        let last = self.events().last().map_or(0, |e| e.id.seq);
         format!("{origin}:{first}-{last}")
+    }
+
+    fn events(&self) -> &[Event] {
+        self.batch.events()
     }
 }
 
@@ -185,7 +191,7 @@ async fn dispatch(
     delivery: Delivery,
 ) -> std::result::Result<(), Ended> {
     let tag = delivery.delivery_tag;
-    let (origin, events) = match open_bytes(link.sync_key(), &delivery.data) {
+    let batch = match open_bytes_encoded(link.sync_key(), &delivery.data) {
         Ok(opened) => opened,
         Err(refusal) => {
             link.refusals().refused(&refusal);
@@ -203,6 +209,7 @@ async fn dispatch(
             };
         }
     };
+    let origin = batch.origin();
     let Some(inbox) = inboxes.get(&origin) else {
         let error = if origin == link.cluster() {
             Error::invalid(format!(
@@ -217,7 +224,7 @@ async fn dispatch(
         link.refusals().invalid();
         return reject(link, channel, tag, &error).await;
     };
-    inbox.send(Message { tag, events }).await.map_err(|_| {
+    inbox.send(Message { tag, batch }).await.map_err(|_| {
         Ended::Broken(Error::ConnectionLost(
             "an origin's worker is gone".to_string(),
         ))
@@ -275,7 +282,10 @@ impl OriginWorker {
         {
             return self.settle(message).await;
         }
-        let events: Vec<Event> = run.iter().flat_map(|m| m.events.iter().cloned()).collect();
+        let events: Vec<Event> = run
+            .iter()
+            .flat_map(|m| m.events().iter().cloned())
+            .collect();
         match apply(&self.link, self.origin, &events).await {
             Ok(()) => {
                 for message in &run {
@@ -296,7 +306,7 @@ impl OriginWorker {
 
     /// Applies one message and acknowledges it, repairing a gap before it first.
     async fn settle(&mut self, message: Message) -> std::result::Result<(), Ended> {
-        match apply(&self.link, self.origin, &message.events).await {
+        match apply_message(&self.link, &message).await {
             Ok(()) => ack(&self.channel, message.tag).await,
             Err(Error::Conflict(_)) => self.repair(message).await,
             Err(error) if invalid(&error) => self.refuse(message.tag, &error).await,
@@ -310,7 +320,7 @@ impl OriginWorker {
     /// master does not answer in time, drops it and reads its events later.
     async fn repair(&mut self, message: Message) -> std::result::Result<(), Ended> {
         let (origin, range) = (self.origin, message.range(self.origin));
-        let (Some(first), Some(last)) = (message.events.first(), message.events.last()) else {
+        let (Some(first), Some(last)) = (message.events().first(), message.events().last()) else {
             return ack(&self.channel, message.tag).await;
         };
         let (first, last) = (first.id.seq, last.id.seq);
@@ -338,7 +348,7 @@ impl OriginWorker {
         {
             return self.postpone(message.tag, &range, &why).await;
         }
-        match apply(&self.link, origin, &message.events).await {
+        match apply_message(&self.link, &message).await {
             Ok(()) => ack(&self.channel, message.tag).await,
             Err(Error::Conflict(reason)) => {
                 let error = Error::invalid(format!(
@@ -494,18 +504,18 @@ fn runs(messages: Vec<Message>) -> Vec<Vec<Message>> {
     let mut len = 0;
     for message in messages {
         let continues = runs.last().is_some_and(|run| {
-            let last = run.last().and_then(|m| m.events.last());
-            let first = message.events.first();
-            len + message.events.len() <= MAX_APPLY_BATCH
+            let last = run.last().and_then(|m| m.events().last());
+            let first = message.events().first();
+            len + message.events().len() <= MAX_APPLY_BATCH
                 && matches!((last, first), (Some(l), Some(f)) if f.id.seq == l.id.seq + 1)
         });
         match runs.last_mut() {
             Some(run) if continues => {
-                len += message.events.len();
+                len += message.events().len();
                 run.push(message);
             }
             _ => {
-                len = message.events.len();
+                len = message.events().len();
                 runs.push(vec![message]);
             }
         }
@@ -527,6 +537,16 @@ fn invalid(error: &Error) -> bool {
 }
 
 /// Applies `origin`'s events in batches the master takes.
+/// Applies one message's batch as it arrived (decoded once, not encoded again), or in pieces
+/// if it is larger than the master takes at once.
+async fn apply_message(link: &ClusterLink, message: &Message) -> Result<()> {
+    if message.events().len() <= MAX_APPLY_BATCH {
+        link.apply_encoded(&message.batch).await
+    } else {
+        apply(link, message.batch.origin(), message.events()).await
+    }
+}
+
 async fn apply(link: &ClusterLink, origin: ClusterId, events: &[Event]) -> Result<()> {
     for chunk in events.chunks(MAX_APPLY_BATCH) {
         link.apply(origin, chunk).await?;

@@ -12,15 +12,15 @@ use std::task::Poll;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{AmqpOptions, CursorStore, Ended, Outage, close, connect_or_stop, supervise, topology};
 use crate::error::{Error, Result};
-use crate::event::Event;
 use crate::ids::ClusterId;
-use crate::sync::ClusterLink;
-use crate::sync::seal::seal_bytes;
+use crate::sync::seal::seal_encoded;
+use crate::sync::{ClusterLink, EncodedBatch};
 
 /// Most messages awaiting their publisher confirm.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -91,7 +91,7 @@ async fn publish(
     // Reads ahead of the confirms; stops at the first error, which `send` reports.
     let read = async {
         loop {
-            let next = feed.next().await;
+            let next = feed.next_encoded().await;
             let failed = next.is_err();
             if batches.send(next).await.is_err() || failed {
                 break;
@@ -111,7 +111,7 @@ async fn send(
     link: &ClusterLink,
     options: &AmqpOptions,
     cursor: &CursorStore,
-    mut received: mpsc::Receiver<Result<Vec<Event>>>,
+    mut received: mpsc::Receiver<Result<EncodedBatch>>,
 ) -> std::result::Result<(), Ended> {
     let origin = link.cluster();
     let exchange = options.exchange();
@@ -120,17 +120,20 @@ async fn send(
     loop {
         tokio::select! {
             batch = received.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
-                let events = match batch {
-                    Some(Ok(events)) => events,
+                let batch = match batch {
+                    Some(Ok(batch)) => batch,
                     Some(Err(error)) => return Err(feed_failed(link, cursor, error).await),
                     None => return Err(Ended::Broken(Error::ConnectionLost(
                         "the own-event feed ended".to_string(),
                     ))),
                 };
+                let events = batch.events();
                 let (Some(first), Some(last)) = (events.first(), events.last()) else {
                     continue;
                 };
-                let body = seal_bytes(link.sync_key(), origin, &events).map_err(Ended::Broken)?;
+                let body = seal_encoded(link.sync_key(), &batch)
+                    .map_err(Ended::Broken)?
+                    .encode_to_vec();
                 let confirm = channel
                     .basic_publish(
                         exchange.as_str().into(),
