@@ -4,10 +4,12 @@
 //! of its state. `append` returns only once the entries are durable; `recover` gives back the
 //! latest snapshot and every complete entry after it. Mirroring and sync read the log through
 //! the same trait (`read`, `position`, `truncate_after`, the commit index and registered
-//! readers); its invariants are written on [`Storage`]. Implementations share one test suite:
-//! [`MemoryStorage`] (tests, benches, throwaway embedding), [`FileStorage`] (the default for
-//! binaries: checksummed records, group commit, snapshots and compaction) and [`CrashDisk`]
-//! (for tests: a disk with a write cache whose plug can be pulled).
+//! readers); its invariants are written on [`Storage`]. Implementations share one test suite
+//! (`sns_core::testing::storage_suite`, feature `test-util`, which checks an embedder's own
+//! storage the same way): [`MemoryStorage`] (tests, benches, throwaway embedding),
+//! [`FileStorage`] (the default for binaries: checksummed records, group commit, snapshots and
+//! compaction) and [`CrashDisk`] (for tests: a disk with a write cache whose plug can be
+//! pulled).
 
 mod crash;
 mod file;
