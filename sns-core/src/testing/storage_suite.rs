@@ -264,7 +264,10 @@ async fn append_recover_and_snapshot(mut harness: impl Harness) {
         storage.append(entries(1..=3)).await.expect("append");
         storage.append(entries(4..=20)).await.expect("append");
         // A gap is refused and changes nothing.
-        assert!(storage.append(entries(22..=23)).await.is_err());
+        assert!(
+            storage.append(entries(22..=23)).await.is_err(),
+            "an append after a gap (22 after 20) must be refused"
+        );
     }
     // Restart: everything acknowledged is back.
     {
@@ -358,7 +361,10 @@ async fn reads(mut harness: impl Harness) {
             .await
             .expect("snapshot");
         let first = first_held(&*storage).await;
-        assert!((2..=21).contains(&first), "first held {first}");
+        assert!(
+            (2..=21).contains(&first),
+            "a snapshot at 20 with no reader must compact the log (first held {first})"
+        );
         assert_eq!(compacted(&*storage, 1, 30).await, first);
         assert_eq!(
             storage
@@ -381,7 +387,10 @@ async fn reads(mut harness: impl Harness) {
         let back = storage.recover().await.expect("recover");
         assert_eq!(back.entries, entries(21..=32));
         let first = first_held(&*storage).await;
-        assert!((2..=21).contains(&first), "first held {first}");
+        assert!(
+            (2..=21).contains(&first),
+            "a snapshot at 20 with no reader must compact the log (first held {first})"
+        );
         assert_eq!(read_all_from(&*storage, first).await, entries(first..=32));
     }
 }
@@ -402,7 +411,11 @@ async fn truncation(mut harness: impl Harness) {
         storage.set_commit(LogIndex(10));
         // Below the commit index: refused, nothing changes.
         let refused = storage.truncate_after(LogIndex(9)).await;
-        assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
+        assert!(
+            matches!(refused, Err(Error::Conflict(_))),
+            "a truncation after 9 with entries up to 10 committed must be refused with \
+             Error::Conflict, got {refused:?}"
+        );
         assert_eq!(read_all(&*storage).await, entries(1..=30));
         // A divergent tail goes; the next append continues after the cut.
         storage
@@ -410,7 +423,10 @@ async fn truncation(mut harness: impl Harness) {
             .await
             .expect("truncate");
         assert_eq!(read_all(&*storage).await, entries(1..=20));
-        assert!(storage.append(entries(25..=25)).await.is_err());
+        assert!(
+            storage.append(entries(25..=25)).await.is_err(),
+            "after a truncation after 20, an append at 25 must be refused"
+        );
         storage.append(divergent(21..=23)).await.expect("append");
         let mut expected = entries(1..=20);
         expected.extend(divergent(21..=23));
@@ -427,7 +443,10 @@ async fn truncation(mut harness: impl Harness) {
         expected.extend(divergent(21..=23));
         assert_eq!(back.entries, expected);
         assert_eq!(back.commit, LogIndex(10));
-        assert!(storage.truncate_after(LogIndex(9)).await.is_err());
+        assert!(
+            storage.truncate_after(LogIndex(9)).await.is_err(),
+            "a truncation below the recovered commit index (10) must be refused"
+        );
         // Every cut from the end down to the commit index, each followed by a check.
         for cut in (10..=22).rev() {
             storage
@@ -447,7 +466,10 @@ async fn truncation(mut harness: impl Harness) {
             .expect("snapshot");
         storage.append(entries(11..=14)).await.expect("append");
         storage.set_commit(LogIndex(12));
-        assert!(storage.truncate_after(LogIndex(11)).await.is_err());
+        assert!(
+            storage.truncate_after(LogIndex(11)).await.is_err(),
+            "a truncation below the commit index (12) must be refused"
+        );
         storage
             .truncate_after(LogIndex(12))
             .await
@@ -523,7 +545,7 @@ async fn positions(mut harness: impl Harness) {
     {
         let storage = open(&mut harness);
         let first = first_held(&*storage).await;
-        assert!(first > 1);
+        assert!(first > 1, "a snapshot at 12 must have compacted the log");
         check(&*storage, first..=18).await;
         storage.append(log[18..20].to_vec()).await.expect("append");
         check(&*storage, first..=20).await;
@@ -555,7 +577,10 @@ async fn commit_index(mut harness: impl Harness) {
         let storage = open(&mut harness);
         let back = storage.recover().await.expect("recover");
         assert_eq!(back.commit, LogIndex(10));
-        assert!(storage.truncate_after(LogIndex(9)).await.is_err());
+        assert!(
+            storage.truncate_after(LogIndex(9)).await.is_err(),
+            "a truncation below the recovered commit index (10) must be refused"
+        );
         storage.set_commit(LogIndex(12));
         storage.set_commit(LogIndex(11));
     }
@@ -584,7 +609,11 @@ async fn retention(mut harness: impl Harness) {
             .expect("snapshot");
         assert_eq!(read_all_from(&*storage, 31).await, entries(31..=40));
         let first = compacted(&*storage, 3, 40).await;
-        assert!((4..=26).contains(&first), "first held {first}");
+        assert!(
+            (4..=26).contains(&first),
+            "a reader 33 entries behind the snapshot must lose all but {RETENTION} of them \
+             (first held {first})"
+        );
         assert_eq!(
             storage.recover().await.expect("recover").entries,
             entries(36..=40)
@@ -638,7 +667,10 @@ async fn snapshot_ahead_of_the_log(mut harness: impl Harness) {
             .await
             .expect("snapshot");
         assert_eq!(compacted(&*storage, 1, 10).await, 11);
-        assert!(storage.append(entries(6..=6)).await.is_err());
+        assert!(
+            storage.append(entries(6..=6)).await.is_err(),
+            "after a snapshot at 10, an append at 6 must be refused"
+        );
         storage
             .append(entries(11..=12))
             .await
