@@ -36,8 +36,13 @@
 //!     tokio::time::sleep(Duration::from_millis(20)).await;
 //! }
 //! let mut timeline = alice.timeline().await?;
-//! bob.timeline().await?.post("hello from cluster 2").await?;
-//! let post = timeline.next().await.expect("a post")?;
+//! // Bob's timeline stays open until the post is through (closing it drops queued posts).
+//! let bobs = bob.timeline().await?;
+//! bobs.post("hello from cluster 2").await?;
+//! let post = tokio::time::timeout(Duration::from_secs(10), timeline.next())
+//!     .await
+//!     .expect("the post within 10 s")
+//!     .expect("a post")?;
 //! assert_eq!((post.author, post.text.as_str()), (two, "hello from cluster 2"));
 //! # deployment.shutdown().await;
 //! # Ok(())
