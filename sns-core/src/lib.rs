@@ -49,9 +49,12 @@
 //! # }
 //! ```
 //!
-//! The same program with comments is `examples/embedded.rs`; `examples/failover_test.rs` shows
-//! how a downstream crate tests against a [`TestCluster`](crate::testing::TestCluster) (feature
-//! `test-util`) on tokio's paused clock.
+//! The same program with comments is `examples/embedded.rs`. The other examples:
+//! `examples/failover_test.rs` shows how a downstream crate tests against a
+//! [`TestCluster`](crate::testing::TestCluster) (feature `test-util`) on tokio's paused clock;
+//! `examples/tcp_client.rs` drives a deployment over TCP with [`CoordinatorClient`] and
+//! [`Client`]; `examples/custom_storage.rs` writes a [`Storage`] of its own and checks it with
+//! the crate's conformance suite, [`testing::storage_suite`].
 //!
 //! Networking is injected ([`transport`]): components serve on a [`Listener`] and reach their
 //! peers through a [`Network`], so the same code runs on TCP, on in-memory pipes
