@@ -61,6 +61,35 @@ struct Running {
 }
 
 /// A running deployment.
+///
+/// Two clusters of one server each, in memory; [`Deployment::servers`] lists where each
+/// server listens:
+///
+/// ```
+/// use std::time::Duration;
+///
+/// use sns_core::{Data, Deployment, DeploymentConfig, MemoryNetwork, Ports, Transport};
+///
+/// # #[tokio::main]
+/// # async fn main() -> sns_core::Result<()> {
+/// let deployment = Deployment::start(DeploymentConfig {
+///     clusters: 2,
+///     servers_per_cluster: 1,
+///     transport: Transport::Memory(MemoryNetwork::new()),
+///     ports: Ports::Auto,
+///     data: Data::Memory,
+///     ..DeploymentConfig::default()
+/// })
+/// .await?;
+/// deployment.wait_for_masters(Duration::from_secs(10)).await?;
+/// for server in deployment.servers() {
+///     println!("cluster {} server {} at {}", server.cluster, server.server, server.addr);
+/// }
+/// assert_eq!(deployment.servers().len(), 2);
+/// deployment.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Deployment {
     config: DeploymentConfig,

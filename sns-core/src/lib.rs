@@ -36,17 +36,25 @@
 //!     tokio::time::sleep(Duration::from_millis(20)).await;
 //! }
 //! let mut timeline = alice.timeline().await?;
-//! bob.timeline().await?.post("hello from cluster 2").await?;
-//! let post = timeline.next().await.expect("a post")?;
+//! // Bob's timeline stays open until the post is through (closing it drops queued posts).
+//! let bobs = bob.timeline().await?;
+//! bobs.post("hello from cluster 2").await?;
+//! let post = tokio::time::timeout(Duration::from_secs(10), timeline.next())
+//!     .await
+//!     .expect("the post within 10 s")
+//!     .expect("a post")?;
 //! assert_eq!((post.author, post.text.as_str()), (two, "hello from cluster 2"));
 //! # deployment.shutdown().await;
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! The same program with comments is `examples/embedded.rs`; `examples/failover_test.rs` shows
-//! how a downstream crate tests against a [`TestCluster`](crate::testing::TestCluster) (feature
-//! `test-util`) on tokio's paused clock.
+//! The same program with comments is `examples/embedded.rs`. The other examples:
+//! `examples/failover_test.rs` shows how a downstream crate tests against a
+//! [`TestCluster`](crate::testing::TestCluster) (feature `test-util`) on tokio's paused clock;
+//! `examples/tcp_client.rs` drives a deployment over TCP with [`CoordinatorClient`] and
+//! [`Client`]; `examples/custom_storage.rs` writes a [`Storage`] of its own and checks it with
+//! the crate's conformance suite, [`testing::storage_suite`].
 //!
 //! Networking is injected ([`transport`]): components serve on a [`Listener`] and reach their
 //! peers through a [`Network`], so the same code runs on TCP, on in-memory pipes

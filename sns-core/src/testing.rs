@@ -16,6 +16,7 @@ use crate::storage::Storage;
 use crate::transport::{Listener, MemoryNetwork, Network};
 
 mod amqp;
+pub mod storage_suite;
 pub use amqp::{AMQP_URL_VAR, AmqpTestBroker, REQUIRE_AMQP_VAR, amqp_broker};
 
 /// The texts of the next `count` posts on `stream`, each awaited for at most `patience`; panics

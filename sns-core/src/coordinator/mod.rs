@@ -31,6 +31,42 @@ pub struct CoordinatorConfig {
 }
 
 /// The coordinator service. Cheap to clone; clones share the table.
+///
+/// Servers join it by heartbeats (see [`Deployment`](crate::Deployment), or the `sns server`
+/// binary); clients ask it where a user's master is. Served alone, it knows no server yet:
+///
+/// ```
+/// use sns_core::{
+///     Coordinator, CoordinatorClient, CoordinatorConfig, MemoryNetwork, RoutingConfig, UserId,
+/// };
+/// use tokio_util::sync::CancellationToken;
+///
+/// # #[tokio::main]
+/// # async fn main() -> sns_core::Result<()> {
+/// let coordinator = Coordinator::new(CoordinatorConfig {
+///     routing: RoutingConfig { clusters: 3, ..RoutingConfig::default() },
+///     cluster_token: None,
+/// });
+/// let network = MemoryNetwork::new();
+/// let listener = network.bind("coordinator:0")?;
+/// let addr = listener.addr().to_string();
+/// let shutdown = CancellationToken::new();
+/// let serving = tokio::spawn({
+///     let (coordinator, shutdown) = (coordinator.clone(), shutdown.clone());
+///     async move { coordinator.serve(listener, shutdown).await }
+/// });
+///
+/// let client = CoordinatorClient::connect(&network.node("client"), &addr).await?;
+/// let asked = client.locate(UserId::new(1).unwrap()).await;
+/// // Nothing serves user 1's cluster yet: try again later.
+/// assert!(asked.is_err_and(|e| e.calls_for_reconnect()));
+/// assert!(coordinator.table().nodes(tokio::time::Instant::now()).is_empty());
+///
+/// shutdown.cancel();
+/// serving.await.expect("the serving task")?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Coordinator {
     table: Arc<Mutex<RoutingTable>>,

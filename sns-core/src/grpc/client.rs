@@ -139,6 +139,41 @@ pub async fn locate(network: &Network, coordinator: &str, user: UserId) -> Resul
 }
 
 /// A logged-in user's connection to a server.
+///
+/// [`CoordinatorClient::login`] finds the user's server and logs in there. Unlike a
+/// [`Session`](crate::Session), a `Client` stays with that server: when it is lost, calls fail
+/// and the caller logs in again.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// use sns_core::testing::TestCluster;
+/// use sns_core::{CoordinatorClient, UserId};
+///
+/// # #[tokio::main]
+/// # async fn main() -> sns_core::Result<()> {
+/// // One cluster in memory (feature `test-util`); over TCP the network is `Network::tcp()`.
+/// let cluster = TestCluster::start(1).await?;
+/// let coordinator = CoordinatorClient::new(cluster.network(), cluster.coordinator_addr())?;
+/// let (one, two) = (UserId::new(1).unwrap(), UserId::new(2).unwrap());
+/// let alice = coordinator.login(one).await?;
+/// let bob = coordinator.login(two).await?;
+/// alice.follow(two).await?;
+/// assert_eq!(bob.list().await?.followers, vec![one]);
+/// // A timeline is one call: it lasts while both halves are kept (dropping the sender ends
+/// // the stream; dropping the stream ends the call, with any post not yet sent).
+/// let (_alice_posts, mut timeline) = alice.timeline().await?;
+/// let (posts, _bobs_stream) = bob.timeline().await?;
+/// posts.post("hello").await?;
+/// let post = tokio::time::timeout(Duration::from_secs(10), timeline.next())
+///     .await
+///     .expect("the post in time")
+///     .expect("a post")?;
+/// assert_eq!(post.text, "hello");
+/// # cluster.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Client {
     rpc: SnsServiceClient<Channel>,

@@ -177,6 +177,42 @@ struct Joined {
 }
 
 /// A Tiny SNS server. Cheap to clone; all clones are the same server.
+///
+/// A standalone server (no coordinator, no slave) on memory storage, served on an in-memory
+/// network; [`Server::serve`] takes the listener and a shutdown token, and returns once every
+/// task of the server has finished:
+///
+/// ```
+/// use std::sync::Arc;
+///
+/// use sns_core::{Client, MemoryNetwork, MemoryStorage, Server, ServerConfig, UserId};
+/// use tokio_util::sync::CancellationToken;
+///
+/// # #[tokio::main]
+/// # async fn main() -> sns_core::Result<()> {
+/// // One cluster: every user is this server's.
+/// let config = ServerConfig { clusters: 1, ..ServerConfig::default() };
+/// let server = Server::open(config, Arc::new(MemoryStorage::new())).await?;
+/// let network = MemoryNetwork::new();
+/// let listener = network.bind("server:0")?; // or a TCP listener, e.g. on 127.0.0.1:0
+/// let addr = listener.addr().to_string();
+/// let shutdown = CancellationToken::new();
+/// let serving = tokio::spawn({
+///     let (server, shutdown) = (server.clone(), shutdown.clone());
+///     async move { server.serve(listener, shutdown).await }
+/// });
+///
+/// let client = network.node("client");
+/// let alice = Client::login(&client, &addr, UserId::new(1).unwrap()).await?;
+/// let bob = Client::login(&client, &addr, UserId::new(2).unwrap()).await?;
+/// bob.follow(alice.user()).await?;
+/// assert_eq!(alice.list().await?.followers, vec![bob.user()]);
+///
+/// shutdown.cancel();
+/// serving.await.expect("the serving task")?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Server {
     shared: Arc<Shared>,

@@ -318,6 +318,46 @@ impl Inner {
 
 /// A logged-in user's connection that survives the loss of its server (see the module
 /// documentation for the rules).
+///
+/// Found through the coordinator ([`Target::Coordinator`]), a session follows its user's
+/// cluster to a new master by itself:
+///
+/// ```
+/// use std::time::Duration;
+///
+/// use sns_core::session::{Session, SessionConfig, Target};
+/// use sns_core::testing::TestCluster;
+/// use sns_core::UserId;
+///
+/// # #[tokio::main]
+/// # async fn main() -> sns_core::Result<()> {
+/// // One cluster of a master and a slave, in memory (feature `test-util`).
+/// let cluster = TestCluster::start(1).await?;
+/// let coordinator = Target::Coordinator(cluster.coordinator_addr().to_string());
+/// let (one, two) = (UserId::new(1).unwrap(), UserId::new(2).unwrap());
+/// let connect = |user| {
+///     Session::connect(cluster.network(), coordinator.clone(), user, SessionConfig::default())
+/// };
+/// let alice = connect(one).await?;
+/// let bob = connect(two).await?;
+/// alice.follow(two).await?;
+/// let mut timeline = alice.timeline().await?;
+/// // Keep the poster's timeline open until the post is through: a post is only queued when
+/// // `post` returns, and closing the timeline drops what is still queued.
+/// let bobs = bob.timeline().await?;
+/// bobs.post("hello").await?;
+/// let post = tokio::time::timeout(Duration::from_secs(10), timeline.next())
+///     .await
+///     .expect("the post in time")
+///     .expect("a post")?;
+/// assert_eq!((post.author, post.text.as_str()), (two, "hello"));
+/// # drop((timeline, bobs));
+/// # alice.close().await;
+/// # bob.close().await;
+/// # cluster.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Session {
     inner: Arc<Inner>,

@@ -4,10 +4,12 @@
 //! of its state. `append` returns only once the entries are durable; `recover` gives back the
 //! latest snapshot and every complete entry after it. Mirroring and sync read the log through
 //! the same trait (`read`, `position`, `truncate_after`, the commit index and registered
-//! readers); its invariants are written on [`Storage`]. Implementations share one test suite:
-//! [`MemoryStorage`] (tests, benches, throwaway embedding), [`FileStorage`] (the default for
-//! binaries: checksummed records, group commit, snapshots and compaction) and [`CrashDisk`]
-//! (for tests: a disk with a write cache whose plug can be pulled).
+//! readers); its invariants are written on [`Storage`]. Implementations share one test suite
+//! (`sns_core::testing::storage_suite`, feature `test-util`, which checks an embedder's own
+//! storage the same way): [`MemoryStorage`] (tests, benches, throwaway embedding),
+//! [`FileStorage`] (the default for binaries: checksummed records, group commit, snapshots and
+//! compaction) and [`CrashDisk`] (for tests: a disk with a write cache whose plug can be
+//! pulled).
 
 mod crash;
 mod file;
@@ -144,6 +146,44 @@ pub type Durable = Pin<Box<dyn Future<Output = Result<()>> + Send + 'static>>;
 ///   transfer (another cluster). `FileStorage` deletes whole segments, so it may keep a little
 ///   more. Entries after the snapshot are never deleted by compaction. Readers are not
 ///   persisted: after a restart they register again.
+///
+/// Servers call it; an embedder mostly chooses one ([`FileStorage`] on disk, [`MemoryStorage`])
+/// or writes one, and checks it with `sns_core::testing::storage_suite` (feature `test-util`;
+/// `examples/custom_storage.rs` shows how). The log through the trait:
+///
+/// ```
+/// use std::sync::Arc;
+///
+/// use sns_core::{
+///     ClusterId, Epoch, Event, EventId, EventKind, LogEntry, LogIndex, MemoryStorage, Storage,
+///     Timestamp, UserId,
+/// };
+///
+/// # #[tokio::main]
+/// # async fn main() -> sns_core::Result<()> {
+/// let joined = |index: u64, user: u32| LogEntry {
+///     index: LogIndex(index),
+///     epoch: Epoch(1),
+///     event: Event {
+///         id: EventId { origin: ClusterId::new(1).unwrap(), seq: index },
+///         at: Timestamp(0),
+///         kind: EventKind::UserJoined { user: UserId::new(user).unwrap() },
+///     },
+/// };
+/// let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+/// storage.append(vec![joined(1, 7), joined(2, 8)]).await?; // resolves once durable
+/// storage.append(vec![joined(3, 9)]).await?;
+/// storage.set_commit(LogIndex(2));
+/// assert_eq!(storage.read(LogIndex(2), LogIndex(10)).await?.len(), 2);
+/// assert_eq!(storage.position(joined(3, 9).event.id).await?, Some(LogIndex(3)));
+/// // Truncation below the commit index is refused; above it, it drops the tail.
+/// assert!(storage.truncate_after(LogIndex(1)).await.is_err());
+/// storage.truncate_after(LogIndex(2)).await?;
+/// let recovered = storage.recover().await?;
+/// assert_eq!((recovered.last_index(), recovered.commit), (LogIndex(2), LogIndex(2)));
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait::async_trait]
 pub trait Storage: Send + Sync + 'static {
     /// The latest snapshot, every complete entry after it, and the persisted commit index.

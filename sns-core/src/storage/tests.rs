@@ -1,7 +1,7 @@
-//! One test suite, run against every [`Storage`] (memory, files, the crash disk): appends,
-//! recovery after restart, snapshots, and the log API (reads, truncation, positions, the commit
-//! index, readers and retention). Then crash-disk tests (losing exactly the unsynced changes)
-//! and file-specific tests (group commit, torn tails and bit flips at every byte, locking).
+//! The storage tests: the shared suite ([`crate::testing::storage_suite`]: appends, recovery
+//! after restart, snapshots, and the log API) against every [`Storage`] of the crate (memory,
+//! files, the crash disk); then crash-disk tests (losing exactly the unsynced changes) and
+//! file-specific tests (group commit, torn tails and bit flips at every byte, locking).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,24 +15,18 @@ use super::*;
 use crate::error::Error;
 use crate::event::{Event, EventKind, LogEntry};
 use crate::ids::{ClusterId, EventId, PostKey, Timestamp, UserId};
-use crate::state::State;
+use crate::testing::storage_suite::{
+    Check, Harness, RETENTION, divergent, entries, entry, entry_of, first_held, read_all,
+    read_all_from, snapshot_at,
+};
 
 mod damage;
-
-/// Entries kept behind a snapshot for readers, in every harness.
-const RETENTION: u64 = 10;
-
-/// Opens a storage, and opens it again as a restarted process would (the previous instance
-/// is dropped first).
-trait Harness {
-    fn open(&mut self) -> Box<dyn Storage>;
-}
 
 struct Memory(MemoryStorage);
 
 impl Harness for Memory {
-    fn open(&mut self) -> Box<dyn Storage> {
-        Box::new(self.0.clone())
+    fn open(&mut self) -> Result<Box<dyn Storage>> {
+        Ok(Box::new(self.0.clone()))
     }
 }
 
@@ -43,8 +37,11 @@ fn memory() -> Memory {
 struct Files(tempfile::TempDir);
 
 impl Harness for Files {
-    fn open(&mut self) -> Box<dyn Storage> {
-        Box::new(FileStorage::open_with(self.0.path(), small_segments()).expect("open storage"))
+    fn open(&mut self) -> Result<Box<dyn Storage>> {
+        Ok(Box::new(FileStorage::open_with(
+            self.0.path(),
+            small_segments(),
+        )?))
     }
 }
 
@@ -64,8 +61,8 @@ fn files() -> Files {
 struct Crash(CrashDisk);
 
 impl Harness for Crash {
-    fn open(&mut self) -> Box<dyn Storage> {
-        Box::new(self.0.open().expect("open storage"))
+    fn open(&mut self) -> Result<Box<dyn Storage>> {
+        Ok(Box::new(self.0.open()?))
     }
 }
 
@@ -80,552 +77,54 @@ fn cluster(id: u32) -> ClusterId {
     ClusterId::new(id).expect("valid cluster")
 }
 
-/// The entry at `index` carrying event `origin:seq`, written under `epoch`.
-fn entry_of(index: u64, epoch: u64, origin: u32, seq: u64) -> LogEntry {
-    let user = UserId::new(index as u32 % 7 + 1).expect("valid user");
-    let kind = match index % 3 {
-        0 => EventKind::UserJoined { user },
-        1 => EventKind::Posted {
-            author: user,
-            text: Arc::from(format!("post number {index}")),
-            key: None,
-        },
-        _ => EventKind::Followed {
-            follower: user,
-            followee: UserId::new(9).expect("valid user"),
-        },
-    };
-    LogEntry {
-        index: LogIndex(index),
-        epoch: Epoch(epoch),
-        event: Event {
-            id: EventId {
-                origin: cluster(origin),
-                seq,
-            },
-            at: Timestamp(index as i64 * 1000),
-            kind,
-        },
-    }
-}
-
-/// The standard entry at `index`: origin 1's event `index`.
-fn entry(index: u64) -> LogEntry {
-    entry_of(index, 1 + index / 10, 1, index)
-}
-
-fn entries(range: std::ops::RangeInclusive<u64>) -> Vec<LogEntry> {
-    range.map(entry).collect()
-}
-
-/// Entries that differ from [`entries`] at the same indexes (another origin, a later epoch), as
-/// a new master would have written them.
-fn divergent(range: std::ops::RangeInclusive<u64>) -> Vec<LogEntry> {
-    range.map(|i| entry_of(i, 99, 2, i)).collect()
-}
-
-/// A snapshot at `index` (its state is irrelevant to the storage).
-fn snapshot_at(index: u64) -> Snapshot {
-    Snapshot::of(&State::default(), LogIndex(index), Epoch(1))
-}
-
-async fn read_all(storage: &dyn Storage) -> Vec<LogEntry> {
-    storage
-        .read(LogIndex(0), LogIndex(u64::MAX))
-        .await
-        .expect("read the whole log")
-}
-
-/// The first index the storage still holds, as a read from 1 reports it.
-async fn first_held(storage: &dyn Storage) -> u64 {
-    match storage.read(LogIndex(1), LogIndex(1)).await {
-        Ok(_) => 1,
-        Err(Error::Compacted { first }) => first.0,
-        Err(e) => panic!("unexpected read error: {e}"),
-    }
-}
-
-/// Reads `from..=to`, which must fail as compacted; returns the first index still held.
-async fn compacted(storage: &dyn Storage, from: u64, to: u64) -> u64 {
-    match storage.read(LogIndex(from), LogIndex(to)).await {
-        Err(Error::Compacted { first }) => first.0,
-        other => panic!("a read of compacted entries {from}..={to} gave {other:?}"),
-    }
-}
-
-async fn append_recover_and_snapshot(mut harness: impl Harness) {
-    // Empty at first.
-    {
-        let storage = harness.open();
-        assert_eq!(
-            storage.recover().await.expect("recover"),
-            Recovered::default()
-        );
-        storage.append(entries(1..=3)).await.expect("append");
-        storage.append(entries(4..=20)).await.expect("append");
-        // A gap is refused and changes nothing.
-        assert!(storage.append(entries(22..=23)).await.is_err());
-    }
-    // Restart: everything acknowledged is back.
-    {
-        let storage = harness.open();
-        let back = storage.recover().await.expect("recover");
-        assert_eq!(back.snapshot, None);
-        assert_eq!(back.entries, entries(1..=20));
-        assert_eq!(back.last_index(), LogIndex(20));
-        // Snapshot at 15: entries up to 15 may go, 16.. stay.
-        let mut state = crate::state::State::default();
-        for e in &back.entries[..15] {
-            state.apply(&e.event);
-        }
-        let snapshot = Snapshot::of(&state, LogIndex(15), Epoch(2));
-        storage
-            .save_snapshot(snapshot.clone())
-            .await
-            .expect("snapshot");
-        storage.append(entries(21..=25)).await.expect("append");
-        let now = storage.recover().await.expect("recover");
-        assert_eq!(now.snapshot.as_ref(), Some(&snapshot));
-        assert_eq!(now.entries, entries(16..=25));
-        assert_eq!(storage.snapshot().await.expect("snapshot"), Some(snapshot));
-    }
-    // Restart after compaction.
-    {
-        let storage = harness.open();
-        let back = storage.recover().await.expect("recover");
-        assert_eq!(back.snapshot.as_ref().map(|s| s.index), Some(LogIndex(15)));
-        assert_eq!(back.entries, entries(16..=25));
-        assert_eq!(storage.snapshot().await.expect("snapshot"), back.snapshot);
-        assert_eq!(back.last_index(), LogIndex(25));
-        // The snapshot restores to a state equal to replaying the first 15 entries.
-        let mut expected = crate::state::State::default();
-        for e in entries(1..=15) {
-            expected.apply(&e.event);
-        }
-        let restored = back.snapshot.as_ref().map(|s| {
-            s.restore(&crate::state::StateConfig::default())
-                .expect("restore")
-        });
-        assert_eq!(restored, Some(expected));
-        // A snapshot at the very end leaves no entries.
-        let state = back
-            .replay(&crate::state::StateConfig::default())
-            .expect("replay");
-        storage
-            .save_snapshot(Snapshot::of(&state, LogIndex(25), Epoch(3)))
-            .await
-            .expect("snapshot");
-        storage.append(entries(26..=26)).await.expect("append");
-    }
-    {
-        let storage = harness.open();
-        let back = storage.recover().await.expect("recover");
-        assert_eq!(back.snapshot.as_ref().map(|s| s.index), Some(LogIndex(25)));
-        assert_eq!(back.entries, entries(26..=26));
-    }
-}
-
-async fn reads(mut harness: impl Harness) {
-    {
-        let storage = harness.open();
-        storage.append(entries(1..=10)).await.expect("append");
-        for i in 11..=30 {
-            storage.append(entries(i..=i)).await.expect("append");
-        }
-        let read = |from, to| storage.read(LogIndex(from), LogIndex(to));
-        assert_eq!(read(1, 30).await.expect("read"), entries(1..=30));
-        assert_eq!(read(1, 1).await.expect("start"), entries(1..=1));
-        assert_eq!(read(12, 17).await.expect("middle"), entries(12..=17));
-        assert_eq!(read(30, 30).await.expect("end"), entries(30..=30));
-        assert_eq!(read(25, 1000).await.expect("clipped"), entries(25..=30));
-        assert_eq!(read(0, 2).await.expect("from 0"), entries(1..=2));
-        assert_eq!(read(31, 40).await.expect("after the end"), vec![]);
-        assert_eq!(read(20, 10).await.expect("empty range"), vec![]);
-    }
-    {
-        let storage = harness.open();
-        assert_eq!(read_all(&*storage).await, entries(1..=30));
-        assert_eq!(
-            storage
-                .read(LogIndex(12), LogIndex(17))
-                .await
-                .expect("read"),
-            entries(12..=17)
-        );
-        // No reader: a snapshot at 20 compacts what it covers (files: whole segments).
-        storage
-            .save_snapshot(snapshot_at(20))
-            .await
-            .expect("snapshot");
-        let first = first_held(&*storage).await;
-        assert!((2..=21).contains(&first), "first held {first}");
-        assert_eq!(compacted(&*storage, 1, 30).await, first);
-        assert_eq!(
-            storage
-                .read(LogIndex(first), LogIndex(30))
-                .await
-                .expect("read"),
-            entries(first..=30)
-        );
-        storage.append(entries(31..=32)).await.expect("append");
-        assert_eq!(
-            storage
-                .read(LogIndex(29), LogIndex(40))
-                .await
-                .expect("read"),
-            entries(29..=32)
-        );
-    }
-    {
-        let storage = harness.open();
-        let back = storage.recover().await.expect("recover");
-        assert_eq!(back.entries, entries(21..=32));
-        let first = first_held(&*storage).await;
-        assert!((2..=21).contains(&first), "first held {first}");
-        assert_eq!(read_all_from(&*storage, first).await, entries(first..=32));
-    }
-}
-
-async fn read_all_from(storage: &dyn Storage, first: u64) -> Vec<LogEntry> {
-    storage
-        .read(LogIndex(first), LogIndex(u64::MAX))
-        .await
-        .expect("read")
-}
-
-async fn truncation(mut harness: impl Harness) {
-    {
-        let storage = harness.open();
-        for i in 1..=30 {
-            storage.append(entries(i..=i)).await.expect("append");
-        }
-        storage.set_commit(LogIndex(10));
-        // Below the commit index: refused, nothing changes.
-        let refused = storage.truncate_after(LogIndex(9)).await;
-        assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
-        assert_eq!(read_all(&*storage).await, entries(1..=30));
-        // A divergent tail goes; the next append continues after the cut.
-        storage
-            .truncate_after(LogIndex(20))
-            .await
-            .expect("truncate");
-        assert_eq!(read_all(&*storage).await, entries(1..=20));
-        assert!(storage.append(entries(25..=25)).await.is_err());
-        storage.append(divergent(21..=23)).await.expect("append");
-        let mut expected = entries(1..=20);
-        expected.extend(divergent(21..=23));
-        assert_eq!(read_all(&*storage).await, expected);
-        // Truncating after the last entry changes nothing.
-        storage.truncate_after(LogIndex(23)).await.expect("no-op");
-        storage.truncate_after(LogIndex(40)).await.expect("no-op");
-        assert_eq!(read_all(&*storage).await, expected);
-    }
-    {
-        let storage = harness.open();
-        let back = storage.recover().await.expect("recover");
-        let mut expected = entries(1..=20);
-        expected.extend(divergent(21..=23));
-        assert_eq!(back.entries, expected);
-        assert_eq!(back.commit, LogIndex(10));
-        assert!(storage.truncate_after(LogIndex(9)).await.is_err());
-        // Every cut from the end down to the commit index, each followed by a check.
-        for cut in (10..=22).rev() {
-            storage
-                .truncate_after(LogIndex(cut))
-                .await
-                .expect("truncate");
-            assert_eq!(
-                read_all(&*storage).await,
-                expected[..cut as usize],
-                "cut {cut}"
-            );
-        }
-        // Below the snapshot: refused.
-        storage
-            .save_snapshot(snapshot_at(8))
-            .await
-            .expect("snapshot");
-        storage.append(entries(11..=14)).await.expect("append");
-        storage.set_commit(LogIndex(12));
-        assert!(storage.truncate_after(LogIndex(11)).await.is_err());
-        storage
-            .truncate_after(LogIndex(12))
-            .await
-            .expect("truncate");
-        storage.append(divergent(13..=13)).await.expect("append");
-    }
-    {
-        let storage = harness.open();
-        let back = storage.recover().await.expect("recover");
-        let mut expected = entries(9..=12);
-        expected.extend(divergent(13..=13));
-        assert_eq!(back.entries, expected);
-        assert_eq!(back.commit, LogIndex(12));
-        assert_eq!(back.snapshot.map(|s| s.index), Some(LogIndex(8)));
-    }
-}
-
-async fn positions(mut harness: impl Harness) {
-    // Three origins interleaved; each origin's sequence numbers increase along the log.
-    let mut seqs = BTreeMap::new();
-    let log: Vec<LogEntry> = (1..=24)
-        .map(|i| {
-            let origin = 1 + (i as u32 * 7 % 3);
-            let seq = seqs.entry(origin).or_insert(0u64);
-            *seq += 1;
-            entry_of(i, 1, origin, *seq)
-        })
-        .collect();
-    let id_of = |i: u64| log[i as usize - 1].event.id;
-    let check = async |storage: &dyn Storage, held: std::ops::RangeInclusive<u64>| {
-        for i in 1..=24 {
-            let found = storage.position(id_of(i)).await.expect("position");
-            let expected = held.contains(&i).then_some(LogIndex(i));
-            assert_eq!(found, expected, "position of {} (index {i})", id_of(i));
-        }
-        let unknown_seq = EventId {
-            origin: cluster(1),
-            seq: 1000,
-        };
-        assert_eq!(storage.position(unknown_seq).await.expect("position"), None);
-        let unknown_origin = EventId {
-            origin: cluster(9),
-            seq: 1,
-        };
-        assert_eq!(
-            storage.position(unknown_origin).await.expect("position"),
-            None
-        );
-    };
-    {
-        let storage = harness.open();
-        storage.append(log[..10].to_vec()).await.expect("append");
-        for entry in &log[10..] {
-            storage.append(vec![entry.clone()]).await.expect("append");
-        }
-        check(&*storage, 1..=24).await;
-    }
-    {
-        let storage = harness.open();
-        check(&*storage, 1..=24).await;
-        storage
-            .truncate_after(LogIndex(18))
-            .await
-            .expect("truncate");
-        check(&*storage, 1..=18).await;
-        storage
-            .save_snapshot(snapshot_at(12))
-            .await
-            .expect("snapshot");
-        let first = first_held(&*storage).await;
-        check(&*storage, first..=18).await;
-    }
-    {
-        let storage = harness.open();
-        let first = first_held(&*storage).await;
-        assert!(first > 1);
-        check(&*storage, first..=18).await;
-        storage.append(log[18..20].to_vec()).await.expect("append");
-        check(&*storage, first..=20).await;
-    }
-}
-
-async fn commit_index(mut harness: impl Harness) {
-    {
-        let storage = harness.open();
-        assert_eq!(
-            storage.recover().await.expect("recover").commit,
-            LogIndex(0)
-        );
-        storage.append(entries(1..=10)).await.expect("append");
-        storage.set_commit(LogIndex(5));
-        storage.set_commit(LogIndex(3)); // never regresses
-    }
-    {
-        let storage = harness.open();
-        assert_eq!(
-            storage.recover().await.expect("recover").commit,
-            LogIndex(5)
-        );
-        // Never beyond the durable entries.
-        storage.set_commit(LogIndex(100));
-        storage.append(entries(11..=12)).await.expect("append");
-    }
-    {
-        let storage = harness.open();
-        let back = storage.recover().await.expect("recover");
-        assert_eq!(back.commit, LogIndex(10));
-        assert!(storage.truncate_after(LogIndex(9)).await.is_err());
-        storage.set_commit(LogIndex(12));
-        storage.set_commit(LogIndex(11));
-    }
-    {
-        let storage = harness.open();
-        assert_eq!(
-            storage.recover().await.expect("recover").commit,
-            LogIndex(12)
-        );
-    }
-}
-
-async fn retention(mut harness: impl Harness) {
-    {
-        let storage = harness.open();
-        for i in 1..=40 {
-            storage.append(entries(i..=i)).await.expect("append");
-        }
-        // A slave needs everything after 30: a snapshot at 35 keeps 31..=35 for it. A reader
-        // further behind than the retention bound (10 entries) loses its entries.
-        storage.retain("slave", LogIndex(30));
-        storage.retain("far", LogIndex(2));
-        storage
-            .save_snapshot(snapshot_at(35))
-            .await
-            .expect("snapshot");
-        assert_eq!(read_all_from(&*storage, 31).await, entries(31..=40));
-        let first = compacted(&*storage, 3, 40).await;
-        assert!((4..=26).contains(&first), "first held {first}");
-        assert_eq!(
-            storage.recover().await.expect("recover").entries,
-            entries(36..=40)
-        );
-        // The next snapshot still keeps the slave's entries.
-        storage.release("far");
-        storage
-            .save_snapshot(snapshot_at(38))
-            .await
-            .expect("snapshot");
-        assert_eq!(read_all_from(&*storage, 31).await, entries(31..=40));
-        assert_eq!(
-            storage.recover().await.expect("recover").entries,
-            entries(39..=40)
-        );
-    }
-    {
-        // A restart forgets the readers but not the entries kept for them.
-        let storage = harness.open();
-        let back = storage.recover().await.expect("recover");
-        assert_eq!(back.snapshot.map(|s| s.index), Some(LogIndex(38)));
-        assert_eq!(back.entries, entries(39..=40));
-        assert_eq!(read_all_from(&*storage, 31).await, entries(31..=40));
-        // With no reader left, the next snapshot drops everything it covers.
-        storage.retain("slave", LogIndex(35));
-        storage.release("slave");
-        storage
-            .save_snapshot(snapshot_at(40))
-            .await
-            .expect("snapshot");
-        assert_eq!(compacted(&*storage, 31, 40).await, 41);
-        storage.append(entries(41..=42)).await.expect("append");
-    }
-    {
-        let storage = harness.open();
-        let back = storage.recover().await.expect("recover");
-        assert_eq!(back.snapshot.map(|s| s.index), Some(LogIndex(40)));
-        assert_eq!(back.entries, entries(41..=42));
-        assert_eq!(read_all_from(&*storage, 41).await, entries(41..=42));
-    }
-}
-
-async fn snapshot_ahead_of_the_log(mut harness: impl Harness) {
-    {
-        let storage = harness.open();
-        storage.retain("slave", LogIndex(0));
-        storage.append(entries(1..=5)).await.expect("append");
-        // Installed from elsewhere: the log restarts after it.
-        storage
-            .save_snapshot(snapshot_at(10))
-            .await
-            .expect("snapshot");
-        assert_eq!(compacted(&*storage, 1, 10).await, 11);
-        assert!(storage.append(entries(6..=6)).await.is_err());
-        storage
-            .append(entries(11..=12))
-            .await
-            .expect("append after");
-    }
-    {
-        let storage = harness.open();
-        let back = storage.recover().await.expect("recover");
-        assert_eq!(back.last_index(), LogIndex(12));
-        assert_eq!(back.entries, entries(11..=12));
-        storage.append(entries(13..=13)).await.expect("append");
-    }
-    let storage = harness.open();
-    assert_eq!(
-        storage.recover().await.expect("recover").entries,
-        entries(11..=13)
-    );
-    assert_eq!(read_all_from(&*storage, 11).await, entries(11..=13));
-}
-
-/// Runs every scenario above against each harness.
+/// Runs every check of the suite against each harness, one test per check and storage.
 macro_rules! storage_suite {
-    ($($scenario:ident),* $(,)?) => {
+    ($($scenario:ident => $check:ident),* $(,)?) => {
+        /// The checks that have a test per storage.
+        const SUITE: &[Check] = &[$(Check::$check),*];
+
         mod memory_storage {
+            use super::Check;
             $(#[tokio::test]
             async fn $scenario() {
-                super::$scenario(super::memory()).await;
+                Check::$check.run(super::memory()).await;
             })*
         }
         mod file_storage {
+            use super::Check;
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $scenario() {
-                super::$scenario(super::files()).await;
+                Check::$check.run(super::files()).await;
             })*
         }
         mod crash_disk {
+            use super::Check;
             $(#[tokio::test(start_paused = true)]
             async fn $scenario() {
-                super::$scenario(super::crash()).await;
+                Check::$check.run(super::crash()).await;
             })*
         }
     };
 }
 
-/// A record over the limit is refused before anything is written, and the storage goes on.
-async fn oversized_records(mut harness: impl Harness) {
-    let storage = harness.open();
-    storage.append(entries(1..=2)).await.expect("append");
-    let mut huge = entry_of(3, 1, 1, 3);
-    huge.event.kind = EventKind::Image(Arc::new(crate::event::OriginImage {
-        posts: (1..=400)
-            .map(|seq| crate::event::Post {
-                id: EventId {
-                    origin: cluster(1),
-                    seq,
-                },
-                author: UserId::new(1).expect("valid user"),
-                at: Timestamp(1),
-                text: Arc::from("y".repeat(4000)),
-            })
-            .collect(),
-        ..crate::event::OriginImage::default()
-    }));
-    let refused = storage.append(vec![huge]).await;
-    assert!(
-        matches!(&refused, Err(Error::InvalidInput(m)) if m.contains("over the limit")),
-        "{refused:?}"
-    );
-    storage.append(entries(3..=4)).await.expect("append");
-    drop(storage);
-    let storage = harness.open();
-    assert_eq!(
-        storage.recover().await.expect("recover").entries,
-        entries(1..=4)
-    );
-}
-
 storage_suite!(
-    oversized_records,
-    append_recover_and_snapshot,
-    reads,
-    truncation,
-    positions,
-    commit_index,
-    retention,
-    snapshot_ahead_of_the_log,
+    oversized_records => OversizedRecords,
+    append_recover_and_snapshot => AppendRecoverAndSnapshot,
+    reads => Reads,
+    truncation => Truncation,
+    positions => Positions,
+    commit_index => CommitIndex,
+    retention => Retention,
+    snapshot_ahead_of_the_log => SnapshotAheadOfTheLog,
 );
+
+/// Every check of the suite has a test per storage above.
+#[test]
+fn every_check_of_the_suite_runs_on_every_storage() {
+    for check in Check::ALL {
+        assert!(SUITE.contains(&check), "add `{check}` to `storage_suite!`");
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // The crash disk.

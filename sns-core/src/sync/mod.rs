@@ -100,6 +100,68 @@ pub fn cluster_of_synchronizer(id: u32, clusters: u32) -> Result<ClusterId> {
 
 /// A synchronizer for one cluster (see the module documentation). Cheap to clone; all clones
 /// are the same synchronizer.
+///
+/// A [`Deployment`](crate::Deployment) starts one per cluster by itself (its `bus`). Here the
+/// deployment starts none ([`Bus::None`](crate::Bus::None)) and the program runs them, in
+/// process ([`LocalBus`]); user 2 (cluster 2) then becomes known on cluster 1:
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// use sns_core::testing::eventually;
+/// use sns_core::{
+///     Bus, ClusterId, CoordinatorClient, Data, Deployment, DeploymentConfig, LocalBus,
+///     MemoryNetwork, Ports, Synchronizer, SynchronizerConfig, Transport, UserId,
+/// };
+///
+/// # #[tokio::main]
+/// # async fn main() -> sns_core::Result<()> {
+/// let deployment = Deployment::start(DeploymentConfig {
+///     clusters: 2,
+///     servers_per_cluster: 1,
+///     transport: Transport::Memory(MemoryNetwork::new()),
+///     ports: Ports::Auto,
+///     data: Data::Memory,
+///     bus: Bus::None,
+///     ..DeploymentConfig::default()
+/// })
+/// .await?;
+/// deployment.wait_for_masters(Duration::from_secs(10)).await?;
+/// let mut running = Vec::new();
+/// for cluster in [1, 2] {
+///     let config = SynchronizerConfig {
+///         cluster: ClusterId::new(cluster).unwrap(),
+///         clusters: 2,
+///         coordinator: deployment.coordinator_addr().to_string(),
+///         cluster_token: None,
+///     };
+///     let synchronizer = Synchronizer::new(&config, deployment.network(), Arc::new(LocalBus))?;
+///     let task = tokio::spawn({
+///         let synchronizer = synchronizer.clone();
+///         async move { synchronizer.run().await }
+///     });
+///     running.push((synchronizer, task));
+/// }
+///
+/// let coordinator = CoordinatorClient::new(deployment.network(), deployment.coordinator_addr())?;
+/// let (one, two) = (UserId::new(1).unwrap(), UserId::new(2).unwrap());
+/// let alice = coordinator.login(one).await?;
+/// let _bob = coordinator.login(two).await?;
+/// let known = eventually(Duration::from_secs(10), || async {
+///     alice.list().await.is_ok_and(|listing| listing.all_users.contains(&two))
+/// })
+/// .await;
+/// assert!(known, "user 2 reached cluster 1");
+///
+/// for (synchronizer, task) in running {
+///     synchronizer.stop();
+///     task.await.expect("the synchronizer task")?;
+/// }
+/// deployment.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Synchronizer {
     link: ClusterLink,
