@@ -378,7 +378,11 @@ mod tests {
         let as_arrived = seal_encoded(Some(&key()), &encoded).expect("sealed");
         assert_eq!(as_arrived, from_events);
         let opened = open_encoded(Some(&key()), from_events).expect("opens");
-        assert_eq!(opened.body(), encoded.body(), "the encoding is kept as it came");
+        assert_eq!(
+            opened.body(),
+            encoded.body(),
+            "the encoding is kept as it came"
+        );
         assert_eq!(opened.events(), &events[..]);
     }
 }
