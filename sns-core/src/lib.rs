@@ -99,8 +99,10 @@ pub use session::{Session, SessionConfig, SessionEvent, SessionTimeline, Timelin
 pub use state::{Applied, Listing, State, StateConfig};
 pub use storage::{CrashDisk, CrashDiskOptions, CrashStorage};
 pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};
+#[cfg(feature = "amqp")]
+pub use sync::{AmqpBus, AmqpOptions, CursorStore, QueueType};
 pub use sync::{
-    AmqpBus, AmqpOptions, CursorStore, GrpcBus, GrpcBusOptions, LocalBus, QueueType, RefusalCounts,
-    SyncKey, SyncRefusals, SyncTransport, Synchronizer, SynchronizerConfig,
+    GrpcBus, GrpcBusOptions, LocalBus, RefusalCounts, SyncKey, SyncRefusals, SyncTransport,
+    Synchronizer, SynchronizerConfig,
 };
 pub use transport::{Listener, MemoryNetwork, Network};
