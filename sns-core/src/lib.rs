@@ -45,8 +45,8 @@
 //! ```
 //!
 //! The same program with comments is `examples/embedded.rs`; `examples/failover_test.rs` shows
-//! how a downstream crate tests against a [`TestCluster`](crate::testing::TestCluster) (feature
-//! `test-util`) on tokio's paused clock.
+//! how a downstream crate tests against a [`TestCluster`] (feature `test-util`) on tokio's
+//! paused clock.
 //!
 //! Networking is injected ([`transport`]): components serve on a [`Listener`] and reach their
 //! peers through a [`Network`], so the same code runs on TCP, on in-memory pipes
@@ -55,6 +55,32 @@
 //! What this crate does not do: it does not choose ports, networks or data directories on its
 //! own (callers pass listeners, networks and storage in; [`Deployment`] creates them from its
 //! explicit config), and it does not install signal handlers or logging.
+//!
+//! # Features
+//!
+//! None is on by default: an embedder gets the server, client, coordinator, storage,
+//! deployments and the in-process and gRPC synchronizer transports ([`LocalBus`], [`GrpcBus`]),
+//! and compiles no broker client.
+//!
+//! - `amqp`: the RabbitMQ synchronizer transport: [`AmqpBus`] with [`AmqpOptions`],
+//!   [`CursorStore`] and [`QueueType`] (module `sync::amqp`), and `Bus::Amqp` for a
+//!   [`Deployment`]'s synchronizers. Brings in `lapin`. The `sns-bins` binaries turn it on.
+//! - `test-util`: the `testing` module: [`TestCluster`] (a deployment on in-memory pipes whose
+//!   servers can be crashed, restarted and cut off), waiting helpers such as `eventually`, and,
+//!   with `amqp` too, `amqp_broker` for tests against the broker named by `SNS_AMQP_URL`.
+//!
+// Items of a feature that is off are not there to link to: their links then lead to the list
+// above.
+#![cfg_attr(feature = "amqp", doc = "[`AmqpBus`]: sync::AmqpBus")]
+#![cfg_attr(feature = "amqp", doc = "[`AmqpOptions`]: sync::AmqpOptions")]
+#![cfg_attr(feature = "amqp", doc = "[`CursorStore`]: sync::CursorStore")]
+#![cfg_attr(feature = "amqp", doc = "[`QueueType`]: sync::QueueType")]
+#![cfg_attr(not(feature = "amqp"), doc = "[`AmqpBus`]: #features")]
+#![cfg_attr(not(feature = "amqp"), doc = "[`AmqpOptions`]: #features")]
+#![cfg_attr(not(feature = "amqp"), doc = "[`CursorStore`]: #features")]
+#![cfg_attr(not(feature = "amqp"), doc = "[`QueueType`]: #features")]
+#![cfg_attr(feature = "test-util", doc = "[`TestCluster`]: testing::TestCluster")]
+#![cfg_attr(not(feature = "test-util"), doc = "[`TestCluster`]: #features")]
 
 mod auth;
 mod codec;
