@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::ids::{ClusterId, ServerId};
 use crate::server::{CoordinatorLink, Server, ServerConfig};
 use crate::storage::{CrashDisk, MemoryStorage, Storage};
+#[cfg(feature = "amqp")]
 use crate::sync::CursorStore;
 use crate::transport::{MemoryNetwork, Network};
 
@@ -104,6 +105,7 @@ pub struct Deployment {
     /// The port each synchronizer listens on, kept across its restarts ([`Bus::Grpc`]).
     sync_ports: BTreeMap<ClusterId, u16>,
     /// Each cluster's RabbitMQ publisher cursor, when kept in memory.
+    #[cfg(feature = "amqp")]
     amqp_cursors: BTreeMap<ClusterId, CursorStore>,
 }
 
@@ -176,6 +178,7 @@ impl Deployment {
             slots: BTreeMap::new(),
             synchronizers: BTreeMap::new(),
             sync_ports: BTreeMap::new(),
+            #[cfg(feature = "amqp")]
             amqp_cursors: BTreeMap::new(),
         })
     }

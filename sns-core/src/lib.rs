@@ -50,11 +50,11 @@
 //! ```
 //!
 //! The same program with comments is `examples/embedded.rs`. The other examples:
-//! `examples/failover_test.rs` shows how a downstream crate tests against a
-//! [`TestCluster`](crate::testing::TestCluster) (feature `test-util`) on tokio's paused clock;
-//! `examples/tcp_client.rs` drives a deployment over TCP with [`CoordinatorClient`] and
-//! [`Client`]; `examples/custom_storage.rs` writes a [`Storage`] of its own and checks it with
-//! the crate's conformance suite, [`testing::storage_suite`].
+//! `examples/failover_test.rs` shows how a downstream crate tests against a [`TestCluster`]
+//! (feature `test-util`) on tokio's paused clock; `examples/tcp_client.rs` drives a deployment
+//! over TCP with [`CoordinatorClient`] and [`Client`]; `examples/custom_storage.rs` writes a
+//! [`Storage`] of its own and checks it with the crate's conformance suite,
+//! [`testing::storage_suite`] (feature `test-util`).
 //!
 //! Networking is injected ([`transport`]): components serve on a [`Listener`] and reach their
 //! peers through a [`Network`], so the same code runs on TCP, on in-memory pipes
@@ -63,6 +63,40 @@
 //! What this crate does not do: it does not choose ports, networks or data directories on its
 //! own (callers pass listeners, networks and storage in; [`Deployment`] creates them from its
 //! explicit config), and it does not install signal handlers or logging.
+//!
+//! # Features
+//!
+//! None is on by default: an embedder gets the server, client, coordinator, storage,
+//! deployments and the in-process and gRPC synchronizer transports ([`LocalBus`], [`GrpcBus`]),
+//! and compiles no broker client.
+//!
+//! - `amqp`: the RabbitMQ synchronizer transport: [`AmqpBus`] with [`AmqpOptions`],
+//!   [`CursorStore`] and [`QueueType`] (module `sync::amqp`), and `Bus::Amqp` for a
+//!   [`Deployment`]'s synchronizers. Brings in `lapin`. The `sns-bins` binaries turn it on.
+//! - `test-util`: the `testing` module: [`TestCluster`] (a deployment on in-memory pipes whose
+//!   servers can be crashed, restarted and cut off), waiting helpers such as `eventually`, and,
+//!   with `amqp` too, `amqp_broker` for tests against the broker named by `SNS_AMQP_URL`.
+//!
+// Items of a feature that is off are not there to link to: their links then lead to the list
+// above.
+#![cfg_attr(feature = "amqp", doc = "[`AmqpBus`]: sync::AmqpBus")]
+#![cfg_attr(feature = "amqp", doc = "[`AmqpOptions`]: sync::AmqpOptions")]
+#![cfg_attr(feature = "amqp", doc = "[`CursorStore`]: sync::CursorStore")]
+#![cfg_attr(feature = "amqp", doc = "[`QueueType`]: sync::QueueType")]
+#![cfg_attr(not(feature = "amqp"), doc = "[`AmqpBus`]: #features")]
+#![cfg_attr(not(feature = "amqp"), doc = "[`AmqpOptions`]: #features")]
+#![cfg_attr(not(feature = "amqp"), doc = "[`CursorStore`]: #features")]
+#![cfg_attr(not(feature = "amqp"), doc = "[`QueueType`]: #features")]
+#![cfg_attr(feature = "test-util", doc = "[`TestCluster`]: testing::TestCluster")]
+#![cfg_attr(not(feature = "test-util"), doc = "[`TestCluster`]: #features")]
+#![cfg_attr(
+    feature = "test-util",
+    doc = "[`testing::storage_suite`]: testing::storage_suite"
+)]
+#![cfg_attr(
+    not(feature = "test-util"),
+    doc = "[`testing::storage_suite`]: #features"
+)]
 
 mod auth;
 mod codec;
@@ -107,8 +141,10 @@ pub use session::{Session, SessionConfig, SessionEvent, SessionTimeline, Timelin
 pub use state::{Applied, Listing, State, StateConfig};
 pub use storage::{CrashDisk, CrashDiskOptions, CrashStorage};
 pub use storage::{FileStorage, FileStorageOptions, MemoryStorage, Recovered, Snapshot, Storage};
+#[cfg(feature = "amqp")]
+pub use sync::{AmqpBus, AmqpOptions, CursorStore, QueueType};
 pub use sync::{
-    AmqpBus, AmqpOptions, CursorStore, GrpcBus, GrpcBusOptions, LocalBus, QueueType, RefusalCounts,
-    SyncKey, SyncRefusals, SyncTransport, Synchronizer, SynchronizerConfig,
+    GrpcBus, GrpcBusOptions, LocalBus, RefusalCounts, SyncKey, SyncRefusals, SyncTransport,
+    Synchronizer, SynchronizerConfig,
 };
 pub use transport::{Listener, MemoryNetwork, Network};

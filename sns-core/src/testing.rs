@@ -15,8 +15,10 @@ use crate::server::{Server, ServerConfig};
 use crate::storage::Storage;
 use crate::transport::{Listener, MemoryNetwork, Network};
 
+#[cfg(feature = "amqp")]
 mod amqp;
 pub mod storage_suite;
+#[cfg(feature = "amqp")]
 pub use amqp::{AMQP_URL_VAR, AmqpTestBroker, REQUIRE_AMQP_VAR, amqp_broker};
 
 /// The texts of the next `count` posts on `stream`, each awaited for at most `patience`; panics

@@ -1,15 +1,19 @@
-//! Synchronizers: users, follow relations and posts cross clusters, over every transport.
+//! Synchronizers: users, follow relations and posts cross clusters, over every transport (the
+//! RabbitMQ cases with the `amqp` feature and a broker).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use proptest::prelude::*;
 
+#[cfg(feature = "amqp")]
+use sns_core::QueueType;
 use sns_core::event::OriginImage;
-use sns_core::testing::{TestCluster, TestClusterConfig, amqp_broker, eventually};
+#[cfg(feature = "amqp")]
+use sns_core::testing::amqp_broker;
+use sns_core::testing::{TestCluster, TestClusterConfig, eventually};
 use sns_core::{
-    Bus, ClusterId, Error, Event, EventId, EventKind, QueueType, Role, Server, State, Timestamp,
-    UserId,
+    Bus, ClusterId, Error, Event, EventId, EventKind, Role, Server, State, Timestamp, UserId,
 };
 use std::sync::Arc;
 
@@ -43,6 +47,7 @@ async fn grpc_users_follows_and_posts_cross_clusters() {
     users_follows_and_posts_cross_clusters(Bus::Grpc).await;
 }
 
+#[cfg(feature = "amqp")]
 #[tokio::test]
 async fn amqp_users_follows_and_posts_cross_clusters() {
     let Some(broker) = amqp_broker("amqp_users_follows_and_posts_cross_clusters").await else {
@@ -51,6 +56,7 @@ async fn amqp_users_follows_and_posts_cross_clusters() {
     users_follows_and_posts_cross_clusters(broker.bus(QueueType::Quorum)).await;
 }
 
+#[cfg(feature = "amqp")]
 #[tokio::test]
 async fn amqp_classic_users_follows_and_posts_cross_clusters() {
     let Some(broker) = amqp_broker("amqp_classic_users_follows_and_posts_cross_clusters").await
@@ -112,6 +118,7 @@ async fn grpc_failover_during_sync_loses_nothing() {
     failover_during_sync(Bus::Grpc).await;
 }
 
+#[cfg(feature = "amqp")]
 #[tokio::test]
 async fn amqp_failover_during_sync_loses_nothing() {
     let Some(broker) = amqp_broker("amqp_failover_during_sync_loses_nothing").await else {
@@ -591,6 +598,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// [`converges`] over RabbitMQ, on queues of their own (skipped without a broker).
+#[cfg(feature = "amqp")]
 fn run_converges_amqp(ops: Vec<Op>, offsets: Vec<i64>) {
     runtime().block_on(async {
         let Some(broker) = amqp_broker("amqp_random_histories_converge").await else {
@@ -617,6 +625,7 @@ proptest! {
         run_converges(Bus::Grpc, ops, offsets);
     }
 
+    #[cfg(feature = "amqp")]
     #[test]
     fn amqp_random_histories_converge(ops in proptest::collection::vec(op(), 1..40), offsets in skew()) {
         run_converges_amqp(ops, offsets);

@@ -231,5 +231,8 @@ async fn open_bus(
             Ok(Arc::new(AmqpBus::new(options.clone(), cursor)))
         }
         Bus::None => Err("a synchronizer needs a bus: local or grpc".to_string()),
+        _ => Err(format!(
+            "the {name} bus is not supported by this synchronizer"
+        )),
     }
 }

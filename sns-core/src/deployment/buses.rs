@@ -1,20 +1,23 @@
 //! The synchronizers of a deployment, one per cluster, on the transport its [`Bus`] names.
 //!
 //! A synchronizer keeps what it needs across restarts: with [`Bus::Grpc`] the port it first
-//! listened on, with [`Bus::Amqp`] its publisher cursor (a file under a [`Data::Dir`], else
-//! held in memory by the deployment).
+//! listened on, with `Bus::Amqp` (feature `amqp`) its publisher cursor (a file under a
+//! [`Data::Dir`](super::Data::Dir), else held in memory by the deployment).
 
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
 
+#[cfg(feature = "amqp")]
+use super::Data;
 use super::config::course_synchronizer_port;
-use super::{Bus, Data, Deployment, Ports, Transport, bind, network_of, synchronizer_node};
+use super::{Bus, Deployment, Ports, Transport, bind, network_of, synchronizer_node};
 use crate::error::{Error, Result};
 use crate::ids::ClusterId;
+#[cfg(feature = "amqp")]
+use crate::sync::{AmqpBus, AmqpOptions, CursorStore};
 use crate::sync::{
-    AmqpBus, AmqpOptions, CursorStore, GrpcBus, GrpcBusOptions, LocalBus, SyncTransport,
-    Synchronizer, SynchronizerConfig,
+    GrpcBus, GrpcBusOptions, LocalBus, SyncTransport, Synchronizer, SynchronizerConfig,
 };
 
 /// A running synchronizer.
@@ -44,6 +47,7 @@ impl Deployment {
             Bus::None => return Ok(()),
             Bus::Local => Arc::new(LocalBus::new()),
             Bus::Grpc => Arc::new(self.grpc_bus(cluster).await?),
+            #[cfg(feature = "amqp")]
             Bus::Amqp(options) => {
                 let options = options.clone();
                 let cursor = self.amqp_cursor(cluster, &options)?;
@@ -96,6 +100,7 @@ impl Deployment {
 
     /// The RabbitMQ publisher cursor of `cluster`: a file under a [`Data::Dir`], else the
     /// deployment's in-memory one.
+    #[cfg(feature = "amqp")]
     fn amqp_cursor(&mut self, cluster: ClusterId, options: &AmqpOptions) -> Result<CursorStore> {
         options.validate()?;
         match &self.config.data {

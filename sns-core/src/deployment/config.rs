@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::ids::{ClusterId, ServerId};
 use crate::server::ServerConfig;
+#[cfg(feature = "amqp")]
 use crate::sync::AmqpOptions;
 use crate::transport::{Listener, MemoryNetwork, Network, tcp};
 
@@ -32,7 +33,11 @@ pub fn synchronizer_node(cluster: ClusterId) -> String {
 pub const CLIENT_NODE: &str = "client";
 
 /// How a deployment's synchronizers carry events between clusters.
+///
+/// Non-exhaustive because a variant comes with a feature (`Bus::Amqp`, feature `amqp`): code that
+/// matches on it keeps compiling whichever features other crates turn on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Bus {
     /// No synchronizers: every cluster is an island.
     None,
@@ -49,6 +54,8 @@ pub enum Bus {
     /// publisher cursor is kept in `cluster<c>/synchronizer/amqp-<prefix>.cursor` under a
     /// [`Data::Dir`], else in memory for the deployment's lifetime (across
     /// [`Deployment::restart_synchronizer`](super::Deployment::restart_synchronizer)).
+    /// Feature `amqp`.
+    #[cfg(feature = "amqp")]
     Amqp(AmqpOptions),
 }
 

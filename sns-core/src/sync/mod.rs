@@ -23,8 +23,9 @@
 //!   ([`SyncRefusals`]).
 //!
 //! Transports: [`LocalBus`] (in-process), [`GrpcBus`] (synchronizers subscribe to each
-//! other) and [`AmqpBus`] (RabbitMQ).
+//! other) and, with the `amqp` feature, `AmqpBus` (RabbitMQ, in `sync::amqp`).
 
+#[cfg(feature = "amqp")]
 pub mod amqp;
 mod grpc;
 mod link;
@@ -41,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::grpc::events::{decode_batch, encode_batch};
 pub use crate::grpc::raw::EncodedBatch;
+#[cfg(feature = "amqp")]
 pub use amqp::{AmqpBus, AmqpOptions, CursorStore, QueueType};
 pub use grpc::{GrpcBus, GrpcBusOptions};
 pub use link::{ClusterLink, EventFeed};

@@ -53,17 +53,23 @@ impl SyncRefusals {
         };
     }
 
+    // The counters below are bumped only by the RabbitMQ consumer (feature `amqp`); the pull
+    // transports count what `open` refuses and leave the rest to the master.
+
     /// Counts a message that claimed events its origin does not have.
+    #[cfg(feature = "amqp")]
     pub(crate) fn forged_gap(&self) {
         self.forged_gap.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a message dropped until its origin's master can be read.
+    #[cfg(feature = "amqp")]
     pub(crate) fn postponed(&self) {
         self.postponed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a batch that was not valid.
+    #[cfg(feature = "amqp")]
     pub(crate) fn invalid(&self) {
         self.invalid.fetch_add(1, Ordering::Relaxed);
     }

@@ -1,4 +1,5 @@
-//! RabbitMQ in tests: run against the broker named by `SNS_AMQP_URL`, or skip.
+//! RabbitMQ in tests (features `test-util` and `amqp`): run against the broker named by
+//! `SNS_AMQP_URL`, or skip.
 //!
 //! Without `SNS_AMQP_URL` a test prints that it was skipped and passes; with
 //! `SNS_REQUIRE_AMQP=1` a missing or unreachable broker fails it instead. Each

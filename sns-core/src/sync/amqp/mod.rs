@@ -1,5 +1,6 @@
 //! The RabbitMQ transport: each synchronizer publishes its cluster's own committed events to a
-//! broker and consumes the other clusters' events from its cluster's own durable queue.
+//! broker and consumes the other clusters' events from its cluster's own durable queue. Only
+//! with the `amqp` feature, which brings in the `lapin` client.
 //!
 //! Layout (see `docs/sync-rabbitmq.md`): a durable topic exchange `<prefix>.events`; a durable
 //! queue `<prefix>.cluster.<c>` per consuming cluster (quorum by default, single active
