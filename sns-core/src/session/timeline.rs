@@ -28,6 +28,11 @@ use crate::state::{RECENT_POSTS, REMEMBERED_POST_KEYS};
 /// read with [`SessionTimeline::next`]. A reader task (owned; stopped when this is dropped) reads the
 /// stream, takes in acknowledgements, reopens the stream after a failover (re-sending the posts
 /// not acknowledged) and suppresses posts already delivered.
+///
+/// Dropping it abandons the posts the server has not acknowledged yet (a `post` returns once
+/// the post is handed to the stream, not once it is stored). To be sure every post is stored,
+/// call [`close_sending`](Self::close_sending) and read until [`next`](Self::next) returns
+/// `None`: the server ends the stream once it has stored everything sent before.
 #[derive(Debug)]
 pub struct SessionTimeline {
     posts: mpsc::Receiver<Result<ReceivedPost>>,
