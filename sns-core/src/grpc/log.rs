@@ -5,16 +5,15 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use prost::Message as _;
+use prost::bytes::Bytes;
 use sns_proto::sns_v1::log_client::LogClient;
 use sns_proto::sns_v1::log_server::{Log, LogServer};
 use sns_proto::sns_v1::{HighWaterReply, HighWaterRequest, OwnEventsRequest, SyncBatch};
 use tokio_stream::{Stream, StreamExt};
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
-
-use prost::Message as _;
-use prost::bytes::Bytes;
-use tonic::codegen::http::uri::PathAndQuery;
 
 use super::events::{batch_from_wire, batch_to_wire, marks_from_wire, marks_to_wire};
 use super::metadata::{presented_token, with_token};
@@ -26,8 +25,8 @@ use crate::ids::ClusterId;
 use crate::server::Server;
 use crate::transport::Network;
 
-/// Largest synchronization message accepted (a batch of at most [`MAX_APPLY_BATCH`](crate::server::MAX_APPLY_BATCH) posts of
-/// 4 KiB each fits).
+/// Largest synchronization message accepted (a batch of at most
+/// [`MAX_APPLY_BATCH`](crate::server::MAX_APPLY_BATCH) posts of 4 KiB each fits).
 pub(crate) const MAX_MESSAGE: usize = 16 << 20;
 
 /// Events per message on an `OwnEvents` or `Subscribe` stream.
