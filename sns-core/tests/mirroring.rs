@@ -89,16 +89,15 @@ async fn churn(
     let acked: Acknowledged = Arc::default();
     let mut workers = Vec::new();
     for user in 1..=n {
+        let mut config = SessionConfig::default();
+        config.patience = WAIT;
+        config.first_retry = Duration::from_millis(20);
+        config.max_retry = Duration::from_millis(200);
         let session = Session::connect(
             cluster.network(),
             Target::Coordinator(cluster.coordinator_addr().to_string()),
             u(user),
-            SessionConfig {
-                patience: WAIT,
-                first_retry: Duration::from_millis(20),
-                max_retry: Duration::from_millis(200),
-                ..SessionConfig::default()
-            },
+            config,
         )
         .await
         .expect("session");

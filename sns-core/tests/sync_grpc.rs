@@ -101,16 +101,15 @@ fn master_of(cluster: &TestCluster, c: u32) -> u32 {
 
 /// A session of `user` that fails over through the coordinator.
 async fn session(cluster: &TestCluster, user: u32) -> Session {
+    let mut config = SessionConfig::default();
+    config.patience = WAIT;
+    config.first_retry = Duration::from_millis(20);
+    config.max_retry = Duration::from_millis(200);
     Session::connect(
         cluster.network(),
         Target::Coordinator(cluster.coordinator_addr().to_string()),
         u(user),
-        SessionConfig {
-            patience: WAIT,
-            first_retry: Duration::from_millis(20),
-            max_retry: Duration::from_millis(200),
-            ..SessionConfig::default()
-        },
+        config,
     )
     .await
     .expect("session")

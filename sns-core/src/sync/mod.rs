@@ -75,7 +75,11 @@ pub trait SyncTransport: Send + Sync + 'static {
 }
 
 /// Settings of a [`Synchronizer`].
+///
+/// Non-exhaustive, so that fields can be added later: build it with [`SynchronizerConfig::new`] and
+/// set the fields you need.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SynchronizerConfig {
     /// The cluster it serves.
     pub cluster: ClusterId,
