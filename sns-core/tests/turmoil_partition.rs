@@ -26,8 +26,8 @@ use sns_core::transport::{
     Connection, ConnectionInfo, Connector, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Listener, Network,
 };
 use sns_core::{
-    Client, Coordinator, CoordinatorConfig, CoordinatorLink, Error, MemoryStorage, Role,
-    RoutingConfig, Server, ServerConfig, UserId,
+    Client, Coordinator, CoordinatorConfig, CoordinatorLink, Error, MemoryStorage, Role, Server,
+    ServerConfig, UserId,
 };
 use tokio::time::Instant;
 use tokio_stream::Stream;
@@ -176,15 +176,11 @@ fn a_partitioned_master_steps_down_within_the_failure_timeout_and_rejoins_after_
 
 /// The coordinator of the simulated deployment (one cluster).
 fn coordinator() -> Coordinator {
-    Coordinator::new(CoordinatorConfig {
-        routing: RoutingConfig {
-            clusters: 1,
-            heartbeat_interval: INTERVAL,
-            missed_heartbeats: MISSED,
-            ..RoutingConfig::default()
-        },
-        cluster_token: None,
-    })
+    let mut config = CoordinatorConfig::default();
+    config.routing.clusters = 1;
+    config.routing.heartbeat_interval = INTERVAL;
+    config.routing.missed_heartbeats = MISSED;
+    Coordinator::new(config)
 }
 
 /// Serves `coordinator` on the simulated host `coordinator`.
