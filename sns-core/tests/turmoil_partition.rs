@@ -207,12 +207,10 @@ fn server_host(
     sim.host(name, move || {
         let slot = Arc::clone(&slot);
         async move {
-            let config = ServerConfig {
-                server_id: sns_core::ServerId::new(id).expect("server id"),
-                clusters: 1,
-                mirror_timeout: INTERVAL * MISSED,
-                ..ServerConfig::default()
-            };
+            let mut config = ServerConfig::default();
+            config.server_id = sns_core::ServerId::new(id).expect("server id");
+            config.clusters = 1;
+            config.mirror_timeout = INTERVAL * MISSED;
             let server = Server::open_replica(config, Arc::new(MemoryStorage::new())).await?;
             let listener = bind(name, SERVER_PORT).await?;
             let mut link = CoordinatorLink::new(
