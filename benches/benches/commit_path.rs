@@ -35,10 +35,9 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A one-cluster server configuration: every follower is local and has a timeline.
 fn single_cluster() -> ServerConfig {
-    ServerConfig {
-        clusters: 1,
-        ..ServerConfig::default()
-    }
+    let mut config = ServerConfig::default();
+    config.clusters = 1;
+    config
 }
 
 /// Logs in users `first..=last` and makes users `2..=last` (from `first` on) follow user 1,
@@ -115,11 +114,9 @@ fn end_to_end_memory(c: &mut Criterion) {
         done: Notify::new(),
     });
     let (test, author, kept) = rt.block_on(async {
-        let config = ServerConfig {
-            // The per-stream rate limit is a policy, not part of the path measured here.
-            max_posts_per_second: 1_000_000,
-            ..single_cluster()
-        };
+        let mut config = single_cluster();
+        // The per-stream rate limit is a policy, not part of the path measured here.
+        config.max_posts_per_second = 1_000_000;
         let test = TestServer::start_in_memory(config, Arc::new(MemoryStorage::new()))
             .await
             .expect("start server");

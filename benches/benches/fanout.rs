@@ -68,10 +68,8 @@ fn server_post(c: &mut Criterion) {
     let server = rt.block_on(async {
         let storage = Arc::new(MemoryStorage::new());
         // One cluster: every follower is local and has a timeline.
-        let config = ServerConfig {
-            clusters: 1,
-            ..ServerConfig::default()
-        };
+        let mut config = ServerConfig::default();
+        config.clusters = 1;
         let server = Server::open(config, storage).await.expect("open server");
         for id in 1..=FOLLOWERS + 1 {
             server.login(user(id)).await.expect("login");

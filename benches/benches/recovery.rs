@@ -56,10 +56,9 @@ fn write_log(rt: &tokio::runtime::Runtime, dir: &Path, entries: impl Iterator<It
 /// and what it built (dropped by the caller, outside the timed section).
 /// A server of a one-cluster deployment: every user is local, as in the replayed state.
 fn single_cluster() -> ServerConfig {
-    ServerConfig {
-        clusters: 1,
-        ..ServerConfig::default()
-    }
+    let mut config = ServerConfig::default();
+    config.clusters = 1;
+    config
 }
 
 fn storage_replay(

@@ -27,11 +27,10 @@ const BACKGROUND_FOLLOWS: u32 = 10;
 /// follows the next 10 users (wrapping); every follower's timeline is full. Returns the state
 /// and the last sequence number used.
 fn community(users: u32, followers: u32) -> (State, u64) {
-    let mut state = State::new(StateConfig {
-        timeline_cap: DEFAULT_TIMELINE_CAP,
-        clusters: 1,
-        ..StateConfig::default()
-    });
+    let mut config = StateConfig::default();
+    config.timeline_cap = DEFAULT_TIMELINE_CAP;
+    config.clusters = 1;
+    let mut state = State::new(config);
     let mut seq = 0;
     let mut apply = |state: &mut State, kind: EventKind| {
         seq += 1;

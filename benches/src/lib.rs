@@ -63,10 +63,9 @@ pub fn post(seq: u64, author: UserId) -> Event {
 /// order), then every follow, one event each. Returns the state and the last sequence number
 /// used, so the next event must use `last + 1`.
 pub fn star_state(followers: u32, timeline_cap: usize) -> (State, u64) {
-    let mut state = State::new(StateConfig {
-        timeline_cap,
-        ..StateConfig::default()
-    });
+    let mut config = StateConfig::default();
+    config.timeline_cap = timeline_cap;
+    let mut state = State::new(config);
     let mut seq = 0;
     let mut apply = |kind: EventKind| {
         seq += 1;

@@ -88,25 +88,24 @@ impl UpArgs {
                 self.bind.clone()
             }
         });
-        DeploymentConfig {
-            clusters: self.clusters,
-            servers_per_cluster: self.servers,
-            ports: ports(self.ports, self.port),
-            advertise_host,
-            bind_host: self.bind,
-            data: if self.in_memory {
-                Data::Memory
-            } else {
-                Data::Dir(self.data_dir)
-            },
-            repair: self.repair,
-            heartbeat_interval: self.heartbeat.interval(),
-            missed_heartbeats: self.heartbeat.missed_heartbeats,
-            cluster_token: Some(cluster_token.token().to_string()),
-            allow_unclean_promotion: self.allow_unclean_promotion,
-            bus,
-            ..DeploymentConfig::default()
-        }
+        let mut config = DeploymentConfig::default();
+        config.clusters = self.clusters;
+        config.servers_per_cluster = self.servers;
+        config.ports = ports(self.ports, self.port);
+        config.advertise_host = advertise_host;
+        config.bind_host = self.bind;
+        config.data = if self.in_memory {
+            Data::Memory
+        } else {
+            Data::Dir(self.data_dir)
+        };
+        config.repair = self.repair;
+        config.heartbeat_interval = self.heartbeat.interval();
+        config.missed_heartbeats = self.heartbeat.missed_heartbeats;
+        config.cluster_token = Some(cluster_token.token().to_string());
+        config.allow_unclean_promotion = self.allow_unclean_promotion;
+        config.bus = bus;
+        config
     }
 }
 

@@ -12,13 +12,11 @@ use sns_core::{Error, MemoryNetwork, Result, UserId};
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let deployment = Deployment::start(DeploymentConfig {
-        transport: Transport::Memory(MemoryNetwork::new()),
-        ports: Ports::Auto,
-        data: Data::Memory,
-        ..DeploymentConfig::default()
-    })
-    .await?;
+    let mut config = DeploymentConfig::default();
+    config.transport = Transport::Memory(MemoryNetwork::new());
+    config.ports = Ports::Auto;
+    config.data = Data::Memory;
+    let deployment = Deployment::start(config).await?;
     deployment.wait_for_masters(Duration::from_secs(10)).await?;
 
     // User u lives on cluster ((u - 1) % 3) + 1: alice on cluster 1, bob on cluster 2.

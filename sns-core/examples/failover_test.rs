@@ -19,13 +19,11 @@ const POSTS: u32 = 20;
 
 #[tokio::main(flavor = "current_thread", start_paused = true)]
 async fn main() -> Result<()> {
-    let mut cluster = TestCluster::start_with(TestClusterConfig {
-        clusters: 1,
-        servers_per_cluster: 2,
-        simulated_disks: true,
-        ..TestClusterConfig::default()
-    })
-    .await?;
+    let mut config = TestClusterConfig::default();
+    config.clusters = 1;
+    config.servers_per_cluster = 2;
+    config.simulated_disks = true;
+    let mut cluster = TestCluster::start_with(config).await?;
     let coordinator = Target::Coordinator(cluster.coordinator_addr().to_string());
     let connect = |user| {
         let network = cluster.network().clone();

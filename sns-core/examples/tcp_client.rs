@@ -92,14 +92,12 @@ async fn main() -> ExitCode {
 /// A deployment of `clusters` clusters of a master and a slave on 127.0.0.1, ports chosen by
 /// the OS, storage in memory; returns once every cluster has a master.
 async fn start_deployment(clusters: u32) -> Result<Deployment> {
-    let deployment = Deployment::start(DeploymentConfig {
-        clusters,
-        transport: Transport::Tcp,
-        ports: Ports::Auto,
-        data: Data::Memory,
-        ..DeploymentConfig::default()
-    })
-    .await?;
+    let mut config = DeploymentConfig::default();
+    config.clusters = clusters;
+    config.transport = Transport::Tcp;
+    config.ports = Ports::Auto;
+    config.data = Data::Memory;
+    let deployment = Deployment::start(config).await?;
     deployment.wait_for_masters(PATIENCE).await?;
     println!(
         "started a deployment of {clusters} clusters; coordinator at {}",

@@ -73,15 +73,13 @@ struct Running {
 ///
 /// # #[tokio::main]
 /// # async fn main() -> sns_core::Result<()> {
-/// let deployment = Deployment::start(DeploymentConfig {
-///     clusters: 2,
-///     servers_per_cluster: 1,
-///     transport: Transport::Memory(MemoryNetwork::new()),
-///     ports: Ports::Auto,
-///     data: Data::Memory,
-///     ..DeploymentConfig::default()
-/// })
-/// .await?;
+/// let mut config = DeploymentConfig::default();
+/// config.clusters = 2;
+/// config.servers_per_cluster = 1;
+/// config.transport = Transport::Memory(MemoryNetwork::new());
+/// config.ports = Ports::Auto;
+/// config.data = Data::Memory;
+/// let deployment = Deployment::start(config).await?;
 /// deployment.wait_for_masters(Duration::from_secs(10)).await?;
 /// for server in deployment.servers() {
 ///     println!("cluster {} server {} at {}", server.cluster, server.server, server.addr);

@@ -19,13 +19,11 @@
 //!
 //! # #[tokio::main]
 //! # async fn main() -> sns_core::Result<()> {
-//! let deployment = Deployment::start(DeploymentConfig {
-//!     transport: Transport::Memory(MemoryNetwork::new()),
-//!     ports: Ports::Auto,
-//!     data: Data::Memory,
-//!     ..DeploymentConfig::default()
-//! })
-//! .await?;
+//! let mut config = DeploymentConfig::default();
+//! config.transport = Transport::Memory(MemoryNetwork::new());
+//! config.ports = Ports::Auto;
+//! config.data = Data::Memory;
+//! let deployment = Deployment::start(config).await?;
 //! deployment.wait_for_masters(Duration::from_secs(10)).await?;
 //! let coordinator = Target::Coordinator(deployment.coordinator_addr().to_string());
 //! let (one, two) = (UserId::new(1).unwrap(), UserId::new(2).unwrap());

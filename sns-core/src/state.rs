@@ -72,7 +72,11 @@ pub struct Listing {
 }
 
 /// What a [`State`] needs to know about where it runs.
+///
+/// Non-exhaustive, so that fields can be added later: build it from `StateConfig::default()` and
+/// set the fields you need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StateConfig {
     /// The cluster whose users get materialized timelines here.
     pub cluster: ClusterId,

@@ -143,7 +143,11 @@ impl TestServer {
 }
 
 /// Shape of a [`TestCluster`].
+///
+/// Non-exhaustive, so that fields can be added later: build it from `TestClusterConfig::default()`
+/// and set the fields you need.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct TestClusterConfig {
     /// Number of clusters.
     pub clusters: u32,

@@ -30,10 +30,9 @@ fn key(key: u64) -> Option<PostKey> {
 
 /// One cluster: every user is local.
 fn standalone() -> ServerConfig {
-    ServerConfig {
-        clusters: 1,
-        ..ServerConfig::default()
-    }
+    let mut config = ServerConfig::default();
+    config.clusters = 1;
+    config
 }
 
 async fn open(config: ServerConfig, storage: Arc<dyn Storage>) -> Server {
@@ -105,10 +104,9 @@ async fn a_post_resent_with_its_key_is_stored_once_and_answered_with_the_same_id
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_racing_its_uncommitted_original_waits_for_it_and_stores_nothing() {
-    let disk = CrashDisk::with_options(CrashDiskOptions {
-        sync_delay: SYNC,
-        ..CrashDiskOptions::default()
-    });
+    let mut options = CrashDiskOptions::default();
+    options.sync_delay = SYNC;
+    let disk = CrashDisk::with_options(options);
     let storage = Arc::new(disk.open().expect("open"));
     let server = open(standalone(), storage.clone()).await;
     server.login(u(1)).await.expect("login");
@@ -138,10 +136,9 @@ async fn a_retry_racing_its_uncommitted_original_waits_for_it_and_stores_nothing
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_of_a_discarded_original_fails_with_it_and_the_next_try_stores_it() {
-    let disk = CrashDisk::with_options(CrashDiskOptions {
-        sync_delay: SYNC,
-        ..CrashDiskOptions::default()
-    });
+    let mut options = CrashDiskOptions::default();
+    options.sync_delay = SYNC;
+    let disk = CrashDisk::with_options(options);
     let server = open(standalone(), Arc::new(disk.open().expect("open"))).await;
     server.login(u(1)).await.expect("login");
     let post = || {
@@ -196,10 +193,8 @@ async fn a_retry_of_a_discarded_original_fails_with_it_and_the_next_try_stores_i
 async fn keys_survive_a_restart_from_the_log_and_from_a_snapshot() {
     for snapshot_every in [u64::MAX, 1] {
         let storage = Arc::new(MemoryStorage::new());
-        let config = ServerConfig {
-            snapshot_every,
-            ..standalone()
-        };
+        let mut config = standalone();
+        config.snapshot_every = snapshot_every;
         let server = open(config.clone(), storage.clone()).await;
         server.login(u(1)).await.expect("login");
         let id = server

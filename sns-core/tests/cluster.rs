@@ -64,12 +64,9 @@ async fn users_are_routed_to_the_master_of_their_cluster() {
 
 #[tokio::test]
 async fn without_synchronizers_clients_on_one_cluster_follow_each_other_but_no_other_cluster() {
-    let cluster = TestCluster::start_with(TestClusterConfig {
-        bus: sns_core::Bus::None,
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start");
+    let mut config = TestClusterConfig::default();
+    config.bus = sns_core::Bus::None;
+    let cluster = TestCluster::start_with(config).await.expect("start");
     let one = cluster.client(1).await.expect("client 1");
     let four = cluster.client(4).await.expect("client 4");
     let two = cluster.client(2).await.expect("client 2");
@@ -111,13 +108,10 @@ async fn a_slave_refuses_clients_as_not_the_master() {
 
 #[tokio::test(start_paused = true)]
 async fn a_dead_master_is_not_routed_to_and_a_restart_brings_the_cluster_back() {
-    let mut cluster = TestCluster::start_with(TestClusterConfig {
-        clusters: 1,
-        servers_per_cluster: 1,
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start");
+    let mut config = TestClusterConfig::default();
+    config.clusters = 1;
+    config.servers_per_cluster = 1;
+    let mut cluster = TestCluster::start_with(config).await.expect("start");
     let one = cluster.client(1).await.expect("client");
     one.logout().await.expect("logout");
     cluster.stop(1, 1).await.expect("stop");
@@ -138,14 +132,11 @@ async fn a_dead_master_is_not_routed_to_and_a_restart_brings_the_cluster_back() 
 
 #[tokio::test]
 async fn a_crashed_server_restarts_with_every_acknowledged_and_seen_change() {
-    let mut cluster = TestCluster::start_with(TestClusterConfig {
-        clusters: 1,
-        servers_per_cluster: 1,
-        simulated_disks: true,
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start");
+    let mut config = TestClusterConfig::default();
+    config.clusters = 1;
+    config.servers_per_cluster = 1;
+    config.simulated_disks = true;
+    let mut cluster = TestCluster::start_with(config).await.expect("start");
     let one = cluster.client(1).await.expect("client 1");
     let four = cluster.client(4).await.expect("client 4");
     four.follow(u(1)).await.expect("follow is acknowledged");
@@ -193,13 +184,10 @@ async fn a_crashed_server_restarts_with_every_acknowledged_and_seen_change() {
 
 #[tokio::test(start_paused = true)]
 async fn a_partitioned_master_steps_down_and_is_no_longer_routed() {
-    let cluster = TestCluster::start_with(TestClusterConfig {
-        clusters: 1,
-        servers_per_cluster: 1,
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start");
+    let mut config = TestClusterConfig::default();
+    config.clusters = 1;
+    config.servers_per_cluster = 1;
+    let cluster = TestCluster::start_with(config).await.expect("start");
     let client = cluster.client(1).await.expect("client");
     let coordinator =
         CoordinatorClient::new(cluster.network(), cluster.coordinator_addr()).expect("handle");
@@ -233,13 +221,10 @@ async fn a_partitioned_master_steps_down_and_is_no_longer_routed() {
 
 #[tokio::test(start_paused = true)]
 async fn a_master_that_hears_no_replies_steps_down_though_the_coordinator_hears_it() {
-    let cluster = TestCluster::start_with(TestClusterConfig {
-        clusters: 1,
-        servers_per_cluster: 1,
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start");
+    let mut config = TestClusterConfig::default();
+    config.clusters = 1;
+    config.servers_per_cluster = 1;
+    let cluster = TestCluster::start_with(config).await.expect("start");
     cluster
         .partition_oneway(1, 1, Direction::FromCoordinator, true)
         .expect("cut the replies");
@@ -265,13 +250,10 @@ async fn a_master_that_hears_no_replies_steps_down_though_the_coordinator_hears_
 
 #[tokio::test]
 async fn a_deployment_also_runs_over_loopback_tcp() {
-    let cluster = TestCluster::start_with(TestClusterConfig {
-        clusters: 2,
-        tcp: true,
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start");
+    let mut config = TestClusterConfig::default();
+    config.clusters = 2;
+    config.tcp = true;
+    let cluster = TestCluster::start_with(config).await.expect("start");
     assert!(cluster.coordinator_addr().starts_with("127.0.0.1:"));
     let one = cluster.client(1).await.expect("client 1");
     let three = cluster.client(3).await.expect("client 3");
@@ -286,14 +268,13 @@ async fn a_deployment_also_runs_over_loopback_tcp() {
 
 #[tokio::test]
 async fn internal_calls_need_the_cluster_token_when_one_is_set() {
-    let cluster = TestCluster::start_with(TestClusterConfig {
-        clusters: 1,
-        servers_per_cluster: 1,
-        cluster_token: Some("s3cret".into()),
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start: servers present the token");
+    let mut config = TestClusterConfig::default();
+    config.clusters = 1;
+    config.servers_per_cluster = 1;
+    config.cluster_token = Some("s3cret".into());
+    let cluster = TestCluster::start_with(config)
+        .await
+        .expect("start: servers present the token");
     let channel = cluster
         .channel(cluster.coordinator_addr())
         .await

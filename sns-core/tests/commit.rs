@@ -21,10 +21,9 @@ fn u(id: u32) -> UserId {
 }
 
 fn slow_disk() -> CrashDisk {
-    CrashDisk::with_options(CrashDiskOptions {
-        sync_delay: SYNC,
-        ..CrashDiskOptions::default()
-    })
+    let mut options = CrashDiskOptions::default();
+    options.sync_delay = SYNC;
+    CrashDisk::with_options(options)
 }
 
 async fn open(config: ServerConfig, storage: Arc<dyn Storage>) -> Server {
@@ -33,10 +32,9 @@ async fn open(config: ServerConfig, storage: Arc<dyn Storage>) -> Server {
 
 /// One cluster: every user is local and has a timeline.
 fn standalone() -> ServerConfig {
-    ServerConfig {
-        clusters: 1,
-        ..ServerConfig::default()
-    }
+    let mut config = ServerConfig::default();
+    config.clusters = 1;
+    config
 }
 
 #[tokio::test(start_paused = true)]
@@ -76,11 +74,9 @@ async fn nothing_is_acknowledged_or_visible_before_it_is_durable() {
 #[tokio::test]
 async fn the_committed_stream_yields_every_entry_once_in_order_then_live() {
     let storage = Arc::new(MemoryStorage::new());
-    let config = ServerConfig {
-        // A tiny window, so early readers must fall back to the log.
-        recent_entries: 4,
-        ..standalone()
-    };
+    let mut config = standalone();
+    // A tiny window, so early readers must fall back to the log.
+    config.recent_entries = 4;
     let server = open(config, storage.clone()).await;
     for user in 1..=3 {
         server.login(u(user)).await.expect("login");
@@ -148,10 +144,8 @@ async fn the_committed_stream_yields_every_entry_once_in_order_then_live() {
 #[tokio::test(start_paused = true)]
 async fn writers_wait_while_the_commit_path_is_full() {
     let disk = slow_disk();
-    let config = ServerConfig {
-        max_inflight: 3,
-        ..standalone()
-    };
+    let mut config = standalone();
+    config.max_inflight = 3;
     let server = open(config, Arc::new(disk.open().expect("open"))).await;
     server.login(u(1)).await.expect("login");
     let base = server.positions().commit;

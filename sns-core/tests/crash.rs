@@ -102,16 +102,13 @@ fn run_case(ops: Vec<Vec<Op>>, crash_after: Duration) -> Result<(), TestCaseErro
         .build()
         .expect("runtime");
     runtime.block_on(async move {
-        let disk = CrashDisk::with_options(CrashDiskOptions {
-            sync_delay: Duration::from_micros(300),
-            ..CrashDiskOptions::default()
-        });
-        let config = ServerConfig {
-            // One cluster: every user is local and has a timeline.
-            clusters: 1,
-            snapshot_every: 16,
-            ..ServerConfig::default()
-        };
+        let mut options = CrashDiskOptions::default();
+        options.sync_delay = Duration::from_micros(300);
+        let disk = CrashDisk::with_options(options);
+        let mut config = ServerConfig::default();
+        // One cluster: every user is local and has a timeline.
+        config.clusters = 1;
+        config.snapshot_every = 16;
         let storage = Arc::new(disk.open().expect("open"));
         // Snapshots compact the log every 16 entries; a reader keeps it whole for the checks.
         storage.retain("crash-test", LogIndex(0));

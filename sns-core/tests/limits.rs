@@ -28,10 +28,9 @@ fn u(id: u32) -> UserId {
 }
 
 fn standalone() -> ServerConfig {
-    ServerConfig {
-        clusters: 1,
-        ..ServerConfig::default()
-    }
+    let mut config = ServerConfig::default();
+    config.clusters = 1;
+    config
 }
 
 async fn start(config: ServerConfig) -> TestServer {
@@ -315,12 +314,10 @@ async fn requests_are_bounded_in_size_and_in_arguments() {
 
 #[tokio::test]
 async fn one_user_cannot_take_every_timeline_stream() {
-    let server = start(ServerConfig {
-        max_timeline_streams_per_user: 2,
-        max_timeline_streams: 3,
-        ..standalone()
-    })
-    .await;
+    let mut config = standalone();
+    config.max_timeline_streams_per_user = 2;
+    config.max_timeline_streams = 3;
+    let server = start(config).await;
     let one = login(&server, 1).await;
     let two = login(&server, 2).await;
     let first = one.timeline().await.expect("1's first stream");
@@ -353,11 +350,9 @@ async fn the_post_rate_limit_is_one_per_user_across_streams() {
     const TICK: Duration = Duration::from_millis(1);
     let rate = 20;
     let spacing = Duration::from_secs(1) / rate;
-    let server = start(ServerConfig {
-        max_posts_per_second: rate,
-        ..standalone()
-    })
-    .await;
+    let mut config = standalone();
+    config.max_posts_per_second = rate;
+    let server = start(config).await;
     let one = login(&server, 1).await;
     let two = login(&server, 2).await;
     two.follow(u(1)).await.expect("2 follows 1");

@@ -24,12 +24,11 @@ fn u(id: u32) -> UserId {
 }
 
 fn config() -> TestClusterConfig {
-    TestClusterConfig {
-        clusters: 1,
-        servers_per_cluster: 2,
-        cluster_token: Some(TOKEN.to_string()),
-        ..TestClusterConfig::default()
-    }
+    let mut config = TestClusterConfig::default();
+    config.clusters = 1;
+    config.servers_per_cluster = 2;
+    config.cluster_token = Some(TOKEN.to_string());
+    config
 }
 
 fn server(cluster: &TestCluster, s: u32) -> Server {
@@ -335,12 +334,9 @@ async fn a_hello_claiming_epoch_u64_max_is_refused_and_the_master_keeps_its_role
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tcp_the_slave_mirrors_from_its_registered_ip_and_an_unlisted_server_is_refused() {
-    let cluster = TestCluster::start_with(TestClusterConfig {
-        tcp: true,
-        ..config()
-    })
-    .await
-    .expect("start");
+    let mut config = config();
+    config.tcp = true;
+    let cluster = TestCluster::start_with(config).await.expect("start");
     // The slave reached the master from 127.0.0.1, the host it registered with.
     let (m, s) = master_and_slave_in_sync(&cluster).await;
     let master = server(&cluster, m);

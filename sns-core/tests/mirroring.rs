@@ -18,12 +18,11 @@ fn u(id: u32) -> UserId {
 }
 
 fn config() -> TestClusterConfig {
-    TestClusterConfig {
-        clusters: 1,
-        servers_per_cluster: 2,
-        simulated_disks: true,
-        ..TestClusterConfig::default()
-    }
+    let mut config = TestClusterConfig::default();
+    config.clusters = 1;
+    config.servers_per_cluster = 2;
+    config.simulated_disks = true;
+    config
 }
 
 fn server(cluster: &TestCluster, s: u32) -> Server {
@@ -90,16 +89,15 @@ async fn churn(
     let acked: Acknowledged = Arc::default();
     let mut workers = Vec::new();
     for user in 1..=n {
+        let mut config = SessionConfig::default();
+        config.patience = WAIT;
+        config.first_retry = Duration::from_millis(20);
+        config.max_retry = Duration::from_millis(200);
         let session = Session::connect(
             cluster.network(),
             Target::Coordinator(cluster.coordinator_addr().to_string()),
             u(user),
-            SessionConfig {
-                patience: WAIT,
-                first_retry: Duration::from_millis(20),
-                max_retry: Duration::from_millis(200),
-                ..SessionConfig::default()
-            },
+            config,
         )
         .await
         .expect("session");
@@ -260,13 +258,10 @@ async fn master_crash_promotes_the_slave_and_the_old_master_rejoins_as_slave() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_master_drops_the_tail_its_successor_never_committed() {
-    let mut cluster = TestCluster::start_with(TestClusterConfig {
-        // Memory storage keeps every append, so the uncommitted tail survives the crash.
-        simulated_disks: false,
-        ..config()
-    })
-    .await
-    .expect("start");
+    let mut config = config();
+    // Memory storage keeps every append, so the uncommitted tail survives the crash.
+    config.simulated_disks = false;
+    let mut cluster = TestCluster::start_with(config).await.expect("start");
     let old = master(&cluster).await;
     let slave = 3 - old;
     let one = cluster.client(1).await.expect("client 1");

@@ -20,10 +20,9 @@ fn u(id: u32) -> UserId {
 
 /// A server on its own (one cluster): every user is local and has a timeline.
 fn standalone() -> ServerConfig {
-    ServerConfig {
-        clusters: 1,
-        ..ServerConfig::default()
-    }
+    let mut config = ServerConfig::default();
+    config.clusters = 1;
+    config
 }
 
 async fn start() -> TestServer {
@@ -640,10 +639,8 @@ async fn everything_survives_a_restart_on_file_storage() {
 #[tokio::test]
 async fn snapshots_compact_the_log_and_restarts_still_recover_everything() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = ServerConfig {
-        snapshot_every: 10,
-        ..standalone()
-    };
+    let mut config = standalone();
+    config.snapshot_every = 10;
     let open = || -> Arc<dyn Storage> { Arc::new(FileStorage::open(dir.path()).expect("open")) };
     let server = start_with(config.clone(), open()).await;
     let c1 = login(&server, 1).await;
@@ -861,10 +858,8 @@ async fn a_course_clients_quit_ends_its_stream_and_session_and_is_not_posted() {
 async fn a_list_of_600000_users_reaches_the_client_whole() {
     // Cluster 1 of 2; cluster 2 announced 600,000 users: a LIST reply of about 5.4 MB, over
     // the 4 MiB a gRPC client accepts by default.
-    let config = ServerConfig {
-        clusters: 2,
-        ..ServerConfig::default()
-    };
+    let mut config = ServerConfig::default();
+    config.clusters = 2;
     let server = start_with(config, Arc::new(MemoryStorage::new())).await;
     let origin = sns_core::ClusterId::new(2).expect("cluster");
     let at = sns_core::Timestamp::now();

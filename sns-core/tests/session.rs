@@ -24,13 +24,10 @@ fn u(id: u32) -> UserId {
 /// One cluster of one server: killing it leaves the cluster without a master until it is
 /// restarted on its storage.
 async fn one_server() -> TestCluster {
-    TestCluster::start_with(TestClusterConfig {
-        clusters: 1,
-        servers_per_cluster: 1,
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start")
+    let mut config = TestClusterConfig::default();
+    config.clusters = 1;
+    config.servers_per_cluster = 1;
+    TestCluster::start_with(config).await.expect("start")
 }
 
 fn server_addr(cluster: &TestCluster) -> String {
@@ -601,14 +598,11 @@ async fn posts_whose_acknowledgements_were_lost_are_not_stored_twice() {
 /// are stored, and every post is there exactly once, in the order typed.
 #[tokio::test(start_paused = true)]
 async fn a_master_crash_between_sending_and_acknowledging_loses_and_repeats_nothing() {
-    let mut cluster = TestCluster::start_with(TestClusterConfig {
-        clusters: 1,
-        servers_per_cluster: 1,
-        simulated_disks: true,
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start");
+    let mut config = TestClusterConfig::default();
+    config.clusters = 1;
+    config.servers_per_cluster = 1;
+    config.simulated_disks = true;
+    let mut cluster = TestCluster::start_with(config).await.expect("start");
     let one = routed(&cluster, 1).await;
     let mut events = one.subscribe();
     let feed = one.timeline().await.expect("timeline");

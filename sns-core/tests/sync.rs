@@ -24,16 +24,13 @@ fn u(id: u32) -> UserId {
 }
 
 async fn start(bus: Bus) -> TestCluster {
-    TestCluster::start_with(TestClusterConfig {
-        bus,
-        // The clients of these cases stay with the server they logged in to: heartbeats slower
-        // than the default keep a loaded machine (a broker starting queues on the same two
-        // cores) from promoting slaves under them.
-        heartbeat_interval: Duration::from_millis(500),
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start")
+    let mut config = TestClusterConfig::default();
+    config.bus = bus;
+    // The clients of these cases stay with the server they logged in to: heartbeats slower
+    // than the default keep a loaded machine (a broker starting queues on the same two
+    // cores) from promoting slaves under them.
+    config.heartbeat_interval = Duration::from_millis(500);
+    TestCluster::start_with(config).await.expect("start")
 }
 
 /// The suite every transport runs: one `#[tokio::test]` per (case, transport) below calls it.
@@ -132,13 +129,10 @@ async fn amqp_failover_during_sync_loses_nothing() {
 /// are lost). Every acknowledged post reaches user 1's timeline on the new master, once.
 async fn failover_during_sync(bus: Bus) {
     const POSTS: usize = 120;
-    let mut cluster = TestCluster::start_with(TestClusterConfig {
-        bus,
-        simulated_disks: true,
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start");
+    let mut config = TestClusterConfig::default();
+    config.bus = bus;
+    config.simulated_disks = true;
+    let mut cluster = TestCluster::start_with(config).await.expect("start");
     for user in 1..=3 {
         let server = master(&cluster, user).expect("master");
         server.login(u(user)).await.expect("login");
@@ -374,13 +368,10 @@ fn c(id: u32) -> ClusterId {
 /// converges to the model's users and follows, that masters and slaves are identical, and that
 /// every timeline holds exactly the posts it should.
 async fn converges(bus: Bus, ops: Vec<Op>, offsets: Vec<i64>) {
-    let mut cluster = TestCluster::start_with(TestClusterConfig {
-        bus,
-        clock_offsets_micros: offsets.clone(),
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start");
+    let mut config = TestClusterConfig::default();
+    config.bus = bus;
+    config.clock_offsets_micros = offsets.clone();
+    let mut cluster = TestCluster::start_with(config).await.expect("start");
     for user in 1..=USERS {
         let server = master(&cluster, home(user)).expect("master");
         server.login(u(user)).await.expect("login");

@@ -47,12 +47,9 @@ fn c(id: u32) -> ClusterId {
 }
 
 async fn start(bus: Bus) -> TestCluster {
-    TestCluster::start_with(TestClusterConfig {
-        bus,
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start")
+    let mut config = TestClusterConfig::default();
+    config.bus = bus;
+    TestCluster::start_with(config).await.expect("start")
 }
 
 /// The servers of cluster `id` (user `id` belongs to it), whichever is master.
@@ -484,13 +481,10 @@ async fn a_forged_post_never_reaches_a_follower_and_the_real_one_does() {
     let Some(broker) = amqp_broker("a_forged_post_never_reaches_a_follower").await else {
         return;
     };
-    let cluster = TestCluster::start_with(TestClusterConfig {
-        bus: broker.bus(QueueType::Quorum),
-        cluster_token: Some(TOKEN.to_string()),
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start");
+    let mut config = TestClusterConfig::default();
+    config.bus = broker.bus(QueueType::Quorum);
+    config.cluster_token = Some(TOKEN.to_string());
+    let cluster = TestCluster::start_with(config).await.expect("start");
     users_and_follows(&cluster, &[(1, 2), (3, 2)]).await;
     // The next post of user 2 will have this sequence number: a forger takes it first,
     // publishing straight to the exchange, unsigned and signed with a guessed token.
@@ -769,12 +763,7 @@ async fn a_queue_of_another_type_stops_the_synchronizer_with_a_configuration_err
         .expect("declare a classic queue");
     let cluster = start(Bus::None).await;
     let synchronizer = Synchronizer::new(
-        &SynchronizerConfig {
-            cluster: c(1),
-            clusters: 3,
-            coordinator: cluster.coordinator_addr().to_string(),
-            cluster_token: None,
-        },
+        &SynchronizerConfig::new(c(1), 3, cluster.coordinator_addr()),
         cluster.network(),
         Arc::new(AmqpBus::new(
             broker.options(QueueType::Quorum),
@@ -798,13 +787,10 @@ async fn a_restarted_publisher_resumes_after_its_cursor_file() {
     else {
         return;
     };
-    let mut cluster = TestCluster::start_with(TestClusterConfig {
-        bus: broker.bus(QueueType::Quorum),
-        files: true,
-        ..TestClusterConfig::default()
-    })
-    .await
-    .expect("start");
+    let mut config = TestClusterConfig::default();
+    config.bus = broker.bus(QueueType::Quorum);
+    config.files = true;
+    let mut cluster = TestCluster::start_with(config).await.expect("start");
     let Data::Dir(root) = cluster.deployment().config().data.clone() else {
         panic!("a deployment with files has a data directory");
     };

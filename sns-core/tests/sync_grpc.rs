@@ -33,10 +33,9 @@ fn u(id: u32) -> UserId {
 }
 
 fn grpc() -> TestClusterConfig {
-    TestClusterConfig {
-        bus: Bus::Grpc,
-        ..TestClusterConfig::default()
-    }
+    let mut config = TestClusterConfig::default();
+    config.bus = Bus::Grpc;
+    config
 }
 
 /// A synchronizer as `GetSyncServers` lists it: (id, cluster, `host:port`).
@@ -102,16 +101,15 @@ fn master_of(cluster: &TestCluster, c: u32) -> u32 {
 
 /// A session of `user` that fails over through the coordinator.
 async fn session(cluster: &TestCluster, user: u32) -> Session {
+    let mut config = SessionConfig::default();
+    config.patience = WAIT;
+    config.first_retry = Duration::from_millis(20);
+    config.max_retry = Duration::from_millis(200);
     Session::connect(
         cluster.network(),
         Target::Coordinator(cluster.coordinator_addr().to_string()),
         u(user),
-        SessionConfig {
-            patience: WAIT,
-            first_retry: Duration::from_millis(20),
-            max_retry: Duration::from_millis(200),
-            ..SessionConfig::default()
-        },
+        config,
     )
     .await
     .expect("session")
@@ -250,12 +248,9 @@ async fn the_coordinator_lists_live_synchronizers_and_drops_a_stopped_one_after_
 
 #[tokio::test]
 async fn a_subscription_for_another_cluster_or_without_the_token_is_refused() {
-    let cluster = TestCluster::start_with(TestClusterConfig {
-        cluster_token: Some(TOKEN.into()),
-        ..grpc()
-    })
-    .await
-    .expect("start");
+    let mut config = grpc();
+    config.cluster_token = Some(TOKEN.into());
+    let cluster = TestCluster::start_with(config).await.expect("start");
     cluster.client(2).await.expect("user 2 joins cluster 2");
     let listed = wait_listed(&cluster, 1, &[2, 3]).await;
     let channel = cluster.channel(&listed[0].2).await.expect("connect");
@@ -366,12 +361,9 @@ async fn synchronizer_restarts_while_posts_flow_lose_and_duplicate_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_of_the_origin_master_while_its_posts_stream_loses_nothing() {
-    let mut cluster = TestCluster::start_with(TestClusterConfig {
-        simulated_disks: true,
-        ..grpc()
-    })
-    .await
-    .expect("start");
+    let mut config = grpc();
+    config.simulated_disks = true;
+    let mut cluster = TestCluster::start_with(config).await.expect("start");
     let old = master_of(&cluster, 2);
     let slave = 3 - old;
     let in_sync = eventually(WAIT, || {
@@ -437,13 +429,10 @@ async fn a_crash_of_the_origin_master_while_its_posts_stream_loses_nothing() {
 
 #[tokio::test]
 async fn grpc_synchronizers_also_run_over_loopback_tcp() {
-    let cluster = TestCluster::start_with(TestClusterConfig {
-        clusters: 2,
-        tcp: true,
-        ..grpc()
-    })
-    .await
-    .expect("start");
+    let mut config = grpc();
+    config.clusters = 2;
+    config.tcp = true;
+    let cluster = TestCluster::start_with(config).await.expect("start");
     let listed = wait_listed(&cluster, 1, &[2]).await;
     assert!(listed[0].2.starts_with("127.0.0.1:"), "{listed:?}");
     let one = cluster.client(1).await.expect("client 1");
@@ -470,15 +459,14 @@ async fn grpc_synchronizers_also_run_over_loopback_tcp() {
 
 #[tokio::test]
 async fn course_ports_refuse_a_coordinator_on_a_synchronizer_port() {
-    let refused = Deployment::start(DeploymentConfig {
-        transport: Transport::Memory(MemoryNetwork::new()),
-        ports: Ports::Course { coordinator: 9002 },
-        data: Data::Memory,
-        bus: Bus::Grpc,
-        ..DeploymentConfig::default()
-    })
-    .await
-    .expect_err("port 9002 is cluster 2's synchronizer");
+    let mut config = DeploymentConfig::default();
+    config.transport = Transport::Memory(MemoryNetwork::new());
+    config.ports = Ports::Course { coordinator: 9002 };
+    config.data = Data::Memory;
+    config.bus = Bus::Grpc;
+    let refused = Deployment::start(config)
+        .await
+        .expect_err("port 9002 is cluster 2's synchronizer");
     assert!(
         matches!(&refused, Error::InvalidInput(m) if m.contains("9002")),
         "{refused}"
@@ -571,12 +559,9 @@ fn timeline_of(cluster: &TestCluster, c: u32, user: u32) -> Vec<String> {
 
 #[tokio::test]
 async fn a_batch_with_a_bad_mac_from_a_synchronizer_is_refused_and_counted() {
-    let mut cluster = TestCluster::start_with(TestClusterConfig {
-        cluster_token: Some(TOKEN.into()),
-        ..grpc()
-    })
-    .await
-    .expect("start");
+    let mut config = grpc();
+    config.cluster_token = Some(TOKEN.into());
+    let mut cluster = TestCluster::start_with(config).await.expect("start");
     follow_user_two(&cluster).await;
     let two = cluster
         .server(2, master_of(&cluster, 2))

@@ -50,13 +50,20 @@ fn posted(origin: u32, seq: u64, author: u32, text: &str) -> Event {
 
 /// A standalone master of cluster 1 of 3.
 async fn cluster_one(storage: Arc<MemoryStorage>, snapshot_every: u64) -> Server {
-    let config = ServerConfig {
-        cluster: c(1),
-        clusters: 3,
-        snapshot_every,
-        ..ServerConfig::default()
-    };
+    let mut config = ServerConfig::default();
+    config.cluster = c(1);
+    config.clusters = 3;
+    config.snapshot_every = snapshot_every;
     Server::open(config, storage).await.expect("open")
+}
+
+/// Settings of a server of cluster `cluster` of 2.
+fn server_of_two(cluster: u32, snapshot_every: u64) -> ServerConfig {
+    let mut config = ServerConfig::default();
+    config.cluster = c(cluster);
+    config.clusters = 2;
+    config.snapshot_every = snapshot_every;
+    config
 }
 
 #[tokio::test]
@@ -279,23 +286,17 @@ async fn compaction_keeps_what_a_named_reader_needs_and_drops_the_rest() {
 /// the same view of the origin as a cluster that received every event.
 #[tokio::test]
 async fn a_state_transfer_brings_a_far_behind_cluster_to_the_same_view() {
-    let config = |cluster: u32, snapshot_every: u64| ServerConfig {
-        cluster: c(cluster),
-        clusters: 2,
-        snapshot_every,
-        ..ServerConfig::default()
-    };
     let origin_storage = Arc::new(MemoryStorage::with_retention(2));
     let origin = Server::open(
-        config(1, 10),
+        server_of_two(1, 10),
         Arc::clone(&origin_storage) as Arc<dyn Storage>,
     )
     .await
     .expect("origin");
-    let all = Server::open(config(2, 100_000), Arc::new(MemoryStorage::new()))
+    let all = Server::open(server_of_two(2, 100_000), Arc::new(MemoryStorage::new()))
         .await
         .expect("receiver of everything");
-    let late = Server::open(config(2, 100_000), Arc::new(MemoryStorage::new()))
+    let late = Server::open(server_of_two(2, 100_000), Arc::new(MemoryStorage::new()))
         .await
         .expect("late receiver");
     let mut everything = origin.own_events_after(0, None).await.expect("feed");
@@ -601,25 +602,17 @@ async fn another_clusters_clock_never_moves_the_local_one_not_even_across_a_rest
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_cluster_stores_a_large_state_transfer_in_pieces_and_restarts_with_it() {
-    let config = |cluster: u32, snapshot_every: u64| ServerConfig {
-        cluster: c(cluster),
-        clusters: 2,
-        snapshot_every,
-        ..ServerConfig::default()
-    };
     let files = |dir: &std::path::Path| {
-        let options = sns_core::FileStorageOptions {
-            retention: 16,
-            segment_bytes: 256 << 10,
-            ..sns_core::FileStorageOptions::default()
-        };
+        let mut options = sns_core::FileStorageOptions::default();
+        options.retention = 16;
+        options.segment_bytes = 256 << 10;
         Arc::new(sns_core::FileStorage::open_with(dir, options).expect("open storage"))
     };
     let origin_dir = tempfile::tempdir().expect("temp dir");
     let late_dir = tempfile::tempdir().expect("temp dir");
     let origin_storage = files(origin_dir.path());
     let origin = Server::open(
-        config(1, 1_000),
+        server_of_two(1, 1_000),
         Arc::clone(&origin_storage) as Arc<dyn Storage>,
     )
     .await
@@ -656,7 +649,7 @@ async fn a_late_cluster_stores_a_large_state_transfer_in_pieces_and_restarts_wit
         "the origin took a snapshot and compacted its log"
     );
 
-    let late = Server::open(config(2, 100_000), files(late_dir.path()))
+    let late = Server::open(server_of_two(2, 100_000), files(late_dir.path()))
         .await
         .expect("late cluster");
     late.login(u(2)).await.expect("login");
@@ -684,7 +677,7 @@ async fn a_late_cluster_stores_a_large_state_transfer_in_pieces_and_restarts_wit
     assert_eq!(before.follower_count(u(3)), 2);
     late.close().await;
     drop(late);
-    let late = Server::open(config(2, 100_000), files(late_dir.path()))
+    let late = Server::open(server_of_two(2, 100_000), files(late_dir.path()))
         .await
         .expect("the late cluster restarts with what it stored");
     let (_, after) = late.committed_state();

@@ -26,8 +26,8 @@ use sns_core::transport::{
     Connection, ConnectionInfo, Connector, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Listener, Network,
 };
 use sns_core::{
-    Client, Coordinator, CoordinatorConfig, CoordinatorLink, Error, MemoryStorage, Role,
-    RoutingConfig, Server, ServerConfig, UserId,
+    Client, Coordinator, CoordinatorConfig, CoordinatorLink, Error, MemoryStorage, Role, Server,
+    ServerConfig, UserId,
 };
 use tokio::time::Instant;
 use tokio_stream::Stream;
@@ -176,15 +176,11 @@ fn a_partitioned_master_steps_down_within_the_failure_timeout_and_rejoins_after_
 
 /// The coordinator of the simulated deployment (one cluster).
 fn coordinator() -> Coordinator {
-    Coordinator::new(CoordinatorConfig {
-        routing: RoutingConfig {
-            clusters: 1,
-            heartbeat_interval: INTERVAL,
-            missed_heartbeats: MISSED,
-            ..RoutingConfig::default()
-        },
-        cluster_token: None,
-    })
+    let mut config = CoordinatorConfig::default();
+    config.routing.clusters = 1;
+    config.routing.heartbeat_interval = INTERVAL;
+    config.routing.missed_heartbeats = MISSED;
+    Coordinator::new(config)
 }
 
 /// Serves `coordinator` on the simulated host `coordinator`.
@@ -211,12 +207,10 @@ fn server_host(
     sim.host(name, move || {
         let slot = Arc::clone(&slot);
         async move {
-            let config = ServerConfig {
-                server_id: sns_core::ServerId::new(id).expect("server id"),
-                clusters: 1,
-                mirror_timeout: INTERVAL * MISSED,
-                ..ServerConfig::default()
-            };
+            let mut config = ServerConfig::default();
+            config.server_id = sns_core::ServerId::new(id).expect("server id");
+            config.clusters = 1;
+            config.mirror_timeout = INTERVAL * MISSED;
             let server = Server::open_replica(config, Arc::new(MemoryStorage::new())).await?;
             let listener = bind(name, SERVER_PORT).await?;
             let mut link = CoordinatorLink::new(

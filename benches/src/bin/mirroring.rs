@@ -118,18 +118,16 @@ async fn run(args: Args) -> Result<(), Failure> {
 
 async fn case(args: &Args, servers: u32, writers: u32) -> Result<Outcome, Failure> {
     let dir = tempfile::tempdir()?;
-    let config = DeploymentConfig {
-        clusters: 1,
-        servers_per_cluster: servers,
-        transport: if args.memory {
-            Transport::Memory(MemoryNetwork::new())
-        } else {
-            Transport::Tcp
-        },
-        ports: Ports::Auto,
-        data: Data::Dir(dir.path().to_path_buf()),
-        ..DeploymentConfig::default()
+    let mut config = DeploymentConfig::default();
+    config.clusters = 1;
+    config.servers_per_cluster = servers;
+    config.transport = if args.memory {
+        Transport::Memory(MemoryNetwork::new())
+    } else {
+        Transport::Tcp
     };
+    config.ports = Ports::Auto;
+    config.data = Data::Dir(dir.path().to_path_buf());
     let deployment = Deployment::start(config).await?;
     let result = measure(&deployment, args, servers, writers).await;
     deployment.shutdown().await;

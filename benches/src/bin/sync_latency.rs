@@ -107,19 +107,17 @@ async fn run(args: Args) -> Result<(), Failure> {
         return Err("--rate and --authors must be at least 1".into());
     }
     let dir = tempfile::tempdir()?;
-    let config = DeploymentConfig {
-        clusters: 3,
-        servers_per_cluster: 2,
-        transport: if args.memory {
-            Transport::Memory(MemoryNetwork::new())
-        } else {
-            Transport::Tcp
-        },
-        ports: Ports::Auto,
-        data: Data::Dir(dir.path().to_path_buf()),
-        bus: args.bus.clone(),
-        ..DeploymentConfig::default()
+    let mut config = DeploymentConfig::default();
+    config.clusters = 3;
+    config.servers_per_cluster = 2;
+    config.transport = if args.memory {
+        Transport::Memory(MemoryNetwork::new())
+    } else {
+        Transport::Tcp
     };
+    config.ports = Ports::Auto;
+    config.data = Data::Dir(dir.path().to_path_buf());
+    config.bus = args.bus.clone();
     let deployment = Deployment::start(config).await?;
     let result = measure(&deployment, &args).await;
     deployment.shutdown().await;

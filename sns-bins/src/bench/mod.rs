@@ -182,18 +182,13 @@ pub async fn run(args: BenchArgs) -> Result<Report, Failure> {
             Data::Dir(dir.path().to_path_buf())
         }
     };
-    let config = DeploymentConfig {
-        clusters: args.clusters,
-        servers_per_cluster: args.servers,
-        ports: Ports::Auto,
-        data,
-        bus: bus.clone(),
-        server: sns_core::ServerConfig {
-            snapshot_every: args.snapshot_every,
-            ..sns_core::ServerConfig::default()
-        },
-        ..DeploymentConfig::default()
-    };
+    let mut config = DeploymentConfig::default();
+    config.clusters = args.clusters;
+    config.servers_per_cluster = args.servers;
+    config.ports = Ports::Auto;
+    config.data = data;
+    config.bus = bus.clone();
+    config.server.snapshot_every = args.snapshot_every;
     let deployment = Deployment::start(config)
         .await
         .map_err(|e| format!("starting the deployment: {e}"))?;

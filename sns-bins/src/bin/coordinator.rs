@@ -19,7 +19,7 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, Parser};
 use sns_bins::{HeartbeatArgs, TokenArgs};
-use sns_core::{Coordinator, CoordinatorConfig, RoutingConfig};
+use sns_core::{Coordinator, CoordinatorConfig};
 use tokio_util::sync::CancellationToken;
 
 /// Tiny SNS coordinator.
@@ -88,16 +88,14 @@ async fn run(args: Args) -> Result<(), String> {
              coordinator may register servers, reroute clients and read its status"
         );
     }
-    let coordinator = Coordinator::new(CoordinatorConfig {
-        routing: RoutingConfig {
-            clusters: args.clusters,
-            servers: args.servers,
-            heartbeat_interval: args.heartbeat.interval(),
-            missed_heartbeats: args.heartbeat.missed_heartbeats,
-            allow_unclean_promotion: args.allow_unclean_promotion,
-        },
-        cluster_token: token,
-    });
+    let mut config = CoordinatorConfig::default();
+    config.routing.clusters = args.clusters;
+    config.routing.servers = args.servers;
+    config.routing.heartbeat_interval = args.heartbeat.interval();
+    config.routing.missed_heartbeats = args.heartbeat.missed_heartbeats;
+    config.routing.allow_unclean_promotion = args.allow_unclean_promotion;
+    config.cluster_token = token;
+    let coordinator = Coordinator::new(config);
     let addr = sns_core::transport::address(&args.bind, args.port);
     let listener = sns_core::transport::tcp::bind(&addr)
         .await

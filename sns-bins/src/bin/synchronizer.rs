@@ -137,12 +137,12 @@ async fn run(args: Args, bus: Bus) -> Result<(), String> {
         )?;
     }
     let transport = open_bus(&args, &bus, cluster).await?;
-    let config = SynchronizerConfig {
+    let mut config = SynchronizerConfig::new(
         cluster,
-        clusters: args.clusters,
-        coordinator: transport::address(&args.coordinator_host, args.coordinator_port),
-        cluster_token: token,
-    };
+        args.clusters,
+        transport::address(&args.coordinator_host, args.coordinator_port),
+    );
+    config.cluster_token = token;
     let synchronizer =
         Synchronizer::new(&config, &Network::tcp(), transport).map_err(|e| e.to_string())?;
     let running = synchronizer.run();
@@ -198,15 +198,9 @@ async fn open_bus(
                 "synchronizer serving cluster {cluster}: sns.v1.Sync on {}",
                 listener.addr()
             );
-            Ok(Arc::new(GrpcBus::new(
-                listener,
-                GrpcBusOptions {
-                    sync_id: args.id,
-                    advertise_host: args.advertise_host.clone(),
-                    advertise_port: None,
-                    heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
-                },
-            )))
+            let mut options = GrpcBusOptions::new(args.id, args.advertise_host.clone());
+            options.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
+            Ok(Arc::new(GrpcBus::new(listener, options)))
         }
         Bus::Amqp(options) => {
             let dir = args

@@ -122,10 +122,8 @@ async fn run(args: Args) -> Result<(), String> {
         (None, Some(port)) => Target::Direct(transport::address(&args.host, port)),
         (None, None) => return Err("tsc: give -k COORDINATOR_PORT or -p SERVER_PORT".into()),
     };
-    let config = SessionConfig {
-        heartbeat_interval: Duration::from_secs(args.heartbeat_secs.max(1)),
-        ..SessionConfig::default()
-    };
+    let mut config = SessionConfig::default();
+    config.heartbeat_interval = Duration::from_secs(args.heartbeat_secs.max(1));
     let mut signals = sns_bins::signals::ExitSignals::install();
     let session = Session::connect(&Network::tcp(), target.clone(), user, config)
         .await

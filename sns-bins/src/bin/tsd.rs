@@ -263,29 +263,26 @@ fn open_storage(
 
 /// The server's settings from its flags (a standalone server is the only cluster).
 fn server_config(args: &Args, cluster: ClusterId, server_id: ServerId) -> ServerConfig {
-    ServerConfig {
-        cluster,
-        server_id,
-        clusters: if args.coordinator_port.is_some() {
-            args.clusters
-        } else {
-            1
-        },
-        timeline_cap: args.timeline_cap,
-        max_connections: args.limits.max_connections(),
-        handshake_timeout: Duration::from_secs(args.limits.handshake_timeout_secs),
-        max_timeline_streams: usize::try_from(args.limits.max_timeline_streams)
-            .unwrap_or(usize::MAX),
-        max_timeline_streams_per_user: usize::try_from(args.limits.max_streams_per_user)
-            .unwrap_or(usize::MAX),
-        max_posts_per_second: args.limits.max_posts_per_second,
-        max_clock_skew: args.limits.max_clock_skew,
-        mirror_timeout: node::mirror_timeout(
-            args.heartbeat.interval(),
-            args.heartbeat.missed_heartbeats,
-        ),
-        ..ServerConfig::default()
-    }
+    let mut config = ServerConfig::default();
+    config.cluster = cluster;
+    config.server_id = server_id;
+    config.clusters = if args.coordinator_port.is_some() {
+        args.clusters
+    } else {
+        1
+    };
+    config.timeline_cap = args.timeline_cap;
+    config.max_connections = args.limits.max_connections();
+    config.handshake_timeout = Duration::from_secs(args.limits.handshake_timeout_secs);
+    config.max_timeline_streams =
+        usize::try_from(args.limits.max_timeline_streams).unwrap_or(usize::MAX);
+    config.max_timeline_streams_per_user =
+        usize::try_from(args.limits.max_streams_per_user).unwrap_or(usize::MAX);
+    config.max_posts_per_second = args.limits.max_posts_per_second;
+    config.max_clock_skew = args.limits.max_clock_skew;
+    config.mirror_timeout =
+        node::mirror_timeout(args.heartbeat.interval(), args.heartbeat.missed_heartbeats);
+    config
 }
 
 /// Joined to a coordinator, the link that heartbeats it, advertising `port`; standalone, none.

@@ -22,7 +22,11 @@ use crate::error::Result;
 pub const MAX_STATUS_REPLY: usize = 16 << 20;
 
 /// Settings of a [`Coordinator`].
+///
+/// Non-exhaustive, so that fields can be added later: build it from `CoordinatorConfig::default()`
+/// and set the fields you need.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct CoordinatorConfig {
     /// Clusters and heartbeat timing.
     pub routing: RoutingConfig,
@@ -36,17 +40,14 @@ pub struct CoordinatorConfig {
 /// binary); clients ask it where a user's master is. Served alone, it knows no server yet:
 ///
 /// ```
-/// use sns_core::{
-///     Coordinator, CoordinatorClient, CoordinatorConfig, MemoryNetwork, RoutingConfig, UserId,
-/// };
+/// use sns_core::{Coordinator, CoordinatorClient, CoordinatorConfig, MemoryNetwork, UserId};
 /// use tokio_util::sync::CancellationToken;
 ///
 /// # #[tokio::main]
 /// # async fn main() -> sns_core::Result<()> {
-/// let coordinator = Coordinator::new(CoordinatorConfig {
-///     routing: RoutingConfig { clusters: 3, ..RoutingConfig::default() },
-///     cluster_token: None,
-/// });
+/// let mut config = CoordinatorConfig::default();
+/// config.routing.clusters = 3;
+/// let coordinator = Coordinator::new(config);
 /// let network = MemoryNetwork::new();
 /// let listener = network.bind("coordinator:0")?;
 /// let addr = listener.addr().to_string();

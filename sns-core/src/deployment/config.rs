@@ -107,7 +107,11 @@ pub enum Data {
 }
 
 /// Shape and settings of a deployment.
+///
+/// Non-exhaustive, so that fields can be added later: build it from `DeploymentConfig::default()`
+/// and set the fields you need.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DeploymentConfig {
     /// Number of clusters.
     pub clusters: u32,

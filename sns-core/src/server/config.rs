@@ -7,7 +7,11 @@ use crate::ids::{ClusterId, ServerId};
 use crate::state::{DEFAULT_TIMELINE_CAP, StateConfig};
 
 /// Settings of a [`Server`](super::Server); every field has a sensible default.
+///
+/// Non-exhaustive, so that fields can be added later: build it from `ServerConfig::default()` and
+/// set the fields you need.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// The cluster this server belongs to (its events carry this origin).
     pub cluster: ClusterId,

@@ -32,7 +32,11 @@ use policy::{Decision, Heartbeats, Held};
 mod policy;
 
 /// How a server reaches and reports to its coordinator.
+///
+/// Non-exhaustive, so that fields can be added later: build it with [`CoordinatorLink::new`] and
+/// set the fields you need.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct CoordinatorLink {
     /// The coordinator's `host:port`.
     pub coordinator: String,

@@ -191,7 +191,8 @@ struct Joined {
 /// # #[tokio::main]
 /// # async fn main() -> sns_core::Result<()> {
 /// // One cluster: every user is this server's.
-/// let config = ServerConfig { clusters: 1, ..ServerConfig::default() };
+/// let mut config = ServerConfig::default();
+/// config.clusters = 1;
 /// let server = Server::open(config, Arc::new(MemoryStorage::new())).await?;
 /// let network = MemoryNetwork::new();
 /// let listener = network.bind("server:0")?; // or a TCP listener, e.g. on 127.0.0.1:0

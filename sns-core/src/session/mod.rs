@@ -82,7 +82,11 @@ pub enum Target {
 }
 
 /// Settings of a [`Session`]; the defaults suit the default server settings.
+///
+/// Non-exhaustive, so that fields can be added later: build it from `SessionConfig::default()` and
+/// set the fields you need.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SessionConfig {
     /// Time between session heartbeats (the server expires a session after two missed ones).
     pub heartbeat_interval: Duration,

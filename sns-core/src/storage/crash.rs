@@ -25,7 +25,11 @@ use crate::event::LogEntry;
 use crate::ids::{EventId, LogIndex};
 
 /// Tuning of a [`CrashDisk`].
+///
+/// Non-exhaustive, so that fields can be added later: build it from `CrashDiskOptions::default()`
+/// and set the fields you need.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct CrashDiskOptions {
     /// Entries kept, at most, behind the latest snapshot for registered readers.
     pub retention: u64,

@@ -91,7 +91,11 @@ pub(super) use layout::list;
 use writer::{Request, Writer};
 
 /// Tuning of a [`FileStorage`].
+///
+/// Non-exhaustive, so that fields can be added later: build it from `FileStorageOptions::default()`
+/// and set the fields you need.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct FileStorageOptions {
     /// A segment larger than this is closed and a new one started.
     pub segment_bytes: u64,

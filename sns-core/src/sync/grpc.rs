@@ -42,7 +42,11 @@ use crate::transport::{Listener, address, split_addr};
 const FIRST_LOOKUP_RETRY: Duration = Duration::from_millis(20);
 
 /// Settings of a [`GrpcBus`].
+///
+/// Non-exhaustive, so that fields can be added later: build it with [`GrpcBusOptions::new`] and set
+/// the fields you need.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct GrpcBusOptions {
     /// The synchronizer's id at the coordinator; it serves cluster `((id - 1) % N) + 1`, which
     /// must be the cluster of the link it runs on.

@@ -75,7 +75,11 @@ pub trait SyncTransport: Send + Sync + 'static {
 }
 
 /// Settings of a [`Synchronizer`].
+///
+/// Non-exhaustive, so that fields can be added later: build it with [`SynchronizerConfig::new`] and
+/// set the fields you need.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SynchronizerConfig {
     /// The cluster it serves.
     pub cluster: ClusterId,
@@ -85,6 +89,19 @@ pub struct SynchronizerConfig {
     pub coordinator: String,
     /// The cluster token for internal calls, if the deployment uses one.
     pub cluster_token: Option<String>,
+}
+
+impl SynchronizerConfig {
+    /// The settings of the synchronizer of `cluster` in a deployment of `clusters` clusters whose
+    /// coordinator is at `coordinator` (`host:port`), without a cluster token.
+    pub fn new(cluster: ClusterId, clusters: u32, coordinator: impl Into<String>) -> Self {
+        Self {
+            cluster,
+            clusters,
+            coordinator: coordinator.into(),
+            cluster_token: None,
+        }
+    }
 }
 
 /// The cluster a synchronizer with id `id` serves in a deployment of `clusters` clusters:
@@ -119,25 +136,19 @@ pub fn cluster_of_synchronizer(id: u32, clusters: u32) -> Result<ClusterId> {
 ///
 /// # #[tokio::main]
 /// # async fn main() -> sns_core::Result<()> {
-/// let deployment = Deployment::start(DeploymentConfig {
-///     clusters: 2,
-///     servers_per_cluster: 1,
-///     transport: Transport::Memory(MemoryNetwork::new()),
-///     ports: Ports::Auto,
-///     data: Data::Memory,
-///     bus: Bus::None,
-///     ..DeploymentConfig::default()
-/// })
-/// .await?;
+/// let mut config = DeploymentConfig::default();
+/// config.clusters = 2;
+/// config.servers_per_cluster = 1;
+/// config.transport = Transport::Memory(MemoryNetwork::new());
+/// config.ports = Ports::Auto;
+/// config.data = Data::Memory;
+/// config.bus = Bus::None;
+/// let deployment = Deployment::start(config).await?;
 /// deployment.wait_for_masters(Duration::from_secs(10)).await?;
 /// let mut running = Vec::new();
 /// for cluster in [1, 2] {
-///     let config = SynchronizerConfig {
-///         cluster: ClusterId::new(cluster).unwrap(),
-///         clusters: 2,
-///         coordinator: deployment.coordinator_addr().to_string(),
-///         cluster_token: None,
-///     };
+///     let cluster = ClusterId::new(cluster).unwrap();
+///     let config = SynchronizerConfig::new(cluster, 2, deployment.coordinator_addr());
 ///     let synchronizer = Synchronizer::new(&config, deployment.network(), Arc::new(LocalBus))?;
 ///     let task = tokio::spawn({
 ///         let synchronizer = synchronizer.clone();

@@ -24,7 +24,11 @@ pub const FORGET_AFTER_TIMEOUTS: u32 = 10;
 pub const SYNCHRONIZERS_PER_CLUSTER: usize = 4;
 
 /// Timing and size of a deployment.
+///
+/// Non-exhaustive, so that fields can be added later: build it from `RoutingConfig::default()` and
+/// set the fields you need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RoutingConfig {
     /// Number of clusters (users are spread over `1..=clusters`).
     pub clusters: u32,

@@ -95,7 +95,11 @@ impl std::str::FromStr for QueueType {
 }
 
 /// Settings of the RabbitMQ transport.
+///
+/// Non-exhaustive, so that fields can be added later: build it from `AmqpOptions::default()` (or
+/// [`AmqpOptions::new`]) and set the fields you need.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AmqpOptions {
     /// The broker: `amqp://user:password@host:port/vhost` (the vhost URL-encoded, `%2f` for
     /// `/`; `?heartbeat=<s>` sets the heartbeat). Plain TCP only.
