@@ -675,6 +675,48 @@ async fn snapshots_compact_the_log_and_restarts_still_recover_everything() {
     server.stop().await.expect("stop");
 }
 
+/// Snapshots are taken from a copy of the committed state that follows the committed entries
+/// in the background: the snapshot at an index must hold exactly the live state at that index.
+#[tokio::test]
+async fn a_snapshot_holds_the_committed_state_at_its_index() {
+    let storage = Arc::new(MemoryStorage::new());
+    let mut config = standalone();
+    config.snapshot_every = 10;
+    let server = Server::open(config.clone(), storage.clone())
+        .await
+        .expect("open");
+    // Ten entries: three users join, two follows, four posts, one unfollow.
+    for user in 1..=3 {
+        server.login(u(user)).await.expect("login");
+    }
+    server.follow(u(1), "2").await.expect("follow");
+    server.follow(u(3), "2").await.expect("follow");
+    for i in 0..4 {
+        server
+            .post(u(2), format!("post {i}").as_bytes())
+            .await
+            .expect("post");
+    }
+    server.unfollow(u(3), "2").await.expect("unfollow");
+    let (commit, live) = server.committed_state();
+    assert_eq!(commit, sns_core::LogIndex(10));
+    assert!(
+        eventually(WAIT, || async {
+            storage.snapshot().await.expect("read").is_some()
+        })
+        .await,
+        "no snapshot was taken"
+    );
+    let snapshot = storage.snapshot().await.expect("read").expect("held");
+    assert_eq!(snapshot.index, commit);
+    let restored = snapshot
+        .restore(&config.state_config())
+        .expect("the snapshot decodes");
+    assert_eq!(restored, live);
+    assert_eq!(restored.recent_timeline(u(1), 20).len(), 4);
+    server.close().await;
+}
+
 #[tokio::test]
 async fn shutdown_ends_open_timelines_and_leaves_no_task_behind() {
     let server = start().await;

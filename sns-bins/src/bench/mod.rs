@@ -36,7 +36,7 @@ use sns_core::{Bus, Data, Deployment, DeploymentConfig, Ports, UserId};
 use tokio::sync::Mutex;
 
 pub use graph::{Graph, Rng, Shape};
-pub use report::Report;
+pub use report::{Report, Worst};
 pub use scenario::Scenario;
 pub use tally::{Percentiles, Tally, Verdict};
 
@@ -119,6 +119,11 @@ pub struct BenchArgs {
     /// acknowledged posts).
     #[arg(long)]
     pub course: bool,
+    /// Runs, one after the other, each with a fresh deployment (in-process) or a fresh range
+    /// of users after the previous run's (running deployment); each run is reported, then the
+    /// worst figure of each kind across the runs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub runs: u32,
     /// Print the report as JSON on stdout (no progress bar).
     #[arg(long)]
     pub json: bool,
@@ -154,7 +159,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// A failure of the run itself (not of exactly-once delivery, which the report carries).
 type Failure = String;
 
-/// Runs the benchmark and returns its report; progress goes to stderr.
+/// Runs the benchmark `--runs` times, one run after the other, and returns each run's report;
+/// progress goes to stderr. A run that cannot be made at all (not one that misses deliveries,
+/// which its report says) ends the series.
+pub async fn run_all(args: BenchArgs) -> Result<Vec<Report>, Failure> {
+    check(&args)?;
+    let mut reports = Vec::new();
+    for run_index in 0..args.runs {
+        let mut run_args = args.clone();
+        run_args.first_user = args.first_user + run_index * args.users;
+        if args.runs > 1 && !args.json {
+            eprintln!("sns bench: run {} of {}", run_index + 1, args.runs);
+        }
+        reports.push(run(run_args).await?);
+    }
+    Ok(reports)
+}
+
+/// Runs the benchmark once and returns its report; progress goes to stderr.
 pub async fn run(args: BenchArgs) -> Result<Report, Failure> {
     let bus = crate::bus::parse_bus(&args.bus).map_err(|e| format!("--bus: {e}"))?;
     let bus = match bus {
@@ -165,7 +187,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, Failure> {
         }
         other => other,
     };
-    check(&args, &bus)?;
+    check(&args)?;
     let graph = Graph::draw(args.users, args.follows_per_user, args.graph, args.seed)?;
     if args.host.is_some() {
         let coordinator =
@@ -222,14 +244,16 @@ pub async fn run(args: BenchArgs) -> Result<Report, Failure> {
 }
 
 /// Flag combinations that cannot work, refused before anything starts.
-fn check(args: &BenchArgs, bus: &Bus) -> Result<(), Failure> {
+fn check(args: &BenchArgs) -> Result<(), Failure> {
+    let bus = crate::bus::parse_bus(&args.bus).map_err(|e| format!("--bus: {e}"))?;
     if args.duration.is_zero() {
         return Err("--duration must be above 0".to_string());
     }
-    let last = u64::from(args.first_user) + u64::from(args.users) - 1;
+    // Every run takes the next range of users.
+    let last = u64::from(args.first_user) + u64::from(args.users) * u64::from(args.runs) - 1;
     if last > u64::from(UserId::MAX) {
         return Err(format!(
-            "user ids would run past {}: lower --first-user or --users",
+            "user ids would run past {}: lower --first-user, --users or --runs",
             UserId::MAX
         ));
     }
@@ -245,7 +269,7 @@ fn check(args: &BenchArgs, bus: &Bus) -> Result<(), Failure> {
             return Err("the failover scenario needs --servers 2 or more".to_string());
         }
         Scenario::Failover => {}
-        Scenario::BrokerRestart if args.host.is_none() && !matches!(bus, Bus::Amqp(_)) => {
+        Scenario::BrokerRestart if args.host.is_none() && !matches!(&bus, Bus::Amqp(_)) => {
             return Err(
                 "the broker-restart scenario needs --bus amqp://... (or a running deployment whose synchronizers use RabbitMQ)"
                     .to_string(),

@@ -169,6 +169,103 @@ impl Report {
     }
 }
 
+/// The worst figure of each kind across a series of runs (`--runs`): the lowest throughput,
+/// the highest latencies, any run that was not exactly once.
+#[derive(Debug, Clone, Serialize)]
+pub struct Worst {
+    /// Runs in the series.
+    pub runs: usize,
+    /// The lowest posts/s of a run.
+    pub posts_per_s: f64,
+    /// The lowest deliveries/s of a run.
+    pub deliveries_per_s: f64,
+    /// Same cluster: the highest p50, p90, p99, p99.9 and max of a run.
+    pub same_cluster_ms: Percentiles,
+    /// Other clusters: the same.
+    pub cross_cluster_ms: Percentiles,
+    /// All deliveries: the same.
+    pub all_ms: Percentiles,
+    /// Runs that were not exactly once.
+    pub not_exactly_once: usize,
+}
+
+impl Worst {
+    /// The worst of `reports` (at least one).
+    pub fn of(reports: &[Report]) -> Self {
+        let low = |f: fn(&Report) -> f64| reports.iter().map(f).fold(f64::INFINITY, f64::min);
+        let high = |pick: fn(&Report) -> &Percentiles| Percentiles {
+            count: reports.iter().map(|r| pick(r).count).min().unwrap_or(0),
+            p50: reports.iter().map(|r| pick(r).p50).fold(0.0, f64::max),
+            p90: reports.iter().map(|r| pick(r).p90).fold(0.0, f64::max),
+            p99: reports.iter().map(|r| pick(r).p99).fold(0.0, f64::max),
+            p99_9: reports.iter().map(|r| pick(r).p99_9).fold(0.0, f64::max),
+            max: reports.iter().map(|r| pick(r).max).fold(0.0, f64::max),
+        };
+        Self {
+            runs: reports.len(),
+            posts_per_s: low(|r| r.posts_per_s),
+            deliveries_per_s: low(|r| r.deliveries_per_s),
+            same_cluster_ms: high(|r| &r.same_cluster_ms),
+            cross_cluster_ms: high(|r| &r.cross_cluster_ms),
+            all_ms: high(|r| &r.all_ms),
+            not_exactly_once: reports.iter().filter(|r| !r.ok).count(),
+        }
+    }
+
+    /// One line per run (throughput, p99 and max per path, exactly once) and the worst.
+    pub fn table(&self, reports: &[Report]) -> String {
+        let mut out = format!(
+            "{:<6} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12}  {}\n",
+            "run",
+            "posts/s",
+            "deliveries/s",
+            "same p99",
+            "same max",
+            "other p99",
+            "other max",
+            "exactly once"
+        );
+        let row = |out: &mut String,
+                   name: String,
+                   posts: f64,
+                   deliveries: f64,
+                   same: &Percentiles,
+                   other: &Percentiles,
+                   ok: String| {
+            out.push_str(&format!(
+                "{name:<6} {posts:>9.0} {deliveries:>12.0} {:>9.2} ms {:>9.2} ms {:>9.2} ms {:>9.2} ms  {ok}\n",
+                same.p99, same.max, other.p99, other.max
+            ));
+        };
+        for (i, r) in reports.iter().enumerate() {
+            let ok = if r.ok { "yes" } else { "NO" };
+            row(
+                &mut out,
+                (i + 1).to_string(),
+                r.posts_per_s,
+                r.deliveries_per_s,
+                &r.same_cluster_ms,
+                &r.cross_cluster_ms,
+                ok.to_string(),
+            );
+        }
+        let ok = match self.not_exactly_once {
+            0 => "every run".to_string(),
+            n => format!("NO in {}", plural(n as u64, "run")),
+        };
+        row(
+            &mut out,
+            "worst".to_string(),
+            self.posts_per_s,
+            self.deliveries_per_s,
+            &self.same_cluster_ms,
+            &self.cross_cluster_ms,
+            ok,
+        );
+        out
+    }
+}
+
 /// One `key  value` line of the summary.
 fn line(out: &mut String, key: &str, value: String) {
     out.push_str(&format!("{key:<22} {value}\n"));

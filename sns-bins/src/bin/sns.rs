@@ -85,19 +85,48 @@ fn main() -> ExitCode {
 
 async fn bench(args: sns_bins::bench::BenchArgs) -> Result<(), String> {
     let json = args.json;
-    let report = sns_bins::bench::run(args).await?;
-    if json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        println!("{text}");
-    } else {
-        print!("{}", report.table());
+    let reports = sns_bins::bench::run_all(args).await?;
+    let worst = sns_bins::bench::Worst::of(&reports);
+    match (&reports[..], json) {
+        ([report], true) => println!("{}", to_json(report)?),
+        ([report], false) => print!("{}", report.table()),
+        (_, true) => println!(
+            "{}",
+            to_json(&serde_json::json!({ "runs": reports, "worst": worst }))?
+        ),
+        (_, false) => {
+            for (i, report) in reports.iter().enumerate() {
+                println!("── run {} of {}", i + 1, reports.len());
+                print!("{}", report.table());
+                println!();
+            }
+            println!("── {} runs", reports.len());
+            print!("{}", worst.table(&reports));
+        }
     }
-    if report.ok {
+    let failed: Vec<String> = reports
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.ok)
+        .map(|(i, r)| {
+            let v = &r.exactly_once;
+            let run = if reports.len() > 1 {
+                format!("run {}: ", i + 1)
+            } else {
+                String::new()
+            };
+            format!(
+                "{run}{} missing, {} duplicate, {} unexpected deliveries",
+                v.missing, v.duplicates, v.unexpected
+            )
+        })
+        .collect();
+    if failed.is_empty() {
         return Ok(());
     }
-    let v = &report.exactly_once;
-    Err(format!(
-        "not exactly once: {} missing, {} duplicate, {} unexpected deliveries",
-        v.missing, v.duplicates, v.unexpected
-    ))
+    Err(format!("not exactly once: {}", failed.join("; ")))
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<String, String> {
+    serde_json::to_string_pretty(value).map_err(|e| e.to_string())
 }

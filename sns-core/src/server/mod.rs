@@ -29,6 +29,7 @@ mod pipeline;
 pub(crate) mod replication;
 mod role;
 mod sessions;
+mod snapshots;
 mod sync;
 mod timeline;
 mod uncommitted;
@@ -120,8 +121,6 @@ struct Core {
     counted_by_master: bool,
     /// On a slave: whether a mirroring stream to the master is up.
     mirroring: bool,
-    entries_since_snapshot: u64,
-    snapshot_running: bool,
     sessions: Sessions,
     subscribers: Subscribers,
     /// Set when the storage failed: the state may be ahead of the disk, so refuse everything.

@@ -14,6 +14,7 @@ use super::committed::RecentEntries;
 use super::pipeline::{self, Gate, Pending};
 use super::replication::{RefusalLog, Replicas, Roster};
 use super::sessions::Sessions;
+use super::snapshots::{self, Shadow};
 use super::timeline::Subscribers;
 use super::uncommitted::Uncommitted;
 use super::{Core, Server, ServerConfig, Shared, limits, sync};
@@ -39,7 +40,7 @@ impl Server {
     }
 
     async fn open_as(config: ServerConfig, storage: Arc<dyn Storage>, role: Role) -> Result<Self> {
-        let (core, tail) = recover(&config, storage.as_ref(), role).await?;
+        let (core, tail, shadow) = recover(&config, storage.as_ref(), role).await?;
         let inflight = config.max_inflight.max(1);
         // One more than the slots: the recovered tail holds none.
         let (commits, queue) = mpsc::channel(inflight + 1);
@@ -86,9 +87,16 @@ impl Server {
             durable_stage,
             token.clone(),
         ));
+        shared.tasks.spawn(pipeline::run_commits(
+            weak.clone(),
+            durable_queue,
+            gate_rx,
+            token.clone(),
+        ));
+        let every = shared.config.snapshot_every;
         shared
             .tasks
-            .spawn(pipeline::run_commits(weak, durable_queue, gate_rx, token));
+            .spawn(snapshots::follow(weak, shadow, every, token));
         if !tail.is_empty() {
             // Already durable: the pipeline commits them once the gate passes them.
             let pending = Pending {
@@ -106,12 +114,12 @@ impl Server {
 
 /// Recovers the core of a server in `role` from `storage`: the state at the commit point, and
 /// the uncommitted tail after it (already sequenced into the core, to be committed by the
-/// pipeline once the gate passes it).
+/// pipeline once the gate passes it); and a copy of that state for the snapshots to follow.
 async fn recover(
     config: &ServerConfig,
     storage: &dyn Storage,
     role: Role,
-) -> Result<(Core, Vec<LogEntry>)> {
+) -> Result<(Core, Vec<LogEntry>, Shadow)> {
     let mut recovered = storage.recover().await?;
     let last = recovered.last_index();
     let snapshot_index = recovered.snapshot.as_ref().map(|s| s.index);
@@ -126,6 +134,17 @@ async fn recover(
         .unwrap_or(recovered.entries.len());
     let tail = recovered.entries.split_off(tail_start);
     let state = recovered.replay(&config.state_config())?;
+    let shadow = Shadow::new(
+        state.clone(),
+        commit,
+        recovered
+            .entries
+            .last()
+            .map(|e| e.epoch)
+            .or(recovered.snapshot.as_ref().map(|s| s.epoch))
+            .unwrap_or(Epoch(0)),
+        recovered.entries.len() as u64,
+    );
     let last_epoch = tail
         .last()
         .or(recovered.entries.last())
@@ -151,8 +170,6 @@ async fn recover(
         replicas: Replicas::default(),
         counted_by_master: false,
         mirroring: false,
-        entries_since_snapshot: recovered.entries.len() as u64,
-        snapshot_running: false,
         sessions: Sessions::new(config.session_timeout),
         subscribers: Subscribers::default(),
         failed: None,
@@ -168,5 +185,5 @@ async fn recover(
         uncommitted = tail.len(),
         "server state recovered"
     );
-    Ok((core, tail))
+    Ok((core, tail, shadow))
 }

@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Core, Shared, lock_core, storage_failed};
 use crate::error::{Error, Result};
 use crate::event::{LogEntry, Post};
-use crate::ids::{Epoch, LogIndex, UserId};
-use crate::state::{Applied, State};
-use crate::storage::{Durable, Snapshot};
+use crate::ids::{LogIndex, UserId};
+use crate::state::Applied;
+use crate::storage::Durable;
 
 /// Entries sequenced together (one client write, or one batch shipped by a master), with what
 /// to do once they are durable.
@@ -177,8 +177,8 @@ fn voided() -> Error {
 }
 
 /// Commits `entry`, which is durable and passed the gate: the state applies it, readers of the
-/// committed-entry stream may see it, online followers receive a post, and a snapshot is
-/// started when due.
+/// committed-entry stream (the snapshots' shadow among them) may see it, and online followers
+/// receive a post.
 pub(super) fn commit(shared: &Arc<Shared>, core: &mut Core, entry: LogEntry) {
     let index = entry.index;
     let applied = core.state.apply(&entry.event);
@@ -190,80 +190,6 @@ pub(super) fn commit(shared: &Arc<Shared>, core: &mut Core, entry: LogEntry) {
     }
     shared.storage.set_commit(index);
     shared.commit_index.send_replace(index);
-    core.entries_since_snapshot += 1;
-    if core.entries_since_snapshot >= shared.config.snapshot_every && !core.snapshot_running {
-        core.entries_since_snapshot = 0;
-        core.snapshot_running = true;
-        start_snapshot(shared, index, entry.epoch);
-    }
-}
-
-fn start_snapshot(shared: &Arc<Shared>, index: LogIndex, epoch: Epoch) {
-    let weak = Arc::downgrade(shared);
-    let shutdown = shared.shutdown.clone();
-    shared.tasks.spawn(async move {
-        let Some(shared) = weak.upgrade() else {
-            return;
-        };
-        let result = tokio::select! {
-            result = build_snapshot(&shared, index, epoch) => result,
-            () = shutdown.cancelled() => return,
-        };
-        match result {
-            Ok(()) => tracing::info!(%index, "snapshot saved, log compacted"),
-            Err(e) => tracing::warn!(%index, "snapshot failed (the log is intact): {e}"),
-        }
-        lock_core(&shared.core).snapshot_running = false;
-    });
-}
-
-/// Entries read from the log per step while building a snapshot.
-const SNAPSHOT_READ_BATCH: u64 = 4096;
-
-/// Builds the snapshot at the committed index `upto` away from the write path: the previous
-/// snapshot plus the committed log entries after it, replayed into a fresh state (the live
-/// state is never locked for it) and encoded, all on a blocking thread, and saved. The async
-/// side only reads the log and feeds it over: restoring a snapshot and replaying 100,000
-/// entries are tens to hundreds of milliseconds of CPU, which on a runtime worker would stall
-/// every client task queued behind it (at 10,000 posts/s on one cluster, delivery p99 went from
-/// 3.2 to 28.5 ms with snapshots built on the workers).
-async fn build_snapshot(shared: &Shared, upto: LogIndex, epoch: Epoch) -> Result<()> {
-    let config = shared.config.state_config();
-    let base = shared.storage.snapshot().await?;
-    let mut next = match &base {
-        Some(snapshot) if snapshot.index >= upto => return Ok(()),
-        Some(snapshot) => snapshot.index.next(),
-        None => LogIndex(1),
-    };
-    let (batches, mut replay) = mpsc::channel::<Vec<LogEntry>>(2);
-    let builder = tokio::task::spawn_blocking(move || -> Result<Snapshot> {
-        let mut state = match base {
-            Some(snapshot) => snapshot.restore(&config)?,
-            None => State::new(config),
-        };
-        while let Some(batch) = replay.blocking_recv() {
-            for entry in &batch {
-                state.apply(&entry.event);
-            }
-        }
-        Ok(Snapshot::of(&state, upto, epoch))
-    });
-    while next <= upto {
-        let last = LogIndex(upto.0.min(next.0 + SNAPSHOT_READ_BATCH - 1));
-        let batch = shared.storage.read(next, last).await?;
-        let Some(end) = batch.last().map(|e| e.index) else {
-            return Err(Error::Corrupt(format!("log entry {next} is missing")));
-        };
-        next = end.next();
-        if batches.send(batch).await.is_err() {
-            break; // The builder failed; its error is reported below.
-        }
-    }
-    drop(batches);
-    let snapshot = builder
-        .await
-        .map_err(|e| Error::StorageFailed(format!("snapshot task failed: {e}")))??;
-    shared.storage.save_snapshot(snapshot).await
 }
 
 /// Delivers a committed post to the online users whose timeline received it, iterating over

@@ -11,13 +11,14 @@
 //! stored clock) keeps the stored time only as far as this cluster's own events vouch for it.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use super::{Account, REMEMBERED_POST_KEYS, State, StateConfig, insert_capped};
 use crate::codec::{Decoder, Encoder};
 use crate::error::{Error, Result};
 use crate::event::Post;
-use crate::ids::{ClusterId, EventId, PostKey, Timestamp, UserId};
+use crate::ids::{ClusterId, EventId, IdHasher, PostKey, Timestamp, UserId};
 
 impl State {
     /// Serializes the state for a snapshot. Posts shared by several timelines and author
@@ -34,18 +35,24 @@ impl State {
             enc.u64(*seq);
         }
         enc.i64(self.latest.0);
-        // Post table: every post held by some author list or timeline, once.
-        let mut table: HashMap<EventId, u64> = HashMap::new();
+        // Post table: every post held by some author list or timeline, once. A post is one
+        // allocation shared by every list holding it, so its address names it: building the
+        // table reads no post twice (a copy under another address would only be written twice).
+        let mut table: HashMap<u64, u64, BuildHasherDefault<IdHasher>> = HashMap::default();
         let mut posts: Vec<&Arc<Post>> = Vec::new();
+        let mut refs: Vec<u64> = Vec::new();
         let mut ids: Vec<&UserId> = self.accounts.keys().collect();
         ids.sort();
         for id in &ids {
             let account = &self.accounts[*id];
             for post in account.posts.iter().chain(&account.timeline) {
-                table.entry(post.id).or_insert_with(|| {
-                    posts.push(post);
-                    (posts.len() - 1) as u64
-                });
+                let at = *table
+                    .entry(Arc::as_ptr(post) as usize as u64)
+                    .or_insert_with(|| {
+                        posts.push(post);
+                        (posts.len() - 1) as u64
+                    });
+                refs.push(at);
             }
         }
         enc.len(posts.len());
@@ -57,6 +64,7 @@ impl State {
             enc.str(&post.text);
         }
         enc.len(ids.len());
+        let mut refs = refs.into_iter();
         for id in &ids {
             let account = &self.accounts[*id];
             enc.u32(id.get());
@@ -67,8 +75,8 @@ impl State {
             }
             for list in [&account.posts, &account.timeline] {
                 enc.len(list.len());
-                for post in list {
-                    enc.u64(table[&post.id]);
+                for at in refs.by_ref().take(list.len()) {
+                    enc.u64(at);
                 }
             }
         }

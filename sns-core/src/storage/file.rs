@@ -84,7 +84,7 @@ mod writer;
 pub(super) use format::frame;
 #[cfg(test)]
 pub(super) use format::parse_segment;
-use format::{CommitFile, RECORD_HEADER};
+use format::{CommitFile, RECORD_HEADER, write_snapshot};
 use index::{LogMap, Shared};
 #[cfg(test)]
 pub(super) use layout::list;
@@ -304,7 +304,17 @@ impl Storage for FileStorage {
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
         self.changed();
-        self.call(|done| Request::Snapshot { snapshot, done }).await
+        // Written and synced here, off the writer thread, which appends meanwhile; the writer
+        // only installs it and compacts the log.
+        let dir = self.dir.clone();
+        let index = snapshot.index;
+        let written = blocking(move || write_snapshot(&dir, &snapshot)).await?;
+        self.call(|done| Request::Snapshot {
+            index,
+            written,
+            done,
+        })
+        .await
     }
 
     async fn snapshot(&self) -> Result<Option<Snapshot>> {

@@ -270,6 +270,40 @@ async fn a_directory_in_use_is_refused() {
     assert!(FileStorage::open(dir.path()).is_ok());
 }
 
+/// Snapshots are written off the writer thread, so two can be saved at once (a slave taking
+/// its own while it installs its master's): the newer one wins whatever order they land in,
+/// and the older one's file does not stay behind.
+#[tokio::test]
+async fn a_snapshot_older_than_the_one_held_is_dropped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let storage = FileStorage::open(dir.path()).expect("open");
+    storage.append(entries(1..=10)).await.expect("append");
+    storage.set_commit(LogIndex(10));
+    storage
+        .save_snapshot(snapshot_at(8))
+        .await
+        .expect("newer snapshot");
+    storage
+        .save_snapshot(snapshot_at(5))
+        .await
+        .expect("older snapshot");
+    assert_eq!(
+        storage.snapshot().await.expect("read").map(|s| s.index),
+        Some(LogIndex(8))
+    );
+    let files: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("snapshot-"))
+        .collect();
+    assert_eq!(files, ["snapshot-00000000000000000008.snap"]);
+    drop(storage);
+    let storage = FileStorage::open(dir.path()).expect("reopen");
+    let back = storage.recover().await.expect("recover");
+    assert_eq!(back.snapshot.map(|s| s.index), Some(LogIndex(8)));
+    assert_eq!(back.entries, entries(9..=10));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_are_durable_in_order_with_group_commit() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -288,7 +288,6 @@ impl Server {
             core.next_index = index.next();
             core.last_epoch = epoch;
             core.epoch = core.epoch.max(epoch);
-            core.entries_since_snapshot = 0;
             self.shared.storage.set_commit(index);
             self.shared.commit_index.send_replace(index);
             self.shared.durable_index.send_replace(index);

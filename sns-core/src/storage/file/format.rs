@@ -6,6 +6,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::layout::{snapshot_path, sync_dir};
 use crate::codec::{Decoder, Encoder};
@@ -131,6 +132,8 @@ pub(super) fn read_snapshot(path: &Path) -> Result<Snapshot> {
     })
 }
 
+/// Writes `snapshot` durably as the file its index names (through a temporary file, renamed
+/// once synced) and returns its path.
 pub(super) fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
     let mut enc = Encoder::default();
     enc.buf.extend_from_slice(SNAPSHOT_MAGIC);
@@ -139,16 +142,27 @@ pub(super) fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<PathBuf>
     enc.u64(snapshot.state.len() as u64);
     enc.u32(crc32fast::hash(&snapshot.state));
     let final_path = snapshot_path(dir, snapshot.index);
-    let tmp = final_path.with_extension("tmp");
+    // Unique among concurrent writers of the same index (a slave installing its master's
+    // snapshot while taking its own); left-over `.tmp` files are removed on open.
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let tmp = final_path.with_extension(format!("{}.tmp", WRITES.fetch_add(1, Ordering::Relaxed)));
     let mut file = File::create(&tmp)?;
     file.write_all(&enc.buf)?;
-    file.write_all(&snapshot.state)?;
+    // In slices, each synced: the log's appends sync the same disk meanwhile, and a large
+    // unsynced write would make one of their syncs wait for all of it.
+    for slice in snapshot.state.chunks(SNAPSHOT_SYNC_SLICE) {
+        file.write_all(slice)?;
+        file.sync_data()?;
+    }
     file.sync_all()?;
     drop(file);
     fs::rename(&tmp, &final_path)?;
     sync_dir(dir)?;
     Ok(final_path)
 }
+
+/// Bytes of a snapshot written between two syncs.
+const SNAPSHOT_SYNC_SLICE: usize = 1 << 20;
 
 /// The commit-index file (see the module documentation).
 #[derive(Debug)]

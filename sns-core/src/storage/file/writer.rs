@@ -14,13 +14,13 @@ use std::sync::{Arc, mpsc};
 use tokio::sync::oneshot;
 
 use super::FileStorageOptions;
-use super::format::{CommitFile, RECORD_HEADER, record_len, write_snapshot};
+use super::format::{CommitFile, RECORD_HEADER, record_len};
 use super::index::{SPARSE_EVERY, SegmentMap, Shared};
 use super::layout::{create_segment, list, remove_segments, segment_path, sync_dir};
 use super::marker::write_last_segment;
 use crate::error::{Error, Result};
 use crate::ids::{EventId, LogIndex};
-use crate::storage::{Snapshot, check_truncation};
+use crate::storage::check_truncation;
 
 /// Under a steady load the writer persists an advanced commit index at least this often.
 pub(super) const COMMIT_EVERY_BATCHES: u32 = 64;
@@ -34,8 +34,11 @@ pub(super) enum Request {
         bytes: Vec<u8>,
         done: oneshot::Sender<Result<()>>,
     },
+    /// A snapshot at `index`, already written and synced as `written`, to install: it
+    /// becomes the storage's snapshot and the log is compacted behind it.
     Snapshot {
-        snapshot: Snapshot,
+        index: LogIndex,
+        written: PathBuf,
         done: oneshot::Sender<Result<()>>,
     },
     Truncate {
@@ -138,12 +141,13 @@ impl Writer {
                 }
                 Request::Barrier { done } => waiters.push(done),
                 Request::Commit => self.shared.nudged.store(false, Ordering::SeqCst),
-                Request::Snapshot { snapshot, done } => {
+                Request::Snapshot {
+                    index,
+                    written,
+                    done,
+                } => {
                     self.flush(&mut buf, &mut appended, &mut waiters);
-                    let _ = done.send(
-                        self.refuse_if_failed()
-                            .and_then(|()| self.compact(&snapshot)),
-                    );
+                    let _ = done.send(self.install(index, &written));
                 }
                 Request::Truncate { index, done } => {
                     self.flush(&mut buf, &mut appended, &mut waiters);
@@ -253,12 +257,28 @@ impl Writer {
         Ok(())
     }
 
-    /// Stores `snapshot` and deletes the segments it and the readers no longer need.
-    fn compact(&mut self, snapshot: &Snapshot) -> Result<()> {
-        let written = write_snapshot(&self.dir, snapshot)?;
+    /// Makes the snapshot at `index`, written as `written`, the storage's snapshot and deletes
+    /// the segments it and the readers no longer need, and older snapshots. A snapshot older
+    /// than the one held is dropped instead (two were saved at once), and one of the same
+    /// index is the one held.
+    fn install(&mut self, index: LogIndex, written: &Path) -> Result<()> {
+        let held = self.shared.map().snapshot.clone();
+        if let Err(e) = self.refuse_if_failed() {
+            let _ = fs::remove_file(written);
+            return Err(e);
+        }
+        match held {
+            Some((held, _)) if held > index => {
+                fs::remove_file(written)?;
+                return Ok(());
+            }
+            // The same committed state, written under the same name: already installed.
+            Some((held, _)) if held == index => return Ok(()),
+            _ => {}
+        }
         // The snapshot is durable: from here on, a failure leaves the files in an unknown
         // state, so the storage refuses further writes (a restart repairs).
-        let result = self.compact_log(snapshot.index, &written);
+        let result = self.compact_log(index, written);
         if let Err(e) = &result {
             self.fail(format!("compaction failed, refusing further writes: {e}"));
         }
@@ -312,8 +332,8 @@ impl Writer {
             };
             remove_segments(&self.dir, gone.iter().map(|s| &s.path))?;
         }
-        for (_, path) in list(&self.dir)?.snapshots {
-            if path != written {
+        for (at, path) in list(&self.dir)?.snapshots {
+            if at < index {
                 fs::remove_file(path)?;
             }
         }
