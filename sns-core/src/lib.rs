@@ -108,6 +108,7 @@ pub mod node;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod stats;
 pub mod storage;
 pub mod sync;
 #[cfg(feature = "test-util")]

@@ -69,6 +69,8 @@ pub struct RoutingTable {
     roles: BTreeMap<ClusterId, ClusterRoles>,
     /// When nodes dead too long were last forgotten.
     last_forgotten: Instant,
+    /// Heartbeats taken since the table was made.
+    heartbeats: u64,
 }
 
 impl RoutingTable {
@@ -86,7 +88,21 @@ impl RoutingTable {
             syncs: BTreeMap::new(),
             roles: BTreeMap::new(),
             last_forgotten: now,
+            heartbeats: 0,
         }
+    }
+
+    /// Heartbeats taken since the table was made.
+    pub fn heartbeats(&self) -> u64 {
+        self.heartbeats
+    }
+
+    /// Masters named in place of a dead one since the table was made, per cluster.
+    pub fn promotions(&self) -> BTreeMap<ClusterId, u64> {
+        self.roles
+            .iter()
+            .map(|(cluster, roles)| (*cluster, roles.promotions))
+            .collect()
     }
 
     /// The table's configuration.
@@ -161,6 +177,7 @@ impl RoutingTable {
     pub fn heartbeat(&mut self, beat: Beat, now: Instant) -> Result<Assignment> {
         self.check_cluster(i64::from(beat.cluster.get()))?;
         self.check_server(beat.server)?;
+        self.heartbeats += 1;
         self.forget_the_long_dead(now);
         self.register_server(&beat, now)?;
         if let Some(why) = &beat.failure {

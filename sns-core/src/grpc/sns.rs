@@ -219,7 +219,7 @@ impl SnsAdapter {
         }
         .map_err(|e| {
             tracing::info!(%user, reason = %e, "timeline refused");
-            status(e)
+            refused(&self.server, e)
         })
     }
 }
@@ -232,7 +232,7 @@ impl SnsService for SnsAdapter {
             Ok(()) => tracing::info!(%user, "login"),
             Err(e) => {
                 tracing::info!(%user, reason = %e, "login refused");
-                return Err(status(e));
+                return Err(refused(&self.server, e));
             }
         }
         Ok(reply("login successful"))
@@ -240,7 +240,7 @@ impl SnsService for SnsAdapter {
 
     async fn list(&self, request: tonic::Request<Request>) -> Result<Response<ListReply>, Status> {
         let user = caller(request.get_ref())?;
-        let listing = logged("LIST", user, self.server.list(user))?;
+        let listing = logged(&self.server, "LIST", user, self.server.list(user))?;
         let names = |users: Vec<UserId>| users.into_iter().map(|u| u.to_string()).collect();
         Ok(Response::new(ListReply {
             all_users: names(listing.all_users),
@@ -251,7 +251,12 @@ impl SnsService for SnsAdapter {
     async fn follow(&self, request: tonic::Request<Request>) -> Result<Response<Reply>, Status> {
         let user = caller(request.get_ref())?;
         let target = argument(request.get_ref())?;
-        logged("FOLLOW", user, self.server.follow(user, target).await)?;
+        logged(
+            &self.server,
+            "FOLLOW",
+            user,
+            self.server.follow(user, target).await,
+        )?;
         Ok(reply("follow successful"))
     }
 
@@ -262,12 +267,17 @@ impl SnsService for SnsAdapter {
             .get(metadata::TERMINATED)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
         if terminated && request.get_ref().arguments.is_empty() {
-            logged("logout", user, self.server.logout(user))?;
+            logged(&self.server, "logout", user, self.server.logout(user))?;
             tracing::info!(%user, "logged out");
             return Ok(reply("logged out"));
         }
         let target = argument(request.get_ref())?;
-        logged("UNFOLLOW", user, self.server.unfollow(user, target).await)?;
+        logged(
+            &self.server,
+            "UNFOLLOW",
+            user,
+            self.server.unfollow(user, target).await,
+        )?;
         Ok(reply("unfollow successful"))
     }
 
@@ -319,7 +329,7 @@ impl SnsService for SnsAdapter {
         request: tonic::Request<Request>,
     ) -> Result<Response<Reply>, Status> {
         let user = caller(request.get_ref())?;
-        logged("heartbeat", user, self.server.heartbeat(user))?;
+        logged(&self.server, "heartbeat", user, self.server.heartbeat(user))?;
         Ok(reply("ok"))
     }
 }
@@ -330,9 +340,20 @@ impl Drop for Outbound {
     }
 }
 
+/// `e` as a status, counted among the server's refusals.
+fn refused(server: &Server, e: Error) -> Status {
+    server.count_refusal(&e);
+    status(e)
+}
+
 /// Logs a client command's outcome: every command at debug level; a failure that is the
 /// server's or the system's (not the request's) at info level. Returns it as a status.
-fn logged<T>(command: &str, user: UserId, result: Result<T, Error>) -> Result<T, Status> {
+fn logged<T>(
+    server: &Server,
+    command: &str,
+    user: UserId,
+    result: Result<T, Error>,
+) -> Result<T, Status> {
     match result {
         Ok(value) => {
             tracing::debug!(%user, command, "done");
@@ -340,11 +361,11 @@ fn logged<T>(command: &str, user: UserId, result: Result<T, Error>) -> Result<T,
         }
         Err(e) if e.is_the_callers() => {
             tracing::debug!(%user, command, error = %e, "refused");
-            Err(status(e))
+            Err(refused(server, e))
         }
         Err(e) => {
             tracing::info!(%user, command, error = %e, "command failed");
-            Err(status(e))
+            Err(refused(server, e))
         }
     }
 }
@@ -440,7 +461,7 @@ impl Poster {
             .server
             .post_keyed(self.user, &message.msg, key)
             .await
-            .map_err(status)?;
+            .map_err(|e| refused(&self.server, e))?;
         if let (Some(acks), Some(key)) = (&self.acks, key) {
             // A reader gone away ends the stream anyway: an undelivered ack is nothing to report.
             let _ = acks.send(ack_message(self.user, key, id)).await;

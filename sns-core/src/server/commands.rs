@@ -302,6 +302,7 @@ impl Server {
         };
         core.sequenced(entry.clone());
         let durable = self.shared.storage.append(vec![entry.clone()]);
+        self.shared.counters.appended.inc();
         self.shared.sequenced_index.send_replace(entry.index);
         let (reply, wait) = oneshot::channel();
         self.enqueue(Pending {
@@ -309,6 +310,7 @@ impl Server {
             generation: core.generation,
             durable,
             reply: Some(reply),
+            sequenced_at: Some(std::time::Instant::now()),
             _slots: Some(slot),
         });
         wait

@@ -30,6 +30,7 @@ pub(crate) mod replication;
 mod role;
 mod sessions;
 mod snapshots;
+mod stats;
 mod sync;
 mod timeline;
 mod uncommitted;
@@ -45,6 +46,7 @@ pub use config::ServerConfig;
 pub use heartbeat::CoordinatorLink;
 pub(crate) use heartbeat::{Answer, Assigned, Beat, MasterFeed, Peers};
 pub use limits::{DEFAULT_MAX_CONNECTIONS, MAX_ARGUMENTS, RESERVED_DESCRIPTORS, connection_cap};
+pub use stats::{ServerStats, SlaveStats};
 pub use sync::{MAX_APPLY_BATCH, OwnEvents, RefusalCounts, check_reader};
 pub use timeline::TimelineFeed;
 
@@ -129,6 +131,8 @@ struct Core {
 
 struct Shared {
     config: ServerConfig,
+    /// What the server counts for operators.
+    counters: stats::Counters,
     storage: Arc<dyn Storage>,
     core: Mutex<Core>,
     /// The commit pipeline's first stage (see module `pipeline`).

@@ -62,6 +62,7 @@ impl Server {
             refused: sync::RemoteRefusals::default(),
             inflight: Arc::new(Semaphore::new(inflight)),
             config,
+            counters: super::stats::Counters::default(),
             storage,
             commits,
             commit_index: watch::channel(core.commit).0,
@@ -104,6 +105,7 @@ impl Server {
                 generation: 0,
                 durable: Box::pin(async { Ok(()) }),
                 reply: None,
+                sequenced_at: None,
                 _slots: None,
             };
             let _ = shared.commits.send(pending).await;

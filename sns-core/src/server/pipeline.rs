@@ -32,6 +32,8 @@ pub(super) struct Pending {
     pub(super) durable: Durable,
     /// The caller waiting for the commit, if any.
     pub(super) reply: Option<oneshot::Sender<Result<()>>>,
+    /// When a client's write was sequenced (for the commit latency).
+    pub(super) sequenced_at: Option<std::time::Instant>,
     /// In-flight slots, freed when the entries commit or are dropped.
     pub(super) _slots: Option<OwnedSemaphorePermit>,
 }
@@ -156,6 +158,9 @@ pub(super) async fn run_commits(
                 }
             }
         }
+        if let (Some(at), Some(shared)) = (pending.sequenced_at, shared.upgrade()) {
+            shared.counters.commit_latency.observe(at.elapsed());
+        }
         answer(pending.reply, Ok(()));
     }
 }
@@ -186,32 +191,37 @@ pub(super) fn commit(shared: &Arc<Shared>, core: &mut Core, entry: LogEntry) {
     core.uncommitted.committed(&entry);
     core.commit = index;
     if let Applied::Posted(post) = &applied {
-        fan_out(core, post);
+        let delivered = fan_out(core, post);
+        shared.counters.deliveries.add(delivered);
     }
+    shared.counters.committed.inc();
     shared.storage.set_commit(index);
     shared.commit_index.send_replace(index);
 }
 
 /// Delivers a committed post to the online users whose timeline received it, iterating over
-/// whichever is smaller: the author's local followers or the online users.
-fn fan_out(core: &mut Core, post: &Arc<Post>) {
+/// whichever is smaller: the author's local followers or the online users. Returns how many
+/// streams it reached.
+fn fan_out(core: &mut Core, post: &Arc<Post>) -> u64 {
     let Core {
         state, subscribers, ..
     } = core;
     if subscribers.online_users() == 0 {
-        return;
+        return 0;
     }
     let receives = |user: UserId| state.timeline_contains(user, post);
+    let mut delivered = 0;
     if subscribers.online_users() < state.local_follower_count(post.author) {
         let online: Vec<UserId> = subscribers.users().filter(|u| receives(*u)).collect();
         for user in online {
-            subscribers.deliver(user, post);
+            delivered += subscribers.deliver(user, post);
         }
     } else {
         for user in state.local_followers(post.author) {
             if subscribers.is_online(user) && receives(user) {
-                subscribers.deliver(user, post);
+                delivered += subscribers.deliver(user, post);
             }
         }
     }
+    delivered
 }

@@ -39,6 +39,14 @@ impl Sessions {
         session.streams > 0 || now.saturating_duration_since(session.last_seen) < self.timeout
     }
 
+    /// How many sessions are alive at `now`.
+    pub(crate) fn live(&self, now: Instant) -> usize {
+        self.sessions
+            .values()
+            .filter(|s| self.alive(s, now))
+            .count()
+    }
+
     /// Starts a session for `user`, unless a live one exists.
     pub(crate) fn login(&mut self, user: UserId, now: Instant) -> Result<()> {
         if let Some(session) = self.sessions.get(&user)

@@ -383,6 +383,7 @@ impl Server {
         }
         let last = LogIndex(core.next_index.0 - 1);
         let durable = self.shared.storage.append(entries.clone());
+        self.shared.counters.appended.add(entries.len() as u64);
         self.shared.sequenced_index.send_replace(last);
         let (reply, wait) = oneshot::channel();
         self.enqueue(Pending {
@@ -390,6 +391,7 @@ impl Server {
             generation: core.generation,
             durable,
             reply: Some(reply),
+            sequenced_at: None,
             _slots: Some(slots),
         });
         (wait, last)

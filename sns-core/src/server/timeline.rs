@@ -92,12 +92,16 @@ impl Subscribers {
     }
 
     /// Queues `post` on every stream of `user`; streams that fell behind are dropped.
-    pub(crate) fn deliver(&mut self, user: UserId, post: &Arc<Post>) {
+    pub(crate) fn deliver(&mut self, user: UserId, post: &Arc<Post>) -> u64 {
         let Some(list) = self.by_user.get_mut(&user) else {
-            return;
+            return 0;
         };
+        let mut delivered = 0;
         list.retain(|s| match s.queue.try_send(Arc::clone(post)) {
-            Ok(()) => true,
+            Ok(()) => {
+                delivered += 1;
+                true
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 s.lagged.store(true, Ordering::Release);
                 false
@@ -107,6 +111,7 @@ impl Subscribers {
         if list.is_empty() {
             self.by_user.remove(&user);
         }
+        delivered
     }
 
     /// Drops every stream (server shutdown): their feeds end.

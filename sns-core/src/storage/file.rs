@@ -167,6 +167,7 @@ impl FileStorage {
             readers: Mutex::default(),
             nudged: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
+            sync_latency: crate::stats::LatencyHistogram::default(),
         });
         let (tx, rx) = mpsc::sync_channel(options.queue_capacity);
         let mut writer = Writer {
@@ -315,6 +316,10 @@ impl Storage for FileStorage {
             done,
         })
         .await
+    }
+
+    fn sync_latency(&self) -> Option<crate::stats::Histogram> {
+        Some(self.shared.sync_latency.snapshot())
     }
 
     async fn snapshot(&self) -> Result<Option<Snapshot>> {

@@ -204,6 +204,12 @@ pub trait Storage: Send + Sync + 'static {
     /// (installed from elsewhere) empties the log, which continues after the snapshot.
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()>;
 
+    /// How long the storage's syncs of appended entries took, for storages that keep it (the
+    /// default keeps nothing).
+    fn sync_latency(&self) -> Option<crate::stats::Histogram> {
+        None
+    }
+
     /// The latest durable snapshot, if any (without the log: a cheap way to start a new
     /// snapshot from the previous one).
     async fn snapshot(&self) -> Result<Option<Snapshot>>;

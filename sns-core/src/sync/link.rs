@@ -40,6 +40,22 @@ struct Inner {
     shutdown: CancellationToken,
     /// The master of each cluster as last located.
     masters: Mutex<BTreeMap<ClusterId, (String, LogPeer)>>,
+    /// What was applied, per origin.
+    applied: Mutex<BTreeMap<ClusterId, OriginStats>>,
+}
+
+/// What a synchronizer applied of one origin's events (see [`ClusterLink::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OriginStats {
+    /// The highest sequence number of the origin applied to this cluster by this link.
+    pub high_water: u64,
+    /// Batches applied.
+    pub batches: u64,
+    /// Events applied.
+    pub events: u64,
+    /// The origin's timestamp of the newest event applied.
+    pub newest_event_at: Option<crate::ids::Timestamp>,
 }
 
 impl std::fmt::Debug for ClusterLink {
@@ -79,6 +95,7 @@ impl ClusterLink {
                 refusals: SyncRefusals::default(),
                 shutdown,
                 masters: Mutex::new(BTreeMap::new()),
+                applied: Mutex::new(BTreeMap::new()),
             }),
         })
     }
@@ -162,7 +179,30 @@ impl ClusterLink {
         self.retrying(self.inner.cluster, |peer| async move {
             peer.apply(origin, events).await
         })
-        .await
+        .await?;
+        self.note_applied(origin, events);
+        Ok(())
+    }
+
+    /// What this link applied so far, per origin.
+    pub fn stats(&self) -> BTreeMap<ClusterId, OriginStats> {
+        self.inner
+            .applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn note_applied(&self, origin: ClusterId, events: &[Event]) {
+        let Some(last) = events.last() else {
+            return;
+        };
+        let mut applied = self.inner.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let stats = applied.entry(origin).or_default();
+        stats.high_water = stats.high_water.max(last.id.seq);
+        stats.batches += 1;
+        stats.events += events.len() as u64;
+        stats.newest_event_at = Some(last.at);
     }
 
     /// [`apply`](Self::apply) for a batch in the encoding it arrived in, passed on as it is.
@@ -173,7 +213,9 @@ impl ClusterLink {
         self.retrying(self.inner.cluster, |peer| async move {
             peer.apply_encoded(batch).await
         })
-        .await
+        .await?;
+        self.note_applied(batch.origin(), batch.events());
+        Ok(())
     }
 
     /// `origin`'s own committed events after sequence number `after`, read from that

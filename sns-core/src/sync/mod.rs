@@ -45,7 +45,7 @@ pub use crate::grpc::raw::EncodedBatch;
 #[cfg(feature = "amqp")]
 pub use amqp::{AmqpBus, AmqpOptions, CursorStore, QueueType};
 pub use grpc::{GrpcBus, GrpcBusOptions};
-pub use link::{ClusterLink, EventFeed};
+pub use link::{ClusterLink, EventFeed, OriginStats};
 pub use local::LocalBus;
 pub use pull::{Source, Subscription, pull};
 pub use refusals::{RefusalCounts, SyncRefusals};

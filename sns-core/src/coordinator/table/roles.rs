@@ -20,6 +20,8 @@ pub(super) struct ClusterRoles {
     pub(super) master: Option<ServerId>,
     /// The slaves the master last reported in sync.
     pub(super) in_sync: BTreeSet<ServerId>,
+    /// Slaves named master in place of a dead one.
+    pub(super) promotions: u64,
 }
 
 impl ClusterRoles {
@@ -67,10 +69,12 @@ impl ClusterRoles {
         let (cluster, server) = (beat.cluster, beat.server);
         if self.in_sync.contains(&server) {
             self.name_master(server, beat.epoch)?;
+            self.promotions += 1;
             tracing::info!(%cluster, %server, %dead, epoch = %self.epoch, "master dead: in-sync slave promoted");
             Ok(Role::Master)
         } else if unclean_choice {
             self.name_master(server, beat.epoch)?;
+            self.promotions += 1;
             tracing::error!(%cluster, %server, %dead, epoch = %self.epoch, "master dead: promoting a slave NOT known to be in sync (unclean promotion); committed changes may be lost");
             Ok(Role::Master)
         } else {

@@ -265,6 +265,14 @@ impl Replicas {
             .min()
     }
 
+    /// Every mirroring slave: its acknowledged index and whether it is in sync.
+    pub(crate) fn all(&self) -> Vec<(ServerId, LogIndex, bool)> {
+        self.replicas
+            .iter()
+            .map(|(s, r)| (*s, r.acked, matches!(r.standing, Standing::InSync { .. })))
+            .collect()
+    }
+
     /// The slaves in sync, with their acknowledged index.
     pub(crate) fn in_sync(&self) -> Vec<(ServerId, LogIndex)> {
         self.replicas

@@ -320,6 +320,7 @@ impl Server {
         }
         let last = LogIndex(core.next_index.0 - 1);
         let durable = self.shared.storage.append(entries.clone());
+        self.shared.counters.appended.add(entries.len() as u64);
         self.shared.sequenced_index.send_replace(last);
         let generation = core.generation;
         drop(core);
@@ -328,6 +329,7 @@ impl Server {
             generation,
             durable,
             reply: None,
+            sequenced_at: None,
             _slots: Some(slots),
         });
         Ok(())

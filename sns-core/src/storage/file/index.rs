@@ -163,6 +163,8 @@ pub(super) struct Shared {
     pub(super) nudged: AtomicBool,
     /// Log syncs (`fdatasync` of appended records) so far.
     pub(super) syncs: AtomicU64,
+    /// How long those syncs took.
+    pub(super) sync_latency: crate::stats::LatencyHistogram,
 }
 
 impl Shared {

@@ -181,9 +181,12 @@ impl Writer {
         let result = if buf.is_empty() {
             Ok(())
         } else {
-            self.file
-                .write_all(buf)
-                .and_then(|()| self.file.sync_data())
+            self.file.write_all(buf).and_then(|()| {
+                let started = std::time::Instant::now();
+                let synced = self.file.sync_data();
+                self.shared.sync_latency.observe(started.elapsed());
+                synced
+            })
         };
         match result {
             Ok(()) if buf.is_empty() => {}
