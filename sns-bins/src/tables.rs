@@ -13,7 +13,11 @@ use crate::up::TokenHints;
 
 /// Where everything of a started deployment runs, where the cluster token is, and how to
 /// reach it all.
-pub(crate) fn places(deployment: &Deployment, token: &TokenHints) -> String {
+pub(crate) fn places(
+    deployment: &Deployment,
+    token: &TokenHints,
+    page: std::net::SocketAddr,
+) -> String {
     let coordinator = deployment.coordinator_addr();
     let clusters = deployment.config().clusters;
     let mut out = format!(
@@ -30,6 +34,8 @@ pub(crate) fn places(deployment: &Deployment, token: &TokenHints) -> String {
         "\nCluster token:     {kept}\n\
          Connect a client:  tsc -h {host} -k {port} -u <user id>\n\
          Status:            {env}sns status -h {host} -k {port}{flags}\n\
+         Status page:       http://{page}/\n\
+         Metrics:           http://{page}/metrics\n\
          Press Ctrl-C to stop.\n"
     ));
     out

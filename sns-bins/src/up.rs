@@ -70,6 +70,15 @@ pub struct UpArgs {
     /// 9000 + c with the course's ports, and subscribe to each other).
     #[arg(long, default_value = "local")]
     bus: String,
+    /// Serve the live status page (http://ADDR/) and Prometheus metrics of every component
+    /// (http://ADDR/metrics) on ADDR (HOST:PORT; port 0 lets the system choose). Any but a
+    /// loopback address needs --insecure-http.
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    http: String,
+    /// Serve the status page and metrics on a non-loopback --http address (nothing there asks
+    /// for a token).
+    #[arg(long)]
+    insecure_http: bool,
 }
 
 impl UpArgs {
@@ -133,8 +142,9 @@ pub fn main(args: UpArgs, bus: Bus) -> std::process::ExitCode {
         }
     };
     let token_hints = cluster_token.hints(&args.data_dir);
+    let http = (args.http.clone(), args.insecure_http);
     let config = args.config(bus, &cluster_token);
-    crate::run_main("sns up", run(config, token_hints))
+    crate::run_main("sns up", run(config, token_hints, http))
 }
 
 /// Where `sns up`'s cluster token comes from.
@@ -219,7 +229,15 @@ pub(crate) struct TokenHints {
 
 /// Starts the deployment of `config`, prints where everything runs once every cluster has a
 /// master, and stops it all at the first signal.
-async fn run(config: DeploymentConfig, token: TokenHints) -> Result<(), String> {
+async fn run(
+    config: DeploymentConfig,
+    token: TokenHints,
+    (http, insecure_http): (String, bool),
+) -> Result<(), String> {
+    let http = crate::metrics::parse_addr("--http", &http)?;
+    crate::metrics::check_addr("--http", &http, insecure_http)?;
+    let http = crate::metrics::bind("--http", http).await?;
+    let page = http.local_addr().map_err(|e| e.to_string())?;
     // Installed first: a signal arriving while the deployment starts (or just after the table
     // is printed) stops it gracefully too.
     let mut signals = crate::signals::ExitSignals::install();
@@ -244,12 +262,45 @@ async fn run(config: DeploymentConfig, token: TokenHints) -> Result<(), String> 
         deployment.shutdown().await;
         return Err(e.to_string());
     }
-    print!("{}", tables::places(&deployment, &token));
+    let stop_http = tokio_util::sync::CancellationToken::new();
+    let exporter = exporter_of(&deployment);
+    crate::metrics::spawn(
+        http,
+        exporter.clone(),
+        crate::status_page::router(exporter),
+        stop_http.clone(),
+    );
+    print!("{}", tables::places(&deployment, &token, page));
     use std::io::Write;
     let _ = std::io::stdout().flush();
     signals.recv().await;
     eprintln!("stopping...");
+    stop_http.cancel();
     deployment.shutdown().await;
     eprintln!("stopped");
     Ok(())
+}
+
+/// Every component of `deployment`, for `/metrics` and the status page.
+fn exporter_of(deployment: &Deployment) -> crate::metrics::Exporter {
+    use crate::metrics::Source;
+    let mut sources = vec![Source::Coordinator(deployment.coordinator().clone())];
+    for place in deployment.servers() {
+        if let Some(handle) = deployment.server(place.cluster, place.server) {
+            sources.push(Source::Server {
+                cluster: place.cluster,
+                server: place.server,
+                handle: handle.clone(),
+            });
+        }
+    }
+    for place in deployment.synchronizers() {
+        if let Some(synchronizer) = deployment.synchronizer(place.cluster) {
+            sources.push(Source::Sync {
+                cluster: place.cluster,
+                link: synchronizer.link().clone(),
+            });
+        }
+    }
+    crate::metrics::Exporter::new(sources)
 }

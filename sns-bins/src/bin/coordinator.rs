@@ -58,6 +58,13 @@ struct Args {
     /// coordinator may then register servers and read its status. Logged as an error.
     #[arg(long)]
     insecure: bool,
+    #[command(flatten)]
+    metrics: sns_bins::metrics::MetricsArgs,
+    /// Serve the live status page of the deployment (http://ADDR/, with its metrics at
+    /// /metrics) on ADDR (HOST:PORT); off unless given. Any but a loopback address needs
+    /// --insecure.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     help: Option<bool>,
@@ -100,6 +107,15 @@ async fn run(args: Args) -> Result<(), String> {
     let listener = sns_core::transport::tcp::bind(&addr)
         .await
         .map_err(|e| e.to_string())?;
+    let metrics = args.metrics.bind(args.insecure).await?;
+    let page = match &args.http {
+        Some(text) => {
+            let addr = sns_bins::metrics::parse_addr("--http", text)?;
+            sns_bins::metrics::check_addr("--http", &addr, args.insecure)?;
+            Some(sns_bins::metrics::bind("--http", addr).await?)
+        }
+        None => None,
+    };
     if args.allow_unclean_promotion {
         tracing::warn!(
             "unclean promotion allowed: a slave that is not in sync may be promoted and committed changes may be lost"
@@ -115,6 +131,24 @@ async fn run(args: Args) -> Result<(), String> {
     );
     let shutdown = CancellationToken::new();
     sns_bins::signals::cancel_on_signal(shutdown.clone());
+    let exporter = sns_bins::metrics::Exporter::new(vec![sns_bins::metrics::Source::Coordinator(
+        coordinator.clone(),
+    )]);
+    if let Some(metrics) = metrics {
+        sns_bins::metrics::spawn(
+            metrics,
+            exporter.clone(),
+            axum::Router::new(),
+            shutdown.clone(),
+        );
+    }
+    if let Some(page) = page {
+        if let Ok(addr) = page.local_addr() {
+            tracing::info!(%addr, "status page on http://{addr}/");
+        }
+        let router = sns_bins::status_page::router(exporter.clone());
+        sns_bins::metrics::spawn(page, exporter, router, shutdown.clone());
+    }
     coordinator
         .serve(listener, shutdown)
         .await

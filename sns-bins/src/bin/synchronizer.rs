@@ -80,6 +80,8 @@ struct Args {
     /// can reach it may then read this cluster's events. Logged as an error.
     #[arg(long)]
     insecure: bool,
+    #[command(flatten)]
+    metrics: sns_bins::metrics::MetricsArgs,
     /// Host name the other synchronizers should use to reach this one (gRPC bus).
     #[arg(long, default_value = "127.0.0.1")]
     advertise_host: String,
@@ -136,6 +138,7 @@ async fn run(args: Args, bus: Bus) -> Result<(), String> {
             args.insecure,
         )?;
     }
+    let metrics = args.metrics.bind(args.insecure).await?;
     let transport = open_bus(&args, &bus, cluster).await?;
     let mut config = SynchronizerConfig::new(
         cluster,
@@ -145,6 +148,15 @@ async fn run(args: Args, bus: Bus) -> Result<(), String> {
     config.cluster_token = token;
     let synchronizer =
         Synchronizer::new(&config, &Network::tcp(), transport).map_err(|e| e.to_string())?;
+    let stop_metrics = tokio_util::sync::CancellationToken::new();
+    let _stop_metrics = stop_metrics.clone().drop_guard();
+    if let Some(metrics) = metrics {
+        let exporter = sns_bins::metrics::Exporter::new(vec![sns_bins::metrics::Source::Sync {
+            cluster,
+            link: synchronizer.link().clone(),
+        }]);
+        sns_bins::metrics::spawn(metrics, exporter, axum::Router::new(), stop_metrics);
+    }
     let running = synchronizer.run();
     tokio::pin!(running);
     let result = tokio::select! {

@@ -89,6 +89,8 @@ struct Args {
     timeline_cap: usize,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    metrics: sns_bins::metrics::MetricsArgs,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     help: Option<bool>,
@@ -189,6 +191,7 @@ async fn run(args: Args) -> Result<(), String> {
     let listener = transport::tcp::bind(&addr)
         .await
         .map_err(|e| e.to_string())?;
+    let metrics = args.metrics.bind(args.insecure).await?;
     // Advertise the port actually bound (`-p 0` lets the system choose it).
     let link = coordinator_link(&args, listener.port().unwrap_or(args.port), token);
     let server = node::start_server(config, storage, link)
@@ -202,6 +205,14 @@ async fn run(args: Args) -> Result<(), String> {
     );
     let shutdown = CancellationToken::new();
     sns_bins::signals::cancel_on_signal(shutdown.clone());
+    if let Some(metrics) = metrics {
+        let exporter = sns_bins::metrics::Exporter::new(vec![sns_bins::metrics::Source::Server {
+            cluster,
+            server: server_id,
+            handle: server.clone(),
+        }]);
+        sns_bins::metrics::spawn(metrics, exporter, axum::Router::new(), shutdown.clone());
+    }
     // A server that cannot go on (its storage failed, or the coordinator refused it) stops,
     // so a supervisor can restart it and recovery runs from the log.
     tokio::spawn({

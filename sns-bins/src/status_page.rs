@@ -1,0 +1,232 @@
+//! The live status page of a deployment (`sns up --http`, `coordinator --http`): plain HTML, CSS
+//! and JavaScript served by the binary itself, no external assets. The page opens an event
+//! stream (`GET /events`, server-sent events) that sends the whole picture once a second as JSON:
+//! every cluster and server with role, epoch, alive, in sync and replication lag, posts/s and
+//! deliveries/s per cluster, and the cross-cluster sync lag per origin.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse};
+use serde::Serialize;
+use sns_core::Role;
+
+use crate::metrics::{Exporter, Source};
+
+/// How often the page is sent a new picture.
+const EVERY: Duration = Duration::from_secs(1);
+
+/// One moment of the deployment, as the page shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Picture {
+    /// Every server the coordinator knows, or that runs in this process.
+    pub servers: Vec<ServerRow>,
+    /// Per cluster: committed entries and deliveries per second (servers in this process).
+    pub clusters: Vec<ClusterRow>,
+    /// Per synchronizer and origin: the age of the newest applied event, seconds.
+    pub sync: Vec<SyncRow>,
+}
+
+/// One server's row.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerRow {
+    /// Cluster id.
+    pub cluster: u32,
+    /// Server id.
+    pub server: u32,
+    /// `master`, `slave` or `unknown`.
+    pub role: String,
+    /// The cluster's epoch (or the server's own log epoch).
+    pub epoch: u64,
+    /// Whether its heartbeats arrive (true for servers in this process without a coordinator).
+    pub alive: bool,
+    /// A slave its master counts for the commit point.
+    pub in_sync: bool,
+    /// On a slave in this process: entries its master sequenced that it has not yet.
+    pub lag: Option<u64>,
+}
+
+/// One cluster's rates.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterRow {
+    /// Cluster id.
+    pub cluster: u32,
+    /// Entries committed per second on its master.
+    pub commits_per_s: f64,
+    /// Posts handed to timeline streams per second (all its servers).
+    pub deliveries_per_s: f64,
+}
+
+/// One origin as a synchronizer applies it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncRow {
+    /// The synchronizer's cluster.
+    pub cluster: u32,
+    /// The origin cluster.
+    pub origin: u32,
+    /// The origin's highest sequence number applied.
+    pub high_water: u64,
+    /// Now minus the origin's time of its newest applied event, seconds.
+    pub age_s: f64,
+}
+
+/// Running totals to turn counters into rates.
+#[derive(Debug, Default)]
+struct Totals {
+    commits: BTreeMap<u32, u64>,
+    deliveries: BTreeMap<u32, u64>,
+}
+
+/// What the exporter's sources say now; `last` carries the previous totals for the rates.
+fn picture(exporter: &Exporter, last: &mut Totals, elapsed: f64) -> Picture {
+    let mut picture = Picture::default();
+    let mut totals = Totals::default();
+    let mut masters: BTreeMap<u32, u64> = BTreeMap::new();
+    for source in exporter.sources() {
+        match source {
+            Source::Coordinator(coordinator) => {
+                let nodes = coordinator.table().nodes(tokio::time::Instant::now());
+                for node in nodes.iter().filter(|n| n.role.is_some()) {
+                    picture.servers.push(ServerRow {
+                        cluster: node.cluster.get(),
+                        server: node.id,
+                        role: role_name(node.role),
+                        epoch: node.epoch.0,
+                        alive: node.alive,
+                        in_sync: node.in_sync,
+                        lag: None,
+                    });
+                }
+            }
+            Source::Server {
+                cluster, handle, ..
+            } => {
+                let stats = handle.stats();
+                let c = cluster.get();
+                if stats.positions.role == Role::Master {
+                    *totals.commits.entry(c).or_default() += stats.committed;
+                    masters.insert(c, stats.positions.sequenced.0);
+                }
+                *totals.deliveries.entry(c).or_default() += stats.deliveries;
+            }
+            Source::Sync { cluster, link } => {
+                let now = sns_core::ids::Timestamp::now();
+                for (origin, s) in link.stats() {
+                    picture.sync.push(SyncRow {
+                        cluster: cluster.get(),
+                        origin: origin.get(),
+                        high_water: s.high_water,
+                        age_s: s
+                            .newest_event_at
+                            .map_or(0.0, |at| (now.0 - at.0).max(0) as f64 / 1e6),
+                    });
+                }
+            }
+        }
+    }
+    fill_lags(exporter, &mut picture, &masters);
+    for (cluster, commits) in &totals.commits {
+        let rate = |now: u64, before: Option<&u64>| {
+            before.map_or(0.0, |b| now.saturating_sub(*b) as f64 / elapsed.max(1e-3))
+        };
+        let deliveries = totals.deliveries.get(cluster).copied().unwrap_or(0);
+        picture.clusters.push(ClusterRow {
+            cluster: *cluster,
+            commits_per_s: rate(*commits, last.commits.get(cluster)),
+            deliveries_per_s: rate(deliveries, last.deliveries.get(cluster)),
+        });
+    }
+    *last = totals;
+    picture
+}
+
+/// Adds the in-process servers' own view (slave lag) to the rows, and rows for servers no
+/// coordinator reports.
+fn fill_lags(exporter: &Exporter, picture: &mut Picture, masters: &BTreeMap<u32, u64>) {
+    for source in exporter.sources() {
+        let Source::Server {
+            cluster,
+            server,
+            handle,
+        } = source
+        else {
+            continue;
+        };
+        let positions = handle.positions();
+        let (c, s) = (cluster.get(), server.get());
+        let lag = (positions.role == Role::Slave)
+            .then(|| {
+                masters
+                    .get(&c)
+                    .map(|m| m.saturating_sub(positions.durable.0))
+            })
+            .flatten();
+        match picture
+            .servers
+            .iter_mut()
+            .find(|r| r.cluster == c && r.server == s)
+        {
+            Some(row) => row.lag = lag,
+            None => picture.servers.push(ServerRow {
+                cluster: c,
+                server: s,
+                role: role_name(Some(positions.role)),
+                epoch: positions.epoch.0,
+                alive: true,
+                in_sync: positions.counted_by_master,
+                lag,
+            }),
+        }
+    }
+    picture.servers.sort_by_key(|r| (r.cluster, r.server));
+}
+
+fn role_name(role: Option<Role>) -> String {
+    match role {
+        Some(Role::Master) => "master",
+        Some(Role::Slave) => "slave",
+        None => "unknown",
+    }
+    .to_string()
+}
+
+/// The page's routes: `GET /` (the page) and `GET /events` (its event stream).
+pub fn router(exporter: Exporter) -> axum::Router {
+    axum::Router::new()
+        .route("/", axum::routing::get(|| async { Html(PAGE) }))
+        .route(
+            "/events",
+            axum::routing::get(move || {
+                let exporter = exporter.clone();
+                async move { events(exporter).into_response() }
+            }),
+        )
+}
+
+/// A picture now, then one every second.
+fn events(exporter: Exporter) -> Sse<impl futures_core::Stream<Item = Result<Event, Infallible>>> {
+    let stream = async_stream(exporter);
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn async_stream(exporter: Exporter) -> impl futures_core::Stream<Item = Result<Event, Infallible>> {
+    let state = (exporter, Totals::default(), None::<tokio::time::Instant>);
+    futures_util::stream::unfold(state, |(exporter, mut totals, last)| async move {
+        if last.is_some() {
+            tokio::time::sleep(EVERY).await;
+        }
+        let now = tokio::time::Instant::now();
+        let elapsed = last.map_or(1.0, |l| (now - l).as_secs_f64());
+        let picture = picture(&exporter, &mut totals, elapsed);
+        let json = serde_json::to_string(&picture).unwrap_or_else(|_| "{}".to_string());
+        Some((
+            Ok(Event::default().data(json)),
+            (exporter, totals, Some(now)),
+        ))
+    })
+}
+
+/// The page: a table of servers, one of clusters, one of sync lags, filled from `/events`.
+const PAGE: &str = include_str!("status_page.html");
