@@ -57,6 +57,29 @@ impl Exporter {
         }
     }
 
+    /// Every component of `deployment`: its coordinator, servers and synchronizers.
+    pub fn of_deployment(deployment: &sns_core::Deployment) -> Self {
+        let mut sources = vec![Source::Coordinator(deployment.coordinator().clone())];
+        for place in deployment.servers() {
+            if let Some(handle) = deployment.server(place.cluster, place.server) {
+                sources.push(Source::Server {
+                    cluster: place.cluster,
+                    server: place.server,
+                    handle: handle.clone(),
+                });
+            }
+        }
+        for place in deployment.synchronizers() {
+            if let Some(synchronizer) = deployment.synchronizer(place.cluster) {
+                sources.push(Source::Sync {
+                    cluster: place.cluster,
+                    link: synchronizer.link().clone(),
+                });
+            }
+        }
+        Self::new(sources)
+    }
+
     /// The sources it shows.
     pub fn sources(&self) -> &[Source] {
         &self.sources

@@ -263,7 +263,7 @@ async fn run(
         return Err(e.to_string());
     }
     let stop_http = tokio_util::sync::CancellationToken::new();
-    let exporter = exporter_of(&deployment);
+    let exporter = crate::metrics::Exporter::of_deployment(&deployment);
     crate::metrics::spawn(
         http,
         exporter.clone(),
@@ -279,28 +279,4 @@ async fn run(
     deployment.shutdown().await;
     eprintln!("stopped");
     Ok(())
-}
-
-/// Every component of `deployment`, for `/metrics` and the status page.
-fn exporter_of(deployment: &Deployment) -> crate::metrics::Exporter {
-    use crate::metrics::Source;
-    let mut sources = vec![Source::Coordinator(deployment.coordinator().clone())];
-    for place in deployment.servers() {
-        if let Some(handle) = deployment.server(place.cluster, place.server) {
-            sources.push(Source::Server {
-                cluster: place.cluster,
-                server: place.server,
-                handle: handle.clone(),
-            });
-        }
-    }
-    for place in deployment.synchronizers() {
-        if let Some(synchronizer) = deployment.synchronizer(place.cluster) {
-            sources.push(Source::Sync {
-                cluster: place.cluster,
-                link: synchronizer.link().clone(),
-            });
-        }
-    }
-    crate::metrics::Exporter::new(sources)
 }
