@@ -1,7 +1,8 @@
 //! Counters and latency histograms the core keeps for operators. No exporter lives here: the
 //! binaries turn these into Prometheus metrics (`sns_bins::metrics`), and an embedder can read
-//! them directly ([`crate::Server::stats`], [`crate::Coordinator::stats`],
-//! [`crate::sync::ClusterLink::stats`]). Everything is a lock-free atomic, cheap enough for the
+//! them directly ([`crate::Server::stats`], the coordinator's table
+//! ([`crate::coordinator::RoutingTable::heartbeats`], [`crate::coordinator::RoutingTable::promotions`])
+//! and [`crate::sync::ClusterLink::stats`]). Everything is a lock-free atomic, cheap enough for the
 //! write path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
