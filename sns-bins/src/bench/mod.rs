@@ -18,9 +18,11 @@
 //!
 //! The steps, by module: `setup` builds the population (logins, follows, their
 //! synchronization, timelines), `load` runs the timed window, `scenario` disrupts it, `tally`
-//! counts every post and delivery, and `report` says what was measured.
+//! counts every post and delivery (`latency` reads its histograms), and `report` says what
+//! was measured.
 
 mod graph;
+mod latency;
 mod load;
 mod member;
 mod report;
@@ -36,9 +38,10 @@ use sns_core::{Bus, Data, Deployment, DeploymentConfig, Ports, UserId};
 use tokio::sync::Mutex;
 
 pub use graph::{Graph, Rng, Shape};
+pub use latency::{CurvePoint, Percentiles};
 pub use report::{Report, Worst};
 pub use scenario::Scenario;
-pub use tally::{Percentiles, Tally, Verdict};
+pub use tally::{Tally, Verdict};
 
 use scenario::SharedDeployment;
 
