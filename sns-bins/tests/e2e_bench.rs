@@ -87,6 +87,49 @@ fn the_summary_table_names_the_verdict_and_both_latency_classes() {
 }
 
 #[test]
+fn a_picture_of_the_run_is_written_after_it() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("run.html");
+    let path_text = path.to_str().expect("a UTF-8 path");
+    let (code, report, stderr) = bench(&small(
+        "1s",
+        &["--storage", "memory", "--report", path_text],
+    ));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("report written to {path_text}")),
+        "{stderr}"
+    );
+    let page = std::fs::read_to_string(&path).expect("the picture");
+    assert!(page.starts_with("<!DOCTYPE html>"), "{page}");
+    assert!(page.contains("<svg ") && page.contains("</svg>"), "{page}");
+    assert_eq!(page.matches("<polyline").count(), 3, "{page}");
+    assert!(page.contains("same cluster: p99 "), "{page}");
+    // The data drawn is in the JSON report too: a point per second, the curves.
+    let per_second = report["deliveries_per_second"]
+        .as_array()
+        .expect("an array");
+    let total: u64 = per_second.iter().filter_map(Value::as_u64).sum();
+    assert!(per_second.len() >= 2, "{report:#}");
+    assert_eq!(Some(total), report["exactly_once"]["delivered"].as_u64());
+    for curve in ["same_cluster_curve", "cross_cluster_curve"] {
+        let points = report[curve].as_array().map_or(0, Vec::len);
+        assert_eq!(points, 81, "{curve}: {report:#}");
+    }
+
+    // Where the picture cannot go, the run fails after it, saying so.
+    let taken = dir.path().join("taken.svg");
+    std::fs::create_dir(&taken).expect("a directory");
+    let taken_text = taken.to_str().expect("a UTF-8 path");
+    let (code, _, stderr) = bench(&small(
+        "500ms",
+        &["--storage", "memory", "--report", taken_text],
+    ));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--report: cannot write"), "{stderr}");
+}
+
+#[test]
 fn a_deployment_of_real_processes_is_driven_through_its_coordinator() {
     let data = tempfile::tempdir().expect("a temporary directory");
     // Slow heartbeats: the other tests of this file load the machine with in-process benches,
@@ -149,6 +192,14 @@ fn flags_that_cannot_work_are_refused_before_anything_starts() {
         (
             &["--first-user", "2147483647", "--users", "2"][..],
             "--first-user",
+        ),
+        (
+            &["--report", "run.png"][..],
+            "--report: FILE must end in .svg or .html",
+        ),
+        (
+            &["--report", "/no/such/directory/run.svg"][..],
+            "does not exist",
         ),
     ] {
         let (code, _, stderr) = bench(args);

@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 use indicatif::ProgressBar;
 use tokio::task::JoinSet;
 
+use super::latency::Percentiles;
 use super::member::{Inbox, Poster};
 use super::report::{self, Report};
 use super::scenario::{SharedDeployment, disrupt};
 use super::setup::progress;
-use super::tally::{self, Percentiles, Tally, Verdict};
+use super::tally::{self, Tally, Verdict};
 use super::{BenchArgs, Failure, Rng, Shape};
 
 /// What went wrong on the timeline streams (one line each), shared with their readers.
@@ -45,6 +46,7 @@ pub(super) async fn measure(
         run_id,
         base,
         window,
+        args.drain,
         followers,
         args.clusters,
         args.first_user,
@@ -134,6 +136,7 @@ fn report(
     disruption: Option<Duration>,
 ) -> Report {
     let seconds = args.duration.as_secs_f64();
+    let (same_cluster_curve, cross_cluster_curve) = tally.curves();
     Report {
         scenario: args.scenario.name().to_string(),
         target: match &args.host {
@@ -164,6 +167,9 @@ fn report(
         disruption_at_s: disruption.map(|d| d.as_secs_f64()),
         recovery_ms: tally.recovery().map(|d| d.as_secs_f64() * 1000.0),
         peak_memory_bytes: report::peak_memory(),
+        deliveries_per_second: tally.deliveries_per_second(),
+        same_cluster_curve,
+        cross_cluster_curve,
     }
 }
 

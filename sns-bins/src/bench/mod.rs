@@ -18,11 +18,14 @@
 //!
 //! The steps, by module: `setup` builds the population (logins, follows, their
 //! synchronization, timelines), `load` runs the timed window, `scenario` disrupts it, `tally`
-//! counts every post and delivery, and `report` says what was measured.
+//! counts every post and delivery (`latency` reads its histograms), `report` says what was
+//! measured, and `picture` draws it (`--report FILE.svg`).
 
 mod graph;
+mod latency;
 mod load;
 mod member;
+pub mod picture;
 mod report;
 mod scenario;
 mod setup;
@@ -36,9 +39,10 @@ use sns_core::{Bus, Data, Deployment, DeploymentConfig, Ports, UserId};
 use tokio::sync::Mutex;
 
 pub use graph::{Graph, Rng, Shape};
+pub use latency::{CurvePoint, Percentiles};
 pub use report::{Report, Worst};
 pub use scenario::Scenario;
-pub use tally::{Percentiles, Tally, Verdict};
+pub use tally::{Tally, Verdict};
 
 use scenario::SharedDeployment;
 
@@ -127,6 +131,10 @@ pub struct BenchArgs {
     /// Print the report as JSON on stdout (no progress bar).
     #[arg(long)]
     pub json: bool,
+    /// After the run(s), draw each run's latency percentiles per path and deliveries per
+    /// second into FILE: an SVG picture (`.svg`) or an HTML page with it inline (`.html`).
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
     /// `rabbitmqctl` to run for the broker-restart scenario.
     #[arg(long, default_value = "rabbitmqctl")]
     pub rabbitmqctl: String,
@@ -279,6 +287,9 @@ fn check(args: &BenchArgs) -> Result<(), Failure> {
     }
     if args.course && args.scenario == Scenario::Failover {
         return Err("--course clients do not fail over; use the steady scenario".to_string());
+    }
+    if let Some(path) = &args.report {
+        picture::check(path)?;
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 
 use serde::Serialize;
 
-use super::tally::{Percentiles, Verdict};
+use super::latency::{CurvePoint, Percentiles};
+use super::tally::Verdict;
 
 /// Everything a run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -51,6 +52,14 @@ pub struct Report {
     pub peak_memory_bytes: Option<u64>,
     /// Whether every delivery arrived exactly once.
     pub ok: bool,
+    /// Deliveries received in each second since posting began: warm-up, timed window and
+    /// drain (the last second is partial).
+    pub deliveries_per_second: Vec<u64>,
+    /// Latency of same-cluster deliveries against percentile, 0 to 99.99% (posts due in the
+    /// window; no points without deliveries).
+    pub same_cluster_curve: Vec<CurvePoint>,
+    /// The same for deliveries to other clusters.
+    pub cross_cluster_curve: Vec<CurvePoint>,
 }
 
 impl Report {

@@ -14,14 +14,17 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use super::latency::{self, CurvePoint, MAX_LATENCY_MICROS, Percentiles, histogram};
+
 /// Posts per chunk of the post table.
 const CHUNK: u64 = 1 << 16;
 /// Chunks at most: 2^30 posts, far beyond a run's length at any rate this machine reaches.
 const MAX_CHUNKS: usize = 1 << 14;
-/// Latencies are recorded in microseconds, up to this (longer ones count as this).
-const MAX_LATENCY_MICROS: u64 = 300_000_000;
 /// Histogram shards: readers spread their recording over these, so they seldom wait.
 const SHARDS: usize = 16;
+/// Seconds the per-second delivery counts reach beyond the run's planned end (a disruption
+/// that holds the run up); deliveries later still are left out of them.
+const EXTRA_SECONDS: u64 = 60;
 
 /// One issued post.
 #[derive(Debug, Default)]
@@ -39,12 +42,6 @@ struct Latencies {
     cross: Histogram<u64>,
 }
 
-fn histogram() -> Histogram<u64> {
-    // Bounds fixed and valid (1 µs to 300 s, 3 significant digits).
-    Histogram::new_with_bounds(1, MAX_LATENCY_MICROS, 3)
-        .unwrap_or_else(|_| unreachable!("valid histogram bounds"))
-}
-
 /// The run's ledger, shared by the posters and every reader.
 #[derive(Debug)]
 pub struct Tally {
@@ -57,6 +54,8 @@ pub struct Tally {
     delivered: AtomicU64,
     /// Deliveries received inside the timed window.
     delivered_in_window: AtomicU64,
+    /// Deliveries received in each second since base.
+    per_second: Box<[AtomicU64]>,
     /// Posts issued inside the timed window.
     issued_in_window: AtomicU64,
     /// Deliveries a reader had already had (same author, same or earlier post).
@@ -74,40 +73,6 @@ pub struct Tally {
     clusters: u32,
     first_user: u32,
     latencies: Box<[Mutex<Latencies>]>,
-}
-
-/// Latency percentiles of one class of deliveries, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct Percentiles {
-    /// Deliveries measured.
-    pub count: u64,
-    /// Median.
-    pub p50: f64,
-    /// 90th percentile.
-    pub p90: f64,
-    /// 99th percentile.
-    pub p99: f64,
-    /// 99.9th percentile.
-    pub p99_9: f64,
-    /// Worst.
-    pub max: f64,
-}
-
-impl Percentiles {
-    fn of(histogram: &Histogram<u64>) -> Self {
-        let ms = |micros: u64| micros as f64 / 1000.0;
-        if histogram.is_empty() {
-            return Self::default();
-        }
-        Self {
-            count: histogram.len(),
-            p50: ms(histogram.value_at_quantile(0.50)),
-            p90: ms(histogram.value_at_quantile(0.90)),
-            p99: ms(histogram.value_at_quantile(0.99)),
-            p99_9: ms(histogram.value_at_quantile(0.999)),
-            max: ms(histogram.max()),
-        }
-    }
 }
 
 /// The exactly-once verdict.
@@ -144,15 +109,19 @@ impl Tally {
     /// A ledger for a run marked `run`; `followers[i]` is population index i's number of
     /// followers in the population (the deliveries each of its posts must make). User ids
     /// are `first_user + index`; a user's cluster is `(id - 1) % clusters + 1`. Latencies are
-    /// kept for posts due inside `window` (from `base`).
+    /// kept for posts due inside `window` (from `base`); deliveries are counted per second
+    /// until `drain` after the window (and a minute beyond, for a disruption that holds the
+    /// run up).
     pub fn new(
         run: u64,
         base: Instant,
         window: (Duration, Duration),
+        drain: Duration,
         followers: Vec<u32>,
         clusters: u32,
         first_user: u32,
     ) -> Self {
+        let seconds = (window.1 + drain).as_secs() + 1 + EXTRA_SECONDS;
         Self {
             marker: format!("sb{run:x}."),
             base,
@@ -161,6 +130,7 @@ impl Tally {
             expected: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             delivered_in_window: AtomicU64::new(0),
+            per_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
             issued_in_window: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             unknown: AtomicU64::new(0),
@@ -253,6 +223,9 @@ impl Tally {
         self.delivered.fetch_add(1, Ordering::Relaxed);
         if self.in_window(now) {
             self.delivered_in_window.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(second) = self.per_second.get(now.as_secs() as usize) {
+            second.fetch_add(1, Ordering::Relaxed);
         }
         let last = state.last.entry(author).or_insert(u64::MAX);
         if *last != u64::MAX && number <= *last {
@@ -369,8 +342,18 @@ impl Tally {
         verdict
     }
 
-    /// Latency percentiles: same cluster, other cluster, all.
-    pub fn percentiles(&self) -> (Percentiles, Percentiles, Percentiles) {
+    /// Deliveries received in each second since base, up to the current one (a partial
+    /// second).
+    pub fn deliveries_per_second(&self) -> Vec<u64> {
+        let seconds = (self.now().as_secs() as usize + 1).min(self.per_second.len());
+        self.per_second[..seconds]
+            .iter()
+            .map(|second| second.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The latencies of every shard together: same cluster, other cluster.
+    fn merged(&self) -> (Histogram<u64>, Histogram<u64>) {
         let mut same = histogram();
         let mut cross = histogram();
         for shard in self.latencies.iter() {
@@ -379,6 +362,18 @@ impl Tally {
             let _ = same.add(&shard.same);
             let _ = cross.add(&shard.cross);
         }
+        (same, cross)
+    }
+
+    /// Latency percentile curves (0 to 99.99%): same cluster, other cluster.
+    pub fn curves(&self) -> (Vec<CurvePoint>, Vec<CurvePoint>) {
+        let (same, cross) = self.merged();
+        (latency::curve(&same), latency::curve(&cross))
+    }
+
+    /// Latency percentiles: same cluster, other cluster, all.
+    pub fn percentiles(&self) -> (Percentiles, Percentiles, Percentiles) {
+        let (same, cross) = self.merged();
         let mut all = same.clone();
         let _ = all.add(&cross);
         (
@@ -399,6 +394,7 @@ mod tests {
             0xab,
             Instant::now(),
             (Duration::ZERO, Duration::from_secs(3600)),
+            Duration::from_secs(10),
             vec![2, 0, 0],
             3,
             1,
@@ -511,6 +507,7 @@ mod tests {
             1,
             base,
             (Duration::from_secs(1), Duration::from_secs(2)),
+            Duration::from_secs(1),
             vec![3, 0, 0, 0],
             3,
             1,
@@ -526,5 +523,55 @@ mod tests {
         let (same, cross, _) = tally.percentiles();
         assert_eq!((same.count, cross.count), (1, 1));
         assert_eq!(tally.issued_in_window(), 1);
+    }
+
+    #[test]
+    fn deliveries_are_counted_in_the_second_of_the_run_they_arrive_in() {
+        // Posting began 2.5 s ago: what arrives now counts in second 2.
+        let base = Instant::now()
+            .checked_sub(Duration::from_millis(2500))
+            .expect("the clock is past 2.5 s");
+        let tally = Tally::new(
+            1,
+            base,
+            (Duration::from_secs(1), Duration::from_secs(2)),
+            Duration::from_secs(1),
+            vec![2, 0, 0],
+            3,
+            1,
+        );
+        let (mut a, mut b) = (ReaderState::default(), ReaderState::default());
+        let text = tally.issue(0, Duration::from_millis(1500)).expect("room");
+        tally.received(1, &mut a, &text);
+        tally.received(2, &mut b, &text);
+        tally.received(1, &mut a, "not this run's");
+        assert_eq!(tally.deliveries_per_second(), vec![0, 0, 2]);
+        let (same, cross) = tally.curves();
+        assert!(same.is_empty(), "{same:?}");
+        assert_eq!(cross.len(), 81);
+        assert!(cross.iter().all(|p| p.ms >= 999.0), "{cross:?}");
+    }
+
+    #[test]
+    fn the_per_second_counts_stop_at_the_end_of_the_room_made_for_them() {
+        // Ten minutes after the start of a run planned for 3 s: beyond the counts' reach.
+        let base = Instant::now()
+            .checked_sub(Duration::from_secs(600))
+            .expect("the clock is past 10 minutes");
+        let tally = Tally::new(
+            1,
+            base,
+            (Duration::ZERO, Duration::from_secs(2)),
+            Duration::from_secs(1),
+            vec![1, 0],
+            1,
+            1,
+        );
+        let text = tally.issue(0, tally.now()).expect("room");
+        tally.received(1, &mut ReaderState::default(), &text);
+        let series = tally.deliveries_per_second();
+        assert_eq!(series.len(), 3 + 1 + EXTRA_SECONDS as usize);
+        assert_eq!(series.iter().sum::<u64>(), 0);
+        assert_eq!(tally.delivered(), 1);
     }
 }

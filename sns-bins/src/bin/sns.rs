@@ -22,7 +22,8 @@
 //! - `sns bench [steady|failover|broker-restart]`: the load generator (see
 //!   `sns_bins::bench`): a population of users posting through the client library, every
 //!   delivery's latency and an exactly-once check; exit code 1 if a delivery was missing or
-//!   repeated.
+//!   repeated. `--report FILE.svg` (or `.html`) draws each run's latency percentiles and
+//!   deliveries per second into FILE afterwards.
 
 use std::process::ExitCode;
 
@@ -85,6 +86,7 @@ fn main() -> ExitCode {
 
 async fn bench(args: sns_bins::bench::BenchArgs) -> Result<(), String> {
     let json = args.json;
+    let picture = args.report.clone();
     let reports = sns_bins::bench::run_all(args).await?;
     let worst = sns_bins::bench::Worst::of(&reports);
     match (&reports[..], json) {
@@ -103,6 +105,10 @@ async fn bench(args: sns_bins::bench::BenchArgs) -> Result<(), String> {
             println!("── {} runs", reports.len());
             print!("{}", worst.table(&reports));
         }
+    }
+    if let Some(path) = picture {
+        sns_bins::bench::picture::write(&path, &reports)?;
+        eprintln!("report written to {}", path.display());
     }
     let failed: Vec<String> = reports
         .iter()
