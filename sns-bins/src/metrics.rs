@@ -525,8 +525,17 @@ impl MetricsArgs {
         let Some(text) = &self.metrics else {
             return Ok(None);
         };
-        let addr = parse_addr("--metrics", text)?;
-        check_addr("--metrics", &addr, insecure)?;
-        bind("--metrics", addr).await.map(Some)
+        listen("--metrics", text, insecure).await.map(Some)
     }
+}
+
+/// Parses, checks and binds the address `text` given to `flag` (see [`check_addr`]).
+pub async fn listen(
+    flag: &str,
+    text: &str,
+    insecure: bool,
+) -> Result<tokio::net::TcpListener, String> {
+    let addr = parse_addr(flag, text)?;
+    check_addr(flag, &addr, insecure)?;
+    bind(flag, addr).await
 }

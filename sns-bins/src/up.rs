@@ -234,9 +234,7 @@ async fn run(
     token: TokenHints,
     (http, insecure_http): (String, bool),
 ) -> Result<(), String> {
-    let http = crate::metrics::parse_addr("--http", &http)?;
-    crate::metrics::check_addr("--http", &http, insecure_http)?;
-    let http = crate::metrics::bind("--http", http).await?;
+    let http = crate::metrics::listen("--http", &http, insecure_http).await?;
     let page = http.local_addr().map_err(|e| e.to_string())?;
     // Installed first: a signal arriving while the deployment starts (or just after the table
     // is printed) stops it gracefully too.

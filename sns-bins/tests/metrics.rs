@@ -69,18 +69,12 @@ async fn eventually_scraped(
     what: &str,
     check: impl Fn(&str) -> bool,
 ) -> String {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let metrics = get(addr, "/metrics").await;
-        if check(&metrics) {
-            return metrics;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} never showed in:\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let seen = |metrics: &str| check(metrics);
+    let shown =
+        sns_core::testing::eventually(WAIT, || async { seen(&get(addr, "/metrics").await) }).await;
+    let metrics = get(addr, "/metrics").await;
+    assert!(shown, "{what} never showed in:\n{metrics}");
+    metrics
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

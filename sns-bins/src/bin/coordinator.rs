@@ -109,11 +109,7 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let metrics = args.metrics.bind(args.insecure).await?;
     let page = match &args.http {
-        Some(text) => {
-            let addr = sns_bins::metrics::parse_addr("--http", text)?;
-            sns_bins::metrics::check_addr("--http", &addr, args.insecure)?;
-            Some(sns_bins::metrics::bind("--http", addr).await?)
-        }
+        Some(text) => Some(sns_bins::metrics::listen("--http", text, args.insecure).await?),
         None => None,
     };
     if args.allow_unclean_promotion {
