@@ -17,9 +17,14 @@ use crate::transport::{Listener, MemoryNetwork, Network};
 
 #[cfg(feature = "amqp")]
 mod amqp;
+#[cfg(feature = "etcd")]
+mod etcd;
+pub mod routing_store_suite;
 pub mod storage_suite;
 #[cfg(feature = "amqp")]
 pub use amqp::{AMQP_URL_VAR, AmqpTestBroker, REQUIRE_AMQP_VAR, amqp_broker};
+#[cfg(feature = "etcd")]
+pub use etcd::{ETCD_URL_VAR, REQUIRE_ETCD_VAR, etcd_options};
 
 /// The texts of the next `count` posts on `stream`, each awaited for at most `patience`; panics
 /// (failing the test) if one does not come in time, the stream ends or brings an error.

@@ -5,16 +5,25 @@
 //! and serves it over gRPC (`csce438.CoordService`, its `csce662` alias, and `sns.v1.Admin`).
 //! Heartbeats, registrations and admin calls require the cluster token when one is set.
 
+#[cfg(feature = "etcd")]
+mod etcd;
+mod group;
+mod store;
 mod table;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdOptions, EtcdStore};
+pub use group::GroupStatus;
+pub use store::{MemoryStore, Revision, RolesRecord, RoutingStore, StoredRoles, Swap, Term};
 pub use table::{
     Address, Assignment, Beat, DEFAULT_HEARTBEAT_INTERVAL, FORGET_AFTER_TIMEOUTS, NodeView,
-    ReportedLog, RoutingConfig, RoutingTable, SYNCHRONIZERS_PER_CLUSTER,
+    ReportedLog, RoutingConfig, RoutingTable, SYNCHRONIZERS_PER_CLUSTER, Verdict,
 };
 
 use crate::error::Result;
+use group::Group;
 
 /// The largest `sns.v1.Admin` status reply a status client should accept: a full table (1,000
 /// clusters of 9 servers and 4 synchronizers each, every host name 253 bytes long, the most the
@@ -72,10 +81,11 @@ pub struct CoordinatorConfig {
 pub struct Coordinator {
     table: Arc<Mutex<RoutingTable>>,
     token: Option<Arc<str>>,
+    group: Arc<Group>,
 }
 
 impl Coordinator {
-    /// A coordinator with an empty table.
+    /// A coordinator alone, with an empty table and its roles in memory: it leads at once.
     pub fn new(config: CoordinatorConfig) -> Self {
         Self {
             table: Arc::new(Mutex::new(RoutingTable::new(
@@ -83,7 +93,36 @@ impl Coordinator {
                 tokio::time::Instant::now(),
             ))),
             token: config.cluster_token.map(Arc::from),
+            group: Arc::new(Group::alone()),
         }
+    }
+
+    /// A coordinator of a group that keeps its clusters' roles in `store` (every coordinator
+    /// of the group on the same store; see [`RoutingStore`]). `name` tells it apart in logs
+    /// and in the store's leader key. It takes heartbeats and answers clients at once, from the
+    /// roles as last read; it changes roles only while it leads. Its work with the store
+    /// (following the records, campaigning, renewing) runs until `shutdown`, when it resigns.
+    pub fn in_group(
+        config: CoordinatorConfig,
+        name: impl Into<String>,
+        store: Arc<dyn RoutingStore>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let interval = config.routing.heartbeat_interval;
+        let coordinator = Self {
+            table: Arc::new(Mutex::new(RoutingTable::new(
+                config.routing,
+                tokio::time::Instant::now(),
+            ))),
+            token: config.cluster_token.map(Arc::from),
+            group: Arc::new(Group::new(
+                name.into(),
+                store,
+                config.routing.failure_timeout(),
+            )),
+        };
+        group::spawn(coordinator.clone(), interval, shutdown);
+        coordinator
     }
 
     /// The routing table, locked.

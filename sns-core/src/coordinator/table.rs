@@ -42,11 +42,31 @@ use crate::ids::{ClusterId, Epoch, ServerId, UserId};
 mod roles;
 mod types;
 
+use super::store::{Revision, RolesRecord, StoredRoles};
 use roles::ClusterRoles;
 pub use types::{
     Address, Assignment, Beat, DEFAULT_HEARTBEAT_INTERVAL, FORGET_AFTER_TIMEOUTS, NodeView,
     ReportedLog, RoutingConfig, SYNCHRONIZERS_PER_CLUSTER,
 };
+
+/// What a heartbeat calls for (see [`RoutingTable::judge`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Answer the beat with this.
+    Answer(Assignment),
+    /// Write `record` as `cluster`'s roles over revision `expected`, install it, then answer
+    /// with `assignment`; if the write fails, the beat gets no answer.
+    Write {
+        /// The cluster whose roles change.
+        cluster: ClusterId,
+        /// The revision of the record the change was judged on.
+        expected: Revision,
+        /// The new roles.
+        record: RolesRecord,
+        /// The answer once they are written.
+        assignment: Assignment,
+    },
+}
 
 #[derive(Debug, Clone)]
 struct Node {
@@ -173,42 +193,110 @@ impl RoutingTable {
         Ok(())
     }
 
-    /// Records a server's heartbeat (the first one registers it) and returns its role.
+    /// Records a server's heartbeat (the first one registers it) and returns its role, changing
+    /// the cluster's roles at once where the beat calls for it: the table as the only
+    /// coordinator with its own store. [`Coordinator`](super::Coordinator) goes through
+    /// [`RoutingTable::judge`] and its store instead.
     pub fn heartbeat(&mut self, beat: Beat, now: Instant) -> Result<Assignment> {
+        match self.judge(beat, now, true)? {
+            Verdict::Answer(assignment) => Ok(assignment),
+            Verdict::Write {
+                cluster,
+                expected,
+                record,
+                assignment,
+            } => {
+                self.install(StoredRoles {
+                    cluster,
+                    record,
+                    revision: expected + 1,
+                });
+                Ok(assignment)
+            }
+        }
+    }
+
+    /// Records a server's heartbeat (the first one registers it) and judges what it calls for.
+    /// The cluster's roles are never changed here: when the beat calls for a change, a
+    /// `leading` coordinator gets [`Verdict::Write`] (write the record, then
+    /// [`RoutingTable::install`] it and answer); any other answers from the roles as recorded,
+    /// or fails with [`Error::Unavailable`] where only the leader could answer (see
+    /// `ClusterRoles::unchanged_answer`).
+    pub fn judge(&mut self, beat: Beat, now: Instant, leading: bool) -> Result<Verdict> {
         self.check_cluster(i64::from(beat.cluster.get()))?;
         self.check_server(beat.server)?;
         self.heartbeats += 1;
         self.forget_the_long_dead(now);
         self.register_server(&beat, now)?;
+        let cluster = beat.cluster;
+        let before = self.roles.get(&cluster).cloned().unwrap_or_default();
         if let Some(why) = &beat.failure {
             // A server that cannot serve is a slave, whatever it claims; if it was master, the
             // next beat of an in-sync slave promotes that slave (the master counts as dead).
-            tracing::warn!(cluster = %beat.cluster, server = %beat.server, "server reports a failure: {why}");
-            let epoch = self
-                .roles
-                .get(&beat.cluster)
-                .map(|r| r.epoch)
-                .unwrap_or_default();
-            return Ok(Assignment {
+            tracing::warn!(%cluster, server = %beat.server, "server reports a failure: {why}");
+            return Ok(Verdict::Answer(Assignment {
                 role: Role::Slave,
-                epoch,
+                epoch: before.epoch,
+            }));
+        }
+        let role = self.decide(&beat, now)?;
+        let after = self
+            .roles
+            .insert(cluster, before.clone())
+            .unwrap_or_default();
+        let record = after.record();
+        let assignment = Assignment {
+            role,
+            epoch: after.epoch,
+        };
+        if record == before.record() {
+            return Ok(Verdict::Answer(assignment));
+        }
+        if leading {
+            return Ok(Verdict::Write {
+                cluster,
+                expected: before.revision,
+                record,
+                assignment,
             });
         }
+        Ok(Verdict::Answer(Assignment {
+            role: before.unchanged_answer(&beat)?,
+            epoch: before.epoch,
+        }))
+    }
+
+    /// The role `beat` gets, moving its cluster's roles as the rules say.
+    fn decide(&mut self, beat: &Beat, now: Instant) -> Result<Role> {
         let heard_all = self.election_window_closed(beat.cluster, now);
         let best = self.most_recent_log(beat.cluster, now) == Some(beat.server);
         let live_master = self.live_master(beat.cluster, now).map(|(s, _)| s);
+        // A master this table never heard from is dead only once it had a whole failure timeout
+        // to beat to this coordinator (one that just started, with roles from its store).
+        let recorded_master = self.roles.get(&beat.cluster).and_then(|r| r.master);
+        let unheard = recorded_master
+            .is_some_and(|m| !self.servers.contains_key(&(beat.cluster, m)))
+            && now.saturating_duration_since(self.started) <= self.config.failure_timeout();
         let unclean = self.config.allow_unclean_promotion;
         let roles = self.roles.entry(beat.cluster).or_default();
-        let role = match roles.master {
-            Some(master) if master == beat.server => roles.master_beat(&beat)?,
-            Some(master) if live_master == Some(master) => Role::Slave,
-            Some(master) => roles.replace_dead_master(&beat, master, unclean && best)?,
-            None => roles.without_master(&beat, heard_all && best)?,
-        };
-        Ok(Assignment {
-            role,
-            epoch: roles.epoch,
-        })
+        match roles.master {
+            Some(master) if master == beat.server => roles.master_beat(beat),
+            Some(master) if live_master == Some(master) || unheard => Ok(Role::Slave),
+            Some(master) => roles.replace_dead_master(beat, master, unclean && best),
+            None => roles.without_master(beat, heard_all && best),
+        }
+    }
+
+    /// Takes a cluster's roles as its stored record says, unless the table already holds that
+    /// revision or a newer one.
+    pub fn install(&mut self, stored: StoredRoles) {
+        let current = self.roles.get(&stored.cluster).map_or(0, |r| r.revision);
+        if stored.revision > current {
+            self.roles.insert(
+                stored.cluster,
+                ClusterRoles::stored(stored.record, stored.revision),
+            );
+        }
     }
 
     /// Records the node that sent `beat`, refusing it while another address holds its slot

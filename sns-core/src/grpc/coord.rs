@@ -104,8 +104,9 @@ impl CoordService for CoordAdapter {
         if info.r#type == "synchronizer" || info.node_role == i32::from(NodeRole::Synchronizer) {
             return self.register(info).await;
         }
-        let mut table = self.coordinator.table();
-        let cluster = table
+        let cluster = self
+            .coordinator
+            .table()
             .check_cluster(i64::from(info.cluster_id))
             .map_err(status)?;
         let server = u32::try_from(info.server_id)
@@ -138,8 +139,9 @@ impl CoordService for CoordAdapter {
                 .filter_map(|s| ServerId::new(*s))
                 .collect(),
         };
+        let assignment = self.coordinator.heartbeat(beat).await.map_err(status)?;
         let now = tokio::time::Instant::now();
-        let assignment = table.heartbeat(beat, now).map_err(status)?;
+        let table = self.coordinator.table();
         let master = table.mirror_source(cluster, now);
         // Only a master mirrors to anyone: it accepts mirroring from these servers alone.
         let slaves = match assignment.role {

@@ -10,6 +10,7 @@
 use std::collections::BTreeSet;
 
 use super::Beat;
+use crate::coordinator::store::{Revision, RolesRecord};
 use crate::error::{Error, Result};
 use crate::ids::{Epoch, Role, ServerId};
 
@@ -22,6 +23,52 @@ pub(super) struct ClusterRoles {
     pub(super) in_sync: BTreeSet<ServerId>,
     /// Slaves named master in place of a dead one.
     pub(super) promotions: u64,
+    /// The revision of the stored record these roles are (0: none stored yet).
+    pub(super) revision: Revision,
+}
+
+impl ClusterRoles {
+    /// The durable part of these roles, as stored.
+    pub(super) fn record(&self) -> RolesRecord {
+        RolesRecord {
+            epoch: self.epoch,
+            master: self.master,
+            in_sync: self.in_sync.clone(),
+            promotions: self.promotions,
+        }
+    }
+
+    /// Roles as a stored record at `revision` says.
+    pub(super) fn stored(record: RolesRecord, revision: Revision) -> Self {
+        Self {
+            epoch: record.epoch,
+            master: record.master,
+            in_sync: record.in_sync,
+            promotions: record.promotions,
+            revision,
+        }
+    }
+
+    /// The answer a coordinator that may not change these roles gives `beat`: slave to all but
+    /// the recorded master; master to the recorded master only while it writes under the
+    /// recorded epoch and counts in sync every slave the record does (so its answer never
+    /// vouches for an in-sync set the record does not hold). Anything else waits for the
+    /// leading coordinator.
+    pub(super) fn unchanged_answer(&self, beat: &Beat) -> Result<Role> {
+        if self.master != Some(beat.server) {
+            return Ok(Role::Slave);
+        }
+        let counted = self.in_sync.iter().all(|s| beat.in_sync.contains(s));
+        if beat.claims_master && beat.epoch == self.epoch && counted {
+            Ok(Role::Master)
+        } else {
+            Err(Error::Unavailable(format!(
+                "the roles of cluster {} change with this heartbeat, which only the leading \
+                 coordinator records; beat again",
+                beat.cluster
+            )))
+        }
+    }
 }
 
 impl ClusterRoles {

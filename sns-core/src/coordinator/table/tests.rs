@@ -642,3 +642,137 @@ fn an_in_sync_slave_replaces_a_forgotten_master_under_a_new_epoch() {
     };
     assert_eq!(t.heartbeat(stale, later).expect("ok").role, Role::Slave);
 }
+
+/// The record of `t`'s cluster 1 as stored.
+fn stored(t: &RoutingTable) -> (RolesRecord, Revision) {
+    let roles = t.roles.get(&c(1)).expect("cluster 1 has roles");
+    (roles.record(), roles.revision)
+}
+
+#[test]
+fn a_coordinator_that_does_not_lead_changes_no_role() {
+    let t0 = Instant::now();
+    let mut t = table(1, t0);
+    let epoch = master_and_slave(&mut t, t0, true);
+    let before = stored(&t);
+    let later = t0 + RoutingConfig::default().failure_timeout() + Duration::from_millis(1);
+    // The master is dead, its slave in sync: a leader would promote it; a follower does not.
+    let answer = t.judge(beat(1, 2, 10001), later, false).expect("answered");
+    assert_eq!(
+        answer,
+        Verdict::Answer(Assignment {
+            role: Role::Slave,
+            epoch
+        })
+    );
+    assert_eq!(stored(&t), before, "the roles are as recorded");
+    // The leader's verdict is a write from the recorded revision, not yet applied.
+    let Verdict::Write {
+        cluster,
+        expected,
+        record,
+        assignment,
+    } = t.judge(beat(1, 2, 10001), later, true).expect("judged")
+    else {
+        panic!("a promotion is a write");
+    };
+    assert_eq!((cluster, expected), (c(1), before.1));
+    assert_eq!(record.master, Some(s(2)));
+    assert_eq!(assignment.role, Role::Master);
+    assert_eq!(
+        stored(&t),
+        before,
+        "nothing changes before the write is installed"
+    );
+    t.install(StoredRoles {
+        cluster,
+        record: record.clone(),
+        revision: expected + 1,
+    });
+    assert_eq!(stored(&t), (record, expected + 1));
+}
+
+#[test]
+fn a_follower_vouches_for_a_master_only_with_every_recorded_in_sync_slave() {
+    let t0 = Instant::now();
+    let mut t = table(1, t0);
+    let epoch = master_and_slave(&mut t, t0, true);
+    let claim = |in_sync: Vec<ServerId>| Beat {
+        claims_master: true,
+        epoch,
+        in_sync,
+        ..beat(1, 1, 10000)
+    };
+    let master = Verdict::Answer(Assignment {
+        role: Role::Master,
+        epoch,
+    });
+    assert_eq!(t.judge(claim(vec![s(2)]), t0, false).expect("ok"), master);
+    // Dropping its slave from the in-sync set is a change only the leader may record: a
+    // follower's answer would tell the master the coordinators know, and they do not.
+    let dropped = t.judge(claim(Vec::new()), t0, false);
+    assert!(matches!(dropped, Err(Error::Unavailable(_))), "{dropped:?}");
+    assert_eq!(stored(&t).0.in_sync, [s(2)].into());
+    // A master that stopped claiming is named again under a new epoch by the leader only.
+    let unclaimed = t.judge(beat(1, 1, 10000), t0, false);
+    assert!(matches!(unclaimed, Err(Error::Unavailable(_))));
+}
+
+#[test]
+fn a_restarted_coordinator_waits_a_failure_timeout_for_a_recorded_master_it_never_heard() {
+    let t0 = Instant::now();
+    let mut t = restarted(1, t0);
+    let record = RolesRecord {
+        epoch: Epoch(4),
+        master: Some(s(1)),
+        in_sync: [s(2)].into(),
+        promotions: 0,
+    };
+    t.install(StoredRoles {
+        cluster: c(1),
+        record: record.clone(),
+        revision: 9,
+    });
+    let timeout = RoutingConfig::default().failure_timeout();
+    let slave = Beat {
+        epoch: Epoch(4),
+        ..beat(1, 2, 10001)
+    };
+    let answer = t.judge(slave.clone(), t0 + timeout, true).expect("ok");
+    assert_eq!(
+        answer,
+        Verdict::Answer(Assignment {
+            role: Role::Slave,
+            epoch: Epoch(4)
+        }),
+        "the master had no time to beat to this coordinator yet"
+    );
+    let later = t0 + timeout + Duration::from_millis(1);
+    let verdict = t.judge(slave, later, true).expect("ok");
+    assert!(
+        matches!(&verdict, Verdict::Write { record, .. } if record.master == Some(s(2))),
+        "{verdict:?}"
+    );
+}
+
+#[test]
+fn an_older_record_does_not_replace_a_newer_one() {
+    let t0 = Instant::now();
+    let mut t = table(1, t0);
+    let newer = RolesRecord {
+        epoch: Epoch(3),
+        master: Some(s(2)),
+        ..RolesRecord::default()
+    };
+    t.install(StoredRoles {
+        cluster: c(1),
+        record: newer.clone(),
+        revision: 7,
+    });
+    t.install(StoredRoles {
+        cluster: c(1),
+        record: RolesRecord::default(),
+        revision: 5,
+    });
+    assert_eq!(stored(&t), (newer, 7));
+}
