@@ -64,6 +64,51 @@ impl HeartbeatArgs {
     }
 }
 
+/// The coordinator address a process uses: the group given with `--coordinators`
+/// (`HOST:PORT,HOST:PORT,...`), each member checked, else the one coordinator at
+/// `host`:`port`.
+pub fn coordinator_addr(group: Option<&str>, host: &str, port: u16) -> Result<String, String> {
+    let Some(group) = group else {
+        return Ok(sns_core::transport::address(host, port));
+    };
+    let members = sns_core::coordinator::group_addrs(group).map_err(|e| e.to_string())?;
+    for member in &members {
+        let valid = member.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !valid {
+            return Err(format!(
+                "--coordinators: {member:?} is not HOST:PORT (give HOST:PORT,HOST:PORT,...)"
+            ));
+        }
+    }
+    Ok(members.join(","))
+}
+
+/// The etcd store of a deployment of `clusters` × `servers` on the etcd members `urls`
+/// (`http://HOST:PORT,...`), its keys under `prefix`.
+pub async fn etcd_store(
+    urls: &str,
+    prefix: &str,
+    clusters: u32,
+    servers: u32,
+) -> Result<sns_core::coordinator::EtcdStore, String> {
+    let endpoints: Vec<String> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect();
+    if endpoints.is_empty() {
+        return Err(format!("--etcd {urls:?} names no etcd member"));
+    }
+    let mut options = sns_core::coordinator::EtcdOptions::new(endpoints, clusters, servers);
+    options.prefix = prefix.to_string();
+    sns_core::coordinator::EtcdStore::connect(options)
+        .await
+        .map_err(|e| format!("--etcd: {e}"))
+}
+
 /// Runs `body` on a multi-threaded runtime; prints `<name>: <error>` and exits 1 on failure.
 pub fn run_main<F>(name: &str, body: F) -> std::process::ExitCode
 where
@@ -87,8 +132,20 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::colour_wanted;
+    use super::{colour_wanted, coordinator_addr};
     use std::ffi::OsStr;
+
+    #[test]
+    fn a_coordinator_group_is_a_list_of_host_and_port() {
+        assert_eq!(coordinator_addr(None, "h", 9), Ok("h:9".to_string()));
+        assert_eq!(
+            coordinator_addr(Some("a:1, b:2,"), "h", 9),
+            Ok("a:1,b:2".to_string())
+        );
+        for bad in ["", ",", "a", "a:0", "a:x", ":1", "a:1,b"] {
+            assert!(coordinator_addr(Some(bad), "h", 9).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn colours_only_on_a_terminal_without_no_color() {

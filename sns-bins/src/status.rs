@@ -23,6 +23,10 @@ pub struct StatusArgs {
     /// Coordinator port.
     #[arg(short = 'k', long = "port", default_value_t = 9090)]
     port: u16,
+    /// Every coordinator of a group, HOST:PORT,HOST:PORT,...: asks the first that answers
+    /// (instead of -h/-k).
+    #[arg(long, value_name = "HOST:PORT,...")]
+    coordinators: Option<String>,
     /// The deployment's data directory, where the cluster token is read from
     /// (DIR/cluster-token) when none is given.
     #[arg(long, default_value = DEFAULT_ROOT)]
@@ -35,11 +39,22 @@ pub struct StatusArgs {
 pub async fn run(args: StatusArgs) -> Result<(), String> {
     let token = args.token.resolve(&args.data_dir)?;
     let sent_token = token.is_some();
-    let addr = sns_core::transport::address(&args.host, args.port);
-    let admin = AdminClient::connect(&sns_core::Network::tcp(), &addr, token)
-        .await
-        .map_err(|e| format!("cannot reach the coordinator: {e}"))?;
-    let status = admin.status().await.map_err(|e| refusal(&e, sent_token))?;
+    let addr = crate::coordinator_addr(args.coordinators.as_deref(), &args.host, args.port)?;
+    let mut unreachable = None;
+    let mut status = None;
+    for member in addr.split(',') {
+        match AdminClient::connect(&sns_core::Network::tcp(), member, token.clone()).await {
+            Ok(admin) => {
+                status = Some(admin.status().await.map_err(|e| refusal(&e, sent_token))?);
+                break;
+            }
+            Err(e) => unreachable = Some(e),
+        }
+    }
+    let status = status.ok_or_else(|| {
+        let why = unreachable.map_or_else(String::new, |e| e.to_string());
+        format!("cannot reach the coordinator: {why}")
+    })?;
     print!("{}", tables::status(&status));
     Ok(())
 }

@@ -79,6 +79,14 @@ pub struct UpArgs {
     /// for a token).
     #[arg(long)]
     insecure_http: bool,
+    /// Keep the clusters' roles in etcd (the members' URLs, http://HOST:PORT,...): the
+    /// deployment's coordinator is then one of a group that other `coordinator --etcd`
+    /// processes may join. Without it the roles live in the coordinator's memory.
+    #[arg(long, value_name = "URL,...", env = "SNS_ETCD")]
+    etcd: Option<String>,
+    /// The prefix of this deployment's keys in etcd.
+    #[arg(long, default_value = "/sns", requires = "etcd")]
+    etcd_prefix: String,
 }
 
 impl UpArgs {
@@ -143,8 +151,12 @@ pub fn main(args: UpArgs, bus: Bus) -> std::process::ExitCode {
     };
     let token_hints = cluster_token.hints(&args.data_dir);
     let http = (args.http.clone(), args.insecure_http);
+    let etcd = args
+        .etcd
+        .clone()
+        .map(|urls| (urls, args.etcd_prefix.clone()));
     let config = args.config(bus, &cluster_token);
-    crate::run_main("sns up", run(config, token_hints, http))
+    crate::run_main("sns up", run(config, token_hints, http, etcd))
 }
 
 /// Where `sns up`'s cluster token comes from.
@@ -230,11 +242,18 @@ pub(crate) struct TokenHints {
 /// Starts the deployment of `config`, prints where everything runs once every cluster has a
 /// master, and stops it all at the first signal.
 async fn run(
-    config: DeploymentConfig,
+    mut config: DeploymentConfig,
     token: TokenHints,
     (http, insecure_http): (String, bool),
+    etcd: Option<(String, String)>,
 ) -> Result<(), String> {
     let http = crate::metrics::listen("--http", &http, insecure_http).await?;
+    if let Some((urls, prefix)) = etcd {
+        let store =
+            crate::etcd_store(&urls, &prefix, config.clusters, config.servers_per_cluster).await?;
+        tracing::info!(etcd = %urls, %prefix, "the clusters' roles are kept in etcd");
+        config.routing_store = Some(std::sync::Arc::new(store));
+    }
     let page = http.local_addr().map_err(|e| e.to_string())?;
     // Installed first: a signal arriving while the deployment starts (or just after the table
     // is printed) stops it gracefully too.

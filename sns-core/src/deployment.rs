@@ -149,7 +149,7 @@ impl Deployment {
             }
             Transport::Memory(_) => listener.addr().to_string(),
         };
-        let coordinator = Coordinator::new(CoordinatorConfig {
+        let coordinator_config = CoordinatorConfig {
             routing: RoutingConfig {
                 clusters: config.clusters,
                 servers: config.servers_per_cluster,
@@ -158,8 +158,17 @@ impl Deployment {
                 allow_unclean_promotion: config.allow_unclean_promotion,
             },
             cluster_token: config.cluster_token.clone(),
-        });
+        };
         let coordinator_shutdown = CancellationToken::new();
+        let coordinator = match &config.routing_store {
+            None => Coordinator::new(coordinator_config),
+            Some(store) => Coordinator::in_group(
+                coordinator_config,
+                coordinator_addr.clone(),
+                std::sync::Arc::clone(store),
+                coordinator_shutdown.clone(),
+            ),
+        };
         let coordinator_task = tokio::spawn({
             let coordinator = coordinator.clone();
             let shutdown = coordinator_shutdown.clone();

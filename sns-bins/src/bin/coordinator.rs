@@ -1,8 +1,11 @@
 //! `coordinator`: the Tiny SNS routing table.
 //!
 //! `coordinator -p PORT` serves `csce438.CoordService` (and its `csce662` alias) and
-//! `sns.v1.Admin` on `--bind`:PORT (default 127.0.0.1). It keeps no routing state on disk: its table
-//! is rebuilt from the next round of heartbeats after a restart. It accepts servers
+//! `sns.v1.Admin` on `--bind`:PORT (default 127.0.0.1). Alone, it keeps no routing state on
+//! disk: its table is rebuilt from the next round of heartbeats after a restart. With
+//! `--etcd URL[,URL...]` it is one of a group of coordinators that keep each cluster's epoch,
+//! master and in-sync slaves in etcd: one of them (elected on an etcd lease) detects failures
+//! and promotes; all of them route clients and take heartbeats. It accepts servers
 //! `1..=--servers` of clusters `1..=--clusters` only, at most four synchronizers per cluster,
 //! and forgets nodes dead for ten failure timeouts.
 //!
@@ -16,6 +19,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{ArgAction, Parser};
 use sns_bins::{HeartbeatArgs, TokenArgs};
@@ -58,6 +62,17 @@ struct Args {
     /// coordinator may then register servers and read its status. Logged as an error.
     #[arg(long)]
     insecure: bool,
+    /// Keep the clusters' roles in etcd, with the other coordinators of a group: the etcd
+    /// members' URLs, http://HOST:PORT,... Without it the coordinator is alone.
+    #[arg(long, value_name = "URL,...", env = "SNS_ETCD")]
+    etcd: Option<String>,
+    /// The prefix of this deployment's keys in etcd (one etcd can hold several deployments).
+    #[arg(long, default_value = "/sns", requires = "etcd")]
+    etcd_prefix: String,
+    /// This coordinator's name in its group (logs, `sns status`); default HOST:PORT of --bind
+    /// and -p.
+    #[arg(long)]
+    name: Option<String>,
     #[command(flatten)]
     metrics: sns_bins::metrics::MetricsArgs,
     /// Serve the live status page of the deployment (http://ADDR/, with its metrics at
@@ -102,11 +117,24 @@ async fn run(args: Args) -> Result<(), String> {
     config.routing.missed_heartbeats = args.heartbeat.missed_heartbeats;
     config.routing.allow_unclean_promotion = args.allow_unclean_promotion;
     config.cluster_token = token;
-    let coordinator = Coordinator::new(config);
     let addr = sns_core::transport::address(&args.bind, args.port);
     let listener = sns_core::transport::tcp::bind(&addr)
         .await
         .map_err(|e| e.to_string())?;
+    let shutdown = CancellationToken::new();
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| listener.addr().to_string());
+    let coordinator = match &args.etcd {
+        None => Coordinator::new(config),
+        Some(urls) => {
+            let store =
+                sns_bins::etcd_store(urls, &args.etcd_prefix, args.clusters, args.servers).await?;
+            tracing::info!(%name, etcd = %urls, prefix = %args.etcd_prefix, "coordinator of a group on etcd");
+            Coordinator::in_group(config, name, Arc::new(store), shutdown.clone())
+        }
+    };
     let metrics = args.metrics.bind(args.insecure).await?;
     let page = match &args.http {
         Some(text) => Some(sns_bins::metrics::listen("--http", text, args.insecure).await?),
@@ -125,7 +153,6 @@ async fn run(args: Args) -> Result<(), String> {
         cluster_token = if protected { "required" } else { "none" },
         "coordinator serving"
     );
-    let shutdown = CancellationToken::new();
     sns_bins::signals::cancel_on_signal(shutdown.clone());
     let exporter = sns_bins::metrics::Exporter::new(vec![sns_bins::metrics::Source::Coordinator(
         coordinator.clone(),

@@ -50,6 +50,10 @@ struct Args {
     /// Port of the coordinator.
     #[arg(short = 'k', long = "coordinator-port", default_value_t = 9090)]
     coordinator_port: u16,
+    /// Every coordinator of a group, HOST:PORT,HOST:PORT,...: it registers with all of them
+    /// and asks whichever answers (instead of -h/-k).
+    #[arg(long, value_name = "HOST:PORT,...")]
+    coordinators: Option<String>,
     /// Port to serve sns.v1.Sync.Subscribe on, for the other clusters' synchronizers (0 lets
     /// the system choose). Needed with --bus grpc; unused with --bus local.
     #[arg(short = 'p', long = "port")]
@@ -140,11 +144,12 @@ async fn run(args: Args, bus: Bus) -> Result<(), String> {
     }
     let metrics = args.metrics.bind(args.insecure).await?;
     let transport = open_bus(&args, &bus, cluster).await?;
-    let mut config = SynchronizerConfig::new(
-        cluster,
-        args.clusters,
-        transport::address(&args.coordinator_host, args.coordinator_port),
-    );
+    let coordinator = sns_bins::coordinator_addr(
+        args.coordinators.as_deref(),
+        &args.coordinator_host,
+        args.coordinator_port,
+    )?;
+    let mut config = SynchronizerConfig::new(cluster, args.clusters, coordinator);
     config.cluster_token = token;
     let synchronizer =
         Synchronizer::new(&config, &Network::tcp(), transport).map_err(|e| e.to_string())?;

@@ -34,9 +34,13 @@ struct Args {
     #[arg(
         short = 'k',
         long = "coordinator-port",
-        required_unless_present = "port"
+        required_unless_present_any = ["port", "coordinators"]
     )]
     coordinator_port: Option<u16>,
+    /// Every coordinator of a group, HOST:PORT,HOST:PORT,...: asks whichever answers
+    /// (instead of -h/-k).
+    #[arg(long, value_name = "HOST:PORT,...", conflicts_with_all = ["coordinator_port", "port"])]
+    coordinators: Option<String>,
     /// Port of a server to connect to directly (the course's MP1 form).
     #[arg(short = 'p', long = "port", conflicts_with = "coordinator_port")]
     port: Option<u16>,
@@ -118,6 +122,10 @@ async fn run(args: Args) -> Result<(), String> {
         )
     })?;
     let target = match (args.coordinator_port, args.port) {
+        _ if args.coordinators.is_some() => Target::Coordinator(
+            sns_bins::coordinator_addr(args.coordinators.as_deref(), &args.host, 0)
+                .map_err(|e| format!("tsc: {e}"))?,
+        ),
         (Some(port), _) => Target::Coordinator(transport::address(&args.host, port)),
         (None, Some(port)) => Target::Direct(transport::address(&args.host, port)),
         (None, None) => return Err("tsc: give -k COORDINATOR_PORT or -p SERVER_PORT".into()),

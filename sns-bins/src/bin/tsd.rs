@@ -70,9 +70,18 @@ struct Args {
     /// Host of the coordinator.
     #[arg(short = 'h', long = "coordinator-host", default_value = "127.0.0.1")]
     coordinator_host: String,
-    /// Port of the coordinator; without it the server runs standalone.
+    /// Port of the coordinator; without it (and without --coordinators) the server runs
+    /// standalone.
     #[arg(short = 'k', long = "coordinator-port")]
     coordinator_port: Option<u16>,
+    /// Every coordinator of a group, HOST:PORT,HOST:PORT,...: each heartbeat goes to all of
+    /// them, and the server keeps its role while any answers (instead of -h/-k).
+    #[arg(
+        long,
+        value_name = "HOST:PORT,...",
+        conflicts_with = "coordinator_port"
+    )]
+    coordinators: Option<String>,
     /// Number of clusters in the deployment (must match the coordinator's); ignored without
     /// `-k` (a standalone server owns every user).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -193,7 +202,7 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let metrics = args.metrics.bind(args.insecure).await?;
     // Advertise the port actually bound (`-p 0` lets the system choose it).
-    let link = coordinator_link(&args, listener.port().unwrap_or(args.port), token);
+    let link = coordinator_link(&args, listener.port().unwrap_or(args.port), token)?;
     let server = node::start_server(config, storage, link)
         .await
         .map_err(|e| format!("cannot recover: {e}"))?;
@@ -236,7 +245,7 @@ async fn run(args: Args) -> Result<(), String> {
 /// Joined to a coordinator, the cluster token (given, or kept where `sns up` keeps it), after
 /// checking that `--bind` may be used with it; standalone, none.
 fn cluster_token(args: &Args) -> Result<Option<String>, String> {
-    if args.coordinator_port.is_none() {
+    if !joined(args) {
         return Ok(None);
     }
     let token = args
@@ -277,11 +286,7 @@ fn server_config(args: &Args, cluster: ClusterId, server_id: ServerId) -> Server
     let mut config = ServerConfig::default();
     config.cluster = cluster;
     config.server_id = server_id;
-    config.clusters = if args.coordinator_port.is_some() {
-        args.clusters
-    } else {
-        1
-    };
+    config.clusters = if joined(args) { args.clusters } else { 1 };
     config.timeline_cap = args.timeline_cap;
     config.max_connections = args.limits.max_connections();
     config.handshake_timeout = Duration::from_secs(args.limits.handshake_timeout_secs);
@@ -296,19 +301,31 @@ fn server_config(args: &Args, cluster: ClusterId, server_id: ServerId) -> Server
     config
 }
 
+/// Whether the server joins a deployment (a coordinator or a group was given).
+fn joined(args: &Args) -> bool {
+    args.coordinator_port.is_some() || args.coordinators.is_some()
+}
+
 /// Joined to a coordinator, the link that heartbeats it, advertising `port`; standalone, none.
 fn coordinator_link(
     args: &Args,
     port: u16,
     token: Option<String>,
-) -> Option<(CoordinatorLink, Network)> {
-    let coordinator = transport::address(&args.coordinator_host, args.coordinator_port?);
+) -> Result<Option<(CoordinatorLink, Network)>, String> {
+    if !joined(args) {
+        return Ok(None);
+    }
+    let coordinator = sns_bins::coordinator_addr(
+        args.coordinators.as_deref(),
+        &args.coordinator_host,
+        args.coordinator_port.unwrap_or_default(),
+    )?;
     let mut link = CoordinatorLink::new(coordinator.clone(), args.advertise_host.clone(), port);
     link.interval = args.heartbeat.interval();
     link.missed_heartbeats = args.heartbeat.missed_heartbeats;
     link.cluster_token = token;
     tracing::info!(%coordinator, "joining the deployment");
-    Some((link, Network::tcp()))
+    Ok(Some((link, Network::tcp())))
 }
 
 #[cfg(test)]

@@ -30,6 +30,23 @@ use group::Group;
 /// binaries allow) encodes to less (checked by a test), above gRPC's default 4 MiB.
 pub const MAX_STATUS_REPLY: usize = 16 << 20;
 
+/// The `host:port`s in a coordinator address: one, or the members of a group separated by
+/// commas (`host1:port,host2:port`).
+pub fn group_addrs(addr: &str) -> Result<Vec<String>> {
+    let addrs: Vec<String> = addr
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect();
+    if addrs.is_empty() {
+        return Err(crate::error::Error::invalid(format!(
+            "coordinator address {addr:?} names no host:port"
+        )));
+    }
+    Ok(addrs)
+}
+
 /// Settings of a [`Coordinator`].
 ///
 /// Non-exhaustive, so that fields can be added later: build it from `CoordinatorConfig::default()`

@@ -147,6 +147,10 @@ pub struct DeploymentConfig {
     /// Microseconds added to the clocks of cluster `c`'s servers (entry `c - 1`; missing
     /// entries are 0): for simulating clock skew between clusters.
     pub clock_offsets_micros: Vec<i64>,
+    /// Where the coordinator keeps the clusters' roles: `None` (default) in its memory, alone;
+    /// or a shared store (e.g. `EtcdStore`, feature `etcd`), as one of a group of coordinators
+    /// (see [`Coordinator::in_group`](crate::Coordinator::in_group)).
+    pub routing_store: Option<std::sync::Arc<dyn crate::coordinator::RoutingStore>>,
 }
 
 impl Default for DeploymentConfig {
@@ -167,6 +171,7 @@ impl Default for DeploymentConfig {
             server: ServerConfig::default(),
             bus: Bus::default(),
             clock_offsets_micros: Vec::new(),
+            routing_store: None,
         }
     }
 }

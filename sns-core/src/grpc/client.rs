@@ -5,6 +5,10 @@
 //! "already following" for a follow). Following or unfollowing yourself is caught here before
 //! any request is sent.
 
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
 use sns_proto::csce438::sns_service_client::SnsServiceClient;
 use sns_proto::csce438::{Id, Message, Request, ServerInfo, ServerList};
@@ -30,79 +34,164 @@ fn sns_service(channel: Channel) -> SnsServiceClient<Channel> {
     SnsServiceClient::new(channel).max_decoding_message_size(MAX_REPLY_BYTES)
 }
 
-/// A handle on the coordinator: one channel, reused for every question (and re-established
-/// by tonic after a broken connection).
+/// A handle on the coordinator, or on a group of coordinators: one channel to each, reused
+/// for every question (and re-established by tonic after a broken connection).
+///
+/// Its address is one `host:port`, or several separated by commas (a group, see
+/// `Coordinator::in_group`): a question goes to the member that answered last, and on to the
+/// next when one cannot be reached; a synchronizer's heartbeat goes to every member.
 #[derive(Debug, Clone)]
 pub struct CoordinatorClient {
-    rpc: CoordServiceClient<Channel>,
+    members: Arc<[Member]>,
+    /// The member asked first: the last that answered.
+    first: Arc<AtomicUsize>,
     network: Network,
     addr: String,
 }
 
+#[derive(Debug)]
+struct Member {
+    addr: String,
+    rpc: CoordServiceClient<Channel>,
+}
+
+/// Whether `status` was made on this side from a connection that could not be made or broke
+/// (then another member of the group may answer).
+fn unreached(status: &tonic::Status) -> Option<String> {
+    std::error::Error::source(status).map(crate::transport::innermost)
+}
+
 impl CoordinatorClient {
-    /// A handle on the coordinator at `addr` (`host:port`) that connects on first use.
+    /// A handle on the coordinator (or group) at `addr` that connects on first use.
     pub fn new(network: &Network, addr: &str) -> Result<Self> {
-        Ok(Self {
-            rpc: CoordServiceClient::new(network.channel(addr)?),
-            network: network.clone(),
-            addr: addr.to_string(),
-        })
+        let members = crate::coordinator::group_addrs(addr)?
+            .into_iter()
+            .map(|addr| {
+                Ok(Member {
+                    rpc: CoordServiceClient::new(network.channel(&addr)?),
+                    addr,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::of(network, members, addr))
     }
 
-    /// A handle on the coordinator at `addr`, connected now (fails with
-    /// [`Error::Unreachable`] if it cannot be reached).
+    /// A handle on the coordinator (or group) at `addr`, connected now to each member that
+    /// can be reached (fails with [`Error::Unreachable`] if none can).
     pub async fn connect(network: &Network, addr: &str) -> Result<Self> {
-        Ok(Self {
-            rpc: CoordServiceClient::new(network.connect(addr).await?),
-            network: network.clone(),
-            addr: addr.to_string(),
-        })
+        let mut members = Vec::new();
+        let mut reached = None;
+        for member in crate::coordinator::group_addrs(addr)? {
+            let channel = match network.connect(&member).await {
+                Ok(channel) => {
+                    reached = Some(Ok(()));
+                    channel
+                }
+                Err(e) => {
+                    reached.get_or_insert(Err(e));
+                    network.channel(&member)?
+                }
+            };
+            members.push(Member {
+                rpc: CoordServiceClient::new(channel),
+                addr: member,
+            });
+        }
+        reached.unwrap_or(Ok(()))?;
+        Ok(Self::of(network, members, addr))
     }
 
-    /// The coordinator's address.
+    fn of(network: &Network, members: Vec<Member>, addr: &str) -> Self {
+        Self {
+            members: members.into(),
+            first: Arc::new(AtomicUsize::new(0)),
+            network: network.clone(),
+            addr: addr.to_string(),
+        }
+    }
+
+    /// The coordinator's address, as given (several, comma-separated, for a group).
     pub fn addr(&self) -> &str {
         &self.addr
     }
 
+    /// Asks the members in turn, from the one that answered last, until one answers; an
+    /// answer (an error included) is final; only a member that cannot be reached passes the
+    /// question on.
+    async fn ask<T, F, Fut>(&self, asked: Asked, call: F) -> Result<T>
+    where
+        F: Fn(CoordServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let first = self.first.load(Ordering::Relaxed);
+        let mut unreachable = None;
+        for k in 0..self.members.len() {
+            let at = (first + k) % self.members.len();
+            let member = &self.members[at];
+            match call(member.rpc.clone()).await {
+                Ok(reply) => {
+                    self.first.store(at, Ordering::Relaxed);
+                    return Ok(reply.into_inner());
+                }
+                Err(status) => match unreached(&status) {
+                    Some(reason) => {
+                        unreachable.get_or_insert(Error::Unreachable {
+                            addr: member.addr.clone(),
+                            reason,
+                        });
+                    }
+                    None => return Err(grpc::error(&status, asked)),
+                },
+            }
+        }
+        Err(unreachable.unwrap_or_else(|| Error::Unavailable("no coordinator".to_string())))
+    }
+
     /// Which server serves `user`: its `host:port`.
     pub async fn locate(&self, user: UserId) -> Result<String> {
+        let id = Id {
+            id: user.get() as i32,
+        };
         let reply = self
-            .rpc
-            .clone()
-            .get_server(Id {
-                id: user.get() as i32,
+            .ask(Asked::Command(user), |mut rpc| async move {
+                rpc.get_server(id).await
             })
-            .await
-            .map_err(|s| {
-                // A status with a source was made on this side from a broken connection.
-                if let Some(source) = std::error::Error::source(&s) {
-                    return Error::Unreachable {
-                        addr: self.addr.clone(),
-                        reason: crate::transport::innermost(source),
-                    };
-                }
-                grpc::error(&s, Asked::Command(user))
-            })?
-            .into_inner();
+            .await?;
         Ok(format!("{}:{}", reply.hostname, reply.port))
     }
 
     /// A synchronizer's heartbeat (`RegisterSyncServer` for its first, `Heartbeat` after),
-    /// with the cluster token if any.
+    /// with the cluster token if any, to every member of the group (each keeps its own view
+    /// of who is alive). Succeeds when one member took it.
     pub(crate) async fn synchronizer_beat(
         &self,
         info: ServerInfo,
         first: bool,
         token: Option<&str>,
     ) -> Result<()> {
-        let request = with_token(tonic::Request::new(info), token);
-        let mut rpc = self.rpc.clone();
-        let answer = if first {
-            rpc.register_sync_server(request).await
-        } else {
-            rpc.heartbeat(request).await
-        };
-        answer.map(drop).map_err(|s| grpc::error(&s, Asked::Peer))
+        let beats = self.members.iter().map(|member| {
+            let request = with_token(tonic::Request::new(info.clone()), token);
+            let mut rpc = member.rpc.clone();
+            async move {
+                let answer = if first {
+                    rpc.register_sync_server(request).await
+                } else {
+                    rpc.heartbeat(request).await
+                };
+                answer.map(drop).map_err(|s| grpc::error(&s, Asked::Peer))
+            }
+        });
+        let answers = grpc::join_all(beats).await;
+        let mut failure = None;
+        for answer in answers {
+            match answer {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        Err(failure.unwrap_or_else(|| Error::Unavailable("no coordinator".to_string())))
     }
 
     /// The synchronizers the coordinator lists as live, as asked by synchronizer `asking`.
@@ -111,14 +200,11 @@ impl CoordinatorClient {
         asking: i32,
         token: Option<&str>,
     ) -> Result<ServerList> {
-        let request = with_token(tonic::Request::new(Id { id: asking }), token);
-        Ok(self
-            .rpc
-            .clone()
-            .get_sync_servers(request)
-            .await
-            .map_err(|s| grpc::error(&s, Asked::Peer))?
-            .into_inner())
+        self.ask(Asked::Peer, |mut rpc| async move {
+            rpc.get_sync_servers(with_token(tonic::Request::new(Id { id: asking }), token))
+                .await
+        })
+        .await
     }
 
     /// Finds `user`'s server and logs in there, on the same network.

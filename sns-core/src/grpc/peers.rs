@@ -35,33 +35,46 @@ impl Server {
 
 /// [`Peers`] over gRPC on a [`Network`].
 struct GrpcPeers {
-    /// One channel to the coordinator, re-established when it breaks; an attempt to connect
-    /// takes no longer than a beat. An address that cannot be used is the error.
-    coordinator: std::result::Result<CoordServiceClient<Channel>, String>,
-    coordinator_addr: String,
+    /// One channel to each coordinator of the group, re-established when it breaks; an
+    /// attempt to connect takes no longer than a beat. An address that cannot be used is the
+    /// error.
+    coordinators: Vec<(
+        String,
+        std::result::Result<CoordServiceClient<Channel>, String>,
+    )>,
     network: Network,
     token: Option<String>,
 }
 
 impl GrpcPeers {
     fn new(link: &CoordinatorLink, network: Network) -> Self {
-        let coordinator = network
-            .channel_with_timeout(&link.coordinator, link.interval)
-            .map(CoordServiceClient::new)
-            .map_err(|e| format!("bad coordinator address {:?}: {e}", link.coordinator));
+        let coordinators = link
+            .coordinators
+            .iter()
+            .map(|addr| {
+                let rpc = network
+                    .channel_with_timeout(addr, link.interval)
+                    .map(CoordServiceClient::new)
+                    .map_err(|e| format!("bad coordinator address {addr:?}: {e}"));
+                (addr.clone(), rpc)
+            })
+            .collect();
         Self {
-            coordinator,
-            coordinator_addr: link.coordinator.clone(),
+            coordinators,
             network,
             token: link.cluster_token.clone(),
         }
     }
-}
 
-#[tonic::async_trait]
-impl Peers for GrpcPeers {
-    async fn heartbeat(&self, beat: Beat, timeout: Duration) -> Answer<Assigned> {
-        let mut rpc = match &self.coordinator {
+    /// One heartbeat to the coordinator at `addr`.
+    async fn beat_one(
+        &self,
+        addr: &str,
+        rpc: &std::result::Result<CoordServiceClient<Channel>, String>,
+        beat: Beat,
+        timeout: Duration,
+    ) -> Answer<Assigned> {
+        let mut rpc = match rpc {
             Ok(rpc) => rpc.clone(),
             Err(why) => return Answer::Refused(why.clone()),
         };
@@ -76,14 +89,60 @@ impl Peers for GrpcPeers {
                 ) =>
             {
                 Answer::Refused(format!(
-                    "the coordinator at {} refused this server: {}",
-                    self.coordinator_addr,
+                    "the coordinator at {addr} refused this server: {}",
                     status.message()
                 ))
             }
-            Ok(Err(status)) => Answer::Failed(format!("{:?}: {}", status.code(), status.message())),
-            Err(_) => Answer::Failed("heartbeat timed out".to_string()),
+            Ok(Err(status)) => {
+                Answer::Failed(format!("{addr}: {:?}: {}", status.code(), status.message()))
+            }
+            Err(_) => Answer::Failed(format!("{addr}: heartbeat timed out")),
         }
+    }
+}
+
+/// One answer from the answers of a coordinator group to the same beat: the assignment under
+/// the newest epoch (a master's over a slave's at the same epoch: no two coordinators name
+/// different masters under one epoch, but one may not know the cluster's master yet); else a
+/// refusal if every member refused; else a failure naming each member's.
+fn merge(answers: Vec<Answer<Assigned>>) -> Answer<Assigned> {
+    let mut best: Option<(Role, Assigned)> = None;
+    let mut failures = Vec::new();
+    let mut refusals = Vec::new();
+    for answer in answers {
+        match answer {
+            Answer::Assigned(role, assigned) => {
+                let rank = |role: Role, a: &Assigned| (a.epoch, role == Role::Master);
+                if best
+                    .as_ref()
+                    .is_none_or(|(r, a)| rank(role, &assigned) > rank(*r, a))
+                {
+                    best = Some((role, assigned));
+                }
+            }
+            Answer::Failed(why) => failures.push(why),
+            Answer::Refused(why) => refusals.push(why),
+        }
+    }
+    match best {
+        Some((role, assigned)) => Answer::Assigned(role, assigned),
+        None if failures.is_empty() => Answer::Refused(refusals.join("; ")),
+        None => {
+            failures.extend(refusals);
+            Answer::Failed(failures.join("; "))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Peers for GrpcPeers {
+    /// The beat goes to every coordinator of the group at once; see [`merge`].
+    async fn heartbeat(&self, beat: Beat, timeout: Duration) -> Answer<Assigned> {
+        let calls = self
+            .coordinators
+            .iter()
+            .map(|(addr, rpc)| self.beat_one(addr, rpc, beat.clone(), timeout));
+        merge(super::join_all(calls).await)
     }
 
     async fn mirror(
@@ -163,4 +222,56 @@ fn master_of(confirmation: &Confirmation) -> Option<MirrorTarget> {
         server,
         addr: address(&confirmation.master_hostname, port),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assigned(role: Role, epoch: u64) -> Answer<Assigned> {
+        Answer::Assigned(
+            role,
+            Assigned {
+                epoch: Epoch(epoch),
+                master: None,
+                slaves: Vec::new(),
+            },
+        )
+    }
+
+    fn role_and_epoch(answer: &Answer<Assigned>) -> Option<(Role, u64)> {
+        match answer {
+            Answer::Assigned(role, a) => Some((*role, a.epoch.0)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_newest_epoch_wins_and_a_master_over_a_slave_at_the_same_epoch() {
+        let failed = Answer::Failed("down".to_string());
+        let merged = merge(vec![
+            assigned(Role::Master, 3),
+            failed.clone(),
+            assigned(Role::Slave, 4),
+        ]);
+        assert_eq!(role_and_epoch(&merged), Some((Role::Slave, 4)));
+        let merged = merge(vec![assigned(Role::Slave, 3), assigned(Role::Master, 3)]);
+        assert_eq!(role_and_epoch(&merged), Some((Role::Master, 3)));
+        let merged = merge(vec![failed, assigned(Role::Master, 2)]);
+        assert_eq!(role_and_epoch(&merged), Some((Role::Master, 2)));
+    }
+
+    #[test]
+    fn no_answer_is_a_failure_unless_every_member_refused() {
+        let refused = Answer::Refused("wrong token".to_string());
+        let failed = Answer::Failed("down".to_string());
+        assert!(matches!(
+            merge(vec![refused.clone(), refused.clone()]),
+            Answer::Refused(_)
+        ));
+        match merge(vec![refused, failed]) {
+            Answer::Failed(why) => assert!(why.contains("down") && why.contains("wrong token")),
+            other => panic!("{other:?}"),
+        }
+    }
 }

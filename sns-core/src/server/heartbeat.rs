@@ -38,8 +38,9 @@ mod policy;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct CoordinatorLink {
-    /// The coordinator's `host:port`.
-    pub coordinator: String,
+    /// The coordinators' `host:port`s: one, or every member of a group (each beat goes to
+    /// all of them; a master keeps serving while any answers it under its epoch).
+    pub coordinators: Vec<String>,
     /// The host clients should use to reach this server.
     pub advertise_host: String,
     /// The port clients should use to reach this server.
@@ -53,14 +54,18 @@ pub struct CoordinatorLink {
 }
 
 impl CoordinatorLink {
-    /// A link with the default timing and no token.
+    /// A link to the coordinator (or group) at `coordinator` (one `host:port`, or several
+    /// separated by commas), with the default timing and no token.
     pub fn new(
         coordinator: impl Into<String>,
         advertise_host: impl Into<String>,
         port: u16,
     ) -> Self {
+        let coordinator = coordinator.into();
+        let coordinators =
+            crate::coordinator::group_addrs(&coordinator).unwrap_or_else(|_| vec![coordinator]);
         Self {
-            coordinator: coordinator.into(),
+            coordinators,
             advertise_host: advertise_host.into(),
             advertise_port: port,
             interval: crate::coordinator::DEFAULT_HEARTBEAT_INTERVAL,
@@ -293,7 +298,7 @@ async fn run(
             answer = call => answer,
         };
         let decision = heartbeats.step(start.elapsed(), answer, server.role());
-        if !server.carry_out(decision, number, &link.coordinator) {
+        if !server.carry_out(decision, number, &link.coordinators.join(",")) {
             return;
         }
     }
