@@ -282,7 +282,7 @@ impl RoutingTable {
         match roles.master {
             Some(master) if master == beat.server => roles.master_beat(beat),
             Some(master) if live_master == Some(master) || unheard => Ok(Role::Slave),
-            Some(master) => roles.replace_dead_master(beat, master, unclean && best),
+            Some(_) => roles.replace_dead_master(beat, unclean && best),
             None => roles.without_master(beat, heard_all && best),
         }
     }
@@ -290,13 +290,15 @@ impl RoutingTable {
     /// Takes a cluster's roles as its stored record says, unless the table already holds that
     /// revision or a newer one.
     pub fn install(&mut self, stored: StoredRoles) {
-        let current = self.roles.get(&stored.cluster).map_or(0, |r| r.revision);
-        if stored.revision > current {
-            self.roles.insert(
-                stored.cluster,
-                ClusterRoles::stored(stored.record, stored.revision),
-            );
+        let before = self.roles.get(&stored.cluster).cloned().unwrap_or_default();
+        if stored.revision <= before.revision {
+            return;
         }
+        tell_change(stored.cluster, &before.record(), &stored.record);
+        self.roles.insert(
+            stored.cluster,
+            ClusterRoles::stored(stored.record, stored.revision),
+        );
     }
 
     /// Records the node that sent `beat`, refusing it while another address holds its slot
@@ -535,6 +537,28 @@ impl RoutingTable {
             }
         });
         servers.chain(syncs).collect()
+    }
+}
+
+/// Logs a change of a cluster's master: named (first, or again under a new epoch), or promoted
+/// in place of a dead one, loudly when the promoted slave was not known to be in sync.
+fn tell_change(cluster: ClusterId, before: &RolesRecord, after: &RolesRecord) {
+    let Some(server) = after.master else { return };
+    if after.epoch == before.epoch {
+        return;
+    }
+    let epoch = after.epoch;
+    match before.master {
+        Some(dead) if after.promotions > before.promotions && before.in_sync.contains(&server) => {
+            tracing::info!(%cluster, %server, %dead, %epoch, "master dead: in-sync slave promoted");
+        }
+        Some(dead) if after.promotions > before.promotions => {
+            tracing::error!(%cluster, %server, %dead, %epoch, "master dead: promoting a slave NOT known to be in sync (unclean promotion); committed changes may be lost");
+        }
+        Some(_) if before.master == Some(server) => {
+            tracing::info!(%cluster, %server, %epoch, "master named again under a new epoch");
+        }
+        _ => tracing::info!(%cluster, %server, %epoch, "master assigned"),
     }
 }
 

@@ -87,7 +87,7 @@ impl ClusterRoles {
     /// writes under the current epoch (or a newer one, which a restarted coordinator did not
     /// know); a master that no longer claims mastership is named again under a new epoch.
     pub(super) fn master_beat(&mut self, beat: &Beat) -> Result<Role> {
-        let (cluster, server) = (beat.cluster, beat.server);
+        let server = beat.server;
         if beat.claims_master && beat.epoch <= self.epoch {
             if beat.epoch == self.epoch {
                 self.in_sync = beat.in_sync.iter().copied().collect();
@@ -99,30 +99,18 @@ impl ClusterRoles {
         } else {
             // The master restarted or stepped down: it writes under a new epoch.
             self.name_master(server, beat.epoch)?;
-            tracing::info!(%cluster, %server, epoch = %self.epoch, "master named again under a new epoch");
         }
         Ok(Role::Master)
     }
 
-    /// A beat of a slave while master `dead` is dead: the slave is promoted if the master
+    /// A beat of a slave while the master is dead: the slave is promoted if the master
     /// reported it in sync, or if `unclean_choice` (unclean promotion is allowed and this
-    /// slave has the most recent log).
-    pub(super) fn replace_dead_master(
-        &mut self,
-        beat: &Beat,
-        dead: ServerId,
-        unclean_choice: bool,
-    ) -> Result<Role> {
-        let (cluster, server) = (beat.cluster, beat.server);
-        if self.in_sync.contains(&server) {
+    /// slave has the most recent log). (The promotion is logged when it is installed.)
+    pub(super) fn replace_dead_master(&mut self, beat: &Beat, unclean_choice: bool) -> Result<Role> {
+        let server = beat.server;
+        if self.in_sync.contains(&server) || unclean_choice {
             self.name_master(server, beat.epoch)?;
             self.promotions += 1;
-            tracing::info!(%cluster, %server, %dead, epoch = %self.epoch, "master dead: in-sync slave promoted");
-            Ok(Role::Master)
-        } else if unclean_choice {
-            self.name_master(server, beat.epoch)?;
-            self.promotions += 1;
-            tracing::error!(%cluster, %server, %dead, epoch = %self.epoch, "master dead: promoting a slave NOT known to be in sync (unclean promotion); committed changes may be lost");
             Ok(Role::Master)
         } else {
             Ok(Role::Slave)
@@ -133,7 +121,7 @@ impl ClusterRoles {
     /// claiming mastership keeps it; otherwise the server is elected if `elected` (the
     /// election window closed and its log is the most recent).
     pub(super) fn without_master(&mut self, beat: &Beat, elected: bool) -> Result<Role> {
-        let (cluster, server) = (beat.cluster, beat.server);
+        let server = beat.server;
         if beat.claims_master {
             self.epoch = self.epoch.max(beat.epoch);
             self.master = Some(server);
@@ -141,7 +129,6 @@ impl ClusterRoles {
             Ok(Role::Master)
         } else if elected {
             self.name_master(server, beat.epoch)?;
-            tracing::info!(%cluster, %server, epoch = %self.epoch, "master assigned");
             Ok(Role::Master)
         } else {
             Ok(Role::Slave)
