@@ -17,6 +17,8 @@ use sns_proto::csce438::NodeRole;
 use sns_proto::sns_v1::admin_client::AdminClient;
 use sns_proto::sns_v1::{NodeStatus, StatusReply, StatusRequest};
 
+pub mod group;
+
 /// How long any expected line or condition may take.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -136,7 +138,7 @@ impl Lines {
 
 /// Starts a server-like binary with `args`, its stderr captured as log lines, and waits for a
 /// log line that says it is ready.
-fn spawn_logged(
+pub fn spawn_logged(
     program: &str,
     args: &[String],
     name: &str,
@@ -198,7 +200,7 @@ pub fn exit_code(child: &mut Child) -> Option<i32> {
     status.and_then(|s| s.code())
 }
 
-fn strings(args: &[&str]) -> Vec<String> {
+pub fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|a| a.to_string()).collect()
 }
 
@@ -233,7 +235,7 @@ impl Heartbeat {
         missed: 4,
     };
 
-    fn args(self) -> Vec<String> {
+    pub fn args(self) -> Vec<String> {
         strings(&[
             "--heartbeat-ms",
             &self.interval_ms.to_string(),
@@ -300,20 +302,46 @@ impl Tsd {
         dir: &Path,
         expect: Expect,
     ) -> Self {
-        let mut args = strings(&[
-            "-c",
-            &cluster.to_string(),
-            "-s",
-            &server.to_string(),
-            "-h",
-            "127.0.0.1",
-            "-k",
-            &coordinator.to_string(),
-            "-p",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
+        let coordinator = strings(&["-h", "127.0.0.1", "-k", &coordinator.to_string()]);
+        Self::launch_to(coordinator, cluster, server, heartbeat, port, dir, expect)
+    }
+
+    /// Starts `tsd` as server `server` of cluster `cluster` (of `clusters`) on `port`, joined
+    /// to every coordinator of a group (their ports), with data in `dir`; waits as `expect`
+    /// says.
+    pub fn in_group(
+        coordinators: &[u16],
+        heartbeat: Heartbeat,
+        (clusters, cluster, server): (u32, u32, u32),
+        port: u16,
+        dir: &Path,
+        expect: Expect,
+    ) -> Self {
+        let group: Vec<String> = coordinators
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let coordinator = strings(&[
+            "--coordinators",
+            &group.join(","),
+            "--clusters",
+            &clusters.to_string(),
         ]);
+        Self::launch_to(coordinator, cluster, server, heartbeat, port, dir, expect)
+    }
+
+    fn launch_to(
+        coordinator: Vec<String>,
+        cluster: u32,
+        server: u32,
+        heartbeat: Heartbeat,
+        port: u16,
+        dir: &Path,
+        expect: Expect,
+    ) -> Self {
+        let mut args = strings(&["-c", &cluster.to_string(), "-s", &server.to_string()]);
+        args.extend(coordinator);
+        args.extend(strings(&["-p", &port.to_string(), "--bind", "127.0.0.1"]));
         args.extend(heartbeat.args());
         args.push("--data-dir".to_string());
         args.push(dir.display().to_string());
@@ -443,29 +471,7 @@ impl Coordinator {
 
     /// The `sns.v1.Admin` status: every node as the coordinator sees it.
     pub fn status(&self) -> StatusReply {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        let addr = format!("127.0.0.1:{}", self.port);
-        runtime.block_on(async {
-            let channel = sns_core::Network::tcp()
-                .connect(&addr)
-                .await
-                .expect("reach the coordinator");
-            let mut request = tonic::Request::new(StatusRequest {});
-            if let Some(token) = sandbox_token() {
-                request.metadata_mut().insert(
-                    "sns-cluster-token",
-                    token.parse().expect("a token is printable ASCII"),
-                );
-            }
-            AdminClient::new(channel)
-                .status(request)
-                .await
-                .expect("admin status")
-                .into_inner()
-        })
+        status_at(self.port).expect("admin status")
     }
 
     /// Waits until the coordinator reports `tsd` alive in `role` and, for a slave, in sync with
@@ -506,6 +512,33 @@ impl Drop for Coordinator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The `sns.v1.Admin` status of the coordinator on `port`, with the sandbox's token.
+pub fn status_at(port: u16) -> Result<StatusReply, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let addr = format!("127.0.0.1:{port}");
+    runtime.block_on(async {
+        let channel = sns_core::Network::tcp()
+            .connect(&addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut request = tonic::Request::new(StatusRequest {});
+        if let Some(token) = sandbox_token() {
+            request.metadata_mut().insert(
+                "sns-cluster-token",
+                token.parse().expect("a token is printable ASCII"),
+            );
+        }
+        AdminClient::new(channel)
+            .status(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|e| e.to_string())
+    })
 }
 
 /// Three clusters on `coordinator`, each a master (server 1) and its slave (server 2) with data

@@ -115,6 +115,9 @@ impl Coordinator {
         let group = &self.group;
         for _ in 0..JUDGEMENTS {
             if !group.fresh() {
+                // It is still heard (so that when the store returns, a master that kept beating
+                // is not taken for dead), but neither judged nor answered.
+                let _ = self.table().judge(beat, Instant::now(), false);
                 return Err(Error::Unavailable(format!(
                     "coordinator {} has not reached its routing store ({}) lately; ask another",
                     group.name,

@@ -106,7 +106,11 @@ impl ClusterRoles {
     /// A beat of a slave while the master is dead: the slave is promoted if the master
     /// reported it in sync, or if `unclean_choice` (unclean promotion is allowed and this
     /// slave has the most recent log). (The promotion is logged when it is installed.)
-    pub(super) fn replace_dead_master(&mut self, beat: &Beat, unclean_choice: bool) -> Result<Role> {
+    pub(super) fn replace_dead_master(
+        &mut self,
+        beat: &Beat,
+        unclean_choice: bool,
+    ) -> Result<Role> {
         let server = beat.server;
         if self.in_sync.contains(&server) || unclean_choice {
             self.name_master(server, beat.epoch)?;
