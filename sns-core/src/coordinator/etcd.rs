@@ -206,8 +206,19 @@ fn revision_of(revision: i64) -> Revision {
     u64::try_from(revision).unwrap_or(0)
 }
 
+/// What became of one renewal of the leader's lease.
+enum Renewal {
+    /// etcd confirmed it: the lease lives a whole time to live from when it was sent.
+    Renewed(Instant),
+    /// etcd says the lease is gone.
+    Expired,
+    /// No answer in time; try again on a new stream.
+    Failed,
+}
+
 /// Renews the leader's lease a third of a lease apart until the term ends, and ends it when
-/// the last renewal etcd confirmed is one lease old; revokes the lease when the holder resigns.
+/// the last renewal etcd confirmed is one lease old (whatever a renewal is waiting on); revokes
+/// the lease when the holder resigns.
 async fn keep_leading(
     mut client: Client,
     lease: i64,
@@ -218,39 +229,51 @@ async fn keep_leading(
     let mut valid_until = granted + ttl;
     let mut renewing = None;
     loop {
-        let tick = tokio::time::sleep(ttl / 3);
-        tokio::select! {
-            () = ended.cancelled() => {
+        let renewal = renew(&mut client, lease, &mut renewing, ttl);
+        let outcome = tokio::select! {
+            () = ended.cancelled() => None,
+            () = tokio::time::sleep_until(valid_until) => Some(Renewal::Expired),
+            outcome = renewal => Some(outcome),
+        };
+        match outcome {
+            None => {
                 let _ = tokio::time::timeout(ttl, client.lease_revoke(lease)).await;
                 return;
             }
-            () = tokio::time::sleep_until(valid_until) => {
-                tracing::warn!("etcd did not renew this coordinator's lease in time: it no longer leads");
+            Some(Renewal::Renewed(sent)) => valid_until = sent + ttl,
+            Some(Renewal::Expired) => {
+                tracing::warn!(
+                    "this coordinator's lease expired or was not renewed in time: it no longer leads"
+                );
                 ended.cancel();
                 return;
             }
-            () = tick => {}
+            Some(Renewal::Failed) => renewing = None,
         }
-        let sent = Instant::now();
+    }
+}
+
+/// Waits a third of a lease, then renews the lease once on `renewing` (opened if need be).
+async fn renew(
+    client: &mut Client,
+    lease: i64,
+    renewing: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+    ttl: Duration,
+) -> Renewal {
+    tokio::time::sleep(ttl / 3).await;
+    let sent = Instant::now();
+    let attempt = async {
         if renewing.is_none() {
-            renewing = client.lease_keep_alive(lease).await.ok();
+            *renewing = client.lease_keep_alive(lease).await.ok();
         }
-        let Some((keeper, stream)) = renewing.as_mut() else {
-            continue;
-        };
-        let renewed = async {
-            keeper.keep_alive().await?;
-            stream.message().await
-        };
-        match tokio::time::timeout(ttl / 3, renewed).await {
-            Ok(Ok(Some(answer))) if answer.ttl() > 0 => valid_until = sent + ttl,
-            Ok(Ok(Some(_))) => {
-                tracing::warn!("etcd says this coordinator's lease expired: it no longer leads");
-                ended.cancel();
-                return;
-            }
-            _ => renewing = None,
-        }
+        let (keeper, stream) = renewing.as_mut()?;
+        keeper.keep_alive().await.ok()?;
+        stream.message().await.ok().flatten()
+    };
+    match tokio::time::timeout(ttl / 3, attempt).await {
+        Ok(Some(answer)) if answer.ttl() > 0 => Renewal::Renewed(sent),
+        Ok(Some(_)) => Renewal::Expired,
+        _ => Renewal::Failed,
     }
 }
 
