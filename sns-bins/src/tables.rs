@@ -146,6 +146,17 @@ pub(crate) fn status(view: &DeploymentStatus) -> String {
         view.heartbeat_interval.as_millis(),
         view.failure_timeout.as_millis()
     );
+    if view.routing_store != "memory" && !view.routing_store.is_empty() {
+        let standing = match (view.store_fresh, view.leading) {
+            (false, _) => "cannot reach its store lately, so it answers no heartbeat",
+            (true, true) => "leads the group (detects failures, promotes)",
+            (true, false) => "follows the group's leader",
+        };
+        out.push_str(&format!(
+            "coordinator {} of a group on {}: {standing}\n",
+            view.coordinator, view.routing_store
+        ));
+    }
     out.push_str(&aligned(&STATUS_COLUMNS, &rows));
     for node in &view.nodes {
         if let Some(failure) = &node.failure {
@@ -284,7 +295,32 @@ mod tests {
             heartbeat_interval: Duration::from_millis(1000),
             failure_timeout: Duration::from_millis(2000),
             nodes,
+            coordinator: "127.0.0.1:9090".to_string(),
+            routing_store: "memory".to_string(),
+            leading: true,
+            store_fresh: true,
         }
+    }
+
+    #[test]
+    fn status_names_the_answering_coordinator_of_a_group_and_its_standing() {
+        let alone = status(&view(1, Vec::new()));
+        assert!(!alone.contains("group"), "{alone}");
+        let follower = DeploymentStatus {
+            routing_store: "etcd".to_string(),
+            leading: false,
+            ..view(1, Vec::new())
+        };
+        let shown = status(&follower);
+        assert_eq!(
+            shown.lines().nth(1),
+            Some("coordinator 127.0.0.1:9090 of a group on etcd: follows the group's leader")
+        );
+        let cut_off = DeploymentStatus {
+            store_fresh: false,
+            ..follower
+        };
+        assert!(status(&cut_off).contains("answers no heartbeat"));
     }
 
     #[test]

@@ -70,6 +70,14 @@ pub struct DeploymentStatus {
     pub failure_timeout: Duration,
     /// Every registered server and synchronizer.
     pub nodes: Vec<NodeStatus>,
+    /// The answering coordinator's name in its group.
+    pub coordinator: String,
+    /// Where it keeps the clusters' roles: `memory` (alone) or `etcd` (a group).
+    pub routing_store: String,
+    /// Whether it leads its group (detects failures and promotes).
+    pub leading: bool,
+    /// Whether it read its store within a failure timeout (else it answers no heartbeat).
+    pub store_fresh: bool,
 }
 
 /// One registered server or synchronizer as the coordinator sees it.
@@ -111,6 +119,10 @@ impl From<wire::StatusReply> for DeploymentStatus {
             heartbeat_interval: Duration::from_millis(reply.heartbeat_interval_ms),
             failure_timeout: Duration::from_millis(reply.failure_timeout_ms),
             nodes: reply.nodes.into_iter().map(NodeStatus::from).collect(),
+            coordinator: reply.coordinator,
+            routing_store: reply.routing_store,
+            leading: reply.leading,
+            store_fresh: reply.store_fresh,
         }
     }
 }

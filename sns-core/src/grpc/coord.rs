@@ -299,11 +299,17 @@ impl Admin for CoordAdapter {
                 failure: n.failure.unwrap_or_default(),
             })
             .collect();
+        drop(table);
+        let group = self.coordinator.group_status();
         Ok(Response::new(StatusReply {
             clusters: config.clusters,
             nodes,
             heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
             failure_timeout_ms: config.failure_timeout().as_millis() as u64,
+            coordinator: group.name,
+            routing_store: group.store.to_string(),
+            leading: group.leading,
+            store_fresh: group.fresh,
         }))
     }
 }
