@@ -182,8 +182,17 @@ mod tests {
             ],
             heartbeat_interval_ms: 500,
             failure_timeout_ms: 1000,
+            coordinator: "c2".to_string(),
+            routing_store: "etcd".to_string(),
+            leading: false,
+            store_fresh: true,
         };
         let status = DeploymentStatus::from(reply);
+        assert_eq!(
+            (status.coordinator.as_str(), status.routing_store.as_str()),
+            ("c2", "etcd")
+        );
+        assert!(!status.leading && status.store_fresh);
         assert_eq!(status.heartbeat_interval, Duration::from_millis(500));
         assert_eq!(status.failure_timeout, Duration::from_secs(1));
         let slave = &status.nodes[0];
