@@ -30,6 +30,7 @@ pub mod amqp;
 mod grpc;
 mod link;
 mod local;
+mod progress;
 mod pull;
 mod refusals;
 pub mod seal;
@@ -45,8 +46,9 @@ pub use crate::grpc::raw::EncodedBatch;
 #[cfg(feature = "amqp")]
 pub use amqp::{AmqpBus, AmqpOptions, CursorStore, QueueType};
 pub use grpc::{GrpcBus, GrpcBusOptions};
-pub use link::{ClusterLink, EventFeed, OriginStats};
+pub use link::{ClusterLink, EventFeed};
 pub use local::LocalBus;
+pub use progress::{OriginStats, PROBE_INTERVAL};
 pub use pull::{Source, Subscription, pull};
 pub use refusals::{RefusalCounts, SyncRefusals};
 pub use seal::{Refusal, SyncKey};
