@@ -8,17 +8,22 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse};
 use serde::Serialize;
 use sns_core::Role;
+use tokio::time::Instant;
 
 use crate::metrics::{Exporter, Source};
 
 /// How often the page is sent a new picture.
 const EVERY: Duration = Duration::from_secs(1);
+/// The rates of a page's first picture are measured since the previous page load, if it was
+/// at most this long ago (else they show 0 until the first event).
+const RECENT_LOAD: Duration = Duration::from_secs(10);
 
 /// One moment of the deployment, as the page shows it.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -79,7 +84,7 @@ pub struct SyncRow {
 }
 
 /// Running totals to turn counters into rates.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Totals {
     commits: BTreeMap<u32, u64>,
     deliveries: BTreeMap<u32, u64>,
@@ -206,29 +211,44 @@ fn role_name(role: Option<Role>) -> String {
 /// and `GET /events` (its event stream).
 pub fn router(exporter: Exporter) -> axum::Router {
     let for_events = exporter.clone();
+    let last_load: LastLoad = Arc::new(Mutex::new(None));
+    let load_for_events = last_load.clone();
     axum::Router::new()
         .route(
             "/",
             axum::routing::get(move || {
                 let exporter = exporter.clone();
-                async move { Html(page(&exporter).await) }
+                let last_load = last_load.clone();
+                async move { Html(page(&exporter, &last_load).await) }
             }),
         )
         .route(
             "/events",
             axum::routing::get(move || {
                 let exporter = for_events.clone();
-                async move { events(exporter).into_response() }
+                let since = recent(&load_for_events);
+                async move { events(exporter, since).into_response() }
             }),
         )
 }
 
+/// When the page was last served, and the totals then.
+type LastLoad = Arc<Mutex<Option<(Instant, Totals)>>>;
+
 /// The page with the picture of now in it, so it shows the deployment as soon as it loads
-/// (its script draws that picture, then each one the event stream sends).
-async fn page(exporter: &Exporter) -> String {
+/// (its script draws that picture, then each one the event stream sends). Its rates are
+/// measured since the previous load ([`RECENT_LOAD`]).
+async fn page(exporter: &Exporter, last_load: &LastLoad) -> String {
     exporter.refresh().await;
-    let now = picture(exporter, &mut Totals::default(), 1.0);
-    PAGE.replace(FIRST_PICTURE, &script_json(&now))
+    let mut last = last_load.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    let (mut totals, elapsed) = match last.take() {
+        Some((at, totals)) if now - at <= RECENT_LOAD => (totals, (now - at).as_secs_f64()),
+        _ => (Totals::default(), 1.0),
+    };
+    let picture = picture(exporter, &mut totals, elapsed);
+    *last = Some((now, totals));
+    PAGE.replace(FIRST_PICTURE, &script_json(&picture))
 }
 
 /// `picture` as JSON that can stand inside a `<script>` element: every `<` escaped (it can
@@ -242,26 +262,41 @@ fn script_json(picture: &Picture) -> String {
 /// Where the page holds its first picture.
 const FIRST_PICTURE: &str = "/*first picture*/null";
 
-/// A picture now, then one every second.
-fn events(exporter: Exporter) -> Sse<impl futures_core::Stream<Item = Result<Event, Infallible>>> {
-    let stream = async_stream(exporter);
+/// The totals of the last page load, if it was recent ([`RECENT_LOAD`]).
+fn recent(last_load: &LastLoad) -> Option<(Instant, Totals)> {
+    let last = last_load.lock().unwrap_or_else(|p| p.into_inner());
+    last.clone()
+        .filter(|(at, _)| Instant::now() - *at <= RECENT_LOAD)
+}
+
+/// A picture now, then one every second; the first one's rates are measured since `since`
+/// (the page's load), if given.
+fn events(
+    exporter: Exporter,
+    since: Option<(Instant, Totals)>,
+) -> Sse<impl futures_core::Stream<Item = Result<Event, Infallible>>> {
+    let stream = async_stream(exporter, since);
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-fn async_stream(exporter: Exporter) -> impl futures_core::Stream<Item = Result<Event, Infallible>> {
-    let state = (exporter, Totals::default(), None::<tokio::time::Instant>);
-    futures_util::stream::unfold(state, |(exporter, mut totals, last)| async move {
-        if last.is_some() {
+fn async_stream(
+    exporter: Exporter,
+    since: Option<(Instant, Totals)>,
+) -> impl futures_core::Stream<Item = Result<Event, Infallible>> {
+    let (last, totals) = since.map_or((None, Totals::default()), |(at, t)| (Some(at), t));
+    let state = (exporter, totals, last, true);
+    futures_util::stream::unfold(state, |(exporter, mut totals, last, first)| async move {
+        if !first {
             tokio::time::sleep(EVERY).await;
         }
         exporter.refresh().await;
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         let elapsed = last.map_or(1.0, |l| (now - l).as_secs_f64());
         let picture = picture(&exporter, &mut totals, elapsed);
         let json = serde_json::to_string(&picture).unwrap_or_else(|_| "{}".to_string());
         Some((
             Ok(Event::default().data(json)),
-            (exporter, totals, Some(now)),
+            (exporter, totals, Some(now), false),
         ))
     })
 }
