@@ -1,7 +1,9 @@
 //! `/metrics` in the Prometheus text format (OpenMetrics), for every long-running process.
 //!
 //! The core counts (`sns_core::stats`, `Server::stats`, the coordinator's table,
-//! `ClusterLink::stats`); this module reads those at each scrape and encodes them with the
+//! `ClusterLink::stats`, `AmqpBus::stats`); this module reads those at each scrape (first
+//! asking the synchronizers' origins for their heads: [`Exporter::refresh`]) and encodes them
+//! with the
 //! `prometheus-client` crate, every family prefixed `sns_` and labelled by cluster, server and
 //! origin as fits. [`serve`] answers `GET /metrics` (and, when given a page, `GET /` and the
 //! page's event stream: see `crate::status_page`).
@@ -17,8 +19,14 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use sns_core::ids::{ClusterId, ServerId};
 use sns_core::stats::Histogram;
-use sns_core::sync::ClusterLink;
+use sns_core::sync::Synchronizer;
 use sns_core::{Coordinator, Role, Server};
+
+mod sync;
+
+/// Longest wait for a master's answer when measuring a synchronizer's lag at a scrape
+/// ([`Exporter::refresh`]).
+pub const PROBE_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Something whose figures `/metrics` shows.
 #[derive(Debug, Clone)]
@@ -38,8 +46,8 @@ pub enum Source {
     Sync {
         /// The cluster it serves.
         cluster: ClusterId,
-        /// Its link (what it applied).
-        link: ClusterLink,
+        /// The synchronizer (its link says what it applied, its transport what it carried).
+        synchronizer: Synchronizer,
     },
 }
 
@@ -73,7 +81,7 @@ impl Exporter {
             if let Some(synchronizer) = deployment.synchronizer(place.cluster) {
                 sources.push(Source::Sync {
                     cluster: place.cluster,
-                    link: synchronizer.link().clone(),
+                    synchronizer: synchronizer.clone(),
                 });
             }
         }
@@ -85,7 +93,22 @@ impl Exporter {
         &self.sources
     }
 
-    /// Every metric, in the text format.
+    /// Brings up to date the figures measured by asking rather than counting: each
+    /// synchronizer asks its cluster's master and its origins' masters for their high-water
+    /// marks ([`ClusterLink::probe_origins`](sns_core::sync::ClusterLink::probe_origins)), all
+    /// at once, waiting [`PROBE_PATIENCE`] at most.
+    pub async fn refresh(&self) {
+        let probes = self.sources.iter().filter_map(|source| match source {
+            Source::Sync { synchronizer, .. } => {
+                Some(synchronizer.link().probe_origins(PROBE_PATIENCE))
+            }
+            _ => None,
+        });
+        futures_util::future::join_all(probes).await;
+    }
+
+    /// Every metric, in the text format (as of the last [`refresh`](Self::refresh) for the
+    /// figures measured by asking).
     pub fn render(&self) -> String {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(self.clone()));
@@ -178,11 +201,15 @@ impl Collector for Exporter {
             .sources
             .iter()
             .filter_map(|s| match s {
-                Source::Sync { cluster, link } => Some((*cluster, link)),
+                Source::Sync {
+                    cluster,
+                    synchronizer,
+                } => Some((*cluster, synchronizer)),
                 _ => None,
             })
             .collect();
-        sync_family(&mut family, &syncs)
+        sync::sync_family(&mut family, &syncs)?;
+        sync::amqp_family(&mut family, &syncs)
     }
 }
 
@@ -389,49 +416,6 @@ fn coordinator_family(f: &mut Family<'_, '_>, coordinator: &Coordinator) -> std:
     )
 }
 
-/// The synchronizers' families.
-fn sync_family(f: &mut Family<'_, '_>, syncs: &[(ClusterId, &ClusterLink)]) -> std::fmt::Result {
-    let now = sns_core::ids::Timestamp::now();
-    let mut high = Vec::new();
-    let mut batches = Vec::new();
-    let mut events = Vec::new();
-    let mut age = Vec::new();
-    for (cluster, link) in syncs {
-        for (origin, s) in link.stats() {
-            let labels = vec![
-                ("cluster", cluster.to_string()),
-                ("origin", origin.to_string()),
-            ];
-            high.push((labels.clone(), s.high_water as f64));
-            batches.push((labels.clone(), s.batches));
-            events.push((labels.clone(), s.events));
-            if let Some(at) = s.newest_event_at {
-                age.push((labels, (now.0 - at.0).max(0) as f64 / 1e6));
-            }
-        }
-    }
-    f.gauges(
-        "sns_sync_high_water",
-        "The origin's highest sequence number applied to this cluster.",
-        &high,
-    )?;
-    f.counters(
-        "sns_sync_applied_batches",
-        "Batches of the origin's events applied.",
-        &batches,
-    )?;
-    f.counters(
-        "sns_sync_applied_events",
-        "The origin's events applied.",
-        &events,
-    )?;
-    f.gauges(
-        "sns_sync_newest_applied_event_age_seconds",
-        "Now minus the origin's time of its newest event applied here: the sync lag while the origin is writing (it also grows while the origin is idle).",
-        &age,
-    )
-}
-
 /// Where metrics may be served: loopback always; any other address only with `insecure`
 /// (nothing on the page or in `/metrics` needs a token to read).
 pub fn check_addr(flag: &str, addr: &SocketAddr, insecure: bool) -> Result<(), String> {
@@ -480,6 +464,7 @@ pub async fn serve(
         axum::routing::get(move || {
             let exporter = exporter.clone();
             async move {
+                exporter.refresh().await;
                 (
                     [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
                     exporter.render(),

@@ -1,22 +1,29 @@
 //! The live status page of a deployment (`sns up --http`, `coordinator --http`): plain HTML, CSS
-//! and JavaScript served by the binary itself, no external assets. The page opens an event
-//! stream (`GET /events`, server-sent events) that sends the whole picture once a second as JSON:
+//! and JavaScript served by the binary itself, no external assets. The page is served with the
+//! picture of that moment in it, and opens an event stream (`GET /events`, server-sent events)
+//! that sends the whole picture once a second as JSON:
 //! every cluster and server with role, epoch, alive, in sync and replication lag, posts/s and
-//! deliveries/s per cluster, and the cross-cluster sync lag per origin.
+//! deliveries/s per cluster, and the cross-cluster sync lag per origin (in events behind the
+//! origin's head, and the age of the newest applied event).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse};
 use serde::Serialize;
 use sns_core::Role;
+use tokio::time::Instant;
 
 use crate::metrics::{Exporter, Source};
 
 /// How often the page is sent a new picture.
 const EVERY: Duration = Duration::from_secs(1);
+/// The rates of a page's first picture are measured since the previous page load, if it was
+/// at most this long ago (else they show 0 until the first event).
+const RECENT_LOAD: Duration = Duration::from_secs(10);
 
 /// One moment of the deployment, as the page shows it.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -25,7 +32,8 @@ pub struct Picture {
     pub servers: Vec<ServerRow>,
     /// Per cluster: committed entries and deliveries per second (servers in this process).
     pub clusters: Vec<ClusterRow>,
-    /// Per synchronizer and origin: the age of the newest applied event, seconds.
+    /// Per synchronizer and origin: events behind the origin's head, and the age of the
+    /// newest applied event.
     pub sync: Vec<SyncRow>,
 }
 
@@ -68,12 +76,15 @@ pub struct SyncRow {
     pub origin: u32,
     /// The origin's highest sequence number applied.
     pub high_water: u64,
+    /// The origin's committed events not applied yet (its head as its master answered, minus
+    /// `high_water`); `None` while its master has not answered.
+    pub behind: Option<u64>,
     /// Now minus the origin's time of its newest applied event, seconds.
     pub age_s: f64,
 }
 
 /// Running totals to turn counters into rates.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Totals {
     commits: BTreeMap<u32, u64>,
     deliveries: BTreeMap<u32, u64>,
@@ -111,13 +122,17 @@ fn picture(exporter: &Exporter, last: &mut Totals, elapsed: f64) -> Picture {
                 }
                 *totals.deliveries.entry(c).or_default() += stats.deliveries;
             }
-            Source::Sync { cluster, link } => {
+            Source::Sync {
+                cluster,
+                synchronizer,
+            } => {
                 let now = sns_core::ids::Timestamp::now();
-                for (origin, s) in link.stats() {
+                for (origin, s) in synchronizer.link().stats() {
                     picture.sync.push(SyncRow {
                         cluster: cluster.get(),
                         origin: origin.get(),
                         high_water: s.high_water,
+                        behind: s.behind(),
                         age_s: s
                             .newest_event_at
                             .map_or(0.0, |at| (now.0 - at.0).max(0) as f64 / 1e6),
@@ -192,41 +207,123 @@ fn role_name(role: Option<Role>) -> String {
     .to_string()
 }
 
-/// The page's routes: `GET /` (the page) and `GET /events` (its event stream).
+/// The page's routes: `GET /` (the page, holding the picture of the moment it was served)
+/// and `GET /events` (its event stream).
 pub fn router(exporter: Exporter) -> axum::Router {
+    let for_events = exporter.clone();
+    let last_load: LastLoad = Arc::new(Mutex::new(None));
+    let load_for_events = last_load.clone();
     axum::Router::new()
-        .route("/", axum::routing::get(|| async { Html(PAGE) }))
+        .route(
+            "/",
+            axum::routing::get(move || {
+                let exporter = exporter.clone();
+                let last_load = last_load.clone();
+                async move { Html(page(&exporter, &last_load).await) }
+            }),
+        )
         .route(
             "/events",
             axum::routing::get(move || {
-                let exporter = exporter.clone();
-                async move { events(exporter).into_response() }
+                let exporter = for_events.clone();
+                let since = recent(&load_for_events);
+                async move { events(exporter, since).into_response() }
             }),
         )
 }
 
-/// A picture now, then one every second.
-fn events(exporter: Exporter) -> Sse<impl futures_core::Stream<Item = Result<Event, Infallible>>> {
-    let stream = async_stream(exporter);
+/// When the page was last served, and the totals then.
+type LastLoad = Arc<Mutex<Option<(Instant, Totals)>>>;
+
+/// The page with the picture of now in it, so it shows the deployment as soon as it loads
+/// (its script draws that picture, then each one the event stream sends). Its rates are
+/// measured since the previous load ([`RECENT_LOAD`]).
+async fn page(exporter: &Exporter, last_load: &LastLoad) -> String {
+    exporter.refresh().await;
+    let mut last = last_load.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    let (mut totals, elapsed) = match last.take() {
+        Some((at, totals)) if now - at <= RECENT_LOAD => (totals, (now - at).as_secs_f64()),
+        _ => (Totals::default(), 1.0),
+    };
+    let picture = picture(exporter, &mut totals, elapsed);
+    *last = Some((now, totals));
+    PAGE.replace(FIRST_PICTURE, &script_json(&picture))
+}
+
+/// `picture` as JSON that can stand inside a `<script>` element: every `<` escaped (it can
+/// only occur inside strings, where `\u003c` means the same), so no text closes the element.
+fn script_json(picture: &Picture) -> String {
+    serde_json::to_string(picture)
+        .unwrap_or_else(|_| "null".to_string())
+        .replace('<', "\\u003c")
+}
+
+/// Where the page holds its first picture.
+const FIRST_PICTURE: &str = "/*first picture*/null";
+
+/// The totals of the last page load, if it was recent ([`RECENT_LOAD`]).
+fn recent(last_load: &LastLoad) -> Option<(Instant, Totals)> {
+    let last = last_load.lock().unwrap_or_else(|p| p.into_inner());
+    last.clone()
+        .filter(|(at, _)| Instant::now() - *at <= RECENT_LOAD)
+}
+
+/// A picture now, then one every second; the first one's rates are measured since `since`
+/// (the page's load), if given.
+fn events(
+    exporter: Exporter,
+    since: Option<(Instant, Totals)>,
+) -> Sse<impl futures_core::Stream<Item = Result<Event, Infallible>>> {
+    let stream = async_stream(exporter, since);
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-fn async_stream(exporter: Exporter) -> impl futures_core::Stream<Item = Result<Event, Infallible>> {
-    let state = (exporter, Totals::default(), None::<tokio::time::Instant>);
-    futures_util::stream::unfold(state, |(exporter, mut totals, last)| async move {
-        if last.is_some() {
+fn async_stream(
+    exporter: Exporter,
+    since: Option<(Instant, Totals)>,
+) -> impl futures_core::Stream<Item = Result<Event, Infallible>> {
+    let (last, totals) = since.map_or((None, Totals::default()), |(at, t)| (Some(at), t));
+    let state = (exporter, totals, last, true);
+    futures_util::stream::unfold(state, |(exporter, mut totals, last, first)| async move {
+        if !first {
             tokio::time::sleep(EVERY).await;
         }
-        let now = tokio::time::Instant::now();
+        exporter.refresh().await;
+        let now = Instant::now();
         let elapsed = last.map_or(1.0, |l| (now - l).as_secs_f64());
         let picture = picture(&exporter, &mut totals, elapsed);
         let json = serde_json::to_string(&picture).unwrap_or_else(|_| "{}".to_string());
         Some((
             Ok(Event::default().data(json)),
-            (exporter, totals, Some(now)),
+            (exporter, totals, Some(now), false),
         ))
     })
 }
 
 /// The page: a table of servers, one of clusters, one of sync lags, filled from `/events`.
 const PAGE: &str = include_str!("status_page.html");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_picture_cannot_close_its_script() {
+        let mut picture = Picture::default();
+        picture.servers.push(ServerRow {
+            cluster: 1,
+            server: 1,
+            role: "</script><script>alert(1)</script>".to_string(),
+            epoch: 1,
+            alive: true,
+            in_sync: true,
+            lag: None,
+        });
+        let json = script_json(&picture);
+        assert!(!json.contains('<'), "{json}");
+        let back: serde_json::Value = serde_json::from_str(&json).expect("still JSON");
+        assert_eq!(back["servers"][0]["role"], picture.servers[0].role);
+        assert!(PAGE.contains(FIRST_PICTURE), "the page has a place for it");
+    }
+}

@@ -1,6 +1,7 @@
 //! `/metrics` and the status page's event stream, scraped over HTTP from a whole deployment in
-//! this process while it works: a post moves the delivery and commit counters, and a stopped
-//! slave shows as a dead node that is no longer in sync.
+//! this process while it works: a post moves the delivery and commit counters, a synchronizer
+//! measures itself caught up with its origin's head, and a stopped slave shows as a dead node
+//! that is no longer in sync.
 
 use std::time::Duration;
 
@@ -154,6 +155,32 @@ async fn metrics_and_the_status_page_follow_a_working_deployment() {
         after.contains("sns_server_fsync_latency_seconds")
             || after.contains("sns_server_commit_latency_seconds_count"),
         "{after}"
+    );
+
+    // Cluster 2's synchronizer applied cluster 1's events and measures itself against cluster
+    // 1's head: caught up, nothing behind.
+    let synced = eventually_scraped(addr, "cluster 2 caught up with cluster 1", |m| {
+        let on_two = ["cluster=\"2\"", "origin=\"1\""];
+        sample(m, "sns_sync_lag_events", &on_two) == Some(0.0)
+            && sample(m, "sns_sync_origin_head", &on_two).is_some_and(|head| head >= 4.0)
+    })
+    .await;
+    assert_eq!(
+        sample(
+            &synced,
+            "sns_sync_high_water",
+            &["cluster=\"2\"", "origin=\"1\""]
+        ),
+        sample(
+            &synced,
+            "sns_sync_origin_head",
+            &["cluster=\"2\"", "origin=\"1\""]
+        ),
+        "{synced}"
+    );
+    assert!(
+        !synced.contains("sns_sync_amqp_"),
+        "no RabbitMQ families for the in-process bus"
     );
 
     // The status page's stream names every server with its role.

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use sns_core::sync::amqp::REPAIR_PATIENCE;
 use sns_core::sync::seal::{open_bytes, seal_bytes};
-use sns_core::sync::{AmqpBus, CursorStore, RefusalCounts, SyncKey, SyncTransport, encode_batch};
+use sns_core::sync::{
+    AmqpBus, AmqpStats, CursorStore, RefusalCounts, SyncKey, SyncTransport, encode_batch,
+};
 use tokio_util::sync::CancellationToken;
 
 use sns_core::deployment::{server_node, synchronizer_node};
@@ -433,6 +435,19 @@ async fn garbage_in_a_queue_is_rejected_and_the_consumer_carries_on() {
     );
     let refused = cluster.refusals(1).expect("a synchronizer").invalid;
     assert_eq!(refused, 4, "every invalid message is counted");
+    let one = amqp(&cluster, 1);
+    assert_eq!(one.dropped_invalid, 4, "and counted as dropped: {one:?}");
+    assert!(one.delivered >= 5, "the four and the post: {one:?}");
+    let confirmed = eventually(WAIT, || async {
+        let two = amqp(&cluster, 2);
+        two.published >= 2 && two.confirmed == two.published
+    })
+    .await;
+    let two = amqp(&cluster, 2);
+    assert!(
+        confirmed && two.nacked + two.returned == 0,
+        "cluster 2 published its users and its post, all confirmed by the broker: {two:?}"
+    );
     // None of the messages went back to the queue.
     promptly(cluster.stop_synchronizer(1)).await;
     let left = broker.take_ready(c(1)).await.expect("read the queue");
@@ -476,6 +491,15 @@ fn refusals(cluster: &TestCluster, id: u32) -> RefusalCounts {
     cluster.refusals(id).unwrap_or_default()
 }
 
+/// What the RabbitMQ transport of cluster `id`'s synchronizer counted so far.
+fn amqp(cluster: &TestCluster, id: u32) -> AmqpStats {
+    cluster
+        .deployment()
+        .synchronizer(c(id))
+        .and_then(|s| s.amqp_stats())
+        .unwrap_or_default()
+}
+
 #[tokio::test]
 async fn a_forged_post_never_reaches_a_follower_and_the_real_one_does() {
     let Some(broker) = amqp_broker("a_forged_post_never_reaches_a_follower").await else {
@@ -504,6 +528,10 @@ async fn a_forged_post_never_reaches_a_follower_and_the_real_one_does() {
         refusals(&cluster, 1),
         refusals(&cluster, 3)
     );
+    for id in [1, 3] {
+        let dropped = amqp(&cluster, id);
+        assert_eq!(dropped.dropped_forged, 2, "cluster {id}: {dropped:?}");
+    }
     post(&servers(&cluster, 2), 2, 1, "real").await;
     for user in [1, 3] {
         assert!(
@@ -540,6 +568,10 @@ async fn a_forged_message_far_ahead_is_counted_and_stalls_no_origin() {
         refusals(&cluster, 1),
         refusals(&cluster, 3)
     );
+    for id in [1, 3] {
+        let dropped = amqp(&cluster, id);
+        assert_eq!(dropped.dropped_forged, 1, "cluster {id}: {dropped:?}");
+    }
     for author in 1..=3 {
         post(
             &servers(&cluster, author),

@@ -158,7 +158,7 @@ async fn run(args: Args, bus: Bus) -> Result<(), String> {
     if let Some(metrics) = metrics {
         let exporter = sns_bins::metrics::Exporter::new(vec![sns_bins::metrics::Source::Sync {
             cluster,
-            link: synchronizer.link().clone(),
+            synchronizer: synchronizer.clone(),
         }]);
         sns_bins::metrics::spawn(metrics, exporter, axum::Router::new(), stop_metrics);
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::progress::{OriginStats, Progress};
 use super::refusals::SyncRefusals;
 use super::seal::SyncKey;
 use crate::client::CoordinatorClient;
@@ -40,22 +41,8 @@ struct Inner {
     shutdown: CancellationToken,
     /// The master of each cluster as last located.
     masters: Mutex<BTreeMap<ClusterId, (String, LogPeer)>>,
-    /// What was applied, per origin.
-    applied: Mutex<BTreeMap<ClusterId, OriginStats>>,
-}
-
-/// What a synchronizer applied of one origin's events (see [`ClusterLink::stats`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct OriginStats {
-    /// The highest sequence number of the origin applied to this cluster by this link.
-    pub high_water: u64,
-    /// Batches applied.
-    pub batches: u64,
-    /// Events applied.
-    pub events: u64,
-    /// The origin's timestamp of the newest event applied.
-    pub newest_event_at: Option<crate::ids::Timestamp>,
+    /// What was applied and what the origins report, per origin.
+    progress: Progress,
 }
 
 impl std::fmt::Debug for ClusterLink {
@@ -95,7 +82,7 @@ impl ClusterLink {
                 refusals: SyncRefusals::default(),
                 shutdown,
                 masters: Mutex::new(BTreeMap::new()),
-                applied: Mutex::new(BTreeMap::new()),
+                progress: Progress::default(),
             }),
         })
     }
@@ -151,11 +138,14 @@ impl ClusterLink {
 
     /// The committed high-water mark of every origin on this cluster's master.
     pub async fn high_water(&self) -> Result<BTreeMap<ClusterId, u64>> {
-        self.retrying(
-            self.inner.cluster,
-            |peer| async move { peer.high_water().await },
-        )
-        .await
+        let marks = self
+            .retrying(
+                self.inner.cluster,
+                |peer| async move { peer.high_water().await },
+            )
+            .await?;
+        self.inner.progress.cluster_marks(&marks, &self.others());
+        Ok(marks)
     }
 
     /// `origin`'s own committed high-water mark, as its master says (0 before its first
@@ -165,7 +155,34 @@ impl ClusterLink {
         let marks = self
             .retrying(origin, |peer| async move { peer.high_water().await })
             .await?;
-        Ok(marks.get(&origin).copied().unwrap_or(0))
+        let head = marks.get(&origin).copied().unwrap_or(0);
+        self.inner.progress.origin_head(origin, head);
+        Ok(head)
+    }
+
+    /// Measures how far behind its origins this cluster is: asks this cluster's master for its
+    /// high-water marks and every other cluster's master for its own committed mark, at once,
+    /// waiting `patience` at most for each, and keeps the answers in [`stats`](Self::stats)
+    /// ([`OriginStats::behind`]). A master that does not answer in time leaves its last
+    /// answer in place. Does nothing when the previous probe started less than
+    /// [`PROBE_INTERVAL`](super::PROBE_INTERVAL) ago. For operators' figures only: the
+    /// origins' answers are shown, never acted on.
+    pub async fn probe_origins(&self, patience: Duration) {
+        if !self.inner.progress.probe_due() {
+            return;
+        }
+        let mut asking = tokio::task::JoinSet::new();
+        let link = self.clone();
+        asking.spawn(async move {
+            let _ = tokio::time::timeout(patience, link.high_water()).await;
+        });
+        for origin in self.others() {
+            let link = self.clone();
+            asking.spawn(async move {
+                let _ = tokio::time::timeout(patience, link.origin_high_water(origin)).await;
+            });
+        }
+        while asking.join_next().await.is_some() {}
     }
 
     /// Applies a batch of `origin`'s events to this cluster's master and returns once they
@@ -184,25 +201,13 @@ impl ClusterLink {
         Ok(())
     }
 
-    /// What this link applied so far, per origin.
+    /// What this link applied so far, and what it knows of each origin's head, per origin.
     pub fn stats(&self) -> BTreeMap<ClusterId, OriginStats> {
-        self.inner
-            .applied
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.inner.progress.snapshot()
     }
 
     fn note_applied(&self, origin: ClusterId, events: &[Event]) {
-        let Some(last) = events.last() else {
-            return;
-        };
-        let mut applied = self.inner.applied.lock().unwrap_or_else(|p| p.into_inner());
-        let stats = applied.entry(origin).or_default();
-        stats.high_water = stats.high_water.max(last.id.seq);
-        stats.batches += 1;
-        stats.events += events.len() as u64;
-        stats.newest_event_at = Some(last.at);
+        self.inner.progress.applied(origin, events);
     }
 
     /// [`apply`](Self::apply) for a batch in the encoding it arrived in, passed on as it is.

@@ -30,6 +30,7 @@ pub mod amqp;
 mod grpc;
 mod link;
 mod local;
+mod progress;
 mod pull;
 mod refusals;
 pub mod seal;
@@ -43,10 +44,11 @@ use tokio_util::sync::CancellationToken;
 pub use crate::grpc::events::{decode_batch, encode_batch};
 pub use crate::grpc::raw::EncodedBatch;
 #[cfg(feature = "amqp")]
-pub use amqp::{AmqpBus, AmqpOptions, CursorStore, QueueType};
+pub use amqp::{AmqpBus, AmqpOptions, AmqpStats, CursorStore, QueueType};
 pub use grpc::{GrpcBus, GrpcBusOptions};
-pub use link::{ClusterLink, EventFeed, OriginStats};
+pub use link::{ClusterLink, EventFeed};
 pub use local::LocalBus;
+pub use progress::{OriginStats, PROBE_INTERVAL};
 pub use pull::{Source, Subscription, pull};
 pub use refusals::{RefusalCounts, SyncRefusals};
 pub use seal::{Refusal, SyncKey};
@@ -72,6 +74,12 @@ pub trait SyncTransport: Send + Sync + 'static {
     /// restarts and broker restarts. Returns early only with an error it cannot ride out
     /// (such as a configuration the broker refuses).
     async fn run(&self, link: ClusterLink) -> Result<()>;
+
+    /// The RabbitMQ transport's counters ([`AmqpBus::stats`]); `None` for any other transport.
+    #[cfg(feature = "amqp")]
+    fn amqp_stats(&self) -> Option<AmqpStats> {
+        None
+    }
 }
 
 /// Settings of a [`Synchronizer`].
@@ -223,6 +231,12 @@ impl Synchronizer {
     /// started.
     pub fn refusals(&self) -> &SyncRefusals {
         self.link.refusals()
+    }
+
+    /// Its RabbitMQ transport's counters; `None` when it syncs by another transport.
+    #[cfg(feature = "amqp")]
+    pub fn amqp_stats(&self) -> Option<AmqpStats> {
+        self.transport.amqp_stats()
     }
 
     /// Runs until [`stop`](Self::stop) is called (or the transport fails for good).

@@ -26,6 +26,7 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::message::Delivery;
@@ -39,6 +40,7 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
 use super::publish::declaration_failed;
+use super::stats::AmqpCounters;
 use super::{AmqpOptions, Ended, Outage, close, connect_or_stop, supervise, topology};
 use crate::error::{Error, Result};
 use crate::event::Event;
@@ -61,10 +63,14 @@ const CATCH_UP_MAX_RETRY: Duration = Duration::from_secs(30);
 pub(super) async fn run(
     link: &ClusterLink,
     options: &AmqpOptions,
+    counters: &Arc<AmqpCounters>,
     stop: &CancellationToken,
 ) -> Result<()> {
     let outage = Outage::new(link.cluster(), "consumer");
-    supervise(&outage, stop, || session(link, options, &outage, stop)).await
+    supervise(&outage, stop, || {
+        session(link, options, counters, &outage, stop)
+    })
+    .await
 }
 
 /// One connection's life. The origins' workers live as long as the session: they are stopped
@@ -72,6 +78,7 @@ pub(super) async fn run(
 async fn session(
     link: &ClusterLink,
     options: &AmqpOptions,
+    counters: &Arc<AmqpCounters>,
     outage: &Outage,
     stop: &CancellationToken,
 ) -> std::result::Result<(), Ended> {
@@ -79,8 +86,9 @@ async fn session(
         return Ok(());
     };
     let mut workers = JoinSet::new();
+    let consuming = consume(&connection, link, options, counters, outage, &mut workers);
     let result = tokio::select! {
-        result = consume(&connection, link, options, outage, &mut workers) => result,
+        result = consuming => result,
         () = stop.cancelled() => Ok(()),
     };
     workers.shutdown().await;
@@ -92,6 +100,7 @@ async fn consume(
     connection: &Connection,
     link: &ClusterLink,
     options: &AmqpOptions,
+    counters: &Arc<AmqpCounters>,
     outage: &Outage,
     workers: &mut JoinSet<std::result::Result<(), Ended>>,
 ) -> std::result::Result<(), Ended> {
@@ -125,6 +134,7 @@ async fn consume(
         let worker = OriginWorker {
             link: link.clone(),
             channel: channel.clone(),
+            counters: counters.clone(),
             origin,
             messages,
             batch: usize::from(options.prefetch),
@@ -136,7 +146,7 @@ async fn consume(
     loop {
         tokio::select! {
             delivery = next_delivery(&mut consumer) => {
-                dispatch(link, &channel, &inboxes, delivery?).await?;
+                dispatch(link, &channel, counters, &inboxes, delivery?).await?;
             }
             Some(ended) = workers.join_next() => {
                 return Err(match ended {
@@ -187,16 +197,19 @@ impl Message {
 async fn dispatch(
     link: &ClusterLink,
     channel: &Channel,
+    counters: &AmqpCounters,
     inboxes: &BTreeMap<ClusterId, mpsc::Sender<Message>>,
     delivery: Delivery,
 ) -> std::result::Result<(), Ended> {
     let tag = delivery.delivery_tag;
+    counters.delivered(delivery.redelivered);
     let batch = match open_bytes_encoded(link.sync_key(), &delivery.data) {
         Ok(opened) => opened,
         Err(refusal) => {
             link.refusals().refused(&refusal);
             return match refusal {
                 Refusal::BadMac(reason) => {
+                    counters.dropped_forged.inc();
                     tracing::error!(
                         cluster = %link.cluster(),
                         "dropping a RabbitMQ message that is not signed with the deployment's \
@@ -205,7 +218,7 @@ async fn dispatch(
                     );
                     ack(channel, tag).await
                 }
-                Refusal::Invalid(error) => reject(link, channel, tag, &error).await,
+                Refusal::Invalid(error) => reject(link, channel, counters, tag, &error).await,
             };
         }
     };
@@ -222,7 +235,7 @@ async fn dispatch(
             ))
         };
         link.refusals().invalid();
-        return reject(link, channel, tag, &error).await;
+        return reject(link, channel, counters, tag, &error).await;
     };
     inbox.send(Message { tag, batch }).await.map_err(|_| {
         Ended::Broken(Error::ConnectionLost(
@@ -235,6 +248,7 @@ async fn dispatch(
 struct OriginWorker {
     link: ClusterLink,
     channel: Channel,
+    counters: Arc<AmqpCounters>,
     origin: ClusterId,
     messages: mpsc::Receiver<Message>,
     /// Most messages taken from the inbox at once.
@@ -327,6 +341,7 @@ impl OriginWorker {
         match tokio::time::timeout(REPAIR_PATIENCE, self.link.origin_high_water(origin)).await {
             Ok(Ok(committed)) if committed < last => {
                 self.link.refusals().forged_gap();
+                self.counters.dropped_forged.inc();
                 tracing::error!(
                     cluster = %self.link.cluster(),
                     %origin,
@@ -379,6 +394,7 @@ impl OriginWorker {
              cluster {origin}'s master later"
         );
         self.link.refusals().postponed();
+        self.counters.dropped_postponed.inc();
         self.owe();
         ack(&self.channel, tag).await
     }
@@ -483,7 +499,7 @@ impl OriginWorker {
     /// Rejects an invalid message (without requeue), logged and counted.
     async fn refuse(&self, tag: u64, error: &Error) -> std::result::Result<(), Ended> {
         self.link.refusals().invalid();
-        reject(&self.link, &self.channel, tag, error).await
+        reject(&self.link, &self.channel, &self.counters, tag, error).await
     }
 }
 
@@ -563,12 +579,15 @@ async fn ack(channel: &Channel, tag: u64) -> std::result::Result<(), Ended> {
         .map_err(Ended::from)
 }
 
+/// Rejects an invalid message without requeue (logged, and counted as dropped).
 async fn reject(
     link: &ClusterLink,
     channel: &Channel,
+    counters: &AmqpCounters,
     tag: u64,
     error: &Error,
 ) -> std::result::Result<(), Ended> {
+    counters.dropped_invalid.inc();
     tracing::error!(
         cluster = %link.cluster(),
         "dropping a RabbitMQ message that is not a valid batch: {error}"

@@ -32,9 +32,10 @@
 mod consume;
 mod cursor;
 mod publish;
+mod stats;
 pub(crate) mod topology;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -44,11 +45,13 @@ use tokio_util::sync::CancellationToken;
 pub use consume::REPAIR_PATIENCE;
 pub use cursor::{CursorStore, WRITE_EVERY};
 pub use publish::{APP_ID, CONTENT_TYPE, MAX_IN_FLIGHT, MESSAGE_TYPE};
+pub use stats::AmqpStats;
 pub use topology::delete_topology;
 
 use super::{ClusterLink, SyncTransport};
 use crate::error::{Error, Result};
 use crate::ids::ClusterId;
+use stats::AmqpCounters;
 
 /// First pause before reconnecting after a fault.
 pub const FIRST_RETRY: Duration = Duration::from_millis(50);
@@ -217,17 +220,28 @@ fn redacted(url: &str) -> String {
     }
 }
 
-/// The RabbitMQ transport (see the module documentation).
+/// The RabbitMQ transport (see the module documentation). Clones share their counters.
 #[derive(Debug, Clone)]
 pub struct AmqpBus {
     options: AmqpOptions,
     cursor: CursorStore,
+    counters: Arc<AmqpCounters>,
 }
 
 impl AmqpBus {
     /// The transport with `options`, keeping the publisher's cursor in `cursor`.
     pub fn new(options: AmqpOptions, cursor: CursorStore) -> Self {
-        Self { options, cursor }
+        Self {
+            options,
+            cursor,
+            counters: Arc::default(),
+        }
+    }
+
+    /// What it published, what the broker answered, and what it consumed and dropped, counted
+    /// since it was made.
+    pub fn stats(&self) -> AmqpStats {
+        self.counters.snapshot()
     }
 
     /// Its settings.
@@ -245,6 +259,10 @@ impl AmqpBus {
 impl SyncTransport for AmqpBus {
     fn name(&self) -> &'static str {
         "amqp"
+    }
+
+    fn amqp_stats(&self) -> Option<AmqpStats> {
+        Some(self.stats())
     }
 
     async fn run(&self, link: ClusterLink) -> Result<()> {
@@ -266,10 +284,15 @@ impl SyncTransport for AmqpBus {
             result
         };
         let written = CancellationToken::new();
+        let counters = &self.counters;
         let work = async {
             let (published, consumed) = tokio::join!(
-                async { give_up(publish::run(&link, &self.options, &self.cursor, &stop).await) },
-                async { give_up(consume::run(&link, &self.options, &stop).await) },
+                async {
+                    let publishing =
+                        publish::run(&link, &self.options, &self.cursor, counters, &stop);
+                    give_up(publishing.await)
+                },
+                async { give_up(consume::run(&link, &self.options, counters, &stop).await) },
             );
             // The cursor is written a last time once the publisher is done with it.
             written.cancel();

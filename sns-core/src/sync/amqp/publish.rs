@@ -16,6 +16,7 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::stats::AmqpCounters;
 use super::{AmqpOptions, CursorStore, Ended, Outage, close, connect_or_stop, supervise, topology};
 use crate::error::{Error, Result};
 use crate::ids::ClusterId;
@@ -38,29 +39,40 @@ pub(super) async fn run(
     link: &ClusterLink,
     options: &AmqpOptions,
     cursor: &CursorStore,
+    counters: &AmqpCounters,
     stop: &CancellationToken,
 ) -> Result<()> {
     let outage = Outage::new(link.cluster(), "publisher");
-    supervise(&outage, stop, || {
-        session(link, options, cursor, &outage, stop)
-    })
-    .await
+    let side = Publisher {
+        link,
+        options,
+        cursor,
+        counters,
+    };
+    supervise(&outage, stop, || session(&side, &outage, stop)).await
+}
+
+/// What a publishing session works with.
+struct Publisher<'a> {
+    link: &'a ClusterLink,
+    options: &'a AmqpOptions,
+    cursor: &'a CursorStore,
+    counters: &'a AmqpCounters,
 }
 
 /// One connection's life.
 async fn session(
-    link: &ClusterLink,
-    options: &AmqpOptions,
-    cursor: &CursorStore,
+    side: &Publisher<'_>,
     outage: &Outage,
     stop: &CancellationToken,
 ) -> std::result::Result<(), Ended> {
+    let (link, options) = (side.link, side.options);
     let Some(connection) = connect_or_stop(options, link.cluster(), "publisher", stop).await?
     else {
         return Ok(());
     };
     let result = tokio::select! {
-        result = publish(&connection, link, options, cursor, outage) => result,
+        result = publish(&connection, side, outage) => result,
         () = stop.cancelled() => Ok(()),
     };
     close(connection).await;
@@ -69,11 +81,10 @@ async fn session(
 
 async fn publish(
     connection: &Connection,
-    link: &ClusterLink,
-    options: &AmqpOptions,
-    cursor: &CursorStore,
+    side: &Publisher<'_>,
     outage: &Outage,
 ) -> std::result::Result<(), Ended> {
+    let (link, options, cursor) = (side.link, side.options, side.cursor);
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -100,7 +111,7 @@ async fn publish(
         std::future::pending::<()>().await;
     };
     tokio::select! {
-        result = send(&channel, link, options, cursor, received) => result,
+        result = send(&channel, side, received) => result,
         () = read => Ok(()),
     }
 }
@@ -108,11 +119,10 @@ async fn publish(
 /// Publishes what `received` yields and advances `cursor` as confirms arrive.
 async fn send(
     channel: &Channel,
-    link: &ClusterLink,
-    options: &AmqpOptions,
-    cursor: &CursorStore,
+    side: &Publisher<'_>,
     mut received: mpsc::Receiver<Result<EncodedBatch>>,
 ) -> std::result::Result<(), Ended> {
+    let (link, options, cursor, counters) = (side.link, side.options, side.cursor, side.counters);
     let origin = link.cluster();
     let exchange = options.exchange();
     let routing_key = AmqpOptions::routing_key(origin);
@@ -146,6 +156,7 @@ async fn send(
                         properties(origin, first.id.seq, last.id.seq),
                     )
                     .await?;
+                counters.published.inc();
                 // A state transfer piece that says more follow completes nothing: the cursor
                 // moves only past the last piece.
                 let done = events.iter().rev().find(|e| e.completes()).map_or(0, |e| e.id.seq);
@@ -153,14 +164,19 @@ async fn send(
             }
             (seq, confirmation) = first_confirmation(&mut in_flight) => {
                 match confirmation? {
-                    Confirmation::Ack(None) => cursor.advance(seq),
+                    Confirmation::Ack(None) => {
+                        counters.confirmed.inc();
+                        cursor.advance(seq);
+                    }
                     Confirmation::Ack(Some(returned)) => {
+                        counters.returned.inc();
                         return Err(Ended::Broken(Error::Unavailable(format!(
                             "RabbitMQ could not route events up to {origin}:{seq} ({}); declaring the queues again",
                             returned.reply_text
                         ))));
                     }
                     Confirmation::Nack(_) => {
+                        counters.nacked.inc();
                         return Err(Ended::Broken(Error::Unavailable(format!(
                             "RabbitMQ refused to store events up to {origin}:{seq}"
                         ))));
