@@ -376,6 +376,18 @@ fn coordinator_family(f: &mut Family<'_, '_>, coordinator: &Coordinator) -> std:
         "Servers and synchronizers whose heartbeats stopped.",
         &[(Vec::new(), dead as f64)],
     )?;
+    let group = coordinator.group_status();
+    let store = vec![("store", group.store.to_string())];
+    f.gauges(
+        "sns_coordinator_leading",
+        "1 while this coordinator leads its group (detects failures and promotes); a coordinator alone always leads.",
+        &[(store.clone(), f64::from(u8::from(group.leading)))],
+    )?;
+    f.gauges(
+        "sns_coordinator_store_fresh",
+        "1 while this coordinator has read its routing store within a failure timeout (else it answers no heartbeat).",
+        &[(store, f64::from(u8::from(group.fresh)))],
+    )?;
     let mut epochs = std::collections::BTreeMap::new();
     let mut alive = Vec::new();
     let mut masters = Vec::new();

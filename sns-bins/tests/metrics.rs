@@ -217,6 +217,11 @@ async fn metrics_and_the_status_page_follow_a_working_deployment() {
         })
         .expect("a slave")
         .server;
+    eventually_scraped(addr, "the coordinator leading", |m| {
+        sample(m, "sns_coordinator_leading", &["store=\"memory\""]) == Some(1.0)
+            && sample(m, "sns_coordinator_store_fresh", &["store=\"memory\""]) == Some(1.0)
+    })
+    .await;
     deployment.stop(c1, slave).await.expect("stop the slave");
     let node = format!("id=\"{slave}\"");
     eventually_scraped(addr, "the dead slave", |m| {
