@@ -35,6 +35,21 @@ pub struct Picture {
     /// Per synchronizer and origin: events behind the origin's head, and the age of the
     /// newest applied event.
     pub sync: Vec<SyncRow>,
+    /// The coordinator serving the page, if it is one: its standing in its group.
+    pub coordinator: Option<CoordinatorRow>,
+}
+
+/// Where the coordinator stands in its group.
+#[derive(Debug, Clone, Serialize)]
+pub struct CoordinatorRow {
+    /// Its name in its group.
+    pub name: String,
+    /// Where it keeps the clusters' roles (`memory`, `etcd`).
+    pub store: String,
+    /// Whether it leads its group.
+    pub leading: bool,
+    /// Whether it read its store within a failure timeout.
+    pub fresh: bool,
 }
 
 /// One server's row.
@@ -98,6 +113,13 @@ fn picture(exporter: &Exporter, last: &mut Totals, elapsed: f64) -> Picture {
     for source in exporter.sources() {
         match source {
             Source::Coordinator(coordinator) => {
+                let group = coordinator.group_status();
+                picture.coordinator = Some(CoordinatorRow {
+                    name: group.name,
+                    store: group.store.to_string(),
+                    leading: group.leading,
+                    fresh: group.fresh,
+                });
                 let nodes = coordinator.table().nodes(tokio::time::Instant::now());
                 for node in nodes.iter().filter(|n| n.role.is_some()) {
                     picture.servers.push(ServerRow {

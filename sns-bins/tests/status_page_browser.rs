@@ -219,6 +219,10 @@ async fn the_status_page_renders_every_server_with_its_role_in_a_browser() {
     );
     let sync = rows(&last, "sync");
     assert_eq!(sync.len(), 2, "a row per synchronizer and origin: {sync:?}");
+    assert!(
+        last.contains("alone (roles in its memory)"),
+        "the page tells where the coordinator stands"
+    );
 
     stop.cancel();
     serving.await.expect("the page's server stops");
