@@ -1,6 +1,6 @@
 //! Coordinators of a group on a real etcd (`SNS_ETCD_URL`; skipped without it unless
 //! `SNS_REQUIRE_ETCD=1`), in this process: a leader cut off from etcd stops leading before
-//! another can lead.
+//! another can lead; a deployment's roles are the ones etcd holds.
 
 #![cfg(feature = "etcd")]
 
@@ -109,4 +109,48 @@ async fn a_leader_cut_off_from_etcd_stops_leading_before_another_leads() {
     .await;
     assert!(stale, "the cut-off coordinator still answers heartbeats");
     shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_keeps_its_clusters_roles_in_etcd() {
+    use sns_core::coordinator::RoutingStore;
+    use sns_core::deployment::{Data, DeploymentConfig, Ports, Transport};
+    use sns_core::{Deployment, MemoryNetwork, Role};
+
+    let Some(options) = etcd_options("deployment", 2, 2).await else {
+        return;
+    };
+    let mut config = DeploymentConfig::default();
+    config.clusters = 2;
+    config.transport = Transport::Memory(MemoryNetwork::new());
+    config.ports = Ports::Auto;
+    config.data = Data::Memory;
+    let store = EtcdStore::connect(options.clone()).await.expect("etcd");
+    config.routing_store = Some(Arc::new(store));
+    let deployment = Deployment::start(config)
+        .await
+        .expect("the deployment starts");
+    deployment
+        .wait_for_masters(Duration::from_secs(30))
+        .await
+        .expect("every cluster gets a master");
+
+    // What etcd holds, read by another handle, names the masters that serve.
+    let (records, _) = EtcdStore::connect(options)
+        .await
+        .expect("etcd")
+        .load()
+        .await
+        .expect("the records");
+    assert_eq!(records.len(), 2, "{records:?}");
+    for record in records {
+        let master = record.record.master.expect("a master is recorded");
+        let server = deployment
+            .server(record.cluster, master)
+            .expect("the recorded master runs here");
+        assert_eq!(server.role(), Role::Master, "{record:?}");
+        assert!(record.record.epoch.0 >= 1);
+    }
+    assert!(deployment.coordinator().group_status().leading);
+    deployment.shutdown().await;
 }
