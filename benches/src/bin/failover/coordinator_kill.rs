@@ -81,8 +81,9 @@ pub(super) async fn kill_leader(
     );
     for ((writer, outage), quiet) in writers.iter().zip(&outages).zip(&quiet) {
         line.push_str(&format!(
-            "; {} longest gap {:>4.0} ms ({:.0} ms after the kill; median {:.1} ms, {} calls, {} failed; no kill: {:.0} ms)",
+            "; {}: gap over the kill {:.1} ms, longest {:>4.0} ms ({:.0} ms after the kill; median {:.1} ms, {} calls, {} failed; no kill: {:.0} ms)",
             writer.name,
+            ms(outage.spanning_gap),
             ms(outage.longest_gap),
             ms(outage.longest_ended),
             ms(outage.median_gap),

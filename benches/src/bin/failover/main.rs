@@ -140,7 +140,7 @@ fn summary(name: &str, times: &mut [Duration]) -> String {
         (ms(times[times.len() / 2 - 1]) + ms(times[times.len() / 2])) / 2.0
     };
     format!(
-        "{name:<8} runs {:>3}  min {:>7.0} ms  median {:>7.0} ms  max {:>7.0} ms",
+        "{name:<11} runs {:>3}  min {:>7.0} ms  median {:>7.0} ms  max {:>7.0} ms",
         times.len(),
         times.first().map_or(0.0, |d| ms(*d)),
         median,
@@ -318,6 +318,14 @@ async fn kill_leaders(
         lines.push(format!(
             "{}  (longest gap per kill; {failed} calls failed in the windows)",
             summary(writer.name, &mut gaps)
+        ));
+        let mut spanning: Vec<Duration> = kills
+            .iter()
+            .map(|k| k.outages[index].spanning_gap)
+            .collect();
+        lines.push(format!(
+            "{}  (gap over the kill)",
+            summary(&format!("{} kill", writer.name), &mut spanning)
         ));
         let mut quiet: Vec<Duration> = kills.iter().map(|k| k.quiet[index].longest_gap).collect();
         lines.push(format!(

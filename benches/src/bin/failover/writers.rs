@@ -196,6 +196,9 @@ pub(super) async fn first_success_after(
 pub(super) struct Outage {
     /// The longest time between two successive successes: with no outage, about one call.
     pub(super) longest_gap: Duration,
+    /// The gap that spans the kill: from the last success that ended before it to the first
+    /// that ended after it.
+    pub(super) spanning_gap: Duration,
     /// When the longest gap ended, after the kill.
     pub(super) longest_ended: Duration,
     /// The median of those times: the writer's usual call spacing.
@@ -244,8 +247,10 @@ pub(super) async fn outage(
             break;
         }
     }
+    let spanning_gap = gaps.first().copied().unwrap_or_default();
     gaps.sort();
     Ok(Outage {
+        spanning_gap,
         longest_gap,
         longest_ended,
         median_gap: gaps.get(gaps.len() / 2).copied().unwrap_or_default(),
