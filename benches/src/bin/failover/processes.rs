@@ -1,8 +1,12 @@
-//! The deployment `failover` measures, as real processes: a `coordinator` and two `tsd` of
-//! cluster 1, each logging to `<dir>/logs/<name>.log`. Servers are killed with SIGKILL and
-//! restarted on the same port and data directory; every process is killed when the
-//! deployment is dropped. Internal calls carry a cluster token the bench makes for the run
-//! (`<dir>/cluster-token`, mode 0600), as an operator's deployment would.
+//! The deployment `failover` measures, as real processes: one `coordinator` (or, for the
+//! `coordinator` kill, a group of `coordinator --etcd` processes under a prefix of the run's
+//! own) and two `tsd` of cluster 1, each logging to `<dir>/logs/<name>.log`. Servers and
+//! coordinators are killed with SIGKILL and restarted on the same port (and data directory);
+//! every process is killed when the deployment is dropped. Internal calls carry a cluster
+//! token the bench makes for the run (`<dir>/cluster-token`, mode 0600), as an operator's
+//! deployment would.
+
+mod group;
 
 use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
@@ -12,12 +16,31 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use sns_core::Network;
 use sns_core::Role;
-use sns_core::admin::{AdminClient, NodeStatus};
+use sns_core::admin::DeploymentStatus;
 use tokio::time::Instant;
 
 use super::{Failure, PATIENCE};
+
+/// How the deployment's coordinators keep their roles.
+pub(super) enum Coordinators {
+    /// One coordinator, its roles in memory.
+    Alone,
+    /// `count` coordinators of a group, their roles in the etcd at `etcd` under `prefix`.
+    Group {
+        etcd: String,
+        prefix: String,
+        count: usize,
+    },
+}
+
+/// One coordinator process: its name in the group (and its log's), port and process (`None`
+/// while killed).
+struct CoordinatorProcess {
+    name: String,
+    port: u16,
+    child: Option<Child>,
+}
 
 /// The processes of the deployment and how to restart them.
 pub(super) struct Deployment {
@@ -25,26 +48,48 @@ pub(super) struct Deployment {
     root: PathBuf,
     interval: Duration,
     missed: u32,
-    coordinator_port: u16,
     /// The run's cluster token and the file that holds it.
     token: String,
     token_file: PathBuf,
-    coordinator: Option<Child>,
+    /// For a group: the etcd URL and the prefix of the run's keys.
+    group: Option<(String, String)>,
+    coordinators: Vec<CoordinatorProcess>,
     /// Server id, client port and process of each server (`None` while killed).
     servers: Vec<(u32, u16, Option<Child>)>,
 }
 
 impl Deployment {
-    /// Starts a coordinator and servers 1 and 2 of cluster 1, on free ports, from the binaries
-    /// in `bin_dir`, with data and logs under `root`; returns once the master has an in-sync
-    /// slave.
+    /// Starts the coordinators and servers 1 and 2 of cluster 1, on free ports, from the
+    /// binaries in `bin_dir`, with data and logs under `root`; returns once the master has an
+    /// in-sync slave.
     pub(super) async fn start(
         bin_dir: PathBuf,
         root: &Path,
         interval: Duration,
         missed: u32,
+        coordinators: Coordinators,
     ) -> Result<Self, Failure> {
         let (token, token_file) = make_token(root)?;
+        let (group, names) = match coordinators {
+            Coordinators::Alone => (None, vec!["coordinator".to_string()]),
+            Coordinators::Group {
+                etcd,
+                prefix,
+                count,
+            } => (
+                Some((etcd, prefix)),
+                (1..=count).map(|i| format!("coordinator{i}")).collect(),
+            ),
+        };
+        let mut processes = Vec::new();
+        for name in names {
+            let port = free_port()?;
+            processes.push(CoordinatorProcess {
+                name,
+                port,
+                child: None,
+            });
+        }
         let mut deployment = Self {
             bin_dir,
             root: root.to_path_buf(),
@@ -52,19 +97,26 @@ impl Deployment {
             token_file,
             interval,
             missed,
-            coordinator_port: free_port()?,
-            coordinator: None,
+            group,
+            coordinators: processes,
             servers: vec![(1, free_port()?, None), (2, free_port()?, None)],
         };
-        deployment.start_coordinator()?;
+        for index in 0..deployment.coordinators.len() {
+            deployment.start_coordinator(index)?;
+        }
         deployment.start_server(1)?;
         deployment.start_server(2)?;
         deployment.wait_for_mirrored_pair().await?;
         Ok(deployment)
     }
 
+    /// Every coordinator's address, comma-separated (as clients and servers take a group).
     pub(super) fn coordinator_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.coordinator_port)
+        self.coordinators
+            .iter()
+            .map(|c| format!("127.0.0.1:{}", c.port))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     fn heartbeat_args(&self) -> Vec<String> {
@@ -76,23 +128,35 @@ impl Deployment {
         ]
     }
 
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.root.join("logs").join(format!("{name}.log"))
+    }
+
     fn log(&self, name: &str) -> Result<File, Failure> {
-        let path = self.root.join("logs").join(format!("{name}.log"));
+        let path = self.log_path(name);
         Ok(File::options().create(true).append(true).open(path)?)
     }
 
-    fn start_coordinator(&mut self) -> Result<(), Failure> {
+    /// Starts coordinator `index` (again) on its port.
+    pub(super) fn start_coordinator(&mut self, index: usize) -> Result<(), Failure> {
+        let coordinator = self.coordinators.get(index).ok_or("no such coordinator")?;
         let mut command = Command::new(self.bin_dir.join("coordinator"));
         // Run in the deployment's own directory, so a cluster token kept in the caller's
         // ./sns-data is not picked up (the bench's status calls carry none).
         command
             .current_dir(&self.root)
-            .args(["-p", &self.coordinator_port.to_string()])
+            .args(["-p", &coordinator.port.to_string()])
             .args(["--bind", "127.0.0.1", "--clusters", "1"])
             .arg("--cluster-token-file")
             .arg(&self.token_file)
             .args(self.heartbeat_args());
-        self.coordinator = Some(spawn(command, self.log("coordinator")?)?);
+        if let Some((etcd, prefix)) = &self.group {
+            command
+                .args(["--etcd", etcd, "--etcd-prefix", prefix])
+                .args(["--name", &coordinator.name]);
+        }
+        let child = spawn(command, self.log(&coordinator.name)?)?;
+        self.coordinators[index].child = Some(child);
         Ok(())
     }
 
@@ -104,10 +168,19 @@ impl Deployment {
             .ok_or("no such server")?;
         let port = self.servers[index].1;
         let mut command = Command::new(self.bin_dir.join("tsd"));
+        command.current_dir(&self.root).args([
+            "-c",
+            "1",
+            "-s",
+            &server.to_string(),
+            "--clusters",
+            "1",
+        ]);
+        match (&self.group, self.coordinators.first()) {
+            (None, Some(alone)) => command.args(["-h", "127.0.0.1", "-k", &alone.port.to_string()]),
+            _ => command.args(["--coordinators", &self.coordinator_addr()]),
+        };
         command
-            .current_dir(&self.root)
-            .args(["-c", "1", "-s", &server.to_string(), "--clusters", "1"])
-            .args(["-h", "127.0.0.1", "-k", &self.coordinator_port.to_string()])
             .args(["-p", &port.to_string(), "--bind", "127.0.0.1"])
             .args(self.heartbeat_args())
             .arg("--cluster-token-file")
@@ -126,11 +199,7 @@ impl Deployment {
             .iter_mut()
             .find(|(s, _, _)| *s == server)
             .ok_or("no such server")?;
-        if let Some(mut child) = child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
+        stop(child.take())
     }
 
     pub(super) fn addr_of(&self, server: u32) -> String {
@@ -142,22 +211,27 @@ impl Deployment {
         format!("127.0.0.1:{port}")
     }
 
-    /// The coordinator's view of the servers.
-    async fn status(&self) -> Result<Vec<NodeStatus>, Failure> {
-        let admin = AdminClient::connect(
-            &Network::tcp(),
-            &self.coordinator_addr(),
-            Some(self.token.clone()),
-        )
-        .await?;
-        Ok(admin.status().await?.nodes)
+    /// The view of the servers of the first running coordinator that answers.
+    async fn status(&self) -> Result<DeploymentStatus, Failure> {
+        let mut last = None;
+        for index in 0..self.coordinators.len() {
+            if self.coordinators[index].child.is_none() {
+                continue;
+            }
+            match self.coordinator_status(index).await {
+                Ok(status) => return Ok(status),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| "no coordinator is running".into()))
     }
 
     /// Waits until a live master has a live, in-sync slave; returns (master, slave).
     pub(super) async fn wait_for_mirrored_pair(&self) -> Result<(u32, u32), Failure> {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            if let Ok(nodes) = self.status().await {
+            if let Ok(status) = self.status().await {
+                let nodes = status.nodes;
                 let role = |r: Role| nodes.iter().find(|n| n.alive && n.role == Some(r)).cloned();
                 // In sync: the master counts it, so it holds every committed entry (the writers
                 // keep the logs moving, so their reported ends rarely match).
@@ -183,9 +257,11 @@ impl Drop for Deployment {
                 let _ = child.wait();
             }
         }
-        if let Some(coordinator) = &mut self.coordinator {
-            let _ = coordinator.kill();
-            let _ = coordinator.wait();
+        for coordinator in &mut self.coordinators {
+            if let Some(child) = &mut coordinator.child {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 }
@@ -202,7 +278,17 @@ fn spawn(mut command: Command, log: File) -> Result<Child, Failure> {
         .map_err(|e| format!("cannot start {program} (build it first?): {e}").into())
 }
 
-fn free_port() -> Result<u16, Failure> {
+/// SIGKILLs `child` (if running) and waits until the process is gone.
+fn stop(child: Option<Child>) -> Result<(), Failure> {
+    if let Some(mut child) = child {
+        child.kill()?;
+        child.wait()?;
+    }
+    Ok(())
+}
+
+/// A port free on loopback now.
+pub(super) fn free_port() -> Result<u16, Failure> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

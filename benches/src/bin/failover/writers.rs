@@ -190,6 +190,75 @@ pub(super) async fn first_success_after(
     }
 }
 
+/// What a writer saw around a kill that should not interrupt it: the time between the ends of
+/// successive successful calls, from the last one that ended before the kill to the first one
+/// that started at the end of the window, and the calls that failed meanwhile.
+pub(super) struct Outage {
+    /// The longest time between two successive successes: with no outage, about one call.
+    pub(super) longest_gap: Duration,
+    /// The gap that spans the kill: from the last success that ended before it to the first
+    /// that ended after it.
+    pub(super) spanning_gap: Duration,
+    /// When the longest gap ended, after the kill.
+    pub(super) longest_ended: Duration,
+    /// The median of those times: the writer's usual call spacing.
+    pub(super) median_gap: Duration,
+    /// Successful calls in the window.
+    pub(super) calls: usize,
+    /// Calls that failed in the window.
+    pub(super) failed: u64,
+}
+
+impl Writer {
+    /// Calls that failed so far.
+    pub(super) fn failed(&self) -> u64 {
+        self.failed.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads `writer`'s successes from the last one that ended before `killed_at` up to the first
+/// that started at `until` or later; `failed_before` is [`Writer::failed`] at the kill.
+pub(super) async fn outage(
+    writer: &mut Writer,
+    killed_at: Instant,
+    until: Instant,
+    failed_before: u64,
+) -> Result<Outage, Failure> {
+    let deadline = Instant::now() + PATIENCE;
+    // Without a success before the kill in the channel, the window opens at the kill.
+    let mut previous = killed_at;
+    let mut gaps = Vec::new();
+    let (mut longest_gap, mut longest_ended) = (Duration::ZERO, Duration::ZERO);
+    loop {
+        let next = tokio::time::timeout_at(deadline, writer.successes.recv())
+            .await
+            .map_err(|_| format!("{}: no successful call after {PATIENCE:?}", writer.name))?
+            .ok_or_else(|| format!("{}: the writer stopped", writer.name))?;
+        if next.ended > killed_at {
+            let gap = next.ended.saturating_duration_since(previous);
+            if gap > longest_gap {
+                longest_gap = gap;
+                longest_ended = next.ended - killed_at;
+            }
+            gaps.push(gap);
+        }
+        previous = next.ended;
+        if next.started >= until {
+            break;
+        }
+    }
+    let spanning_gap = gaps.first().copied().unwrap_or_default();
+    gaps.sort();
+    Ok(Outage {
+        spanning_gap,
+        longest_gap,
+        longest_ended,
+        median_gap: gaps.get(gaps.len() / 2).copied().unwrap_or_default(),
+        calls: gaps.len(),
+        failed: writer.failed().saturating_sub(failed_before),
+    })
+}
+
 /// Reads successes until `count` more started at `since` or later.
 pub(super) async fn successes_since(
     writer: &mut Writer,
