@@ -102,11 +102,33 @@ pub async fn etcd_store(
     if endpoints.is_empty() {
         return Err(format!("--etcd {urls:?} names no etcd member"));
     }
+    for endpoint in &endpoints {
+        check_etcd_url(endpoint)?;
+    }
     let mut options = sns_core::coordinator::EtcdOptions::new(endpoints, clusters, servers);
     options.prefix = prefix.to_string();
     sns_core::coordinator::EtcdStore::connect(options)
         .await
         .map_err(|e| format!("--etcd: {e}"))
+}
+
+/// Checks that `url` is `http://HOST:PORT` (etcd is reached without TLS).
+fn check_etcd_url(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Err(format!(
+            "--etcd {url:?}: etcd over TLS is not supported; give http://HOST:PORT"
+        ));
+    }
+    let valid = url.strip_prefix("http://").is_some_and(|rest| {
+        rest.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        })
+    });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("--etcd {url:?} is not http://HOST:PORT"))
+    }
 }
 
 /// Runs `body` on a multi-threaded runtime; prints `<name>: <error>` and exits 1 on failure.
@@ -134,6 +156,23 @@ where
 mod tests {
     use super::{colour_wanted, coordinator_addr};
     use std::ffi::OsStr;
+
+    #[test]
+    fn an_etcd_member_is_an_http_url_with_a_port() {
+        assert!(super::check_etcd_url("http://127.0.0.1:2379").is_ok());
+        assert!(super::check_etcd_url("http://etcd-1.example:2379").is_ok());
+        for bad in [
+            "notaurl",
+            "127.0.0.1:2379",
+            "http://host",
+            "http://:2379",
+            "http://h:0",
+        ] {
+            assert!(super::check_etcd_url(bad).is_err(), "{bad:?}");
+        }
+        let tls = super::check_etcd_url("https://h:2379").expect_err("TLS");
+        assert!(tls.contains("TLS"), "{tls}");
+    }
 
     #[test]
     fn a_coordinator_group_is_a_list_of_host_and_port() {

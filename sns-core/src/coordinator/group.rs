@@ -256,6 +256,7 @@ async fn refresh(coordinator: Coordinator, interval: Duration, shutdown: Cancell
 /// Campaigns to lead, leads until the term ends, and campaigns again; resigns at shutdown.
 async fn campaign(coordinator: Coordinator, interval: Duration, shutdown: CancellationToken) {
     let group = &coordinator.group;
+    let mut failing = false;
     loop {
         let elected = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -263,6 +264,7 @@ async fn campaign(coordinator: Coordinator, interval: Duration, shutdown: Cancel
         };
         match elected {
             Ok(term) => {
+                failing = false;
                 tracing::info!(coordinator = %group.name, "this coordinator leads its group");
                 group.set_term(Some(term.clone()));
                 tokio::select! {
@@ -277,7 +279,10 @@ async fn campaign(coordinator: Coordinator, interval: Duration, shutdown: Cancel
                 tracing::warn!(coordinator = %group.name, "this coordinator no longer leads its group");
             }
             Err(e) => {
-                tracing::warn!(coordinator = %group.name, "cannot campaign to lead: {e}");
+                // Said once per outage; the store's own reads say when it is back.
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(coordinator = %group.name, "cannot campaign to lead: {e}");
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(backoff(interval)) => {}
