@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use sns_bins::metrics::Exporter;
-use sns_core::deployment::{Data, Deployment, DeploymentConfig, Ports, Transport};
+use sns_core::deployment::{Deployment, DeploymentConfig};
 use sns_core::session::{Session, SessionConfig, Target};
-use sns_core::{ClusterId, MemoryNetwork, Role, UserId};
+use sns_core::{ClusterId, Role, UserId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -80,11 +80,8 @@ async fn eventually_scraped(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_the_status_page_follow_a_working_deployment() {
-    let mut config = DeploymentConfig::default();
+    let mut config = DeploymentConfig::in_memory();
     config.clusters = 2;
-    config.transport = Transport::Memory(MemoryNetwork::new());
-    config.ports = Ports::Auto;
-    config.data = Data::Memory;
     let mut deployment = Deployment::start(config).await.expect("start");
     deployment.wait_for_masters(WAIT).await.expect("masters");
     let exporter = Exporter::of_deployment(&deployment);

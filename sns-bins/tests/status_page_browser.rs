@@ -13,9 +13,9 @@
 use std::time::Duration;
 
 use sns_bins::metrics::Exporter;
-use sns_core::deployment::{Data, Deployment, DeploymentConfig, Ports, Transport};
+use sns_core::Role;
+use sns_core::deployment::{Deployment, DeploymentConfig};
 use sns_core::testing::eventually;
-use sns_core::{MemoryNetwork, Role};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long the deployment, the page and the browser may take, each.
@@ -147,11 +147,8 @@ async fn the_status_page_renders_every_server_with_its_role_in_a_browser() {
     if !chromium_present(test).await {
         return;
     }
-    let mut config = DeploymentConfig::default();
+    let mut config = DeploymentConfig::in_memory();
     config.clusters = 2;
-    config.transport = Transport::Memory(MemoryNetwork::new());
-    config.ports = Ports::Auto;
-    config.data = Data::Memory;
     let deployment = Deployment::start(config).await.expect("start");
     deployment.wait_for_masters(WAIT).await.expect("masters");
     let exporter = Exporter::of_deployment(&deployment);

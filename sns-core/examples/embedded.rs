@@ -6,17 +6,13 @@
 
 use std::time::Duration;
 
-use sns_core::deployment::{Data, Deployment, DeploymentConfig, Ports, Transport};
+use sns_core::deployment::{Deployment, DeploymentConfig};
 use sns_core::session::{Session, SessionConfig, Target};
-use sns_core::{Error, MemoryNetwork, Result, UserId};
+use sns_core::{Error, Result, UserId};
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let mut config = DeploymentConfig::default();
-    config.transport = Transport::Memory(MemoryNetwork::new());
-    config.ports = Ports::Auto;
-    config.data = Data::Memory;
-    let deployment = Deployment::start(config).await?;
+    let deployment = Deployment::start(DeploymentConfig::in_memory()).await?;
     deployment.wait_for_masters(Duration::from_secs(10)).await?;
 
     // User u lives on cluster ((u - 1) % 3) + 1: alice on cluster 1, bob on cluster 2.

@@ -69,16 +69,13 @@ struct Running {
 /// ```
 /// use std::time::Duration;
 ///
-/// use sns_core::{Data, Deployment, DeploymentConfig, MemoryNetwork, Ports, Transport};
+/// use sns_core::{Deployment, DeploymentConfig};
 ///
 /// # #[tokio::main]
 /// # async fn main() -> sns_core::Result<()> {
-/// let mut config = DeploymentConfig::default();
+/// let mut config = DeploymentConfig::in_memory();
 /// config.clusters = 2;
 /// config.servers_per_cluster = 1;
-/// config.transport = Transport::Memory(MemoryNetwork::new());
-/// config.ports = Ports::Auto;
-/// config.data = Data::Memory;
 /// let deployment = Deployment::start(config).await?;
 /// deployment.wait_for_masters(Duration::from_secs(10)).await?;
 /// for server in deployment.servers() {

@@ -13,17 +13,13 @@
 //! ```
 //! use std::time::Duration;
 //!
-//! use sns_core::deployment::{Data, Deployment, DeploymentConfig, Ports, Transport};
+//! use sns_core::deployment::{Deployment, DeploymentConfig};
 //! use sns_core::session::{Session, SessionConfig, Target};
-//! use sns_core::{Error, MemoryNetwork, UserId};
+//! use sns_core::{Error, UserId};
 //!
 //! # #[tokio::main]
 //! # async fn main() -> sns_core::Result<()> {
-//! let mut config = DeploymentConfig::default();
-//! config.transport = Transport::Memory(MemoryNetwork::new());
-//! config.ports = Ports::Auto;
-//! config.data = Data::Memory;
-//! let deployment = Deployment::start(config).await?;
+//! let deployment = Deployment::start(DeploymentConfig::in_memory()).await?;
 //! deployment.wait_for_masters(Duration::from_secs(10)).await?;
 //! let coordinator = Target::Coordinator(deployment.coordinator_addr().to_string());
 //! let (one, two) = (UserId::new(1).unwrap(), UserId::new(2).unwrap());

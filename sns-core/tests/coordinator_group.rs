@@ -114,17 +114,14 @@ async fn a_leader_cut_off_from_etcd_stops_leading_before_another_leads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_keeps_its_clusters_roles_in_etcd() {
     use sns_core::coordinator::RoutingStore;
-    use sns_core::deployment::{Data, DeploymentConfig, Ports, Transport};
-    use sns_core::{Deployment, MemoryNetwork, Role};
+    use sns_core::deployment::DeploymentConfig;
+    use sns_core::{Deployment, Role};
 
     let Some(options) = etcd_options("deployment", 2, 2).await else {
         return;
     };
-    let mut config = DeploymentConfig::default();
+    let mut config = DeploymentConfig::in_memory();
     config.clusters = 2;
-    config.transport = Transport::Memory(MemoryNetwork::new());
-    config.ports = Ports::Auto;
-    config.data = Data::Memory;
     let store = EtcdStore::connect(options.clone()).await.expect("etcd");
     config.routing_store = Some(Arc::new(store));
     let deployment = Deployment::start(config)

@@ -176,6 +176,20 @@ impl Default for DeploymentConfig {
     }
 }
 
+impl DeploymentConfig {
+    /// The default deployment (3 clusters of a master and a slave) entirely in this process:
+    /// in-memory pipes ([`Transport::Memory`] on a new network), ports chosen on that network
+    /// ([`Ports::Auto`]) and storage in memory ([`Data::Memory`]). For embedding and tests.
+    pub fn in_memory() -> Self {
+        Self {
+            transport: Transport::Memory(crate::MemoryNetwork::new()),
+            ports: Ports::Auto,
+            data: Data::Memory,
+            ..Self::default()
+        }
+    }
+}
+
 /// The coordinator's port, once `config`'s shape is known to fit its port layout: with
 /// [`Ports::Course`], the highest server port must fit in 16 bits and, with [`Bus::Grpc`], the
 /// coordinator must not sit on a synchronizer's port.

@@ -138,18 +138,15 @@ pub fn cluster_of_synchronizer(id: u32, clusters: u32) -> Result<ClusterId> {
 ///
 /// use sns_core::testing::eventually;
 /// use sns_core::{
-///     Bus, ClusterId, CoordinatorClient, Data, Deployment, DeploymentConfig, LocalBus,
-///     MemoryNetwork, Ports, Synchronizer, SynchronizerConfig, Transport, UserId,
+///     Bus, ClusterId, CoordinatorClient, Deployment, DeploymentConfig, LocalBus, Synchronizer,
+///     SynchronizerConfig, UserId,
 /// };
 ///
 /// # #[tokio::main]
 /// # async fn main() -> sns_core::Result<()> {
-/// let mut config = DeploymentConfig::default();
+/// let mut config = DeploymentConfig::in_memory();
 /// config.clusters = 2;
 /// config.servers_per_cluster = 1;
-/// config.transport = Transport::Memory(MemoryNetwork::new());
-/// config.ports = Ports::Auto;
-/// config.data = Data::Memory;
 /// config.bus = Bus::None;
 /// let deployment = Deployment::start(config).await?;
 /// deployment.wait_for_masters(Duration::from_secs(10)).await?;
