@@ -225,6 +225,7 @@ impl RoutingTable {
     pub fn judge(&mut self, beat: Beat, now: Instant, leading: bool) -> Result<Verdict> {
         self.check_cluster(i64::from(beat.cluster.get()))?;
         self.check_server(beat.server)?;
+        self.check_in_sync(&beat)?;
         self.heartbeats += 1;
         self.forget_the_long_dead(now);
         self.register_server(&beat, now)?;
@@ -299,6 +300,21 @@ impl RoutingTable {
             stored.cluster,
             ClusterRoles::stored(stored.record, stored.revision),
         );
+    }
+
+    /// Checks what a beat says of its in-sync slaves: server slots of this deployment, not the
+    /// beating server itself (it would become the cluster's durable record).
+    fn check_in_sync(&self, beat: &Beat) -> Result<()> {
+        for slave in &beat.in_sync {
+            self.check_server(*slave)?;
+            if *slave == beat.server {
+                return Err(Error::invalid(format!(
+                    "server {} counts itself among its in-sync slaves",
+                    beat.server
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Records the node that sent `beat`, refusing it while another address holds its slot

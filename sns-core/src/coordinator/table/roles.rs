@@ -84,14 +84,22 @@ impl ClusterRoles {
     }
 
     /// A beat of the cluster's master: it stays master. Its in-sync set is taken while it
-    /// writes under the current epoch (or a newer one, which a restarted coordinator did not
-    /// know); a master that no longer claims mastership is named again under a new epoch.
+    /// writes under the current epoch (or a newer one, which a restarted coordinator with
+    /// nothing stored did not know; with a stored record the epoch is the record's, and a newer
+    /// claim is not taken); a master that no longer claims mastership is named again under a
+    /// new epoch.
     pub(super) fn master_beat(&mut self, beat: &Beat) -> Result<Role> {
         let server = beat.server;
         if beat.claims_master && beat.epoch <= self.epoch {
             if beat.epoch == self.epoch {
                 self.in_sync = beat.in_sync.iter().copied().collect();
             }
+        } else if beat.claims_master && self.revision > 0 {
+            return Err(Error::Unavailable(format!(
+                "server {server} claims epoch {} of cluster {}, newer than the recorded {}; \
+                 beat again",
+                beat.epoch, beat.cluster, self.epoch
+            )));
         } else if beat.claims_master {
             // Its epoch is newer than this table knows (a restarted coordinator).
             self.epoch = beat.epoch;

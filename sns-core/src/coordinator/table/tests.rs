@@ -776,3 +776,43 @@ fn an_older_record_does_not_replace_a_newer_one() {
     });
     assert_eq!(stored(&t), (newer, 7));
 }
+
+#[test]
+fn a_beat_naming_impossible_in_sync_slaves_is_refused_and_changes_nothing() {
+    let t0 = Instant::now();
+    let mut t = table(1, t0);
+    let epoch = master_and_slave(&mut t, t0, true);
+    let before = stored(&t);
+    for in_sync in [vec![s(9)], vec![s(1)]] {
+        let claim = Beat {
+            claims_master: true,
+            epoch,
+            in_sync,
+            ..beat(1, 1, 10000)
+        };
+        let refused = t.judge(claim, t0, true);
+        assert!(
+            matches!(refused, Err(Error::InvalidInput(_))),
+            "{refused:?}"
+        );
+        assert_eq!(stored(&t), before);
+    }
+}
+
+#[test]
+fn with_a_stored_record_a_claim_of_a_newer_epoch_is_not_taken() {
+    let t0 = Instant::now();
+    let mut t = table(1, t0);
+    let epoch = master_and_slave(&mut t, t0, true);
+    let before = stored(&t);
+    let claim = Beat {
+        claims_master: true,
+        epoch: Epoch(u64::MAX),
+        in_sync: vec![s(2)],
+        ..beat(1, 1, 10000)
+    };
+    let refused = t.judge(claim, t0, true);
+    assert!(matches!(refused, Err(Error::Unavailable(_))), "{refused:?}");
+    assert_eq!(stored(&t), before);
+    assert!(before.0.epoch == epoch);
+}
