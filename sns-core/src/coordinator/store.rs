@@ -152,8 +152,9 @@ pub enum Swap {
 }
 
 /// A coordinator's time as leader of its group. It ends when the store can no longer vouch
-/// for it (its lease may have expired, its store is unreachable) or when its holder resigns
-/// (drops it, or calls [`Term::resign`]); a store refuses writes under a term that ended.
+/// for it (its lease may have expired, its store is unreachable) or when its holder calls
+/// [`Term::resign`] (dropping it does not end it); a store refuses writes under a term that
+/// ended.
 #[derive(Debug, Clone)]
 pub struct Term {
     /// The store's token for this term, compared at every write.
@@ -213,6 +214,9 @@ pub trait RoutingStore: Send + Sync + std::fmt::Debug {
     async fn lead(&self, candidate: &str) -> Result<Term>;
 }
 
+/// Changes a [`MemoryStore`] keeps for its followers.
+const HISTORY: usize = 1024;
+
 /// The records in this process: one coordinator, which leads as soon as it asks.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
@@ -230,8 +234,9 @@ struct Memory {
 struct MemoryState {
     revision: Revision,
     records: BTreeMap<ClusterId, (RolesRecord, Revision)>,
-    /// Every change, in order (kept whole: a deployment changes its roles a few times).
-    history: Vec<StoredRoles>,
+    /// The latest changes, in order (at most [`HISTORY`]; a follower further behind is told to
+    /// load again, as etcd does after a compaction).
+    history: std::collections::VecDeque<StoredRoles>,
     /// The fence of the term that leads, if any.
     leader: Option<(i64, CancellationToken)>,
     terms: i64,
@@ -318,7 +323,10 @@ impl RoutingStore for MemoryStore {
         state.revision += 1;
         let revision = state.revision;
         state.records.insert(cluster, (record.clone(), revision));
-        state.history.push(StoredRoles {
+        if state.history.len() == HISTORY {
+            state.history.pop_front();
+        }
+        state.history.push_back(StoredRoles {
             cluster,
             record: record.clone(),
             revision,
@@ -332,13 +340,20 @@ impl RoutingStore for MemoryStore {
         let mut changed = self.inner.changed.subscribe();
         let mut seen = after;
         loop {
-            let news: Vec<StoredRoles> = self
-                .state()
-                .history
-                .iter()
-                .filter(|change| change.revision > seen)
-                .cloned()
-                .collect();
+            let news: Vec<StoredRoles> = {
+                let state = self.state();
+                let oldest = state
+                    .history
+                    .front()
+                    .map_or(state.revision + 1, |c| c.revision);
+                if seen + 1 < oldest {
+                    return Err(Error::Unavailable(format!(
+                        "changes after revision {seen} are no longer kept; load again"
+                    )));
+                }
+                let start = state.history.partition_point(|c| c.revision <= seen);
+                state.history.range(start..).cloned().collect()
+            };
             for change in news {
                 seen = change.revision;
                 if changes.send(change).await.is_err() {
@@ -371,6 +386,46 @@ mod tests {
 
     fn server(id: u32) -> ServerId {
         ServerId::new(id).expect("server")
+    }
+
+    #[tokio::test]
+    async fn the_memory_store_keeps_a_bounded_history_and_sends_a_follower_too_far_behind_to_load()
+    {
+        let store = MemoryStore::new();
+        let term = store.lead_now().expect("the first candidate leads");
+        let cluster = ClusterId::new(1).expect("cluster");
+        let mut at = 0;
+        for epoch in 1..=(HISTORY as u64 + 1) {
+            let record = RolesRecord {
+                epoch: Epoch(epoch),
+                master: Some(server(1)),
+                ..RolesRecord::default()
+            };
+            let Swap::Done(revision) = store.swap(&term, cluster, at, &record).await.expect("swap")
+            else {
+                panic!("write {epoch}");
+            };
+            at = revision;
+        }
+        assert_eq!(store.state().history.len(), HISTORY);
+        let (changes, _seen) = mpsc::channel(1);
+        let behind = store.follow(0, changes).await;
+        assert!(matches!(behind, Err(Error::Unavailable(_))), "{behind:?}");
+        let (changes, mut seen) = mpsc::channel(1);
+        let following = tokio::spawn({
+            let store = store.clone();
+            async move { store.follow(at - 1, changes).await }
+        });
+        let last = seen.recv().await.expect("the newest change");
+        assert_eq!(
+            (last.revision, last.record.epoch),
+            (at, Epoch(HISTORY as u64 + 1))
+        );
+        drop(seen);
+        following
+            .await
+            .expect("the follower")
+            .expect("ends cleanly");
     }
 
     #[test]
