@@ -149,8 +149,11 @@ impl EtcdStore {
     async fn campaign(&self, candidate: &str) -> Result<std::result::Result<Term, i64>> {
         let mut client = self.client.clone();
         let ttl = i64::try_from(self.options.lease.as_secs().max(1)).unwrap_or(2);
-        let lease = client.lease_grant(ttl, None).await.map_err(lost)?.id();
+        // The lease runs from no earlier than this, for what etcd granted (whole seconds).
         let granted = Instant::now();
+        let grant = client.lease_grant(ttl, None).await.map_err(lost)?;
+        let (lease, lease_ttl) = (grant.id(), grant.ttl());
+        let lease_ttl = Duration::from_secs(u64::try_from(lease_ttl).unwrap_or(0));
         let key = self.leader_key();
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
@@ -170,7 +173,7 @@ impl EtcdStore {
             client,
             lease,
             granted,
-            self.options.lease,
+            lease_ttl,
             ended.clone(),
         ));
         Ok(Ok(Term::new(revision, ended)))

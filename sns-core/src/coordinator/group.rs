@@ -128,17 +128,21 @@ impl Coordinator {
             let verdict = self
                 .table()
                 .judge(beat.clone(), Instant::now(), term.is_some())?;
-            let (cluster, expected, record, assignment) = match verdict {
-                Verdict::Answer(assignment) => return Ok(assignment),
-                Verdict::Write {
-                    cluster,
-                    expected,
-                    record,
-                    assignment,
-                } => (cluster, expected, record, assignment),
-            };
-            let Some(term) = term else {
-                return Err(Error::Unavailable("no term to write under".to_string()));
+            let (cluster, expected, record, assignment, term) = match (verdict, term) {
+                (Verdict::Answer(assignment), _) => return Ok(assignment),
+                (
+                    Verdict::Write {
+                        cluster,
+                        expected,
+                        record,
+                        assignment,
+                    },
+                    Some(term),
+                ) => (cluster, expected, record, assignment, term),
+                // `judge` asks for a write only of a coordinator that leads.
+                (Verdict::Write { .. }, None) => {
+                    return Err(Error::Unavailable("no term to write under".to_string()));
+                }
             };
             match group.store.swap(&term, cluster, expected, &record).await? {
                 Swap::Done(revision) => {
@@ -196,6 +200,9 @@ fn backoff(interval: Duration) -> Duration {
     interval.max(Duration::from_millis(100))
 }
 
+/// Pause before following the records again after the store failed.
+const FOLLOW_AGAIN: Duration = Duration::from_millis(200);
+
 /// Installs every change of the records as the store reports it; after a failure, loads
 /// again and follows from there.
 async fn follow(coordinator: Coordinator, shutdown: CancellationToken) {
@@ -230,7 +237,7 @@ async fn follow(coordinator: Coordinator, shutdown: CancellationToken) {
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(backoff(Duration::from_millis(200))) => {}
+            () = tokio::time::sleep(FOLLOW_AGAIN) => {}
         }
     }
 }

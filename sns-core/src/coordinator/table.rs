@@ -125,6 +125,14 @@ impl RoutingTable {
             .collect()
     }
 
+    /// The epoch of `cluster`'s roles as this table holds them (0 before any master).
+    pub fn epoch(&self, cluster: ClusterId) -> Epoch {
+        self.roles
+            .get(&cluster)
+            .map(|r| r.epoch)
+            .unwrap_or_default()
+    }
+
     /// The table's configuration.
     pub fn config(&self) -> RoutingConfig {
         self.config
@@ -519,7 +527,6 @@ impl RoutingTable {
 
     /// Every registered node, servers first, for status displays.
     pub fn nodes(&self, now: Instant) -> Vec<NodeView> {
-        let epoch = |c: &ClusterId| self.roles.get(c).map(|r| r.epoch).unwrap_or_default();
         let servers = self.servers.iter().map(|((c, s), node)| {
             let master = self.roles.get(c).and_then(|r| r.master) == Some(*s);
             NodeView {
@@ -529,7 +536,7 @@ impl RoutingTable {
                 addr: node.addr.clone(),
                 since_heartbeat: now.saturating_duration_since(node.last_beat),
                 alive: self.alive(node, now),
-                epoch: epoch(c),
+                epoch: self.epoch(*c),
                 log_epoch: node.epoch,
                 log: Some(node.log),
                 in_sync: self.roles.get(c).is_some_and(|r| r.in_sync.contains(s)),
@@ -545,7 +552,7 @@ impl RoutingTable {
                 addr: node.addr.clone(),
                 since_heartbeat: now.saturating_duration_since(node.last_beat),
                 alive: self.alive(node, now),
-                epoch: epoch(&cluster),
+                epoch: self.epoch(cluster),
                 log_epoch: Epoch(0),
                 log: None,
                 in_sync: false,

@@ -142,6 +142,13 @@ impl CoordService for CoordAdapter {
         let assignment = self.coordinator.heartbeat(beat).await.map_err(status)?;
         let now = tokio::time::Instant::now();
         let table = self.coordinator.table();
+        // The master and slaves named below must be those of the assignment's epoch.
+        if table.epoch(cluster) != assignment.epoch {
+            return Err(status(Error::Unavailable(format!(
+                "the roles of cluster {cluster} changed while this heartbeat was answered; \
+                 beat again"
+            ))));
+        }
         let master = table.mirror_source(cluster, now);
         // Only a master mirrors to anyone: it accepts mirroring from these servers alone.
         let slaves = match assignment.role {

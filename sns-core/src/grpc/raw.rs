@@ -2,8 +2,9 @@
 //! and signs them, or opens another cluster's batch and applies it: it decodes each batch once,
 //! to check it, and passes on the encoding it received instead of encoding the events again.
 //!
-//! Invariant: the bytes passed on are exactly the encoding of the events decoded from them
-//! (an [`EncodedBatch`] is only made from bytes that decoded to its events, or by encoding them).
+//! Invariant: the bytes passed on decode to exactly the events checked (an [`EncodedBatch`] is
+//! only made from bytes that decoded to its events, or by encoding them); they need not be the
+//! canonical encoding, and the receiver decodes and checks them again.
 
 use prost::Message as _;
 use prost::bytes::{BufMut, Bytes};

@@ -268,6 +268,8 @@ async fn run(
 ) {
     let start = Instant::now();
     let mut heartbeats = Heartbeats::new(link.interval, link.missed_heartbeats);
+    // For the logs: who the beats go to.
+    let coordinators = link.coordinators.join(",");
     loop {
         let Some((lost_master, early)) = shared.upgrade().map(|shared| {
             let server = Server { shared };
@@ -298,7 +300,7 @@ async fn run(
             answer = call => answer,
         };
         let decision = heartbeats.step(start.elapsed(), answer, server.role());
-        if !server.carry_out(decision, number, &link.coordinators.join(",")) {
+        if !server.carry_out(decision, number, &coordinators) {
             return;
         }
     }
