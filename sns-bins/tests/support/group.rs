@@ -5,10 +5,11 @@
 use std::path::PathBuf;
 use std::process::{Child, Command};
 
-use super::{Heartbeat, Lines, free_port, spawn_logged, spawn_unwaited, strings};
+use sns_core::testing::REQUIRE_ETCD_VAR;
 
-/// The variable that turns a missing `etcd` binary into a failure (`1`).
-const REQUIRE_ETCD_VAR: &str = "SNS_REQUIRE_ETCD";
+use super::{
+    Heartbeat, Lines, coordinator_args, free_port, reap, spawn_coordinator, spawn_unwaited, strings,
+};
 
 /// An etcd member of one test: its data in a temporary directory, on two free ports.
 pub struct Etcd {
@@ -83,8 +84,7 @@ impl Etcd {
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            reap(&mut child);
         }
         self.log = None;
     }
@@ -110,19 +110,8 @@ impl GroupCoordinator {
     /// `prefix`; waits until it serves.
     pub fn start(etcd: &Etcd, prefix: &str, clusters: u32, heartbeat: Heartbeat) -> Self {
         let port = free_port();
-        let mut args = strings(&[
-            "-p",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--clusters",
-            &clusters.to_string(),
-            "--etcd",
-            &etcd.url(),
-            "--etcd-prefix",
-            prefix,
-        ]);
-        args.extend(heartbeat.args());
+        let mut args = coordinator_args(port, clusters, heartbeat);
+        args.extend(strings(&["--etcd", &etcd.url(), "--etcd-prefix", prefix]));
         let (child, log) = Self::spawn(&args, port);
         Self {
             child: Some(child),
@@ -133,12 +122,7 @@ impl GroupCoordinator {
     }
 
     fn spawn(args: &[String], port: u16) -> (Child, Lines) {
-        spawn_logged(
-            env!("CARGO_BIN_EXE_coordinator"),
-            args,
-            &format!("coordinator :{port}"),
-            |l| l.contains("coordinator serving"),
-        )
+        spawn_coordinator(args, &format!("coordinator :{port}"))
     }
 
     /// Waits until this coordinator says it leads its group.
@@ -150,8 +134,7 @@ impl GroupCoordinator {
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            reap(&mut child);
         }
     }
 

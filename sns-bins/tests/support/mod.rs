@@ -413,8 +413,7 @@ impl Tsd {
 
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reap(&mut self.child);
     }
 }
 
@@ -445,21 +444,8 @@ impl Coordinator {
     /// Starts a coordinator for `clusters` clusters with `heartbeat` and waits until it serves.
     pub fn start_with(clusters: u32, heartbeat: Heartbeat) -> Self {
         let port = free_port();
-        let mut args = strings(&[
-            "-p",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--clusters",
-            &clusters.to_string(),
-        ]);
-        args.extend(heartbeat.args());
-        let (child, log) = spawn_logged(
-            env!("CARGO_BIN_EXE_coordinator"),
-            &args,
-            "coordinator",
-            |l| l.contains("coordinator serving"),
-        );
+        let (child, log) =
+            spawn_coordinator(&coordinator_args(port, clusters, heartbeat), "coordinator");
         Self {
             child,
             log,
@@ -509,9 +495,35 @@ impl Coordinator {
 
 impl Drop for Coordinator {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reap(&mut self.child);
     }
+}
+
+/// The arguments of a coordinator on `port` for `clusters` clusters with `heartbeat`.
+pub fn coordinator_args(port: u16, clusters: u32, heartbeat: Heartbeat) -> Vec<String> {
+    let mut args = strings(&[
+        "-p",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--clusters",
+        &clusters.to_string(),
+    ]);
+    args.extend(heartbeat.args());
+    args
+}
+
+/// Starts `coordinator` with `args` and waits until it serves.
+pub fn spawn_coordinator(args: &[String], name: &str) -> (Child, Lines) {
+    spawn_logged(env!("CARGO_BIN_EXE_coordinator"), args, name, |l| {
+        l.contains("coordinator serving")
+    })
+}
+
+/// SIGKILL, and wait for the process to be gone.
+pub fn reap(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// The `sns.v1.Admin` status of the coordinator on `port`, with the sandbox's token.
@@ -782,8 +794,7 @@ impl Tsc {
 
 impl Drop for Tsc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reap(&mut self.child);
     }
 }
 
@@ -845,8 +856,7 @@ impl Synchronizer {
 
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reap(&mut self.child);
     }
 
     /// Sends `signal` (`INT`, `TERM`) and waits for the exit code.
@@ -986,7 +996,6 @@ impl SnsUp {
 
 impl Drop for SnsUp {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reap(&mut self.child);
     }
 }
