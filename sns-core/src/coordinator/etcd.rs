@@ -25,6 +25,9 @@ use super::store::{Revision, RolesRecord, RoutingStore, StoredRoles, Swap, Term}
 use crate::error::{Error, Result};
 use crate::ids::ClusterId;
 
+/// The leader's lease unless set otherwise ([`EtcdOptions::lease`]): etcd's usual minimum.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(2);
+
 /// Where the etcd store is and how it behaves.
 ///
 /// Non-exhaustive, so that fields can be added later: build it with [`EtcdOptions::new`] and
@@ -55,7 +58,7 @@ impl EtcdOptions {
             prefix: "/sns".to_string(),
             clusters,
             servers,
-            lease: Duration::from_secs(2),
+            lease: DEFAULT_LEASE,
             timeout: Duration::from_secs(2),
         }
     }

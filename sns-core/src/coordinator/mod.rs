@@ -14,7 +14,7 @@ mod table;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 #[cfg(feature = "etcd")]
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{DEFAULT_LEASE, EtcdOptions, EtcdStore};
 pub use group::GroupStatus;
 pub use store::{MemoryStore, Revision, RolesRecord, RoutingStore, StoredRoles, Swap, Term};
 pub use table::{

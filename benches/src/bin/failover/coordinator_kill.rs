@@ -20,9 +20,9 @@ use super::processes::Deployment;
 use super::writers::{Outage, Writer, outage, successes_since};
 use super::{Failure, ms};
 
-/// The coordinators' etcd lease (`EtcdOptions::lease`, 2 s by default): the control window
-/// is this plus a failure timeout, about as long as a kill's.
-const LEASE: Duration = Duration::from_secs(2);
+/// The coordinators' etcd lease (they run with the default): the control window is this plus
+/// a failure timeout, about as long as a kill's.
+const LEASE: Duration = sns_core::coordinator::DEFAULT_LEASE;
 
 /// What one kill of the leading coordinator showed.
 pub(super) struct LeaderKill {
