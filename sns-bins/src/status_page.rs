@@ -155,9 +155,7 @@ fn picture(exporter: &Exporter, last: &mut Totals, elapsed: f64) -> Picture {
                         origin: origin.get(),
                         high_water: s.high_water,
                         behind: s.behind(),
-                        age_s: s
-                            .newest_event_at
-                            .map_or(0.0, |at| (now.0 - at.0).max(0) as f64 / 1e6),
+                        age_s: s.newest_event_age_s(now).unwrap_or(0.0),
                     });
                 }
             }

@@ -31,8 +31,8 @@ pub(super) fn sync_family(
             }
             batches.push((labels.clone(), s.batches));
             events.push((labels.clone(), s.events));
-            if let Some(at) = s.newest_event_at {
-                age.push((labels, (now.0 - at.0).max(0) as f64 / 1e6));
+            if let Some(seconds) = s.newest_event_age_s(now) {
+                age.push((labels, seconds));
             }
         }
     }

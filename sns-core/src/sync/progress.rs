@@ -46,6 +46,13 @@ impl OriginStats {
         self.origin_head
             .map(|head| head.saturating_sub(self.high_water))
     }
+
+    /// Seconds from the origin's time of the newest applied event to `now` (0 if the origin's
+    /// clock is ahead); `None` before any event was applied.
+    pub fn newest_event_age_s(&self, now: crate::ids::Timestamp) -> Option<f64> {
+        self.newest_event_at
+            .map(|at| (now.0 - at.0).max(0) as f64 / 1e6)
+    }
 }
 
 /// The per-origin figures of one link, updated as it applies and asks.
