@@ -187,8 +187,9 @@ async fn the_status_page_renders_every_server_with_its_role_in_a_browser() {
         "a master per cluster: {expected:?}"
     );
 
-    // The page as served has no rows: only its script, fed by the event stream, fills them,
-    // so the check below fails unless the browser ran the page.
+    // The page as served has no rows: only its script fills them (from the picture embedded
+    // in the page, then from the event stream), so the check below fails unless the browser
+    // ran the page.
     let source = page_source(addr).await;
     assert!(source.contains("<table id=\"servers\""), "{source}");
     assert!(!shows_every_role(&source, &expected));
