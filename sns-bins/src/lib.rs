@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod bus;
+pub mod chaos;
 pub mod cli;
 pub mod console;
 pub mod metrics;

@@ -79,7 +79,7 @@ impl TokenArgs {
 }
 
 /// The environment variable that may hold the token.
-const TOKEN_VARIABLE: &str = "SNS_CLUSTER_TOKEN";
+pub(crate) const TOKEN_VARIABLE: &str = "SNS_CLUSTER_TOKEN";
 
 /// Tokens shorter than this are warned about: easy to guess.
 pub const MIN_TOKEN_CHARS: usize = 16;

@@ -24,6 +24,9 @@
 //!   delivery's latency and an exactly-once check; exit code 1 if a delivery was missing or
 //!   repeated. `--report FILE.svg` (or `.html`) draws each run's latency percentiles and
 //!   deliveries per second into FILE afterwards.
+//! - `sns chaos [--duration 60s] [--seed N] [--clusters 3] [--bus local|grpc] [--json]`: the
+//!   deployment as separate hosts (network namespaces) under a nemesis, and a checker of the
+//!   recorded history (see `sns_bins::chaos`); needs root; exit code 1 on any violation.
 
 use std::process::ExitCode;
 
@@ -58,6 +61,13 @@ enum Command {
     /// Load generator: build a population, post, measure every delivery (latency, throughput,
     /// exactly once). Starts its own deployment in this process unless -h/-k name one.
     Bench(Box<sns_bins::bench::BenchArgs>),
+    /// Fault injection on real hosts: the deployment in network namespaces, a nemesis that
+    /// kills, pauses, partitions and fills disks, and a checker of what clients saw. Needs
+    /// root. Exit code 1 on any violation, naming the seed that reproduces it.
+    Chaos(Box<sns_bins::chaos::ChaosArgs>),
+    /// The load client of `sns chaos`, started by it inside its own namespace.
+    #[command(hide = true)]
+    ChaosAgent(Box<sns_bins::chaos::AgentArgs>),
 }
 
 fn main() -> ExitCode {
@@ -81,7 +91,32 @@ fn main() -> ExitCode {
             sns_bins::init_logging_at("error");
             sns_bins::run_main("sns bench", bench(*args))
         }
+        Command::Chaos(args) => {
+            sns_bins::init_logging_at("error");
+            sns_bins::run_main("sns chaos", chaos(*args))
+        }
+        Command::ChaosAgent(args) => {
+            sns_bins::init_logging_at("error");
+            sns_bins::run_main("sns chaos-agent", sns_bins::chaos::run_agent(*args))
+        }
     }
+}
+
+async fn chaos(args: sns_bins::chaos::ChaosArgs) -> Result<(), String> {
+    let json = args.json;
+    let outcome = sns_bins::chaos::run(args).await?;
+    if json {
+        println!("{}", to_json(&outcome)?);
+    } else {
+        print!("{}", outcome.table());
+    }
+    if outcome.ok() {
+        return Ok(());
+    }
+    Err(format!(
+        "the history violates the system's guarantees; reproduce with --seed {}",
+        outcome.seed
+    ))
 }
 
 async fn bench(args: sns_bins::bench::BenchArgs) -> Result<(), String> {

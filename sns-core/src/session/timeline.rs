@@ -11,7 +11,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -57,6 +57,7 @@ impl SessionTimeline {
             room: Arc::new(Semaphore::new(room)),
             closing: AtomicBool::new(false),
             fails_over: inner.coordinator.is_some(),
+            stored: watch::Sender::new(0),
         });
         let (posts_tx, posts) = mpsc::channel(POST_BUFFER);
         let reader = Reader {
@@ -129,6 +130,8 @@ struct Outbound {
     closing: AtomicBool,
     /// Whether the session fails over (posts are then kept and re-sent after a failover).
     fails_over: bool,
+    /// Posts the server has acknowledged since the timeline opened.
+    stored: watch::Sender<u64>,
 }
 
 /// The current stream's sender and the posts it has not acknowledged.
@@ -163,6 +166,7 @@ impl Outbound {
         let mut queue = lock(&self.queue);
         if let Some(at) = queue.unacked.iter().position(|post| post.key == key) {
             queue.unacked.drain(..=at);
+            self.stored.send_modify(|stored| *stored += at as u64 + 1);
         }
     }
 
@@ -237,6 +241,14 @@ impl TimelinePoster {
     /// for a reopened stream. If the timeline ends with an error, these were not stored.
     pub fn unacknowledged(&self) -> usize {
         self.outbound.unacked()
+    }
+
+    /// How many posts the server has acknowledged (stored) since the timeline opened, as a
+    /// receiver that sees every change. Posts are acknowledged in the order they were posted,
+    /// so when it reads `n`, the first `n` posts that [`post`](Self::post) accepted (from any
+    /// clone of this poster) are stored.
+    pub fn stored(&self) -> watch::Receiver<u64> {
+        self.outbound.stored.subscribe()
     }
 
     /// Closes the sending side: the server ends the stream once it has stored every post
@@ -487,16 +499,23 @@ mod tests {
             room: Arc::clone(&room),
             closing: AtomicBool::new(false),
             fails_over: true,
+            stored: watch::Sender::new(0),
         };
+        let stored = outbound.stored.subscribe();
         outbound.acknowledged(key(9));
         assert_eq!(outbound.unacked(), 3, "an unknown key retires nothing");
         assert_eq!(room.available_permits(), 0);
+        assert_eq!(*stored.borrow(), 0);
         outbound.acknowledged(key(2));
         assert_eq!(outbound.unacked(), 1);
         assert_eq!(room.available_permits(), 2);
+        assert_eq!(*stored.borrow(), 2, "an ack counts every post it retires");
+        outbound.acknowledged(key(2));
+        assert_eq!(*stored.borrow(), 2, "a repeated ack counts nothing");
         outbound.acknowledged(key(3));
         assert_eq!(outbound.unacked(), 0);
         assert_eq!(room.available_permits(), 3);
+        assert_eq!(*stored.borrow(), 3);
     }
 
     #[test]
