@@ -130,7 +130,8 @@ pub fn check(history: &[Event]) -> Findings {
     check_deliveries(history, &followers, &posted, &stored, &mut findings);
     check_roles(history, &mut findings);
     check_servers(history, clusters, &mut findings);
-    check_users(history, clusters, users, &mut findings);
+    let everyone: Vec<u32> = users.iter().chain(churners).copied().collect();
+    check_users(history, clusters, &everyone, &mut findings);
     check_follows(history, &followers, churners, &mut findings);
     findings
 }
@@ -474,7 +475,7 @@ mod tests {
     fn population() -> Event {
         Event::Population {
             clusters: 2,
-            users: vec![1, 2, 3],
+            users: vec![1, 2],
             follows: vec![(1, 2), (2, 1)],
             churners: vec![3],
         }
