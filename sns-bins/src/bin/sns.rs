@@ -103,6 +103,11 @@ fn main() -> ExitCode {
 }
 
 async fn chaos(args: sns_bins::chaos::ChaosArgs) -> Result<(), String> {
+    if args.clean {
+        let cleaned = sns_bins::chaos::clean(&args)?;
+        eprintln!("sns chaos: removed what {cleaned} earlier run(s) left behind");
+        return Ok(());
+    }
     let json = args.json;
     let outcome = sns_bins::chaos::run(args).await?;
     if json {

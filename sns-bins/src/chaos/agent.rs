@@ -34,6 +34,9 @@ pub struct AgentArgs {
     /// Clusters of the deployment.
     #[arg(long)]
     pub clusters: u32,
+    /// Servers per cluster.
+    #[arg(long, default_value_t = 2)]
+    pub servers: u32,
     /// Reading, posting users per cluster.
     #[arg(long, default_value_t = 4)]
     pub users_per_cluster: u32,
@@ -227,6 +230,7 @@ async fn drive(args: &AgentArgs, recorder: &Recorder) -> Result<(), String> {
     }
     recorder.record(&Event::Population {
         clusters,
+        servers: args.servers,
         users: users.clone(),
         follows: follows.clone(),
         churners: churners.clone(),
@@ -272,7 +276,7 @@ async fn drive(args: &AgentArgs, recorder: &Recorder) -> Result<(), String> {
     settle(args, &ledger, &followers, recorder).await;
     let status = admin
         .wait_until(args.settle, "every slave is caught up", |status| {
-            converged(status, clusters)
+            converged(status, clusters, args.servers)
         })
         .await;
     let status = match status {
@@ -286,6 +290,7 @@ async fn drive(args: &AgentArgs, recorder: &Recorder) -> Result<(), String> {
         servers: status
             .nodes
             .iter()
+            .filter(|n| n.role.is_some())
             .map(|n| Standing {
                 cluster: n.cluster,
                 server: n.id,
@@ -409,9 +414,10 @@ impl Admin {
     }
 }
 
-/// Whether every cluster has one live master and every other server is a live, in-sync slave
-/// at its durable and committed index.
-fn converged(status: &DeploymentStatus, clusters: u32) -> bool {
+/// Whether every cluster has `servers` servers: one live master, and every other a live,
+/// in-sync slave at its durable and committed index. (Synchronizers, listed without a role, do
+/// not count.)
+fn converged(status: &DeploymentStatus, clusters: u32, servers: u32) -> bool {
     (1..=clusters).all(|cluster| {
         let nodes: Vec<_> = status
             .nodes
@@ -425,13 +431,14 @@ fn converged(status: &DeploymentStatus, clusters: u32) -> bool {
         let [master] = masters[..] else {
             return false;
         };
-        nodes.iter().filter(|n| n.id != master.id).all(|n| {
-            n.alive
-                && n.in_sync
-                && n.role == Some(Role::Slave)
-                && n.durable == master.durable
-                && n.commit == master.commit
-        })
+        nodes.len() == servers as usize
+            && nodes.iter().filter(|n| n.id != master.id).all(|n| {
+                n.alive
+                    && n.in_sync
+                    && n.role == Some(Role::Slave)
+                    && n.durable == master.durable
+                    && n.commit == master.commit
+            })
     })
 }
 
@@ -445,7 +452,7 @@ async fn watch_roles(admin: Admin, recorder: Recorder, stop: CancellationToken) 
             continue;
         };
         let mut roles: BTreeMap<u32, (u64, Option<u32>)> = BTreeMap::new();
-        for node in &status.nodes {
+        for node in status.nodes.iter().filter(|n| n.role.is_some()) {
             let entry = roles.entry(node.cluster).or_default();
             entry.0 = entry.0.max(node.epoch.0);
             if node.role == Some(Role::Master) {

@@ -91,15 +91,18 @@ pub fn check(history: &[Event]) -> Findings {
     for kind in KINDS {
         findings.violations.insert(kind.to_string(), 0);
     }
-    let Some((clusters, users, follows, churners)) = history.iter().find_map(|e| match e {
-        Event::Population {
-            clusters,
-            users,
-            follows,
-            churners,
-        } => Some((*clusters, users, follows, churners)),
-        _ => None,
-    }) else {
+    let Some((clusters, servers, users, follows, churners)) =
+        history.iter().find_map(|e| match e {
+            Event::Population {
+                clusters,
+                servers,
+                users,
+                follows,
+                churners,
+            } => Some((*clusters, *servers, users, follows, churners)),
+            _ => None,
+        })
+    else {
         findings
             .trouble
             .push("the load client never set up its population".to_string());
@@ -129,7 +132,7 @@ pub fn check(history: &[Event]) -> Findings {
     findings.stored = stored.values().sum();
     check_deliveries(history, &followers, &posted, &stored, &mut findings);
     check_roles(history, &mut findings);
-    check_servers(history, clusters, &mut findings);
+    check_servers(history, clusters, servers, &mut findings);
     let everyone: Vec<u32> = users.iter().chain(churners).copied().collect();
     check_users(history, clusters, &everyone, &mut findings);
     check_follows(history, &followers, churners, &mut findings);
@@ -301,7 +304,12 @@ fn check_roles(history: &[Event], findings: &mut Findings) {
     }
 }
 
-fn check_servers(history: &[Event], clusters: u32, findings: &mut Findings) {
+fn check_servers(
+    history: &[Event],
+    clusters: u32,
+    servers_per_cluster: u32,
+    findings: &mut Findings,
+) {
     let Some(servers) = history.iter().rev().find_map(|e| match e {
         Event::Servers { servers } => Some(servers),
         _ => None,
@@ -313,6 +321,16 @@ fn check_servers(history: &[Event], clusters: u32, findings: &mut Findings) {
     };
     for cluster in 1..=clusters {
         let members: Vec<&Standing> = servers.iter().filter(|s| s.cluster == cluster).collect();
+        if members.len() != servers_per_cluster as usize {
+            findings.violation(
+                "not_converged",
+                format!(
+                    "cluster {cluster} ended with {} of its {servers_per_cluster} servers known to the coordinator",
+                    members.len()
+                ),
+            );
+            continue;
+        }
         let live_masters: Vec<&&Standing> = members
             .iter()
             .filter(|s| s.role == "master" && s.alive)
@@ -475,6 +493,7 @@ mod tests {
     fn population() -> Event {
         Event::Population {
             clusters: 2,
+            servers: 2,
             users: vec![1, 2],
             follows: vec![(1, 2), (2, 1)],
             churners: vec![3],
@@ -592,6 +611,7 @@ mod tests {
         assert!(nowhere.ok(), "{nowhere:?}");
         let mut history = vec![Event::Population {
             clusters: 2,
+            servers: 2,
             users: vec![1, 2, 3],
             follows: vec![(2, 1), (3, 1)],
             churners: vec![],
@@ -688,6 +708,23 @@ mod tests {
         });
         let findings = check(&history);
         assert_eq!(findings.count("not_converged"), 2, "{findings:?}");
+        // A server the coordinator no longer lists has not converged either.
+        history.push(Event::Servers {
+            servers: vec![
+                standing(1, 1, "master", 9),
+                standing(2, 2, "master", 7),
+                standing(2, 1, "slave", 7),
+            ],
+        });
+        let findings = check(&history);
+        assert_eq!(findings.count("not_converged"), 2, "{findings:?}");
+        assert!(
+            findings
+                .details
+                .iter()
+                .any(|d| d.contains("1 of its 2 servers")),
+            "{findings:?}"
+        );
     }
 
     #[test]

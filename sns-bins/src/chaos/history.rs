@@ -51,6 +51,8 @@ pub enum Event {
     Population {
         /// Clusters of the deployment (a user's cluster is `(id - 1) % clusters + 1`).
         clusters: u32,
+        /// Servers per cluster.
+        servers: u32,
         /// Every user, all reading their timelines for the whole run.
         users: Vec<u32>,
         /// Standing follows, `(follower, author)`, made before the first fault and never undone.

@@ -85,6 +85,10 @@ pub struct ChaosArgs {
     /// [default: the system's temporary directory].
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
+    /// Only remove what earlier runs that died left behind (their processes, namespaces and
+    /// mounts under the work directory), then exit. Every run does this first anyway.
+    #[arg(long)]
+    pub clean: bool,
 }
 
 /// What a run reports.
@@ -199,6 +203,21 @@ impl Outcome {
         }
         out
     }
+}
+
+/// `sns chaos --clean`: removes what earlier runs that died left behind; returns how many runs
+/// it cleaned up after.
+pub fn clean(args: &ChaosArgs) -> Result<usize, String> {
+    net::check_can_run()?;
+    Ok(net::sweep(&work_parent(args)?))
+}
+
+fn work_parent(args: &ChaosArgs) -> Result<PathBuf, String> {
+    let parent = match &args.work_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir(),
+    };
+    std::fs::canonicalize(&parent).map_err(|e| format!("{}: {e}", parent.display()))
 }
 
 /// Runs `sns chaos`; progress goes to stderr. `Err` only when the run could not be made;
