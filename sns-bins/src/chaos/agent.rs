@@ -406,12 +406,49 @@ impl Admin {
         what: &str,
         done: impl Fn(&DeploymentStatus) -> bool,
     ) -> Result<DeploymentStatus, String> {
-        wait_for(limit, what, || async {
-            let status = self.status().await.ok()?;
-            done(&status).then_some(status)
+        let last = Mutex::new(String::from("no coordinator answered"));
+        let found = wait_for(limit, what, || async {
+            let status = match self.status().await {
+                Ok(status) => status,
+                Err(e) => {
+                    *last.lock().unwrap_or_else(|e| e.into_inner()) = e;
+                    return None;
+                }
+            };
+            if done(&status) {
+                return Some(status);
+            }
+            *last.lock().unwrap_or_else(|e| e.into_inner()) = describe(&status);
+            None
         })
-        .await
+        .await;
+        found.map_err(|e| {
+            let last = last.lock().unwrap_or_else(|e| e.into_inner());
+            format!("{e} (last seen: {last})")
+        })
     }
+}
+
+/// Every server's standing in a few words.
+fn describe(status: &DeploymentStatus) -> String {
+    status
+        .nodes
+        .iter()
+        .filter(|n| n.role.is_some())
+        .map(|n| {
+            format!(
+                "c{}s{} {:?}{}{} durable {} commit {}",
+                n.cluster,
+                n.id,
+                n.role,
+                if n.alive { "" } else { " dead" },
+                if n.in_sync { " in sync" } else { "" },
+                n.durable.0,
+                n.commit.0
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Whether every cluster has `servers` servers: one live master, and every other a live,
@@ -422,7 +459,7 @@ fn converged(status: &DeploymentStatus, clusters: u32, servers: u32) -> bool {
         let nodes: Vec<_> = status
             .nodes
             .iter()
-            .filter(|n| n.cluster == cluster)
+            .filter(|n| n.cluster == cluster && n.role.is_some())
             .collect();
         let masters: Vec<_> = nodes
             .iter()
