@@ -69,6 +69,10 @@ pub struct ChaosArgs {
     /// masters) or grpc (synchronizers subscribe to each other).
     #[arg(long, default_value = "local")]
     pub bus: String,
+    /// Coordinators: 1 (routing kept in its memory), or 3, a group on an etcd member that is a
+    /// host of the run too; then coordinators and etcd are faulted as well.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
+    pub coordinators: u32,
     /// Posts per second, all users together.
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub rate: u32,
@@ -104,8 +108,10 @@ pub struct Outcome {
     pub hosts: usize,
     /// Faults made, by kind (every kind present).
     pub faults: BTreeMap<String, u64>,
-    /// Fault kinds this machine cannot make.
-    pub unavailable: Vec<String>,
+    /// Coordinators (more than one: a group on etcd).
+    pub coordinators: u32,
+    /// Fault kinds this run could not draw, and why.
+    pub not_drawn: BTreeMap<String, String>,
     /// Processes that ended on their own and were started again.
     pub restarts: u32,
     /// What the checker found.
@@ -127,7 +133,7 @@ impl Outcome {
         let faults: Vec<String> = self
             .faults
             .iter()
-            .filter(|(kind, _)| !self.unavailable.contains(kind))
+            .filter(|(kind, _)| !self.not_drawn.contains_key(*kind))
             .map(|(kind, n)| format!("{kind} {n}"))
             .collect();
         let total: u64 = self.faults.values().sum();
@@ -138,19 +144,21 @@ impl Outcome {
         row(
             "hosts",
             format!(
-                "{} ({} clusters × 2 servers, bus {})",
-                self.hosts, self.clusters, self.bus
+                "{} ({} clusters × 2 servers, {} coordinator{}, bus {})",
+                self.hosts,
+                self.clusters,
+                self.coordinators,
+                if self.coordinators > 1 {
+                    "s on etcd"
+                } else {
+                    ""
+                },
+                self.bus
             ),
         );
         row("faults", format!("{total}: {}", faults.join(", ")));
-        if !self.unavailable.is_empty() {
-            row(
-                "not available here",
-                format!(
-                    "{} (no tc netem in this kernel)",
-                    self.unavailable.join(", ")
-                ),
-            );
+        for (kind, why) in &self.not_drawn {
+            row("not drawn", format!("{kind}: {why}"));
         }
         row("restarted after exit", self.restarts.to_string());
         row(
@@ -270,11 +278,21 @@ pub async fn run(args: ChaosArgs) -> Result<Outcome, String> {
         () = signals.recv() => Err("interrupted".to_string()),
     };
     let restarts = world.restarts;
-    let unavailable = if world.net.has_netem() {
-        Vec::new()
-    } else {
-        vec!["delay".to_string()]
-    };
+    let mut not_drawn = BTreeMap::new();
+    if !world.net.has_netem() {
+        not_drawn.insert(
+            "delay".to_string(),
+            "this kernel has no tc netem".to_string(),
+        );
+    }
+    if !world.group {
+        for kind in nemesis::GROUP_KINDS {
+            not_drawn.insert(
+                kind.to_string(),
+                "one coordinator (--coordinators 3 for a group)".to_string(),
+            );
+        }
+    }
     for proc in world.procs.values_mut() {
         proc.kill();
     }
@@ -299,7 +317,8 @@ pub async fn run(args: ChaosArgs) -> Result<Outcome, String> {
         bus,
         hosts,
         faults,
-        unavailable,
+        coordinators: args.coordinators,
+        not_drawn,
         restarts,
         findings,
         kept,
@@ -359,32 +378,76 @@ fn build(args: &ChaosArgs, bus: &str, bins: &Binaries, dir: &Path) -> Result<Wor
     let mut net = net::Net::new(dir)?;
     let clusters = args.clusters;
     let servers = 2;
-    let coordinator = net.add_host("coord")?;
-    let coordinator_ip = coordinator.ip.to_string();
     let mut procs = BTreeMap::new();
     let mut disks = HashMap::new();
     let s = |v: &str| v.to_string();
-    procs.insert(
-        s("coord"),
-        Proc::new(
-            &coordinator,
-            &bins.coordinator,
-            vec![
-                s("-p"),
-                COORDINATOR_PORT.to_string(),
-                s("--bind"),
-                coordinator_ip.clone(),
-                s("-n"),
-                clusters.to_string(),
-                s("--servers"),
-                servers.to_string(),
-                s("--data-dir"),
-                dir.join("coord").display().to_string(),
-            ],
-            env.clone(),
-            &logs,
-        ),
-    );
+    let group = args.coordinators > 1;
+    let etcd_url = if group {
+        let host = net.add_host("etcd")?;
+        let ip = host.ip;
+        let program = which("etcd").ok_or(
+            "--coordinators 3 needs etcd on the PATH (Debian package etcd-server)".to_string(),
+        )?;
+        procs.insert(
+            s("etcd"),
+            Proc::new(
+                &host,
+                &program,
+                vec![
+                    s("--name"),
+                    s("chaos"),
+                    s("--data-dir"),
+                    dir.join("etcd").display().to_string(),
+                    s("--listen-client-urls"),
+                    format!("http://{ip}:2379"),
+                    s("--advertise-client-urls"),
+                    format!("http://{ip}:2379"),
+                    s("--listen-peer-urls"),
+                    format!("http://{ip}:2380"),
+                    s("--initial-advertise-peer-urls"),
+                    format!("http://{ip}:2380"),
+                    s("--initial-cluster"),
+                    format!("chaos=http://{ip}:2380"),
+                ],
+                Vec::new(),
+                &logs,
+            ),
+        );
+        Some(format!("http://{ip}:2379"))
+    } else {
+        None
+    };
+    let mut coordinators = Vec::new();
+    for n in 1..=args.coordinators {
+        let name = if group {
+            format!("coord{n}")
+        } else {
+            s("coord")
+        };
+        let host = net.add_host(&name)?;
+        let ip = host.ip.to_string();
+        coordinators.push(format!("{ip}:{COORDINATOR_PORT}"));
+        let mut flags = vec![
+            s("-p"),
+            COORDINATOR_PORT.to_string(),
+            s("--bind"),
+            ip,
+            s("-n"),
+            clusters.to_string(),
+            s("--servers"),
+            servers.to_string(),
+            s("--data-dir"),
+            dir.join(&name).display().to_string(),
+        ];
+        if let Some(url) = &etcd_url {
+            flags.extend([s("--etcd"), url.clone(), s("--name"), name.clone()]);
+        }
+        procs.insert(
+            name.clone(),
+            Proc::new(&host, &bins.coordinator, flags, env.clone(), &logs),
+        );
+    }
+    let coordinators = coordinators.join(",");
     for c in 1..=clusters {
         for server in 1..=servers {
             let name = World::server(c, server);
@@ -411,10 +474,8 @@ fn build(args: &ChaosArgs, bus: &str, bins: &Binaries, dir: &Path) -> Result<Wor
                         server.to_string(),
                         s("--data-dir"),
                         disk.join("data").display().to_string(),
-                        s("-h"),
-                        coordinator_ip.clone(),
-                        s("-k"),
-                        COORDINATOR_PORT.to_string(),
+                        s("--coordinators"),
+                        coordinators.clone(),
                         s("--clusters"),
                         clusters.to_string(),
                     ],
@@ -434,10 +495,8 @@ fn build(args: &ChaosArgs, bus: &str, bins: &Binaries, dir: &Path) -> Result<Wor
                 &host,
                 &bins.synchronizer,
                 vec![
-                    s("-h"),
-                    coordinator_ip.clone(),
-                    s("-k"),
-                    COORDINATOR_PORT.to_string(),
+                    s("--coordinators"),
+                    coordinators.clone(),
                     s("-i"),
                     c.to_string(),
                     s("--clusters"),
@@ -464,12 +523,23 @@ fn build(args: &ChaosArgs, bus: &str, bins: &Binaries, dir: &Path) -> Result<Wor
         procs,
         servers,
         disks,
+        coordinators,
+        group,
         restarts: 0,
     };
     for proc in world.procs.values_mut() {
         proc.start()?;
     }
     Ok(world)
+}
+
+/// `program`'s path if it is on the PATH.
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|path| path.is_file())
+    })
 }
 
 /// Faults made, by kind.
@@ -484,7 +554,6 @@ async fn drive(
     dir: &Path,
 ) -> Result<(Vec<Event>, Faults), String> {
     let client = world.net.host("client").cloned().ok_or("no client host")?;
-    let coordinator = world.net.host("coord").ok_or("no coordinator host")?.ip;
     let log = std::fs::File::create(dir.join("logs").join("client.log"))
         .map_err(|e| format!("client log: {e}"))?;
     let mut agent = tokio::process::Command::new("ip")
@@ -493,7 +562,7 @@ async fn drive(
         .args([
             "chaos-agent",
             "--coordinators",
-            &format!("{coordinator}:{COORDINATOR_PORT}"),
+            &world.coordinators,
             "--clusters",
             &args.clusters.to_string(),
             "--rate",
@@ -589,6 +658,7 @@ async fn drive(
             args.clusters,
             FAILURE_TIMEOUT,
             world.net.has_netem(),
+            world.group,
         );
         let known = masters.lock().map(|m| m.clone()).unwrap_or_default();
         let (made, target) = world.make(&draw, &known)?;

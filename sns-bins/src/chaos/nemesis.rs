@@ -14,7 +14,7 @@ use super::processes::Proc;
 use crate::bench::Rng;
 
 /// The kinds of fault, as reports name them.
-pub(super) const KINDS: [&str; 9] = [
+pub(super) const KINDS: [&str; 13] = [
     "kill",
     "pause",
     "partition",
@@ -24,21 +24,39 @@ pub(super) const KINDS: [&str; 9] = [
     "delay",
     "disk-full",
     "sync-restart",
+    "coord-kill",
+    "coord-pause",
+    "coord-cut",
+    "etcd-restart",
 ];
 
-/// One drawn fault: its kind, the cluster it aims at, whether it aims at the master, how long
-/// it is held.
+/// The kinds that need a coordinator group (a lone coordinator keeps its routing in memory, so
+/// restarting it is a loss the design accepts, not a fault to test).
+pub(super) const GROUP_KINDS: [&str; 4] =
+    ["coord-kill", "coord-pause", "coord-cut", "etcd-restart"];
+
+/// One drawn fault: its kind, the cluster it aims at, whether it aims at the master (else the
+/// slave), which coordinator (of a group), how long it is held.
 #[derive(Debug, Clone)]
 pub(super) struct Draw {
     pub(super) kind: &'static str,
     pub(super) cluster: u32,
     pub(super) master: bool,
+    pub(super) coordinator: u32,
     pub(super) hold: Duration,
     pub(super) gap: Duration,
 }
 
-/// Draws the next fault. `netem`: whether delays can be made (else none is drawn).
-pub(super) fn draw(rng: &mut Rng, clusters: u32, failure_timeout: Duration, netem: bool) -> Draw {
+/// Draws the next fault. `netem`: whether delays can be made (else none is drawn); `group`:
+/// whether coordinators form a group on etcd (else none of [`GROUP_KINDS`] is drawn).
+pub(super) fn draw(
+    rng: &mut Rng,
+    clusters: u32,
+    failure_timeout: Duration,
+    netem: bool,
+    group: bool,
+) -> Draw {
+    let in_group = |weight: u32| if group { weight } else { 0 };
     // Weights: failures of a master are what the system is built to survive, so they come most.
     let weighted: &[(&'static str, u32)] = &[
         ("kill", 3),
@@ -50,6 +68,10 @@ pub(super) fn draw(rng: &mut Rng, clusters: u32, failure_timeout: Duration, nete
         ("delay", if netem { 1 } else { 0 }),
         ("disk-full", 2),
         ("sync-restart", 2),
+        ("coord-kill", in_group(2)),
+        ("coord-pause", in_group(1)),
+        ("coord-cut", in_group(1)),
+        ("etcd-restart", in_group(1)),
     ];
     let total: u32 = weighted.iter().map(|(_, w)| w).sum();
     let mut pick = rng.below(total);
@@ -63,13 +85,14 @@ pub(super) fn draw(rng: &mut Rng, clusters: u32, failure_timeout: Duration, nete
     }
     let cluster = rng.below(clusters) + 1;
     let master = rng.below(4) != 0;
+    let coordinator = rng.below(3);
     let millis = |low: u64, high: u64, rng: &mut Rng| {
         Duration::from_millis(low + u64::from(rng.below((high - low) as u32)))
     };
     let hold = match kind {
         // Longer than the failure timeout, so the coordinator gives up on it.
-        "pause" => failure_timeout + millis(500, 2500, rng),
-        "kill" | "sync-restart" => millis(500, 3000, rng),
+        "pause" | "coord-pause" => failure_timeout + millis(500, 2500, rng),
+        "kill" | "sync-restart" | "coord-kill" | "etcd-restart" => millis(500, 3000, rng),
         _ => millis(2000, 5000, rng),
     };
     let gap = millis(1000, 3000, rng);
@@ -77,6 +100,7 @@ pub(super) fn draw(rng: &mut Rng, clusters: u32, failure_timeout: Duration, nete
         kind,
         cluster,
         master,
+        coordinator,
         hold,
         gap,
     }
@@ -91,6 +115,10 @@ pub(super) struct World {
     pub(super) servers: u32,
     /// Data directory of each server, by name (a tmpfs each).
     pub(super) disks: HashMap<String, PathBuf>,
+    /// Every coordinator, HOST:PORT,...
+    pub(super) coordinators: String,
+    /// Whether the coordinators are a group on etcd (host `etcd`, coordinators `coord<n>`).
+    pub(super) group: bool,
     /// Processes that were started again after dying on their own.
     pub(super) restarts: u32,
 }
@@ -144,15 +172,32 @@ impl World {
             .collect()
     }
 
+    /// The coordinator a draw aims at.
+    fn coordinator(&self, draw: &Draw) -> String {
+        let count = self
+            .procs
+            .keys()
+            .filter(|name| name.starts_with("coord"))
+            .count()
+            .max(1) as u32;
+        format!("coord{}", draw.coordinator % count + 1)
+    }
+
     /// Makes the fault `draw` describes; returns what to heal and what it hit, in words.
     pub(super) fn make(
         &mut self,
         draw: &Draw,
         masters: &HashMap<u32, u32>,
     ) -> Result<(Made, String), String> {
-        let aimed = self.aim(draw, masters);
+        let aimed = if draw.kind.starts_with("coord") {
+            self.coordinator(draw)
+        } else if draw.kind == "etcd-restart" {
+            "etcd".to_string()
+        } else {
+            self.aim(draw, masters)
+        };
         match draw.kind {
-            "kill" => {
+            "kill" | "coord-kill" | "etcd-restart" => {
                 let proc = self.proc(&aimed)?;
                 proc.kill();
                 Ok((Made::Killed(aimed.clone()), format!("SIGKILL {aimed}")))
@@ -162,14 +207,14 @@ impl World {
                 self.proc(&name)?.kill();
                 Ok((Made::Killed(name.clone()), format!("SIGKILL {name}")))
             }
-            "pause" => {
+            "pause" | "coord-pause" => {
                 self.proc(&aimed)?.pause()?;
                 Ok((
                     Made::Paused(aimed.clone()),
                     format!("SIGSTOP {aimed} for {:.1} s", draw.hold.as_secs_f64()),
                 ))
             }
-            "partition" => {
+            "partition" | "coord-cut" => {
                 let host = self.host(&aimed)?;
                 let others = self.others(&aimed);
                 self.net.cut(&host, &others.iter().collect::<Vec<_>>())?;
