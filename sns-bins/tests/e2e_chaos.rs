@@ -108,11 +108,14 @@ fn start_until_first_fault(args: &[&str], work: &Path) -> Child {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .expect("sns chaos made its first fault within 3 minutes");
-        if line.contains(" s  ") {
-            return child;
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(" s  ") => return child,
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("sns chaos made no fault within 3 minutes");
+            }
         }
     }
 }
