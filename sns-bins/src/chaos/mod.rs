@@ -66,7 +66,8 @@ pub struct ChaosArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=9))]
     pub clusters: u32,
     /// How events travel between clusters: local (synchronizers read the other clusters'
-    /// masters) or grpc (synchronizers subscribe to each other).
+    /// masters), grpc (synchronizers subscribe to each other) or amqp (through a RabbitMQ node
+    /// the run starts on a host of its own; needs Debian's rabbitmq-server installed).
     #[arg(long, default_value = "local")]
     pub bus: String,
     /// Coordinators: 1 (routing kept in its memory), or 3, a group on an etcd member that is a
@@ -113,7 +114,7 @@ pub struct Outcome {
     /// Fault kinds this run could not draw, and why.
     pub not_drawn: BTreeMap<String, String>,
     /// Processes that ended on their own and were started again.
-    pub restarts: u32,
+    pub restarts: BTreeMap<String, u32>,
     /// What the checker found.
     pub findings: Findings,
     /// Where the logs and the history are (kept when the run failed).
@@ -157,10 +158,26 @@ impl Outcome {
             ),
         );
         row("faults", format!("{total}: {}", faults.join(", ")));
+        let mut reasons: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for (kind, why) in &self.not_drawn {
-            row("not drawn", format!("{kind}: {why}"));
+            reasons.entry(why).or_default().push(kind);
         }
-        row("restarted after exit", self.restarts.to_string());
+        for (why, kinds) in reasons {
+            row("not drawn", format!("{} ({why})", kinds.join(", ")));
+        }
+        let restarted: Vec<String> = self
+            .restarts
+            .iter()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect();
+        row(
+            "exited, restarted",
+            if restarted.is_empty() {
+                "none".to_string()
+            } else {
+                restarted.join(", ")
+            },
+        );
         row(
             "posts",
             format!("{} made, {} acknowledged", f.posts, f.stored),
@@ -232,14 +249,14 @@ fn work_parent(args: &ChaosArgs) -> Result<PathBuf, String> {
 /// violations are in the outcome.
 pub async fn run(args: ChaosArgs) -> Result<Outcome, String> {
     let bus = match args.bus.as_str() {
-        "local" | "grpc" => args.bus.clone(),
-        other if other.starts_with("amqp") => {
+        "local" | "grpc" | "amqp" => args.bus.clone(),
+        other if other.starts_with("amqp://") => {
             return Err(
-                "--bus amqp is not supported by sns chaos yet: the broker would have to be a host of the run; use local or grpc"
+                "--bus: sns chaos starts its own RabbitMQ node as one of its hosts (so it can be cut off and restarted); give --bus amqp, without a URL"
                     .to_string(),
             );
         }
-        other => return Err(format!("--bus {other:?}: use local or grpc")),
+        other => return Err(format!("--bus {other:?}: use local, grpc or amqp")),
     };
     if args.duration.is_zero() {
         return Err("--duration must be above 0".to_string());
@@ -277,13 +294,18 @@ pub async fn run(args: ChaosArgs) -> Result<Outcome, String> {
         result = drive(&args, seed, &mut world, &bins.sns, &dir) => result,
         () = signals.recv() => Err("interrupted".to_string()),
     };
-    let restarts = world.restarts;
+    let restarts = world.restarts.clone();
     let mut not_drawn = BTreeMap::new();
     if !world.net.has_netem() {
         not_drawn.insert(
             "delay".to_string(),
             "this kernel has no tc netem".to_string(),
         );
+    }
+    if !world.procs.contains_key("broker") {
+        for kind in nemesis::BROKER_KINDS {
+            not_drawn.insert(kind.to_string(), "no broker (--bus amqp)".to_string());
+        }
     }
     if !world.group {
         for kind in nemesis::GROUP_KINDS {
@@ -417,6 +439,15 @@ fn build(args: &ChaosArgs, bus: &str, bins: &Binaries, dir: &Path) -> Result<Wor
     } else {
         None
     };
+    let bus_flag = if bus == "amqp" {
+        let host = net.add_host("broker")?;
+        let mut broker = broker(&host, dir, &logs)?;
+        broker.whole_host = true;
+        procs.insert(s("broker"), broker);
+        format!("amqp://guest:guest@{}:5672/%2f", host.ip)
+    } else {
+        bus.to_string()
+    };
     let mut coordinators = Vec::new();
     for n in 1..=args.coordinators {
         let name = if group {
@@ -502,7 +533,7 @@ fn build(args: &ChaosArgs, bus: &str, bins: &Binaries, dir: &Path) -> Result<Wor
                     s("--clusters"),
                     clusters.to_string(),
                     s("--bus"),
-                    bus.to_string(),
+                    bus_flag.clone(),
                     s("-p"),
                     SYNC_PORT.to_string(),
                     s("--bind"),
@@ -523,14 +554,57 @@ fn build(args: &ChaosArgs, bus: &str, bins: &Binaries, dir: &Path) -> Result<Wor
         procs,
         servers,
         disks,
+        token_env: env,
         coordinators,
         group,
-        restarts: 0,
+        restarts: BTreeMap::new(),
     };
     for proc in world.procs.values_mut() {
         proc.start()?;
     }
     Ok(world)
+}
+
+/// A RabbitMQ node of its own on `host`: its files under `dir/broker`, no plugins, the guest
+/// user allowed from other hosts (only the run's hosts reach it).
+fn broker(host: &net::Host, dir: &Path, logs: &Path) -> Result<Proc, String> {
+    // Debian's `rabbitmq-server` on the PATH is a wrapper that switches to the rabbitmq user;
+    // the script it runs takes its settings from the environment.
+    let program = PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server");
+    if !program.is_file() {
+        return Err(
+            "--bus amqp needs RabbitMQ installed (Debian package rabbitmq-server): no /usr/lib/rabbitmq/bin/rabbitmq-server"
+                .to_string(),
+        );
+    }
+    let home = dir.join("broker");
+    std::fs::create_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
+    let write = |name: &str, text: &str| {
+        std::fs::write(home.join(name), text).map_err(|e| format!("{name}: {e}"))
+    };
+    write(
+        "rabbitmq.conf",
+        "loopback_users = none\nlisteners.tcp.default = 5672\n",
+    )?;
+    write("enabled_plugins", "[].\n")?;
+    let at = |name: &str| home.join(name).display().to_string();
+    let env = vec![
+        ("HOME".to_string(), at("")),
+        (
+            "RABBITMQ_NODENAME".to_string(),
+            "rabbit@localhost".to_string(),
+        ),
+        ("RABBITMQ_MNESIA_BASE".to_string(), at("mnesia")),
+        ("RABBITMQ_LOG_BASE".to_string(), at("log")),
+        ("RABBITMQ_LOGS".to_string(), "-".to_string()),
+        ("RABBITMQ_CONFIG_FILE".to_string(), at("rabbitmq.conf")),
+        (
+            "RABBITMQ_ENABLED_PLUGINS_FILE".to_string(),
+            at("enabled_plugins"),
+        ),
+        ("RABBITMQ_PID_FILE".to_string(), at("pid")),
+    ];
+    Ok(Proc::new(host, &program, Vec::new(), env, logs))
 }
 
 /// `program`'s path if it is on the PATH.
@@ -570,7 +644,7 @@ async fn drive(
             "--seed",
             &seed.to_string(),
         ])
-        .envs(world_env(world))
+        .envs(world.token_env.clone())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(log)
@@ -659,6 +733,7 @@ async fn drive(
             FAILURE_TIMEOUT,
             world.net.has_netem(),
             world.group,
+            world.procs.contains_key("broker"),
         );
         let known = masters.lock().map(|m| m.clone()).unwrap_or_default();
         let (made, target) = world.make(&draw, &known)?;
@@ -693,14 +768,4 @@ async fn drive(
     let _ = reader.await;
     let history = history.lock().map(|h| h.clone()).unwrap_or_default();
     Ok((history, faults))
-}
-
-/// The environment every process of the run gets (the cluster token).
-fn world_env(world: &World) -> Vec<(String, String)> {
-    world
-        .procs
-        .values()
-        .next()
-        .map(|p| p.env().to_vec())
-        .unwrap_or_default()
 }

@@ -14,7 +14,7 @@ use super::processes::Proc;
 use crate::bench::Rng;
 
 /// The kinds of fault, as reports name them.
-pub(super) const KINDS: [&str; 13] = [
+pub(super) const KINDS: [&str; 15] = [
     "kill",
     "pause",
     "partition",
@@ -28,7 +28,12 @@ pub(super) const KINDS: [&str; 13] = [
     "coord-pause",
     "coord-cut",
     "etcd-restart",
+    "broker-restart",
+    "broker-cut",
 ];
+
+/// The kinds that need a RabbitMQ bus.
+pub(super) const BROKER_KINDS: [&str; 2] = ["broker-restart", "broker-cut"];
 
 /// The kinds that need a coordinator group (a lone coordinator keeps its routing in memory, so
 /// restarting it is a loss the design accepts, not a fault to test).
@@ -48,15 +53,18 @@ pub(super) struct Draw {
 }
 
 /// Draws the next fault. `netem`: whether delays can be made (else none is drawn); `group`:
-/// whether coordinators form a group on etcd (else none of [`GROUP_KINDS`] is drawn).
+/// whether coordinators form a group on etcd (else none of [`GROUP_KINDS`] is drawn);
+/// `broker`: whether a RabbitMQ node carries the events (else none of [`BROKER_KINDS`]).
 pub(super) fn draw(
     rng: &mut Rng,
     clusters: u32,
     failure_timeout: Duration,
     netem: bool,
     group: bool,
+    broker: bool,
 ) -> Draw {
     let in_group = |weight: u32| if group { weight } else { 0 };
+    let with_broker = |weight: u32| if broker { weight } else { 0 };
     // Weights: failures of a master are what the system is built to survive, so they come most.
     let weighted: &[(&'static str, u32)] = &[
         ("kill", 3),
@@ -72,6 +80,8 @@ pub(super) fn draw(
         ("coord-pause", in_group(1)),
         ("coord-cut", in_group(1)),
         ("etcd-restart", in_group(1)),
+        ("broker-restart", with_broker(2)),
+        ("broker-cut", with_broker(1)),
     ];
     let total: u32 = weighted.iter().map(|(_, w)| w).sum();
     let mut pick = rng.below(total);
@@ -92,7 +102,9 @@ pub(super) fn draw(
     let hold = match kind {
         // Longer than the failure timeout, so the coordinator gives up on it.
         "pause" | "coord-pause" => failure_timeout + millis(500, 2500, rng),
-        "kill" | "sync-restart" | "coord-kill" | "etcd-restart" => millis(500, 3000, rng),
+        "kill" | "sync-restart" | "coord-kill" | "etcd-restart" | "broker-restart" => {
+            millis(500, 3000, rng)
+        }
         _ => millis(2000, 5000, rng),
     };
     let gap = millis(1000, 3000, rng);
@@ -115,12 +127,14 @@ pub(super) struct World {
     pub(super) servers: u32,
     /// Data directory of each server, by name (a tmpfs each).
     pub(super) disks: HashMap<String, PathBuf>,
+    /// The environment that gives a process the deployment's cluster token.
+    pub(super) token_env: Vec<(String, String)>,
     /// Every coordinator, HOST:PORT,...
     pub(super) coordinators: String,
     /// Whether the coordinators are a group on etcd (host `etcd`, coordinators `coord<n>`).
     pub(super) group: bool,
-    /// Processes that were started again after dying on their own.
-    pub(super) restarts: u32,
+    /// Processes that were started again after dying on their own, by name: how often.
+    pub(super) restarts: BTreeMap<String, u32>,
 }
 
 /// What is being held, to be healed.
@@ -193,11 +207,13 @@ impl World {
             self.coordinator(draw)
         } else if draw.kind == "etcd-restart" {
             "etcd".to_string()
+        } else if draw.kind.starts_with("broker") {
+            "broker".to_string()
         } else {
             self.aim(draw, masters)
         };
         match draw.kind {
-            "kill" | "coord-kill" | "etcd-restart" => {
+            "kill" | "coord-kill" | "etcd-restart" | "broker-restart" => {
                 let proc = self.proc(&aimed)?;
                 proc.kill();
                 Ok((Made::Killed(aimed.clone()), format!("SIGKILL {aimed}")))
@@ -214,7 +230,7 @@ impl World {
                     format!("SIGSTOP {aimed} for {:.1} s", draw.hold.as_secs_f64()),
                 ))
             }
-            "partition" | "coord-cut" => {
+            "partition" | "coord-cut" | "broker-cut" => {
                 let host = self.host(&aimed)?;
                 let others = self.others(&aimed);
                 self.net.cut(&host, &others.iter().collect::<Vec<_>>())?;
@@ -296,10 +312,10 @@ impl World {
 
     /// Starts every process that ended on its own.
     pub(super) fn restart_the_dead(&mut self) -> Result<(), String> {
-        for proc in self.procs.values_mut() {
+        for (name, proc) in &mut self.procs {
             if !proc.is_running() {
                 proc.start()?;
-                self.restarts += 1;
+                *self.restarts.entry(name.clone()).or_default() += 1;
             }
         }
         Ok(())

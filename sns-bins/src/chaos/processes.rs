@@ -22,6 +22,9 @@ pub(super) struct Proc {
     paused: bool,
     /// Times it ended without being killed by the run.
     pub(super) exits: u32,
+    /// Signals go to every process on its host (a program that runs its work as children,
+    /// such as RabbitMQ's start script).
+    pub(super) whole_host: bool,
 }
 
 impl Proc {
@@ -42,6 +45,7 @@ impl Proc {
             child: None,
             paused: false,
             exits: 0,
+            whole_host: false,
         }
     }
 
@@ -70,11 +74,6 @@ impl Proc {
         self.child = Some(child);
         self.paused = false;
         Ok(())
-    }
-
-    /// The environment it is started with.
-    pub(super) fn env(&self) -> &[(String, String)] {
-        &self.env
     }
 
     /// Whether it runs (a paused process runs).
