@@ -256,3 +256,46 @@ fn is_alive(pid: &str) -> bool {
             .is_some_and(|(_, rest)| !rest.starts_with('Z'))
     })
 }
+
+#[test]
+fn without_root_it_says_so_in_one_line_and_makes_nothing() {
+    // As root, drop to nobody with setpriv; as anyone else, just run it.
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let mut command = if root {
+        if Command::new("setpriv").arg("--version").output().is_err() {
+            eprintln!("skipped: running as root and setpriv is missing");
+            return;
+        }
+        let mut command = Command::new("setpriv");
+        command.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            SNS,
+        ]);
+        command
+    } else {
+        Command::new(SNS)
+    };
+    let work = tempfile::tempdir().expect("a work directory");
+    let output = command
+        .args(["chaos", "--duration", "5s", "--work-dir"])
+        .arg(work.path())
+        .output()
+        .expect("sns chaos runs");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("needs root"), "{stderr}");
+    assert!(
+        std::fs::read_dir(work.path())
+            .expect("work dir")
+            .next()
+            .is_none(),
+        "it made files"
+    );
+}
