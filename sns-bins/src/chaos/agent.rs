@@ -235,7 +235,7 @@ async fn drive(args: &AgentArgs, recorder: &Recorder) -> Result<(), String> {
         follows: follows.clone(),
         churners: churners.clone(),
     });
-    background.spawn(watch_roles(admin.clone(), recorder.clone(), stop.clone()));
+    background.spawn(watch_roles(admin.clone(), recorder.clone()));
 
     let mut load = JoinSet::new();
     load.spawn(post(
@@ -479,9 +479,12 @@ fn converged(status: &DeploymentStatus, clusters: u32, servers: u32) -> bool {
     })
 }
 
-/// Records every change of a cluster's epoch or master the coordinators report.
-async fn watch_roles(admin: Admin, recorder: Recorder, stop: CancellationToken) {
-    let mut known: HashMap<u32, (u64, Option<u32>)> = HashMap::new();
+/// Records every change of a cluster's epoch or master the coordinators report. Of a group,
+/// a member that answers with an older epoch than another member gave is behind on the shared
+/// record (it follows etcd), which is not a change; one coordinator going back is recorded, and
+/// the checker flags it.
+async fn watch_roles(admin: Admin, recorder: Recorder) {
+    let mut known: HashMap<u32, ((u64, Option<u32>), String)> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
@@ -497,19 +500,19 @@ async fn watch_roles(admin: Admin, recorder: Recorder, stop: CancellationToken) 
             }
         }
         for (cluster, now) in roles {
-            if known.get(&cluster) != Some(&now) {
-                known.insert(cluster, now);
-                recorder.record(&Event::Roles {
-                    at: recorder.now(),
-                    cluster,
-                    epoch: now.0,
-                    master: now.1,
-                });
+            if let Some((before, from)) = known.get(&cluster) {
+                let behind = now.0 < before.0 && *from != status.coordinator;
+                if *before == now || behind {
+                    continue;
+                }
             }
-        }
-        if stop.is_cancelled() {
-            // Keep watching through settling; the caller aborts this task at the end.
-            continue;
+            known.insert(cluster, (now, status.coordinator.clone()));
+            recorder.record(&Event::Roles {
+                at: recorder.now(),
+                cluster,
+                epoch: now.0,
+                master: now.1,
+            });
         }
     }
 }

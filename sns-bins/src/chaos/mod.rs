@@ -98,7 +98,7 @@ pub struct ChaosArgs {
 
 /// What a run reports.
 #[derive(Debug, Clone, Serialize)]
-pub struct Outcome {
+pub struct Report {
     /// The seed that reproduces the schedule.
     pub seed: u64,
     /// Clusters.
@@ -121,7 +121,7 @@ pub struct Outcome {
     pub kept: Option<PathBuf>,
 }
 
-impl Outcome {
+impl Report {
     /// Whether the history passed every check.
     pub fn ok(&self) -> bool {
         self.findings.ok()
@@ -247,7 +247,7 @@ fn work_parent(args: &ChaosArgs) -> Result<PathBuf, String> {
 
 /// Runs `sns chaos`; progress goes to stderr. `Err` only when the run could not be made;
 /// violations are in the outcome.
-pub async fn run(args: ChaosArgs) -> Result<Outcome, String> {
+pub async fn run(args: ChaosArgs) -> Result<Report, String> {
     let bus = match args.bus.as_str() {
         "local" | "grpc" | "amqp" => args.bus.clone(),
         other if other.starts_with("amqp://") => {
@@ -333,7 +333,7 @@ pub async fn run(args: ChaosArgs) -> Result<Outcome, String> {
         write_history(&dir.join("history.jsonl"), &history)?;
         Some(dir)
     };
-    Ok(Outcome {
+    Ok(Report {
         seed,
         clusters: args.clusters,
         bus,

@@ -35,6 +35,32 @@ pub(super) fn run(program: &str, args: &[&str]) -> Result<String, String> {
     ))
 }
 
+/// Runs `command` inside namespace `netns`.
+fn exec_in(netns: &str, command: &[&str]) -> Result<String, String> {
+    let mut args = vec!["netns", "exec", netns];
+    args.extend_from_slice(command);
+    run("ip", &args)
+}
+
+/// Deletes a host's `tc` queueing discipline (its netem delay).
+const NETEM_DEL: [&str; 6] = ["tc", "qdisc", "del", "dev", "eth0", "root"];
+
+/// Delays the outgoing packets of namespace `netns` by `millis` (`tc netem`).
+fn add_delay(netns: &str, millis: u32) -> Result<String, String> {
+    let delay = format!("{millis}ms");
+    exec_in(
+        netns,
+        &[
+            "tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", &delay,
+        ],
+    )
+}
+
+/// Runs nftables `commands` in namespace `netns`.
+fn nft(netns: &str, commands: &str) -> Result<(), String> {
+    run_with_input("ip", &["netns", "exec", netns, "nft", "-f", "-"], commands)
+}
+
 /// Runs `program args` with `input` on its stdin.
 fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<(), String> {
     use std::io::Write;
@@ -181,9 +207,8 @@ impl Net {
             ],
         )?;
         run("ip", &["-n", &netns, "link", "set", "eth0", "up"])?;
-        run_with_input(
-            "ip",
-            &["netns", "exec", &netns, "nft", "-f", "-"],
+        nft(
+            &netns,
             "table inet chaos {\n\
              chain input { type filter hook input priority 0; policy accept; }\n\
              chain output { type filter hook output priority 0; policy accept; }\n\
@@ -191,21 +216,9 @@ impl Net {
         )?;
         if number == 1 {
             // Probe netem once: Debian's kernels have it, some others do not.
-            self.netem = run(
-                "ip",
-                &[
-                    "netns", "exec", &netns, "tc", "qdisc", "add", "dev", "eth0", "root", "netem",
-                    "delay", "1ms",
-                ],
-            )
-            .is_ok();
+            self.netem = add_delay(&netns, 1).is_ok();
             if self.netem {
-                let _ = run(
-                    "ip",
-                    &[
-                        "netns", "exec", &netns, "tc", "qdisc", "del", "dev", "eth0", "root",
-                    ],
-                );
+                let _ = exec_in(&netns, &NETEM_DEL);
             }
         }
         Ok(host)
@@ -253,53 +266,19 @@ impl Net {
 
     /// Delays `host`'s outgoing packets by `millis` (needs netem).
     pub(super) fn delay(&self, host: &Host, millis: u32) -> Result<(), String> {
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &host.netns,
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                "eth0",
-                "root",
-                "netem",
-                "delay",
-                &format!("{millis}ms"),
-            ],
-        )
-        .map(drop)
+        add_delay(&host.netns, millis).map(drop)
     }
 
     /// Removes every rule and delay of `host`.
     pub(super) fn heal(&self, host: &Host) -> Result<(), String> {
         if self.netem {
-            let _ = run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &host.netns,
-                    "tc",
-                    "qdisc",
-                    "del",
-                    "dev",
-                    "eth0",
-                    "root",
-                ],
-            );
+            let _ = exec_in(&host.netns, &NETEM_DEL);
         }
         self.nft(host, "flush table inet chaos\n")
     }
 
     fn nft(&self, host: &Host, commands: &str) -> Result<(), String> {
-        run_with_input(
-            "ip",
-            &["netns", "exec", &host.netns, "nft", "-f", "-"],
-            commands,
-        )
+        nft(&host.netns, commands)
     }
 
     /// Mounts a tmpfs of `megabytes` at `dir` (made if missing): a disk that can be filled.
