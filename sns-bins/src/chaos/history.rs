@@ -1,5 +1,5 @@
 //! What a chaos run records: one event per line of JSON, written by the load client as things
-//! happen and read by the run (which adds the faults it made). The checker ([`super::check`])
+//! happen and read by the run (which adds the faults it made). The checker ([`mod@super::check`])
 //! judges the whole history afterwards.
 //!
 //! Users are identified by id, posts by their author and the author's own count (`seq`, from 1,

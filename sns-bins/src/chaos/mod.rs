@@ -1,15 +1,15 @@
 //! `sns chaos`: the deployment as separate hosts, a nemesis, and a checker of the history.
 //!
-//! A run builds one network namespace per process ([`net`]): the coordinator, every server
+//! A run builds one network namespace per process (`net`): the coordinator, every server
 //! (`tsd`), every synchronizer and the load client, joined by veth pairs to a bridge; it starts
-//! the real binaries in them ([`processes`]), each server's data directory on a tmpfs of its
-//! own. The load client (`sns chaos-agent`, [`agent`]) drives the deployment through the client
-//! library and records a history ([`history`]). For `--duration`, the nemesis ([`nemesis`])
+//! the real binaries in them (`processes`), each server's data directory on a tmpfs of its
+//! own. The load client (`sns chaos-agent`, `agent`) drives the deployment through the client
+//! library and records a history ([`history`]). For `--duration`, the nemesis (`nemesis`)
 //! makes one fault after another, drawn from `--seed`: SIGKILL and restart, SIGSTOP longer
 //! than the failure timeout then SIGCONT, a host cut off from all others, a master cut off
 //! from its slave, the clients cut off from a cluster, packet loss, delays (where the kernel
 //! has `tc netem`), a full disk, a synchronizer killed and restarted. Then everything is healed,
-//! the load client settles and records the end state, and the checker ([`check`]) judges the
+//! the load client settles and records the end state, and the checker ([`mod@check`]) judges the
 //! history. Exit code 1 on any violation, naming the seed.
 //!
 //! Everything the run makes is removed at the end, on Ctrl-C, and (by the next run) after a
