@@ -36,7 +36,7 @@ pub use check::{Findings, check};
 pub use history::Event;
 
 use crate::bench::{Rng, parse_duration};
-use nemesis::World;
+use nemesis::{Made, World};
 use processes::Proc;
 
 /// Port of the coordinator on its host.
@@ -749,11 +749,11 @@ async fn drive(
             kind: draw.kind.to_string(),
             target,
         });
-        tokio::time::sleep(draw.hold).await;
+        world.supervise(draw.hold, &made).await?;
         world.heal(made)?;
-        tokio::time::sleep(draw.gap).await;
+        world.supervise(draw.gap, &Made::Nothing).await?;
     }
-    world.restart_the_dead()?;
+    world.restart_the_dead(None)?;
     record(Event::Healed {
         at: start.elapsed().as_millis() as u64,
     });

@@ -307,13 +307,31 @@ impl World {
                 std::fs::remove_file(&filler).map_err(|e| format!("{}: {e}", filler.display()))?
             }
         }
-        self.restart_the_dead()
+        self.restart_the_dead(None)
     }
 
-    /// Starts every process that ended on its own.
-    pub(super) fn restart_the_dead(&mut self) -> Result<(), String> {
+    /// Waits `time`, starting again every half second each process that ended on its own (as a
+    /// supervisor would), but the one `made` keeps down.
+    pub(super) async fn supervise(&mut self, time: Duration, made: &Made) -> Result<(), String> {
+        let held = match made {
+            Made::Killed(name) => Some(name.clone()),
+            _ => None,
+        };
+        let end = tokio::time::Instant::now() + time;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= end {
+                return Ok(());
+            }
+            tokio::time::sleep((end - now).min(Duration::from_millis(500))).await;
+            self.restart_the_dead(held.as_deref())?;
+        }
+    }
+
+    /// Starts every process that ended on its own, but `held` (the one a fault keeps down).
+    pub(super) fn restart_the_dead(&mut self, held: Option<&str>) -> Result<(), String> {
         for (name, proc) in &mut self.procs {
-            if !proc.is_running() {
+            if Some(name.as_str()) != held && !proc.is_running() {
                 proc.start()?;
                 *self.restarts.entry(name.clone()).or_default() += 1;
             }
