@@ -292,7 +292,7 @@ pub async fn run(args: ChaosArgs) -> Result<Report, String> {
     let hosts = world.procs.len() + 1;
     let result = tokio::select! {
         result = drive(&args, seed, &mut world, &bins.sns, &dir) => result,
-        () = signals.recv() => Err("interrupted".to_string()),
+        () = signals.recv() => Err(format!("interrupted; the logs are in {}", dir.display())),
     };
     let restarts = world.restarts.clone();
     let mut not_drawn = BTreeMap::new();

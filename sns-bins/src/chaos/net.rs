@@ -129,6 +129,8 @@ pub(super) struct Net {
     dir: PathBuf,
     mounts: Vec<PathBuf>,
     netem: bool,
+    /// Set once everything was removed.
+    torn_down: bool,
 }
 
 impl Net {
@@ -144,6 +146,7 @@ impl Net {
             dir: dir.to_path_buf(),
             mounts: Vec::new(),
             netem: false,
+            torn_down: false,
         };
         run("ip", &["netns", "add", &switch])?;
         run(
@@ -306,12 +309,14 @@ impl Net {
         remove_run(&self.tag, &self.dir);
         self.hosts.clear();
         self.mounts.clear();
+        self.torn_down = true;
     }
 }
 
 impl Drop for Net {
     fn drop(&mut self) {
-        if !self.hosts.is_empty() || !self.mounts.is_empty() {
+        // Also after a failure half-way through making the network.
+        if !self.torn_down {
             self.tear_down();
         }
     }
