@@ -363,3 +363,58 @@ fn fill(path: &std::path::Path) -> Result<(), String> {
     let _ = file.sync_all();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(seed: u64, netem: bool, group: bool, broker: bool) -> Vec<(&'static str, u32)> {
+        let mut rng = Rng::new(seed);
+        (0..200)
+            .map(|_| {
+                let d = draw(&mut rng, 3, Duration::from_secs(1), netem, group, broker);
+                (d.kind, d.cluster)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_seed_gives_the_same_schedule() {
+        assert_eq!(
+            schedule(7, false, true, true),
+            schedule(7, false, true, true)
+        );
+        assert_ne!(
+            schedule(7, false, true, true),
+            schedule(8, false, true, true)
+        );
+    }
+
+    #[test]
+    fn only_what_the_run_can_make_is_drawn() {
+        let lone = schedule(1, false, false, false);
+        assert!(lone.iter().all(|(kind, _)| *kind != "delay"
+            && !GROUP_KINDS.contains(kind)
+            && !BROKER_KINDS.contains(kind)));
+        assert!(lone.iter().all(|(_, cluster)| (1..=3).contains(cluster)));
+        let everything = schedule(1, true, true, true);
+        for kind in KINDS {
+            assert!(
+                everything.iter().any(|(drawn, _)| *drawn == kind),
+                "{kind} never drawn in 200"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pause_outlasts_the_failure_timeout() {
+        let mut rng = Rng::new(3);
+        let timeout = Duration::from_secs(1);
+        for _ in 0..500 {
+            let d = draw(&mut rng, 2, timeout, false, true, false);
+            if d.kind.ends_with("pause") {
+                assert!(d.hold > timeout, "{d:?}");
+            }
+        }
+    }
+}
