@@ -304,14 +304,14 @@ pub async fn run(args: ChaosArgs) -> Result<Report, String> {
     }
     if !world.procs.contains_key("broker") {
         for kind in nemesis::BROKER_KINDS {
-            not_drawn.insert(kind.to_string(), "no broker (--bus amqp)".to_string());
+            not_drawn.insert(kind.to_string(), "no broker: --bus amqp adds one".to_string());
         }
     }
     if !world.group {
         for kind in nemesis::GROUP_KINDS {
             not_drawn.insert(
                 kind.to_string(),
-                "one coordinator (--coordinators 3 for a group)".to_string(),
+                "one coordinator: --coordinators 3 adds a group on etcd".to_string(),
             );
         }
     }
