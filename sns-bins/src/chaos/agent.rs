@@ -32,19 +32,19 @@ pub struct AgentArgs {
     #[arg(long)]
     pub coordinators: String,
     /// Clusters of the deployment.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub clusters: u32,
     /// Servers per cluster.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=9))]
     pub servers: u32,
     /// Reading, posting users per cluster.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub users_per_cluster: u32,
     /// Standing follows per user.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub follows: u32,
     /// Posts per second, all users together.
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub rate: u32,
     /// Seed of the follow graph, the authors and the churn.
     #[arg(long, default_value_t = 1)]

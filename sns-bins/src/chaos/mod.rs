@@ -304,7 +304,10 @@ pub async fn run(args: ChaosArgs) -> Result<Report, String> {
     }
     if !world.procs.contains_key("broker") {
         for kind in nemesis::BROKER_KINDS {
-            not_drawn.insert(kind.to_string(), "no broker: --bus amqp adds one".to_string());
+            not_drawn.insert(
+                kind.to_string(),
+                "no broker: --bus amqp adds one".to_string(),
+            );
         }
     }
     if !world.group {
