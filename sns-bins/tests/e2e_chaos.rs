@@ -194,6 +194,8 @@ fn an_interrupted_run_removes_everything_it_made() {
     let pid = run.id();
     assert!(namespaces_of(pid).len() >= 10, "{:?}", namespaces_of(pid));
     assert!(!mounts_under(work.path()).is_empty());
+    let pids = processes_in(&namespaces_of(pid));
+    assert!(pids.len() >= 10, "the run's processes: {pids:?}");
     Command::new("kill")
         .args(["-INT", &pid.to_string()])
         .status()
@@ -202,6 +204,8 @@ fn an_interrupted_run_removes_everything_it_made() {
     assert!(!status.success(), "an interrupted run does not pass");
     assert_eq!(namespaces_of(pid), Vec::<String>::new());
     assert_eq!(mounts_under(work.path()), Vec::<String>::new());
+    let alive: Vec<&String> = pids.iter().filter(|pid| is_alive(pid)).collect();
+    assert!(alive.is_empty(), "still running: {alive:?}");
 }
 
 #[test]
@@ -218,19 +222,7 @@ fn what_a_killed_run_leaves_the_next_one_removes() {
     // A run that dies cannot clean up: its hosts, processes and disks are still there.
     let left = namespaces_of(pid);
     assert!(left.len() >= 10, "{left:?}");
-    let pids: Vec<String> = left
-        .iter()
-        .flat_map(|netns| {
-            let listed = Command::new("ip")
-                .args(["netns", "pids", netns])
-                .output()
-                .expect("ip netns pids");
-            String::from_utf8_lossy(&listed.stdout)
-                .split_whitespace()
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let pids = processes_in(&left);
     assert!(pids.len() >= 10, "the run's processes: {pids:?}");
     assert!(!mounts_under(work.path()).is_empty());
     let cleaned = Command::new(SNS)
@@ -247,6 +239,23 @@ fn what_a_killed_run_leaves_the_next_one_removes() {
     assert_eq!(mounts_under(work.path()), Vec::<String>::new());
     let alive: Vec<&String> = pids.iter().filter(|pid| is_alive(pid)).collect();
     assert!(alive.is_empty(), "still running: {alive:?}");
+}
+
+/// The processes in these namespaces now.
+fn processes_in(namespaces: &[String]) -> Vec<String> {
+    namespaces
+        .iter()
+        .flat_map(|netns| {
+            let listed = Command::new("ip")
+                .args(["netns", "pids", netns])
+                .output()
+                .expect("ip netns pids");
+            String::from_utf8_lossy(&listed.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// Whether process `pid` exists and is not a zombie waiting to be reaped.

@@ -86,6 +86,8 @@ struct Ledger {
     delivered: HashMap<(u32, u64), u32>,
     stored: HashMap<u32, u64>,
     posted: HashMap<u32, u64>,
+    /// Each churning user's FOLLOW and UNFOLLOW answers, by (user, target), in order.
+    calls: BTreeMap<(u32, u32), Vec<(bool, Outcome)>>,
 }
 
 fn user(id: u32) -> UserId {
@@ -248,15 +250,23 @@ async fn drive(args: &AgentArgs, recorder: &Recorder) -> Result<(), String> {
         stop.clone(),
     ));
     for &churner in &churners {
-        let targets: Vec<u32> = (0..2)
-            .map(|_| users[rng.below(users.len() as u32) as usize])
-            .collect();
+        // Two different users (one when there is only one).
+        let first = users[rng.below(users.len() as u32) as usize];
+        let mut targets = vec![first];
+        if users.len() > 1 {
+            let mut second = first;
+            while second == first {
+                second = users[rng.below(users.len() as u32) as usize];
+            }
+            targets.push(second);
+        }
         load.spawn(churn(
             Arc::clone(&sessions[&churner]),
             churner,
             targets,
             rng.next_u64(),
             recorder.clone(),
+            Arc::clone(&ledger),
             stop.clone(),
         ));
     }
@@ -317,6 +327,33 @@ async fn drive(args: &AgentArgs, recorder: &Recorder) -> Result<(), String> {
             users: listing.all_users.iter().map(|u| u.get()).collect(),
         });
     }
+    // The last FOLLOWs and UNFOLLOWs may still be on their way to the followed user's
+    // cluster: wait until every list is one the answers allow (what is still wrong after
+    // `--settle`, the checker reports).
+    let calls = ledger.lock().map(|l| l.calls.clone()).unwrap_or_default();
+    let _ = wait_for(
+        args.settle,
+        "every follower list is as the answers leave it",
+        || async {
+            for &id in &users {
+                let listing = sessions[&id].list().await.ok()?;
+                let listed: Vec<u32> = listing.followers.iter().map(|u| u.get()).collect();
+                let standing = followers.get(&id).map(Vec::as_slice).unwrap_or_default();
+                if !standing.iter().all(|f| listed.contains(f)) {
+                    return None;
+                }
+                for ((churner, target), answers) in &calls {
+                    let (may_not, may) = super::check::possible_after(answers);
+                    let follows = listed.contains(churner);
+                    if *target == id && ((follows && !may) || (!follows && !may_not)) {
+                        return None;
+                    }
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
     for &id in &users {
         let listing = sessions[&id]
             .list()
@@ -360,7 +397,8 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + limit;
+    // A limit too far to add is as good as none.
+    let deadline = Instant::now() + limit.min(Duration::from_secs(365 * 86_400));
     let mut pause = Duration::from_millis(20);
     loop {
         if let Some(found) = probe().await {
@@ -481,38 +519,56 @@ fn converged(status: &DeploymentStatus, clusters: u32, servers: u32) -> bool {
 
 /// Records every change of a cluster's epoch or master the coordinators report. Of a group,
 /// a member that answers with an older epoch than another member gave is behind on the shared
-/// record (it follows etcd), which is not a change; one coordinator going back is recorded, and
-/// the checker flags it.
+/// record (it follows etcd), which is not a change; a coordinator going back on what it said
+/// itself is recorded, and so is every master of an answer that names two (the checker flags
+/// both).
 async fn watch_roles(admin: Admin, recorder: Recorder) {
-    let mut known: HashMap<u32, ((u64, Option<u32>), String)> = HashMap::new();
+    // Per cluster: the newest (epoch, master) recorded.
+    let mut newest: HashMap<u32, (u64, Option<u32>)> = HashMap::new();
+    // Per (coordinator, cluster): the newest epoch it answered.
+    let mut said: HashMap<(String, u32), u64> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
         let Ok(status) = admin.status().await else {
             continue;
         };
-        let mut roles: BTreeMap<u32, (u64, Option<u32>)> = BTreeMap::new();
+        let mut roles: BTreeMap<u32, (u64, Vec<u32>)> = BTreeMap::new();
         for node in status.nodes.iter().filter(|n| n.role.is_some()) {
             let entry = roles.entry(node.cluster).or_default();
             entry.0 = entry.0.max(node.epoch.0);
             if node.role == Some(Role::Master) {
-                entry.1 = Some(node.id);
+                entry.1.push(node.id);
             }
         }
-        for (cluster, now) in roles {
-            if let Some((before, from)) = known.get(&cluster) {
-                let behind = now.0 < before.0 && *from != status.coordinator;
-                if *before == now || behind {
-                    continue;
-                }
+        for (cluster, (epoch, masters)) in roles {
+            let own = said
+                .entry((status.coordinator.clone(), cluster))
+                .or_default();
+            let went_back = epoch < *own;
+            *own = (*own).max(epoch);
+            let known = newest.get(&cluster).copied();
+            let behind = known.is_some_and(|(e, _)| epoch < e) && !went_back;
+            let master = masters.first().copied();
+            if behind || (known == Some((epoch, master)) && masters.len() < 2) {
+                continue;
             }
-            known.insert(cluster, (now, status.coordinator.clone()));
-            recorder.record(&Event::Roles {
-                at: recorder.now(),
-                cluster,
-                epoch: now.0,
-                master: now.1,
-            });
+            if !went_back {
+                newest.insert(cluster, (epoch, master));
+            }
+            let masters: Vec<Option<u32>> = if masters.is_empty() {
+                vec![None]
+            } else {
+                masters.into_iter().map(Some).collect()
+            };
+            for master in masters {
+                recorder.record(&Event::Roles {
+                    at: recorder.now(),
+                    cluster,
+                    epoch,
+                    master,
+                });
+            }
         }
     }
 }
@@ -626,6 +682,7 @@ async fn churn(
     targets: Vec<u32>,
     seed: u64,
     recorder: Recorder,
+    ledger: Arc<Mutex<Ledger>>,
     stop: CancellationToken,
 ) {
     let mut rng = Rng::new(seed);
@@ -645,6 +702,13 @@ async fn churn(
             Err(_) => Outcome::Unknown,
         };
         following.insert(target, follow);
+        if let Ok(mut ledger) = ledger.lock() {
+            ledger
+                .calls
+                .entry((user_id, target))
+                .or_default()
+                .push((follow, outcome));
+        }
         recorder.record(&Event::Follow {
             at,
             user: user_id,

@@ -112,14 +112,13 @@ pub fn check(history: &[Event]) -> Findings {
     for &(follower, author) in follows {
         followers.entry(author).or_default().insert(follower);
     }
-    let mut posted: HashMap<u32, u64> = HashMap::new();
+    let mut posted: HashMap<u32, BTreeSet<u64>> = HashMap::new();
     let mut stored: HashMap<u32, u64> = HashMap::new();
     for event in history {
         match event {
             Event::Posted { author, seq, .. } => {
                 findings.posts += 1;
-                let last = posted.entry(*author).or_default();
-                *last = (*last).max(*seq);
+                posted.entry(*author).or_default().insert(*seq);
             }
             Event::Stored { author, seq, .. } => {
                 let last = stored.entry(*author).or_default();
@@ -142,7 +141,7 @@ pub fn check(history: &[Event]) -> Findings {
 fn check_deliveries(
     history: &[Event],
     followers: &HashMap<u32, BTreeSet<u32>>,
-    posted: &HashMap<u32, u64>,
+    posted: &HashMap<u32, BTreeSet<u64>>,
     stored: &HashMap<u32, u64>,
     findings: &mut Findings,
 ) {
@@ -162,8 +161,7 @@ fn check_deliveries(
             continue;
         };
         findings.deliveries += 1;
-        let made = posted.get(&author).copied().unwrap_or(0);
-        if seq == 0 || seq > made {
+        if !posted.get(&author).is_some_and(|made| made.contains(&seq)) {
             findings.violation(
                 "unexpected",
                 format!("user {reader} got a post of user {author} that was never made"),
@@ -230,7 +228,7 @@ fn check_deliveries(
     for author in authors {
         let wanted = followers.get(&author).unwrap_or(&nobody);
         let acknowledged = stored.get(&author).copied().unwrap_or(0);
-        for seq in 1..=posted[&author] {
+        for &seq in &posted[&author] {
             let got = received.get(&(author, seq)).unwrap_or(&nobody);
             let missing: Vec<_> = wanted.difference(got).collect();
             if missing.is_empty() {
@@ -276,7 +274,7 @@ fn check_roles(history: &[Event], findings: &mut Findings) {
         else {
             continue;
         };
-        if index > started {
+        if index > started && seen.contains_key(&cluster) {
             findings.role_changes += 1;
         }
         if let Some(&(last, _)) = seen.get(&cluster)
@@ -395,7 +393,7 @@ fn check_users(history: &[Event], clusters: u32, users: &[u32], findings: &mut F
 }
 
 /// The follow states a sequence of answers leaves possible: (not following, following).
-fn possible_after(calls: &[(bool, Outcome)]) -> (bool, bool) {
+pub(super) fn possible_after(calls: &[(bool, Outcome)]) -> (bool, bool) {
     let (mut not_following, mut following) = (true, false);
     for &(follow, outcome) in calls {
         match outcome {
@@ -457,6 +455,15 @@ fn check_follows(
                 findings.violation(
                     "follows",
                     format!("user {author}'s cluster lost its follower {follower}"),
+                );
+            }
+        }
+        for follower in list {
+            let standing = standing.get(&author).is_some_and(|s| s.contains(follower));
+            if !standing && !calls.contains_key(&(*follower, author)) {
+                findings.violation(
+                    "follows",
+                    format!("user {author}'s cluster lists {follower}, who never followed it"),
                 );
             }
         }
@@ -741,8 +748,16 @@ mod tests {
             follow(false, Outcome::Unknown),
         ]);
         assert!(either.ok(), "{either:?}");
+        // A follower nobody made is wrong too.
+        let mut history = vec![population(), follow(true, Outcome::Applied)];
+        history.extend(converged());
+        history.push(Event::Followers {
+            user: 1,
+            followers: vec![2, 9],
+        });
+        assert_eq!(check(&history).count("follows"), 1);
         // A standing follower missing from the list is lost.
-        let mut history = vec![population()];
+        let mut history = vec![population(), follow(true, Outcome::Applied)];
         history.extend(converged());
         history.push(Event::Followers {
             user: 1,

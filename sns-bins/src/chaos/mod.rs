@@ -50,6 +50,9 @@ const DISK_MB: u32 = 64;
 /// Heartbeat settings of the deployment (the binaries' defaults): a node is dead after
 /// 2 missed beats of 500 ms.
 const FAILURE_TIMEOUT: Duration = Duration::from_secs(1);
+/// RabbitMQ's start script (Debian's `rabbitmq-server` on the PATH is a wrapper that switches
+/// to the rabbitmq user).
+const RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 /// How long the load client may take to set up its population.
 const SETUP_LIMIT: Duration = Duration::from_secs(120);
 
@@ -573,12 +576,11 @@ fn build(args: &ChaosArgs, bus: &str, bins: &Binaries, dir: &Path) -> Result<Wor
 fn broker(host: &net::Host, dir: &Path, logs: &Path) -> Result<Proc, String> {
     // Debian's `rabbitmq-server` on the PATH is a wrapper that switches to the rabbitmq user;
     // the script it runs takes its settings from the environment.
-    let program = PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server");
+    let program = PathBuf::from(RABBITMQ_SERVER);
     if !program.is_file() {
-        return Err(
-            "--bus amqp needs RabbitMQ installed (Debian package rabbitmq-server): no /usr/lib/rabbitmq/bin/rabbitmq-server"
-                .to_string(),
-        );
+        return Err(format!(
+            "--bus amqp needs RabbitMQ installed (Debian package rabbitmq-server): no {RABBITMQ_SERVER}"
+        ));
     }
     let home = dir.join("broker");
     std::fs::create_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
@@ -695,7 +697,23 @@ async fn drive(
         }
     });
     eprintln!("sns chaos: setting up the population");
-    match tokio::time::timeout(SETUP_LIMIT, ready).await {
+    let ready = {
+        // The supervisor works during setup too.
+        let deadline = Instant::now() + SETUP_LIMIT;
+        tokio::pin!(ready);
+        loop {
+            tokio::select! {
+                done = &mut ready => break Ok(done),
+                () = tokio::time::sleep(Duration::from_millis(500)) => {
+                    world.restart_the_dead(None)?;
+                    if Instant::now() > deadline {
+                        break Err(());
+                    }
+                }
+            }
+        }
+    };
+    match ready {
         Ok(Ok(())) => {}
         Ok(Err(_)) => {
             let _ = reader.await;
@@ -723,7 +741,9 @@ async fn drive(
     }
     let mut rng = Rng::new(seed ^ 0x006e_656d_6573_6973);
     let mut faults: Faults = nemesis::KINDS.iter().map(|k| (k.to_string(), 0)).collect();
-    let end = Instant::now() + args.duration;
+    let end = Instant::now()
+        .checked_add(args.duration)
+        .ok_or("--duration is too long")?;
     let record = |event: Event| {
         if let Ok(mut history) = history.lock() {
             history.push(event);
@@ -761,12 +781,22 @@ async fn drive(
         at: start.elapsed().as_millis() as u64,
     });
     eprintln!("sns chaos: healed; waiting for the deployment to settle");
-    stdin
-        .write_all(b"heal\n")
-        .await
-        .map_err(|e| format!("telling the load client: {e}"))?;
+    // A load client that already ended cannot hear it; what it recorded is judged anyway.
+    let _ = stdin.write_all(b"heal\n").await;
     drop(stdin);
-    let _ = tokio::time::timeout(Duration::from_secs(300), agent.wait()).await;
+    // The supervisor keeps working while the load client settles.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        tokio::select! {
+            _ = agent.wait() => break,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                world.restart_the_dead(None)?;
+                if Instant::now() > deadline {
+                    break;
+                }
+            }
+        }
+    }
     let _ = agent.kill().await;
     let _ = reader.await;
     let history = history.lock().map(|h| h.clone()).unwrap_or_default();

@@ -322,6 +322,48 @@ impl Drop for Net {
     }
 }
 
+/// Every mount point of this machine, as `/proc/self/mounts` lists them (with its octal escapes
+/// of spaces, tabs, newlines and backslashes undone).
+fn mount_points() -> Vec<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .map(|point| {
+            point
+                .replace("\\040", " ")
+                .replace("\\011", "\t")
+                .replace("\\012", "\n")
+                .replace("\\134", "\\")
+        })
+        .collect()
+}
+
+/// The processes in namespace `netns` now.
+pub(super) fn pids_in(netns: &str) -> Vec<String> {
+    run("ip", &["netns", "pids", netns])
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// SIGKILLs every process in namespace `netns`, again until none is left (a dying program may
+/// have forked), for at most 10 s.
+pub(super) fn kill_all_in(netns: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let pids = pids_in(netns);
+        if pids.is_empty() || std::time::Instant::now() > deadline {
+            return;
+        }
+        for pid in &pids {
+            let _ = run("kill", &["-KILL", pid]);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Removes run `tag`'s processes, namespaces and the tmpfs mounts under `dir`.
 fn remove_run(tag: &str, dir: &Path) {
     let listed = run("ip", &["netns", "list"]).unwrap_or_default();
@@ -333,23 +375,18 @@ fn remove_run(tag: &str, dir: &Path) {
         if !name.starts_with(&mine) {
             continue;
         }
-        let pids = run("ip", &["netns", "pids", name]).unwrap_or_default();
-        for pid in pids.split_whitespace() {
-            let _ = run("kill", &["-KILL", pid]);
-        }
+        kill_all_in(name);
         let _ = run("ip", &["netns", "del", name]);
     }
     let prefix = format!("{}/", dir.display());
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mut points: Vec<&str> = mounts
-        .lines()
-        .filter_map(|line| line.split_whitespace().nth(1))
+    let mut points: Vec<String> = mount_points()
+        .into_iter()
         .filter(|point| point.starts_with(&prefix))
         .collect();
     // Deepest first.
     points.sort_by_key(|point| std::cmp::Reverse(point.len()));
     for point in points {
-        let _ = run("umount", &["-l", point]);
+        let _ = run("umount", &["-l", &point]);
     }
 }
 
@@ -376,9 +413,8 @@ pub(super) fn sweep(parent: &Path) -> usize {
             dead.insert(pid);
         }
     }
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let marker = format!("{}/sns-chaos-", parent.display());
-    for point in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+    for point in mount_points() {
         if let Some(rest) = point.strip_prefix(&marker)
             && let Some(pid) = rest.split('/').next().and_then(|p| p.parse::<u32>().ok())
             && pid != std::process::id()

@@ -6,7 +6,7 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use super::net::{Host, run};
+use super::net::{Host, kill_all_in, pids_in, run};
 
 /// One process of the deployment.
 #[derive(Debug)]
@@ -91,8 +91,12 @@ impl Proc {
         }
     }
 
-    /// SIGKILL, and waits for it to be gone.
+    /// SIGKILL, and waits for it to be gone (with `whole_host`, every process of its host, until
+    /// none is left, so a restart does not meet the old one's ports and locks).
     pub(super) fn kill(&mut self) {
+        if self.whole_host {
+            kill_all_in(&self.host.netns);
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -100,22 +104,34 @@ impl Proc {
         self.paused = false;
     }
 
-    /// SIGSTOP: it stays, frozen, until [`resume`](Self::resume).
+    /// SIGSTOP (with `whole_host`, every process of its host): it stays, frozen, until
+    /// [`resume`](Self::resume).
     pub(super) fn pause(&mut self) -> Result<(), String> {
         let pid = self
             .pid()
             .ok_or_else(|| format!("{} is not running", self.name))?;
-        run("kill", &["-STOP", &pid.to_string()])?;
+        if self.whole_host {
+            for pid in pids_in(&self.host.netns) {
+                let _ = run("kill", &["-STOP", &pid]);
+            }
+        } else {
+            run("kill", &["-STOP", &pid.to_string()])?;
+        }
         self.paused = true;
         Ok(())
     }
 
     /// SIGCONT.
     pub(super) fn resume(&mut self) {
-        if self.paused
-            && let Some(pid) = self.pid()
-        {
-            let _ = run("kill", &["-CONT", &pid.to_string()]);
+        if self.paused {
+            let pids = if self.whole_host {
+                pids_in(&self.host.netns)
+            } else {
+                self.pid().map(|p| p.to_string()).into_iter().collect()
+            };
+            for pid in pids {
+                let _ = run("kill", &["-CONT", &pid]);
+            }
         }
         self.paused = false;
     }
