@@ -73,8 +73,8 @@ pub struct ChaosArgs {
     /// the run starts on a host of its own; needs Debian's rabbitmq-server installed).
     #[arg(long, default_value = "local")]
     pub bus: String,
-    /// Coordinators: 1 (routing kept in its memory), or 3, a group on an etcd member that is a
-    /// host of the run too; then coordinators and etcd are faulted as well.
+    /// Coordinators: 1 (routing kept in its memory), or 2 or 3, a group on an etcd member that is
+    /// a host of the run too; a group's coordinators and etcd are faulted as well.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
     pub coordinators: u32,
     /// Posts per second, all users together.

@@ -246,7 +246,7 @@ impl TimelinePoster {
     /// How many posts the server has acknowledged (stored) since the timeline opened, as a
     /// receiver that sees every change. Posts are acknowledged in the order they were posted,
     /// so when it reads `n`, the first `n` posts that [`post`](Self::post) accepted (from any
-    /// clone of this poster) are stored.
+    /// clone of this poster; an empty text, which is ignored, does not count) are stored.
     pub fn stored(&self) -> watch::Receiver<u64> {
         self.outbound.stored.subscribe()
     }
