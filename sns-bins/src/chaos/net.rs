@@ -391,8 +391,8 @@ fn remove_run(tag: &str, dir: &Path) {
 }
 
 /// Removes what earlier runs left behind when they died (their process is gone): namespaces
-/// named `snsc<pid>-*` and tmpfs mounts under `<parent>/sns-chaos-<pid>/`. Returns how many
-/// runs it cleaned up.
+/// named `snsc<pid>-*`, their processes, tmpfs mounts under any `.../sns-chaos-<pid>/`, and the
+/// directory `<parent>/sns-chaos-<pid>/`. Returns how many runs it cleaned up.
 pub(super) fn sweep(parent: &Path) -> usize {
     let listed = run("ip", &["netns", "list"]).unwrap_or_default();
     let mut dead = std::collections::BTreeSet::new();
@@ -413,22 +413,31 @@ pub(super) fn sweep(parent: &Path) -> usize {
             dead.insert(pid);
         }
     }
-    let marker = format!("{}/sns-chaos-", parent.display());
+    // Mounts of dead runs, under this work directory or any other.
+    let mut dirs: std::collections::BTreeMap<u32, std::collections::BTreeSet<PathBuf>> =
+        std::collections::BTreeMap::new();
     for point in mount_points() {
-        if let Some(rest) = point.strip_prefix(&marker)
-            && let Some(pid) = rest.split('/').next().and_then(|p| p.parse::<u32>().ok())
-            && pid != std::process::id()
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
+        let Some(at) = point.find("/sns-chaos-") else {
+            continue;
+        };
+        let rest = &point[at + "/sns-chaos-".len()..];
+        let Some(pid) = rest.split('/').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
             dead.insert(pid);
+            let dir = format!("{}/sns-chaos-{pid}", &point[..at]);
+            dirs.entry(pid).or_default().insert(PathBuf::from(dir));
         }
     }
     for pid in &dead {
-        remove_run(
-            &format!("{PREFIX}{pid}"),
-            &parent.join(format!("sns-chaos-{pid}")),
-        );
-        let _ = std::fs::remove_dir_all(parent.join(format!("sns-chaos-{pid}")));
+        let mine = parent.join(format!("sns-chaos-{pid}"));
+        let mut runs = dirs.remove(pid).unwrap_or_default();
+        runs.insert(mine.clone());
+        for dir in runs {
+            remove_run(&format!("{PREFIX}{pid}"), &dir);
+        }
+        let _ = std::fs::remove_dir_all(mine);
     }
     dead.len()
 }
