@@ -202,10 +202,7 @@ fn an_interrupted_run_removes_everything_it_made() {
         .expect("kill -INT");
     let status = wait_exit(&mut run, Duration::from_secs(60));
     assert!(!status.success(), "an interrupted run does not pass");
-    assert_eq!(namespaces_of(pid), Vec::<String>::new());
-    assert_eq!(mounts_under(work.path()), Vec::<String>::new());
-    let alive: Vec<&String> = pids.iter().filter(|pid| is_alive(pid)).collect();
-    assert!(alive.is_empty(), "still running: {alive:?}");
+    assert_nothing_left(pid, work.path(), &pids);
 }
 
 #[test]
@@ -235,8 +232,13 @@ fn what_a_killed_run_leaves_the_next_one_removes() {
         String::from_utf8_lossy(&cleaned.stderr).contains("removed what 1 earlier run"),
         "{cleaned:?}"
     );
+    assert_nothing_left(pid, work.path(), &pids);
+}
+
+/// No namespace of run `pid`, no mount under `work`, none of `pids` running.
+fn assert_nothing_left(pid: u32, work: &Path, pids: &[String]) {
     assert_eq!(namespaces_of(pid), Vec::<String>::new());
-    assert_eq!(mounts_under(work.path()), Vec::<String>::new());
+    assert_eq!(mounts_under(work), Vec::<String>::new());
     let alive: Vec<&String> = pids.iter().filter(|pid| is_alive(pid)).collect();
     assert!(alive.is_empty(), "still running: {alive:?}");
 }

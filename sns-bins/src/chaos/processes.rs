@@ -20,8 +20,6 @@ pub(super) struct Proc {
     log: PathBuf,
     child: Option<Child>,
     paused: bool,
-    /// Times it ended without being killed by the run.
-    pub(super) exits: u32,
     /// Signals go to every process on its host (a program that runs its work as children,
     /// such as RabbitMQ's start script).
     pub(super) whole_host: bool,
@@ -44,7 +42,6 @@ impl Proc {
             log: logs.join(format!("{}.log", host.name)),
             child: None,
             paused: false,
-            exits: 0,
             whole_host: false,
         }
     }
@@ -85,7 +82,6 @@ impl Proc {
             Ok(None) => true,
             Ok(Some(_)) | Err(_) => {
                 self.child = None;
-                self.exits += 1;
                 false
             }
         }
