@@ -331,10 +331,11 @@ async fn drive(args: &AgentArgs, recorder: &Recorder) -> Result<(), String> {
     // cluster: wait until every list is one the answers allow (what is still wrong after
     // `--settle`, the checker reports).
     let calls = ledger.lock().map(|l| l.calls.clone()).unwrap_or_default();
-    let _ = wait_for(
+    let settled = wait_for(
         args.settle,
         "every follower list is as the answers leave it",
         || async {
+            let mut lists = Vec::with_capacity(users.len());
             for &id in &users {
                 let listing = sessions[&id].list().await.ok()?;
                 let listed: Vec<u32> = listing.followers.iter().map(|u| u.get()).collect();
@@ -349,20 +350,29 @@ async fn drive(args: &AgentArgs, recorder: &Recorder) -> Result<(), String> {
                         return None;
                     }
                 }
+                lists.push((id, listed));
             }
-            Some(())
+            Some(lists)
         },
     )
     .await;
-    for &id in &users {
-        let listing = sessions[&id]
-            .list()
-            .await
-            .map_err(|e| format!("LIST for user {id}: {e}"))?;
-        recorder.record(&Event::Followers {
-            user: id,
-            followers: listing.followers.iter().map(|u| u.get()).collect(),
-        });
+    // The lists the wait ended on; after a timeout, as they are now.
+    let lists = match settled {
+        Ok(lists) => lists,
+        Err(_) => {
+            let mut lists = Vec::with_capacity(users.len());
+            for &id in &users {
+                let listing = sessions[&id]
+                    .list()
+                    .await
+                    .map_err(|e| format!("LIST for user {id}: {e}"))?;
+                lists.push((id, listing.followers.iter().map(|u| u.get()).collect()));
+            }
+            lists
+        }
+    };
+    for (user, followers) in lists {
+        recorder.record(&Event::Followers { user, followers });
     }
     background.abort_all();
     for session in sessions.values() {
