@@ -22,7 +22,7 @@ mod etcd;
 pub mod routing_store_suite;
 pub mod storage_suite;
 #[cfg(feature = "amqp")]
-pub use amqp::{AMQP_URL_VAR, AmqpTestBroker, REQUIRE_AMQP_VAR, amqp_broker};
+pub use amqp::{AMQP_URL_VAR, AmqpTestBroker, REQUIRE_AMQP_VAR, TakenMessage, amqp_broker};
 #[cfg(feature = "etcd")]
 pub use etcd::{ETCD_URL_VAR, REQUIRE_ETCD_VAR, etcd_options};
 

@@ -450,7 +450,13 @@ async fn garbage_in_a_queue_is_rejected_and_the_consumer_carries_on() {
     );
     // None of the messages went back to the queue.
     promptly(cluster.stop_synchronizer(1)).await;
-    let left = broker.take_ready(c(1)).await.expect("read the queue");
+    let left: Vec<Vec<u8>> = broker
+        .take_ready(c(1))
+        .await
+        .expect("read the queue")
+        .into_iter()
+        .map(|message| message.body)
+        .collect();
     assert!(
         !left.contains(&garbage)
             && !left.contains(&plain)
@@ -863,10 +869,13 @@ async fn a_restarted_publisher_resumes_after_its_cursor_file() {
         .await,
         "the next post crosses"
     );
+    // A message cluster 1's consumer had applied but not yet acknowledged when it stopped goes
+    // back to the queue marked redelivered: that is the broker's requeue, not a publication.
     let queued = broker.take_ready(c(1)).await.expect("read the queue");
-    assert!(!queued.is_empty(), "the new post was published");
-    for body in &queued {
-        let (origin, events) = open_bytes(None, body).expect("a batch");
+    let published_again: Vec<_> = queued.iter().filter(|m| !m.redelivered).collect();
+    assert!(!published_again.is_empty(), "the new post was published");
+    for message in published_again {
+        let (origin, events) = open_bytes(None, &message.body).expect("a batch");
         assert_eq!(origin, c(2));
         assert!(
             events.iter().all(|e| e.id.seq > published),

@@ -26,6 +26,15 @@ pub const REQUIRE_AMQP_VAR: &str = "SNS_REQUIRE_AMQP";
 /// Clusters whose queues a dropped [`AmqpTestBroker`] deletes (`1..=` this).
 const MAX_TEST_CLUSTERS: u32 = 8;
 
+/// A message taken out of a queue by [`AmqpTestBroker::take_ready`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenMessage {
+    pub body: Vec<u8>,
+    /// The broker delivered it before (to a consumer that stopped without acknowledging it):
+    /// a requeued message, not a new publication.
+    pub redelivered: bool,
+}
+
 /// A RabbitMQ broker for one test, with a name prefix of its own.
 #[derive(Debug)]
 pub struct AmqpTestBroker {
@@ -169,10 +178,10 @@ impl AmqpTestBroker {
         Ok(queue.message_count())
     }
 
-    /// Takes every ready message out of `cluster`'s queue and returns their bodies, oldest
-    /// first. Consumes (quorum queues with a single active consumer refuse `basic.get`), so
-    /// it waits while another consumer is active: stop the cluster's synchronizer first.
-    pub async fn take_ready(&self, cluster: ClusterId) -> Result<Vec<Vec<u8>>> {
+    /// Takes every ready message out of `cluster`'s queue and returns them, oldest first.
+    /// Consumes (quorum queues with a single active consumer refuse `basic.get`), so it waits
+    /// while another consumer is active: stop the cluster's synchronizer first.
+    pub async fn take_ready(&self, cluster: ClusterId) -> Result<Vec<TakenMessage>> {
         let ready = self.ready_messages(cluster).await?;
         let options = self.options(QueueType::Quorum);
         let (connection, channel) = self.open(&options, "reader").await?;
@@ -191,7 +200,10 @@ impl AmqpTestBroker {
         let mut bodies = Vec::new();
         while bodies.len() < ready as usize {
             match tokio_stream::StreamExt::next(&mut consumer).await {
-                Some(Ok(delivery)) => bodies.push(delivery.data),
+                Some(Ok(delivery)) => bodies.push(TakenMessage {
+                    body: delivery.data,
+                    redelivered: delivery.redelivered,
+                }),
                 Some(Err(e)) => return Err(topology::unavailable(e)),
                 None => break,
             }
