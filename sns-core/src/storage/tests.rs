@@ -469,10 +469,19 @@ struct DamageFixture {
 const FIXTURE_ENTRIES: u64 = 22;
 const FIXTURE_SNAPSHOT: u64 = 6;
 
+/// Files written without room ahead, as earlier versions wrote them: every segment is exactly
+/// its records, which the byte-by-byte damage tests rely on. The room ahead has its own tests.
+fn without_room() -> FileStorageOptions {
+    FileStorageOptions {
+        preallocate_bytes: 0,
+        ..FileStorageOptions::default()
+    }
+}
+
 fn fixture_options() -> FileStorageOptions {
     FileStorageOptions {
         segment_bytes: 200,
-        ..FileStorageOptions::default()
+        ..without_room()
     }
 }
 
@@ -828,7 +837,7 @@ fn appends_continue_after_a_repaired_tail() {
     let runtime = runtime();
     let dir = tempfile::tempdir().expect("temp dir");
     runtime.block_on(async {
-        let storage = FileStorage::open(dir.path()).expect("open");
+        let storage = FileStorage::open_with(dir.path(), without_room()).expect("open");
         storage.append(entries(1..=10)).await.expect("append");
     });
     let segment = list(dir.path())
@@ -912,7 +921,7 @@ fn a_record_longer_than_the_limit_written_by_an_earlier_version_still_reads() {
     let runtime = runtime();
     let dir = tempfile::tempdir().expect("temp dir");
     runtime.block_on(async {
-        let storage = FileStorage::open(dir.path()).expect("open");
+        let storage = FileStorage::open_with(dir.path(), without_room()).expect("open");
         storage.append(entries(1..=2)).await.expect("append");
     });
     // What an earlier version wrote for a large state transfer: one record of about 2.9 MB.
@@ -943,4 +952,154 @@ fn a_record_longer_than_the_limit_written_by_an_earlier_version_still_reads() {
         assert_eq!(read_all(&storage).await, expected);
         storage.append(entries(4..=4)).await.expect("appends go on");
     });
+}
+
+/// The framed bytes of `entries`, as a segment holds them.
+fn framed(entries: &[LogEntry]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for e in entries {
+        frame(&mut buf, e);
+    }
+    buf
+}
+
+fn newest_segment(dir: &Path) -> PathBuf {
+    list(dir)
+        .expect("list")
+        .segments
+        .pop()
+        .expect("a segment")
+        .1
+}
+
+fn size(path: &Path) -> u64 {
+    std::fs::metadata(path).expect("metadata").len()
+}
+
+/// The open segment is allocated ahead: the first batch goes out with the default room of zeros
+/// after it, later batches fill that room without growing the file, and an open reads the
+/// zeros as the end of the records (no tail is cut), then appends after the last record.
+#[test]
+fn appends_fill_the_room_allocated_ahead_and_an_open_reads_past_it() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let room = FileStorageOptions::default().preallocate_bytes;
+    assert!(room > 0, "room ahead by default");
+    runtime.block_on(async {
+        let storage = FileStorage::open(dir.path()).expect("open");
+        storage.append(entries(1..=10)).await.expect("append");
+        let segment = newest_segment(dir.path());
+        let records = framed(&entries(1..=10)).len() as u64;
+        assert_eq!(size(&segment), records + room, "one batch, then the room");
+        storage.append(entries(11..=20)).await.expect("append");
+        assert_eq!(
+            size(&segment),
+            records + room,
+            "the room is filled, not grown"
+        );
+    });
+    let segment = newest_segment(dir.path());
+    let before = std::fs::read(&segment).expect("read");
+    let records = framed(&entries(1..=20));
+    assert_eq!(&before[..records.len()], records, "the records, in order");
+    assert!(
+        before[records.len()..].iter().all(|&b| b == 0),
+        "then zeros"
+    );
+    runtime.block_on(async {
+        let storage = FileStorage::open(dir.path()).expect("reopen");
+        assert_eq!(
+            storage.recover().await.expect("recover").entries,
+            entries(1..=20)
+        );
+        assert_eq!(size(&segment), before.len() as u64, "nothing was cut");
+        storage
+            .append(entries(21..=21))
+            .await
+            .expect("append after the reopen");
+        drop(storage);
+        let storage = FileStorage::open(dir.path()).expect("reopen");
+        assert_eq!(
+            storage.recover().await.expect("recover").entries,
+            entries(1..=21)
+        );
+    });
+}
+
+/// An append torn inside the room ahead leaves a prefix of its record followed by the zeros
+/// that were there. At every length of that prefix the open keeps every complete record, and
+/// appends go on after them.
+#[test]
+fn an_append_torn_inside_the_room_ahead_keeps_every_complete_record() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().expect("temp dir");
+    runtime.block_on(async {
+        let storage = FileStorage::open(dir.path()).expect("open");
+        storage.append(entries(1..=10)).await.expect("append");
+    });
+    let segment = newest_segment(dir.path());
+    let pristine = std::fs::read(&segment).expect("read");
+    let kept = framed(&entries(1..=10)).len();
+    let torn = framed(&entries(11..=11));
+    for cut in 0..=torn.len() {
+        let mut bytes = pristine.clone();
+        bytes[kept..kept + cut].copy_from_slice(&torn[..cut]);
+        std::fs::write(&segment, &bytes).expect("tear");
+        // The record's own last bytes may be zeros: a prefix that lacks only those is whole.
+        let whole = torn[cut..].iter().all(|&b| b == 0);
+        let last = if whole { 11 } else { 10 };
+        runtime.block_on(async {
+            let storage = FileStorage::open(dir.path())
+                .unwrap_or_else(|e| panic!("{cut} bytes of record 11: the open fails: {e}"));
+            let back = storage.recover().await.expect("recover").entries;
+            assert_eq!(back, entries(1..=last), "{cut} bytes of record 11");
+            storage
+                .append(entries(last + 1..=last + 1))
+                .await
+                .expect("append after the open");
+            drop(storage);
+            let storage = FileStorage::open(dir.path()).expect("reopen");
+            assert_eq!(
+                storage.recover().await.expect("recover").entries,
+                entries(1..=last + 1),
+                "{cut} bytes of record 11, then one append"
+            );
+        });
+        std::fs::write(&segment, &pristine).expect("restore");
+    }
+}
+
+/// A segment that is closed gives back its room: only the newest segment may have zeros after
+/// its records.
+#[test]
+fn a_closed_segment_gives_back_its_room() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().expect("temp dir");
+    runtime.block_on(async {
+        let storage = FileStorage::open_with(dir.path(), small_segments()).expect("open");
+        storage.retain("reader", LogIndex(0));
+        for i in 1..=40 {
+            storage.append(entries(i..=i)).await.expect("append");
+        }
+    });
+    let segments = list(dir.path()).expect("list").segments;
+    assert!(segments.len() >= 3, "{segments:?}");
+    let firsts: Vec<u64> = segments.iter().map(|(first, _)| first.0).collect();
+    for (k, (first, path)) in segments.iter().enumerate() {
+        let end = firsts.get(k + 1).map_or(40, |next| next - 1);
+        let records = framed(&entries(first.0..=end)).len() as u64;
+        let bytes = std::fs::read(path).expect("read");
+        if k + 1 < segments.len() {
+            assert_eq!(
+                bytes.len() as u64,
+                records,
+                "closed segment {first}: its records only"
+            );
+        } else {
+            assert!(
+                bytes[records as usize..].iter().all(|&b| b == 0),
+                "the newest segment {first}: its records, then zeros"
+            );
+        }
+    }
 }

@@ -47,7 +47,8 @@ pub(in crate::storage) fn frame(buf: &mut Vec<u8>, entry: &LogEntry) {
 
 /// Parses the records of one segment. Returns the entries, the byte length of the valid
 /// prefix, and why the record after it is bad, if there is one; stops at the first damaged
-/// record or index discontinuity.
+/// record or index discontinuity. Zeros from a record boundary to the end are the segment's
+/// unused preallocated room: the records end there, undamaged.
 pub(in crate::storage) fn parse_segment(
     bytes: &[u8],
     mut expected: LogIndex,
@@ -55,6 +56,10 @@ pub(in crate::storage) fn parse_segment(
     let mut entries = Vec::new();
     let mut offset = 0;
     while offset < bytes.len() {
+        // Zeros to the end of the file are room the writer allocated ahead, not a record.
+        if bytes[offset..].iter().all(|&b| b == 0) {
+            return (entries, offset, None);
+        }
         let Some(header) = bytes.get(offset..offset + RECORD_HEADER) else {
             return (
                 entries,

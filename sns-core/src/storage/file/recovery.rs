@@ -543,8 +543,9 @@ impl Scan<'_> {
             .kept
             .last()
             .ok_or_else(|| Error::Corrupt("no log segment after the open".to_string()))?;
-        let file = OpenOptions::new().append(true).open(&active.path)?;
+        let file = OpenOptions::new().write(true).open(&active.path)?;
         let file_len = active.len;
+        let allocated = file.metadata()?.len().max(file_len);
         let (snapshot, snapshot_file) = match snapshot {
             Some((snapshot, path)) => {
                 let index = snapshot.index;
@@ -568,6 +569,7 @@ impl Scan<'_> {
             },
             file,
             file_len,
+            allocated,
             next: last.next(),
             commit: commit_file,
         })

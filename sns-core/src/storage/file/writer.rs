@@ -4,9 +4,15 @@
 //! `fdatasync` of every byte of it. It persists the commit index when its queue runs empty
 //! and at least every [`COMMIT_EVERY_BATCHES`] batches, never beyond the last synced entry.
 //! After a failed write or sync it refuses every further change.
+//!
+//! The open segment is allocated ahead: when a batch would run past the bytes already written,
+//! the batch goes out followed by zeros up to [`FileStorageOptions::preallocate_bytes`] beyond
+//! it, in the same write and sync. Later batches overwrite those zeros, so their `fdatasync`
+//! writes only data: the file's size, and so its inode, does not change.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
@@ -58,9 +64,12 @@ pub(super) struct Writer {
     pub(super) dir: PathBuf,
     pub(super) options: FileStorageOptions,
     pub(super) shared: Arc<Shared>,
-    /// The last segment, open for appends.
+    /// The last segment, open for writing.
     pub(super) file: File,
+    /// Bytes of records in the open segment; the next batch is written at this offset.
     pub(super) file_len: u64,
+    /// The open segment's size: records, then zeros allocated ahead.
+    pub(super) allocated: u64,
     /// The index the next append must start at.
     pub(super) next: LogIndex,
     pub(super) commit: CommitFile,
@@ -176,12 +185,19 @@ impl Writer {
         self.failed = Some(why);
     }
 
-    /// Writes and syncs `buf`, records it in the index, then answers every waiter.
+    /// Writes and syncs `buf` (allocating room ahead when it runs past the segment's size),
+    /// records it in the index, then answers every waiter.
     fn flush(&mut self, buf: &mut Vec<u8>, appended: &mut Appended, waiters: &mut Waiters) {
+        let records = buf.len();
         let result = if buf.is_empty() {
             Ok(())
         } else {
-            self.file.write_all(buf).and_then(|()| {
+            let end = self.file_len + records as u64;
+            if end > self.allocated {
+                let room = self.options.preallocate_bytes;
+                buf.resize(records + usize::try_from(room).unwrap_or(usize::MAX), 0);
+            }
+            self.file.write_all_at(buf, self.file_len).and_then(|()| {
                 let started = std::time::Instant::now();
                 let synced = self.file.sync_data();
                 self.shared.sync_latency.observe(started.elapsed());
@@ -193,7 +209,9 @@ impl Writer {
             Ok(()) => {
                 self.shared.syncs.fetch_add(1, Ordering::SeqCst);
                 let base = self.file_len;
-                self.file_len += buf.len() as u64;
+                self.allocated = self.allocated.max(base + buf.len() as u64);
+                buf.truncate(records);
+                self.file_len += records as u64;
                 let mut map = self.shared.map();
                 if let (Some(segment), Some((first, _))) =
                     (map.segments.last_mut(), appended.first())
@@ -246,13 +264,19 @@ impl Writer {
     }
 
     /// Starts a new segment whose first entry will be `first`, and records it as the newest.
+    /// The closing segment gives back the room allocated ahead (unsynced: zeros left by a
+    /// crash read as the end of its records).
     fn rotate(&mut self, first: LogIndex) -> io::Result<()> {
+        if self.allocated > self.file_len {
+            self.file.set_len(self.file_len)?;
+        }
         let path = segment_path(&self.dir, first);
         let file = create_segment(&path)?;
         sync_dir(&self.dir)?;
         write_last_segment(&self.dir, first)?;
         self.file = file;
         self.file_len = 0;
+        self.allocated = 0;
         self.shared
             .map()
             .segments
@@ -307,6 +331,7 @@ impl Writer {
             };
             self.file = file;
             self.file_len = 0;
+            self.allocated = 0;
             self.next = next;
             remove_segments(&self.dir, gone.iter().map(|s| &s.path))?;
         } else {
@@ -414,8 +439,9 @@ impl Writer {
         let file = OpenOptions::new().write(true).open(&path)?;
         file.set_len(offset)?;
         file.sync_all()?;
-        self.file = OpenOptions::new().append(true).open(&path)?;
+        self.file = file;
         self.file_len = offset;
+        self.allocated = offset;
         self.next = target;
         Ok(())
     }

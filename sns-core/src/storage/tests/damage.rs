@@ -52,7 +52,8 @@ impl Built {
             Layout::OneSegment => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 runtime().block_on(async {
-                    let storage = FileStorage::open(dir.path()).expect("open");
+                    let storage =
+                        FileStorage::open_with(dir.path(), super::without_room()).expect("open");
                     storage.append(entries(1..=5)).await.expect("append");
                     storage.set_commit(LogIndex(3));
                 });
