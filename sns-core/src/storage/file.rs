@@ -5,7 +5,8 @@
 //! - `LOCK`: held (advisory lock) while a server uses the directory;
 //! - `log-<first index>.seg`: records `[len: u32 LE][crc32 of payload: u32 LE][payload]`, each
 //!   payload one encoded [`LogEntry`]; a segment holds contiguous indexes from its first index up
-//!   to the next segment's first index;
+//!   to the next segment's first index. The newest one may end in zeros: room the writer
+//!   allocated ahead ([`FileStorageOptions::preallocate_bytes`]), read as the end of its records;
 //! - `last-segment`: `SNSLAST1`, the newest segment's first index (u64 LE), its crc32; replaced
 //!   atomically (temporary file, sync, rename, directory sync) whenever the newest segment
 //!   changes, so a missing newest segment is noticed;
