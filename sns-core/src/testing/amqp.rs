@@ -29,6 +29,7 @@ const MAX_TEST_CLUSTERS: u32 = 8;
 /// A message taken out of a queue by [`AmqpTestBroker::take_ready`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TakenMessage {
+    /// The message as it was published.
     pub body: Vec<u8>,
     /// The broker delivered it before (to a consumer that stopped without acknowledging it):
     /// a requeued message, not a new publication.
