@@ -18,10 +18,10 @@
 //! Invariants: an append is acknowledged only after `fdatasync` of every byte of it. One writer
 //! thread owns the open segment and serves requests from a bounded queue in arrival order;
 //! requests that are waiting while it syncs are written and synced together (group commit). The
-//! commit index is written when the writer's queue runs empty, and at least every
-//! [`COMMIT_EVERY_BATCHES`](writer::COMMIT_EVERY_BATCHES) batches, never beyond the last synced entry. It is synced only when
-//! the writer stops: a crash may leave an older value, which the commit index is allowed to be
-//! (it may lag, never lead).
+//! commit index is written at least every [`COMMIT_EVERY_BATCHES`](writer::COMMIT_EVERY_BATCHES)
+//! batches and once the writer has been idle for [`COMMIT_IDLE`](writer::COMMIT_IDLE), never
+//! beyond the last synced entry. It is synced only when the writer stops: a crash may leave an
+//! older value, which the commit index is allowed to be (it may lag, never lead).
 //!
 //! Files change in an order that keeps every crash state recognisable. A new segment is created
 //! and the directory synced before the marker names it; truncation rewrites the marker before
@@ -89,6 +89,8 @@ use format::{CommitFile, RECORD_HEADER, write_snapshot};
 use index::{LogMap, Shared};
 #[cfg(test)]
 pub(super) use layout::list;
+#[cfg(test)]
+pub(super) use writer::COMMIT_EVERY_BATCHES;
 use writer::{Request, Writer};
 
 /// Default of [`FileStorageOptions::preallocate_bytes`]: writing and syncing 1 MiB of zeros takes
@@ -176,6 +178,7 @@ impl FileStorage {
             map: Mutex::new(opened.map),
             readers: Mutex::default(),
             nudged: AtomicBool::new(false),
+            sleeping: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
             sync_latency: crate::stats::LatencyHistogram::default(),
         });
@@ -363,7 +366,11 @@ impl Storage for FileStorage {
             let mut map = self.shared.map();
             map.commit = map.commit.max(index.min(map.last));
         }
-        if !self.shared.nudged.swap(true, Ordering::SeqCst) {
+        // A writer that is awake persists the index on its own (see `writer`): waking it for
+        // every commit would cost a thread wake-up per commit.
+        if self.shared.sleeping.load(Ordering::SeqCst)
+            && !self.shared.nudged.swap(true, Ordering::SeqCst)
+        {
             let nudged = self
                 .requests
                 .as_ref()

@@ -454,6 +454,69 @@ async fn the_commit_index_survives_a_torn_slot() {
     );
 }
 
+/// The commit index the `commit` file of `dir` holds now (the highest valid slot), read while
+/// the storage is open.
+fn commit_on_disk(dir: &Path) -> u64 {
+    let bytes = std::fs::read(dir.join("commit")).unwrap_or_default();
+    bytes
+        .chunks_exact(16)
+        .filter_map(|slot| {
+            let index = u64::from_le_bytes(slot[..8].try_into().ok()?);
+            let crc = u32::from_le_bytes(slot[8..12].try_into().ok()?);
+            (crc32fast::hash(&index.to_le_bytes()) == crc).then_some(index)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits (at most 10 s) until the `commit` file of `dir` holds `index`.
+async fn commit_reaches(dir: &Path, index: u64) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        if commit_on_disk(dir) == index {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
+/// The writer persists the commit index without being woken for every commit: a commit made
+/// while it sleeps with nothing to persist wakes it, one made between appends is found by the
+/// next append or the idle timeout, and under a stream of appends the file lags by at most
+/// `COMMIT_EVERY_BATCHES` batches. Checked on the file while the storage is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commit_index_reaches_the_file_without_a_wake_up_per_commit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let storage = FileStorage::open(dir.path()).expect("open");
+    storage.append(entries(1..=5)).await.expect("append");
+    // Nothing to persist: the writer goes to sleep; this commit has to wake it.
+    storage.set_commit(LogIndex(3));
+    assert!(
+        commit_reaches(dir.path(), 3).await,
+        "a commit reaches a sleeping writer: the file holds {}",
+        commit_on_disk(dir.path())
+    );
+    // A stream of appends, each committed right after it is synced: the file keeps up within
+    // the bound while the stream lasts.
+    let batches = 3 * u64::from(super::file::COMMIT_EVERY_BATCHES);
+    for i in 6..6 + batches {
+        storage.append(entries(i..=i)).await.expect("append");
+        storage.set_commit(LogIndex(i));
+        let behind = i - commit_on_disk(dir.path());
+        assert!(
+            behind <= u64::from(super::file::COMMIT_EVERY_BATCHES) + 1,
+            "after committing {i} the file is {behind} behind"
+        );
+    }
+    let last = 5 + batches;
+    assert!(
+        commit_reaches(dir.path(), last).await,
+        "the last commit reaches the file once the writer is idle: it holds {}",
+        commit_on_disk(dir.path())
+    );
+}
+
 /// A multi-segment log with a snapshot, built once, whose files tests damage one at a time.
 struct DamageFixture {
     dir: tempfile::TempDir,

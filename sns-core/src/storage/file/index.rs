@@ -161,6 +161,9 @@ pub(super) struct Shared {
     pub(super) readers: Mutex<Readers>,
     /// A `Request::Commit` is queued (so `set_commit` need not queue another).
     pub(super) nudged: AtomicBool,
+    /// The writer is asleep until the next request, with nothing left to persist: only then
+    /// does `set_commit` wake it (with a `Request::Commit`).
+    pub(super) sleeping: AtomicBool,
     /// Log syncs (`fdatasync` of appended records) so far.
     pub(super) syncs: AtomicU64,
     /// How long those syncs took.

@@ -1,8 +1,11 @@
 //! The writer thread: the one owner of the open segment, the commit file and the directory
 //! lock. It serves requests from a bounded queue in arrival order; appends waiting while it
 //! syncs are written and synced together (group commit), and each is answered only after the
-//! `fdatasync` of every byte of it. It persists the commit index when its queue runs empty
-//! and at least every [`COMMIT_EVERY_BATCHES`] batches, never beyond the last synced entry.
+//! `fdatasync` of every byte of it. It persists the commit index at least every
+//! [`COMMIT_EVERY_BATCHES`] batches and once it has had no request for [`COMMIT_IDLE`], never
+//! beyond the last synced entry. A commit alone does not wake it while it is between requests
+//! (the next request or the idle timeout finds it); only a writer asleep with nothing left to
+//! persist is woken by one.
 //! After a failed write or sync it refuses every further change.
 //!
 //! The open segment is allocated ahead: when a batch would run past the bytes already written,
@@ -16,6 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -29,7 +33,9 @@ use crate::ids::{EventId, LogIndex};
 use crate::storage::check_truncation;
 
 /// Under a steady load the writer persists an advanced commit index at least this often.
-pub(super) const COMMIT_EVERY_BATCHES: u32 = 64;
+pub(in crate::storage) const COMMIT_EVERY_BATCHES: u32 = 64;
+/// An idle writer persists an advanced commit index after this long without a request.
+pub(super) const COMMIT_IDLE: Duration = Duration::from_millis(10);
 
 /// What the storage handle asks of the writer thread.
 pub(super) enum Request {
@@ -87,15 +93,10 @@ impl Writer {
         loop {
             let first = match requests.try_recv() {
                 Ok(request) => request,
-                Err(mpsc::TryRecvError::Empty) => {
-                    // Idle: a good moment to persist the commit index.
-                    self.persist_commit(false);
-                    since_commit = 0;
-                    match requests.recv() {
-                        Ok(request) => request,
-                        Err(_) => break,
-                    }
-                }
+                Err(mpsc::TryRecvError::Empty) => match self.idle(requests) {
+                    Some(request) => request,
+                    None => break,
+                },
                 Err(mpsc::TryRecvError::Disconnected) => break,
             };
             let mut batch = vec![first];
@@ -119,6 +120,42 @@ impl Writer {
             }
         }
         self.persist_commit(true);
+    }
+
+    /// Waits for the next request (`None`: the storage closed). While the commit index has
+    /// advanced past the persisted one, it waits at most [`COMMIT_IDLE`] at a time and
+    /// persists the index when that passes with no request; with nothing to persist it sleeps
+    /// until a request comes, telling `set_commit` to wake it.
+    fn idle(&mut self, requests: &mpsc::Receiver<Request>) -> Option<Request> {
+        loop {
+            if self.commit_behind() {
+                match requests.recv_timeout(COMMIT_IDLE) {
+                    Ok(request) => return Some(request),
+                    Err(mpsc::RecvTimeoutError::Timeout) => self.persist_commit(false),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+                }
+                continue;
+            }
+            // Said before the check, so that a commit made after the check sees it and wakes
+            // this thread, and a commit made before it is found by the check.
+            self.shared.sleeping.store(true, Ordering::SeqCst);
+            if self.commit_behind() {
+                self.shared.sleeping.store(false, Ordering::SeqCst);
+                continue;
+            }
+            let request = requests.recv().ok();
+            self.shared.sleeping.store(false, Ordering::SeqCst);
+            return request;
+        }
+    }
+
+    /// Whether the commit index has advanced past the persisted one (within the synced log).
+    fn commit_behind(&self) -> bool {
+        if self.failed.is_some() {
+            return false;
+        }
+        let map = self.shared.map();
+        map.commit.min(map.last) > self.commit.persisted
     }
 
     fn serve(&mut self, batch: Vec<Request>) {
