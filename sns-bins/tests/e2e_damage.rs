@@ -28,13 +28,17 @@ fn run_to_exit(program: &str, args: &[&str], log: &str) -> Output {
     child.wait_with_output().expect("output")
 }
 
-/// Byte offsets where the records of a segment start (`[len: u32 LE][crc: u32 LE][payload]`).
+/// Byte offsets where the records of a segment start (`[len: u32 LE][crc: u32 LE][payload]`),
+/// up to the zeros the writer allocates ahead of them.
 fn record_starts(bytes: &[u8]) -> Vec<usize> {
     let mut starts = Vec::new();
     let mut at = 0;
     while let Some(header) = bytes.get(at..at + 8) {
-        starts.push(at);
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        if len == 0 {
+            break;
+        }
+        starts.push(at);
         at += 8 + len as usize;
     }
     starts
