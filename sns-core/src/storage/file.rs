@@ -191,6 +191,7 @@ impl FileStorage {
             file: opened.file,
             file_len: opened.file_len,
             allocated: opened.allocated,
+            no_room: false,
             next: opened.next,
             commit: opened.commit,
             failed: None,

@@ -11,7 +11,8 @@
 //! The open segment is allocated ahead: when a batch would run past the bytes already written,
 //! the batch goes out followed by zeros up to [`FileStorageOptions::preallocate_bytes`] beyond
 //! it, in the same write and sync. Later batches overwrite those zeros, so their `fdatasync`
-//! writes only data: the file's size, and so its inode, does not change.
+//! writes only data: the file's size, and so its inode, does not change. A disk too full for
+//! the room takes the batch alone, and the segment gets no more room.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -76,6 +77,8 @@ pub(super) struct Writer {
     pub(super) file_len: u64,
     /// The open segment's size: records, then zeros allocated ahead.
     pub(super) allocated: u64,
+    /// The disk had no room to allocate ahead in the open segment: batches go alone.
+    pub(super) no_room: bool,
     /// The index the next append must start at.
     pub(super) next: LogIndex,
     pub(super) commit: CommitFile,
@@ -230,11 +233,21 @@ impl Writer {
             Ok(())
         } else {
             let end = self.file_len + records as u64;
-            if end > self.allocated {
-                let room = self.options.preallocate_bytes;
-                buf.resize(records + usize::try_from(room).unwrap_or(usize::MAX), 0);
+            let room = if end > self.allocated && !self.no_room {
+                usize::try_from(self.options.preallocate_bytes).unwrap_or(usize::MAX)
+            } else {
+                0
+            };
+            buf.resize(records + room, 0);
+            let mut written = self.file.write_all_at(buf, self.file_len);
+            if room > 0 && written.as_ref().is_err_and(disk_full) {
+                // No room to spare on the disk: the records alone may still fit. Zeros the
+                // failed write left after them read as the end of the records.
+                self.no_room = true;
+                buf.truncate(records);
+                written = self.file.write_all_at(buf, self.file_len);
             }
-            self.file.write_all_at(buf, self.file_len).and_then(|()| {
+            written.and_then(|()| {
                 let started = std::time::Instant::now();
                 let synced = self.file.sync_data();
                 self.shared.sync_latency.observe(started.elapsed());
@@ -314,6 +327,7 @@ impl Writer {
         self.file = file;
         self.file_len = 0;
         self.allocated = 0;
+        self.no_room = false;
         self.shared
             .map()
             .segments
@@ -369,6 +383,7 @@ impl Writer {
             self.file = file;
             self.file_len = 0;
             self.allocated = 0;
+            self.no_room = false;
             self.next = next;
             remove_segments(&self.dir, gone.iter().map(|s| &s.path))?;
         } else {
@@ -482,4 +497,12 @@ impl Writer {
         self.next = target;
         Ok(())
     }
+}
+
+/// Whether `error` says the disk (or the user's quota) is full.
+fn disk_full(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
