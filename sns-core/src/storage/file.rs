@@ -121,7 +121,7 @@ pub struct FileStorageOptions {
     pub repair: bool,
     /// Zeros written after a batch that runs past the open segment's size, so that the next
     /// batches' syncs do not change the file's size (0: none; every sync then grows the file
-    /// and writes its inode too). Default 1 MiB.
+    /// and writes its inode too). Default 1 MiB; at most 64 MiB is used.
     pub preallocate_bytes: u64,
 }
 

@@ -35,6 +35,8 @@ use crate::storage::check_truncation;
 
 /// Under a steady load the writer persists an advanced commit index at least this often.
 pub(in crate::storage) const COMMIT_EVERY_BATCHES: u32 = 64;
+/// Most room allocated ahead at once, whatever [`FileStorageOptions::preallocate_bytes`] asks.
+const MAX_ROOM: u64 = 64 << 20;
 /// An idle writer persists an advanced commit index after this long without a request.
 pub(super) const COMMIT_IDLE: Duration = Duration::from_millis(10);
 
@@ -234,7 +236,8 @@ impl Writer {
         } else {
             let end = self.file_len + records as u64;
             let room = if end > self.allocated && !self.no_room {
-                usize::try_from(self.options.preallocate_bytes).unwrap_or(usize::MAX)
+                let room = self.options.preallocate_bytes.min(MAX_ROOM);
+                usize::try_from(room).unwrap_or(0)
             } else {
                 0
             };
