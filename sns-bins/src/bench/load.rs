@@ -62,6 +62,7 @@ pub(super) async fn measure(
     ));
     let bar = progress(args, window.1.as_secs(), "posting");
     let ticker = tokio::spawn(tick(bar.clone(), Arc::clone(&tally)));
+    let cpu = tokio::spawn(cpu_in_window(base, window));
     let post_errors = Arc::new(AtomicU64::new(0));
     post(args, &posters, &tally, window.1, &post_errors).await;
 
@@ -72,6 +73,7 @@ pub(super) async fn measure(
     bar.set_prefix("draining");
     drain(&tally, args.drain).await;
     ticker.abort();
+    let cpu = cpu.await.ok().flatten();
     bar.finish_and_clear();
     readers.abort_all();
     drop(posters);
@@ -79,7 +81,17 @@ pub(super) async fn measure(
     let verdict = tally.verdict();
     let latencies = tally.percentiles();
     refusals(&reader_errors, &post_errors)?;
-    Ok(report(args, &tally, verdict, latencies, disruption))
+    Ok(report(args, &tally, verdict, latencies, disruption, cpu))
+}
+
+/// The CPU time this process used during the timed window (`base + window.0` to
+/// `base + window.1`), where the system tells it.
+async fn cpu_in_window(base: Instant, window: (Duration, Duration)) -> Option<Duration> {
+    let at = |offset: Duration| tokio::time::Instant::from_std(base + offset);
+    tokio::time::sleep_until(at(window.0)).await;
+    let start = report::process_cpu()?;
+    tokio::time::sleep_until(at(window.1)).await;
+    Some(report::process_cpu()?.saturating_sub(start))
 }
 
 /// Starts a reader on every timeline's inbox; returns the posters, by index, and the readers.
@@ -134,6 +146,7 @@ fn report(
     verdict: Verdict,
     (same, cross, all): (Percentiles, Percentiles, Percentiles),
     disruption: Option<Duration>,
+    cpu: Option<Duration>,
 ) -> Report {
     let seconds = args.duration.as_secs_f64();
     let (same_cluster_curve, cross_cluster_curve) = tally.curves();
@@ -167,6 +180,10 @@ fn report(
         disruption_at_s: disruption.map(|d| d.as_secs_f64()),
         recovery_ms: tally.recovery().map(|d| d.as_secs_f64() * 1000.0),
         peak_memory_bytes: report::peak_memory(),
+        cpu_s: cpu.map(|cpu| cpu.as_secs_f64()),
+        cpu_ms_per_post: cpu
+            .filter(|_| tally.issued_in_window() > 0)
+            .map(|cpu| cpu.as_secs_f64() * 1000.0 / tally.issued_in_window() as f64),
         deliveries_per_second: tally.deliveries_per_second(),
         same_cluster_curve,
         cross_cluster_curve,

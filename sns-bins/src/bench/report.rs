@@ -1,5 +1,7 @@
 //! The end of a run: a summary for people, JSON for machines.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 use super::latency::{CurvePoint, Percentiles};
@@ -50,6 +52,11 @@ pub struct Report {
     pub recovery_ms: Option<f64>,
     /// The benchmark process's peak resident memory (deployment included when in-process).
     pub peak_memory_bytes: Option<u64>,
+    /// CPU time (user + system) the benchmark process used in the timed window, in seconds
+    /// (deployment included when in-process).
+    pub cpu_s: Option<f64>,
+    /// That CPU time per post sent in the window, in milliseconds.
+    pub cpu_ms_per_post: Option<f64>,
     /// Whether every delivery arrived exactly once.
     pub ok: bool,
     /// Deliveries received in each second since posting began: warm-up, timed window and
@@ -175,6 +182,19 @@ impl Report {
                 format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0)),
             );
         }
+        if let Some(cpu) = self.cpu_s {
+            let per_post = self
+                .cpu_ms_per_post
+                .map_or(String::new(), |ms| format!(", {ms:.3} ms per post"));
+            line(
+                out,
+                "process CPU",
+                format!(
+                    "{cpu:.2} s in the timed window ({:.0}% of one core){per_post}",
+                    cpu * 100.0 / self.duration_s
+                ),
+            );
+        }
     }
 }
 
@@ -289,6 +309,20 @@ fn plural(n: u64, noun: &str) -> String {
     }
 }
 
+/// The CPU time (user + system) this process has used so far, where the system tells it
+/// (`/proc/self/stat`, in the kernel's fixed 100 ticks a second).
+pub(super) fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name, in parentheses, may hold spaces: count fields after its end.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
 /// The process's peak resident set size (`VmHWM`), where the system tells it.
 pub(super) fn peak_memory() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -301,4 +335,30 @@ pub(super) fn peak_memory() -> Option<u64> {
         .parse()
         .ok()?;
     Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    /// The figure grows with the CPU this process burns.
+    #[test]
+    fn process_cpu_counts_this_process_s_cpu_time() {
+        let start = super::process_cpu().expect("/proc/self/stat on Linux");
+        let began = Instant::now();
+        let mut spin = 0u64;
+        let mut now = start;
+        while now < start + Duration::from_millis(200) && began.elapsed() < Duration::from_secs(60)
+        {
+            for i in 0..100_000u64 {
+                spin = spin.wrapping_mul(6364136223846793005).wrapping_add(i);
+            }
+            now = super::process_cpu().expect("read again");
+        }
+        std::hint::black_box(spin);
+        assert!(
+            now >= start + Duration::from_millis(200),
+            "200 ms of spinning shows: {start:?} -> {now:?}"
+        );
+    }
 }

@@ -50,6 +50,8 @@ fn report(same: Vec<CurvePoint>, other: Vec<CurvePoint>, per_second: Vec<u64>) -
         disruption_at_s: None,
         recovery_ms: None,
         peak_memory_bytes: None,
+        cpu_s: None,
+        cpu_ms_per_post: None,
         ok: true,
         deliveries_per_second: per_second,
         same_cluster_curve: same,
