@@ -85,6 +85,8 @@ mod writer;
 pub(super) use format::frame;
 #[cfg(test)]
 pub(super) use format::parse_segment;
+#[cfg(test)]
+pub(super) use format::read_commit;
 use format::{CommitFile, RECORD_HEADER, write_snapshot};
 use index::{LogMap, Shared};
 #[cfg(test)]

@@ -454,19 +454,11 @@ async fn the_commit_index_survives_a_torn_slot() {
     );
 }
 
-/// The commit index the `commit` file of `dir` holds now (the highest valid slot), read while
-/// the storage is open.
+/// The commit index the `commit` file of `dir` holds now, read while the storage is open.
 fn commit_on_disk(dir: &Path) -> u64 {
-    let bytes = std::fs::read(dir.join("commit")).unwrap_or_default();
-    bytes
-        .chunks_exact(16)
-        .filter_map(|slot| {
-            let index = u64::from_le_bytes(slot[..8].try_into().ok()?);
-            let crc = u32::from_le_bytes(slot[8..12].try_into().ok()?);
-            (crc32fast::hash(&index.to_le_bytes()) == crc).then_some(index)
-        })
-        .max()
-        .unwrap_or(0)
+    super::file::read_commit(dir)
+        .expect("read the commit file")
+        .0
 }
 
 /// Waits (at most 10 s) until the `commit` file of `dir` holds `index`.

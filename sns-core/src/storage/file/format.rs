@@ -257,7 +257,7 @@ pub(super) fn newest_commit_slot(bytes: &[u8]) -> Option<(usize, LogIndex)> {
 }
 
 /// The persisted commit index of `dir` (0 without a commit file), read without changing it.
-pub(super) fn read_commit(dir: &Path) -> io::Result<LogIndex> {
+pub(in crate::storage) fn read_commit(dir: &Path) -> io::Result<LogIndex> {
     match fs::read(dir.join(COMMIT_FILE)) {
         Ok(bytes) => Ok(newest_commit_slot(&bytes).map_or(LogIndex(0), |(_, index)| index)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(LogIndex(0)),
