@@ -1031,6 +1031,30 @@ fn size(path: &Path) -> u64 {
     std::fs::metadata(path).expect("metadata").len()
 }
 
+/// Opens `dir` (which must hold entries `1..=last` and nothing else), appends entry `last + 1`
+/// and opens it again: both opens find exactly the entries written. `opened` runs between the
+/// first open and the append, for checks on the files.
+async fn reopen_and_append(dir: &Path, last: u64, what: &str, opened: impl FnOnce()) {
+    let storage = FileStorage::open(dir).unwrap_or_else(|e| panic!("{what}: the open fails: {e}"));
+    assert_eq!(
+        storage.recover().await.expect("recover").entries,
+        entries(1..=last),
+        "{what}"
+    );
+    opened();
+    storage
+        .append(entries(last + 1..=last + 1))
+        .await
+        .expect("append after the open");
+    drop(storage);
+    let storage = FileStorage::open(dir).expect("reopen");
+    assert_eq!(
+        storage.recover().await.expect("recover").entries,
+        entries(1..=last + 1),
+        "{what}, then one append"
+    );
+}
+
 /// The open segment is allocated ahead: the first batch goes out with the default room of zeros
 /// after it, later batches fill that room without growing the file, and an open reads the
 /// zeros as the end of the records (no tail is cut), then appends after the last record.
@@ -1061,24 +1085,9 @@ fn appends_fill_the_room_allocated_ahead_and_an_open_reads_past_it() {
         before[records.len()..].iter().all(|&b| b == 0),
         "then zeros"
     );
-    runtime.block_on(async {
-        let storage = FileStorage::open(dir.path()).expect("reopen");
-        assert_eq!(
-            storage.recover().await.expect("recover").entries,
-            entries(1..=20)
-        );
+    runtime.block_on(reopen_and_append(dir.path(), 20, "the reopen", || {
         assert_eq!(size(&segment), before.len() as u64, "nothing was cut");
-        storage
-            .append(entries(21..=21))
-            .await
-            .expect("append after the reopen");
-        drop(storage);
-        let storage = FileStorage::open(dir.path()).expect("reopen");
-        assert_eq!(
-            storage.recover().await.expect("recover").entries,
-            entries(1..=21)
-        );
-    });
+    }));
 }
 
 /// An append torn inside the room ahead leaves a prefix of its record followed by the zeros
@@ -1103,23 +1112,8 @@ fn an_append_torn_inside_the_room_ahead_keeps_every_complete_record() {
         // The record's own last bytes may be zeros: a prefix that lacks only those is whole.
         let whole = torn[cut..].iter().all(|&b| b == 0);
         let last = if whole { 11 } else { 10 };
-        runtime.block_on(async {
-            let storage = FileStorage::open(dir.path())
-                .unwrap_or_else(|e| panic!("{cut} bytes of record 11: the open fails: {e}"));
-            let back = storage.recover().await.expect("recover").entries;
-            assert_eq!(back, entries(1..=last), "{cut} bytes of record 11");
-            storage
-                .append(entries(last + 1..=last + 1))
-                .await
-                .expect("append after the open");
-            drop(storage);
-            let storage = FileStorage::open(dir.path()).expect("reopen");
-            assert_eq!(
-                storage.recover().await.expect("recover").entries,
-                entries(1..=last + 1),
-                "{cut} bytes of record 11, then one append"
-            );
-        });
+        let what = format!("{cut} bytes of record 11");
+        runtime.block_on(reopen_and_append(dir.path(), last, &what, || {}));
         std::fs::write(&segment, &pristine).expect("restore");
     }
 }
