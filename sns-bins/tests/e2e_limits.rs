@@ -234,16 +234,25 @@ fn posts_piped_into_tsc_as_fast_as_it_reads_are_all_stored_in_order() {
 /// Opens a gRPC connection to `addr` and makes a first call on it (a LIST): a connection
 /// the server refused fails that call with a broken connection; one it serves gets an answer
 /// (whatever the answer).
+/// A connection that was never served nor closed gives an error after [`support::WAIT`], so a
+/// test fails where it hangs.
 async fn connect(addr: &str) -> Result<SnsServiceClient<Channel>, String> {
-    let channel = sns_core::Network::tcp()
-        .connect(addr)
+    let served = async {
+        let channel = sns_core::Network::tcp()
+            .connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut client = SnsServiceClient::new(channel);
+        match client.list(request("1", &[])).await {
+            Err(status) if std::error::Error::source(&status).is_some() => {
+                Err(format!("{status:?}"))
+            }
+            _ => Ok(client),
+        }
+    };
+    tokio::time::timeout(support::WAIT, served)
         .await
-        .map_err(|e| e.to_string())?;
-    let mut client = SnsServiceClient::new(channel);
-    match client.list(request("1", &[])).await {
-        Err(status) if std::error::Error::source(&status).is_some() => Err(format!("{status:?}")),
-        _ => Ok(client),
-    }
+        .unwrap_or_else(|_| Err(format!("neither served nor closed within {:?}", support::WAIT)))
 }
 
 /// Asserts that `refused` says the server closed the connection at once (not that it left it
@@ -422,12 +431,21 @@ fn a_socket_that_says_nothing_is_closed_at_the_handshake_deadline() {
         let refused = connect(&tsd.addr()).await.expect_err("no slot");
         assert_closed_at_once(&refused);
     });
-    // The server speaks first (its settings), then closes the socket at the deadline.
-    let mut said = Vec::new();
-    match silent.read_to_end(&mut said) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("the silent socket was not closed: {e}"),
+    // The server speaks first (its settings), then closes the socket at the deadline. Each
+    // read waits at most the socket's timeout, and all of them together at most as long.
+    let mut said = [0; 1024];
+    loop {
+        match silent.read(&mut said) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the silent socket was not closed: {e}"),
+        }
+        assert!(
+            started.elapsed() < support::WAIT,
+            "the silent socket was still open after {:?}",
+            support::WAIT
+        );
     }
     let elapsed = started.elapsed();
     assert!(
