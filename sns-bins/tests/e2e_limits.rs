@@ -252,7 +252,12 @@ async fn connect(addr: &str) -> Result<SnsServiceClient<Channel>, String> {
     };
     tokio::time::timeout(support::WAIT, served)
         .await
-        .unwrap_or_else(|_| Err(format!("neither served nor closed within {:?}", support::WAIT)))
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "neither served nor closed within {:?}",
+                support::WAIT
+            ))
+        })
 }
 
 /// Asserts that `refused` says the server closed the connection at once (not that it left it

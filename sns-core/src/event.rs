@@ -283,7 +283,7 @@ impl Event {
         if previous.completes() {
             self.continues(previous.id.seq)
         } else {
-            matches!(self.kind, EventKind::Image(_)) && self.id.seq == previous.id.seq
+            self.is_image() && self.id.seq == previous.id.seq
         }
     }
 
@@ -298,5 +298,10 @@ impl Event {
     /// every event but a state transfer piece that says more pieces follow.
     pub fn completes(&self) -> bool {
         !matches!(&self.kind, EventKind::Image(image) if image.more)
+    }
+
+    /// Whether this event is a piece of a state transfer ([`EventKind::Image`]).
+    pub fn is_image(&self) -> bool {
+        matches!(self.kind, EventKind::Image(_))
     }
 }

@@ -23,6 +23,10 @@ const FIRST_RETRY: Duration = Duration::from_millis(20);
 /// Longest pause between attempts.
 const MAX_RETRY: Duration = Duration::from_millis(500);
 
+/// Most events [`EventFeed::next`] gathers from batches that have already arrived: what one
+/// apply takes.
+const GATHER: usize = crate::server::MAX_APPLY_BATCH;
+
 /// Where a synchronizer runs: its cluster, the deployment's coordinator and network.
 #[derive(Clone)]
 pub struct ClusterLink {
@@ -244,6 +248,8 @@ impl ClusterLink {
             last: after,
             reader,
             stream: None,
+            held: None,
+            broken: None,
         }
     }
 
@@ -314,6 +320,10 @@ pub struct EventFeed {
     last: u64,
     reader: String,
     stream: Option<tonic::Streaming<prost::bytes::Bytes>>,
+    /// A batch received (and accepted) while gathering that did not fit: yielded next.
+    held: Option<EncodedBatch>,
+    /// How the stream broke while gathering, after a batch was gathered: handled next.
+    broken: Option<Error>,
 }
 
 impl std::fmt::Debug for EventFeed {
@@ -340,32 +350,41 @@ impl EventFeed {
     /// waiting until there are some. Rides out failovers; fails with [`Error::Compacted`] when
     /// the origin's log no longer holds the next event, and with [`Error::Unavailable`] once
     /// the synchronizer stops.
+    ///
+    /// Batches that arrived while the caller was busy with the last ones are yielded together
+    /// (up to what one apply takes), so a caller that falls behind catches up in large
+    /// batches rather than one small batch at a time; the first batch is never held back to
+    /// wait for more.
     pub async fn next(&mut self) -> Result<Vec<Event>> {
         Ok(self.next_encoded().await?.into_events())
     }
 
     /// [`next`](Self::next), with the events' encoding as the master sent it (encoded again
-    /// only when some of a batch was yielded before).
+    /// when batches were gathered, or some of a batch was yielded before).
     pub(crate) async fn next_encoded(&mut self) -> Result<EncodedBatch> {
         let mut pause = FIRST_RETRY;
         loop {
-            let error = match self.stream.as_mut() {
-                Some(stream) => {
+            if let Some(batch) = self.held.take() {
+                return Ok(self.gather(batch));
+            }
+            let error = match (self.broken.take(), self.stream.as_mut()) {
+                (Some(error), _) => error,
+                (None, Some(stream)) => {
                     let next = tokio::select! {
                         next = next_encoded(stream) => next,
                         () = self.link.inner.shutdown.cancelled() => return Err(stopping()),
                     };
                     match next {
                         Some(Ok(batch)) => match self.accept(batch) {
-                            Ok(Some(events)) => return Ok(events),
+                            Ok(Some(batch)) => return Ok(self.gather(batch)),
                             Ok(None) => continue,
                             Err(e) => e,
                         },
                         Some(Err(e)) => e,
-                        None => Error::ConnectionLost("the master ended the stream".to_string()),
+                        None => ended(),
                     }
                 }
-                None => {
+                (None, None) => {
                     let origin = self.origin;
                     let after = self.last;
                     let reader = self.reader.as_str();
@@ -392,6 +411,58 @@ impl EventFeed {
             tracing::debug!(origin = %self.origin, "event stream broke, resuming: {error}");
             self.link.forget(self.origin);
             self.link.pause(&mut pause).await?;
+        }
+    }
+
+    /// `first`, followed by the batches already received behind it, up to [`GATHER`] events,
+    /// without waiting. A state transfer piece goes alone (its batches are sized by bytes). A
+    /// batch that does not fit is held for the next call; a break of the stream is kept to be
+    /// handled by the next call, after what was gathered is yielded.
+    fn gather(&mut self, first: EncodedBatch) -> EncodedBatch {
+        if first.events().iter().any(Event::is_image) {
+            return first;
+        }
+        let mut gathered: Option<Vec<Event>> = None;
+        let mut count = first.events().len();
+        while count < GATHER {
+            let Some(stream) = self.stream.as_mut() else {
+                break;
+            };
+            let ready = match ready_now(stream) {
+                None => break,
+                Some(Some(Ok(batch))) => match self.accept(batch) {
+                    Ok(Some(batch)) => batch,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        self.broken = Some(e);
+                        break;
+                    }
+                },
+                Some(Some(Err(e))) => {
+                    self.broken = Some(e);
+                    break;
+                }
+                Some(None) => {
+                    self.broken = Some(ended());
+                    break;
+                }
+            };
+            if count + ready.events().len() > GATHER || ready.events().iter().any(Event::is_image) {
+                self.held = Some(ready);
+                break;
+            }
+            count += ready.events().len();
+            gathered
+                .get_or_insert_with(|| Vec::with_capacity(GATHER))
+                .extend(ready.into_events());
+        }
+        match gathered {
+            None => first,
+            Some(more) => {
+                let mut events = first.into_events();
+                events.extend(more);
+                EncodedBatch::encode(self.origin, events)
+            }
         }
     }
 
@@ -432,6 +503,181 @@ pub(crate) fn retriable(error: &Error) -> bool {
     error.calls_for_reconnect() || matches!(error, Error::Io(_) | Error::Rpc(_))
 }
 
+/// The next batch of `stream` if it has already arrived (`None` if it has not), without
+/// waiting. Taking a message from the stream is all or nothing, so nothing is lost when this
+/// finds none.
+fn ready_now(
+    stream: &mut tonic::Streaming<prost::bytes::Bytes>,
+) -> Option<Option<Result<EncodedBatch>>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(next_encoded(stream)).poll(&mut cx) {
+        std::task::Poll::Ready(next) => Some(next),
+        std::task::Poll::Pending => None,
+    }
+}
+
+fn ended() -> Error {
+    Error::ConnectionLost("the master ended the stream".to_string())
+}
+
 fn stopping() -> Error {
     Error::ShuttingDown("the synchronizer".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use prost::Message as _;
+    use prost::bytes::Bytes;
+
+    use super::*;
+    use crate::event::{EventKind, OriginImage};
+    use crate::grpc::events::batch_to_wire;
+    use crate::grpc::raw::RawCodec;
+    use crate::ids::{EventId, Timestamp};
+
+    const ORIGIN: u32 = 2;
+
+    /// A response body whose messages have all arrived; after them it neither ends nor yields
+    /// more (`None` in the queue: a broken stream).
+    struct Arrived(VecDeque<Option<Bytes>>);
+
+    impl http_body::Body for Arrived {
+        type Data = Bytes;
+        type Error = tonic::Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<std::result::Result<http_body::Frame<Bytes>, tonic::Status>>> {
+            match self.get_mut().0.pop_front() {
+                Some(Some(data)) => Poll::Ready(Some(Ok(http_body::Frame::data(data)))),
+                Some(None) => Poll::Ready(Some(Err(tonic::Status::unavailable("broken")))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    fn joined(seq: u64) -> Event {
+        Event {
+            id: EventId {
+                origin: ClusterId::new(ORIGIN).expect("cluster"),
+                seq,
+            },
+            at: Timestamp(1),
+            kind: EventKind::UserJoined {
+                user: UserId::new(u32::try_from(seq).expect("small") * 3 + ORIGIN).expect("user"),
+            },
+        }
+    }
+
+    fn image(seq: u64) -> Event {
+        Event {
+            kind: EventKind::Image(Arc::new(OriginImage::default())),
+            ..joined(seq)
+        }
+    }
+
+    /// `events` as one gRPC message of the stream.
+    fn message(events: &[Event]) -> Option<Bytes> {
+        let origin = ClusterId::new(ORIGIN).expect("cluster");
+        let body = batch_to_wire(origin, events).encode_to_vec();
+        let mut framed = vec![0];
+        framed.extend_from_slice(&u32::try_from(body.len()).expect("small").to_be_bytes());
+        framed.extend_from_slice(&body);
+        Some(Bytes::from(framed))
+    }
+
+    fn joins(seqs: std::ops::RangeInclusive<u64>) -> Vec<Event> {
+        seqs.map(joined).collect()
+    }
+
+    /// A feed of cluster [`ORIGIN`] from the start whose stream has received `arrived`.
+    fn feed(arrived: Vec<Option<Bytes>>) -> EventFeed {
+        let link = ClusterLink::new(
+            ClusterId::new(1).expect("cluster"),
+            3,
+            &Network::tcp(),
+            "127.0.0.1:1",
+            None,
+            CancellationToken::new(),
+        )
+        .expect("link");
+        let mut feed = link.events_of(ClusterId::new(ORIGIN).expect("cluster"), 0);
+        feed.stream = Some(tonic::Streaming::new_response(
+            RawCodec,
+            Arrived(arrived.into()),
+            tonic::codegen::http::StatusCode::OK,
+            None,
+            None,
+        ));
+        feed
+    }
+
+    fn seqs(events: &[Event]) -> Vec<u64> {
+        events.iter().map(|e| e.id.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn batches_that_have_arrived_are_yielded_as_one() {
+        let mut feed = feed(vec![
+            message(&joins(1..=3)),
+            message(&joins(4..=5)),
+            message(&joins(6..=6)),
+        ]);
+        let batch = feed.next_encoded().await.expect("events");
+        assert_eq!(seqs(batch.events()), (1..=6).collect::<Vec<_>>());
+        assert_eq!(feed.position(), 6);
+        // The encoding is of all six, as one apply sends it.
+        let decoded = EncodedBatch::decode(batch.body().clone()).expect("decodes");
+        assert_eq!(seqs(decoded.events()), (1..=6).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_would_overfill_the_apply_waits_for_the_next_call() {
+        let first = GATHER as u64 - 10;
+        let mut feed = feed(vec![
+            message(&joins(1..=first)),
+            message(&joins(first + 1..=first + 20)),
+        ]);
+        let batch = feed.next_encoded().await.expect("events");
+        assert_eq!(seqs(batch.events()), (1..=first).collect::<Vec<_>>());
+        let batch = feed.next_encoded().await.expect("held events");
+        assert_eq!(
+            seqs(batch.events()),
+            (first + 1..=first + 20).collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_state_transfer_piece_is_yielded_alone() {
+        let mut feed = feed(vec![
+            message(&joins(1..=2)),
+            message(&[image(3)]),
+            message(&joins(4..=5)),
+        ]);
+        let batch = feed.next_encoded().await.expect("events");
+        assert_eq!(seqs(batch.events()), vec![1, 2]);
+        let batch = feed.next_encoded().await.expect("the piece");
+        assert!(batch.events().len() == 1 && batch.events()[0].is_image());
+        let batch = feed.next_encoded().await.expect("events after it");
+        assert_eq!(seqs(batch.events()), vec![4, 5]);
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_breaks_while_gathering_yields_what_came_before_first() {
+        let mut feed = feed(vec![message(&joins(1..=2)), message(&joins(3..=3)), None]);
+        let batch = feed.next_encoded().await.expect("events");
+        assert_eq!(seqs(batch.events()), vec![1, 2, 3]);
+        assert_eq!(feed.position(), 3);
+        assert!(feed.broken.is_some(), "the break is kept for the next call");
+        // The next call handles it: with the synchronizer stopping, it reconnects no more.
+        feed.link.inner.shutdown.cancel();
+        let stopped = feed.next_encoded().await.expect_err("stopping");
+        assert!(matches!(stopped, Error::ShuttingDown(_)), "{stopped:?}");
+    }
 }
