@@ -15,10 +15,11 @@ use tonic::{Request, Response, Status};
 
 use super::ClusterLink;
 use crate::error::{Error, Result};
-use crate::grpc::log::{MAX_MESSAGE, STREAM_BATCH, STREAM_BUFFER, from_status};
+use crate::grpc::log::{MAX_MESSAGE, STREAM_BUFFER, from_status};
 use crate::grpc::metadata::{presented_token, with_token};
 use crate::grpc::status;
 use crate::ids::ClusterId;
+use crate::server::MAX_APPLY_BATCH;
 use crate::transport::Network;
 
 type SignedStream = Pin<Box<dyn Stream<Item = Result<SignedBatch, Status>> + Send>>;
@@ -108,14 +109,15 @@ impl SyncService for SyncAdapter {
                         return;
                     }
                 };
-                // A batch the master sent is signed in the encoding it came in; one longer
-                // than a stream's batch (none is, today) is cut and encoded again.
-                let signed: Vec<_> = if batch.events().len() <= STREAM_BATCH {
+                // A batch is signed in the encoding it came in (the feed gathers at most
+                // what one apply takes); one longer than that (none is, today) is cut and
+                // encoded again.
+                let signed: Vec<_> = if batch.events().len() <= MAX_APPLY_BATCH {
                     vec![crate::sync::seal::seal_encoded(key.as_ref(), &batch)]
                 } else {
                     batch
                         .events()
-                        .chunks(STREAM_BATCH)
+                        .chunks(MAX_APPLY_BATCH)
                         .map(|chunk| crate::sync::seal::seal(key.as_ref(), origin, chunk))
                         .collect()
                 };
