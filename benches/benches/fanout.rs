@@ -86,6 +86,13 @@ fn server_post(c: &mut Criterion) {
         b.iter_custom(|iters| rt.block_on(timed_posts(&server, author, iters)));
     });
 
+    // The followers' sessions may have expired while the benchmark above ran: log the ones
+    // coming online in again.
+    rt.block_on(async {
+        for id in 2..=ONLINE + 1 {
+            server.login(user(id)).await.expect("login");
+        }
+    });
     let mut feeds: Vec<TimelineFeed> = (2..=ONLINE + 1)
         .map(|id| server.open_timeline(user(id)).expect("open timeline"))
         .collect();
