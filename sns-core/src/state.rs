@@ -37,6 +37,7 @@
 //!
 //! The snapshot form of the state, and how older snapshots are read, is in `state/snapshot.rs`.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::iter::Peekable;
 use std::sync::Arc;
@@ -495,11 +496,9 @@ impl State {
 
     /// Whether `post` sits in `user`'s timeline (it was fanned out to them).
     pub fn timeline_contains(&self, user: UserId, post: &Post) -> bool {
-        self.accounts.get(&user).is_some_and(|a| {
-            a.timeline
-                .binary_search_by(|p| p.order_key().cmp(&post.order_key()))
-                .is_ok()
-        })
+        self.accounts
+            .get(&user)
+            .is_some_and(|a| find(&a.timeline, post.order_key()).is_ok())
     }
 
     /// The highest sequence number applied from `origin` (0 if none).
@@ -542,22 +541,38 @@ impl<A: Iterator<Item = UserId>, B: Iterator<Item = UserId>> Iterator for Merged
     }
 }
 
+/// Posts [`find`] looks at from the newest end before it searches the whole list.
+const NEAR_THE_END: usize = 4;
+
+/// Where the post with `key` is in `list` (ordered by [`Post::order_key`]): `Ok` with its
+/// position, or `Err` with where it would go, as [`VecDeque::binary_search_by`] says. The
+/// posts looked for are nearly always the newest or close to them (a post just fanned out, a
+/// post of another cluster a few posts late), so the last few are looked at first: each look
+/// reads a post, which is rarely in the cache.
+fn find(list: &VecDeque<Arc<Post>>, key: (Timestamp, PostId)) -> std::result::Result<usize, usize> {
+    for (back, post) in list.iter().rev().take(NEAR_THE_END).enumerate() {
+        let at = list.len() - 1 - back;
+        match post.order_key().cmp(&key) {
+            Ordering::Less => return Err(at + 1),
+            Ordering::Equal => return Ok(at),
+            Ordering::Greater => {}
+        }
+    }
+    list.binary_search_by(|p| p.order_key().cmp(&key))
+}
+
 /// Inserts `post` in order into a list that keeps at most `cap` posts (dropping the oldest).
 /// The common case, a post newer than everything held, is a push at the back.
 fn insert_capped(list: &mut VecDeque<Arc<Post>>, post: &Arc<Post>, cap: usize) {
-    let key = post.order_key();
-    match list.back() {
-        None => list.push_back(Arc::clone(post)),
-        Some(last) if last.order_key() < key => list.push_back(Arc::clone(post)),
-        Some(_) => match list.binary_search_by(|p| p.order_key().cmp(&key)) {
-            Ok(_) => return,
-            Err(at) => {
-                if at == 0 && list.len() >= cap {
-                    return;
-                }
-                list.insert(at, Arc::clone(post));
+    match find(list, post.order_key()) {
+        Ok(_) => return,
+        Err(at) if at == list.len() => list.push_back(Arc::clone(post)),
+        Err(at) => {
+            if at == 0 && list.len() >= cap {
+                return;
             }
-        },
+            list.insert(at, Arc::clone(post));
+        }
     }
     while list.len() > cap {
         list.pop_front();

@@ -1129,3 +1129,33 @@ fn state_transfer_pieces_round_trip_through_the_log_and_whole_ones_keep_their_ol
         );
     }
 }
+
+#[test]
+fn finding_a_post_near_the_end_or_far_from_it_agrees_with_a_binary_search() {
+    let post = |at: i64, seq: u64| {
+        Arc::new(Post {
+            id: EventId {
+                origin: c(1),
+                seq,
+            },
+            author: u(1),
+            at: Timestamp(at),
+            text: Arc::from("x"),
+        })
+    };
+    // Times 10, 20, …: every key held, and every gap (before, between, after), for lists
+    // shorter and longer than the stretch looked at from the end.
+    for len in 0..12u64 {
+        let list: VecDeque<Arc<Post>> = (1..=len).map(|i| post(i as i64 * 10, i)).collect();
+        for at in 0..=(len as i64 + 1) * 10 {
+            for seq in [0, at as u64 / 10, u64::MAX] {
+                let key = (Timestamp(at), EventId { origin: c(1), seq });
+                assert_eq!(
+                    find(&list, key),
+                    list.binary_search_by(|p| p.order_key().cmp(&key)),
+                    "length {len}, key {key:?}"
+                );
+            }
+        }
+    }
+}
