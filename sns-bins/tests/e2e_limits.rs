@@ -254,7 +254,7 @@ async fn connect(addr: &str) -> Result<SnsServiceClient<Channel>, String> {
         .await
         .unwrap_or_else(|_| {
             Err(format!(
-                "neither served nor closed within {:?}",
+                "timed out: neither served nor closed within {:?}",
                 support::WAIT
             ))
         })
@@ -281,7 +281,10 @@ async fn connect_until_refused(
         match connect(addr).await {
             Ok(mut client) => {
                 if open.is_empty() {
-                    client.login(request("1", &[])).await.expect("login");
+                    tokio::time::timeout(support::WAIT, client.login(request("1", &[])))
+                        .await
+                        .expect("login timed out")
+                        .expect("login");
                 }
                 open.push(client);
             }
@@ -293,9 +296,9 @@ async fn connect_until_refused(
 /// Every connection in `open` is still served.
 async fn all_served(open: &mut [SnsServiceClient<Channel>]) {
     for (i, client) in open.iter_mut().enumerate() {
-        client
-            .list(request("1", &[]))
+        tokio::time::timeout(support::WAIT, client.list(request("1", &[])))
             .await
+            .unwrap_or_else(|_| panic!("connection {i} did not answer within {:?}", support::WAIT))
             .unwrap_or_else(|e| panic!("connection {i} is no longer served: {e:?}"));
     }
 }
@@ -437,7 +440,8 @@ fn a_socket_that_says_nothing_is_closed_at_the_handshake_deadline() {
         assert_closed_at_once(&refused);
     });
     // The server speaks first (its settings), then closes the socket at the deadline. Each
-    // read waits at most the socket's timeout, and all of them together at most as long.
+    // read waits at most the socket's timeout, and reading stops once that much time has gone
+    // by in all.
     let mut said = [0; 1024];
     loop {
         match silent.read(&mut said) {

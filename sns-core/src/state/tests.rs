@@ -1134,10 +1134,7 @@ fn state_transfer_pieces_round_trip_through_the_log_and_whole_ones_keep_their_ol
 fn finding_a_post_near_the_end_or_far_from_it_agrees_with_a_binary_search() {
     let post = |at: i64, seq: u64| {
         Arc::new(Post {
-            id: EventId {
-                origin: c(1),
-                seq,
-            },
+            id: EventId { origin: c(1), seq },
             author: u(1),
             at: Timestamp(at),
             text: Arc::from("x"),

@@ -248,6 +248,7 @@ impl ClusterLink {
             last: after,
             reader,
             stream: None,
+            gather: GATHER,
             held: None,
             broken: None,
         }
@@ -320,7 +321,9 @@ pub struct EventFeed {
     last: u64,
     reader: String,
     stream: Option<tonic::Streaming<prost::bytes::Bytes>>,
-    /// A batch received (and accepted) while gathering that did not fit: yielded next.
+    /// Most events one call yields from batches already received.
+    gather: usize,
+    /// A batch received while gathering that did not fit, not yet accepted: taken up next.
     held: Option<EncodedBatch>,
     /// How the stream broke while gathering, after a batch was gathered: handled next.
     broken: Option<Error>,
@@ -364,12 +367,18 @@ impl EventFeed {
     pub(crate) async fn next_encoded(&mut self) -> Result<EncodedBatch> {
         let mut pause = FIRST_RETRY;
         loop {
-            if let Some(batch) = self.held.take() {
-                return Ok(self.gather(batch));
-            }
-            let error = match (self.broken.take(), self.stream.as_mut()) {
-                (Some(error), _) => error,
-                (None, Some(stream)) => {
+            let error = match (self.held.take(), self.broken.take(), self.stream.as_mut()) {
+                (Some(batch), broken, _) => {
+                    // Held batches are taken up before a break, which stays for later.
+                    self.broken = broken;
+                    match self.accept(batch) {
+                        Ok(Some(batch)) => return Ok(self.gather(batch)),
+                        Ok(None) => continue,
+                        Err(e) => e,
+                    }
+                }
+                (None, Some(error), _) => error,
+                (None, None, Some(stream)) => {
                     let next = tokio::select! {
                         next = next_encoded(stream) => next,
                         () = self.link.inner.shutdown.cancelled() => return Err(stopping()),
@@ -384,7 +393,7 @@ impl EventFeed {
                         None => ended(),
                     }
                 }
-                (None, None) => {
+                (None, None, None) => {
                     let origin = self.origin;
                     let after = self.last;
                     let reader = self.reader.as_str();
@@ -414,30 +423,24 @@ impl EventFeed {
         }
     }
 
-    /// `first`, followed by the batches already received behind it, up to [`GATHER`] events,
-    /// without waiting. A state transfer piece goes alone (its batches are sized by bytes). A
-    /// batch that does not fit is held for the next call; a break of the stream is kept to be
-    /// handled by the next call, after what was gathered is yielded.
+    /// `first`, followed by the batches already received behind it, up to `self.gather`
+    /// events in all, without waiting. A state transfer piece goes alone (its batches are sized
+    /// by bytes). A batch that might not fit is held, unaccepted, for the next call (so
+    /// [`position`](Self::position) counts only what was yielded); a break of the stream is
+    /// kept to be handled by the next call, after what was gathered is yielded.
     fn gather(&mut self, first: EncodedBatch) -> EncodedBatch {
-        if first.events().iter().any(Event::is_image) {
+        if has_image(&first) {
             return first;
         }
         let mut gathered: Option<Vec<Event>> = None;
         let mut count = first.events().len();
-        while count < GATHER {
+        while count < self.gather {
             let Some(stream) = self.stream.as_mut() else {
                 break;
             };
-            let ready = match ready_now(stream) {
+            let received = match ready_now(stream) {
                 None => break,
-                Some(Some(Ok(batch))) => match self.accept(batch) {
-                    Ok(Some(batch)) => batch,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        self.broken = Some(e);
-                        break;
-                    }
-                },
+                Some(Some(Ok(batch))) => batch,
                 Some(Some(Err(e))) => {
                     self.broken = Some(e);
                     break;
@@ -447,14 +450,22 @@ impl EventFeed {
                     break;
                 }
             };
-            if count + ready.events().len() > GATHER || ready.events().iter().any(Event::is_image) {
-                self.held = Some(ready);
+            if count + received.events().len() > self.gather || has_image(&received) {
+                self.held = Some(received);
                 break;
             }
-            count += ready.events().len();
+            let fresh = match self.accept(received) {
+                Ok(Some(fresh)) => fresh,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.broken = Some(e);
+                    break;
+                }
+            };
+            count += fresh.events().len();
             gathered
-                .get_or_insert_with(|| Vec::with_capacity(GATHER))
-                .extend(ready.into_events());
+                .get_or_insert_with(|| Vec::with_capacity(self.gather))
+                .extend(fresh.into_events());
         }
         match gathered {
             None => first,
@@ -464,6 +475,13 @@ impl EventFeed {
                 EncodedBatch::encode(self.origin, events)
             }
         }
+    }
+
+    /// This feed, yielding at most `events` events at a time from batches already received
+    /// (between 1 and what one apply takes; one batch as the master sent it may hold more).
+    pub(crate) fn gathering_at_most(mut self, events: usize) -> Self {
+        self.gather = events.clamp(1, GATHER);
+        self
     }
 
     /// Keeps the events after the last one completed (the pieces of a state transfer share
@@ -516,6 +534,10 @@ fn ready_now(
     }
 }
 
+fn has_image(batch: &EncodedBatch) -> bool {
+    batch.events().iter().any(Event::is_image)
+}
+
 fn ended() -> Error {
     Error::ConnectionLost("the master ended the stream".to_string())
 }
@@ -556,7 +578,7 @@ mod tests {
         ) -> Poll<Option<std::result::Result<http_body::Frame<Bytes>, tonic::Status>>> {
             match self.get_mut().0.pop_front() {
                 Some(Some(data)) => Poll::Ready(Some(Ok(http_body::Frame::data(data)))),
-                Some(None) => Poll::Ready(Some(Err(tonic::Status::unavailable("broken")))),
+                Some(None) => Poll::Ready(Some(Err(tonic::Status::invalid_argument("refused")))),
                 None => Poll::Pending,
             }
         }
@@ -646,6 +668,7 @@ mod tests {
         ]);
         let batch = feed.next_encoded().await.expect("events");
         assert_eq!(seqs(batch.events()), (1..=first).collect::<Vec<_>>());
+        assert_eq!(feed.position(), first, "only what was yielded counts");
         let batch = feed.next_encoded().await.expect("held events");
         assert_eq!(
             seqs(batch.events()),
@@ -674,10 +697,28 @@ mod tests {
         let batch = feed.next_encoded().await.expect("events");
         assert_eq!(seqs(batch.events()), vec![1, 2, 3]);
         assert_eq!(feed.position(), 3);
-        assert!(feed.broken.is_some(), "the break is kept for the next call");
-        // The next call handles it: with the synchronizer stopping, it reconnects no more.
+        // The next call reports the break (an error not worth reconnecting for). Were it
+        // forgotten, the call would read the spent stream, find it ended and try to reconnect,
+        // which a stopping synchronizer refuses.
         feed.link.inner.shutdown.cancel();
-        let stopped = feed.next_encoded().await.expect_err("stopping");
-        assert!(matches!(stopped, Error::ShuttingDown(_)), "{stopped:?}");
+        let refused = feed.next_encoded().await.expect_err("the break");
+        assert!(
+            !matches!(refused, Error::ShuttingDown(_)) && refused.to_string().contains("refused"),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_feed_gathers_at_most_what_it_was_given() {
+        let mut feed = feed(vec![
+            message(&joins(1..=3)),
+            message(&joins(4..=5)),
+            message(&joins(6..=8)),
+        ])
+        .gathering_at_most(5);
+        let batch = feed.next_encoded().await.expect("events");
+        assert_eq!(seqs(batch.events()), vec![1, 2, 3, 4, 5]);
+        let batch = feed.next_encoded().await.expect("the rest");
+        assert_eq!(seqs(batch.events()), vec![6, 7, 8]);
     }
 }

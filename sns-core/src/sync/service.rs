@@ -109,9 +109,9 @@ impl SyncService for SyncAdapter {
                         return;
                     }
                 };
-                // A batch is signed in the encoding it came in (the feed gathers at most
-                // what one apply takes); one longer than that (none is, today) is cut and
-                // encoded again.
+                // A batch is signed in the encoding the feed yields it in (the master's, or
+                // the feed's own for batches it gathered, at most what one apply takes); one
+                // longer than that (none is, today) is cut and encoded again.
                 let signed: Vec<_> = if batch.events().len() <= MAX_APPLY_BATCH {
                     vec![crate::sync::seal::seal_encoded(key.as_ref(), &batch)]
                 } else {

@@ -97,7 +97,11 @@ async fn publish(
     tracing::debug!(cluster = %link.cluster(), after = start, "publishing own events");
     // A named reader, so compaction keeps what the publisher has not published yet (the
     // publishers of one cluster share the name).
-    let mut feed = link.own_events(start, "amqp");
+    // A message holds at most what the master streams in one batch: the consumers' prefetch
+    // counts messages, so this bounds what a consumer holds.
+    let mut feed = link
+        .own_events(start, "amqp")
+        .gathering_at_most(crate::grpc::log::STREAM_BATCH);
     let (batches, received) = mpsc::channel(4);
     // Reads ahead of the confirms; stops at the first error, which `send` reports.
     let read = async {
