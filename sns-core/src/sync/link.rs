@@ -479,6 +479,7 @@ impl EventFeed {
 
     /// This feed, yielding at most `events` events at a time from batches already received
     /// (between 1 and what one apply takes; one batch as the master sent it may hold more).
+    #[cfg(any(feature = "amqp", test))]
     pub(crate) fn gathering_at_most(mut self, events: usize) -> Self {
         self.gather = events.clamp(1, GATHER);
         self
