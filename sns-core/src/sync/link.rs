@@ -367,51 +367,36 @@ impl EventFeed {
     pub(crate) async fn next_encoded(&mut self) -> Result<EncodedBatch> {
         let mut pause = FIRST_RETRY;
         loop {
-            let error = match (self.held.take(), self.broken.take(), self.stream.as_mut()) {
-                (Some(batch), broken, _) => {
-                    // Held batches are taken up before a break, which stays for later.
-                    self.broken = broken;
-                    match self.accept(batch) {
-                        Ok(Some(batch)) => return Ok(self.gather(batch)),
-                        Ok(None) => continue,
-                        Err(e) => e,
-                    }
-                }
-                (None, Some(error), _) => error,
-                (None, None, Some(stream)) => {
-                    let next = tokio::select! {
-                        next = next_encoded(stream) => next,
-                        () = self.link.inner.shutdown.cancelled() => return Err(stopping()),
-                    };
-                    match next {
-                        Some(Ok(batch)) => match self.accept(batch) {
-                            Ok(Some(batch)) => return Ok(self.gather(batch)),
-                            Ok(None) => continue,
-                            Err(e) => e,
-                        },
-                        Some(Err(e)) => e,
-                        None => ended(),
-                    }
-                }
-                (None, None, None) => {
-                    let origin = self.origin;
-                    let after = self.last;
-                    let reader = self.reader.as_str();
-                    let opened = self
-                        .link
-                        .retrying(origin, |peer| async move {
-                            peer.own_events(after, reader).await
-                        })
-                        .await;
-                    match opened {
-                        Ok(stream) => {
-                            self.stream = Some(stream);
-                            pause = FIRST_RETRY;
-                            continue;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
+            // A batch held back by the last gathering comes before a break it saw, and both
+            // before the stream (gathering sets at most one of them).
+            let received = if let Some(batch) = self.held.take() {
+                Ok(batch)
+            } else if let Some(error) = self.broken.take() {
+                Err(error)
+            } else if let Some(stream) = self.stream.as_mut() {
+                let next = tokio::select! {
+                    next = next_encoded(stream) => next,
+                    () = self.link.inner.shutdown.cancelled() => return Err(stopping()),
+                };
+                next.unwrap_or_else(|| Err(ended()))
+            } else {
+                let origin = self.origin;
+                let after = self.last;
+                let reader = self.reader.as_str();
+                let opened = self
+                    .link
+                    .retrying(origin, |peer| async move {
+                        peer.own_events(after, reader).await
+                    })
+                    .await;
+                self.stream = Some(opened?);
+                pause = FIRST_RETRY;
+                continue;
+            };
+            let error = match received.and_then(|batch| self.accept(batch)) {
+                Ok(Some(batch)) => return Ok(self.gather(batch)),
+                Ok(None) => continue,
+                Err(e) => e,
             };
             self.stream = None;
             if !retriable(&error) {
