@@ -234,6 +234,7 @@ fn posts_piped_into_tsc_as_fast_as_it_reads_are_all_stored_in_order() {
 /// Opens a gRPC connection to `addr` and makes a first call on it (a LIST): a connection
 /// the server refused fails that call with a broken connection; one it serves gets an answer
 /// (whatever the answer).
+///
 /// A connection that was never served nor closed gives an error after [`support::WAIT`], so a
 /// test fails where it hangs.
 async fn connect(addr: &str) -> Result<SnsServiceClient<Channel>, String> {
