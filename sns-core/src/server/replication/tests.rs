@@ -222,4 +222,149 @@ mod sessions {
             .expect("the session ends")
             .expect("task");
     }
+
+    /// A master with one user logged in and a slave session that has caught up and
+    /// acknowledged everything: the shipments, the slave's acknowledgements and what it holds.
+    async fn caught_up_session() -> (
+        Server,
+        mpsc::Receiver<ToSlave>,
+        mpsc::Sender<Result<FromSlave>>,
+        LogIndex,
+    ) {
+        let config = ServerConfig {
+            clusters: 1,
+            ..ServerConfig::default()
+        };
+        let server = Server::open(config, Arc::new(MemoryStorage::new()))
+            .await
+            .expect("open");
+        server.login(u(1)).await.expect("login 1");
+        server.login(u(2)).await.expect("login 2");
+        let before = server.positions();
+        let (acks, inbound) = mpsc::channel(16);
+        let (out, mut shipped) = mpsc::channel(16);
+        let hello = Hello {
+            cluster: server.config().cluster,
+            server: ServerId::new(2).expect("server"),
+            known_epoch: before.known_epoch,
+            last_index: LogIndex(0),
+            last_epoch: before.epoch,
+            commit: LogIndex(0),
+        };
+        let admitted = server.attach_slave(hello).expect("attached");
+        tokio::spawn({
+            let server = server.clone();
+            async move {
+                server
+                    .ship_to_slave(admitted, ReceiverStream::new(inbound), out)
+                    .await;
+            }
+        });
+        let mut held = LogIndex(0);
+        while held < before.sequenced {
+            let entries = next_entries(&mut shipped, &acks, held)
+                .await
+                .expect("entries");
+            held = entries.last().expect("an entry").index;
+        }
+        acks.send(Ok(FromSlave::Durable(held))).await.expect("ack");
+        // The slave is told that what it holds is committed.
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), shipped.recv())
+                .await
+                .expect("the master tells the commit within 10 s")
+                .expect("the session goes on");
+            if message.commit == held {
+                break;
+            }
+        }
+        (server, shipped, acks, held)
+    }
+
+    /// Makes one change and lets the slave acknowledge it: returns once it is committed,
+    /// with the shipment that carried it.
+    async fn commit_one_change(
+        server: &Server,
+        shipped: &mut mpsc::Receiver<ToSlave>,
+        acks: &mpsc::Sender<Result<FromSlave>>,
+        change: (u32, &'static str),
+    ) -> ToSlave {
+        let pending = tokio::spawn({
+            let server = server.clone();
+            async move { server.follow(u(change.0), change.1).await }
+        });
+        let message = tokio::time::timeout(Duration::from_secs(10), shipped.recv())
+            .await
+            .expect("the change is shipped within 10 s")
+            .expect("the session goes on");
+        let Shipment::Entries(entries) = &message.body else {
+            panic!("the change came as {:?}, not as entries", message.body);
+        };
+        let last = entries.last().expect("an entry").index;
+        acks.send(Ok(FromSlave::Durable(last))).await.expect("ack");
+        pending.await.expect("task").expect("the change commits");
+        assert_eq!(server.positions().commit, last);
+        message
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_commit_with_no_shipment_after_it_is_told_alone_after_the_linger() {
+        let (server, mut shipped, acks, _) = caught_up_session().await;
+        commit_one_change(&server, &mut shipped, &acks, (1, "2")).await;
+        let commit = server.positions().commit;
+
+        // The commit is known to the shipping session (it runs before the paused clock moves),
+        // and nothing tells the slave of it yet.
+        let early =
+            tokio::time::timeout(super::super::master::COMMIT_LINGER / 2, shipped.recv()).await;
+        assert!(
+            early.is_err(),
+            "the commit was told before the linger: {early:?}"
+        );
+        let told = tokio::time::timeout(super::super::master::COMMIT_LINGER, shipped.recv())
+            .await
+            .expect("the commit is told once the linger is over")
+            .expect("the session goes on");
+        assert_eq!(told.body, Shipment::KeepAlive);
+        assert_eq!(told.commit, commit);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_commit_rides_on_the_next_shipment_and_costs_no_message_of_its_own() {
+        let (server, mut shipped, acks, _) = caught_up_session().await;
+        commit_one_change(&server, &mut shipped, &acks, (1, "2")).await;
+        let first = server.positions().commit;
+
+        // The next change is shipped within the linger: it carries the commit.
+        let next = commit_one_change(&server, &mut shipped, &acks, (2, "1")).await;
+        assert_eq!(
+            next.commit, first,
+            "the shipment carries the commit before it"
+        );
+        let second = server.positions().commit;
+
+        // And a third right after the second commit: it carries the second.
+        let pending = tokio::spawn({
+            let server = server.clone();
+            async move { server.unfollow(u(1), "2").await }
+        });
+        let third = tokio::time::timeout(Duration::from_secs(10), shipped.recv())
+            .await
+            .expect("the change is shipped within 10 s")
+            .expect("the session goes on");
+        assert!(
+            matches!(third.body, Shipment::Entries(_)),
+            "the commit was told alone before the next shipment: {third:?}"
+        );
+        assert_eq!(third.commit, second);
+
+        // Nothing further: the second commit was told, and the third change is not acknowledged.
+        let silent =
+            tokio::time::timeout(super::super::master::COMMIT_LINGER * 4, shipped.recv()).await;
+        assert!(
+            silent.is_err(),
+            "a commit already told was told again: {silent:?}"
+        );
+        pending.abort();
+    }
 }
