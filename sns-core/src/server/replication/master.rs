@@ -37,7 +37,7 @@ struct Link {
 
 /// How long a commit may wait to be told to the slave by the next shipment of entries (whose
 /// header carries the commit index) before it is told alone. Under load the next shipment
-/// nearly always comes first, so a commit costs no message of its own (nor the slave's
+/// usually comes first, so most commits cost no message of their own (nor the slave's
 /// acknowledgement of one). The slave needs the commit index only to commit what it holds,
 /// which nothing waits for: a promoted slave commits every entry it holds.
 pub(super) const COMMIT_LINGER: Duration = Duration::from_millis(5);
@@ -283,11 +283,19 @@ impl Server {
         })
     }
 
-    async fn send(&self, out: &mpsc::Sender<ToSlave>, link: Link, body: Shipment) -> Result<()> {
+    /// Sends `body` in `link`'s session; returns the commit index its header carried.
+    async fn send(
+        &self,
+        out: &mpsc::Sender<ToSlave>,
+        link: Link,
+        body: Shipment,
+    ) -> Result<LogIndex> {
         let message = self.header(link, body)?;
+        let commit = message.commit;
         out.send(message)
             .await
-            .map_err(|_| Error::ConnectionLost("the slave went away".to_string()))
+            .map_err(|_| Error::ConnectionLost("the slave went away".to_string()))?;
+        Ok(commit)
     }
 
     /// Ships the session: first the truncation or the snapshot the plan calls for, then
@@ -310,8 +318,9 @@ impl Server {
         let keepalive = self.shared.config.mirror_timeout / 4;
         let mut ticks = tokio::time::interval(keepalive.max(Duration::from_millis(1)));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // When the slave is told of a commit it has not heard of, unless a shipment carries
-        // it first.
+        // The newest commit index a message of this loop carried, and when the slave is told
+        // of a newer one, unless a shipment carries it first.
+        let mut told = LogIndex(0);
         let mut commit_due: Option<Instant> = None;
         loop {
             let last = *sequenced.borrow_and_update();
@@ -319,7 +328,7 @@ impl Server {
                 match self.entries(next, last).await {
                     Ok(batch) if !batch.is_empty() => {
                         next = batch.last().map_or(next, |e| e.index.next());
-                        self.send(out, link, Shipment::Entries(batch)).await?;
+                        told = self.send(out, link, Shipment::Entries(batch)).await?;
                         commit_due = None;
                         continue;
                     }
@@ -342,15 +351,18 @@ impl Server {
                 }
                 changed = commits.changed() => {
                     if changed.is_err() { return Ok(()); }
-                    commits.borrow_and_update();
-                    commit_due.get_or_insert_with(|| Instant::now() + COMMIT_LINGER);
+                    // A commit a shipment already carried (it landed before that shipment's
+                    // header was made) is not told again.
+                    if *commits.borrow_and_update() > told {
+                        commit_due.get_or_insert_with(|| Instant::now() + COMMIT_LINGER);
+                    }
                 }
                 () = sleep_until_some(commit_due) => {
-                    self.send(out, link, Shipment::KeepAlive).await?;
+                    told = self.send(out, link, Shipment::KeepAlive).await?;
                     commit_due = None;
                 }
                 _ = ticks.tick() => {
-                    self.send(out, link, Shipment::KeepAlive).await?;
+                    told = self.send(out, link, Shipment::KeepAlive).await?;
                     commit_due = None;
                 }
             }

@@ -113,6 +113,7 @@ mod sessions {
     use tokio::sync::mpsc;
     use tokio_stream::wrappers::ReceiverStream;
 
+    use super::super::master::COMMIT_LINGER;
     use super::super::{FromSlave, Hello, Shipment, ToSlave};
     use crate::error::Result;
     use crate::ids::{LogIndex, ServerId, UserId};
@@ -223,13 +224,14 @@ mod sessions {
             .expect("task");
     }
 
-    /// A master with one user logged in and a slave session that has caught up and
-    /// acknowledged everything: the shipments, the slave's acknowledgements and what it holds.
+    /// A master with two users logged in and a slave session that has caught up, acknowledged
+    /// everything and been told it is committed: the master, the shipments, the slave's
+    /// acknowledgements and the session's task.
     async fn caught_up_session() -> (
         Server,
         mpsc::Receiver<ToSlave>,
         mpsc::Sender<Result<FromSlave>>,
-        LogIndex,
+        tokio::task::JoinHandle<()>,
     ) {
         let config = ServerConfig {
             clusters: 1,
@@ -252,7 +254,7 @@ mod sessions {
             commit: LogIndex(0),
         };
         let admitted = server.attach_slave(hello).expect("attached");
-        tokio::spawn({
+        let session = tokio::spawn({
             let server = server.clone();
             async move {
                 server
@@ -278,7 +280,7 @@ mod sessions {
                 break;
             }
         }
-        (server, shipped, acks, held)
+        (server, shipped, acks, session)
     }
 
     /// Makes one change and lets the slave acknowledge it: returns once it is committed,
@@ -287,11 +289,12 @@ mod sessions {
         server: &Server,
         shipped: &mut mpsc::Receiver<ToSlave>,
         acks: &mpsc::Sender<Result<FromSlave>>,
-        change: (u32, &'static str),
+        follower: u32,
+        followee: &'static str,
     ) -> ToSlave {
         let pending = tokio::spawn({
             let server = server.clone();
-            async move { server.follow(u(change.0), change.1).await }
+            async move { server.follow(u(follower), followee).await }
         });
         let message = tokio::time::timeout(Duration::from_secs(10), shipped.recv())
             .await
@@ -309,34 +312,34 @@ mod sessions {
 
     #[tokio::test(start_paused = true)]
     async fn a_commit_with_no_shipment_after_it_is_told_alone_after_the_linger() {
-        let (server, mut shipped, acks, _) = caught_up_session().await;
-        commit_one_change(&server, &mut shipped, &acks, (1, "2")).await;
+        let (server, mut shipped, acks, session) = caught_up_session().await;
+        commit_one_change(&server, &mut shipped, &acks, 1, "2").await;
         let commit = server.positions().commit;
+        // The shipping session notices the commit before the paused clock moves on.
+        let committed_at = tokio::time::Instant::now();
 
-        // The commit is known to the shipping session (it runs before the paused clock moves),
-        // and nothing tells the slave of it yet.
-        let early =
-            tokio::time::timeout(super::super::master::COMMIT_LINGER / 2, shipped.recv()).await;
-        assert!(
-            early.is_err(),
-            "the commit was told before the linger: {early:?}"
-        );
-        let told = tokio::time::timeout(super::super::master::COMMIT_LINGER, shipped.recv())
+        let told = tokio::time::timeout(COMMIT_LINGER * 2, shipped.recv())
             .await
             .expect("the commit is told once the linger is over")
             .expect("the session goes on");
         assert_eq!(told.body, Shipment::KeepAlive);
         assert_eq!(told.commit, commit);
+        let waited = committed_at.elapsed();
+        assert!(
+            (COMMIT_LINGER..COMMIT_LINGER + Duration::from_millis(2)).contains(&waited),
+            "the commit was told {waited:?} after it was made, not after the linger"
+        );
+        session.abort();
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_commit_rides_on_the_next_shipment_and_costs_no_message_of_its_own() {
-        let (server, mut shipped, acks, _) = caught_up_session().await;
-        commit_one_change(&server, &mut shipped, &acks, (1, "2")).await;
+        let (server, mut shipped, acks, session) = caught_up_session().await;
+        commit_one_change(&server, &mut shipped, &acks, 1, "2").await;
         let first = server.positions().commit;
 
         // The next change is shipped within the linger: it carries the commit.
-        let next = commit_one_change(&server, &mut shipped, &acks, (2, "1")).await;
+        let next = commit_one_change(&server, &mut shipped, &acks, 2, "1").await;
         assert_eq!(
             next.commit, first,
             "the shipment carries the commit before it"
@@ -359,12 +362,12 @@ mod sessions {
         assert_eq!(third.commit, second);
 
         // Nothing further: the second commit was told, and the third change is not acknowledged.
-        let silent =
-            tokio::time::timeout(super::super::master::COMMIT_LINGER * 4, shipped.recv()).await;
+        let silent = tokio::time::timeout(COMMIT_LINGER * 4, shipped.recv()).await;
         assert!(
             silent.is_err(),
             "a commit already told was told again: {silent:?}"
         );
         pending.abort();
+        session.abort();
     }
 }
