@@ -42,7 +42,7 @@ pub(super) async fn measure(
     .next_u64();
     let base = Instant::now();
     let window = (args.warm_up, args.warm_up + args.duration);
-    let tally = Arc::new(Tally::new(
+    let mut tally = Tally::new(
         run_id,
         base,
         window,
@@ -50,7 +50,11 @@ pub(super) async fn measure(
         followers,
         args.clusters,
         args.first_user,
-    ));
+    );
+    if let Some(limit) = args.in_flight {
+        tally = tally.bounding_in_flight(limit as usize);
+    }
+    let tally = Arc::new(tally);
     let reader_errors = ReaderErrors::default();
     let (posters, mut readers) = start_readers(timelines, &tally, &reader_errors);
 
@@ -168,6 +172,7 @@ fn report(
         }
         .to_string(),
         rate: (args.rate > 0).then_some(args.rate),
+        in_flight: args.in_flight,
         duration_s: seconds,
         warm_up_s: args.warm_up.as_secs_f64(),
         posts_per_s: tally.issued_in_window() as f64 / seconds,
@@ -286,6 +291,7 @@ async fn flat_out(
         let errors = Arc::clone(errors);
         tasks.spawn(async move {
             loop {
+                tally.admit().await;
                 let due = tally.now();
                 if due >= until {
                     return;

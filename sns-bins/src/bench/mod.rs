@@ -101,6 +101,11 @@ pub struct BenchArgs {
     /// user posts as fast as its window of unacknowledged posts allows.
     #[arg(long, default_value_t = 1000)]
     pub rate: u32,
+    /// With `--rate 0`: at most N posts on their way at once, all users together (a post is
+    /// on its way until every follower has it), so posting keeps pace with delivery; without
+    /// it, each user is held back only by its window of unacknowledged posts.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub in_flight: Option<u32>,
     /// Timed length of the run (`30s`, `2m`, `500ms`, or seconds).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub duration: Duration,
@@ -264,6 +269,9 @@ fn check(args: &BenchArgs) -> Result<(), Failure> {
             "user ids would run past {}: lower --first-user, --users or --runs",
             UserId::MAX
         ));
+    }
+    if args.in_flight.is_some() && args.rate > 0 {
+        return Err("--in-flight bounds the closed loop: it needs --rate 0".to_string());
     }
     match args.scenario {
         Scenario::Steady => {}

@@ -30,6 +30,8 @@ pub struct Report {
     pub graph: String,
     /// Posts per second asked for; `None`: as fast as possible.
     pub rate: Option<u32>,
+    /// As fast as possible with at most this many posts on their way (`--in-flight`).
+    pub in_flight: Option<u32>,
     /// Timed seconds.
     pub duration_s: f64,
     /// Untimed seconds of posting first.
@@ -111,10 +113,12 @@ impl Report {
             "load",
             format!(
                 "{} for {:.0} s after {:.0} s of warm-up",
-                self.rate
-                    .map_or("as fast as possible".to_string(), |r| format!(
-                        "{r} posts/s"
-                    )),
+                match (self.rate, self.in_flight) {
+                    (Some(rate), _) => format!("{rate} posts/s"),
+                    (None, Some(n)) =>
+                        format!("as fast as possible, at most {n} posts on their way"),
+                    (None, None) => "as fast as possible".to_string(),
+                },
                 self.duration_s,
                 self.warm_up_s
             ),

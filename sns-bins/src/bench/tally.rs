@@ -73,6 +73,9 @@ pub struct Tally {
     clusters: u32,
     first_user: u32,
     latencies: Box<[Mutex<Latencies>]>,
+    /// Places for posts on their way (issued, not yet delivered to every follower), when
+    /// their number is bounded ([`Tally::bounding_in_flight`]).
+    in_flight: Option<tokio::sync::Semaphore>,
 }
 
 /// The exactly-once verdict.
@@ -149,6 +152,31 @@ impl Tally {
                     })
                 })
                 .collect(),
+            in_flight: None,
+        }
+    }
+
+    /// The same ledger, with at most `limit` posts on their way at once: [`Tally::admit`]
+    /// waits for a place, which a post gives back when its last delivery arrives.
+    pub fn bounding_in_flight(mut self, limit: usize) -> Self {
+        self.in_flight = Some(tokio::sync::Semaphore::new(limit));
+        self
+    }
+
+    /// Waits for a place for one more post on its way (at once when posts on their way are
+    /// not bounded). The place is taken until the post is delivered to every follower.
+    pub async fn admit(&self) {
+        if let Some(places) = &self.in_flight
+            && let Ok(place) = places.acquire().await
+        {
+            place.forget();
+        }
+    }
+
+    /// A post reached every follower: its place is free again.
+    fn settled(&self) {
+        if let Some(places) = &self.in_flight {
+            places.add_permits(1);
         }
     }
 
@@ -181,6 +209,9 @@ impl Tally {
         let followers = self.followers.get(author as usize).copied().unwrap_or(0);
         self.expected
             .fetch_add(u64::from(followers), Ordering::Relaxed);
+        if followers == 0 {
+            self.settled();
+        }
         if self.in_window(due) {
             self.issued_in_window.fetch_add(1, Ordering::Relaxed);
         }
@@ -219,7 +250,10 @@ impl Tally {
             }
             a => a - 1,
         };
-        slot.received.fetch_add(1, Ordering::Relaxed);
+        let received = slot.received.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.followers.get(author as usize) == Some(&received) {
+            self.settled();
+        }
         self.delivered.fetch_add(1, Ordering::Relaxed);
         if self.in_window(now) {
             self.delivered_in_window.fetch_add(1, Ordering::Relaxed);
@@ -399,6 +433,34 @@ mod tests {
             3,
             1,
         )
+    }
+
+    fn places(tally: &Tally) -> usize {
+        tally
+            .in_flight
+            .as_ref()
+            .map_or(usize::MAX, |places| places.available_permits())
+    }
+
+    #[tokio::test]
+    async fn a_post_holds_its_place_until_its_last_follower_has_it() {
+        let tally = tally().bounding_in_flight(2);
+        let (mut a, mut b) = (ReaderState::default(), ReaderState::default());
+        tally.admit().await;
+        let text = tally.issue(0, tally.now()).expect("room");
+        assert_eq!(places(&tally), 1, "the post holds a place");
+        tally.received(1, &mut a, &text);
+        assert_eq!(places(&tally), 1, "one of two followers has it");
+        tally.received(2, &mut b, &text);
+        assert_eq!(places(&tally), 2, "both have it: the place is free");
+        // A repeated delivery gives back nothing more.
+        tally.received(2, &mut b, &text);
+        assert_eq!(places(&tally), 2);
+
+        // A post of a user nobody follows is on its way to no one.
+        tally.admit().await;
+        tally.issue(1, tally.now()).expect("room");
+        assert_eq!(places(&tally), 2);
     }
 
     #[test]

@@ -39,6 +39,7 @@ fn report(same: Vec<CurvePoint>, other: Vec<CurvePoint>, per_second: Vec<u64>) -
         follows_per_user: 10,
         graph: "uniform".to_string(),
         rate: Some(1000),
+        in_flight: None,
         duration_s: 10.0,
         warm_up_s: 2.0,
         posts_per_s: 1000.0,
