@@ -294,12 +294,18 @@ async fn flat_out(
                 tally.admit().await;
                 let due = tally.now();
                 if due >= until {
+                    // Every poster passes here once at the end: its place goes to the next.
+                    tally.withdraw();
                     return;
                 }
                 let Some(text) = tally.issue(author, due) else {
+                    tally.withdraw();
                     return;
                 };
                 if posters[author as usize].post(&text).await.is_err() {
+                    // A refused post may never be delivered: the run fails, and its place
+                    // goes back so that the other posters still finish.
+                    tally.withdraw();
                     errors.fetch_add(1, Ordering::Relaxed);
                     return;
                 }

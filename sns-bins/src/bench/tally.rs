@@ -173,6 +173,11 @@ impl Tally {
         }
     }
 
+    /// Gives back a place [`Tally::admit`] gave for a post that is not made after all.
+    pub fn withdraw(&self) {
+        self.settled();
+    }
+
     /// A post reached every follower: its place is free again.
     fn settled(&self) {
         if let Some(places) = &self.in_flight {
@@ -460,6 +465,11 @@ mod tests {
         // A post of a user nobody follows is on its way to no one.
         tally.admit().await;
         tally.issue(1, tally.now()).expect("room");
+        assert_eq!(places(&tally), 2);
+
+        // A place taken for a post that is not made goes back.
+        tally.admit().await;
+        tally.withdraw();
         assert_eq!(places(&tally), 2);
     }
 
