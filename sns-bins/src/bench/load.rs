@@ -4,7 +4,8 @@
 //! numbers are read.
 //!
 //! Latency runs from when a post was due (the schedule, so a stalled sender shows up in the
-//! latencies instead of hiding them) to when a follower's client received it. A failed
+//! latencies instead of hiding them) to when a follower's client received it. In a closed loop
+//! a post is due when its author may post it (after waiting for a place, with `--in-flight`). A failed
 //! timeline stream or a refused post fails the run: its numbers would not mean what they say.
 
 use std::sync::Arc;
@@ -206,6 +207,7 @@ async fn read(index: u32, mut inbox: Inbox, tally: Arc<Tally>, errors: ReaderErr
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(format!("reader {index}: {e}"));
+                tally.unbound();
                 return;
             }
         }
@@ -291,7 +293,7 @@ async fn flat_out(
         let errors = Arc::clone(errors);
         tasks.spawn(async move {
             loop {
-                tally.admit().await;
+                tally.admit(until).await;
                 let due = tally.now();
                 if due >= until {
                     // Every poster passes here once at the end: its place goes to the next.
@@ -308,6 +310,10 @@ async fn flat_out(
                     tally.withdraw();
                     errors.fetch_add(1, Ordering::Relaxed);
                     return;
+                }
+                if tally.followers_of(author) == 0 {
+                    // On its way to no one: its place is held only until it is sent.
+                    tally.withdraw();
                 }
             }
         });

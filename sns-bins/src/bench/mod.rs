@@ -273,6 +273,13 @@ fn check(args: &BenchArgs) -> Result<(), Failure> {
     if args.in_flight.is_some() && args.rate > 0 {
         return Err("--in-flight bounds the closed loop: it needs --rate 0".to_string());
     }
+    if args.in_flight.is_some() && args.scenario != Scenario::Steady {
+        return Err(
+            "--in-flight runs only the steady scenario: a disruption would hold every place \
+             and stop posting everywhere"
+                .to_string(),
+        );
+    }
     match args.scenario {
         Scenario::Steady => {}
         Scenario::Failover if args.host.is_some() => {

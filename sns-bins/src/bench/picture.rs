@@ -155,9 +155,14 @@ fn title(svg: &mut Svg, top: f64, report: &Report, (run, runs): (usize, usize)) 
         }
         _ => clusters,
     };
-    let rate = report.rate.map_or("as fast as possible".to_string(), |r| {
-        format!("{} posts/s", thousands(u64::from(r)))
-    });
+    let rate = match (report.rate, report.in_flight) {
+        (Some(r), _) => format!("{} posts/s", thousands(u64::from(r))),
+        (None, Some(n)) => format!(
+            "as fast as possible, at most {} posts on their way",
+            thousands(u64::from(n))
+        ),
+        (None, None) => "as fast as possible".to_string(),
+    };
     let load = format!(
         "{} users × {} follows ({}); {rate} for {} after {} of warm-up",
         thousands(u64::from(report.users)),

@@ -163,19 +163,37 @@ impl Tally {
         self
     }
 
-    /// Waits for a place for one more post on its way (at once when posts on their way are
-    /// not bounded). The place is taken until the post is delivered to every follower.
-    pub async fn admit(&self) {
-        if let Some(places) = &self.in_flight
-            && let Ok(place) = places.acquire().await
-        {
+    /// Waits for a place for one more post on its way, until `until` (since base) at the
+    /// latest; at once when posts on their way are not bounded, or no longer
+    /// ([`Tally::unbound`]). A place taken is held until the post reaches every follower, or
+    /// given back with [`Tally::withdraw`] (a post not made, or one that has no followers,
+    /// once it is sent).
+    pub async fn admit(&self, until: Duration) {
+        let Some(places) = &self.in_flight else {
+            return;
+        };
+        let deadline = tokio::time::Instant::from_std(self.base + until);
+        if let Ok(Ok(place)) = tokio::time::timeout_at(deadline, places.acquire()).await {
             place.forget();
         }
     }
 
-    /// Gives back a place [`Tally::admit`] gave for a post that is not made after all.
+    /// Gives back a place [`Tally::admit`] gave.
     pub fn withdraw(&self) {
         self.settled();
+    }
+
+    /// Stops bounding posts on their way: a reader failed, so some posts will never reach
+    /// every follower (the run fails; this only keeps the posters from waiting for them).
+    pub fn unbound(&self) {
+        if let Some(places) = &self.in_flight {
+            places.close();
+        }
+    }
+
+    /// The followers `author` (a population index) has in the population.
+    pub fn followers_of(&self, author: u32) -> u32 {
+        self.followers.get(author as usize).copied().unwrap_or(0)
     }
 
     /// A post reached every follower: its place is free again.
@@ -211,12 +229,9 @@ impl Tally {
         chunk[(number % CHUNK) as usize]
             .author
             .store(author + 1, Ordering::Release);
-        let followers = self.followers.get(author as usize).copied().unwrap_or(0);
+        let followers = self.followers_of(author);
         self.expected
             .fetch_add(u64::from(followers), Ordering::Relaxed);
-        if followers == 0 {
-            self.settled();
-        }
         if self.in_window(due) {
             self.issued_in_window.fetch_add(1, Ordering::Relaxed);
         }
@@ -256,7 +271,7 @@ impl Tally {
             a => a - 1,
         };
         let received = slot.received.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.followers.get(author as usize) == Some(&received) {
+        if self.followers_of(author) == received {
             self.settled();
         }
         self.delivered.fetch_add(1, Ordering::Relaxed);
@@ -440,6 +455,9 @@ mod tests {
         )
     }
 
+    /// The end of posting in the tests that do not reach it.
+    const UNTIL: Duration = Duration::from_secs(3600);
+
     fn places(tally: &Tally) -> usize {
         tally
             .in_flight
@@ -451,7 +469,7 @@ mod tests {
     async fn a_post_holds_its_place_until_its_last_follower_has_it() {
         let tally = tally().bounding_in_flight(2);
         let (mut a, mut b) = (ReaderState::default(), ReaderState::default());
-        tally.admit().await;
+        tally.admit(UNTIL).await;
         let text = tally.issue(0, tally.now()).expect("room");
         assert_eq!(places(&tally), 1, "the post holds a place");
         tally.received(1, &mut a, &text);
@@ -462,15 +480,33 @@ mod tests {
         tally.received(2, &mut b, &text);
         assert_eq!(places(&tally), 2);
 
-        // A post of a user nobody follows is on its way to no one.
-        tally.admit().await;
-        tally.issue(1, tally.now()).expect("room");
-        assert_eq!(places(&tally), 2);
-
-        // A place taken for a post that is not made goes back.
-        tally.admit().await;
+        // A place taken for a post that is not made (or that reaches no one) goes back.
+        tally.admit(UNTIL).await;
         tally.withdraw();
         assert_eq!(places(&tally), 2);
+    }
+
+    #[tokio::test]
+    async fn with_every_place_held_a_poster_waits_until_the_end_of_posting_at_most() {
+        let tally = tally().bounding_in_flight(1);
+        tally.admit(UNTIL).await;
+        tally.issue(0, tally.now()).expect("room");
+        assert_eq!(places(&tally), 0);
+        // Nothing is delivered: the wait ends when posting does.
+        let end = tally.now() + Duration::from_millis(50);
+        tokio::time::timeout(Duration::from_secs(10), tally.admit(end))
+            .await
+            .expect("the wait ends with posting");
+        assert!(
+            tally.now() >= end,
+            "the poster waited for the end of posting"
+        );
+
+        // A failed reader unbinds: nobody waits any more.
+        tally.unbound();
+        tokio::time::timeout(Duration::from_secs(10), tally.admit(UNTIL))
+            .await
+            .expect("no wait once unbound");
     }
 
     #[test]
