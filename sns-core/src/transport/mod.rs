@@ -359,6 +359,8 @@ pub(crate) fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
         "connection reset",
         "broken pipe",
         "stream closed",
+        // The peer answered the handshake with something else and hung up.
+        "connection was not ready",
     ]
     .iter()
     .any(|words| texts.contains(words))
@@ -440,6 +442,7 @@ mod tests {
             "stream closed because of a broken pipe",
             "connection closed before message completed",
             "connection reset by peer",
+            "connection was not ready",
         ] {
             assert_eq!(innermost(&Words(words)), CLOSED, "{words}");
         }
