@@ -147,45 +147,9 @@ mod sessions {
 
     #[tokio::test]
     async fn a_master_that_stepped_down_and_is_master_again_ships_nothing_more_in_an_old_session() {
-        let config = ServerConfig {
-            clusters: 1,
-            ..ServerConfig::default()
-        };
-        let server = Server::open(config, Arc::new(MemoryStorage::new()))
-            .await
-            .expect("open");
-        server.login(u(1)).await.expect("login 1");
-        server.login(u(2)).await.expect("login 2");
-        let before = server.positions();
-
-        let (acks, inbound) = mpsc::channel(16);
-        let (out, mut shipped) = mpsc::channel(16);
-        let hello = Hello {
-            cluster: server.config().cluster,
-            server: ServerId::new(2).expect("server"),
-            known_epoch: before.known_epoch,
-            last_index: LogIndex(0),
-            last_epoch: before.epoch,
-            commit: LogIndex(0),
-        };
-        let admitted = server.attach_slave(hello).expect("attached");
-        let session = tokio::spawn({
-            let server = server.clone();
-            async move {
-                server
-                    .ship_to_slave(admitted, ReceiverStream::new(inbound), out)
-                    .await;
-            }
-        });
         // The slave catches up and acknowledges: from now on commits wait for it.
-        let mut held = LogIndex(0);
-        while held < before.sequenced {
-            let entries = next_entries(&mut shipped, &acks, held)
-                .await
-                .expect("entries");
-            held = entries.last().expect("an entry").index;
-        }
-        acks.send(Ok(FromSlave::Durable(held))).await.expect("ack");
+        let (server, mut shipped, acks, session) = caught_up_session().await;
+        let held = server.positions().commit;
 
         // A change reaches the slave, which does not acknowledge it: it stays uncommitted.
         let pending = tokio::spawn({
